@@ -1,0 +1,367 @@
+"""Typed experiment configuration: TOML file + ``--set`` overrides, validated in one place.
+
+Every key of DESIGN.md lives in one dataclass below. ``load_config`` is the only way a
+``Config`` is built from user input, and every problem it finds is a ``BadInput`` naming the
+key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from pipeline.errors import BadInput
+
+MODES = ("sequential", "pipeline", "ddp")
+DEVICES = ("auto", "cpu", "cuda")
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "synthetic")
+PARTITIONS = ("equal", "balanced-memory", "balanced-time")
+LOSSES = ("softmax", "contrast")
+AUX_HEADS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")
+SCHEDULES = ("cosine", "constant")
+WIRE_DTYPES = ("fp32", "bf16")
+AMP_MODES = ("none", "bf16")
+
+# Cut points are [stage, block] pairs (stage 0 = the stem), as in REFERENCE.md's tables.
+Cut = list[int]
+
+
+@dataclass
+class RunConfig:
+    mode: str = "sequential"
+    seed: int = 0
+    out_dir: str = "runs/default"
+    resume: str = ""
+    device: str = "auto"
+    log_every: int = 50
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"
+    root: str = ""
+    batch_size: int = 128
+    augment: bool = True
+    download: bool = False
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet32"
+    # 0 means "take it from the dataset"; a non-zero value must agree with the dataset.
+    in_channels: int = 0
+    classes: int = 0
+
+    @property
+    def blocks_per_stage(self) -> int:
+        return resnet_blocks_per_stage(self.arch)
+
+
+@dataclass
+class LocalConfig:
+    modules: int = 1
+    partition: Union[str, list[Cut]] = "equal"
+    context: str = "R0"
+    loss: str = "softmax"
+    aux: str = "1c2f"
+    aux_widen: int = 1
+    aux_feature_dim: int = 128
+    reconstruct: bool = False
+    ixx_1: float = 1.0
+    ixy_1: float = 1.0
+    ixx_2: float = 1.0
+    ixy_2: float = 1.0
+
+    @property
+    def context_depth(self) -> int:
+        """n of Rn / RnE: how many earlier module inputs a module receives."""
+        return parse_context(self.context)[0]
+
+    @property
+    def context_image(self) -> bool:
+        """True for E and RnE: the normalised image is encoded into every later module."""
+        return parse_context(self.context)[1]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int = 0  # 0: no cap, run every epoch in full
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 10
+    schedule: str = "cosine"
+
+
+@dataclass
+class PipelineConfig:
+    queue_depth: int = 2
+    wire_dtype: str = "fp32"
+    timeout_s: float = 300.0
+    threads_per_stage: int = 0  # 0: this process's equal share of the cores
+
+
+@dataclass
+class PrecisionConfig:
+    amp: str = "none"
+    channels_last: bool = False
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CONTEXT_RE = re.compile(r"^(?:R(\d+)(E?)|E)$")
+_ARCH_RE = re.compile(r"^resnet(\d+)$")
+
+
+def parse_context(context: str) -> tuple[int, bool]:
+    """'R0' -> (0, False), 'E' -> (0, True), 'R1E' -> (1, True), 'R4' -> (4, False)."""
+    match = _CONTEXT_RE.match(context)
+    if match is None:
+        raise BadInput(
+            f"local.context = {context!r} is not a context mode; allowed: R0, E, Rn or RnE "
+            "with n a whole number (R1, R1E, R2E, ...)"
+        )
+    if context == "E":
+        return 0, True
+    return int(match.group(1)), match.group(2) == "E"
+
+
+def resnet_blocks_per_stage(arch: str) -> int:
+    """n of a CIFAR ResNet of depth 6n+2 ('resnet32' -> 5)."""
+    match = _ARCH_RE.match(arch)
+    depth = int(match.group(1)) if match else -1
+    if depth < 8 or (depth - 2) % 6 != 0:
+        raise BadInput(
+            f"model.arch = {arch!r} is not a CIFAR ResNet; allowed: resnet<6n+2> with n >= 1 "
+            "(resnet8, resnet14, resnet20, resnet32, resnet56, resnet110, ...)"
+        )
+    return (depth - 2) // 6
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML file (or the defaults when path is None), apply overrides, validate."""
+    raw: dict[str, Any] = _read_toml(Path(path)) if path is not None else {}
+    for item in overrides:
+        key, value = _parse_override(item)
+        table, _, name = key.partition(".")
+        if not name or "." in name:
+            raise BadInput(f"--set {item!r}: keys look like table.key (for example run.mode=pipeline)")
+        section = raw.setdefault(table, {})
+        if not isinstance(section, dict):
+            raise BadInput(f"--set {item!r}: {table!r} is not a table")
+        section[name] = value
+    config = _build(raw)
+    validate(config)
+    return config
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise BadInput(f"config file {str(path)!r} does not exist; pass an existing TOML file with --config (see configs/)")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise BadInput(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise BadInput(f"{path}: 'base' must be the path of another TOML file, relative to this one")
+    merged = _read_toml(path.parent / base)
+    for table, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(table), dict):
+            merged[table].update(values)
+        else:
+            merged[table] = values
+    return merged
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise BadInput(f"--set {item!r}: expected key=value, for example --set local.modules=4")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()  # a bare word such as pipeline or R1E
+    return key.strip(), value
+
+
+def _build(raw: dict[str, Any]) -> Config:
+    sections = {}
+    for spec in dataclasses.fields(Config):
+        values = raw.get(spec.name, {})
+        if not isinstance(values, dict):
+            raise BadInput(f"[{spec.name}] must be a table, got {type(values).__name__}")
+        sections[spec.name] = _build_section(spec.name, spec.default_factory, values)  # type: ignore[misc]
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise BadInput(f"unknown config table [{unknown[0]}]; allowed tables: {', '.join(sections)}")
+    return Config(**sections)
+
+
+def _build_section(table: str, cls: type, values: dict[str, Any]) -> Any:
+    hints = get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise BadInput(f"unknown config key {table}.{key}; allowed keys in [{table}]: {', '.join(allowed)}")
+        kwargs[key] = _coerce(f"{table}.{key}", hints[key], value)
+    return cls(**kwargs)
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    if get_origin(hint) is Union:
+        for option in get_args(hint):
+            try:
+                return _coerce(name, option, value)
+            except BadInput:
+                continue
+        raise BadInput(f"{name} = {value!r} has the wrong type; expected {_describe(hint)}")
+    if get_origin(hint) is list:
+        (inner,) = get_args(hint)
+        if not isinstance(value, list):
+            raise BadInput(f"{name} = {value!r} has the wrong type; expected {_describe(hint)}")
+        return [_coerce(name, inner, item) for item in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise BadInput(f"{name} = {value!r} has the wrong type; expected {_describe(hint)}")
+
+
+def _describe(hint: Any) -> str:
+    if get_origin(hint) is Union:
+        return " or ".join(_describe(option) for option in get_args(hint))
+    if get_origin(hint) is list:
+        return f"a list of {_describe(get_args(hint)[0])}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: every rule about values, in one place.
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise BadInput(message)
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, f"{name} = {value!r} is not allowed; allowed: {', '.join(allowed)}")
+
+
+def validate(config: Config) -> None:
+    run, data, model, local, train = config.run, config.data, config.model, config.local, config.train
+    _one_of("run.mode", run.mode, MODES)
+    _one_of("run.device", run.device, DEVICES)
+    _require(run.seed >= 0, f"run.seed = {run.seed} must be >= 0")
+    _require(run.log_every >= 1, f"run.log_every = {run.log_every} must be >= 1")
+    _require(bool(run.out_dir), "run.out_dir must name a directory for the outputs")
+
+    _one_of("data.name", data.name, DATASETS)
+    _require(data.batch_size >= 2, f"data.batch_size = {data.batch_size} must be >= 2 (batch norm needs two samples)")
+
+    blocks = 1 + 3 * model.blocks_per_stage  # stem + residual blocks: the units a cut can follow
+    _require(model.in_channels >= 0, f"model.in_channels = {model.in_channels} must be 1 or 3 (or 0: from the dataset)")
+    _require(model.classes >= 0, f"model.classes = {model.classes} must be >= 2 (or 0: from the dataset)")
+
+    _require(
+        1 <= local.modules <= blocks,
+        f"local.modules = {local.modules} is out of range; {model.arch} has {blocks} blocks "
+        f"(stem + residual), so K must be between 1 and {blocks}",
+    )
+    depth, _ = parse_context(local.context)
+    if local.modules == 1:
+        _require(local.context == "R0", f"local.context = {local.context!r} needs local.modules >= 2; use R0 for end-to-end training")
+    _require(
+        depth < local.modules,
+        f"local.context = {local.context!r} looks back {depth} modules but there are only "
+        f"{local.modules}; n in Rn must be < local.modules",
+    )
+    if isinstance(local.partition, str):
+        _one_of("local.partition", local.partition, PARTITIONS)
+    else:
+        validate_cuts(local.partition, local.modules, model.blocks_per_stage)
+    _one_of("local.loss", local.loss, LOSSES)
+    _one_of("local.aux", local.aux, AUX_HEADS)
+    _require(local.aux_widen >= 1, f"local.aux_widen = {local.aux_widen} must be >= 1")
+    _require(local.aux_feature_dim >= 1, f"local.aux_feature_dim = {local.aux_feature_dim} must be >= 1")
+    for key in ("ixx_1", "ixy_1", "ixx_2", "ixy_2"):
+        _require(getattr(local, key) >= 0, f"local.{key} = {getattr(local, key)} must be >= 0")
+
+    _require(train.epochs >= 1, f"train.epochs = {train.epochs} must be >= 1")
+    _require(train.max_steps >= 0, f"train.max_steps = {train.max_steps} must be >= 0 (0: no cap)")
+    _require(train.lr > 0, f"train.lr = {train.lr} must be > 0")
+    _require(0 <= train.momentum < 1, f"train.momentum = {train.momentum} must be in [0, 1)")
+    _require(train.weight_decay >= 0, f"train.weight_decay = {train.weight_decay} must be >= 0")
+    _require(train.warmup_epochs >= 0, f"train.warmup_epochs = {train.warmup_epochs} must be >= 0")
+    _require(not train.nesterov or train.momentum > 0, "train.nesterov = true needs train.momentum > 0")
+    _one_of("train.schedule", train.schedule, SCHEDULES)
+
+    pipe = config.pipeline
+    _require(pipe.queue_depth >= 1, f"pipeline.queue_depth = {pipe.queue_depth} must be >= 1")
+    _one_of("pipeline.wire_dtype", pipe.wire_dtype, WIRE_DTYPES)
+    _require(pipe.timeout_s > 0, f"pipeline.timeout_s = {pipe.timeout_s} must be > 0")
+    _require(pipe.threads_per_stage >= 0, f"pipeline.threads_per_stage = {pipe.threads_per_stage} must be >= 0 (0: automatic)")
+    _one_of("precision.amp", config.precision.amp, AMP_MODES)
+
+    if run.mode == "ddp":
+        _require(local.modules == 1, f"run.mode = 'ddp' trains end to end; set local.modules = 1 (it is {local.modules})")
+
+
+def validate_cuts(cuts: list[Cut], modules: int, per_stage: int) -> None:
+    """An explicit cut list: K-1 increasing [stage, block] pairs, none after the last block."""
+    _require(
+        len(cuts) == modules - 1,
+        f"local.partition lists {len(cuts)} cuts but local.modules = {modules} needs {modules - 1}",
+    )
+    last = 3 * per_stage  # flat index of the final residual block: no cut may follow it
+    previous = -1
+    for cut in cuts:
+        _require(
+            len(cut) == 2 and (cut[0] == 0 and cut[1] == 0 or 1 <= cut[0] <= 3 and 0 <= cut[1] < per_stage),
+            f"local.partition cut {cut} is out of range; cuts are [stage, block] with [0, 0] "
+            f"(after the stem) or stage 1..3 and block 0..{per_stage - 1}",
+        )
+        flat = cut_to_flat(cut, per_stage)
+        _require(flat < last, f"local.partition cut {cut} leaves the last module empty; cut before [3, {per_stage - 1}]")
+        _require(flat > previous, f"local.partition cuts must be strictly increasing; {cut} is not after the one before")
+        previous = flat
+
+
+def cut_to_flat(cut: Cut, per_stage: int) -> int:
+    """[stage, block] -> index in the flat block list (0 = stem, then residual blocks)."""
+    stage, block = cut
+    return 0 if stage == 0 else 1 + (stage - 1) * per_stage + block

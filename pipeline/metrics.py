@@ -1,0 +1,156 @@
+"""What a run reports: metrics.jsonl lines, per-process stage figures, summary.json, progress."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Config
+from pipeline.model.partition import flat_to_cut
+
+
+class MetricsLog:
+    """Appends one JSON object per line; every rank appends whole lines to the same file."""
+
+    def __init__(self, run_dir: str | Path, rank: int) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rank = rank
+
+    def write(self, **fields: Any) -> None:
+        line = json.dumps({"rank": self.rank, "time": round(time.time(), 3), **fields}) + "\n"
+        with open(self.path, "a") as handle:  # one write per line: O_APPEND keeps lines whole
+            handle.write(line)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """GPU: the allocator's peak; CPU: the process's peak resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+@dataclass
+class StageStats:
+    """Seconds one process spent computing and waiting on its links while training."""
+
+    rank: int
+    module: int | str
+    compute_s: float = 0.0
+    recv_wait_s: float = 0.0
+    send_wait_s: float = 0.0
+    samples: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    train_s: float = 0.0  # wall time spent in training epochs (evaluation excluded)
+
+    def report(self, device: torch.device) -> dict[str, Any]:
+        wall = max(self.train_s, 1e-9)
+        return {
+            "rank": self.rank,
+            "module": self.module,
+            "compute_s": round(self.compute_s, 4),
+            "recv_wait_s": round(self.recv_wait_s, 4),
+            "send_wait_s": round(self.send_wait_s, 4),
+            "busy_fraction": round(min(1.0, self.compute_s / wall), 4),
+            "peak_mem_bytes": peak_memory_bytes(device),
+            "samples_per_s": round(self.samples / wall, 2),
+        }
+
+
+def method_name(config: Config) -> str:
+    local = config.local
+    if local.modules == 1:
+        return "e2e"
+    if local.context != "R0":
+        return "contsup"
+    if local.reconstruct:
+        return "infopro"
+    return "greedy_sl" if local.aux.startswith("0c") else "dgl"
+
+
+def write_summary(run_dir: str | Path, config: Config, world_size: int, cuts: list[int], steps: int,
+                  epochs_done: int, test_accuracy: float | None, train_samples: int, train_s: float,
+                  wall_s: float, stages: list[dict[str, Any]]) -> dict[str, Any]:
+    summary = {
+        "mode": config.run.mode,
+        "world_size": world_size,
+        "modules": config.local.modules,
+        "method": method_name(config),
+        "context": config.local.context,
+        "loss": config.local.loss,
+        "aux": config.local.aux,
+        "reconstruct": config.local.reconstruct,
+        "arch": config.model.arch,
+        "dataset": config.data.name,
+        "batch_size": config.data.batch_size,
+        "steps": steps,
+        "epochs": epochs_done,
+        "test_accuracy": test_accuracy,
+        "train_samples_per_s": round(train_samples / max(train_s, 1e-9), 2),
+        "wall_s": round(wall_s, 3),
+        "cut_points": [flat_to_cut(cut, config.model.blocks_per_stage) for cut in cuts],
+        "stages": stages,
+        "config": config.to_dict(),
+    }
+    path = Path(run_dir) / "summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(summary, indent=2) + "\n")
+    temporary.replace(path)
+    return summary
+
+
+class Progress:
+    """Prints step, per-module losses, samples/s and ETA every log_every steps."""
+
+    def __init__(self, label: str, first_step: int, total_steps: int, batch_size: int) -> None:
+        self.label = label
+        self.total = total_steps
+        self.batch_size = batch_size
+        self.mark_step = first_step
+        self.mark_time = time.perf_counter()
+
+    def line(self, epoch: int, step: int, losses: list[float]) -> tuple[str, float]:
+        now = time.perf_counter()
+        rate = (step - self.mark_step) * self.batch_size / max(now - self.mark_time, 1e-9)
+        self.mark_step, self.mark_time = step, now
+        eta = (self.total - step) * self.batch_size / max(rate, 1e-9)
+        text = " ".join(f"{loss:.3f}" for loss in losses)
+        return (f"[{self.label}] epoch {epoch} step {step}/{self.total} | loss {text} | "
+                f"{rate:.0f} samples/s | eta {_clock(eta)}"), rate
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stdout, flush=True)
+
+
+class LossMeter:
+    """Sums losses on the device; reading them (one host sync) happens only at log time."""
+
+    def __init__(self, modules: int) -> None:
+        self.sums: list[torch.Tensor | float] = [0.0] * modules
+        self.count = 0
+
+    def add(self, module: int, loss: torch.Tensor) -> None:
+        self.sums[module] = self.sums[module] + loss.float()
+
+    def tick(self) -> None:
+        self.count += 1
+
+    def means(self) -> list[float]:
+        values = [float(total) / max(self.count, 1) for total in self.sums]
+        self.sums = [0.0] * len(self.sums)
+        self.count = 0
+        return values

@@ -1,0 +1,77 @@
+"""ContSup context: which tensors travel to each module, and the encoders that add them.
+
+Module j (j >= 1) receives h_{j-1}.detach() and adds, with its own encoders:
+- E: an encoding of the normalised image;
+- Rn: a 1x1 encoding of each of the inputs of modules j-1 .. j-n (its "register"), where
+  that module exists and, under RnE, is not module 0 (whose input is the image E already adds).
+Module 0 receives the image itself and adds nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.model.resnet import BlockShape
+
+
+@dataclass(frozen=True)
+class ContextPlan:
+    """Static facts of the context flow, shared by the sender and the receiver of each link."""
+
+    modules: int
+    depth: int  # n of Rn
+    image: bool  # E or RnE
+    reconstruct: bool
+
+    def needs_image(self, module: int) -> bool:
+        """Does module ``module`` itself use the image (E encoder or reconstruction target)?"""
+        return (self.image and module >= 1) or (self.reconstruct and module <= self.modules - 2)
+
+    def carries_image(self, module: int) -> bool:
+        """Does the packet into ``module`` (>= 1) carry the image for it or a later module?"""
+        return any(self.needs_image(later) for later in range(module, self.modules))
+
+    def register_sources(self, module: int) -> list[int]:
+        """Indices of the modules whose inputs travel into ``module``, nearest first."""
+        sources = [module - distance for distance in range(1, self.depth + 1)]
+        return [s for s in sources if s >= 0 and not (self.image and s == 0)]
+
+
+class ImageEncoder(nn.Module):
+    """E_k: conv3x3 -> BN -> ReLU -> conv3x3 -> BN -> ReLU -> pool to the target size."""
+
+    def __init__(self, image_channels: int, target: BlockShape, widen: int) -> None:
+        super().__init__()
+        hidden = 12 * widen
+        self.size = target.size
+        self.layers = nn.Sequential(
+            nn.Conv2d(image_channels, hidden, 3, padding=1),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, target.channels, 3, padding=1),
+            nn.BatchNorm2d(target.channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.layers(image), self.size)
+
+
+class InputEncoder(nn.Module):
+    """R_k: conv1x1 -> BN -> ReLU -> pool, from an earlier module's input to the target size."""
+
+    def __init__(self, source_channels: int, target: BlockShape) -> None:
+        super().__init__()
+        self.size = target.size
+        self.layers = nn.Sequential(
+            nn.Conv2d(source_channels, target.channels, 1),
+            nn.BatchNorm2d(target.channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, source: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.layers(source), self.size)

@@ -1,0 +1,31 @@
+"""InfoPro's reconstruction decoder: a module's output back to the input image."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Decoder(nn.Module):
+    def __init__(self, channels: int, image_channels: int, image_size: int, widen: int) -> None:
+        super().__init__()
+        self.image_size = image_size
+        hidden = 12 * widen
+        self.layers = nn.Sequential(
+            nn.Conv2d(channels, hidden, 3, padding=1),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, image_channels, 3, padding=1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits of the reconstructed pixels; the loss applies the sigmoid (stable BCE)."""
+        size = (self.image_size, self.image_size)
+        upsampled = F.interpolate(features, size=size, mode="bilinear", align_corners=True)
+        return self.layers(upsampled)
+
+
+def reconstruction_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE of sigmoid(logits) against the image in [0, 1]."""
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())

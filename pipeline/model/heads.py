@@ -1,0 +1,41 @@
+"""Auxiliary heads that train every module but the last (REFERENCE.md: 0c1f ... 2c2f)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def _head_conv_width(channels: int, widen: int) -> tuple[int, int]:
+    """(out channels, stride) of a head's first conv for a module output of ``channels``."""
+    width = (32 if channels == 16 else 64) * widen
+    return width, (1 if channels >= 64 else 2)
+
+
+def _linears(count: int, width: int, hidden: int, out: int) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for _ in range(count - 1):
+        layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+        width = hidden
+    return layers + [nn.Linear(width, out)]
+
+
+def build_aux_head(name: str, channels: int, out: int, widen: int, feature_dim: int) -> nn.Sequential:
+    """A head named by its conv count and linear count, e.g. '1c2f'.
+
+    ``out`` is the class count for the softmax loss or the feature dimension for the
+    contrastive loss.
+    """
+    convs, linears = int(name[0]), int(name[2])
+    layers: list[nn.Module] = []
+    width = channels
+    if convs:
+        conv_width, stride = _head_conv_width(channels, widen)
+        for index in range(convs):
+            layers += [
+                nn.Conv2d(width, conv_width, 3, stride=stride if index == 0 else 1, padding=1, bias=False),
+                nn.BatchNorm2d(conv_width),
+                nn.ReLU(inplace=True),
+            ]
+            width = conv_width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers, *_linears(linears, width, feature_dim * widen, out))

@@ -1,0 +1,45 @@
+"""From a config to the K local modules: cut points, layout, seeded construction."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import Config, cut_to_flat
+from pipeline.data.specs import DatasetSpec
+from pipeline.model.context import ContextPlan
+from pipeline.model.local_module import Layout, LocalModule
+from pipeline.model.partition import equal_cuts, module_ranges
+from pipeline.model.resnet import CifarResNet
+
+
+def make_net(config: Config, spec: DatasetSpec) -> CifarResNet:
+    return CifarResNet(config.model.blocks_per_stage, spec.channels, spec.image_size)
+
+
+def resolve_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> list[int]:
+    """Flat cut indices for config.local.partition (profiling on ``device`` when balanced)."""
+    local, per_stage = config.local, config.model.blocks_per_stage
+    if isinstance(local.partition, list):
+        return [cut_to_flat(cut, per_stage) for cut in local.partition]
+    if local.partition == "equal" or local.modules == 1:
+        return equal_cuts(per_stage, local.modules)
+    from pipeline.model.profile import balanced_cuts  # profiling pulls in timing machinery
+
+    return balanced_cuts(config, spec, device)
+
+
+def make_layout(config: Config, spec: DatasetSpec, cuts: list[int]) -> Layout:
+    net = make_net(config, spec)
+    local = config.local
+    plan = ContextPlan(local.modules, local.context_depth, local.context_image, local.reconstruct)
+    return Layout(net, module_ranges(cuts, len(net)), plan, spec)
+
+
+def build_module(config: Config, layout: Layout, index: int, device: torch.device) -> LocalModule:
+    """Module ``index`` from seed run.seed + index, so every process builds the same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.run.seed + index)
+        module = LocalModule(config, layout, index)
+    if config.precision.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return module.to(device)

@@ -1,0 +1,101 @@
+"""CIFAR ResNet (depth 6n+2) as a flat list of blocks, so a partition is a list of cut points.
+
+Block 0 is the stem, blocks 1..3n the residual blocks; the classifier (pool + linear) is
+built separately and belongs to the last module. Each block can be built on its own, so a
+module builds only its own blocks, from its own seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+STAGE_WIDTHS = (16, 32, 64)
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """What a block produces for a given input image size."""
+
+    channels: int
+    size: int  # spatial side
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+class Stem(nn.Sequential):
+    def __init__(self, in_channels: int) -> None:
+        super().__init__(conv3x3(in_channels, STAGE_WIDTHS[0]), nn.BatchNorm2d(STAGE_WIDTHS[0]), nn.ReLU(inplace=True))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(cin, cout, stride)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = conv3x3(cout, cout)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class Classifier(nn.Sequential):
+    def __init__(self, channels: int, classes: int) -> None:
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes))
+
+
+class CifarResNet:
+    """The block layout of a ResNet-(6n+2); builds any single block on demand."""
+
+    def __init__(self, blocks_per_stage: int, in_channels: int, image_size: int) -> None:
+        self.n = blocks_per_stage
+        self.in_channels = in_channels
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return 1 + 3 * self.n
+
+    def _stage_of(self, index: int) -> tuple[int, int]:
+        """Flat residual-block index (>= 1) -> (stage 0..2, block within the stage)."""
+        return divmod(index - 1, self.n)
+
+    def shape(self, index: int) -> BlockShape:
+        """Output shape of block ``index``; index -1 means the input image."""
+        if index < 0:
+            return BlockShape(self.in_channels, self.image_size)
+        if index == 0:
+            return BlockShape(STAGE_WIDTHS[0], self.image_size)
+        stage, _ = self._stage_of(index)
+        return BlockShape(STAGE_WIDTHS[stage], self.image_size // (2**stage))
+
+    def build(self, index: int) -> nn.Module:
+        if index == 0:
+            return Stem(self.in_channels)
+        stage, block = self._stage_of(index)
+        cin = STAGE_WIDTHS[stage - 1] if block == 0 and stage > 0 else STAGE_WIDTHS[stage]
+        stride = 2 if block == 0 and stage > 0 else 1
+        return BasicBlock(cin, STAGE_WIDTHS[stage], stride)
+
+
+def init_weights(module: nn.Module) -> None:
+    """REFERENCE.md's init: conv ~ N(0, sqrt(2 / (k*k*out))), batch norm (1, 0)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            fan_out = layer.kernel_size[0] * layer.kernel_size[1] * layer.out_channels
+            nn.init.normal_(layer.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        elif isinstance(layer, nn.BatchNorm2d):
+            nn.init.ones_(layer.weight)
+            nn.init.zeros_(layer.bias)

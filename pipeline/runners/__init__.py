@@ -1,0 +1,1 @@
+"""The three ways to run a config: sequential (the reference), pipeline stage, ddp."""

@@ -1,0 +1,58 @@
+"""The order of a run: train steps, epoch ends (evaluate + checkpoint), where to stop.
+
+Every runner walks the same ``events`` so they agree on when the learning rate changes, when
+the test set is evaluated and where a resumed run picks up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a run stands: the next batch to train, and the steps taken so far."""
+
+    epoch: int = 1
+    batch: int = 0
+    step: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    epoch: int
+    batch: int
+    step: int  # 1-based count of steps once this one is done
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    epoch: int
+    resume_at: Position  # what a checkpoint written now must record
+    final: bool
+
+
+def events(start: Position, epochs: int, batches: int, max_steps: int) -> Iterator[TrainStep | EpochEnd]:
+    step = start.step
+    for epoch in range(start.epoch, epochs + 1):
+        first = start.batch if epoch == start.epoch else 0
+        for batch in range(first, batches):
+            if max_steps and step >= max_steps:
+                yield EpochEnd(epoch, Position(epoch, batch, step), final=True)
+                return
+            step += 1
+            yield TrainStep(epoch, batch, step)
+        final = epoch == epochs or bool(max_steps and step >= max_steps)
+        yield EpochEnd(epoch, Position(epoch + 1, 0, step), final)
+        if final:
+            return
+
+
+def total_steps(start: Position, epochs: int, batches: int, max_steps: int) -> int:
+    remaining = (epochs - start.epoch + 1) * batches - start.batch
+    full = start.step + max(0, remaining)
+    return min(full, max_steps) if max_steps else full

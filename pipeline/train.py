@@ -1,0 +1,44 @@
+"""python -m pipeline.train --config FILE [--set table.key=value ...]
+
+Sequential runs in this process; pipeline and ddp runs are launched by torchrun, one process
+per module (pipeline) or per data-parallel rank (ddp).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pipeline.cli import ArgumentParser, run_main
+from pipeline.config import Config, load_config
+
+
+def parse_config(argv: list[str] | None) -> Config:
+    parser = ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--config", help="TOML experiment file (see configs/); defaults apply without one")
+    parser.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                        help="override one config key; repeatable")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.set)
+
+
+def train(config: Config) -> None:
+    if config.run.mode == "sequential":
+        from pipeline.runners.sequential import run_sequential
+
+        run_sequential(config)
+    elif config.run.mode == "pipeline":
+        from pipeline.runners.stage import run_stage
+
+        run_stage(config)
+    else:
+        from pipeline.runners.ddp import run_ddp
+
+        run_ddp(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda: train(parse_config(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""One module with its optimizer: the training and evaluation step every runner calls.
+
+The sequential runner calls these steps module after module; a pipeline stage calls the
+same steps on what its inbox delivers. That sharing is what makes the two equal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from pipeline.config import Config
+from pipeline.model.local_module import Layout
+from pipeline.model.network import build_module
+from pipeline.optim import learning_rate, make_optimizer, set_learning_rate
+from pipeline.packet import Packet
+
+
+class ModuleWorker:
+    def __init__(self, config: Config, layout: Layout, index: int, device: torch.device) -> None:
+        self.index = index
+        self.device = device
+        self.train_config = config.train
+        self.module = build_module(config, layout, index, device)
+        self.optimizer = make_optimizer(self.module, config.train)
+        self.channels_last = config.precision.channels_last
+        self.amp = config.precision.amp == "bf16"
+        self.lr = learning_rate(config.train, 1)
+
+    @property
+    def last(self) -> bool:
+        return self.module.last
+
+    def start_epoch(self, epoch: int) -> None:
+        self.lr = learning_rate(self.train_config, epoch)
+        set_learning_rate(self.optimizer, self.lr)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _prepare(self, packet: Packet) -> Packet:
+        if not self.channels_last:
+            return packet
+        def fmt(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.contiguous(memory_format=torch.channels_last)
+        image = None if packet.image is None else fmt(packet.image)
+        return Packet(packet.labels, fmt(packet.features), image, [fmt(t) for t in packet.register])
+
+    def train_step(self, packet: Packet) -> tuple[Packet | None, torch.Tensor]:
+        """Forward, local loss, backward, own optimizer step; returns (packet for k+1, loss)."""
+        packet = self._prepare(packet)
+        self.module.train()
+        with self._autocast():
+            inputs, output = self.module(packet)
+            loss = self.module.local_loss(output, packet)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        following = None if self.last else self.module.next_packet(packet, inputs, output)
+        return following, loss.detach()
+
+    @torch.no_grad()
+    def eval_step(self, packet: Packet) -> Packet | torch.Tensor:
+        """The packet for module k+1, or on the last module the count of correct predictions."""
+        packet = self._prepare(packet)
+        self.module.eval()
+        with self._autocast():
+            inputs, output = self.module(packet)
+            if self.last:
+                return (self.module.logits(output).argmax(1) == packet.labels).sum()
+        return self.module.next_packet(packet, inputs, output)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
