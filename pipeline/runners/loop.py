@@ -35,6 +35,20 @@ class EpochEnd:
     resume_at: Position  # what a checkpoint written now must record
     final: bool
 
+    @property
+    def completed_epochs(self) -> int:
+        """Whole epochs trained once this point is reached (a run cut by max_steps ends mid-epoch)."""
+        return self.epoch if self.resume_at.batch == 0 else self.epoch - 1
+
+    def encode(self) -> list[int]:
+        at = self.resume_at
+        return [self.epoch, at.epoch, at.batch, at.step, int(self.final)]
+
+    @classmethod
+    def decode(cls, values: list[int]) -> EpochEnd:
+        epoch, at_epoch, at_batch, at_step, final = values
+        return cls(epoch, Position(at_epoch, at_batch, at_step), bool(final))
+
 
 def events(start: Position, epochs: int, batches: int, max_steps: int) -> Iterator[TrainStep | EpochEnd]:
     step = start.step

@@ -97,7 +97,7 @@ def run_sequential(config: Config) -> dict[str, Any]:
         if meter.count:
             _log_losses(log, progress, meter, workers, event.epoch, step)
         accuracy = evaluate(workers, test)
-        epochs_done = event.epoch if event.resume_at.batch == 0 else event.epoch - 1
+        epochs_done = event.completed_epochs
         log.write(event="eval", module=modules - 1, epoch=event.epoch, step=step, test_accuracy=accuracy)
         say(f"[sequential] epoch {event.epoch} step {step}: test accuracy {accuracy:.4f}")
         for worker in workers:

@@ -1,0 +1,265 @@
+"""One pipeline stage: rank k of a torchrun job trains module k only.
+
+Rank 0 owns the data: it walks the same ``events`` as the sequential runner, trains module 0
+on each batch and sends the detached output on. Every other rank trains on what its inbox
+delivers and passes its own output on; the last rank owns the final loss and the accuracy.
+Evaluation batches (EVAL) and epoch ends (END_EPOCH, carrying the checkpoint position) flow
+down the same links, so every stage sees the same order of events as the sequential loop.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline import checkpoint
+from pipeline.config import Config
+from pipeline.data.loader import BatchLoader, make_loaders
+from pipeline.data.specs import dataset_spec
+from pipeline.distributed import World, init_process_group, limit_cpu_threads, world_from_env
+from pipeline.errors import BadInput, StageFailure
+from pipeline.metrics import LossMeter, MetricsLog, Progress, StageStats, say, write_summary
+from pipeline.model.network import make_layout, resolve_cuts
+from pipeline.packet import Packet
+from pipeline.runners.loop import EpochEnd, Position, TrainStep, events, total_steps
+from pipeline.transport import Kind, Receiver, Sender
+from pipeline.worker import ModuleWorker
+
+
+def run_stage(config: Config) -> None:
+    """Entry point of ``run.mode = "pipeline"``; ends the process on any failure of this rank."""
+    started = time.perf_counter()
+    world = world_from_env(config)
+    modules = config.local.modules
+    if world.size != modules:
+        raise BadInput(
+            f"pipeline mode runs one process per module: WORLD_SIZE is {world.size} but local.modules = "
+            f"{modules}; launch torchrun --nproc-per-node {modules} (or set local.modules = {world.size})"
+        )
+    if world.device.type == "cpu":
+        limit_cpu_threads(world, config.pipeline.threads_per_stage)
+    # Rank 0 reads the data before joining the group, so a bad data path exits 2 at once.
+    loaders = make_loaders(config, world.device) if world.rank == 0 else None
+    init_process_group(world, config.pipeline.timeout_s)
+    code = 0
+    try:
+        Stage(config, world, loaders, started).run()
+    except BadInput as err:
+        say_error(f"error: {err}")
+        code = 2
+    except Exception as err:  # any failure of this stage ends the job with the stage named
+        say_error(f"error: stage failed on rank {world.rank} (module {world.rank}): {type(err).__name__}: {err}")
+        code = 1
+    if code:
+        # Peers may be blocked in communication with us: leave without tearing the group down.
+        os._exit(code)
+    dist.destroy_process_group()
+
+
+def say_error(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class Stage:
+    def __init__(self, config: Config, world: World, loaders: tuple[BatchLoader, BatchLoader] | None,
+                 started: float) -> None:
+        self.config, self.world, self.started = config, world, started
+        self.rank, self.device = world.rank, world.device
+        self.modules = config.local.modules
+        self.last = self.rank == self.modules - 1
+        self.loaders = loaders
+        spec = dataset_spec(config)
+
+        # Facts only rank 0 can know (data size; profiled cuts) are broadcast so all agree.
+        facts: list[Any] = [None]
+        if self.rank == 0:
+            assert loaders is not None
+            facts = [(resolve_cuts(config, spec, self.device), len(loaders[0]))]
+        dist.broadcast_object_list(facts, src=0)
+        self.cuts, self.batches_per_epoch = facts[0]
+        self.layout = make_layout(config, spec, self.cuts)
+        self.worker = ModuleWorker(config, self.layout, self.rank, self.device)
+        self.identity = checkpoint.identity_of(config, self.cuts)
+        self.position = self._resume()
+
+        pipe = config.pipeline
+        links = [dist.new_group([k, k + 1]) for k in range(self.modules - 1)]  # every rank, same order
+        wire = torch.bfloat16 if pipe.wire_dtype == "bf16" else None
+        common = {"device": self.device, "depth": pipe.queue_depth, "timeout_s": pipe.timeout_s}
+        self.inbox = Receiver(self.rank, self.rank - 1, links[self.rank - 1], **common) if self.rank > 0 else None
+        self.outbox = (
+            Sender(self.rank, self.rank + 1, links[self.rank], wire_dtype=wire, **common) if not self.last else None
+        )
+
+        self.stats = StageStats(rank=self.rank, module=self.rank)
+        self.meter = LossMeter(1)
+        self.log = MetricsLog(config.run.out_dir, self.rank)
+        limits = (config.train.epochs, self.batches_per_epoch, config.train.max_steps)
+        self.limits = limits
+        self.progress = Progress(f"stage {self.rank}", self.position.step, total_steps(self.position, *limits),
+                                 config.data.batch_size)
+        self.step = self.position.step
+        self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.evaluated = 0
+        self.accuracy: float | None = None
+        self.epochs_done = 0
+
+    def _resume(self) -> Position:
+        position = Position()
+        if self.config.run.resume:
+            position = checkpoint.load(self.config.run.resume, self.worker, self.identity)
+        every = [None] * self.modules
+        dist.all_gather_object(every, position)
+        if len(set(every)) != 1:
+            raise BadInput(
+                f"run.resume: the module checkpoints in {self.config.run.resume} were written at different "
+                f"steps ({sorted(p.step for p in every)}); resume from a run that finished cleanly"
+            )
+        return position
+
+    # ---- the two loops ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        say(f"[stage {self.rank}] module {self.rank} of {self.modules} (blocks {self.layout.ranges[self.rank]}) "
+            f"on {self.device}, {torch.get_num_threads()} thread(s)")
+        for module in (self.inbox, self.outbox):
+            if module is not None:
+                module.start()
+        self.worker.start_epoch(self.position.epoch)
+        if self.rank == 0:
+            self._feed()
+        else:
+            self._serve()
+        if self.outbox is not None:
+            self.outbox.close()
+        self._write_summary()
+
+    def _feed(self) -> None:
+        assert self.loaders is not None
+        train, test = self.loaders
+        epoch, batches = 0, iter(())
+        for event in events(self.position, *self.limits):
+            if isinstance(event, TrainStep):
+                if event.epoch != epoch:
+                    epoch, batches = event.epoch, train.batches(event.epoch, event.batch)
+                images, labels = next(batches)
+                self._train(Packet.from_batch(images, labels), waited=0.0)
+                continue
+            for images, labels in test.batches(epoch=0):
+                self._eval(Packet.from_batch(images, labels))
+            self._end_epoch(event)
+        self._forward(Kind.STOP, [])
+
+    def _serve(self) -> None:
+        assert self.inbox is not None
+        has_image = self.layout.plan.carries_image(self.rank)
+        while True:
+            message, waited = self.inbox.get()
+            if message.kind == Kind.TRAIN:
+                self._train(self._packet(message.tensors, has_image), waited)
+            elif message.kind == Kind.EVAL:
+                self._eval(self._packet(message.tensors, has_image))
+            elif message.kind == Kind.END_EPOCH:
+                self._end_epoch(EpochEnd.decode(message.tensors[0].tolist()))
+            else:
+                self._forward(Kind.STOP, [])
+                return
+
+    # ---- what each message does --------------------------------------------------------------
+
+    def _train(self, packet: Packet, waited: float) -> None:
+        tick = time.perf_counter()
+        following, loss = self.worker.train_step(packet)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # so compute_s is the GPU's time, not launch time
+        compute = time.perf_counter() - tick
+        sent = self._forward(Kind.TRAIN, following.tensors()) if following is not None else 0.0
+        stats = self.stats
+        stats.compute_s += compute
+        stats.recv_wait_s += waited
+        stats.send_wait_s += sent
+        stats.train_s += waited + compute + sent
+        stats.samples += len(packet.labels)
+        self.meter.add(0, loss)
+        self.meter.tick()
+        self.step += 1
+        if self.step % self.config.run.log_every == 0:
+            self._log_losses()
+
+    def _eval(self, packet: Packet) -> None:
+        result = self.worker.eval_step(packet)
+        if isinstance(result, Packet):
+            self._forward(Kind.EVAL, result.tensors())
+        else:
+            self.correct += result
+            self.evaluated += len(packet.labels)
+
+    def _end_epoch(self, event: EpochEnd) -> None:
+        if self.meter.count:
+            self._log_losses()
+        self._forward(Kind.END_EPOCH, [torch.tensor(event.encode(), dtype=torch.int64, device=self.device)])
+        checkpoint.save(self.config.run.out_dir, self.worker, event.resume_at, self.identity)
+        self.epochs_done = event.completed_epochs
+        if self.last:
+            self.accuracy = float(self.correct) / max(self.evaluated, 1)
+            self.log.write(event="eval", module=self.rank, epoch=event.epoch, step=self.step,
+                           test_accuracy=self.accuracy)
+            say(f"[stage {self.rank}] epoch {event.epoch} step {self.step}: test accuracy {self.accuracy:.4f}")
+            self.correct.zero_()
+            self.evaluated = 0
+        if not event.final:
+            self.worker.start_epoch(event.resume_at.epoch)
+
+    def _forward(self, kind: Kind, tensors: list[torch.Tensor]) -> float:
+        return self.outbox.put(kind, tensors) if self.outbox is not None else 0.0
+
+    def _packet(self, tensors: list[torch.Tensor], has_image: bool) -> Packet:
+        """Rebuild the packet, checking it is what this module was built for."""
+        plan, expected_shape = self.layout.plan, self.layout.input_shape(self.rank)
+        expected = 2 + int(has_image) + len(plan.register_sources(self.rank))
+        features = tensors[1] if len(tensors) > 1 else None
+        wanted = (expected_shape.channels, expected_shape.size, expected_shape.size)
+        if len(tensors) != expected or features is None or tuple(features.shape[1:]) != wanted:
+            got = "none" if features is None else list(features.shape)
+            raise StageFailure(
+                f"rank {self.rank} (module {self.rank}) got from rank {self.rank - 1} {len(tensors)} tensors with "
+                f"features {got}; it expects {expected} tensors with features [batch, {', '.join(map(str, wanted))}]; "
+                f"every rank must run the same config"
+            )
+        return Packet.from_tensors(tensors, has_image)
+
+    def _log_losses(self) -> None:
+        (loss,) = self.meter.means()
+        if loss != loss or loss in (float("inf"), float("-inf")):
+            raise StageFailure(f"module {self.rank}'s loss is {loss} at step {self.step}; lower train.lr or check the data")
+        text, rate = self.progress.line(self._epoch_of(), self.step, [loss])
+        say(text)
+        self.log.write(event="train", module=self.rank, epoch=self._epoch_of(), step=self.step, loss=loss,
+                       lr=self.worker.lr, samples_per_s=round(rate, 2))
+
+    def _epoch_of(self) -> int:
+        return (self.step - 1) // max(self.batches_per_epoch, 1) + 1
+
+    def _write_summary(self) -> None:
+        report = {
+            "stage": self.stats.report(self.device),
+            "samples": self.stats.samples,
+            "train_s": self.stats.train_s,
+            "accuracy": self.accuracy,
+        }
+        every: list[Any] = [None] * self.modules
+        dist.all_gather_object(every, report)
+        if self.rank != 0:
+            return
+        last = every[-1]
+        write_summary(
+            self.config.run.out_dir, self.config, world_size=self.world.size, cuts=self.cuts, steps=self.step,
+            epochs_done=self.epochs_done, test_accuracy=last["accuracy"], train_samples=last["samples"],
+            train_s=last["train_s"], wall_s=time.perf_counter() - self.started,
+            stages=[item["stage"] for item in every],
+        )
