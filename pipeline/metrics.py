@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Config
+from pipeline.errors import StageFailure
 from pipeline.model.partition import flat_to_cut
 
 
@@ -139,18 +141,25 @@ def say(text: str) -> None:
 class LossMeter:
     """Sums losses on the device; reading them (one host sync) happens only at log time."""
 
-    def __init__(self, modules: int) -> None:
-        self.sums: list[torch.Tensor | float] = [0.0] * modules
+    def __init__(self, modules: list[int]) -> None:
+        self.modules = modules
+        self.sums: list[torch.Tensor | float] = [0.0] * len(modules)
         self.count = 0
 
-    def add(self, module: int, loss: torch.Tensor) -> None:
-        self.sums[module] = self.sums[module] + loss.float()
+    def add(self, slot: int, loss: torch.Tensor) -> None:
+        self.sums[slot] = self.sums[slot] + loss.float()
 
     def tick(self) -> None:
         self.count += 1
 
-    def means(self) -> list[float]:
+    def means(self, step: int) -> list[float]:
+        """Mean loss per module since the last call; a diverged loss stops the run."""
         values = [float(total) / max(self.count, 1) for total in self.sums]
         self.sums = [0.0] * len(self.sums)
         self.count = 0
+        for module, value in zip(self.modules, values):
+            if not math.isfinite(value):
+                raise StageFailure(
+                    f"module {module}'s loss is {value} by step {step}; lower train.lr or check the data"
+                )
         return values

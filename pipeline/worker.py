@@ -7,9 +7,11 @@ same steps on what its inbox delivers. That sharing is what makes the two equal.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from pipeline.config import Config
 from pipeline.model.local_module import Layout
@@ -19,11 +21,14 @@ from pipeline.packet import Packet
 
 
 class ModuleWorker:
-    def __init__(self, config: Config, layout: Layout, index: int, device: torch.device) -> None:
+    def __init__(self, config: Config, layout: Layout, index: int, device: torch.device,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
         self.index = index
         self.device = device
         self.train_config = config.train
         self.module = build_module(config, layout, index, device)
+        # What the training step calls: the module itself, or a wrapper such as DDP around it.
+        self.trainable = wrap(self.module) if wrap is not None else self.module
         self.optimizer = make_optimizer(self.module, config.train)
         self.channels_last = config.precision.channels_last
         self.amp = config.precision.amp == "bf16"
@@ -55,8 +60,7 @@ class ModuleWorker:
         packet = self._prepare(packet)
         self.module.train()
         with self._autocast():
-            inputs, output = self.module(packet)
-            loss = self.module.local_loss(output, packet)
+            inputs, output, loss = self.trainable(packet)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -69,7 +73,7 @@ class ModuleWorker:
         packet = self._prepare(packet)
         self.module.eval()
         with self._autocast():
-            inputs, output = self.module(packet)
+            inputs, output = self.module.features(packet)
             if self.last:
                 return (self.module.logits(output).argmax(1) == packet.labels).sum()
         return self.module.next_packet(packet, inputs, output)

@@ -92,10 +92,15 @@ class LocalModule(nn.Module):
             features = features + encoder(source.detach())
         return features
 
-    def forward(self, packet: Packet) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, packet: Packet) -> tuple[torch.Tensor, torch.Tensor]:
         """(this module's input with context, its output h)."""
         inputs = self.assemble_input(packet)
         return inputs, self.body(inputs)
+
+    def forward(self, packet: Packet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input, output, local loss): the loss inside forward lets DDP see every parameter used."""
+        inputs, output = self.features(packet)
+        return inputs, output, self.local_loss(output, packet)
 
     def local_loss(self, output: torch.Tensor, packet: Packet) -> torch.Tensor:
         if self.last:

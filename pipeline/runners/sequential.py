@@ -2,6 +2,8 @@
 
 Module k trains on batch t with its weights after t-1 updates, on module k-1's output for
 batch t computed before module k-1's update t. The pipeline computes exactly this.
+``LocalLoop`` is also the body of the DDP baseline, which only changes how a batch is shared
+out, how counts are summed and who writes files.
 """
 
 from __future__ import annotations
@@ -23,12 +25,6 @@ from pipeline.runners.loop import EpochEnd, Position, TrainStep, events, total_s
 from pipeline.worker import ModuleWorker
 
 
-def build_workers(config: Config, train: BatchLoader, device: torch.device) -> tuple[list[int], list[ModuleWorker]]:
-    cuts = resolve_cuts(config, train.spec, device)
-    layout = make_layout(config, train.spec, cuts)
-    return cuts, [ModuleWorker(config, layout, index, device) for index in range(config.local.modules)]
-
-
 def resume_all(config: Config, workers: list[ModuleWorker], cuts: list[int]) -> Position:
     if not config.run.resume:
         return Position()
@@ -42,80 +38,124 @@ def resume_all(config: Config, workers: list[ModuleWorker], cuts: list[int]) -> 
     return positions.pop()
 
 
-def evaluate(workers: list[ModuleWorker], test: BatchLoader) -> float:
-    correct: torch.Tensor | int = 0
-    for images, labels in test.batches(epoch=0):
-        result: Any = Packet.from_batch(images, labels)
-        for worker in workers:
-            result = worker.eval_step(result)
-        correct = correct + result
-    return float(correct) / test.samples
+class LocalLoop:
+    """Trains every module of the config in this process, batch by batch."""
+
+    label = "sequential"
+
+    def __init__(self, config: Config, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
+        self.started = time.perf_counter()
+        self.config, self.device = config, device
+        self.rank, self.world_size = rank, world_size
+        self.train, self.test = make_loaders(config, device)
+        self.cuts = resolve_cuts(config, self.train.spec, device)
+        layout = make_layout(config, self.train.spec, self.cuts)
+        self.workers = [
+            ModuleWorker(config, layout, index, device, wrap=self.wrap) for index in range(config.local.modules)
+        ]
+        self.position = resume_all(config, self.workers, self.cuts)
+        self.stats = StageStats(rank=rank, module="all")
+
+    # ---- what the DDP baseline changes ----------------------------------------------------------
+
+    wrap = None  # no wrapper around the modules
+
+    def shard(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's part of a global batch: all of it."""
+        return images, labels
+
+    def total(self, count: torch.Tensor) -> torch.Tensor:
+        """A count summed over the processes of the run."""
+        return count
+
+    def gather_stages(self, stage: dict[str, Any]) -> list[dict[str, Any]]:
+        return [stage]
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any] | None:
+        config, modules = self.config, self.config.local.modules
+        writer = self.rank == 0
+        out_dir = config.run.out_dir
+        identity = checkpoint.identity_of(config, self.cuts)
+        log = MetricsLog(out_dir, rank=self.rank)
+        limits = (config.train.epochs, len(self.train), config.train.max_steps)
+        progress = Progress(self.label, self.position.step, total_steps(self.position, *limits), config.data.batch_size)
+        meter = LossMeter(list(range(modules)))
+        stats = self.stats
+        if writer:
+            say(f"[{self.label}] {modules} module(s), cuts after blocks {self.cuts}, {len(self.train)} "
+                f"batches/epoch on {self.device} x {self.world_size}")
+
+        accuracy, epochs_done, step, epoch = None, 0, self.position.step, 0
+        batches: Any = iter(())
+        epoch_started = time.perf_counter()
+        for event in events(self.position, *limits):
+            if isinstance(event, TrainStep):
+                if event.epoch != epoch:
+                    epoch, epoch_started = event.epoch, time.perf_counter()
+                    batches = self.train.batches(epoch, event.batch)
+                    for worker in self.workers:
+                        worker.start_epoch(epoch)
+                images, labels = next(batches)
+                stats.samples += len(labels)
+                images, labels = self.shard(images, labels)
+                tick = time.perf_counter()
+                packet: Packet | None = Packet.from_batch(images, labels)
+                for worker in self.workers:
+                    assert packet is not None
+                    packet, loss = worker.train_step(packet)
+                    meter.add(worker.index, loss)
+                stats.compute_s += time.perf_counter() - tick
+                meter.tick()
+                step = event.step
+                if step % config.run.log_every == 0:
+                    self._log_losses(log, progress, meter, epoch, step, writer)
+                continue
+            assert isinstance(event, EpochEnd)
+            if epoch == event.epoch:
+                stats.train_s += time.perf_counter() - epoch_started
+            if meter.count:
+                self._log_losses(log, progress, meter, event.epoch, step, writer)
+            accuracy = self.evaluate()
+            epochs_done = event.completed_epochs
+            if writer:
+                log.write(event="eval", module=modules - 1, epoch=event.epoch, step=step, test_accuracy=accuracy)
+                say(f"[{self.label}] epoch {event.epoch} step {step}: test accuracy {accuracy:.4f}")
+                for worker in self.workers:
+                    checkpoint.save(out_dir, worker, event.resume_at, identity)
+
+        stages = self.gather_stages(stats.report(self.device))
+        if not writer:
+            return None
+        return write_summary(
+            out_dir, config, world_size=self.world_size, cuts=self.cuts, steps=step, epochs_done=epochs_done,
+            test_accuracy=accuracy, train_samples=stats.samples, train_s=stats.train_s,
+            wall_s=time.perf_counter() - self.started, stages=stages,
+        )
+
+    def evaluate(self) -> float:
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        for images, labels in self.test.batches(epoch=0):
+            result: Any = Packet.from_batch(*self.shard(images, labels))
+            for worker in self.workers:
+                result = worker.eval_step(result)
+            correct += result
+        return float(self.total(correct)) / self.test.samples
+
+    def _log_losses(self, log: MetricsLog, progress: Progress, meter: LossMeter, epoch: int, step: int,
+                    writer: bool) -> None:
+        losses = meter.means(step)
+        text, rate = progress.line(epoch, step, losses)
+        if not writer:
+            return
+        say(text)
+        for worker, loss in zip(self.workers, losses):
+            log.write(event="train", module=worker.index, epoch=epoch, step=step, loss=loss, lr=worker.lr,
+                      samples_per_s=round(rate, 2))
 
 
 def run_sequential(config: Config) -> dict[str, Any]:
-    started = time.perf_counter()
-    device = resolve_device(config)
-    train, test = make_loaders(config, device)
-    cuts, workers = build_workers(config, train, device)
-    position = resume_all(config, workers, cuts)
-    out_dir, modules = config.run.out_dir, config.local.modules
-    identity = checkpoint.identity_of(config, cuts)
-    log = MetricsLog(out_dir, rank=0)
-    stats = StageStats(rank=0, module="all")
-    limits = (config.train.epochs, len(train), config.train.max_steps)
-    progress = Progress(config.run.mode, position.step, total_steps(position, *limits), config.data.batch_size)
-    meter = LossMeter(modules)
-    say(f"[sequential] {modules} module(s), cuts after blocks {cuts}, {len(train)} batches/epoch on {device}")
-
-    accuracy, epochs_done, step, epoch = None, 0, position.step, 0
-    batches = iter(())
-    epoch_started = time.perf_counter()
-    for event in events(position, *limits):
-        if isinstance(event, TrainStep):
-            if event.epoch != epoch:
-                epoch, epoch_started = event.epoch, time.perf_counter()
-                batches = train.batches(epoch, event.batch)
-                for worker in workers:
-                    worker.start_epoch(epoch)
-            images, labels = next(batches)
-            tick = time.perf_counter()
-            packet: Packet | None = Packet.from_batch(images, labels)
-            for worker in workers:
-                assert packet is not None
-                packet, loss = worker.train_step(packet)
-                meter.add(worker.index, loss)
-            stats.compute_s += time.perf_counter() - tick
-            stats.samples += len(labels)
-            meter.tick()
-            step = event.step
-            if step % config.run.log_every == 0:
-                _log_losses(log, progress, meter, workers, epoch, step)
-            continue
-        assert isinstance(event, EpochEnd)
-        if epoch == event.epoch:
-            stats.train_s += time.perf_counter() - epoch_started
-        if meter.count:
-            _log_losses(log, progress, meter, workers, event.epoch, step)
-        accuracy = evaluate(workers, test)
-        epochs_done = event.completed_epochs
-        log.write(event="eval", module=modules - 1, epoch=event.epoch, step=step, test_accuracy=accuracy)
-        say(f"[sequential] epoch {event.epoch} step {step}: test accuracy {accuracy:.4f}")
-        for worker in workers:
-            checkpoint.save(out_dir, worker, event.resume_at, identity)
-
-    stage = stats.report(device)
-    return write_summary(
-        out_dir, config, world_size=1, cuts=cuts, steps=step, epochs_done=epochs_done,
-        test_accuracy=accuracy, train_samples=stats.samples, train_s=stats.train_s,
-        wall_s=time.perf_counter() - started, stages=[stage],
-    )
-
-
-def _log_losses(log: MetricsLog, progress: Progress, meter: LossMeter, workers: list[ModuleWorker],
-                epoch: int, step: int) -> None:
-    losses = meter.means()
-    text, rate = progress.line(epoch, step, losses)
-    say(text)
-    for worker, loss in zip(workers, losses):
-        log.write(event="train", module=worker.index, epoch=epoch, step=step, loss=loss, lr=worker.lr,
-                  samples_per_s=round(rate, 2))
+    summary = LocalLoop(config, resolve_device(config)).run()
+    assert summary is not None
+    return summary

@@ -97,7 +97,7 @@ class Stage:
         )
 
         self.stats = StageStats(rank=self.rank, module=self.rank)
-        self.meter = LossMeter(1)
+        self.meter = LossMeter([self.rank])
         self.log = MetricsLog(config.run.out_dir, self.rank)
         limits = (config.train.epochs, self.batches_per_epoch, config.train.max_steps)
         self.limits = limits
@@ -234,9 +234,7 @@ class Stage:
         return Packet.from_tensors(tensors, has_image)
 
     def _log_losses(self) -> None:
-        (loss,) = self.meter.means()
-        if loss != loss or loss in (float("inf"), float("-inf")):
-            raise StageFailure(f"module {self.rank}'s loss is {loss} at step {self.step}; lower train.lr or check the data")
+        (loss,) = self.meter.means(self.step)
         text, rate = self.progress.line(self._epoch_of(), self.step, [loss])
         say(text)
         self.log.write(event="train", module=self.rank, epoch=self._epoch_of(), step=self.step, loss=loss,
