@@ -51,6 +51,12 @@ class StageStats:
     samples: int = 0
     started: float = field(default_factory=time.perf_counter)
     train_s: float = 0.0  # wall time spent in training epochs (evaluation excluded)
+    logged_compute_s: float = 0.0
+
+    def window_compute_s(self) -> float:
+        """Compute seconds since the previous call: one timed window's worth."""
+        window, self.logged_compute_s = self.compute_s - self.logged_compute_s, self.compute_s
+        return round(window, 5)
 
     def report(self, device: torch.device) -> dict[str, Any]:
         wall = max(self.train_s, 1e-9)
@@ -118,6 +124,10 @@ class Progress:
         self.batch_size = batch_size
         self.mark_step = first_step
         self.mark_time = time.perf_counter()
+
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent outside training (evaluation, checkpoints) out of the next rate."""
+        self.mark_time += seconds
 
     def line(self, epoch: int, step: int, losses: list[float]) -> tuple[str, float]:
         now = time.perf_counter()

@@ -219,7 +219,9 @@ def _order(method: str) -> tuple[int, str]:
 
 
 def render(table: str, rows: list[Row], metric: str) -> str:
-    published = PUBLISHED.get(table, {})
+    # The published figures are in the table's own metric; another metric has none to compare.
+    native = TABLE_METRIC.get(table, "error")
+    published = PUBLISHED.get(table, {}) if metric == native else {}
     columns = sorted({row.modules for row in rows})
     methods = sorted({row.method for row in rows}, key=_order)
     cells = {(row.method, row.modules): row for row in rows}
@@ -262,8 +264,10 @@ def _parser() -> ArgumentParser:
                             description="Compare measured runs with REFERENCE.md's published tables.")
     commands = parser.add_subparsers(dest="command", required=True)
     collect_cmd = commands.add_parser("collect", help="write the Markdown table of one table folder's runs")
-    collect_cmd.add_argument("table_dir", metavar="TABLE_DIR", help="folder of row configs, e.g. configs/published/cifar10_resnet32")
-    collect_cmd.add_argument("runs_dir", metavar="RUNS_DIR", help="folder holding the rows' outputs (searched for summary.json)")
+    collect_cmd.add_argument("table_dir", metavar="TABLE_DIR",
+                             help="folder of row configs, e.g. configs/published/cifar10_resnet32")
+    collect_cmd.add_argument("runs_dir", metavar="RUNS_DIR",
+                             help="folder holding the rows' outputs (searched for summary.json)")
     collect_cmd.add_argument("--out", metavar="FILE", help="write the table here as well as to stdout")
     collect_cmd.add_argument("--metric", choices=("auto", "error", "memory"), default="auto",
                              help="what the cells show (auto: memory for memory_* tables, else test error)")

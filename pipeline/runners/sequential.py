@@ -113,6 +113,7 @@ class LocalLoop:
                     self._log_losses(log, progress, meter, epoch, step, writer)
                 continue
             assert isinstance(event, EpochEnd)
+            paused = time.perf_counter()
             if epoch == event.epoch:
                 stats.train_s += time.perf_counter() - epoch_started
             if meter.count:
@@ -124,6 +125,7 @@ class LocalLoop:
                 say(f"[{self.label}] epoch {event.epoch} step {step}: test accuracy {accuracy:.4f}")
                 for worker in self.workers:
                     checkpoint.save(out_dir, worker, event.resume_at, identity)
+            progress.exclude(time.perf_counter() - paused)
 
         stages = self.gather_stages(stats.report(self.device))
         if not writer:
@@ -147,12 +149,13 @@ class LocalLoop:
                     writer: bool) -> None:
         losses = meter.means(step)
         text, rate = progress.line(epoch, step, losses)
+        compute = self.stats.window_compute_s()
         if not writer:
             return
         say(text)
         for worker, loss in zip(self.workers, losses):
             log.write(event="train", module=worker.index, epoch=epoch, step=step, loss=loss, lr=worker.lr,
-                      samples_per_s=round(rate, 2))
+                      samples_per_s=round(rate, 2), window_compute_s=compute)
 
 
 def run_sequential(config: Config) -> dict[str, Any]:

@@ -150,9 +150,11 @@ class Stage:
                 images, labels = next(batches)
                 self._train(Packet.from_batch(images, labels), waited=0.0)
                 continue
+            paused = time.perf_counter()
             for images, labels in test.batches(epoch=0):
                 self._eval(Packet.from_batch(images, labels))
             self._end_epoch(event)
+            self.progress.exclude(time.perf_counter() - paused)
         self._forward(Kind.STOP, [])
 
     def _serve(self) -> None:
@@ -162,13 +164,16 @@ class Stage:
             message, waited = self.inbox.get()
             if message.kind == Kind.TRAIN:
                 self._train(self._packet(message.tensors, has_image), waited)
-            elif message.kind == Kind.EVAL:
+                continue
+            paused = time.perf_counter() - waited
+            if message.kind == Kind.EVAL:
                 self._eval(self._packet(message.tensors, has_image))
             elif message.kind == Kind.END_EPOCH:
                 self._end_epoch(EpochEnd.decode(message.tensors[0].tolist()))
             else:
                 self._forward(Kind.STOP, [])
                 return
+            self.progress.exclude(time.perf_counter() - paused)
 
     # ---- what each message does --------------------------------------------------------------
 
@@ -238,7 +243,7 @@ class Stage:
         text, rate = self.progress.line(self._epoch_of(), self.step, [loss])
         say(text)
         self.log.write(event="train", module=self.rank, epoch=self._epoch_of(), step=self.step, loss=loss,
-                       lr=self.worker.lr, samples_per_s=round(rate, 2))
+                       lr=self.worker.lr, samples_per_s=round(rate, 2), window_compute_s=self.stats.window_compute_s())
 
     def _epoch_of(self) -> int:
         return (self.step - 1) // max(self.batches_per_epoch, 1) + 1

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import load_module_state, max_state_difference, tiny_config, torchrun
+from distributed_helpers import load_module_state, max_state_difference, tiny_config, torchrun
 from pipeline.data.loader import make_loaders
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.packet import Packet

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import load_module_state, max_state_difference, tiny_config, torchrun, torchrun_command, _env
+from distributed_helpers import load_module_state, max_state_difference, tiny_config, torchrun, torchrun_command, _env
 from pipeline.runners.sequential import run_sequential
 
 STEPS = 12

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Several nodes: start this script once on every node; torchrun's c10d rendezvous joins them.
+set -euo pipefail
+
+usage() {
+    cat <<'USAGE'
+usage: NNODES=N NODE_RANK=R MASTER_ADDR=HOST [MASTER_PORT=29500] [NPROC=P] [RDZV_ID=ID] \
+       launch/multi_node.sh [--dry-run] [--mode pipeline|ddp] CONFIG [TRAIN ARGS...]
+
+Run it on each of the NNODES nodes (same CONFIG, same TRAIN ARGS, NODE_RANK 0..NNODES-1):
+  torchrun --nnodes NNODES --node-rank NODE_RANK --nproc-per-node NPROC \
+           --rdzv-backend c10d --rdzv-endpoint MASTER_ADDR:MASTER_PORT --rdzv-id RDZV_ID \
+           -m pipeline.train --config CONFIG --set run.mode=pipeline [TRAIN ARGS...]
+
+  NNODES, NODE_RANK, MASTER_ADDR   required (MASTER_ADDR: a host every node reaches; it hosts the rendezvous).
+  NPROC    processes per node; pipeline default: local.modules / NNODES (must divide evenly).
+  RDZV_ID  the job's rendezvous id, the same on every node (default: localpipe-<config name>).
+  --mode   pipeline (one process per module, default) or ddp (end-to-end baseline; NPROC required).
+  --dry-run  print the command and exit.
+USAGE
+}
+
+# shellcheck source=SCRIPTDIR/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+mode=pipeline
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        -h | --help) usage; exit 0 ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        --mode) [[ $# -ge 2 ]] || die "--mode needs a value"; mode=$2; shift 2 ;;
+        --) shift; break ;;
+        -*) usage >&2; die "unknown option $1" ;;
+        *) break ;;
+    esac
+done
+[[ $# -ge 1 ]] || { usage >&2; die "missing CONFIG"; }
+config=$1
+shift
+
+nnodes=${NNODES:-}
+node_rank=${NODE_RANK:-}
+master_addr=${MASTER_ADDR:-}
+master_port=${MASTER_PORT:-29500}
+nproc=${NPROC:-}
+[[ -n ${nnodes} ]] || { usage >&2; die "set NNODES (the number of nodes)"; }
+[[ -n ${node_rank} ]] || { usage >&2; die "set NODE_RANK (0 .. NNODES-1, this node's index)"; }
+[[ -n ${master_addr} ]] || { usage >&2; die "set MASTER_ADDR (the host of the rendezvous, e.g. node 0)"; }
+require_int NNODES "${nnodes}"
+[[ ${node_rank} =~ ^[0-9]+$ && ${node_rank} -lt ${nnodes} ]] ||
+    die "NODE_RANK must be 0 .. $((nnodes - 1)) (got '${node_rank}')"
+require_int MASTER_PORT "${master_port}"
+
+case ${mode} in
+    pipeline)
+        modules=$(config_modules "${config}" "$@")
+        if [[ -z ${nproc} ]]; then
+            ((modules % nnodes == 0)) ||
+                die "local.modules = ${modules} does not split evenly over NNODES=${nnodes}; set NPROC per node"
+            nproc=$((modules / nnodes))
+        fi
+        require_int NPROC "${nproc}"
+        ((nproc * nnodes == modules)) ||
+            die "pipeline mode runs one process per module: NPROC x NNODES = $((nproc * nnodes)) but local.modules = ${modules}"
+        ;;
+    ddp) [[ -n ${nproc} ]] || die "--mode ddp needs NPROC (processes per node)" ;;
+    *) die "--mode must be pipeline or ddp (got '${mode}')" ;;
+esac
+require_int NPROC "${nproc}"
+config_name=$(basename "${config}" .toml)
+rdzv_id=${RDZV_ID:-localpipe-${config_name}}
+
+show_and_run "${TORCHRUN}" --nnodes "${nnodes}" --node-rank "${node_rank}" --nproc-per-node "${nproc}" \
+    --rdzv-backend c10d --rdzv-endpoint "${master_addr}:${master_port}" --rdzv-id "${rdzv_id}" \
+    -m pipeline.train --config "${config}" --set "run.mode=${mode}" "$@"

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Runs every row of one table (a folder of row configs) in sequence, then collects the results
+# next to the published figures with python -m pipeline.reproduce collect.
+set -euo pipefail
+
+usage() {
+    cat <<'USAGE'
+usage: launch/reproduce.sh [--dry-run] [--mode auto|sequential|pipeline] [--runs-dir DIR] [--skip-done]
+                           TABLE [TRAIN ARGS...]
+
+TABLE   a folder of row configs (configs/published/cifar10_resnet32, configs/fashion_mnist) or its
+        name (cifar10_resnet32, fashion_mnist): see configs/published/ for the tables.
+For each row, in table order:
+  K >= 2 and >= K GPUs here (or --mode pipeline):
+    torchrun --standalone --nproc-per-node K -m pipeline.train --config ROW --set run.mode=pipeline \
+             --set run.out_dir=RUNS/ROW_NAME [TRAIN ARGS...]
+  otherwise (or --mode sequential):
+    python -m pipeline.train --config ROW --set run.mode=sequential --set run.out_dir=RUNS/ROW_NAME [TRAIN ARGS...]
+then:
+  python -m pipeline.reproduce collect TABLE RUNS --out RUNS/results.md
+
+  --runs-dir DIR  where the rows write (default: runs/<TABLE's path below configs/>).
+  --skip-done     skip rows whose RUNS/ROW_NAME/summary.json exists (to continue an interrupted table).
+  --dry-run       print every command and exit.
+GPUS=N overrides the GPU count (default: what nvidia-smi lists). A failing row stops the table.
+TRAIN ARGS go to every row, e.g. --set train.epochs=1 for a smoke run (marked † in the table).
+USAGE
+}
+
+# shellcheck source=SCRIPTDIR/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+mode=auto
+runs_dir=""
+skip_done=0
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        -h | --help) usage; exit 0 ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        --mode) [[ $# -ge 2 ]] || die "--mode needs a value"; mode=$2; shift 2 ;;
+        --runs-dir) [[ $# -ge 2 ]] || die "--runs-dir needs a value"; runs_dir=$2; shift 2 ;;
+        --skip-done) skip_done=1; shift ;;
+        --) shift; break ;;
+        -*) usage >&2; die "unknown option $1" ;;
+        *) break ;;
+    esac
+done
+[[ $# -ge 1 ]] || { usage >&2; die "missing TABLE"; }
+table=$1
+shift
+case ${mode} in auto | sequential | pipeline) ;; *) die "--mode must be auto, sequential or pipeline (got '${mode}')" ;; esac
+
+# TABLE as given, else a name under configs/published/ or configs/.
+table_dir=""
+for candidate in "${table}" "configs/published/${table}" "configs/${table}" \
+    "${REPO_ROOT}/configs/published/${table}" "${REPO_ROOT}/configs/${table}"; do
+    if [[ -d ${candidate} ]]; then
+        table_dir=${candidate%/}
+        break
+    fi
+done
+if [[ -z ${table_dir} ]]; then
+    available=$(cd "${REPO_ROOT}/configs/published" && find . -mindepth 1 -maxdepth 1 -type d -printf '%f\n' | sort | tr '\n' ' ')
+    die "no table '${table}'; pass a folder of row configs or one of: ${available}fashion_mnist"
+fi
+if [[ -z ${runs_dir} ]]; then
+    table_abs=$(cd "${table_dir}" && pwd)
+    case ${table_abs} in
+        "${REPO_ROOT}"/configs/*) runs_dir=runs/${table_abs#"${REPO_ROOT}"/configs/} ;;
+        *) runs_dir=runs/$(basename "${table_abs}") ;;
+    esac
+fi
+
+if [[ -n ${GPUS:-} ]]; then
+    gpus=${GPUS}
+elif command -v nvidia-smi >/dev/null 2>&1; then
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+else
+    gpus=0
+fi
+[[ ${gpus} =~ ^[0-9]+$ ]] || die "GPUS must be a whole number (got '${gpus}')"
+
+rows_text=$("${PYTHON}" -m pipeline.reproduce rows "${table_dir}")
+mapfile -t rows <<<"${rows_text}"
+echo "# ${table_dir}: ${#rows[@]} rows, ${gpus} GPU(s), outputs in ${runs_dir}/"
+
+for line in "${rows[@]}"; do
+    IFS=$'\t' read -r name modules config <<<"${line}"
+    out_dir=${runs_dir}/${name}
+    if [[ ${skip_done} == 1 && -f ${out_dir}/summary.json ]]; then
+        echo "# ${name}: ${out_dir}/summary.json exists, skipped"
+        continue
+    fi
+    if [[ ${modules} -ge 2 && (${mode} == pipeline || (${mode} == auto && ${gpus} -ge ${modules})) ]]; then
+        show_and_run "${TORCHRUN}" --standalone --nproc-per-node "${modules}" -m pipeline.train \
+            --config "${config}" --set run.mode=pipeline --set "run.out_dir=${out_dir}" "$@"
+    else
+        show_and_run "${PYTHON}" -m pipeline.train --config "${config}" --set run.mode=sequential \
+            --set "run.out_dir=${out_dir}" "$@"
+    fi
+done
+
+show_and_run "${PYTHON}" -m pipeline.reproduce collect "${table_dir}" "${runs_dir}" --out "${runs_dir}/results.md"

@@ -1,0 +1,141 @@
+"""Balanced partitions: measure each block (and what a cut there adds), then cut min-max.
+
+balanced-time measures forward + backward seconds on the training device at the training
+batch size; balanced-memory counts the bytes each block saves for backward (its activation
+memory), which is exact and needs no timing. A cut after block i adds the auxiliary head (and
+decoder) on block i's output; a module starting at block a adds its context encoders.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.data.specs import DatasetSpec
+from pipeline.metrics import say
+from pipeline.model.context import ImageEncoder, InputEncoder
+from pipeline.model.decoder import Decoder
+from pipeline.model.heads import build_aux_head
+from pipeline.model.partition import min_max_cuts
+from pipeline.model.resnet import BlockShape, CifarResNet
+
+
+def saved_activation_bytes(run: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward while ``run`` executes."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(storages.values())
+
+
+def step_seconds(run: Callable[[], torch.Tensor], device: torch.device, repeats: int = 3) -> float:
+    """Median seconds of forward + backward of ``run`` after one warm-up."""
+    samples = []
+    for attempt in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        run().float().sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if attempt:
+            samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+class _CostModel:
+    def __init__(self, config: Config, spec: DatasetSpec, device: torch.device) -> None:
+        self.config, self.device = config, device
+        self.batch = config.data.batch_size
+        self.net = CifarResNet(config.model.blocks_per_stage, spec.channels, spec.image_size)
+        self.spec = spec
+        self.measure_time = config.local.partition == "balanced-time"
+        memory = torch.channels_last if config.precision.channels_last else torch.contiguous_format
+        self.memory_format = memory
+
+    def _input(self, shape: BlockShape) -> torch.Tensor:
+        tensor = torch.randn(self.batch, shape.channels, shape.size, shape.size, device=self.device)
+        return tensor.contiguous(memory_format=self.memory_format)
+
+    def cost(self, layers: nn.Module, shape: BlockShape) -> float:
+        layers = layers.to(self.device, memory_format=self.memory_format).train()
+        inputs = self._input(shape)
+        if self.measure_time:
+            return step_seconds(lambda: layers(inputs), self.device)
+        return float(saved_activation_bytes(lambda: layers(inputs)))
+
+    def _input_bytes(self, shape: BlockShape) -> float:
+        return 0.0 if self.measure_time else float(self.batch * shape.channels * shape.size**2 * 4)
+
+    def block(self, index: int) -> float:
+        """A block's own cost; in memory, without its input (the block before already keeps it)."""
+        shape = self.net.shape(index - 1)
+        return self.cost(self.net.build(index), shape) - self._input_bytes(shape)
+
+    def cut(self, index: int) -> float:
+        """The head (and decoder) a module ending at block ``index`` carries."""
+        local, shape = self.config.local, self.net.shape(index)
+        out = self.spec.classes if local.loss == "softmax" else local.aux_feature_dim
+        total = self.cost(build_aux_head(local.aux, shape.channels, out, local.aux_widen, local.aux_feature_dim), shape)
+        if local.reconstruct:
+            decoder = Decoder(shape.channels, self.spec.channels, self.spec.image_size, local.aux_widen)
+            total += self.cost(decoder, shape)
+        return total
+
+    def encoders(self, start: int) -> float:
+        """The received input and context encoders of a module starting at ``start`` (full register)."""
+        local, target = self.config.local, self.net.shape(start - 1)
+        total = self._input_bytes(target)  # a module keeps the input it received
+        if local.context_image:
+            image = self.net.shape(-1)
+            total += self.cost(ImageEncoder(image.channels, target, local.aux_widen), image)
+        if local.context_depth:
+            source = self.net.shape(max(start - 2, -1))
+            total += local.context_depth * self.cost(InputEncoder(source.channels, target), source)
+        return total
+
+
+def balanced_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> list[int]:
+    model = _CostModel(config, spec, device)
+    blocks = len(model.net)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        block_cost = [model.block(index) for index in range(blocks)]
+        cut_cost = [model.cut(index) for index in range(blocks)]
+        input_cost = [model.encoders(start) if start else 0.0 for start in range(blocks)]
+    cuts = min_max_cuts(block_cost, cut_cost, config.local.modules, input_cost)
+    unit = "s" if model.measure_time else "bytes"
+    say(f"[partition] {config.local.partition}: per-block cost ({unit}) "
+        f"{[round(c, 4) if model.measure_time else int(c) for c in block_cost]} -> cuts after blocks {cuts}")
+    return cuts
+
+
+def module_activation_bytes(config: Config, spec: DatasetSpec, cuts: list[int], batch: int) -> list[int]:
+    """Activation memory of each module's training step (body, encoders, head, decoder) at ``batch``."""
+    from pipeline.model.network import build_module, make_layout  # network imports this module lazily
+    from pipeline.packet import Packet
+
+    layout = make_layout(config, spec, cuts)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, spec.channels, spec.image_size, spec.image_size, generator=generator)
+    packet: Packet | None = Packet.from_batch(images, torch.randint(0, spec.classes, (batch,), generator=generator))
+    sizes = []
+    for index in range(config.local.modules):
+        module = build_module(config, layout, index, torch.device("cpu")).train()
+        assert packet is not None
+        current = packet
+        outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        sizes.append(saved_activation_bytes(lambda: outputs.append(module(current)) or outputs[-1][2]))
+        inputs, output, _ = outputs[-1]
+        packet = None if module.last else module.next_packet(current, inputs, output)
+    return sizes

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny synthetic configs, layouts and module chains.
+
+Everything here is sized for a shared 2-core machine: resnet8/resnet14 by default, batches of
+8, a few steps, one intra-op thread.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.data.specs import dataset_spec  # noqa: E402
+from pipeline.model.network import build_module, make_layout, resolve_cuts  # noqa: E402
+from pipeline.packet import Packet  # noqa: E402
+
+torch.set_num_threads(1)
+
+CPU = torch.device("cpu")
+
+# The smallest run that exercises the whole core: synthetic data, resnet8, batch 8, 3 steps.
+TINY = (
+    "data.name=synthetic",
+    "model.arch=resnet8",
+    "data.batch_size=8",
+    "run.device=cpu",
+    "run.log_every=1",
+    "train.max_steps=3",
+)
+
+
+def tiny_config(*overrides: str, out_dir: str | Path | None = None) -> Config:
+    items = list(TINY)
+    if out_dir is not None:
+        items.append(f"run.out_dir='{out_dir}'")
+    return load_config(None, [*items, *overrides])
+
+
+@pytest.fixture(scope="session")
+def config_builder():
+    """tiny_config itself, for fixtures wider than one test (they cannot use tmp_path)."""
+    return tiny_config
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """make_config('local.modules=2', ...) -> a validated tiny synthetic Config."""
+
+    def build(*overrides: str, out_dir: str | Path | None = None) -> Config:
+        return tiny_config(*overrides, out_dir=out_dir if out_dir is not None else tmp_path / "run")
+
+    return build
+
+
+@pytest.fixture
+def build_modules():
+    """config -> (spec, cuts, layout, [LocalModule k built from seed run.seed + k])."""
+
+    def build(config: Config):
+        spec = dataset_spec(config)
+        cuts = resolve_cuts(config, spec, CPU)
+        layout = make_layout(config, spec, cuts)
+        modules = [build_module(config, layout, index, CPU) for index in range(config.local.modules)]
+        return spec, cuts, layout, modules
+
+    return build
+
+
+@pytest.fixture
+def image_batch():
+    """(spec, batch size, seed) -> (normalised-looking images, labels) with every class present twice."""
+
+    def build(spec, batch: int = 4, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        images = torch.randn(batch, spec.channels, spec.image_size, spec.image_size, generator=generator)
+        labels = torch.arange(batch) % max(1, batch // 2)
+        return images, labels
+
+    return build
+
+
+@pytest.fixture
+def run_chain():
+    """Push one batch through modules 0..K-1 in eval mode, recording what each one saw.
+
+    Returns a list of dicts per module: packet (what it received), inputs (its input with
+    context added), output (h), aux (head output), and the packet it produced (None on the last).
+    """
+
+    @torch.no_grad()
+    def run(modules, images, labels):
+        records = []
+        packet = Packet.from_batch(images, labels)
+        for module in modules:
+            module.eval()
+            inputs, output = module.features(packet)
+            produced = None if module.last else module.next_packet(packet, inputs, output)
+            records.append({"packet": packet, "inputs": inputs, "output": output,
+                            "aux": module.head(output), "produced": produced})
+            packet = produced
+        return records
+
+    return run

@@ -1,0 +1,270 @@
+"""pipeline.model.local_module / context: shapes for every K and context, the packets between
+modules, gradient isolation and the (ixx, ixy) interpolation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.data.loader import denormalise
+from pipeline.model.context import ContextPlan, ImageEncoder, InputEncoder
+from pipeline.model.decoder import Decoder
+from pipeline.model.local_module import loss_weights
+from pipeline.model.partition import equal_cuts, even_cuts, module_ranges
+from pipeline.model.resnet import Classifier
+from pipeline.packet import Packet
+
+CONTEXTS = ("R0", "E", "R1", "R1E", "R2", "R2E")
+
+
+def valid(modules: int, context: str) -> bool:
+    """K = 1 trains end to end (R0 only); Rn needs n < K."""
+    if modules == 1:
+        return context == "R0"
+    return not context.startswith("R") or int(context[1]) < modules
+
+
+RESNET32_CASES = [(k, c) for k in (1, 2, 3, 4, 8, 16) for c in CONTEXTS if valid(k, c)]
+OTHER_DEPTH_CASES = [(arch, k, c) for arch, blocks, contexts in (("resnet8", 4, ("R0", "R1E", "R2")),
+                                                                   ("resnet14", 7, ("R0", "E", "R1", "R2E")))
+                     for k in range(1, blocks + 1) for c in contexts if valid(k, c)]
+
+
+def block_shape(flat: int, n: int, image_channels: int = 3) -> tuple[int, int]:
+    """(channels, side) after flat block ``flat`` of a 32x32 CIFAR ResNet; -1 is the image."""
+    if flat < 0:
+        return image_channels, 32
+    if flat == 0:
+        return 16, 32
+    stage = (flat - 1) // n
+    return (16, 32, 64)[stage], 32 >> stage
+
+
+def expected_sources(module: int, depth: int, image: bool) -> list[int]:
+    sources = []
+    for distance in range(1, depth + 1):
+        source = module - distance
+        if source < 0 or (image and source == 0):
+            continue
+        sources.append(source)
+    return sources
+
+
+def check_chain(config, cuts, layout, modules, records, images, labels):
+    """Every module's shapes and every packet's contents, against independent expectations."""
+    n = config.model.blocks_per_stage
+    K = config.local.modules
+    channels = layout.spec.channels
+    depth, with_image = config.local.context_depth, config.local.context_image
+    ranges = module_ranges(cuts, 1 + 3 * n)
+    assert layout.ranges == ranges
+    assert len(modules) == len(records) == K
+    batch = images.shape[0]
+    module_inputs = []
+    for index, (module, record) in enumerate(zip(modules, records)):
+        start, end = ranges[index]
+        in_channels, in_side = block_shape(start - 1, n, channels)
+        out_channels, out_side = block_shape(end - 1, n)
+        packet = record["packet"]
+        assert len(module.body) == end - start
+        assert tuple(packet.features.shape) == (batch, in_channels, in_side, in_side)
+        assert tuple(record["inputs"].shape) == (batch, in_channels, in_side, in_side)
+        assert tuple(record["output"].shape) == (batch, out_channels, out_side, out_side)
+        assert torch.equal(packet.labels, labels)
+        module_inputs.append(record["inputs"])
+        if index == 0:
+            assert torch.equal(record["inputs"], images)  # module 0 adds nothing to the image
+
+        # what this module adds
+        assert (module.image_encoder is not None) == (with_image and index >= 1)
+        sources = expected_sources(index, depth, with_image)
+        assert layout.plan.register_sources(index) == sources
+        assert len(module.input_encoders) == len(sources)
+        for encoder, source in zip(module.input_encoders, sources):
+            assert isinstance(encoder, InputEncoder)
+            assert encoder.layers[0].in_channels == block_shape(ranges[source][0] - 1, n, channels)[0]
+            assert encoder.layers[0].out_channels == in_channels and encoder.size == in_side
+        if module.image_encoder is not None:
+            assert isinstance(module.image_encoder, ImageEncoder)
+            assert module.image_encoder.layers[3].out_channels == in_channels
+
+        # what it received: the register holds exactly the inputs of its source modules
+        if index >= 1:
+            assert len(packet.register) == len(sources)
+            for tensor, source in zip(packet.register, sources):
+                assert torch.equal(tensor, module_inputs[source])
+            assert (packet.image is not None) == layout.plan.carries_image(index)
+            if with_image or (config.local.reconstruct and index <= K - 2):
+                assert packet.image is not None and torch.equal(packet.image, images)
+            assert torch.equal(packet.features, records[index - 1]["output"])
+
+        # its head and what it sends
+        if module.last:
+            assert isinstance(module.head, Classifier)
+            assert record["aux"].shape == (batch, layout.spec.classes)
+            assert record["produced"] is None
+            with torch.no_grad():
+                assert module.logits(record["output"]).shape == (batch, layout.spec.classes)
+        else:
+            out = layout.spec.classes if config.local.loss == "softmax" else config.local.aux_feature_dim
+            assert record["aux"].shape == (batch, out)
+            produced = record["produced"]
+            assert produced is not None
+            assert torch.equal(produced.features, record["output"])
+            assert not produced.features.requires_grad
+            assert len(produced.register) == len(expected_sources(index + 1, depth, with_image))
+            assert (module.decoder is not None) == config.local.reconstruct
+            if module.decoder is not None:
+                with torch.no_grad():
+                    assert module.decoder(record["output"]).shape == images.shape
+
+
+@pytest.mark.parametrize("modules, context", RESNET32_CASES, ids=[f"K{k}-{c}" for k, c in RESNET32_CASES])
+def test_resnet32_every_K_and_context(modules, context, make_config, build_modules, image_batch, run_chain):
+    config = make_config("model.arch=resnet32", f"local.modules={modules}", f"local.context={context}")
+    spec, cuts, layout, built = build_modules(config)
+    assert cuts == equal_cuts(5, modules)  # the published tables
+    images, labels = image_batch(spec, batch=2)
+    check_chain(config, cuts, layout, built, run_chain(built, images, labels), images, labels)
+
+
+@pytest.mark.parametrize("arch, modules, context", OTHER_DEPTH_CASES)
+def test_other_depths_even_split(arch, modules, context, make_config, build_modules, image_batch, run_chain):
+    config = make_config(f"model.arch={arch}", f"local.modules={modules}", f"local.context={context}")
+    spec, cuts, layout, built = build_modules(config)
+    assert cuts == even_cuts(1 + 3 * config.model.blocks_per_stage, modules)
+    images, labels = image_batch(spec, batch=2)
+    check_chain(config, cuts, layout, built, run_chain(built, images, labels), images, labels)
+
+
+@pytest.mark.parametrize("context", ["R0", "R1E", "R2"])
+def test_reconstruction_contrast_and_single_channel(context, make_config, build_modules, image_batch, run_chain):
+    config = make_config("model.arch=resnet14", "local.modules=4", f"local.context={context}",
+                         "local.reconstruct=true", "local.loss=contrast", "local.aux_feature_dim=16",
+                         "model.in_channels=1", "model.classes=5", "local.aux=2c2f")
+    spec, cuts, layout, built = build_modules(config)
+    assert spec.channels == 1 and spec.classes == 5
+    images, labels = image_batch(spec, batch=2)
+    check_chain(config, cuts, layout, built, run_chain(built, images, labels), images, labels)
+    assert all(isinstance(m.decoder, Decoder) for m in built[:-1]) and built[-1].decoder is None
+
+
+def test_context_plan_by_hand():
+    plan = ContextPlan(modules=4, depth=2, image=False, reconstruct=False)
+    assert [plan.register_sources(k) for k in range(4)] == [[], [0], [1, 0], [2, 1]]
+    assert not any(plan.carries_image(k) for k in range(1, 4))  # R2 sends the image as register, not as image
+    plan = ContextPlan(modules=4, depth=2, image=True, reconstruct=False)
+    assert [plan.register_sources(k) for k in range(4)] == [[], [], [1], [2, 1]]
+    assert all(plan.carries_image(k) for k in range(1, 4))
+    plan = ContextPlan(modules=4, depth=0, image=False, reconstruct=True)
+    # decoders on modules 0..2 need the image: it travels to module 2, never to the last module
+    assert [plan.carries_image(k) for k in range(1, 4)] == [True, True, False]
+    assert [plan.needs_image(k) for k in range(4)] == [True, True, True, False]
+    plan = ContextPlan(modules=3, depth=1, image=False, reconstruct=False)
+    assert [plan.register_sources(k) for k in range(3)] == [[], [0], [1]]
+
+
+# ---- gradient isolation ----------------------------------------------------------------------------
+
+
+def leaf(tensor):
+    return tensor.clone().requires_grad_(True)
+
+
+@pytest.mark.parametrize("context", ["R0", "E", "R1", "R1E", "R2E"])
+def test_local_loss_never_reaches_the_senders_tensors(context, make_config, build_modules, image_batch, run_chain):
+    config = make_config("model.arch=resnet14", "local.modules=4", f"local.context={context}",
+                         "local.reconstruct=true")
+    spec, cuts, layout, built = build_modules(config)
+    images, labels = image_batch(spec, batch=4)
+    records = run_chain(built, images, labels)
+    for index, (module, record) in enumerate(zip(built, records)):
+        received = record["packet"]
+        # the sender's tensors, as leaves that would collect any gradient flowing back into them
+        sent = Packet(received.labels, leaf(received.features),
+                      None if received.image is None else leaf(received.image),
+                      [leaf(t) for t in received.register])
+        module.train()
+        module.zero_grad(set_to_none=True)
+        inputs, output, loss = module(sent)  # forward = features + local loss
+        loss.backward()
+        assert sent.features.grad is None
+        assert sent.image is None or sent.image.grad is None
+        assert all(t.grad is None for t in sent.register)
+        # ... while everything of this module that its loss uses was trained
+        missing = [name for name, p in module.named_parameters() if p.grad is None]
+        assert missing == [], f"module {index}: no gradient for {missing}"
+        assert all(m.grad is None for other in built if other is not module for m in other.parameters())
+        module.zero_grad(set_to_none=True)
+        produced = None if module.last else module.next_packet(sent, inputs, output)
+        if produced is not None:
+            assert not produced.features.requires_grad and produced.features.grad_fn is None
+            for tensor in produced.register:  # new entries are detached; older ones are passed on as received
+                assert any(tensor is old for old in sent.register) or (
+                    not tensor.requires_grad and tensor.grad_fn is None)
+            assert produced.image is None or produced.image is sent.image  # passed on untouched
+
+
+# ---- (ixx, ixy) interpolation --------------------------------------------------------------------
+
+
+def weights(make_config, modules, values, reconstruct=True):
+    ixx_1, ixy_1, ixx_2, ixy_2 = values
+    config = make_config("model.arch=resnet32", f"local.modules={modules}", f"local.reconstruct={str(reconstruct).lower()}",
+                         f"local.ixx_1={ixx_1}", f"local.ixy_1={ixy_1}", f"local.ixx_2={ixx_2}", f"local.ixy_2={ixy_2}")
+    return [loss_weights(config, k) for k in range(modules - 1)]
+
+
+def test_interpolation_K2_uses_the_first_pair(make_config):
+    assert weights(make_config, 2, (5, 1, 0, 0)) == [(5.0, 1.0)]
+
+
+def test_interpolation_K3_goes_from_first_to_last(make_config):
+    assert weights(make_config, 3, (5, 0, 5, 0.1)) == [(5.0, 0.0), (5.0, 0.1)]
+
+
+def test_interpolation_K4_is_linear(make_config):
+    got = weights(make_config, 4, (6, 0, 1, 2))
+    assert got == [pytest.approx((6.0, 0.0)), pytest.approx((3.5, 1.0)), pytest.approx((1.0, 2.0))]
+
+
+def test_interpolation_K8_and_K16(make_config):
+    got = weights(make_config, 8, (5, 0, 0, 2))
+    for k, (ixx, ixy) in enumerate(got):
+        assert ixx == pytest.approx(5 - 5 * k / 6) and ixy == pytest.approx(2 * k / 6)
+    got = weights(make_config, 16, (5, 0.05, 0.2, 0.5))
+    assert got[0] == pytest.approx((5, 0.05)) and got[-1] == pytest.approx((0.2, 0.5))
+    assert got[7] == pytest.approx((5 + 7 / 14 * (0.2 - 5), 0.05 + 7 / 14 * 0.45))
+
+
+def test_without_decoder_the_loss_is_the_head_loss(make_config):
+    assert weights(make_config, 4, (6, 0, 1, 2), reconstruct=False) == [(0.0, 1.0)] * 3
+
+
+def test_local_loss_combines_reconstruction_and_head(make_config, build_modules, image_batch):
+    config = make_config("model.arch=resnet14", "local.modules=4", "local.reconstruct=true",
+                         "local.ixx_1=6", "local.ixy_1=0.5", "local.ixx_2=1", "local.ixy_2=2")
+    spec, cuts, layout, built = build_modules(config)
+    images, labels = image_batch(spec, batch=4)
+    images = images.clamp(-2, 2)
+    packet = Packet.from_batch(images, labels)
+    expected_weights = [(6.0, 0.5), (3.5, 1.25), (1.0, 2.0)]
+    for module, (ixx, ixy) in zip(built[:-1], expected_weights):
+        module.eval()
+        assert (module.ixx, module.ixy) == pytest.approx((ixx, ixy))
+        with torch.no_grad():
+            inputs, output, loss = module(packet)
+            assert loss.item() == module.local_loss(output, packet).item()
+            target = denormalise(images, spec)
+            assert target.min() >= 0 and target.max() <= 1
+            z = module.decoder(output).double()  # BCE(sigmoid(z), t) written out in its stable form
+            reconstruction = (z.clamp(min=0) - z * target + torch.log1p(torch.exp(-z.abs()))).mean()
+            head = F.cross_entropy(module.head(output), labels)
+        assert loss.item() == pytest.approx(ixx * reconstruction.item() + ixy * head.item(), rel=1e-4)
+        packet = module.next_packet(packet, inputs, output)
+    last = built[-1].eval()
+    with torch.no_grad():
+        _, output, loss = last(packet)
+        assert loss.item() == pytest.approx(
+            F.cross_entropy(last.logits(output), labels).item(), rel=1e-6)

@@ -1,0 +1,62 @@
+"""Launching real multi-process jobs (torchrun, gloo on CPU) and comparing their checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config, load_config
+
+# Small enough for 2 cores: resnet8 has 4 blocks, so K can be 1..4.
+TINY = [
+    "data.name=synthetic", "model.arch=resnet8", "data.batch_size=16", "run.log_every=4",
+    "train.schedule=constant", "train.lr=0.05", "pipeline.timeout_s=60", "pipeline.threads_per_stage=1",
+]
+
+
+def tiny_config(tmp: Path, name: str, *overrides: str) -> Config:
+    return load_config(None, [*TINY, f"run.out_dir={tmp / name}", *overrides])
+
+
+def torchrun(nproc: int, overrides: list[str], timeout: float = 120.0, **popen: object) -> subprocess.CompletedProcess[str]:
+    """Run python -m pipeline.train under torchrun; returns the finished process."""
+    command = torchrun_command(nproc, overrides)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env(), **popen)  # type: ignore[call-overload]
+
+
+def torchrun_command(nproc: int, overrides: list[str]) -> list[str]:
+    sets = [item for override in [*TINY, *overrides] for item in ("--set", override)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "pipeline.train", *sets]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def load_module_state(run_dir: Path, module: int) -> dict[str, object]:
+    return torch.load(run_dir / "checkpoints" / f"module_{module}.pt", weights_only=True)
+
+
+def max_state_difference(a: object, b: object) -> float:
+    """Largest |a - b| over every tensor of two nested states (module + optimizer)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape, "states differ in structure"
+        if not a.is_floating_point():
+            return 0.0 if torch.equal(a, b) else float("inf")
+        return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), "states differ in keys"
+        return max((max_state_difference(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), "states differ in length"
+        return max((max_state_difference(x, y) for x, y in zip(a, b)), default=0.0)
+    assert a == b, f"states differ: {a!r} != {b!r}"
+    return 0.0

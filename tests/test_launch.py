@@ -1,0 +1,335 @@
+"""configs/ and launch/: every config validates, every script's --dry-run prints the right command."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+LAUNCH = REPO / "launch"
+SCRIPTS = ["single_node.sh", "multi_node.sh", "slurm.sbatch", "quickstart.sh", "reproduce.sh"]
+ALL_CONFIGS = sorted(CONFIGS.rglob("*.toml"))
+ROW_CONFIGS = [path for path in ALL_CONFIGS
+               if path.name not in ("base.toml", "recipe.toml", "quickstart.toml") and not path.name.startswith("_")]
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+# ------------------------------------------------------------------------------------ configs
+
+
+def test_config_tree_is_there() -> None:
+    assert (CONFIGS / "quickstart.toml").is_file()
+    assert len(list((CONFIGS / "fashion_mnist").glob("*.toml"))) == 6  # base + 5 rows
+    assert len(ROW_CONFIGS) >= 80
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=rel)
+def test_every_config_loads_and_validates(path: Path) -> None:
+    load_config(path)
+
+
+@pytest.mark.parametrize("path", ROW_CONFIGS, ids=rel)
+def test_row_names_match_their_settings(path: Path) -> None:
+    config = load_config(path)
+    stem, table = path.stem, path.parent.relative_to(CONFIGS)
+    assert config.run.out_dir == f"runs/{table.as_posix()}/{stem}", "run.out_dir = runs/<table>/<row>"
+    if "_k" in stem:
+        assert stem.endswith(f"_k{config.local.modules}")
+    if stem == "e2e":
+        assert config.local.modules == 1
+    if stem.startswith("greedy_sl"):
+        assert (config.local.context, config.local.aux, config.local.reconstruct) == ("R0", "0c1f", False)
+    if stem.startswith("dgl"):
+        assert (config.local.context, config.local.aux, config.local.reconstruct) == ("R0", "1c2f", False)
+    if stem.startswith("infopro_softmax"):
+        assert (config.local.loss, config.local.reconstruct) == ("softmax", True)
+    if stem.startswith(("infopro_contrast", "infopro_star")):
+        assert (config.local.loss, config.local.reconstruct, config.local.context) == ("contrast", True, "R0")
+    if stem.startswith("contsup_"):
+        expected = stem.split("_")[1].upper()
+        assert config.local.context == expected
+    if stem.startswith("infopro_contrast_async"):
+        assert config.run.mode == "pipeline"
+
+
+def test_quickstart() -> None:
+    config = load_config(CONFIGS / "quickstart.toml")
+    assert (config.data.name, config.model.arch, config.data.batch_size) == ("fashion_mnist", "resnet32", 128)
+    local, train = config.local, config.train
+    assert (local.modules, local.context, local.loss, local.aux) == (4, "R1E", "softmax", "1c2f")
+    assert (train.epochs, train.lr, train.schedule, train.warmup_epochs) == (1, 0.1, "constant", 0)
+    assert (config.run.mode, config.run.out_dir, config.run.log_every) == ("sequential", "runs/quickstart", 50)
+
+
+def test_fashion_mnist_set_shares_one_budget() -> None:
+    rows = {path.stem: load_config(path) for path in (CONFIGS / "fashion_mnist").glob("*.toml") if path.stem != "base"}
+    assert set(rows) == {"e2e", "greedy_sl", "contsup_e", "contsup_r1", "contsup_r1e"}
+    budgets = {repr((c.train, c.data, c.model)) for c in rows.values()}
+    assert len(budgets) == 1, "every row trains with the same budget"
+    one = rows["e2e"]
+    assert (one.train.epochs, one.data.batch_size, one.train.lr, one.train.schedule, one.train.warmup_epochs) == (
+        2, 128, 0.1, "constant", 0)
+    assert one.data.name == "fashion_mnist" and one.model.arch == "resnet32"
+    assert rows["e2e"].local.modules == 1
+    greedy = rows["greedy_sl"].local
+    assert (greedy.modules, greedy.context, greedy.aux) == (16, "R0", "0c1f")
+    for name, context in (("contsup_e", "E"), ("contsup_r1", "R1"), ("contsup_r1e", "R1E")):
+        local = rows[name].local
+        assert (local.modules, local.context, local.aux) == (16, context, "1c2f")
+
+
+PUBLISHED_DIR = CONFIGS / "published"
+
+
+@pytest.mark.parametrize("path", sorted(PUBLISHED_DIR.rglob("*.toml")), ids=rel)
+def test_published_rows_use_the_reference_recipe(path: Path) -> None:
+    config = load_config(path)
+    if path.name == "recipe.toml":
+        return
+    train = config.train
+    assert (train.epochs, train.schedule, train.warmup_epochs) == (160, "cosine", 10)
+    assert (train.momentum, train.nesterov, train.weight_decay) == (0.9, True, 1e-4)
+    assert (config.local.aux, config.local.aux_feature_dim, config.local.aux_widen) in {
+        ("1c2f", 128, 1), ("0c1f", 128, 1)}
+    expected = {"cifar10": (1024, 0.8), "svhn": (1024, 0.8), "stl10": (128, 0.1)}[config.data.name]
+    assert (config.data.batch_size, config.train.lr) == expected
+
+
+@pytest.mark.parametrize("table,arch,values", [
+    ("cifar10_resnet32", "resnet32", {2: (5, 1, 0, 0), 4: (6, 0, 1, 2), 8: (5, 0, 0, 2), 16: (5, 0.05, 0.2, 0.5)}),
+    ("cifar10_resnet110", "resnet110", {2: (5, 0.5, 0, 0), 4: (1, 0, 0, 1), 8: (5, 0, 0, 1), 16: (5, 0, 0.5, 1)}),
+    ("stl10_resnet110", "resnet110",
+     {2: (10, 1, 0, 0), 4: (20, 0.2, 5, 2), 8: (20, 0.2, 5, 1), 16: (20, 0.5, 10, 0.1)}),
+    ("svhn_resnet110", "resnet110", {2: (1, 0.1, 0, 0), 4: (5, 0, 0.5, 0), 8: (5, 0, 0.5, 2), 16: (5, 0.2, 0.5, 1)}),
+])
+def test_published_infopro_weights(table: str, arch: str, values: dict[int, tuple[float, ...]]) -> None:
+    for k, weights in values.items():
+        for method in ("infopro_contrast", "infopro_softmax", "contsup_r1e"):
+            path = PUBLISHED_DIR / table / f"{method}_k{k}.toml"
+            if not path.exists():
+                assert method != "infopro_contrast" and not table.startswith("cifar10"), path
+                continue
+            local = load_config(path).local
+            assert (local.ixx_1, local.ixy_1, local.ixx_2, local.ixy_2) == weights, path
+            assert load_config(path).model.arch == arch
+
+
+@pytest.mark.parametrize("table,cuts", [
+    ("memory_cifar10_resnet110", {2: [[1, 14]], 3: [[1, 9], [2, 2]], 4: [[1, 6], [1, 14], [2, 8]]}),
+    ("memory_stl10_resnet110", {2: [[1, 14]], 3: [[1, 8], [2, 1]], 4: [[1, 6], [1, 14], [2, 8]]}),
+    ("memory_cifar10_resnet32", {2: [[1, 3]], 4: [[1, 2], [1, 4], [2, 2]],
+                                 8: [[1, 1], [1, 2], [1, 3], [2, 1], [2, 2], [3, 1], [3, 2]]}),
+])
+def test_memory_balanced_cut_lists(table: str, cuts: dict[int, list[list[int]]]) -> None:
+    for k, expected in cuts.items():
+        assert load_config(PUBLISHED_DIR / table / f"infopro_star_k{k}.toml").local.partition == expected
+
+
+# ------------------------------------------------------------------------------------ scripts
+
+
+def run_script(name: str, *args: str, env: dict[str, str] | None = None,
+               cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
+    return subprocess.run(["bash", str(LAUNCH / name), *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def commands(result: subprocess.CompletedProcess[str]) -> list[list[str]]:
+    """The argv of every command a script printed ('+ ' lines)."""
+    assert result.returncode == 0, result.stderr
+    return [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith("+ ")]
+
+
+@pytest.fixture()
+def fake_bin(tmp_path: Path) -> Path:
+    """A torchrun and srun on PATH that only record their argv (so a real run is harmless)."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for tool in ("torchrun", "srun"):
+        script = folder / tool
+        script.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$0" "$@" > "{tmp_path}/{tool}.argv"\n')
+        script.chmod(0o755)
+    return folder
+
+
+def path_with(folder: Path) -> dict[str, str]:
+    return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_scripts_are_strict_executable_and_explain_themselves(name: str) -> None:
+    path = LAUNCH / name
+    assert os.access(path, os.X_OK)
+    text = path.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
+    result = run_script(name, "--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage:")
+    assert "--dry-run" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["single_node.sh", "multi_node.sh", "slurm.sbatch", "reproduce.sh"])
+def test_scripts_reject_missing_arguments_with_one_error_line(name: str) -> None:
+    result = run_script(name, "--dry-run")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_single_node_dry_run(tmp_path: Path, fake_bin: Path) -> None:
+    result = run_script("single_node.sh", "--dry-run", "configs/quickstart.toml", "--set", "train.epochs=2",
+                        env=path_with(fake_bin))
+    assert commands(result) == [[
+        "torchrun", "--standalone", "--nproc-per-node", "4", "-m", "pipeline.train",
+        "--config", "configs/quickstart.toml", "--set", "run.mode=pipeline", "--set", "train.epochs=2"]]
+    assert not (tmp_path / "torchrun.argv").exists(), "--dry-run must not run anything"
+
+
+def test_single_node_takes_k_from_the_overrides() -> None:
+    result = run_script("single_node.sh", "--dry-run", "configs/quickstart.toml", "--set", "local.modules=8")
+    (argv,) = commands(result)
+    assert argv[argv.index("--nproc-per-node") + 1] == "8"
+
+
+def test_single_node_runs_exactly_what_it_prints(tmp_path: Path, fake_bin: Path) -> None:
+    result = run_script("single_node.sh", "configs/fashion_mnist/contsup_r1e.toml", "--set", "data.root=/a b",
+                        env=path_with(fake_bin))
+    (printed,) = commands(result)
+    ran = (tmp_path / "torchrun.argv").read_text().splitlines()
+    assert [Path(ran[0]).name, *ran[1:]] == printed
+    assert printed[printed.index("--nproc-per-node") + 1] == "16"
+
+
+def test_single_node_checks_k_and_modes() -> None:
+    mismatch = run_script("single_node.sh", "--dry-run", "--nproc", "3", "configs/quickstart.toml")
+    assert mismatch.returncode == 2 and "one process per module" in mismatch.stderr
+    e2e = run_script("single_node.sh", "--dry-run", "configs/fashion_mnist/e2e.toml")
+    assert e2e.returncode == 2
+    ddp = run_script("single_node.sh", "--dry-run", "--mode", "ddp", "--nproc", "2", "configs/fashion_mnist/e2e.toml")
+    assert commands(ddp) == [["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "pipeline.train",
+                              "--config", "configs/fashion_mnist/e2e.toml", "--set", "run.mode=ddp"]]
+    bad_config = run_script("single_node.sh", "--dry-run", "configs/no_such.toml")
+    assert bad_config.returncode == 2 and "does not exist" in bad_config.stderr
+    assert "Traceback" not in bad_config.stderr
+
+
+def test_multi_node_dry_run() -> None:
+    env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "node0", "MASTER_PORT": "29600", "RDZV_ID": "job7"}
+    result = run_script("multi_node.sh", "--dry-run", "configs/fashion_mnist/greedy_sl.toml", "--set", "train.epochs=1",
+                        env=env)
+    assert commands(result) == [[
+        "torchrun", "--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "8",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29600", "--rdzv-id", "job7",
+        "-m", "pipeline.train", "--config", "configs/fashion_mnist/greedy_sl.toml",
+        "--set", "run.mode=pipeline", "--set", "train.epochs=1"]]
+
+
+def test_multi_node_needs_its_environment_and_an_even_split() -> None:
+    missing = run_script("multi_node.sh", "--dry-run", "configs/quickstart.toml", env={"NNODES": "2", "NODE_RANK": "0"})
+    assert missing.returncode == 2 and "MASTER_ADDR" in missing.stderr
+    uneven = run_script("multi_node.sh", "--dry-run", "configs/quickstart.toml",
+                        env={"NNODES": "3", "NODE_RANK": "0", "MASTER_ADDR": "n0"})
+    assert uneven.returncode == 2 and "evenly" in uneven.stderr
+
+
+def slurm_env(**extra: str) -> dict[str, str]:
+    return {"SLURM_JOB_NODELIST": "gpu[03-05,07]", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "4242",
+            "SLURM_SUBMIT_DIR": str(REPO), **extra}
+
+
+def test_slurm_dry_run_uses_the_first_node_as_rendezvous(tmp_path: Path) -> None:
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text('#!/usr/bin/env bash\n[[ "$1 $2" == "show hostnames" ]] && printf "gpu-first\\ngpu04\\n"\n')
+    scontrol.chmod(0o755)
+    # with scontrol (what a Slurm node has), and without it (the script's own host-list parser)
+    for env, first in ((slurm_env(**path_with(tmp_path)), "gpu-first"), (slurm_env(), "gpu03")):
+        result = run_script("slurm.sbatch", "--dry-run", "configs/quickstart.toml", env=env, cwd=tmp_path)
+        assert commands(result) == [[
+            "srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
+            "torchrun", "--nnodes", "2", "--nproc-per-node", "2",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{first}:29500", "--rdzv-id", "4242",
+            "-m", "pipeline.train", "--config", "configs/quickstart.toml", "--set", "run.mode=pipeline"]]
+
+
+def test_slurm_header() -> None:
+    text = (LAUNCH / "slurm.sbatch").read_text()
+    for directive in ("--nodes", "--ntasks-per-node=1", "--gpus-per-node", "--time", "--output"):
+        assert f"#SBATCH {directive}" in text
+    outside = run_script("slurm.sbatch", "--dry-run", "configs/quickstart.toml",
+                         env={"SLURM_JOB_NODELIST": "", "MASTER_ADDR": ""})
+    assert outside.returncode == 2 and "sbatch" in outside.stderr
+
+
+def test_quickstart_dry_run(tmp_path: Path) -> None:
+    result = run_script("quickstart.sh", "--dry-run", "--set", "train.max_steps=5", cwd=tmp_path)
+    (argv,) = commands(result)
+    assert argv[1:] == ["-m", "pipeline.train", "--config", "configs/quickstart.toml", "--set", "train.max_steps=5"]
+    assert Path(argv[0]).name.startswith("python")
+
+
+def test_reproduce_dry_run_without_gpus_is_sequential() -> None:
+    result = run_script("reproduce.sh", "--dry-run", "fashion_mnist", "--set", "train.max_steps=3", env={"GPUS": "0"})
+    argvs = commands(result)
+    assert len(argvs) == 6  # five rows, then collect
+    for argv in argvs[:5]:
+        assert argv[1:3] == ["-m", "pipeline.train"] and "--set" in argv and "run.mode=sequential" in argv
+        row = Path(argv[argv.index("--config") + 1]).stem
+        assert f"run.out_dir=runs/fashion_mnist/{row}" in argv and argv[-2:] == ["--set", "train.max_steps=3"]
+    assert argvs[0][argvs[0].index("--config") + 1] == "configs/fashion_mnist/e2e.toml"
+    assert argvs[-1][1:] == ["-m", "pipeline.reproduce", "collect", "configs/fashion_mnist", "runs/fashion_mnist",
+                             "--out", "runs/fashion_mnist/results.md"]
+
+
+def test_reproduce_dry_run_with_gpus_uses_torchrun(tmp_path: Path) -> None:
+    result = run_script("reproduce.sh", "--dry-run", "--runs-dir", str(tmp_path / "runs"), "configs/fashion_mnist",
+                        env={"GPUS": "16"})
+    argvs = commands(result)
+    e2e, pipelined = argvs[0], argvs[1:5]
+    assert "run.mode=sequential" in e2e  # K=1 has nothing to pipeline
+    for argv in pipelined:
+        assert argv[:6] == ["torchrun", "--standalone", "--nproc-per-node", "16", "-m", "pipeline.train"]
+        assert "run.mode=pipeline" in argv
+    few = commands(run_script("reproduce.sh", "--dry-run", "configs/fashion_mnist", env={"GPUS": "8"}))
+    assert all(argv[0] != "torchrun" for argv in few), "K=16 rows need 16 GPUs, else sequential"
+
+
+def test_reproduce_skip_done_and_unknown_table(tmp_path: Path) -> None:
+    done = tmp_path / "runs" / "greedy_sl"
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text("{}")
+    result = run_script("reproduce.sh", "--dry-run", "--skip-done", "--runs-dir", str(tmp_path / "runs"),
+                        "configs/fashion_mnist", env={"GPUS": "0"})
+    configs = [argv[argv.index("--config") + 1] for argv in commands(result) if "--config" in argv]
+    assert "configs/fashion_mnist/greedy_sl.toml" not in configs and len(configs) == 4
+    unknown = run_script("reproduce.sh", "--dry-run", "no_such_table")
+    assert unknown.returncode == 2 and "cifar10_resnet32" in unknown.stderr
+
+
+def test_reproduce_knows_every_published_table() -> None:
+    for table in sorted(path.name for path in PUBLISHED_DIR.iterdir() if path.is_dir()):
+        result = run_script("reproduce.sh", "--dry-run", table, env={"GPUS": "0"})
+        argvs = commands(result)
+        assert argvs[-1][3:6] == ["collect", f"configs/published/{table}", f"runs/published/{table}"]
+        assert len(argvs) - 1 == len([p for p in (PUBLISHED_DIR / table).glob("*.toml") if p.name != "base.toml"])
+
+
+SHELLCHECK = shutil.which("shellcheck")
+
+
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck is not installed (apt-get install -y shellcheck)")
+def test_shellcheck_is_clean() -> None:
+    files = [str(LAUNCH / name) for name in (*SCRIPTS, "lib.sh")]
+    result = subprocess.run([SHELLCHECK, "--external-sources", *files], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

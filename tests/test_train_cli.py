@@ -1,0 +1,110 @@
+"""python -m pipeline.train: exit codes, one-line errors, and a tiny run's files (DESIGN.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.train import main, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE_KEYS = {"rank", "module", "compute_s", "recv_wait_s", "send_wait_s", "busy_fraction", "peak_mem_bytes",
+              "samples_per_s"}
+SUMMARY_KEYS = {"mode", "world_size", "modules", "method", "context", "loss", "dataset", "steps", "epochs",
+                "test_accuracy", "train_samples_per_s", "wall_s", "cut_points", "stages"}
+
+
+def train_cli(*args: str, cwd: Path, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    missing = tmp_path / "no_such.toml"
+    assert_one_line_error(train_cli("--config", str(missing), cwd=tmp_path), str(missing), "does not exist")
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--set", "nonsense"], ["nonsense", "key=value"]),
+        (["--set", "local.modulez=2"], ["local.modulez"]),
+        (["--set", "local.modules=2", "--set", "local.context=R5"], ["local.context"]),
+        (["--bogus"], ["--bogus", "--help"]),
+    ],
+    ids=["set-syntax", "set-unknown-key", "set-bad-value", "unknown-flag"],
+)
+def test_bad_arguments_exit_2(tmp_path, args, needles):
+    assert_one_line_error(train_cli(*args, cwd=tmp_path), *needles)
+
+
+def test_bad_input_in_process_returns_2(tmp_path, capsys):
+    assert main(["--set", "run.mode=nope"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: run.mode") and captured.err.count("\n") == 1
+
+
+def test_parse_config_reads_file_and_sets(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[local]\nmodules = 3\n")
+    config = parse_config(["--config", str(path), "--set", "run.seed=4", "--set", "local.context=R1"])
+    assert config.local.modules == 3 and config.run.seed == 4 and config.local.context == "R1"
+
+
+def test_a_tiny_sequential_run(tmp_path):
+    out = tmp_path / "run"
+    path = tmp_path / "tiny.toml"
+    path.write_text(
+        "[data]\nname = \"synthetic\"\nbatch_size = 8\n"
+        "[model]\narch = \"resnet8\"\n"
+        "[local]\nmodules = 2\n"
+        "[train]\nmax_steps = 3\n"
+    )
+    done = train_cli("--config", str(path), "--set", f"run.out_dir={out}", "--set", "run.device=cpu",
+                     "--set", "run.log_every=1", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["mode"] == "sequential" and summary["world_size"] == 1
+    assert summary["modules"] == 2 and summary["steps"] == 3
+    assert summary["dataset"] == "synthetic"
+    assert summary["cut_points"] == [[1, 0]]
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert summary["train_samples_per_s"] > 0 and summary["wall_s"] > 0
+    assert len(summary["stages"]) == 1
+    stage = summary["stages"][0]
+    assert STAGE_KEYS <= stage.keys()
+    assert stage["rank"] == 0 and stage["compute_s"] > 0 and stage["peak_mem_bytes"] > 0
+    assert 0.0 <= stage["busy_fraction"] <= 1.0 and stage["samples_per_s"] > 0
+
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [line for line in lines if "loss" in line]
+    assert {(line["step"], line["module"]) for line in train} == {(s, m) for s in (1, 2, 3) for m in (0, 1)}
+    assert all({"rank", "module", "step", "epoch", "loss", "lr"} <= line.keys() for line in train)
+
+    for module in range(2):
+        payload = torch.load(out / "checkpoints" / f"module_{module}.pt", weights_only=True)
+        assert payload["position"]["step"] == 3
+        assert payload["state"]["module"]
+    assert not (out / "checkpoints" / "module_2.pt").exists()
