@@ -174,10 +174,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         section[name] = value
     config = _build(raw)
     validate(config)
+    from pipeline.data.specs import dataset_spec  # specs import this module: resolve late
+
+    dataset_spec(config)  # model.in_channels / model.classes must fit the dataset
     return config
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path.resolve() in seen:
+        raise BadInput(f"{path}: the 'base' chain loops back to this file; remove one 'base' key")
     if not path.is_file():
         raise BadInput(f"config file {str(path)!r} does not exist; pass an existing TOML file with --config (see configs/)")
     try:
@@ -189,7 +194,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         return raw
     if not isinstance(base, str):
         raise BadInput(f"{path}: 'base' must be the path of another TOML file, relative to this one")
-    merged = _read_toml(path.parent / base)
+    merged = _read_toml(path.parent / base, (*seen, path.resolve()))
     for table, values in raw.items():
         if isinstance(values, dict) and isinstance(merged.get(table), dict):
             merged[table].update(values)
@@ -294,8 +299,8 @@ def validate(config: Config) -> None:
     _require(data.batch_size >= 2, f"data.batch_size = {data.batch_size} must be >= 2 (batch norm needs two samples)")
 
     blocks = 1 + 3 * model.blocks_per_stage  # stem + residual blocks: the units a cut can follow
-    _require(model.in_channels >= 0, f"model.in_channels = {model.in_channels} must be 1 or 3 (or 0: from the dataset)")
-    _require(model.classes >= 0, f"model.classes = {model.classes} must be >= 2 (or 0: from the dataset)")
+    _require(model.in_channels in (0, 1, 3), f"model.in_channels = {model.in_channels} must be 1 or 3 (or 0: from the dataset)")
+    _require(model.classes == 0 or model.classes >= 2, f"model.classes = {model.classes} must be >= 2 (or 0: from the dataset)")
 
     _require(
         1 <= local.modules <= blocks,

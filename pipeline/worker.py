@@ -32,7 +32,7 @@ class ModuleWorker:
         self.optimizer = make_optimizer(self.module, config.train)
         self.channels_last = config.precision.channels_last
         self.amp = config.precision.amp == "bf16"
-        self.lr = learning_rate(config.train, 1)
+        self.start_epoch(1)
 
     @property
     def last(self) -> bool:

@@ -45,5 +45,9 @@ def run_ddp(config: Config) -> None:
     if world.device.type == "cpu":
         limit_cpu_threads(world, config.pipeline.threads_per_stage)
     init_process_group(world, config.pipeline.timeout_s)
-    DataParallelLoop(config, world.device, world.rank, world.size).run()
+    loop = DataParallelLoop(config, world.device, world.rank, world.size)
+    loop.run()
+    # DDP's reducer holds the group: release it, and let every rank finish, before the teardown.
+    del loop
+    dist.barrier()
     dist.destroy_process_group()

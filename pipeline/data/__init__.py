@@ -1,0 +1,1 @@
+"""Datasets: file readers, per-dataset facts and the device-resident batch loader."""

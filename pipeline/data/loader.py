@@ -1,0 +1,142 @@
+"""The dataset as uint8 tensors on the training device, batched and augmented with tensor ops.
+
+Data order and augmentation come from generators seeded by (seed, epoch[, batch]), never
+from a process's global random state, so any process — sequential, pipeline rank 0, every DDP
+rank — and any resumed run sees exactly the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import Config
+from pipeline.data.readers import READERS, RawDataset, Split, make_synthetic
+from pipeline.data.specs import DatasetSpec, dataset_spec
+from pipeline.errors import BadInput
+
+
+def load_raw(config: Config) -> tuple[DatasetSpec, RawDataset]:
+    """Read (or, with data.download, fetch then read) the dataset named in the config."""
+    spec = dataset_spec(config)
+    if spec.name == "synthetic":
+        return spec, make_synthetic(spec, config.run.seed)
+    root = Path(config.data.root or spec.default_root).expanduser()
+    if config.data.download:
+        _download(spec, root)
+    return spec, READERS[spec.name](root, spec)
+
+
+def _download(spec: DatasetSpec, root: Path) -> None:
+    try:
+        import torchvision.datasets as tvd
+    except Exception:  # the PyPI wheel may fail to import against this torch: any failure means "not usable"
+        raise BadInput(
+            f"data.download = true needs torchvision, which does not import here; "
+            f"put the {spec.name} files under {str(root)!r} yourself and set data.download = false"
+        ) from None
+    fetchers = {
+        "cifar10": lambda train: tvd.CIFAR10(str(root), train=train, download=True),
+        "cifar100": lambda train: tvd.CIFAR100(str(root), train=train, download=True),
+        "svhn": lambda train: tvd.SVHN(str(root), split="train" if train else "test", download=True),
+        "stl10": lambda train: tvd.STL10(str(root), split="train" if train else "test", download=True),
+    }
+    if spec.name not in fetchers:
+        raise BadInput(f"data.download is not available for {spec.name}; {spec.how_to_get}")
+    try:
+        for train in (True, False):
+            fetchers[spec.name](train)
+    except OSError as err:
+        raise BadInput(f"{spec.name}: download into {str(root)!r} failed ({err}); copy the files there instead") from None
+
+
+def _seed(*parts: int) -> int:
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + part) % (1 << 63)
+    return value
+
+
+class BatchLoader:
+    """Batches of one split, resident on ``device``; ``batches(epoch, start)`` resumes mid-epoch."""
+
+    def __init__(self, split: Split, spec: DatasetSpec, batch_size: int, device: torch.device,
+                 seed: int, train: bool, augment: bool) -> None:
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+        self.spec = spec
+        self.batch_size = batch_size
+        self.device = device
+        self.seed = seed
+        self.train = train
+        self.augment = augment and train
+        shape = (1, spec.channels, 1, 1)
+        self.mean = torch.tensor(spec.mean, device=device).view(shape)
+        self.std = torch.tensor(spec.std, device=device).view(shape)
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.labels), self.batch_size)
+        # A training batch of one sample would break batch norm: it is dropped.
+        return full + (1 if rest >= (2 if self.train else 1) else 0)
+
+    @property
+    def samples(self) -> int:
+        return len(self.labels)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.train:
+            return torch.arange(len(self.labels), device=self.device)
+        generator = torch.Generator().manual_seed(_seed(self.seed, epoch))
+        return torch.randperm(len(self.labels), generator=generator).to(self.device)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.order(epoch)
+        for index in range(start, len(self)):
+            picked = order[index * self.batch_size : (index + 1) * self.batch_size]
+            images = self.images[picked].float()
+            if self.augment:
+                images = self._augment(images, _seed(self.seed, epoch, index + 1))
+            yield self.normalise(images), self.labels[picked]
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8-valued floats in [0, 255] -> the network's normalised input."""
+        return (images / 255.0 - self.mean) / self.std
+
+    def _augment(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        """Random crop after padding, and a random horizontal flip, in one gather."""
+        spec = self.spec
+        count, channels, height, width = images.shape
+        generator = torch.Generator().manual_seed(seed)
+        pad = spec.crop_pad
+        top = torch.randint(0, 2 * pad + 1, (count, 1), generator=generator)
+        left = torch.randint(0, 2 * pad + 1, (count, 1), generator=generator)
+        flip = torch.rand(count, 1, generator=generator) < 0.5 if spec.flip else torch.zeros(count, 1, dtype=torch.bool)
+        rows = top + torch.arange(height)
+        columns = left + torch.where(flip, torch.arange(width - 1, -1, -1), torch.arange(width))
+        padded = F.pad(images, (pad, pad, pad, pad), mode=spec.pad_mode)
+        rows, columns = rows.to(self.device), columns.to(self.device)
+        return padded[
+            torch.arange(count, device=self.device)[:, None, None, None],
+            torch.arange(channels, device=self.device)[None, :, None, None],
+            rows[:, None, :, None],
+            columns[:, None, None, :],
+        ]
+
+
+def denormalise(images: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
+    """The network's input back to [0, 1] pixels: the reconstruction decoder's target."""
+    shape = (1, spec.channels, 1, 1)
+    mean = torch.tensor(spec.mean, device=images.device, dtype=images.dtype).view(shape)
+    std = torch.tensor(spec.std, device=images.device, dtype=images.dtype).view(shape)
+    return (images * std + mean).clamp(0.0, 1.0)
+
+
+def make_loaders(config: Config, device: torch.device) -> tuple[BatchLoader, BatchLoader]:
+    spec, raw = load_raw(config)
+    data = config.data
+    train = BatchLoader(raw.train, spec, data.batch_size, device, config.run.seed, True, data.augment)
+    test = BatchLoader(raw.test, spec, data.batch_size, device, config.run.seed, False, False)
+    return train, test

@@ -1,0 +1,241 @@
+"""pipeline.data.readers on small files written here in each data set's real on-disk format."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.data.loader import load_raw
+from pipeline.data.readers import READERS, make_synthetic, read_idx
+from pipeline.data.specs import SPECS, dataset_spec
+from pipeline.errors import BadInput
+
+FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path: Path, array: np.ndarray, magic_type: int = 0x08) -> None:
+    """IDX: two zero bytes, the type byte (0x08 = unsigned byte), ndim, big-endian uint32 dims."""
+    header = struct.pack(">BBBB", 0, 0, magic_type, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as handle:
+            handle.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def raw_for(name: str, root: Path):
+    config = load_config(None, [f"data.name={name}", f"data.root='{root}'"])
+    return load_raw(config)
+
+
+def rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+# ---- IDX / Fashion-MNIST -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_read_idx_plain_and_gzip(tmp_path, suffix):
+    array = rng().integers(0, 256, (3, 4, 5), dtype=np.uint8)
+    path = tmp_path / f"x-idx3-ubyte{suffix}"
+    write_idx(path, array)
+    got = read_idx(path)
+    assert got.shape == (3, 4, 5) and np.array_equal(got, array)
+
+
+def test_read_idx_bad_magic_and_truncation(tmp_path):
+    path = tmp_path / "floats-idx1-ubyte"
+    write_idx(path, np.zeros(4, dtype=np.uint8), magic_type=0x0D)  # 0x0D: float data
+    with pytest.raises(BadInput, match="magic"):
+        read_idx(path)
+    path = tmp_path / "junk-idx1-ubyte"
+    path.write_bytes(b"\x08\x03\x00\x00" + bytes(20))
+    with pytest.raises(BadInput, match="magic") as info:
+        read_idx(path)
+    assert str(path) in str(info.value)
+    path = tmp_path / "short-idx3-ubyte"
+    path.write_bytes(struct.pack(">BBBB3I", 0, 0, 8, 3, 2, 28, 28) + bytes(28 * 28))  # one image of two
+    with pytest.raises(BadInput, match="truncated"):
+        read_idx(path)
+
+
+def test_fashion_mnist_reader_mixes_gzip_and_plain(tmp_path):
+    train_images = rng(1).integers(1, 256, (5, 28, 28), dtype=np.uint8)
+    train_labels = np.array([3, 1, 4, 1, 5], dtype=np.uint8)
+    test_images = rng(2).integers(1, 256, (2, 28, 28), dtype=np.uint8)
+    test_labels = np.array([9, 0], dtype=np.uint8)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", train_images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", train_labels)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", test_images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", test_labels)
+    spec, raw = raw_for("fashion_mnist", tmp_path)
+    assert spec.channels == 1 and spec.image_size == 32
+    for split, images, labels in ((raw.train, train_images, train_labels), (raw.test, test_images, test_labels)):
+        assert split.images.dtype == torch.uint8 and split.labels.dtype == torch.int64
+        assert tuple(split.images.shape) == (len(labels), 1, 32, 32)  # 28x28 zero-padded to 32x32
+        assert torch.equal(split.images[:, 0, 2:30, 2:30], torch.from_numpy(images))
+        border = split.images.clone()
+        border[:, :, 2:30, 2:30] = 0
+        assert int(border.sum()) == 0
+        assert split.labels.tolist() == labels.tolist()
+
+
+@pytest.mark.skipif(not FASHION_ROOT.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_the_installed_fashion_mnist():
+    spec, raw = load_raw(load_config(None))  # the default data set and root
+    assert tuple(raw.train.images.shape) == (60000, 1, 32, 32)
+    assert tuple(raw.test.images.shape) == (10000, 1, 32, 32)
+    assert torch.bincount(raw.train.labels).tolist() == [6000] * 10
+    assert torch.bincount(raw.test.labels).tolist() == [1000] * 10
+    assert int(raw.test.images[:, :, :2].max()) == 0  # the padding rows
+
+
+# ---- CIFAR python batches ------------------------------------------------------------------------
+
+
+def dump(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        pickle.dump(payload, handle, protocol=2)
+
+
+def test_cifar10_reader(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    rows, labels = [], []
+    for index in range(1, 6):
+        data = rng(index).integers(0, 256, (2, 3072), dtype=np.uint8)
+        batch_labels = [index % 10, (index + 3) % 10]
+        dump(folder / f"data_batch_{index}", {b"batch_label": b"x", b"data": data, b"labels": batch_labels})
+        rows.append(data)
+        labels += batch_labels
+    test_data = rng(9).integers(0, 256, (3, 3072), dtype=np.uint8)
+    dump(folder / "test_batch", {b"data": test_data, b"labels": [7, 8, 9]})
+    spec, raw = raw_for("cifar10", tmp_path)
+    assert spec.channels == 3 and spec.classes == 10
+    assert tuple(raw.train.images.shape) == (10, 3, 32, 32)
+    assert raw.train.labels.tolist() == labels
+    first = rows[0][0]
+    # a row is 1024 red, 1024 green, 1024 blue values, each image row by row
+    assert raw.train.images[0, 0, 0, :].tolist() == first[:32].tolist()
+    assert raw.train.images[0, 1, 0, 0].item() == first[1024]
+    assert raw.train.images[0, 2, 31, 31].item() == first[3071]
+    assert torch.equal(raw.train.images[-1].reshape(-1), torch.from_numpy(rows[-1][-1]))
+    assert raw.test.labels.tolist() == [7, 8, 9]
+    assert torch.equal(raw.test.images.reshape(3, -1), torch.from_numpy(test_data))
+
+
+def test_cifar100_reader_uses_fine_labels(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    train = rng(3).integers(0, 256, (4, 3072), dtype=np.uint8)
+    test = rng(4).integers(0, 256, (2, 3072), dtype=np.uint8)
+    dump(folder / "train", {b"data": train, b"fine_labels": [99, 0, 57, 3], b"coarse_labels": [1, 2, 3, 4]})
+    dump(folder / "test", {b"data": test, b"fine_labels": [12, 88], b"coarse_labels": [5, 6]})
+    spec, raw = raw_for("cifar100", tmp_path)
+    assert spec.classes == 100
+    assert raw.train.labels.tolist() == [99, 0, 57, 3]
+    assert raw.test.labels.tolist() == [12, 88]
+    assert torch.equal(raw.train.images.reshape(4, -1), torch.from_numpy(train))
+
+
+def test_cifar_batch_that_is_not_a_pickle(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(b"this is not a pickle")
+    with pytest.raises(BadInput, match="not a CIFAR python batch"):
+        raw_for("cifar10", tmp_path)
+
+
+def test_cifar_batch_without_labels(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    dump(folder / "train", {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]})  # CIFAR-10 keys
+    dump(folder / "test", {b"data": np.zeros((1, 3072), np.uint8), b"fine_labels": [0]})
+    with pytest.raises(BadInput, match="fine_labels"):
+        raw_for("cifar100", tmp_path)
+
+
+# ---- STL-10 binary, SVHN MATLAB --------------------------------------------------------------------
+
+
+def test_stl10_reader_turns_column_major_images_upright(tmp_path):
+    folder = tmp_path / "stl10_binary"
+    folder.mkdir()
+    upright = {"train": rng(5).integers(0, 256, (2, 3, 96, 96), dtype=np.uint8),
+               "test": rng(6).integers(0, 256, (1, 3, 96, 96), dtype=np.uint8)}
+    labels = {"train": np.array([1, 10], dtype=np.uint8), "test": np.array([4], dtype=np.uint8)}  # 1-based
+    for prefix in ("train", "test"):
+        # on disk each channel is stored column by column
+        np.ascontiguousarray(upright[prefix].transpose(0, 1, 3, 2)).tofile(folder / f"{prefix}_X.bin")
+        labels[prefix].tofile(folder / f"{prefix}_y.bin")
+    spec, raw = raw_for("stl10", tmp_path)
+    assert spec.image_size == 96
+    assert torch.equal(raw.train.images, torch.from_numpy(upright["train"]))
+    assert torch.equal(raw.test.images, torch.from_numpy(upright["test"]))
+    assert raw.train.labels.tolist() == [0, 9] and raw.test.labels.tolist() == [3]
+
+
+def test_stl10_count_mismatch(tmp_path):
+    folder = tmp_path / "stl10_binary"
+    folder.mkdir()
+    for prefix in ("train", "test"):
+        np.zeros((2, 3, 96, 96), np.uint8).tofile(folder / f"{prefix}_X.bin")
+        np.ones(3, np.uint8).tofile(folder / f"{prefix}_y.bin")
+    with pytest.raises(BadInput, match="labels"):
+        raw_for("stl10", tmp_path)
+
+
+def test_svhn_reader(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io")
+    images = {"train": rng(7).integers(0, 256, (32, 32, 3, 3), dtype=np.uint8),
+              "test": rng(8).integers(0, 256, (32, 32, 3, 2), dtype=np.uint8)}
+    labels = {"train": np.array([[10], [1], [9]], dtype=np.uint8), "test": np.array([[2], [10]], dtype=np.uint8)}
+    for split in ("train", "test"):
+        scipy_io.savemat(str(tmp_path / f"{split}_32x32.mat"), {"X": images[split], "y": labels[split]})
+    spec, raw = raw_for("svhn", tmp_path)
+    assert tuple(raw.train.images.shape) == (3, 3, 32, 32)
+    assert raw.train.labels.tolist() == [0, 1, 9]  # SVHN's label 10 is the digit 0
+    assert raw.test.labels.tolist() == [2, 0]
+    assert torch.equal(raw.train.images[1], torch.from_numpy(images["train"][:, :, :, 1].transpose(2, 0, 1).copy()))
+
+
+# ---- missing files ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(READERS))
+def test_missing_files_name_the_folder_and_the_fix(tmp_path, name):
+    root = tmp_path / "empty"
+    root.mkdir()
+    with pytest.raises(BadInput) as info:
+        raw_for(name, root)
+    message = str(info.value)
+    assert "\n" not in message
+    assert name in message and str(root) in message
+    assert SPECS[name].how_to_get in message
+    if name == "fashion_mnist":
+        assert "apt-get install dataset-fashion-mnist" in message
+    else:
+        assert "data.download" in message
+
+
+# ---- synthetic ----------------------------------------------------------------------------------------
+
+
+def test_synthetic_is_seeded_and_shaped_by_the_model():
+    config = load_config(None, ["data.name=synthetic", "model.in_channels=1", "model.classes=4"])
+    spec = dataset_spec(config)
+    assert (spec.channels, spec.classes) == (1, 4)
+    a, b, c = make_synthetic(spec, 0), make_synthetic(spec, 0), make_synthetic(spec, 1)
+    assert tuple(a.train.images.shape) == (1024, 1, 32, 32) and tuple(a.test.images.shape) == (256, 1, 32, 32)
+    assert a.train.images.dtype == torch.uint8
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.labels, b.test.labels)
+    assert not torch.equal(a.train.images, c.train.images)
+    assert set(a.train.labels.tolist()) == {0, 1, 2, 3}
