@@ -26,6 +26,10 @@ SCHEDULES = ("cosine", "constant")
 WIRE_DTYPES = ("fp32", "bf16")
 AMP_MODES = ("none", "bf16")
 
+# Deepest Rn a pipeline message can carry (the header has a fixed number of tensor slots).
+MAX_CONTEXT_DEPTH = 21
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
 # Cut points are [stage, block] pairs (stage 0 = the stem), as in REFERENCE.md's tables.
 Cut = list[int]
 
@@ -89,7 +93,7 @@ class LocalConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1
+    epochs: int = 160  # the published recipe (REFERENCE.md)
     max_steps: int = 0  # 0: no cap, run every epoch in full
     lr: float = 0.1
     momentum: float = 0.9
@@ -291,7 +295,7 @@ def validate(config: Config) -> None:
     run, data, model, local, train = config.run, config.data, config.model, config.local, config.train
     _one_of("run.mode", run.mode, MODES)
     _one_of("run.device", run.device, DEVICES)
-    _require(run.seed >= 0, f"run.seed = {run.seed} must be >= 0")
+    _require(0 <= run.seed < 2**32, f"run.seed = {run.seed} must be in [0, 2**32)")
     _require(run.log_every >= 1, f"run.log_every = {run.log_every} must be >= 1")
     _require(bool(run.out_dir), "run.out_dir must name a directory for the outputs")
 
@@ -315,6 +319,7 @@ def validate(config: Config) -> None:
         f"local.context = {local.context!r} looks back {depth} modules but there are only "
         f"{local.modules}; n in Rn must be < local.modules",
     )
+    _require(depth <= MAX_CONTEXT_DEPTH, f"local.context = {local.context!r}: n in Rn must be <= {MAX_CONTEXT_DEPTH}")
     if isinstance(local.partition, str):
         _one_of("local.partition", local.partition, PARTITIONS)
     else:
@@ -334,11 +339,17 @@ def validate(config: Config) -> None:
     _require(train.warmup_epochs >= 0, f"train.warmup_epochs = {train.warmup_epochs} must be >= 0")
     _require(not train.nesterov or train.momentum > 0, "train.nesterov = true needs train.momentum > 0")
     _one_of("train.schedule", train.schedule, SCHEDULES)
+    if train.schedule == "cosine":
+        _require(
+            train.warmup_epochs < train.epochs,
+            f"train.warmup_epochs = {train.warmup_epochs} must be < train.epochs = {train.epochs} with the cosine "
+            f"schedule (the run would never leave warm-up); for short runs use train.schedule = 'constant'",
+        )
 
     pipe = config.pipeline
     _require(pipe.queue_depth >= 1, f"pipeline.queue_depth = {pipe.queue_depth} must be >= 1")
     _one_of("pipeline.wire_dtype", pipe.wire_dtype, WIRE_DTYPES)
-    _require(pipe.timeout_s > 0, f"pipeline.timeout_s = {pipe.timeout_s} must be > 0")
+    _require(0 < pipe.timeout_s <= MAX_TIMEOUT_S, f"pipeline.timeout_s = {pipe.timeout_s} must be in (0, {MAX_TIMEOUT_S:.0f}]")
     _require(pipe.threads_per_stage >= 0, f"pipeline.threads_per_stage = {pipe.threads_per_stage} must be >= 0 (0: automatic)")
     _one_of("precision.amp", config.precision.amp, AMP_MODES)
 

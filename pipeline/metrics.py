@@ -41,24 +41,54 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 @dataclass
 class StageStats:
-    """Seconds one process spent computing and waiting on its links while training."""
+    """Seconds one process spent computing and waiting on its links while training.
+
+    Compute is timed around each training step: on the host clock on CPU, with CUDA events on
+    a GPU (read only when a figure is asked for, so the hot path never waits for the device).
+    """
 
     rank: int
     module: int | str
-    compute_s: float = 0.0
+    device: torch.device = torch.device("cpu")
     recv_wait_s: float = 0.0
     send_wait_s: float = 0.0
     samples: int = 0
-    started: float = field(default_factory=time.perf_counter)
     train_s: float = 0.0  # wall time spent in training epochs (evaluation excluded)
-    logged_compute_s: float = 0.0
+    _compute_s: float = 0.0
+    _logged_compute_s: float = 0.0
+    _started: Any = None
+    _events: list[Any] = field(default_factory=list)
+
+    def begin_compute(self) -> None:
+        if self.device.type == "cuda":
+            self._started = torch.cuda.Event(enable_timing=True)
+            self._started.record()
+        else:
+            self._started = time.perf_counter()
+
+    def end_compute(self) -> None:
+        if self.device.type == "cuda":
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record()
+            self._events.append((self._started, ended))
+        else:
+            self._compute_s += time.perf_counter() - self._started
+
+    @property
+    def compute_s(self) -> float:
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._compute_s += sum(start.elapsed_time(end) for start, end in self._events) / 1000.0
+            self._events.clear()
+        return self._compute_s
 
     def window_compute_s(self) -> float:
         """Compute seconds since the previous call: one timed window's worth."""
-        window, self.logged_compute_s = self.compute_s - self.logged_compute_s, self.compute_s
+        total = self.compute_s
+        window, self._logged_compute_s = total - self._logged_compute_s, total
         return round(window, 5)
 
-    def report(self, device: torch.device) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         wall = max(self.train_s, 1e-9)
         return {
             "rank": self.rank,
@@ -67,7 +97,7 @@ class StageStats:
             "recv_wait_s": round(self.recv_wait_s, 4),
             "send_wait_s": round(self.send_wait_s, 4),
             "busy_fraction": round(min(1.0, self.compute_s / wall), 4),
-            "peak_mem_bytes": peak_memory_bytes(device),
+            "peak_mem_bytes": peak_memory_bytes(self.device),
             "samples_per_s": round(self.samples / wall, 2),
         }
 

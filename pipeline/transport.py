@@ -13,6 +13,7 @@ link keeps exactly one ordered stream of messages on it.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import queue
 import threading
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipeline.config import MAX_CONTEXT_DEPTH
 from pipeline.errors import StageFailure
 
 
@@ -33,7 +35,7 @@ class Kind(enum.IntEnum):
     STOP = 4
 
 
-MAX_TENSORS = 24
+MAX_TENSORS = 3 + MAX_CONTEXT_DEPTH  # labels, features, image, then the register
 MAX_NDIM = 4
 _SLOT = 2 + MAX_NDIM
 HEADER_LEN = 2 + MAX_TENSORS * _SLOT
@@ -51,16 +53,14 @@ class Message:
 def encode_header(kind: Kind, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if len(tensors) > MAX_TENSORS:
         raise ValueError(f"a message holds at most {MAX_TENSORS} tensors, got {len(tensors)}")
-    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    header[0], header[1] = int(kind), len(tensors)
-    for index, tensor in enumerate(tensors):
+    values = [int(kind), len(tensors)]
+    for tensor in tensors:
         if tensor.dim() > MAX_NDIM or tensor.dtype not in DTYPE_ID:
             raise ValueError(f"cannot send a {tensor.dtype} tensor of {tensor.dim()} dims")
-        base = 2 + index * _SLOT
-        header[base] = DTYPE_ID[tensor.dtype]
-        header[base + 1] = tensor.dim()
-        header[base + 2 : base + 2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
-    return header
+        dims = list(tensor.shape) + [0] * (MAX_NDIM - tensor.dim())
+        values += [DTYPE_ID[tensor.dtype], tensor.dim(), *dims]
+    values += [0] * (HEADER_LEN - len(values))
+    return torch.tensor(values, dtype=torch.int64)
 
 
 def decode_header(header: torch.Tensor) -> tuple[Kind, list[tuple[torch.dtype, tuple[int, ...]]]]:
@@ -88,8 +88,12 @@ class Link:
     """Common parts of both ends: the peer, the group, the bounded queue, the deadline."""
 
     def __init__(self, rank: int, peer: int, group: dist.ProcessGroup, device: torch.device,
-                 depth: int, timeout_s: float) -> None:
+                 depth: int, timeout_s: float, wire_dtype: torch.dtype | None = None) -> None:
         self.rank, self.peer, self.group, self.device = rank, peer, group, device
+        # Floating tensors travel in wire_dtype (when set) and are restored to float32 on arrival.
+        self.wire_dtype = wire_dtype
+        # GPU: communication runs on a stream of its own, so it never queues behind compute.
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.queue: queue.Queue[Message | _Failed | None] = queue.Queue(maxsize=depth)
         self.timeout_s = timeout_s
         self.error: BaseException | None = None
@@ -100,6 +104,8 @@ class Link:
 
     def _loop_guarded(self) -> None:
         try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # a new thread starts on GPU 0: no stray context there
             self._loop()
         except BaseException as err:  # any failure must reach the stage, never die silently
             self.error = err
@@ -115,11 +121,6 @@ class Link:
 class Sender(Link):
     """Rank k's end of link k -> k+1."""
 
-    def __init__(self, *args: object, wire_dtype: torch.dtype | None = None, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.wire_dtype = wire_dtype
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-
     def put(self, kind: Kind, tensors: Sequence[torch.Tensor]) -> float:
         """Queue a message; returns the seconds spent waiting for room."""
         message = Message(kind, list(tensors))
@@ -127,6 +128,9 @@ class Sender(Link):
             # The tensors may still be in flight on the compute stream: the send stream waits for this point.
             message.ready = torch.cuda.Event()
             message.ready.record(torch.cuda.current_stream(self.device))
+        return self._enqueue(message)
+
+    def _enqueue(self, message: Message | None) -> float:
         started = time.perf_counter()
         deadline = started + self.timeout_s
         while True:
@@ -144,10 +148,13 @@ class Sender(Link):
 
     def close(self) -> None:
         """Send everything still queued, then stop the thread."""
-        self.queue.put(None, timeout=self.timeout_s)
+        self._enqueue(None)
         self.thread.join(self.timeout_s)
         if self.error is not None:
             raise StageFailure(f"rank {self.rank}: sending to rank {self.peer} failed: {_describe(self.error)}")
+        if self.thread.is_alive():
+            raise StageFailure(f"rank {self.rank}: rank {self.peer} did not take the last messages within "
+                               f"{self.timeout_s:.0f} s (pipeline.timeout_s)")
 
     def _loop(self) -> None:
         while True:
@@ -188,21 +195,36 @@ class Receiver(Link):
         if isinstance(item, _Failed):
             raise StageFailure(f"rank {self.rank}: receiving from rank {self.peer} failed: {_describe(item.cause)}")
         assert item is not None
+        if item.ready is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(item.ready)
+            for tensor in item.tensors:
+                tensor.record_stream(compute)  # allocated on the receive stream, used on the compute one
         return item, time.perf_counter() - started
 
     def _loop(self) -> None:
-        while True:
-            header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-            dist.recv(header, self.peer, group=self.group)
-            kind, specs = decode_header(header.cpu())
-            tensors = []
-            for dtype, shape in specs:
-                tensor = torch.empty(shape, dtype=dtype, device=self.device)
-                dist.recv(tensor, self.peer, group=self.group)
-                tensors.append(tensor.float() if dtype in (torch.bfloat16, torch.float16) else tensor)
-            self.queue.put(Message(kind, tensors))
-            if kind == Kind.STOP:
-                return
+        context = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        with context:
+            while True:
+                message = self._receive()
+                self.queue.put(message)
+                if message.kind == Kind.STOP:
+                    return
+
+    def _receive(self) -> Message:
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        dist.recv(header, self.peer, group=self.group)
+        kind, specs = decode_header(header.cpu())
+        tensors = []
+        for dtype, shape in specs:
+            tensor = torch.empty(shape, dtype=dtype, device=self.device)
+            dist.recv(tensor, self.peer, group=self.group)
+            tensors.append(tensor.float() if self.wire_dtype is not None and dtype == self.wire_dtype else tensor)
+        message = Message(kind, tensors)
+        if self.stream is not None:
+            message.ready = torch.cuda.Event()
+            message.ready.record(self.stream)
+        return message
 
     def _on_error(self, err: BaseException) -> None:
         self.queue.put(_Failed(err))

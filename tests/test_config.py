@@ -74,7 +74,7 @@ def test_toml_file_then_overrides(tmp_path):
 
 
 def test_base_file_is_merged_per_table(tmp_path):
-    (tmp_path / "base.toml").write_text("[run]\nseed = 5\nlog_every = 7\n[train]\nepochs = 3\n")
+    (tmp_path / "base.toml").write_text("[run]\nseed = 5\nlog_every = 7\n[train]\nepochs = 3\nwarmup_epochs = 1\n")
     (tmp_path / "sub").mkdir()
     child = tmp_path / "sub" / "child.toml"
     child.write_text("base = \"../base.toml\"\n[run]\nseed = 9\n")

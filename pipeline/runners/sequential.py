@@ -54,7 +54,7 @@ class LocalLoop:
             ModuleWorker(config, layout, index, device, wrap=self.wrap) for index in range(config.local.modules)
         ]
         self.position = resume_all(config, self.workers, self.cuts)
-        self.stats = StageStats(rank=rank, module="all")
+        self.stats = StageStats(rank=rank, module="all", device=device)
 
     # ---- what the DDP baseline changes ----------------------------------------------------------
 
@@ -100,13 +100,13 @@ class LocalLoop:
                 images, labels = next(batches)
                 stats.samples += len(labels)
                 images, labels = self.shard(images, labels)
-                tick = time.perf_counter()
+                stats.begin_compute()
                 packet: Packet | None = Packet.from_batch(images, labels)
                 for worker in self.workers:
                     assert packet is not None
                     packet, loss = worker.train_step(packet)
                     meter.add(worker.index, loss)
-                stats.compute_s += time.perf_counter() - tick
+                stats.end_compute()
                 meter.tick()
                 step = event.step
                 if step % config.run.log_every == 0:
@@ -127,7 +127,7 @@ class LocalLoop:
                     checkpoint.save(out_dir, worker, event.resume_at, identity)
             progress.exclude(time.perf_counter() - paused)
 
-        stages = self.gather_stages(stats.report(self.device))
+        stages = self.gather_stages(stats.report())
         if not writer:
             return None
         return write_summary(

@@ -90,13 +90,11 @@ class Stage:
         pipe = config.pipeline
         links = [dist.new_group([k, k + 1]) for k in range(self.modules - 1)]  # every rank, same order
         wire = torch.bfloat16 if pipe.wire_dtype == "bf16" else None
-        common = {"device": self.device, "depth": pipe.queue_depth, "timeout_s": pipe.timeout_s}
+        common = {"device": self.device, "depth": pipe.queue_depth, "timeout_s": pipe.timeout_s, "wire_dtype": wire}
         self.inbox = Receiver(self.rank, self.rank - 1, links[self.rank - 1], **common) if self.rank > 0 else None
-        self.outbox = (
-            Sender(self.rank, self.rank + 1, links[self.rank], wire_dtype=wire, **common) if not self.last else None
-        )
+        self.outbox = Sender(self.rank, self.rank + 1, links[self.rank], **common) if not self.last else None
 
-        self.stats = StageStats(rank=self.rank, module=self.rank)
+        self.stats = StageStats(rank=self.rank, module=self.rank, device=self.device)
         self.meter = LossMeter([self.rank])
         self.log = MetricsLog(config.run.out_dir, self.rank)
         limits = (config.train.epochs, self.batches_per_epoch, config.train.max_steps)
@@ -178,17 +176,15 @@ class Stage:
     # ---- what each message does --------------------------------------------------------------
 
     def _train(self, packet: Packet, waited: float) -> None:
-        tick = time.perf_counter()
-        following, loss = self.worker.train_step(packet)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # so compute_s is the GPU's time, not launch time
-        compute = time.perf_counter() - tick
-        sent = self._forward(Kind.TRAIN, following.tensors()) if following is not None else 0.0
         stats = self.stats
-        stats.compute_s += compute
+        tick = time.perf_counter()
+        stats.begin_compute()
+        following, loss = self.worker.train_step(packet)
+        stats.end_compute()
+        sent = self._forward(Kind.TRAIN, following.tensors()) if following is not None else 0.0
         stats.recv_wait_s += waited
         stats.send_wait_s += sent
-        stats.train_s += waited + compute + sent
+        stats.train_s += waited + time.perf_counter() - tick
         stats.samples += len(packet.labels)
         self.meter.add(0, loss)
         self.meter.tick()
@@ -250,7 +246,7 @@ class Stage:
 
     def _write_summary(self) -> None:
         report = {
-            "stage": self.stats.report(self.device),
+            "stage": self.stats.report(),
             "samples": self.stats.samples,
             "train_s": self.stats.train_s,
             "accuracy": self.accuracy,
