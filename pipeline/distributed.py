@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from pipeline.config import Config
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, StageFailure
 
 
 def resolve_device(config: Config, local_rank: int = 0) -> torch.device:
@@ -54,6 +56,23 @@ def init_process_group(world: World, timeout_s: float) -> None:
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=world.device if backend == "nccl" else None,
     )
+
+
+@contextlib.contextmanager
+def failures_named(who: str) -> Iterator[None]:
+    """Turn any failure inside into one StageFailure line that names this process.
+
+    Bad input stays bad input (exit 2). The entry point then leaves at once, without tearing the
+    group down, since peers may be blocked talking to this process.
+    """
+    try:
+        yield
+    except BadInput:
+        raise
+    except StageFailure as err:
+        raise StageFailure(f"{who} failed: {err}") from None
+    except Exception as err:  # whatever broke, the job must end with this rank named
+        raise StageFailure(f"{who} failed: {type(err).__name__}: {err}") from None
 
 
 def limit_cpu_threads(world: World, threads: int) -> int:

@@ -58,7 +58,8 @@ class ModuleWorker:
     def train_step(self, packet: Packet) -> tuple[Packet | None, torch.Tensor]:
         """Forward, local loss, backward, own optimizer step; returns (packet for k+1, loss)."""
         packet = self._prepare(packet)
-        self.module.train()
+        if not self.module.training:  # switching walks every submodule: only on a change
+            self.module.train()
         with self._autocast():
             inputs, output, loss = self.trainable(packet)
         self.optimizer.zero_grad(set_to_none=True)
@@ -71,7 +72,8 @@ class ModuleWorker:
     def eval_step(self, packet: Packet) -> Packet | torch.Tensor:
         """The packet for module k+1, or on the last module the count of correct predictions."""
         packet = self._prepare(packet)
-        self.module.eval()
+        if self.module.training:
+            self.module.eval()
         with self._autocast():
             inputs, output = self.module.features(packet)
             if self.last:

@@ -8,6 +8,8 @@ rank — and any resumed run sees exactly the same batches.
 from __future__ import annotations
 
 from collections.abc import Iterator
+import struct
+import zlib
 from pathlib import Path
 
 import torch
@@ -27,7 +29,16 @@ def load_raw(config: Config) -> tuple[DatasetSpec, RawDataset]:
     root = Path(config.data.root or spec.default_root).expanduser()
     if config.data.download:
         _download(spec, root)
-    return spec, READERS[spec.name](root, spec)
+    try:
+        raw = READERS[spec.name](root, spec)
+    except (OSError, EOFError, ValueError, KeyError, IndexError, struct.error, zlib.error) as err:
+        raise BadInput(f"{spec.name}: the files under {str(root)!r} are damaged or not in the expected format "
+                       f"({type(err).__name__}: {err}); {spec.how_to_get}") from None
+    for name, split in (("train", raw.train), ("test", raw.test)):
+        if len(split.images) != len(split.labels) or len(split.labels) == 0:
+            raise BadInput(f"{spec.name}: the {name} split under {str(root)!r} has {len(split.images)} images and "
+                           f"{len(split.labels)} labels; {spec.how_to_get}")
+    return spec, raw
 
 
 def _download(spec: DatasetSpec, root: Path) -> None:
@@ -49,8 +60,9 @@ def _download(spec: DatasetSpec, root: Path) -> None:
     try:
         for train in (True, False):
             fetchers[spec.name](train)
-    except OSError as err:
-        raise BadInput(f"{spec.name}: download into {str(root)!r} failed ({err}); copy the files there instead") from None
+    except Exception as err:  # network, checksum and archive errors all mean the same to the user
+        raise BadInput(f"{spec.name}: download into {str(root)!r} failed ({type(err).__name__}: {err}); "
+                       f"copy the files there instead") from None
 
 
 def _seed(*parts: int) -> int:
@@ -64,7 +76,7 @@ class BatchLoader:
     """Batches of one split, resident on ``device``; ``batches(epoch, start)`` resumes mid-epoch."""
 
     def __init__(self, split: Split, spec: DatasetSpec, batch_size: int, device: torch.device,
-                 seed: int, train: bool, augment: bool) -> None:
+                 seed: int, train: bool, augment: bool, smallest_batch: int = 1) -> None:
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.spec = spec
@@ -73,14 +85,15 @@ class BatchLoader:
         self.seed = seed
         self.train = train
         self.augment = augment and train
+        self.smallest_batch = smallest_batch
         shape = (1, spec.channels, 1, 1)
         self.mean = torch.tensor(spec.mean, device=device).view(shape)
         self.std = torch.tensor(spec.std, device=device).view(shape)
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.labels), self.batch_size)
-        # A training batch of one sample would break batch norm: it is dropped.
-        return full + (1 if rest >= (2 if self.train else 1) else 0)
+        # A final batch too small to train on (batch norm needs 2 samples per process) is dropped.
+        return full + (1 if rest >= self.smallest_batch else 0)
 
     @property
     def samples(self) -> int:
@@ -117,7 +130,8 @@ class BatchLoader:
         rows = top + torch.arange(height)
         columns = left + torch.where(flip, torch.arange(width - 1, -1, -1), torch.arange(width))
         padded = F.pad(images, (pad, pad, pad, pad), mode=spec.pad_mode)
-        rows, columns = rows.to(self.device), columns.to(self.device)
+        # One host-to-device copy per batch for all the random indices.
+        rows, columns = torch.cat([rows, columns], 1).to(self.device).split([height, width], 1)
         return padded[
             torch.arange(count, device=self.device)[:, None, None, None],
             torch.arange(channels, device=self.device)[None, :, None, None],
@@ -126,17 +140,11 @@ class BatchLoader:
         ]
 
 
-def denormalise(images: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
-    """The network's input back to [0, 1] pixels: the reconstruction decoder's target."""
-    shape = (1, spec.channels, 1, 1)
-    mean = torch.tensor(spec.mean, device=images.device, dtype=images.dtype).view(shape)
-    std = torch.tensor(spec.std, device=images.device, dtype=images.dtype).view(shape)
-    return (images * std + mean).clamp(0.0, 1.0)
-
-
-def make_loaders(config: Config, device: torch.device) -> tuple[BatchLoader, BatchLoader]:
+def make_loaders(config: Config, device: torch.device, processes: int = 1) -> tuple[BatchLoader, BatchLoader]:
+    """Train and test loaders; ``processes`` share each training batch (DDP)."""
     spec, raw = load_raw(config)
     data = config.data
-    train = BatchLoader(raw.train, spec, data.batch_size, device, config.run.seed, True, data.augment)
+    train = BatchLoader(raw.train, spec, data.batch_size, device, config.run.seed, True, data.augment,
+                        smallest_batch=2 * processes)
     test = BatchLoader(raw.test, spec, data.batch_size, device, config.run.seed, False, False)
     return train, test

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.data.loader import denormalise
 from pipeline.data.specs import DatasetSpec
 from pipeline.model.context import ContextPlan, ImageEncoder, InputEncoder
 from pipeline.model.decoder import Decoder, reconstruction_loss
@@ -55,7 +54,6 @@ class LocalModule(nn.Module):
         self.index = index
         self.last = index == len(layout.ranges) - 1
         self.plan = layout.plan
-        self.spec = layout.spec
         self.loss_kind = local.loss
         self.ixx, self.ixy = loss_weights(config, index)
         start, end = layout.ranges[index]
@@ -76,7 +74,8 @@ class LocalModule(nn.Module):
             head_out = classes if local.loss == "softmax" else local.aux_feature_dim
             self.head = build_aux_head(local.aux, out.channels, head_out, local.aux_widen, local.aux_feature_dim)
         self.decoder = (
-            Decoder(out.channels, layout.spec.channels, layout.spec.image_size, local.aux_widen)
+            Decoder(out.channels, layout.spec.channels, layout.spec.image_size, local.aux_widen,
+                    layout.spec.mean, layout.spec.std)
             if local.reconstruct and not self.last
             else None
         )
@@ -109,7 +108,7 @@ class LocalModule(nn.Module):
         if self.decoder is None:
             return loss
         assert packet.image is not None
-        target = denormalise(packet.image.detach(), self.spec)
+        target = self.decoder.target(packet.image.detach())
         return self.ixx * reconstruction_loss(self.decoder(output), target) + self.ixy * loss
 
     def next_packet(self, packet: Packet, inputs: torch.Tensor, output: torch.Tensor) -> Packet:

@@ -1,9 +1,10 @@
 """The end-to-end baseline: the whole network (K = 1) under DistributedDataParallel.
 
-Every rank walks the same data order and takes its slice of each global batch, so the
-optimizer sees the gradient of the same global batch the single-process run sees. Batch norm
-stays per rank (torch's DDP default; SyncBatchNorm is GPU-only), with running statistics
-broadcast from rank 0 at each step.
+Every rank walks the same data order and takes its slice of each global batch; DDP averages
+the ranks' gradients, which is the global batch's gradient when the slices are equal (a batch
+that does not divide by N gives slices one sample apart). Batch norm stays per rank (torch's
+DDP default; SyncBatchNorm is GPU-only), with running statistics broadcast from rank 0 at
+each step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import Config
-from pipeline.distributed import init_process_group, limit_cpu_threads, world_from_env
+from pipeline.distributed import failures_named, init_process_group, limit_cpu_threads, world_from_env
+from pipeline.errors import BadInput
 from pipeline.runners.sequential import LocalLoop
 
 
@@ -44,10 +46,16 @@ def run_ddp(config: Config) -> None:
     world = world_from_env(config)
     if world.device.type == "cpu":
         limit_cpu_threads(world, config.pipeline.threads_per_stage)
+    if config.data.batch_size < 2 * world.size:
+        raise BadInput(
+            f"data.batch_size = {config.data.batch_size} leaves some of the {world.size} DDP ranks fewer than 2 "
+            f"samples (batch norm needs 2); use data.batch_size >= {2 * world.size}"
+        )
     init_process_group(world, config.pipeline.timeout_s)
-    loop = DataParallelLoop(config, world.device, world.rank, world.size)
-    loop.run()
-    # DDP's reducer holds the group: release it, and let every rank finish, before the teardown.
-    del loop
-    dist.barrier()
+    with failures_named(f"ddp rank {world.rank}"):
+        loop = DataParallelLoop(config, world.device, world.rank, world.size)
+        loop.run()
+        # DDP's reducer holds the group: release it, and let every rank finish, before the teardown.
+        del loop
+        dist.barrier()
     dist.destroy_process_group()

@@ -47,7 +47,7 @@ class LocalLoop:
         self.started = time.perf_counter()
         self.config, self.device = config, device
         self.rank, self.world_size = rank, world_size
-        self.train, self.test = make_loaders(config, device)
+        self.train, self.test = make_loaders(config, device, processes=world_size)
         self.cuts = resolve_cuts(config, self.train.spec, device)
         layout = make_layout(config, self.train.spec, self.cuts)
         self.workers = [

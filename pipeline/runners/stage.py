@@ -9,8 +9,6 @@ down the same links, so every stage sees the same order of events as the sequent
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from typing import Any
 
@@ -21,7 +19,7 @@ from pipeline import checkpoint
 from pipeline.config import Config
 from pipeline.data.loader import BatchLoader, make_loaders
 from pipeline.data.specs import dataset_spec
-from pipeline.distributed import World, init_process_group, limit_cpu_threads, world_from_env
+from pipeline.distributed import World, failures_named, init_process_group, limit_cpu_threads, world_from_env
 from pipeline.errors import BadInput, StageFailure
 from pipeline.metrics import LossMeter, MetricsLog, Progress, StageStats, say, write_summary
 from pipeline.model.network import make_layout, resolve_cuts
@@ -46,23 +44,9 @@ def run_stage(config: Config) -> None:
     # Rank 0 reads the data before joining the group, so a bad data path exits 2 at once.
     loaders = make_loaders(config, world.device) if world.rank == 0 else None
     init_process_group(world, config.pipeline.timeout_s)
-    code = 0
-    try:
+    with failures_named(f"stage on rank {world.rank} (module {world.rank})"):
         Stage(config, world, loaders, started).run()
-    except BadInput as err:
-        say_error(f"error: {err}")
-        code = 2
-    except Exception as err:  # any failure of this stage ends the job with the stage named
-        say_error(f"error: stage failed on rank {world.rank} (module {world.rank}): {type(err).__name__}: {err}")
-        code = 1
-    if code:
-        # Peers may be blocked in communication with us: leave without tearing the group down.
-        os._exit(code)
     dist.destroy_process_group()
-
-
-def say_error(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 class Stage:

@@ -7,13 +7,19 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import load_config
-from pipeline.data.loader import BatchLoader, denormalise, make_loaders
+from pipeline.data.loader import BatchLoader, make_loaders
 from pipeline.data.readers import Split
 from pipeline.data.specs import SPECS, DatasetSpec, dataset_spec
 from pipeline.errors import BadInput
 
 CPU = torch.device("cpu")
 
+
+
+def to_pixels(images, spec):
+    """Undo the loader's normalisation: back to 0..255 pixel values."""
+    shape = (1, spec.channels, 1, 1)
+    return (images * torch.tensor(spec.std).view(shape) + torch.tensor(spec.mean).view(shape)) * 255.0
 
 def toy_spec(pad: int = 2, pad_mode: str = "constant", flip: bool = True) -> DatasetSpec:
     return DatasetSpec("toy", 3, 10, 8, (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), pad, pad_mode, flip, "", "")
@@ -27,7 +33,8 @@ def toy_split(count: int) -> Split:
 
 
 def loader(count=32, batch=8, seed=5, train=True, augment=True, spec=None) -> BatchLoader:
-    return BatchLoader(toy_split(count), spec or toy_spec(), batch, CPU, seed, train, augment)
+    return BatchLoader(toy_split(count), spec or toy_spec(), batch, CPU, seed, train, augment,
+                       smallest_batch=2 if train else 1)
 
 
 def normalised(spec: DatasetSpec, images: torch.Tensor) -> torch.Tensor:
@@ -135,7 +142,7 @@ def test_every_augmented_sample_is_a_possibly_mirrored_crop(pad_mode):
     seen = set()
     for images, labels in epoch(train, 1):
         assert images.shape == (16, 3, 8, 8)  # crop and flip keep the shape
-        pixels = denormalise(images, spec) * 255.0
+        pixels = to_pixels(images, spec)
         for sample, label in zip(pixels.round(), labels):
             kinds = crop_kind(sample, raw[label], spec.crop_pad, pad_mode)
             assert kinds, f"sample {int(label)} is no crop of its padded image"
@@ -160,7 +167,7 @@ def test_no_flip_for_svhn_like_specs():
     train = loader(count=32, batch=32, spec=spec)
     raw = toy_split(32).images
     ((images, labels),) = epoch(train, 1)
-    pixels = (denormalise(images, spec) * 255.0).round()
+    pixels = to_pixels(images, spec).round()
     shifted = 0
     for sample, label in zip(pixels, labels):
         kinds = crop_kind(sample, raw[label], 2, "constant")

@@ -81,7 +81,7 @@ def test_raising_stage_ends_the_job(tmp_path: Path) -> None:
                         "run.log_every=1", "train.max_steps=200"], timeout=90)
     assert done.returncode != 0
     assert time.monotonic() - started < 60
-    assert "stage failed on rank" in done.stderr and "loss is nan" in done.stderr
+    assert "error: stage on rank" in done.stderr and "failed: module" in done.stderr and "loss is nan" in done.stderr
 
 
 def test_killed_stage_ends_the_job(tmp_path: Path) -> None:
