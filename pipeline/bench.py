@@ -101,16 +101,19 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
         raise BadInput(f"--nproc = {nproc}: the benchmark compares N processes; use --nproc 2 or more")
     if steps < 2 * window:
         raise BadInput(f"--steps = {steps} must be at least two windows (2 x --window = {2 * window})")
-    base = load_config(config_path, sets)
-    local = load_config(config_path, [*sets, f"local.modules={nproc}", *_partition(base)])
+    base = load_config(config_path, [*sets, "local.modules=1", "local.partition=equal", "local.context=R0"])
+    chosen = load_config(config_path, sets).local.partition
+    if isinstance(chosen, list) and len(chosen) + 1 != nproc:
+        raise BadInput(f"--nproc = {nproc} but the config's local.partition cuts the network into "
+                       f"{len(chosen) + 1} modules; use --nproc {len(chosen) + 1}")
+    local = load_config(config_path, [*sets, f"local.modules={nproc}", *_partition(chosen)])
     spec = dataset_spec(local)
     cuts = _profile_cuts(local, spec, nproc)
     explicit = json.dumps([flat_to_cut(cut, local.model.blocks_per_stage) for cut in cuts])
-    e2e = load_config(config_path, [*sets, "local.modules=1", "local.context=R0"])
     batch = base.data.batch_size
     activation = {
-        "e2e": module_activation_bytes(e2e, spec, [], batch)[0],
-        "ddp": module_activation_bytes(e2e, spec, [], -(-batch // nproc))[0],
+        "e2e": module_activation_bytes(base, spec, [], batch)[0],
+        "ddp": module_activation_bytes(base, spec, [], -(-batch // nproc))[0],
         "local": module_activation_bytes(local, spec, cuts, batch),
     }
 
@@ -121,7 +124,7 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
             *sets, f"run.mode={run.mode}", f"run.out_dir={out}", f"train.max_steps={steps}", f"run.log_every={window}",
             "run.resume=\"\"", f"local.modules={run.modules}", "train.epochs=1000000",
         ]
-        run_sets += ["local.context=R0"] if run.modules == 1 else [f"local.partition={explicit}"]
+        run_sets += ["local.context=R0", "local.partition=equal"] if run.modules == 1 else [f"local.partition={explicit}"]
         if run.processes > 1:
             run_sets.append(f"pipeline.threads_per_stage={max(1, (os.cpu_count() or 1) // run.processes)}")
         command = command_for(run, config_path, run_sets)
@@ -167,9 +170,8 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
     return report
 
 
-def _partition(config: Config) -> list[str]:
+def _partition(chosen: str | list[list[int]]) -> list[str]:
     """The cuts the local runs use: the config's explicit list or balanced-memory, else balanced-time."""
-    chosen = config.local.partition
     return [] if isinstance(chosen, list) or chosen == "balanced-memory" else ["local.partition=balanced-time"]
 
 

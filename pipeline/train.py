@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from pipeline.cli import ArgumentParser, run_main
 from pipeline.config import Config, load_config
+from pipeline.errors import BadInput
 
 
 def parse_config(argv: list[str] | None) -> Config:
@@ -22,7 +24,19 @@ def parse_config(argv: list[str] | None) -> Config:
     return load_config(args.config, args.set)
 
 
+def prepare_out_dir(config: Config) -> None:
+    path = Path(config.run.out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise BadInput(f"run.out_dir = {str(path)!r} cannot be written ({err.strerror}); choose a writable folder") from None
+
+
 def train(config: Config) -> None:
+    prepare_out_dir(config)
     if config.run.mode == "sequential":
         from pipeline.runners.sequential import run_sequential
 
