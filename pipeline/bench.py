@@ -25,6 +25,7 @@ import torch
 from pipeline.cli import ArgumentParser, run_main
 from pipeline.config import Config, load_config
 from pipeline.data.specs import dataset_spec
+from pipeline.distributed import keep_freed_host_memory
 from pipeline.errors import BadInput, StageFailure
 from pipeline.metrics import say
 from pipeline.model.network import resolve_cuts
@@ -101,6 +102,7 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
         raise BadInput(f"--nproc = {nproc}: the benchmark compares N processes; use --nproc 2 or more")
     if steps < 2 * window:
         raise BadInput(f"--steps = {steps} must be at least two windows (2 x --window = {2 * window})")
+    keep_freed_host_memory()  # as in the runs, so the profiled block times match theirs
     base = load_config(config_path, [*sets, "local.modules=1", "local.partition=equal", "local.context=R0"])
     chosen = load_config(config_path, sets).local.partition
     if isinstance(chosen, list) and len(chosen) + 1 != nproc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import os
 from collections.abc import Iterator
@@ -13,6 +14,25 @@ import torch.distributed as dist
 
 from pipeline.config import Config
 from pipeline.errors import BadInput, StageFailure
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def keep_freed_host_memory() -> None:
+    """Stop glibc from handing each step's activations back to the OS and faulting them in again.
+
+    Activations of a few MiB each are freed at every backward; glibc unmaps (or trims) them and
+    the next forward pays the page faults again: measured here, a ResNet-32 module's forward
+    took 0.27 s instead of 0.14 s. Keeping freed blocks in the heap is what PyTorch's CPU
+    performance guide gets from jemalloc or tcmalloc. Applies to every mode alike.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest allowed value
+        libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator does not behave this way
 
 
 def resolve_device(config: Config, local_rank: int = 0) -> torch.device:

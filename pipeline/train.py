@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pipeline.cli import ArgumentParser, run_main
 from pipeline.config import Config, load_config
+from pipeline.distributed import keep_freed_host_memory
 from pipeline.errors import BadInput
 
 
@@ -37,6 +38,7 @@ def prepare_out_dir(config: Config) -> None:
 
 def train(config: Config) -> None:
     prepare_out_dir(config)
+    keep_freed_host_memory()
     if config.run.mode == "sequential":
         from pipeline.runners.sequential import run_sequential
 
