@@ -22,7 +22,7 @@ DATASETS = ("fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "synthetic"
 PARTITIONS = ("equal", "balanced-memory", "balanced-time")
 LOSSES = ("softmax", "contrast")
 AUX_HEADS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "cosine-step", "constant")
 WIRE_DTYPES = ("fp32", "bf16")
 AMP_MODES = ("none", "bf16")
 

@@ -17,14 +17,18 @@ def make_optimizer(module: nn.Module, train: TrainConfig) -> torch.optim.SGD:
     )
 
 
-def learning_rate(train: TrainConfig, epoch: int) -> float:
-    """The rate for 1-based ``epoch``.
+def learning_rate(train: TrainConfig, epoch: int, step: int = 1, total_steps: int = 1) -> float:
+    """The rate for 1-based ``epoch`` and 1-based ``step`` of a run of ``total_steps``.
 
-    cosine: 0.5 * lr * (1 + cos(pi * e / epochs)), the first warmup_epochs blending linearly
-    from 0.01 into it, exactly as the published runs; constant: lr throughout.
+    cosine: per epoch, 0.5 * lr * (1 + cos(pi * e / epochs)), the first warmup_epochs blending
+    linearly from 0.01 into it, exactly as the published runs; cosine-step: per step from lr
+    down towards 0 over the whole run, no warm-up (short runs, where the per-epoch rate would
+    not decay, and batch-norm statistics would lag the weights); constant: lr throughout.
     """
     if train.schedule == "constant":
         return train.lr
+    if train.schedule == "cosine-step":
+        return 0.5 * train.lr * (1 + math.cos(math.pi * (step - 1) / max(total_steps, 1)))
     cosine = 0.5 * train.lr * (1 + math.cos(math.pi * epoch / train.epochs))
     warmup = train.warmup_epochs
     if epoch <= warmup:

@@ -32,15 +32,20 @@ class ModuleWorker:
         self.optimizer = make_optimizer(self.module, config.train)
         self.channels_last = config.precision.channels_last
         self.amp = config.precision.amp == "bf16"
-        self.start_epoch(1)
+        self.total_steps = 1  # the run's length in steps, for per-step schedules: set by the runner
+        self.lr = learning_rate(config.train, 1)
+        set_learning_rate(self.optimizer, self.lr)
 
     @property
     def last(self) -> bool:
         return self.module.last
 
-    def start_epoch(self, epoch: int) -> None:
-        self.lr = learning_rate(self.train_config, epoch)
-        set_learning_rate(self.optimizer, self.lr)
+    def at_step(self, epoch: int, step: int) -> None:
+        """Set the rate for the step about to run (1-based, counted from the start of training)."""
+        rate = learning_rate(self.train_config, epoch, step, self.total_steps)
+        if rate != self.lr:
+            self.lr = rate
+            set_learning_rate(self.optimizer, rate)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if not self.amp:

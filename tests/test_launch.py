@@ -69,7 +69,7 @@ def test_quickstart() -> None:
     assert (config.data.name, config.model.arch, config.data.batch_size) == ("fashion_mnist", "resnet32", 128)
     local, train = config.local, config.train
     assert (local.modules, local.context, local.loss, local.aux) == (4, "R1E", "softmax", "1c2f")
-    assert (train.epochs, train.lr, train.schedule, train.warmup_epochs) == (1, 0.1, "constant", 0)
+    assert (train.epochs, train.lr, train.schedule, train.warmup_epochs) == (1, 0.1, "cosine-step", 0)
     assert (config.run.mode, config.run.out_dir, config.run.log_every) == ("sequential", "runs/quickstart", 50)
 
 
@@ -80,7 +80,7 @@ def test_fashion_mnist_set_shares_one_budget() -> None:
     assert len(budgets) == 1, "every row trains with the same budget"
     one = rows["e2e"]
     assert (one.train.epochs, one.data.batch_size, one.train.lr, one.train.schedule, one.train.warmup_epochs) == (
-        2, 128, 0.1, "constant", 0)
+        1, 128, 0.1, "cosine-step", 0)
     assert one.data.name == "fashion_mnist" and one.model.arch == "resnet32"
     assert rows["e2e"].local.modules == 1
     greedy = rows["greedy_sl"].local

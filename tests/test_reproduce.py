@@ -125,7 +125,7 @@ def test_collect_on_the_fashion_mnist_set_via_the_command_line(tmp_path: Path,
 
 def test_short_runs_are_marked_and_foreign_runs_ignored(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    write_summary(runs / "e2e", FASHION / "e2e.toml", 0.8, **{"train.epochs": 1})
+    write_summary(runs / "e2e", FASHION / "e2e.toml", 0.8, **{"train.epochs": 3})
     write_summary(runs / "greedy_sl", FASHION / "greedy_sl.toml", 0.8, **{"local.context": "R1"})
     write_summary(runs / "somebody_else", FASHION / "e2e.toml", 0.8, **{"run.out_dir": "runs/x/other"})
     text, warnings = collect(FASHION, runs)

@@ -49,7 +49,7 @@ def test_K1_equals_a_plain_end_to_end_step(arch, seed, make_config):
     train, _ = make_loaders(config, CPU)
     rate = learning_rate(config.train, 2)
     optimizer = torch.optim.SGD(reference.parameters(), lr=rate, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    worker.start_epoch(2)
+    worker.at_step(2, 1)
     assert worker.optimizer.param_groups[0]["lr"] == rate
     reference.train()
     for images, labels in list(train.batches(2))[:2]:  # two steps: momentum is exercised too
@@ -94,7 +94,7 @@ def test_a_step_leaves_every_other_module_untouched(context, extra, make_config,
     config = make_config("local.modules=4", f"local.context={context}", *extra)
     workers = workers_for(config)
     for worker in workers:
-        worker.start_epoch(1)
+        worker.at_step(1, 1)
     images, labels = image_batch(dataset_spec(config), batch=8)
     packet = Packet.from_batch(images, labels)
     for index, worker in enumerate(workers):
@@ -123,7 +123,7 @@ def test_a_step_leaves_every_other_module_untouched(context, extra, make_config,
 
 
 def test_a_new_worker_runs_at_the_rate_it_reports(make_config):
-    """Before start_epoch is called the optimizer must already use the epoch-1 rate worker.lr shows."""
+    """Before at_step is called the optimizer must already use the epoch-1 rate worker.lr shows."""
     config = make_config("local.modules=2", "train.lr=0.4", "train.warmup_epochs=5", "train.epochs=10")
     for worker in workers_for(config):
         assert worker.lr == pytest.approx(learning_rate(config.train, 1))
@@ -136,7 +136,7 @@ def test_state_dict_round_trip(make_config, image_batch):
     images, labels = image_batch(dataset_spec(config), batch=8)
     packet = Packet.from_batch(images, labels)
     for worker in first:
-        worker.start_epoch(1)
+        worker.at_step(1, 1)
         packet, _ = worker.train_step(packet)
     for source, target in zip(first, second):
         target.load_state_dict(source.state_dict())

@@ -54,6 +54,9 @@ class LocalLoop:
             ModuleWorker(config, layout, index, device, wrap=self.wrap) for index in range(config.local.modules)
         ]
         self.position = resume_all(config, self.workers, self.cuts)
+        length = total_steps(Position(), config.train.epochs, len(self.train), config.train.max_steps)
+        for worker in self.workers:
+            worker.total_steps = length
         self.stats = StageStats(rank=rank, module="all", device=device)
 
     # ---- what the DDP baseline changes ----------------------------------------------------------
@@ -95,8 +98,8 @@ class LocalLoop:
                 if event.epoch != epoch:
                     epoch, epoch_started = event.epoch, time.perf_counter()
                     batches = self.train.batches(epoch, event.batch)
-                    for worker in self.workers:
-                        worker.start_epoch(epoch)
+                for worker in self.workers:
+                    worker.at_step(epoch, event.step)
                 images, labels = next(batches)
                 stats.samples += len(labels)
                 images, labels = self.shard(images, labels)

@@ -68,6 +68,8 @@ class Stage:
         self.cuts, self.batches_per_epoch = facts[0]
         self.layout = make_layout(config, spec, self.cuts)
         self.worker = ModuleWorker(config, self.layout, self.rank, self.device)
+        self.worker.total_steps = total_steps(Position(), config.train.epochs, self.batches_per_epoch,
+                                              config.train.max_steps)
         self.identity = checkpoint.identity_of(config, self.cuts)
         self.position = self._resume()
 
@@ -112,7 +114,6 @@ class Stage:
         for module in (self.inbox, self.outbox):
             if module is not None:
                 module.start()
-        self.worker.start_epoch(self.position.epoch)
         if self.rank == 0:
             self._feed()
         else:
@@ -162,6 +163,7 @@ class Stage:
     def _train(self, packet: Packet, waited: float) -> None:
         stats = self.stats
         tick = time.perf_counter()
+        self.worker.at_step(self._epoch_of(self.step + 1), self.step + 1)
         stats.begin_compute()
         following, loss = self.worker.train_step(packet)
         stats.end_compute()
@@ -197,8 +199,6 @@ class Stage:
             say(f"[stage {self.rank}] epoch {event.epoch} step {self.step}: test accuracy {self.accuracy:.4f}")
             self.correct.zero_()
             self.evaluated = 0
-        if not event.final:
-            self.worker.start_epoch(event.resume_at.epoch)
 
     def _forward(self, kind: Kind, tensors: list[torch.Tensor]) -> float:
         return self.outbox.put(kind, tensors) if self.outbox is not None else 0.0
@@ -220,13 +220,14 @@ class Stage:
 
     def _log_losses(self) -> None:
         (loss,) = self.meter.means(self.step)
-        text, rate = self.progress.line(self._epoch_of(), self.step, [loss])
+        text, rate = self.progress.line(self._epoch_of(self.step), self.step, [loss])
         say(text)
-        self.log.write(event="train", module=self.rank, epoch=self._epoch_of(), step=self.step, loss=loss,
+        self.log.write(event="train", module=self.rank, epoch=self._epoch_of(self.step), step=self.step, loss=loss,
                        lr=self.worker.lr, samples_per_s=round(rate, 2), window_compute_s=self.stats.window_compute_s())
 
-    def _epoch_of(self) -> int:
-        return (self.step - 1) // max(self.batches_per_epoch, 1) + 1
+    def _epoch_of(self, step: int) -> int:
+        """The epoch a 1-based step belongs to: every epoch has the same number of steps."""
+        return (step - 1) // max(self.batches_per_epoch, 1) + 1
 
     def _write_summary(self) -> None:
         report = {

@@ -24,7 +24,7 @@ def emulate_ddp(tmp: Path) -> dict[str, object]:
     layout = make_layout(config, train.spec, resolve_cuts(config, train.spec, device))
     worker = ModuleWorker(config, layout, 0, device)
     module, optimizer = worker.module, worker.optimizer
-    worker.start_epoch(1)
+    worker.at_step(1, 1)
     module.train()
     for images, labels in itertools.islice(train.batches(1), STEPS):
         optimizer.zero_grad()

@@ -77,7 +77,7 @@ def test_run_equals_stepping_the_workers_by_hand(make_config, tmp_path):
     workers = [ModuleWorker(config, layout, index, CPU) for index in range(2)]
     train, test = make_loaders(config, CPU)
     for worker in workers:
-        worker.start_epoch(1)
+        worker.at_step(1, 1)
     for step, (images, labels) in zip(range(3), train.batches(1)):
         packet = Packet.from_batch(images, labels)
         for worker in workers:

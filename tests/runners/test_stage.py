@@ -36,10 +36,10 @@ def _assert_same_modules(first: Path, second: Path, modules: int) -> None:
         (2, ["local.context=R0"]),
         (2, ["local.context=E", "local.reconstruct=true", "local.ixx_1=2.0", "local.ixy_1=0.5"]),
         (4, ["local.context=R1", "local.reconstruct=true", "local.loss=contrast"]),
-        (4, ["local.context=R1E"]),
+        (4, ["local.context=R1E", "train.schedule=cosine-step"]),
         (4, ["local.context=R2E", "local.reconstruct=true", "local.ixx_2=0.0", "local.ixy_2=2.0"]),
     ],
-    ids=["K2-R0", "K2-E-decoder", "K4-R1-decoder-contrast", "K4-R1E", "K4-R2E-decoder"],
+    ids=["K2-R0", "K2-E-decoder", "K4-R1-decoder-contrast", "K4-R1E-cosine-step", "K4-R2E-decoder"],
 )
 def test_pipeline_equals_sequential(tmp_path: Path, single_thread: None, modules: int, extra: list[str]) -> None:
     overrides = [f"local.modules={modules}", f"train.max_steps={STEPS}", *extra]
