@@ -56,6 +56,18 @@ def test_pipeline_equals_sequential(tmp_path: Path, single_thread: None, modules
     assert {line["rank"] for line in logged if line["event"] == "train"} == set(range(modules))
 
 
+def test_bf16_wire_trains_close_to_the_reference(tmp_path: Path, single_thread: None) -> None:
+    """bf16 on the wire rounds activations: not equal to sequential, but close after a few steps."""
+    overrides = ["local.modules=2", "local.context=R1E", "train.max_steps=6"]
+    run_sequential(tiny_config(tmp_path, "sequential", *overrides))
+    out = _pipeline(tmp_path, "pipeline", 2, *overrides[1:], "pipeline.wire_dtype=bf16")
+    module_1 = [load_module_state(path, 1)["state"]["module"] for path in (tmp_path / "sequential", out)]
+    difference = max_state_difference(*module_1)
+    assert 0 < difference < 0.05
+    assert max_state_difference(load_module_state(tmp_path / "sequential", 0)["state"],
+                                load_module_state(out, 0)["state"]) <= 1e-5  # module 0 receives nothing
+
+
 def test_resume_crosses_modes(tmp_path: Path, single_thread: None) -> None:
     """Sequential 5 steps -> pipeline to 9 -> sequential to 14 equals 14 straight steps."""
     common = ["local.modules=2", "local.context=R1", "local.reconstruct=true"]
