@@ -111,9 +111,9 @@ class Stage:
     def run(self) -> None:
         say(f"[stage {self.rank}] module {self.rank} of {self.modules} (blocks {self.layout.ranges[self.rank]}) "
             f"on {self.device}, {torch.get_num_threads()} thread(s)")
-        for module in (self.inbox, self.outbox):
-            if module is not None:
-                module.start()
+        for link in (self.inbox, self.outbox):
+            if link is not None:
+                link.start()
         if self.rank == 0:
             self._feed()
         else:
@@ -128,9 +128,11 @@ class Stage:
         epoch, batches = 0, iter(())
         for event in events(self.position, *self.limits):
             if isinstance(event, TrainStep):
+                tick = time.perf_counter()
                 if event.epoch != epoch:
                     epoch, batches = event.epoch, train.batches(event.epoch, event.batch)
                 images, labels = next(batches)
+                self.stats.train_s += time.perf_counter() - tick  # preparing the batch is rank 0's work too
                 self._train(Packet.from_batch(images, labels), waited=0.0)
                 continue
             paused = time.perf_counter()
