@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -76,6 +77,26 @@ def test_resume_crosses_modes(tmp_path: Path, single_thread: None) -> None:
     _pipeline(tmp_path, "part2", 2, *common[1:], "train.max_steps=9", f"run.resume={tmp_path / 'part1'}")
     run_sequential(tiny_config(tmp_path, "part3", *common, "train.max_steps=14", f"run.resume={tmp_path / 'part2'}"))
     _assert_same_modules(tmp_path / "straight", tmp_path / "part3", 2)
+
+
+def test_two_nodes_through_c10d_rendezvous(tmp_path: Path, single_thread: None) -> None:
+    """Two torchrun agents (one process each) meet at a c10d endpoint: the same result as one node."""
+    overrides = ["local.modules=2", "local.context=R1", f"train.max_steps={STEPS}"]
+    run_sequential(tiny_config(tmp_path, "sequential", *overrides))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "two_nodes"
+    command = torchrun_command(1, [f"run.out_dir={out}", "run.mode=pipeline", *overrides])
+    launcher = command.index("--standalone")
+    agents = []
+    for node in range(2):
+        argv = command[:launcher] + ["--nnodes=2", f"--node-rank={node}", "--rdzv-backend=c10d",
+                                     f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes"] + command[launcher + 1:]
+        agents.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()))
+    outputs = [agent.communicate(timeout=120)[0] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], "\n".join(output[-2000:] for output in outputs)
+    _assert_same_modules(tmp_path / "sequential", out, 2)
 
 
 def test_world_size_must_equal_modules(tmp_path: Path) -> None:
