@@ -69,8 +69,8 @@ def min_max_cuts(block_cost: Sequence[float], cut_cost: Sequence[float], modules
     blocks = len(block_cost)
     input_cost = input_cost or [0.0] * blocks
     prefix = [0.0]
-    for cost in block_cost:
-        prefix.append(prefix[-1] + cost)
+    for value in block_cost:
+        prefix.append(prefix[-1] + value)
 
     def cost(start: int, end: int, last: bool) -> float:  # blocks [start, end)
         extra = (0.0 if last else cut_cost[end - 1]) + (input_cost[start] if start > 0 else 0.0)

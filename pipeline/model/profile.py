@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -24,9 +25,11 @@ from pipeline.model.heads import build_aux_head
 from pipeline.model.partition import min_max_cuts
 from pipeline.model.resnet import BlockShape, CifarResNet
 
+Result = TypeVar("Result")
 
-def saved_activation_bytes(run: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the distinct tensors autograd keeps for backward while ``run`` executes."""
+
+def saved_activation_bytes(run: Callable[[], Result]) -> tuple[int, Result]:
+    """Bytes of the distinct tensors autograd keeps for backward while ``run`` executes, and its result."""
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -35,8 +38,8 @@ def saved_activation_bytes(run: Callable[[], torch.Tensor]) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run()
-    return sum(storages.values())
+        result = run()
+    return sum(storages.values()), result
 
 
 def step_seconds(run: Callable[[], torch.Tensor], device: torch.device, repeats: int = 3) -> float:
@@ -73,7 +76,7 @@ class _CostModel:
         inputs = self._input(shape)
         if self.measure_time:
             return step_seconds(lambda: layers(inputs), self.device)
-        return float(saved_activation_bytes(lambda: layers(inputs)))
+        return float(saved_activation_bytes(lambda: layers(inputs))[0])
 
     def _input_bytes(self, shape: BlockShape) -> float:
         return 0.0 if self.measure_time else float(self.batch * shape.channels * shape.size**2 * 4)
@@ -134,8 +137,7 @@ def module_activation_bytes(config: Config, spec: DatasetSpec, cuts: list[int], 
         module = build_module(config, layout, index, torch.device("cpu")).train()
         assert packet is not None
         current = packet
-        outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        sizes.append(saved_activation_bytes(lambda: outputs.append(module(current)) or outputs[-1][2]))
-        inputs, output, _ = outputs[-1]
+        size, (inputs, output, _) = saved_activation_bytes(lambda: module(current))
+        sizes.append(size)
         packet = None if module.last else module.next_packet(current, inputs, output)
     return sizes

@@ -15,7 +15,7 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.config import Config
-from pipeline.data.loader import BatchLoader, make_loaders
+from pipeline.data.loader import make_loaders
 from pipeline.distributed import resolve_device
 from pipeline.errors import BadInput
 from pipeline.metrics import LossMeter, MetricsLog, Progress, StageStats, say, write_summary

@@ -76,9 +76,9 @@ class Stage:
         pipe = config.pipeline
         links = [dist.new_group([k, k + 1]) for k in range(self.modules - 1)]  # every rank, same order
         wire = torch.bfloat16 if pipe.wire_dtype == "bf16" else None
-        common = {"device": self.device, "depth": pipe.queue_depth, "timeout_s": pipe.timeout_s, "wire_dtype": wire}
-        self.inbox = Receiver(self.rank, self.rank - 1, links[self.rank - 1], **common) if self.rank > 0 else None
-        self.outbox = Sender(self.rank, self.rank + 1, links[self.rank], **common) if not self.last else None
+        settings = (self.device, pipe.queue_depth, pipe.timeout_s, wire)
+        self.inbox = Receiver(self.rank, self.rank - 1, links[self.rank - 1], *settings) if self.rank > 0 else None
+        self.outbox = Sender(self.rank, self.rank + 1, links[self.rank], *settings) if not self.last else None
 
         self.stats = StageStats(rank=self.rank, module=self.rank, device=self.device)
         self.meter = LossMeter([self.rank])
