@@ -15,7 +15,7 @@ class Packet:
     register: list[torch.Tensor] = field(default_factory=list)  # inputs of earlier modules, nearest first
 
     def tensors(self) -> list[torch.Tensor]:
-        """Wire order (DESIGN.md): labels, module output, context tensors."""
+        """Wire order (docs/design.md): labels, module output, context tensors."""
         image = [] if self.image is None else [self.image]
         return [self.labels, self.features, *image, *self.register]
 

@@ -39,18 +39,9 @@ def prepare_out_dir(config: Config) -> None:
 def train(config: Config) -> None:
     prepare_out_dir(config)
     keep_freed_host_memory()
-    if config.run.mode == "sequential":
-        from pipeline.runners.sequential import run_sequential
+    from pipeline.runners.run import run
 
-        run_sequential(config)
-    elif config.run.mode == "pipeline":
-        from pipeline.runners.stage import run_stage
-
-        run_stage(config)
-    else:
-        from pipeline.runners.ddp import run_ddp
-
-        run_ddp(config)
+    run(config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,77 +4,95 @@ On rank k a sender thread drains the outbox towards rank k+1 with blocking sends
 k+1 a receiver thread fills the inbox. Compute overlaps communication, a full outbox blocks
 the producer and an empty inbox the consumer, and every wait has a deadline.
 
-Message = a fixed-length int64 header, then its tensors in header order:
-    header = [kind, count, (dtype id, ndim, d0, d1, d2, d3) * MAX_TENSORS]
-The receiver allocates every tensor from the header, so partial and evaluation batches need
-no special case. Each link has its own process group: NCCL ignores tags, and one group per
-link keeps exactly one ordered stream of messages on it.
+What travels is a ``Frame``: a few opaque integers and a list of tensors. On the wire it is a
+fixed-length int64 header, then the tensors in header order:
+    header = [meta * META_LEN, count, (dtype id, ndim, d0, d1, d2, d3) * max_tensors]
+The receiver allocates every tensor from the header, so partial and evaluation batches need no
+special case. What the integers and tensors mean belongs to the codec each end is given
+(pipeline/runners/codec.py); this module never looks inside. Each link has its own process
+group: NCCL ignores tags, and one group per link keeps exactly one ordered stream on it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import queue
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
-from pipeline.config import MAX_CONTEXT_DEPTH
 from pipeline.errors import StageFailure
+from pipeline.runners.messages import Message
 
-
-class Kind(enum.IntEnum):
-    TRAIN = 1
-    EVAL = 2
-    END_EPOCH = 3
-    STOP = 4
-
-
-MAX_TENSORS = 3 + MAX_CONTEXT_DEPTH  # labels, features, image, then the register
+META_LEN = 6
 MAX_NDIM = 4
 _SLOT = 2 + MAX_NDIM
-HEADER_LEN = 2 + MAX_TENSORS * _SLOT
 DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.int64)
 DTYPE_ID = {dtype: index for index, dtype in enumerate(DTYPES)}
 
 
 @dataclass
-class Message:
-    kind: Kind
+class Frame:
+    meta: tuple[int, ...]  # at most META_LEN integers, meaningful to the codec only
     tensors: list[torch.Tensor]
-    ready: torch.cuda.Event | None = None  # GPU: marks when the producer's kernels for the tensors end
+    ready: torch.cuda.Event | None = field(default=None, compare=False)  # GPU: the producer's kernels end here
+    message: Message | None = field(default=None, compare=False)  # the receiving end's decoding
 
 
-def encode_header(kind: Kind, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    if len(tensors) > MAX_TENSORS:
-        raise ValueError(f"a message holds at most {MAX_TENSORS} tensors, got {len(tensors)}")
-    values = [int(kind), len(tensors)]
+class Codec(Protocol):
+    """Turns messages into frames and back (pipeline/runners/codec.py)."""
+
+    @property
+    def max_tensors(self) -> int: ...
+
+    def encode(self, message: Message) -> Frame: ...
+
+    def decode(self, frame: Frame) -> Message: ...
+
+    def closes(self, message: Message) -> bool:
+        """No message follows this one on the link."""
+        ...
+
+
+def header_length(max_tensors: int) -> int:
+    return META_LEN + 1 + max_tensors * _SLOT
+
+
+def encode_header(frame: Frame, max_tensors: int) -> torch.Tensor:
+    tensors = frame.tensors
+    if len(frame.meta) > META_LEN:
+        raise ValueError(f"a frame carries at most {META_LEN} integers, got {len(frame.meta)}")
+    if len(tensors) > max_tensors:
+        raise ValueError(f"a frame of this link holds at most {max_tensors} tensors, got {len(tensors)}")
+    values = [*frame.meta, *[0] * (META_LEN - len(frame.meta)), len(tensors)]
     for tensor in tensors:
         if tensor.dim() > MAX_NDIM or tensor.dtype not in DTYPE_ID:
             raise ValueError(f"cannot send a {tensor.dtype} tensor of {tensor.dim()} dims")
         dims = list(tensor.shape) + [0] * (MAX_NDIM - tensor.dim())
         values += [DTYPE_ID[tensor.dtype], tensor.dim(), *dims]
-    values += [0] * (HEADER_LEN - len(values))
+    values += [0] * (header_length(max_tensors) - len(values))
     return torch.tensor(values, dtype=torch.int64)
 
 
-def decode_header(header: torch.Tensor) -> tuple[Kind, list[tuple[torch.dtype, tuple[int, ...]]]]:
-    values = header.tolist()
-    try:
-        kind = Kind(values[0])
-    except ValueError:
-        raise StageFailure(f"corrupt message header (kind {values[0]})") from None
+def decode_header(header: torch.Tensor) -> tuple[tuple[int, ...], list[tuple[torch.dtype, tuple[int, ...]]]]:
+    values: list[int] = header.tolist()
+    meta, count = tuple(values[:META_LEN]), values[META_LEN]
+    slots = (len(values) - META_LEN - 1) // _SLOT
+    if not 0 <= count <= slots:
+        raise StageFailure(f"corrupt message header ({count} tensors in a header of {slots} slots)")
     specs = []
-    for index in range(values[1]):
-        base = 2 + index * _SLOT
-        dtype, ndim = DTYPES[values[base]], values[base + 1]
-        specs.append((dtype, tuple(values[base + 2 : base + 2 + ndim])))
-    return kind, specs
+    for index in range(count):
+        base = META_LEN + 1 + index * _SLOT
+        dtype_id, ndim = values[base], values[base + 1]
+        if not (0 <= dtype_id < len(DTYPES) and 0 <= ndim <= MAX_NDIM):
+            raise StageFailure(f"corrupt message header (dtype id {dtype_id}, {ndim} dims)")
+        specs.append((DTYPES[dtype_id], tuple(values[base + 2 : base + 2 + ndim])))
+    return meta, specs
 
 
 class _Failed:
@@ -85,16 +103,17 @@ class _Failed:
 
 
 class Link:
-    """Common parts of both ends: the peer, the group, the bounded queue, the deadline."""
+    """Common parts of both ends: the peer, the group, the codec, the bounded queue, the deadline."""
 
-    def __init__(self, rank: int, peer: int, group: dist.ProcessGroup, device: torch.device,
+    def __init__(self, rank: int, peer: int, group: dist.ProcessGroup, codec: Codec, device: torch.device,
                  depth: int, timeout_s: float, wire_dtype: torch.dtype | None = None) -> None:
-        self.rank, self.peer, self.group, self.device = rank, peer, group, device
+        self.rank, self.peer, self.group, self.codec, self.device = rank, peer, group, codec, device
+        self.header_length = header_length(codec.max_tensors)
         # Floating tensors travel in wire_dtype (when set) and are restored to float32 on arrival.
         self.wire_dtype = wire_dtype
         # GPU: communication runs on a stream of its own, so it never queues behind compute.
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.queue: queue.Queue[Message | _Failed | None] = queue.Queue(maxsize=depth)
+        self.queue: queue.Queue[Frame | _Failed | None] = queue.Queue(maxsize=depth)
         self.timeout_s = timeout_s
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop_guarded, daemon=True, name=f"{type(self).__name__}-{rank}")
@@ -119,26 +138,26 @@ class Link:
 
 
 class Sender(Link):
-    """Rank k's end of link k -> k+1."""
+    """Rank k's end of link k -> k+1: an Outbox."""
 
-    def put(self, kind: Kind, tensors: Sequence[torch.Tensor]) -> float:
-        """Queue a message; returns the seconds spent waiting for room."""
-        message = Message(kind, list(tensors))
+    def put(self, message: Message) -> None:
+        """Queue a message; blocks while the queue is full, up to the deadline."""
+        frame = self.codec.encode(message)
         if self.stream is not None:
             # The tensors may still be in flight on the compute stream: the send stream waits for this point.
-            message.ready = torch.cuda.Event()
-            message.ready.record(torch.cuda.current_stream(self.device))
-        return self._enqueue(message)
+            frame.ready = torch.cuda.Event()
+            frame.ready.record(torch.cuda.current_stream(self.device))
+        self._enqueue(frame)
 
-    def _enqueue(self, message: Message | None) -> float:
-        started = time.perf_counter()
-        deadline = started + self.timeout_s
+    def _enqueue(self, frame: Frame | None) -> None:
+        deadline = time.perf_counter() + self.timeout_s
         while True:
             if self.error is not None:
-                raise StageFailure(f"rank {self.rank}: sending to rank {self.peer} failed: {_describe(self.error)}")
+                raise StageFailure(f"rank {self.rank}: sending to rank {self.peer} failed: {describe(self.error)}") \
+                    from self.error
             try:
-                self.queue.put(message, timeout=min(1.0, max(deadline - time.perf_counter(), 0.001)))
-                return time.perf_counter() - started
+                self.queue.put(frame, timeout=min(1.0, max(deadline - time.perf_counter(), 0.001)))
+                return
             except queue.Full:
                 if time.perf_counter() >= deadline:
                     raise StageFailure(
@@ -151,40 +170,41 @@ class Sender(Link):
         self._enqueue(None)
         self.thread.join(self.timeout_s)
         if self.error is not None:
-            raise StageFailure(f"rank {self.rank}: sending to rank {self.peer} failed: {_describe(self.error)}")
+            raise StageFailure(f"rank {self.rank}: sending to rank {self.peer} failed: {describe(self.error)}") \
+                from self.error
         if self.thread.is_alive():
             raise StageFailure(f"rank {self.rank}: rank {self.peer} did not take the last messages within "
                                f"{self.timeout_s:.0f} s (pipeline.timeout_s)")
 
     def _loop(self) -> None:
         while True:
-            message = self.queue.get()
-            if message is None or isinstance(message, _Failed):
+            frame = self.queue.get()
+            if not isinstance(frame, Frame):
                 return
-            if self.stream is not None and message.ready is not None:
-                self.stream.wait_event(message.ready)
+            if self.stream is not None and frame.ready is not None:
+                self.stream.wait_event(frame.ready)
                 with torch.cuda.stream(self.stream):
-                    self._send(message.kind, message.tensors)
+                    self._send(frame)
                 # Hold the tensors until the stream has sent them; only then may the allocator reuse them.
                 self.stream.synchronize()
             else:
-                self._send(message.kind, message.tensors)
+                self._send(frame)
 
-    def _send(self, kind: Kind, tensors: list[torch.Tensor]) -> None:
+    def _send(self, frame: Frame) -> None:
+        tensors = frame.tensors
         if self.wire_dtype is not None:
             tensors = [t.to(self.wire_dtype) if t.is_floating_point() else t for t in tensors]
-        header = encode_header(kind, tensors).to(self.device)
-        dist.send(header, self.peer, group=self.group)
+        header = encode_header(Frame(frame.meta, tensors), self.codec.max_tensors)
+        dist.send(header.to(self.device), self.peer, group=self.group)
         for tensor in tensors:
             dist.send(tensor.contiguous(), self.peer, group=self.group)
 
 
 class Receiver(Link):
-    """Rank k+1's end of link k -> k+1."""
+    """Rank k+1's end of link k -> k+1: an Inbox."""
 
-    def get(self) -> tuple[Message, float]:
-        """The next message and the seconds spent waiting for it."""
-        started = time.perf_counter()
+    def get(self) -> Message:
+        """The next message; waits up to the deadline for it."""
         try:
             item = self.queue.get(timeout=self.timeout_s)
         except queue.Empty:
@@ -193,43 +213,47 @@ class Receiver(Link):
                 f"(pipeline.timeout_s); it is stuck or dead"
             ) from None
         if isinstance(item, _Failed):
-            raise StageFailure(f"rank {self.rank}: receiving from rank {self.peer} failed: {_describe(item.cause)}")
-        assert item is not None
+            raise StageFailure(f"rank {self.rank}: receiving from rank {self.peer} failed: {describe(item.cause)}") \
+                from item.cause
+        assert isinstance(item, Frame) and item.message is not None
         if item.ready is not None:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(item.ready)
             for tensor in item.tensors:
                 tensor.record_stream(compute)  # allocated on the receive stream, used on the compute one
-        return item, time.perf_counter() - started
+        return item.message
 
     def _loop(self) -> None:
         context = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         with context:
             while True:
-                message = self._receive()
-                self.queue.put(message)
-                if message.kind == Kind.STOP:
+                frame = self._receive()
+                # Decoded here, off the consumer's path; a packet that does not fit ends this thread.
+                frame.message = self.codec.decode(frame)
+                self.queue.put(frame)
+                if self.codec.closes(frame.message):
                     return
 
-    def _receive(self) -> Message:
-        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+    def _receive(self) -> Frame:
+        header = torch.empty(self.header_length, dtype=torch.int64, device=self.device)
         dist.recv(header, self.peer, group=self.group)
-        kind, specs = decode_header(header.cpu())
+        meta, specs = decode_header(header.cpu())
         tensors = []
         for dtype, shape in specs:
             tensor = torch.empty(shape, dtype=dtype, device=self.device)
             dist.recv(tensor, self.peer, group=self.group)
             tensors.append(tensor.float() if self.wire_dtype is not None and dtype == self.wire_dtype else tensor)
-        message = Message(kind, tensors)
+        frame = Frame(meta, tensors)
         if self.stream is not None:
-            message.ready = torch.cuda.Event()
-            message.ready.record(self.stream)
-        return message
+            frame.ready = torch.cuda.Event()
+            frame.ready.record(self.stream)
+        return frame
 
     def _on_error(self, err: BaseException) -> None:
         self.queue.put(_Failed(err))
 
 
-def _describe(err: BaseException) -> str:
+def describe(err: BaseException) -> str:
+    """An exception as one line: its type and the first line of its text."""
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"

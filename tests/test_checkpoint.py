@@ -13,7 +13,7 @@ from pipeline.data.specs import dataset_spec
 from pipeline.errors import BadInput
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.runners.loop import Position
-from pipeline.runners.sequential import run_sequential
+from pipeline.runners.run import run
 from pipeline.worker import ModuleWorker
 
 CPU = torch.device("cpu")
@@ -42,7 +42,7 @@ def tensors_equal(a, b, where="") -> None:
 def six_steps(tmp_path_factory, config_builder):
     """A run stopped by max_steps after 6 of epoch 1's 8 batches."""
     out = tmp_path_factory.mktemp("ckpt") / "six"
-    run_sequential(config_builder(*RESUME, "train.max_steps=6", out_dir=out))
+    run(config_builder(*RESUME, "train.max_steps=6", out_dir=out))
     return out
 
 
@@ -63,9 +63,9 @@ def test_files_load_with_weights_only(six_steps):
 
 
 def test_resume_equals_a_straight_run(six_steps, make_config, tmp_path):
-    resumed = run_sequential(make_config(*RESUME, "train.max_steps=12", f"run.resume='{six_steps}'",
+    resumed = run(make_config(*RESUME, "train.max_steps=12", f"run.resume='{six_steps}'",
                                          out_dir=tmp_path / "resumed"))
-    straight = run_sequential(make_config(*RESUME, "train.max_steps=12", out_dir=tmp_path / "straight"))
+    straight = run(make_config(*RESUME, "train.max_steps=12", out_dir=tmp_path / "straight"))
     assert resumed["steps"] == straight["steps"] == 12
     assert resumed["epochs"] == straight["epochs"] == 1
     assert resumed["test_accuracy"] == straight["test_accuracy"]
@@ -84,7 +84,7 @@ def test_resume_equals_a_straight_run(six_steps, make_config, tmp_path):
 def test_resume_with_another_config_names_the_key(six_steps, make_config, tmp_path, override, key):
     config = make_config(*RESUME, override, f"run.resume='{six_steps}'", out_dir=tmp_path / "other")
     with pytest.raises(BadInput) as info:
-        run_sequential(config)
+        run(config)
     message = str(info.value)
     assert "run.resume" in message and f"{key} =" in message and "module_0.pt" in message
     assert not (tmp_path / "other" / "checkpoints").exists()  # nothing trained, nothing written
@@ -95,7 +95,7 @@ def test_corrupt_checkpoint_is_bad_input(six_steps, make_config, tmp_path):
     shutil.copytree(six_steps, broken)
     (broken / "checkpoints" / "module_1.pt").write_bytes(b"\x80\x02 not a checkpoint at all")
     with pytest.raises(BadInput) as info:
-        run_sequential(make_config(*RESUME, f"run.resume='{broken}'", out_dir=tmp_path / "again"))
+        run(make_config(*RESUME, f"run.resume='{broken}'", out_dir=tmp_path / "again"))
     assert "module_1.pt" in str(info.value) and "not a readable checkpoint" in str(info.value)
 
 
@@ -104,9 +104,9 @@ def test_foreign_file_and_missing_checkpoint(six_steps, make_config, tmp_path):
     shutil.copytree(six_steps, foreign)
     torch.save({"weights": torch.zeros(2)}, foreign / "checkpoints" / "module_0.pt")
     with pytest.raises(BadInput, match="not a checkpoint of this trainer"):
-        run_sequential(make_config(*RESUME, f"run.resume='{foreign}'", out_dir=tmp_path / "x"))
+        run(make_config(*RESUME, f"run.resume='{foreign}'", out_dir=tmp_path / "x"))
     with pytest.raises(BadInput, match="no checkpoint"):
-        run_sequential(make_config(*RESUME, f"run.resume='{tmp_path / 'nowhere'}'", out_dir=tmp_path / "y"))
+        run(make_config(*RESUME, f"run.resume='{tmp_path / 'nowhere'}'", out_dir=tmp_path / "y"))
 
 
 def test_save_then_load_restores_a_worker(make_config, tmp_path, image_batch):

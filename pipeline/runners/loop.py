@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,14 @@ class Position:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+class RunLength(NamedTuple):
+    """How long a run is: whole epochs of ``batches`` steps, cut at ``max_steps`` (0: no cut)."""
+
+    epochs: int
+    batches: int
+    max_steps: int
 
 
 @dataclass(frozen=True)
@@ -39,15 +48,6 @@ class EpochEnd:
     def completed_epochs(self) -> int:
         """Whole epochs trained once this point is reached (a run cut by max_steps ends mid-epoch)."""
         return self.epoch if self.resume_at.batch == 0 else self.epoch - 1
-
-    def encode(self) -> list[int]:
-        at = self.resume_at
-        return [self.epoch, at.epoch, at.batch, at.step, int(self.final)]
-
-    @classmethod
-    def decode(cls, values: list[int]) -> EpochEnd:
-        epoch, at_epoch, at_batch, at_step, final = values
-        return cls(epoch, Position(at_epoch, at_batch, at_step), bool(final))
 
 
 def events(start: Position, epochs: int, batches: int, max_steps: int) -> Iterator[TrainStep | EpochEnd]:

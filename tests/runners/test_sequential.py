@@ -12,7 +12,7 @@ from pipeline.data.specs import dataset_spec
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.packet import Packet
 from pipeline.runners.loop import EpochEnd, Position, TrainStep, events, total_steps
-from pipeline.runners.sequential import run_sequential
+from pipeline.runners.run import run
 from pipeline.worker import ModuleWorker
 
 CPU = torch.device("cpu")
@@ -69,7 +69,7 @@ def test_run_equals_stepping_the_workers_by_hand(make_config, tmp_path):
     for batch t computed before module k-1's update t."""
     config = make_config("local.modules=2", "local.context=R1E", "train.max_steps=3",
                          out_dir=tmp_path / "seq")
-    summary = run_sequential(config)
+    summary = run(config)
     assert summary["steps"] == 3
 
     spec = dataset_spec(config)
@@ -101,7 +101,7 @@ def test_run_equals_stepping_the_workers_by_hand(make_config, tmp_path):
 def test_outputs_of_a_run(make_config, tmp_path):
     out = tmp_path / "out"
     config = make_config("local.modules=2", "train.max_steps=3", "run.log_every=1", out_dir=out)
-    summary = run_sequential(config)
+    summary = run(config)
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert summary["mode"] == "sequential" and summary["world_size"] == 1 and summary["modules"] == 2
     assert summary["steps"] == 3 and summary["epochs"] == 0  # stopped by max_steps inside epoch 1
@@ -118,8 +118,8 @@ def test_outputs_of_a_run(make_config, tmp_path):
 
 def test_two_runs_are_identical(make_config, tmp_path):
     overrides = ("local.modules=2", "local.context=E", "local.reconstruct=true", "train.max_steps=2")
-    run_sequential(make_config(*overrides, out_dir=tmp_path / "a"))
-    run_sequential(make_config(*overrides, out_dir=tmp_path / "b"))
+    run(make_config(*overrides, out_dir=tmp_path / "a"))
+    run(make_config(*overrides, out_dir=tmp_path / "b"))
     for module in range(2):
         a, b = load_checkpoint(tmp_path / "a", module), load_checkpoint(tmp_path / "b", module)
         for name, tensor in a["state"]["module"].items():

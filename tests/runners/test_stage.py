@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from distributed_helpers import load_module_state, max_state_difference, tiny_config, torchrun, torchrun_command, _env
-from pipeline.runners.sequential import run_sequential
+from pipeline.runners.run import run
 
 STEPS = 12
 
@@ -44,7 +44,7 @@ def _assert_same_modules(first: Path, second: Path, modules: int) -> None:
 )
 def test_pipeline_equals_sequential(tmp_path: Path, single_thread: None, modules: int, extra: list[str]) -> None:
     overrides = [f"local.modules={modules}", f"train.max_steps={STEPS}", *extra]
-    reference = run_sequential(tiny_config(tmp_path, "sequential", *overrides))
+    reference = run(tiny_config(tmp_path, "sequential", *overrides))
     out = _pipeline(tmp_path, "pipeline", modules, f"train.max_steps={STEPS}", *extra)
     _assert_same_modules(tmp_path / "sequential", out, modules)
     summary = json.loads((out / "summary.json").read_text())
@@ -60,7 +60,7 @@ def test_pipeline_equals_sequential(tmp_path: Path, single_thread: None, modules
 def test_bf16_wire_trains_close_to_the_reference(tmp_path: Path, single_thread: None) -> None:
     """bf16 on the wire rounds activations: not equal to sequential, but close after a few steps."""
     overrides = ["local.modules=2", "local.context=R1E", "train.max_steps=6"]
-    run_sequential(tiny_config(tmp_path, "sequential", *overrides))
+    run(tiny_config(tmp_path, "sequential", *overrides))
     out = _pipeline(tmp_path, "pipeline", 2, *overrides[1:], "pipeline.wire_dtype=bf16")
     module_1 = [load_module_state(path, 1)["state"]["module"] for path in (tmp_path / "sequential", out)]
     difference = max_state_difference(*module_1)
@@ -72,17 +72,17 @@ def test_bf16_wire_trains_close_to_the_reference(tmp_path: Path, single_thread: 
 def test_resume_crosses_modes(tmp_path: Path, single_thread: None) -> None:
     """Sequential 5 steps -> pipeline to 9 -> sequential to 14 equals 14 straight steps."""
     common = ["local.modules=2", "local.context=R1", "local.reconstruct=true"]
-    run_sequential(tiny_config(tmp_path, "straight", *common, "train.max_steps=14", "train.epochs=1"))
-    run_sequential(tiny_config(tmp_path, "part1", *common, "train.max_steps=5"))
+    run(tiny_config(tmp_path, "straight", *common, "train.max_steps=14", "train.epochs=1"))
+    run(tiny_config(tmp_path, "part1", *common, "train.max_steps=5"))
     _pipeline(tmp_path, "part2", 2, *common[1:], "train.max_steps=9", f"run.resume={tmp_path / 'part1'}")
-    run_sequential(tiny_config(tmp_path, "part3", *common, "train.max_steps=14", f"run.resume={tmp_path / 'part2'}"))
+    run(tiny_config(tmp_path, "part3", *common, "train.max_steps=14", f"run.resume={tmp_path / 'part2'}"))
     _assert_same_modules(tmp_path / "straight", tmp_path / "part3", 2)
 
 
 def test_two_nodes_through_c10d_rendezvous(tmp_path: Path, single_thread: None) -> None:
     """Two torchrun agents (one process each) meet at a c10d endpoint: the same result as one node."""
     overrides = ["local.modules=2", "local.context=R1", f"train.max_steps={STEPS}"]
-    run_sequential(tiny_config(tmp_path, "sequential", *overrides))
+    run(tiny_config(tmp_path, "sequential", *overrides))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -1,0 +1,38 @@
+"""How the R replicas of a stage share its work: batch shards, gradient averaging, count sums.
+
+Replica r takes slice r of every global batch (``tensor_split``: slices at most one sample
+apart), DistributedDataParallel averages the replicas' gradients of each module, and counts
+(correct predictions) are summed over them. With one replica every step is the identity, so
+sequential and single-chain pipeline runs go through the same code untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline.topology import Topology
+
+
+class DataParallel:
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.replicas, self.replica = topology.replicas, topology.replica
+
+    def shard(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This replica's part of a global batch."""
+        if self.replicas == 1:
+            return images, labels
+        return images.tensor_split(self.replicas)[self.replica], labels.tensor_split(self.replicas)[self.replica]
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """What the training step calls: the module, or DDP around it when replicas share it."""
+        if self.replicas == 1:
+            return module
+        device = self.topology.device
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids, process_group=self.topology.replica_group)
+
+    def total(self, count: torch.Tensor) -> torch.Tensor:
+        return self.topology.comm.sum_over_replicas(count)

@@ -1,0 +1,41 @@
+"""What travels down a chain of stages: typed messages that carry their own epoch and step.
+
+A stage never re-derives where the run stands from a count of messages: each training
+message says which epoch and step it is, and each epoch end says where a resumed run picks up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from pipeline.packet import Packet
+from pipeline.runners.loop import EpochEnd
+
+
+@dataclass(frozen=True)
+class Train:
+    """One training batch: module k trains on it, then module k+1 on module k's output."""
+
+    epoch: int
+    step: int  # 1-based count of steps once this one is done
+    samples: int  # the global batch's size, whatever share of it this process holds
+    packet: Packet
+
+
+@dataclass(frozen=True)
+class Eval:
+    """One test batch, flowing through every module without training any."""
+
+    epoch: int
+    packet: Packet
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The run is over: every stage passes it on, then ends."""
+
+
+Message = Union[Train, Eval, EpochEnd, Stop]
+
+__all__ = ["EpochEnd", "Eval", "Message", "Stop", "Train"]

@@ -1,0 +1,104 @@
+"""What a process reports while it runs, once for every mode: losses, progress, accuracy, summary.
+
+Each process has one ``RunReport`` for the modules it hosts: all K in sequential mode, one in
+a pipeline stage or a DDP rank. Losses stay on the device until a log step; a diverged loss
+stops the run there. Replica 0 of each stage writes its metrics lines; rank 0 the summary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pipeline.config import Config
+from pipeline.metrics import LossMeter, MetricsLog, Progress, StageStats, say, write_summary
+from pipeline.runners.loop import EpochEnd, Position, RunLength, total_steps
+from pipeline.runners.messages import Train
+from pipeline.topology import Topology
+from pipeline.worker import ModuleWorker
+
+
+class RunReport:
+    def __init__(self, label: str, config: Config, topology: Topology, workers: list[ModuleWorker],
+                 start: Position, length: RunLength, total: Callable[[torch.Tensor], torch.Tensor],
+                 started: float) -> None:
+        self.label, self.config, self.topology, self.workers = label, config, topology, workers
+        self.total = total  # sums a count over the replicas of the last stage
+        self.started = started  # the process's start: wall_s counts set-up too
+        self.log_every = config.run.log_every
+        self.speaks = topology.writer
+        self.meter = LossMeter([worker.index for worker in workers])
+        self.log = MetricsLog(config.run.out_dir, topology.rank)
+        whole = len(topology.hosted) == topology.stages
+        self.stats = StageStats(rank=topology.rank, module="all" if whole else topology.stage, device=topology.device)
+        self.progress = Progress(label, start.step, total_steps(start, *length), config.data.batch_size)
+        self.steps, self.epochs_done = start.step, 0
+        self.accuracy: float | None = None
+
+    # ---- training ---------------------------------------------------------------------------
+
+    def loss(self, slot: int, loss: torch.Tensor) -> None:
+        self.meter.add(slot, loss)
+
+    def trained(self, message: Train, seconds: float, waited: float, sent: float) -> None:
+        """One training message went through this process's modules."""
+        stats = self.stats
+        stats.recv_wait_s += waited
+        stats.send_wait_s += sent
+        stats.train_s += seconds
+        stats.samples += message.samples
+        self.meter.tick()
+        self.steps = message.step
+        if message.step % self.log_every == 0:
+            self._log_losses(message.epoch, message.step)
+
+    def paused(self, seconds: float) -> None:
+        """Time outside training (evaluation, epoch ends) leaves the next rate alone."""
+        self.progress.exclude(seconds)
+
+    def epoch_end(self, event: EpochEnd) -> None:
+        if self.meter.count:
+            self._log_losses(event.epoch, event.resume_at.step)
+        self.epochs_done = event.completed_epochs
+
+    def evaluated(self, event: EpochEnd, correct: torch.Tensor, count: int) -> None:
+        """The last module's test counts for this epoch, summed over its replicas."""
+        counts = self.total(torch.stack([correct.to(torch.int64), torch.tensor(count, device=correct.device)]))
+        self.accuracy = float(counts[0]) / max(int(counts[1]), 1)
+        if self.speaks:
+            self.log.write(event="eval", module=self.topology.stages - 1, epoch=event.epoch,
+                           step=event.resume_at.step, test_accuracy=self.accuracy)
+            say(f"[{self.label}] epoch {event.epoch} step {event.resume_at.step}: test accuracy {self.accuracy:.4f}")
+
+    def _log_losses(self, epoch: int, step: int) -> None:
+        losses = self.meter.means(step)  # every process checks its losses, whether or not it speaks
+        text, rate = self.progress.line(epoch, step, losses)
+        compute = self.stats.window_compute_s()
+        if not self.speaks:
+            return
+        say(text)
+        for worker, loss in zip(self.workers, losses):
+            self.log.write(event="train", module=worker.index, epoch=epoch, step=step, loss=loss, lr=worker.lr,
+                           samples_per_s=round(rate, 2), window_compute_s=compute)
+
+    # ---- the end ----------------------------------------------------------------------------
+
+    def summary(self, cuts: list[int]) -> dict[str, Any] | None:
+        """Gather every process's figures; rank 0 writes summary.json and returns it."""
+        topology = self.topology
+        stage = {**self.stats.report(), "stage": topology.stage, "replica": topology.replica}
+        mine = {"stage": stage, "samples": self.stats.samples, "train_s": self.stats.train_s,
+                "accuracy": self.accuracy, "steps": self.steps, "epochs": self.epochs_done}
+        every = topology.comm.gather(mine)
+        if topology.rank != 0:
+            return None
+        last = every[topology.last_rank]
+        return write_summary(
+            self.config.run.out_dir, self.config, world_size=topology.size, cuts=cuts, steps=last["steps"],
+            epochs_done=last["epochs"], test_accuracy=last["accuracy"], train_samples=last["samples"],
+            train_s=last["train_s"], wall_s=time.perf_counter() - self.started,
+            stages=[item["stage"] for item in every],
+        )

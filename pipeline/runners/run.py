@@ -1,0 +1,156 @@
+"""Every mode's bootstrap: set the process up, build its modules and links, run the stage loop.
+
+sequential: one process hosts every module and reads the data; nothing is sent.
+pipeline:   torchrun, one process per module; the first reads the data, the others their inbox.
+ddp:        torchrun, the whole network (K = 1) on every rank, each training its batch shard.
+All three run the same ``StageLoop`` over the same ``ModuleStage``s (pipeline/runners/stage.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from pipeline import checkpoint
+from pipeline.config import Config, PipelineConfig
+from pipeline.data.loader import BatchLoader, make_loaders
+from pipeline.data.specs import dataset_spec
+from pipeline.errors import BadInput, StageFailure
+from pipeline.metrics import say
+from pipeline.model.local_module import Layout
+from pipeline.model.network import make_layout, resolve_cuts
+from pipeline.runners.codec import MessageCodec
+from pipeline.runners.data_parallel import DataParallel
+from pipeline.runners.links import Inbox, Outbox
+from pipeline.runners.loop import Position, RunLength, total_steps
+from pipeline.runners.report import RunReport
+from pipeline.runners.source import BatchSource
+from pipeline.runners.stage import ModuleStage, StageLoop
+from pipeline.topology import Topology, from_env, process_groups, single_process
+from pipeline.transport import Receiver, Sender
+from pipeline.worker import ModuleWorker
+
+Loaders = tuple[BatchLoader, BatchLoader]
+Links = Callable[[Layout], tuple[Inbox | None, Outbox | None]]
+
+
+def run(config: Config) -> dict[str, Any] | None:
+    """Run ``config`` in its mode; rank 0 (or the one process) returns the summary."""
+    started = time.perf_counter()
+    mode, modules = config.run.mode, config.local.modules
+    if mode == "sequential":
+        topology = single_process(config.run, modules)
+    else:
+        topology = from_env(mode, config.run, config.pipeline, modules)
+    if topology.replicas > 1 and config.data.batch_size < 2 * topology.replicas:
+        raise BadInput(
+            f"data.batch_size = {config.data.batch_size} leaves some of the {topology.replicas} DDP ranks fewer than "
+            f"2 samples (batch norm needs 2); use data.batch_size >= {2 * topology.replicas}"
+        )
+    # The first stage reads the data before joining the job, so a bad data path exits 2 at once.
+    loaders = make_loaders(config, topology.device, processes=topology.replicas) if topology.first else None
+    with process_groups(topology, config.pipeline.timeout_s), failures_named(topology):
+        loop, report, cuts = assemble(config, topology, loaders, started, functools.partial(wire, config.pipeline, topology))
+        loop.run()
+        return report.summary(cuts)
+
+
+def assemble(config: Config, topology: Topology, loaders: Loaders | None, started: float,
+             links: Links) -> tuple[StageLoop, RunReport, list[int]]:
+    """This process's modules, resumed, with their report, inbox and outbox: a loop ready to run."""
+    spec = dataset_spec(config)
+    # Facts only the first stage can know (the data's length; profiled cuts) are broadcast so all agree.
+    facts = None
+    if topology.rank == 0:
+        assert loaders is not None
+        facts = (resolve_cuts(config, spec, topology.device), len(loaders[0]))
+    cuts, batches = topology.comm.broadcast(facts, 0)
+    layout = make_layout(config, spec, cuts)
+    parallel = DataParallel(topology)
+    workers = [ModuleWorker(config, layout, index, topology.device, wrap=parallel.wrap) for index in topology.hosted]
+    length = RunLength(config.train.epochs, batches, config.train.max_steps)
+    run_steps = total_steps(Position(), *length)  # per-step schedules span the whole run, resumed or not
+    for worker in workers:
+        worker.total_steps = run_steps
+    identity = checkpoint.identity_of(config, cuts)
+    position = resume(config.run.resume, workers, identity, topology)
+    label = _label(config.run.mode, topology)
+    report = RunReport(label, config, topology, workers, position, length, parallel.total, started)
+    save = functools.partial(checkpoint.save, config.run.out_dir, identity=identity) if topology.writer else None
+    stages = [ModuleStage(worker, slot, report, save) for slot, worker in enumerate(workers)]
+    inbox, outbox = links(layout)
+    if topology.first:
+        assert loaders is not None
+        inbox = BatchSource(*loaders, position, length, parallel.shard)
+    assert inbox is not None
+    if topology.writer:
+        hosted = topology.hosted
+        which = f"module {hosted[0]}" if len(hosted) == 1 else f"modules {hosted[0]}-{hosted[-1]}"
+        say(f"[{label}] {which} of {topology.stages if topology.distributed else len(hosted)}, cuts after blocks "
+            f"{cuts}, {batches} batches/epoch on {topology.device} x {topology.replicas}, "
+            f"{torch.get_num_threads()} thread(s)")
+    return StageLoop(inbox, stages, outbox, report), report, cuts
+
+
+def wire(pipe: PipelineConfig, topology: Topology, layout: Layout) -> tuple[Inbox | None, Outbox | None]:
+    """The ends of the two links this stage sits between, their threads started."""
+    if len(topology.hosted) != 1:
+        return None, None
+    module, stages = topology.stage, topology.stages
+    wire_dtype = torch.bfloat16 if pipe.wire_dtype == "bf16" else None
+    inbox = outbox = None
+    if module > 0:
+        codec = MessageCodec(layout.plan, module, layout.input_shape(module))
+        inbox = Receiver(topology.rank, topology.rank_of(module - 1, topology.replica), topology.links[module - 1],
+                         codec, topology.device, pipe.queue_depth, pipe.timeout_s, wire_dtype)
+        inbox.start()
+    if module < stages - 1:
+        codec = MessageCodec(layout.plan, module + 1, layout.input_shape(module + 1))
+        outbox = Sender(topology.rank, topology.rank_of(module + 1, topology.replica), topology.links[module],
+                        codec, topology.device, pipe.queue_depth, pipe.timeout_s, wire_dtype)
+        outbox.start()
+    return inbox, outbox
+
+
+def resume(resume_dir: str, workers: list[ModuleWorker], identity: dict[str, Any], topology: Topology) -> Position:
+    """Where the run starts; every module of every process must resume from the same step."""
+    positions = {checkpoint.load(resume_dir, worker, identity) for worker in workers} if resume_dir else {Position()}
+    every = set().union(*topology.comm.gather(positions))
+    if len(every) != 1:
+        raise BadInput(
+            f"run.resume: the module checkpoints in {resume_dir} were written at different "
+            f"steps ({sorted(p.step for p in every)}); resume from a run that finished cleanly"
+        )
+    return every.pop()
+
+
+def _label(mode: str, topology: Topology) -> str:
+    if mode == "pipeline":
+        return f"stage {topology.stage}" + (f" replica {topology.replica}" if topology.replicas > 1 else "")
+    return mode
+
+
+@contextlib.contextmanager
+def failures_named(topology: Topology) -> Iterator[None]:
+    """In a job of several processes, any failure becomes one line that names this process.
+
+    Bad input stays bad input (exit 2). The entry point then leaves at once, without tearing the
+    group down, since peers may be blocked talking to this process.
+    """
+    if not topology.distributed:
+        yield
+        return
+    who = topology.describe()
+    try:
+        yield
+    except BadInput:
+        raise
+    except StageFailure as err:
+        raise StageFailure(f"{who} failed: {err}") from err
+    except Exception as err:  # whatever broke, the job must end with this rank named
+        raise StageFailure(f"{who} failed: {type(err).__name__}: {err}") from err

@@ -1,0 +1,205 @@
+"""Who does what in a run: rank, device, which modules a process trains, its groups and collectives.
+
+Every mode is K stages x R replicas. Sequential is K x 1 in one process (it hosts every
+module); pipeline is K x R under torchrun, one module per process; ddp is 1 x R. Rank r holds
+stage r % K of replica r // K, so each replica's chain of K stages is K consecutive ranks (on
+one node when a node has K devices: the links stay on the node, only the per-stage gradient
+all-reduce crosses nodes). Runners get a Topology and never call torch.distributed themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import PipelineConfig, RunConfig
+from pipeline.distributed import limit_cpu_threads, resolve_device
+from pipeline.errors import BadInput
+
+class Collectives(Protocol):
+    """The few collectives a run needs, over every process of the job."""
+
+    def gather(self, item: Any) -> list[Any]:
+        """Every process's ``item``, in rank order."""
+        ...
+
+    def broadcast(self, item: Any, source: int) -> Any:
+        """Rank ``source``'s ``item`` on every process."""
+        ...
+
+    def sum_over_replicas(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed in place over the processes that hold the same module."""
+        ...
+
+    def barrier(self) -> None: ...
+
+
+class Solo:
+    """One process: every collective is the identity."""
+
+    def gather(self, item: Any) -> list[Any]:
+        return [item]
+
+    def broadcast(self, item: Any, source: int) -> Any:
+        return item
+
+    def sum_over_replicas(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def barrier(self) -> None:
+        pass
+
+
+class TorchCollectives:
+    """torch.distributed over the default group; sums over the replica group of this stage."""
+
+    def __init__(self, size: int, replica_group: dist.ProcessGroup | None) -> None:
+        self.size, self.replica_group = size, replica_group
+
+    def gather(self, item: Any) -> list[Any]:
+        every: list[Any] = [None] * self.size
+        dist.all_gather_object(every, item)
+        return every
+
+    def broadcast(self, item: Any, source: int) -> Any:
+        box: list[Any] = [item]
+        dist.broadcast_object_list(box, src=source)
+        return box[0]
+
+    def sum_over_replicas(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.replica_group is not None:
+            dist.all_reduce(tensor, group=self.replica_group)
+        return tensor
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+@dataclass
+class Topology:
+    rank: int
+    size: int
+    device: torch.device
+    stages: int  # K
+    replicas: int  # R
+    hosted: tuple[int, ...]  # the modules this process trains, in chain order
+    local_rank: int = 0
+    local_size: int = 1
+    comm: Collectives = field(default_factory=Solo)
+    links: dict[int, dist.ProcessGroup] = field(default_factory=dict, repr=False)  # module k -> group of k -> k+1
+    replica_group: dist.ProcessGroup | None = field(default=None, repr=False)  # the module's replicas (R > 1)
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def stage(self) -> int:
+        return self.hosted[0]
+
+    @property
+    def replica(self) -> int:
+        return self.rank // self.stages if self.size > 1 else 0
+
+    @property
+    def writer(self) -> bool:
+        """Replica 0 writes its modules' checkpoints and metrics lines (rank 0 also the summary)."""
+        return self.replica == 0
+
+    @property
+    def first(self) -> bool:
+        """This process reads the data: it holds module 0."""
+        return self.hosted[0] == 0
+
+    @property
+    def last(self) -> bool:
+        """This process holds the last module: it owns the final loss and the accuracy."""
+        return self.hosted[-1] == self.stages - 1
+
+    def rank_of(self, stage: int, replica: int) -> int:
+        return replica * self.stages + stage if self.size > 1 else 0
+
+    @property
+    def last_rank(self) -> int:
+        """The rank that holds the last module in replica 0: its figures are the run's."""
+        return self.rank_of(self.stages - 1, 0)
+
+    def describe(self) -> str:
+        """How the failure line names this process."""
+        if self.stages == 1:
+            return f"ddp rank {self.rank}"
+        suffix = f", replica {self.replica}" if self.replicas > 1 else ""
+        return f"stage on rank {self.rank} (module {self.stage}{suffix})"
+
+
+def single_process(run: RunConfig, modules: int) -> Topology:
+    """Sequential mode: this process trains every module."""
+    return Topology(0, 1, resolve_device(run.device), modules, 1, tuple(range(modules)))
+
+
+def from_env(mode: str, run: RunConfig, pipe: PipelineConfig, modules: int) -> Topology:
+    """Read torchrun's environment (no process group yet); a missing one: not run under torchrun."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    missing = [name for name in names if name not in os.environ]
+    if missing:
+        raise BadInput(
+            f"run.mode = {mode!r} must be launched by torchrun ({', '.join(missing)} not set): "
+            f"torchrun --nproc-per-node N -m pipeline.train --config FILE --set run.mode={mode}"
+        )
+    rank, size, local_rank, local_size = (int(os.environ[name]) for name in names)
+    if mode == "pipeline" and size != modules:
+        raise BadInput(
+            f"pipeline mode runs one process per module: WORLD_SIZE is {size} but local.modules = "
+            f"{modules}; launch torchrun --nproc-per-node {modules} (or set local.modules = {size})"
+        )
+    stages = modules if mode == "pipeline" else 1
+    device = resolve_device(run.device, local_rank)
+    topology = Topology(rank, size, device, stages, size // stages, (rank % stages,), local_rank, local_size)
+    if device.type == "cpu":
+        limit_cpu_threads(local_rank, local_size, pipe.threads_per_stage)
+    return topology
+
+
+@contextlib.contextmanager
+def process_groups(topology: Topology, timeout_s: float) -> Iterator[Topology]:
+    """Join the job (NCCL on GPUs, gloo on CPU), make the link and replica groups, leave at the end.
+
+    Every process creates every group in the same order, as torch.distributed requires. The
+    timeout turns a dead peer into an error instead of a hang.
+    """
+    if not topology.distributed:
+        yield topology
+        return
+    device = topology.device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, rank=topology.rank, world_size=topology.size, timeout=timeout,
+                            device_id=device if backend == "nccl" else None)
+    stages, replicas = topology.stages, topology.replicas
+    for replica in range(replicas):
+        for module in range(stages - 1):
+            pair = [topology.rank_of(module, replica), topology.rank_of(module + 1, replica)]
+            group = dist.new_group(pair, timeout=timeout)
+            if topology.rank in pair:
+                topology.links[module] = group
+    if replicas > 1:
+        for stage in range(stages):
+            members = [topology.rank_of(stage, replica) for replica in range(replicas)]
+            group = dist.new_group(members, timeout=timeout) if stages > 1 else dist.group.WORLD
+            if topology.rank in members:
+                topology.replica_group = group
+    topology.comm = TorchCollectives(topology.size, topology.replica_group)
+    yield topology
+    # Only after a clean run: on a failure the process leaves at once, without tearing the group
+    # down, since peers may be blocked talking to it. DDP's reducer must see every rank finish first.
+    dist.barrier()
+    dist.destroy_process_group()
