@@ -226,11 +226,11 @@ def test_bad_input(tmp_path: Path, case: str) -> None:
 
 def test_bad_input_exits_2_with_one_line(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "pipeline.reproduce", "collect", str(FASHION), str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+                            cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: no summary.json")
     usage = subprocess.run([sys.executable, "-m", "pipeline.reproduce", "frobnicate"], cwd=REPO,
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, check=False)
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
 
 

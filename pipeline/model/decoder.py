@@ -8,6 +8,9 @@ from torch import nn
 
 
 class Decoder(nn.Module):
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, channels: int, image_channels: int, image_size: int, widen: int,
                  mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,)) -> None:
         super().__init__()
@@ -27,7 +30,8 @@ class Decoder(nn.Module):
         """Logits of the reconstructed pixels; the loss applies the sigmoid (stable BCE)."""
         size = (self.image_size, self.image_size)
         upsampled = F.interpolate(features, size=size, mode="bilinear", align_corners=True)
-        return self.layers(upsampled)
+        logits: torch.Tensor = self.layers(upsampled)
+        return logits
 
     def target(self, image: torch.Tensor) -> torch.Tensor:
         """The normalised input image back in [0, 1]: what the reconstruction is scored against.

@@ -175,7 +175,7 @@ def leaf(tensor):
 def test_local_loss_never_reaches_the_senders_tensors(context, make_config, build_modules, image_batch, run_chain):
     config = make_config("model.arch=resnet14", "local.modules=4", f"local.context={context}",
                          "local.reconstruct=true")
-    spec, cuts, layout, built = build_modules(config)
+    spec, _cuts, _layout, built = build_modules(config)
     images, labels = image_batch(spec, batch=4)
     records = run_chain(built, images, labels)
     for index, (module, record) in enumerate(zip(built, records)):
@@ -244,7 +244,7 @@ def test_without_decoder_the_loss_is_the_head_loss(make_config):
 def test_local_loss_combines_reconstruction_and_head(make_config, build_modules, image_batch):
     config = make_config("model.arch=resnet14", "local.modules=4", "local.reconstruct=true",
                          "local.ixx_1=6", "local.ixy_1=0.5", "local.ixx_2=1", "local.ixy_2=2")
-    spec, cuts, layout, built = build_modules(config)
+    spec, _cuts, _layout, built = build_modules(config)
     images, labels = image_batch(spec, batch=4)
     images = images.clamp(-2, 2)
     packet = Packet.from_batch(images, labels)

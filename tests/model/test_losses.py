@@ -8,7 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.losses import CONTRAST_TEMPERATURE, head_loss, supervised_contrastive
+from pipeline.model.losses import (
+    CONTRAST_TEMPERATURE,
+    head_loss,
+    supervised_contrastive,
+)
 
 
 def definition(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07,

@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.model.resnet import BasicBlock, BlockShape, CifarResNet, Classifier, Stem, init_weights
+from pipeline.model.resnet import (
+    BasicBlock,
+    BlockShape,
+    CifarResNet,
+    Classifier,
+    Stem,
+    init_weights,
+)
 
 
 def expected_shape(index: int, n: int, in_channels: int = 3, size: int = 32) -> tuple[int, int]:
