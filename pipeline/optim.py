@@ -1,4 +1,4 @@
-"""Each module's optimizer and learning-rate schedule (REFERENCE.md's recipe by default)."""
+"""Each module's optimizer and learning-rate schedule (docs/reference.md's recipe by default)."""
 
 from __future__ import annotations
 

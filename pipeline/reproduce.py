@@ -8,8 +8,10 @@ row at one K, except ``base.toml`` and files starting with ``_``. A row is named
 ``collect`` finds every summary.json under RUNS_DIR, matches it to a row by the name of the
 folder it lies in (or any folder above it, so RUNS_DIR/ROW/seed1/summary.json counts for ROW),
 checks that the run trained that row's network, and writes one Markdown table: rows =
-method/context, columns = K, cells = measured (mean over runs) / published. ``rows`` lists a
-table's rows for launch/reproduce.sh.
+method/context, a "recipe" column (head loss, aux net, decoder, batch, lr, epochs, read from the
+row configs) and a "source" column (whose published runs the recipe follows), then one column per
+K, cells = measured (mean over runs) / published. ``rows`` lists a table's rows for
+launch/reproduce.sh.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pipeline.cli import ArgumentParser, run_main
 from pipeline.config import Config, load_config
 from pipeline.errors import BadInput
 
-# REFERENCE.md, "Published results" (test error %, mean of 5 runs; InfoPro paper, Table 2)
+# docs/reference.md, "Published results" (test error %, mean of 5 runs; InfoPro paper, Table 2)
 # and "Published memory" (GB on one GPU, minimum needed; Table 3): table -> method -> K -> value.
 PUBLISHED: dict[str, dict[str, dict[int, float]]] = {
     "cifar10_resnet32": {
@@ -86,6 +88,42 @@ LABELS: dict[str, str] = {
     "contsup_e": "ContSup E",
     "contsup_r1": "ContSup R1",
     "contsup_r1e": "ContSup R1E",
+    "contsup_e_contrast": "ContSup E, contrast",
+    "contsup_r1_contrast": "ContSup R1, contrast",
+    "contsup_r1e_contrast": "ContSup R1E, contrast",
+    "contsup_e_decoder": "ContSup E, decoder",
+    "contsup_r1_decoder": "ContSup R1, decoder",
+    "contsup_r1e_decoder": "ContSup R1E, decoder",
+    "contsup_r2": "ContSup R2",
+    "contsup_r4": "ContSup R4",
+    "contsup_r7": "ContSup R7 (their R8 at K=8)",
+    "contsup_r8": "ContSup R8",
+    "contsup_r15": "ContSup R15 (their R16 at K=16)",
+}
+
+# ContSup rows that follow one of the ContSup authors' commands (command.sh of
+# github.com/Tab-ct/ContSup), by table and method, with the experiments that use it. A ContSup row
+# not listed here is this project's own variant and is marked so in the table.
+CONTSUP_COMMANDS: dict[str, dict[str, str]] = {
+    "cifar10_resnet32": {
+        "contsup_e": "Tables 1, 2, 4, Fig. 5",
+        "contsup_r1": "Tables 1, 4, Fig. 5",
+        "contsup_r1e": "Tables 1, 2, Fig. 5",
+        "contsup_e_contrast": "Table 2, Fig. 5",
+        "contsup_r1e_contrast": "Table 2, Fig. 5",
+    },
+    "contsup_ablation_cifar10_resnet32": {
+        "contsup_r1_contrast": "Fig. 5",
+        "contsup_e_decoder": "Fig. 5",
+        "contsup_r1_decoder": "Fig. 5",
+        "contsup_r1e_decoder": "Fig. 5",
+        "contsup_r2": "Table 4",
+        "contsup_r4": "Table 4",
+        "contsup_r7": "Table 4",
+        "contsup_r8": "Table 4",
+        "contsup_r15": "Table 4",
+    },
+    "cifar10_resnet110": {"contsup_r1e": "Table 3"},
 }
 
 # Settings that make a run a different experiment from the row (not just a shorter one).
@@ -218,6 +256,34 @@ def _order(method: str) -> tuple[int, str]:
     return (known.index(method), "") if method in known else (len(known), method)
 
 
+def _recipe(config: Config) -> str:
+    """What a row trains with, in one phrase: the settings that differ between published recipes."""
+    local, train = config.local, config.train
+    if local.modules == 1:
+        head = "end to end"
+    else:
+        head = f"{local.loss}, {local.aux}, " + ("decoder" if local.reconstruct else "no decoder")
+    return f"{head}; batch {config.data.batch_size}, lr {train.lr:g}, {train.epochs} epochs"
+
+
+def _method_recipe(rows: list[Row]) -> str:
+    # The rows of one method differ only in K and the K-dependent loss weights, unless a config
+    # says otherwise; then every variant is listed rather than one picked.
+    return " / ".join(dict.fromkeys(_recipe(row.config) for row in rows))
+
+
+def _source(table: str, method: str) -> str:
+    """Whose published runs the method's recipe follows."""
+    commands = CONTSUP_COMMANDS.get(table, {})
+    if method in commands:
+        return f"ContSup authors' command ({commands[method]})"
+    if method.startswith("contsup"):
+        return "this project's variant (no ContSup command)"
+    if table in PUBLISHED or table in TABLE_METRIC:
+        return "InfoPro paper and code"
+    return "this project"
+
+
 def render(table: str, rows: list[Row], metric: str) -> str:
     # The published figures are in the table's own metric; another metric has none to compare.
     native = TABLE_METRIC.get(table, "error")
@@ -228,15 +294,17 @@ def render(table: str, rows: list[Row], metric: str) -> str:
     lines = [
         f"### {table}: {METRICS[metric]}",
         "",
-        "| method | " + " | ".join(f"K={k}" for k in columns) + " |",
-        "|---|" + "---|" * len(columns),
+        "| method | recipe | source | " + " | ".join(f"K={k}" for k in columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
     ]
     for method in methods:
         entries = []
         for k in columns:
             row = cells.get((method, k))
             entries.append(_cell(row, metric, published.get(method, {}).get(k)) if row else "")
-        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(entries) + " |")
+        recipe = _method_recipe([row for row in rows if row.method == method])
+        lines.append(f"| {LABELS.get(method, method)} | {recipe} | {_source(table, method)} | "
+                     + " | ".join(entries) + " |")
     notes = []
     if any(row.short and row.runs for row in rows):
         notes.append("† trained with a different recipe than the row's config (train.* or batch size "
@@ -261,7 +329,7 @@ def collect(table_dir: str | Path, runs_dir: str | Path, metric: str = "auto") -
 
 def _parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m pipeline.reproduce",
-                            description="Compare measured runs with REFERENCE.md's published tables.")
+                            description="Compare measured runs with the published tables (docs/reference.md).")
     commands = parser.add_subparsers(dest="command", required=True)
     collect_cmd = commands.add_parser("collect", help="write the Markdown table of one table folder's runs")
     collect_cmd.add_argument("table_dir", metavar="TABLE_DIR",

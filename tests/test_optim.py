@@ -1,4 +1,4 @@
-"""pipeline.optim: SGD as published and the per-epoch learning-rate schedule of REFERENCE.md."""
+"""pipeline.optim: SGD as published and the per-epoch learning-rate schedule of docs/reference.md."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pipeline.optim import learning_rate, make_optimizer, set_learning_rate
 
 
 def reference_lr(lr0: float, e: int, epochs: int = 160, warmup: int = 10) -> float:
-    """REFERENCE.md: lr = 0.5 lr0 (1 + cos(pi e / 160)); epochs 1..10: cos_e (e-1)/10 + 0.01 (11-e)/10."""
+    """docs/reference.md: lr = 0.5 lr0 (1 + cos(pi e / 160)); epochs 1..10: cos_e (e-1)/10 + 0.01 (11-e)/10."""
     cos_e = 0.5 * lr0 * (1 + math.cos(math.pi * e / epochs))
     if e <= warmup:
         return cos_e * (e - 1) / warmup + 0.01 * (warmup + 1 - e) / warmup

@@ -37,14 +37,19 @@ def write_summary(folder: Path, config_path: Path, accuracy: float | None, peak:
     return path
 
 
-def table_lines(text: str) -> dict[str, list[str]]:
-    """{row label: cells} of the Markdown table in text, plus 'header'."""
+def table_cells(text: str) -> dict[str, list[str]]:
+    """{row label: every cell after the label} of the Markdown table in text, plus 'header'."""
     rows = {}
     for line in text.splitlines():
         if line.startswith("| ") and not line.startswith("|---"):
             cells = [cell.strip() for cell in line.strip("|").split("|")]
             rows["header" if cells[0] == "method" else cells[0]] = cells[1:]
     return rows
+
+
+def table_lines(text: str) -> dict[str, list[str]]:
+    """{row label: the K cells} of the Markdown table in text, plus 'header' (after recipe and source)."""
+    return {label: cells[2:] for label, cells in table_cells(text).items()}
 
 
 # ------------------------------------------------------------------------------ published figures
@@ -76,8 +81,9 @@ def test_rows_of_a_table_in_table_order() -> None:
     rows = table_rows(PUBLISHED_DIR / "cifar10_resnet32")
     assert [row.name for row in rows[:3]] == ["e2e", "greedy_sl_k2", "greedy_sl_k4"]
     assert {row.method for row in rows} == {"e2e", "greedy_sl", "dgl", "infopro_softmax", "infopro_contrast",
-                                            "contsup_e", "contsup_r1", "contsup_r1e"}
-    assert len(rows) == 1 + 7 * 4
+                                            "contsup_e", "contsup_r1", "contsup_r1e",
+                                            "contsup_e_contrast", "contsup_r1e_contrast"}
+    assert len(rows) == 1 + 9 * 4
     assert all("base" not in row.name for row in rows)
 
 
@@ -102,8 +108,41 @@ def test_collect_builds_the_table_from_summaries(tmp_path: Path) -> None:
     assert rows["Greedy SL"] == ["", "not run / 10.30", "not run / 16.07", "not run / 21.19", "not run / 24.59"]
     assert rows["ContSup R1E"][4] == "10.00 / –"
     assert list(rows)[1:] == ["E2E", "Greedy SL", "DGL", "InfoPro softmax", "InfoPro contrast",
-                              "ContSup E", "ContSup R1", "ContSup R1E"]
+                              "ContSup E", "ContSup R1", "ContSup R1E", "ContSup E, contrast", "ContSup R1E, contrast"]
     assert "†" not in text
+    # every row says which recipe it trained with and whose runs that recipe follows
+    cells = table_cells(text)
+    assert cells["header"][:2] == ["recipe", "source"]
+    assert cells["ContSup R1E"][:2] == ["softmax, 1c2f, no decoder; batch 1024, lr 0.8, 160 epochs",
+                                        "ContSup authors' command (Tables 1, 2, Fig. 5)"]
+    assert cells["ContSup E, contrast"][:2] == ["contrast, 1c2f, no decoder; batch 1024, lr 0.8, 160 epochs",
+                                                "ContSup authors' command (Table 2, Fig. 5)"]
+    assert cells["InfoPro contrast"][:2] == ["contrast, 1c2f, decoder; batch 1024, lr 0.8, 160 epochs",
+                                             "InfoPro paper and code"]
+    assert cells["Greedy SL"][0] == "softmax, 0c1f, no decoder; batch 1024, lr 0.8, 160 epochs"
+    assert cells["E2E"][0] == "end to end; batch 1024, lr 0.8, 160 epochs"
+
+
+def test_collect_marks_contsup_rows_without_an_authors_command(tmp_path: Path) -> None:
+    table = PUBLISHED_DIR / "cifar10_resnet110"
+    write_summary(tmp_path / "contsup_e_k4", table / "contsup_e_k4.toml", 0.9)
+    cells = table_cells(collect(table, tmp_path)[0])
+    assert cells["ContSup E"][:2] == ["contrast, 1c2f, decoder; batch 1024, lr 0.8, 160 epochs",
+                                      "this project's variant (no ContSup command)"]
+    assert cells["ContSup R1E"][1] == "ContSup authors' command (Table 3)"
+
+
+def test_collect_on_the_contsup_ablation_table(tmp_path: Path) -> None:
+    table = PUBLISHED_DIR / "contsup_ablation_cifar10_resnet32"
+    write_summary(tmp_path / "contsup_r1e_decoder_k8", table / "contsup_r1e_decoder_k8.toml", 0.88)
+    cells = table_cells(collect(table, tmp_path)[0])
+    assert cells["header"] == ["recipe", "source", "K=2", "K=4", "K=8", "K=16"]
+    assert cells["ContSup R1E, decoder"] == ["softmax, 1c2f, decoder; batch 1024, lr 0.8, 160 epochs",
+                                             "ContSup authors' command (Fig. 5)", "not run / –", "not run / –",
+                                             "12.00 / –", "not run / –"]
+    assert cells["ContSup R7 (their R8 at K=8)"][1:] == ["ContSup authors' command (Table 4)", "", "",
+                                                         "not run / –", ""]
+    assert cells["ContSup R1, contrast"][0].startswith("contrast, 1c2f, no decoder")
 
 
 def test_collect_on_the_fashion_mnist_set_via_the_command_line(tmp_path: Path,
@@ -117,6 +156,7 @@ def test_collect_on_the_fashion_mnist_set_via_the_command_line(tmp_path: Path,
     assert out.read_text() == printed
     rows = table_lines(printed)
     assert rows["header"] == ["K=1", "K=16"]
+    assert table_cells(printed)["Greedy SL"][1] == "this project"
     assert rows["E2E"] == ["10.00 / –", ""]
     assert rows["Greedy SL"] == ["", "11.00 / –"]
     assert rows["ContSup R1E"] == ["", "12.00 / –"]
@@ -186,11 +226,11 @@ def test_bad_input(tmp_path: Path, case: str) -> None:
 
 def test_bad_input_exits_2_with_one_line(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "pipeline.reproduce", "collect", str(FASHION), str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+                            cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: no summary.json")
     usage = subprocess.run([sys.executable, "-m", "pipeline.reproduce", "frobnicate"], cwd=REPO,
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, check=False)
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
 
 

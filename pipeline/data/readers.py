@@ -74,7 +74,7 @@ def read_fashion_mnist(root: Path, spec: DatasetSpec) -> RawDataset:
         if images_path is None or labels_path is None:
             raise _missing(spec, root, f"{prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz]")
         images = read_idx(images_path)[:, None]  # [N, 1, 28, 28]
-        pad = (spec.image_size - images.shape[-1]) // 2  # 28 -> 32 as in REFERENCE.md
+        pad = (spec.image_size - images.shape[-1]) // 2  # 28 -> 32 as in docs/reference.md
         images = np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
         splits.append(_split(images, read_idx(labels_path)))
     return RawDataset(*splits)

@@ -1,4 +1,4 @@
-"""What each dataset is: shape, classes, normalisation and augmentation (REFERENCE.md)."""
+"""What each dataset is: shape, classes, normalisation and augmentation (docs/reference.md)."""
 
 from __future__ import annotations
 

@@ -8,6 +8,9 @@ from torch import nn
 
 
 class Decoder(nn.Module):
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, channels: int, image_channels: int, image_size: int, widen: int,
                  mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,)) -> None:
         super().__init__()
@@ -27,13 +30,25 @@ class Decoder(nn.Module):
         """Logits of the reconstructed pixels; the loss applies the sigmoid (stable BCE)."""
         size = (self.image_size, self.image_size)
         upsampled = F.interpolate(features, size=size, mode="bilinear", align_corners=True)
-        return self.layers(upsampled)
+        logits: torch.Tensor = self.layers(upsampled)
+        return logits
 
     def target(self, image: torch.Tensor) -> torch.Tensor:
-        """The normalised input image back in [0, 1]: what the reconstruction is scored against."""
+        """The normalised input image back in [0, 1]: what the reconstruction is scored against.
+
+        For real images the de-normalised pixels already lie in [0, 1] (up to rounding), so the
+        clamp changes nothing there; it matters for inputs that do not (synthetic data, a wrong
+        normalisation), where BCE against a target outside [0, 1] has no minimum and the
+        decoder's logits would run off to infinity.
+        """
         return (image * self.std + self.mean).clamp(0.0, 1.0)
 
 
 def reconstruction_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE of sigmoid(logits) against the image in [0, 1]."""
+    """BCE of sigmoid(logits) against the image in [0, 1], in the fused, stable form.
+
+    Equal to the published sigmoid-then-BCE for unsaturated logits. Kept because that form
+    loses the gradient once sigmoid rounds to exactly 0 or 1 (BCE then clamps log at -100
+    and the sigmoid's derivative is 0), and because autocast refuses plain BCE.
+    """
     return F.binary_cross_entropy_with_logits(logits.float(), target.float())

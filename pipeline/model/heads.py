@@ -1,4 +1,4 @@
-"""Auxiliary heads that train every module but the last (REFERENCE.md: 0c1f ... 2c2f)."""
+"""Auxiliary heads that train every module but the last (docs/reference.md: 0c1f ... 2c2f)."""
 
 from __future__ import annotations
 

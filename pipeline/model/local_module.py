@@ -17,7 +17,7 @@ from pipeline.model.context import ContextPlan, ImageEncoder, InputEncoder
 from pipeline.model.decoder import Decoder, reconstruction_loss
 from pipeline.model.heads import build_aux_head
 from pipeline.model.losses import head_loss
-from pipeline.model.resnet import CifarResNet, Classifier, init_weights
+from pipeline.model.resnet import BlockShape, CifarResNet, Classifier, init_weights
 from pipeline.packet import Packet
 
 
@@ -40,10 +40,10 @@ class Layout:
     plan: ContextPlan
     spec: DatasetSpec
 
-    def input_shape(self, module: int):
+    def input_shape(self, module: int) -> BlockShape:
         return self.net.shape(self.ranges[module][0] - 1)
 
-    def output_shape(self, module: int):
+    def output_shape(self, module: int) -> BlockShape:
         return self.net.shape(self.ranges[module][1] - 1)
 
 
@@ -123,4 +123,5 @@ class LocalModule(nn.Module):
 
     def logits(self, output: torch.Tensor) -> torch.Tensor:
         assert self.last, "only the last module has the classifier"
-        return self.head(output)
+        logits: torch.Tensor = self.head(output)
+        return logits

@@ -12,7 +12,12 @@ def supervised_contrastive(features: torch.Tensor, labels: torch.Tensor,
                            temperature: float = CONTRAST_TEMPERATURE) -> torch.Tensor:
     """Supervised contrastive loss, one view per sample: positives share the label.
 
-    Anchors without any positive in the batch contribute nothing.
+    The mean runs over all B anchors, as in both methods' published code: an anchor that is
+    the only one of its class has its positive count raised from 0 to 1, so it adds 0 to the
+    sum yet still counts in the mean. Averaging over the anchors with a positive instead would
+    scale the loss and its gradients by B / (anchors with a positive), batch by batch.
+    Only dense masks and arithmetic: no boolean indexing or ``.item()``, so nothing here waits
+    for the device.
     """
     features = F.normalize(features.float(), dim=1)
     logits = features @ features.T / temperature
@@ -21,11 +26,9 @@ def supervised_contrastive(features: torch.Tensor, labels: torch.Tensor,
     logits = logits.masked_fill(self_mask, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     positives = (labels[:, None] == labels[None, :]) & ~self_mask
-    positive_count = positives.sum(1)
+    positive_count = positives.sum(1).clamp(min=1)
     summed = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(1)
-    has_positive = positive_count > 0
-    per_anchor = -summed[has_positive] / positive_count[has_positive]
-    return per_anchor.mean() if per_anchor.numel() else features.sum() * 0.0
+    return -(summed / positive_count).mean()
 
 
 def head_loss(kind: str, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

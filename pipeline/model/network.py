@@ -23,7 +23,9 @@ def resolve_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> lis
         return [cut_to_flat(cut, per_stage) for cut in local.partition]
     if local.partition == "equal" or local.modules == 1:
         return equal_cuts(per_stage, local.modules)
-    from pipeline.model.profile import balanced_cuts  # profiling pulls in timing machinery
+    from pipeline.model.profile import (
+        balanced_cuts,  # profiling pulls in timing machinery
+    )
 
     return balanced_cuts(config, spec, device)
 
@@ -41,5 +43,6 @@ def build_module(config: Config, layout: Layout, index: int, device: torch.devic
         torch.manual_seed(config.run.seed + index)
         module = LocalModule(config, layout, index)
     if config.precision.channels_last:
-        module = module.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format at run time; torch's stubs leave it out
+        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return module.to(device)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from pipeline.config import Cut, cut_to_flat
 
-# REFERENCE.md, equal-layer tables, keyed by blocks per stage (ResNet-32: 5, ResNet-110: 18).
+# docs/reference.md, equal-layer tables, keyed by blocks per stage (ResNet-32: 5, ResNet-110: 18).
 EQUAL_TABLES: dict[int, dict[int, list[Cut]]] = {
     5: {
         2: [[2, 1]],

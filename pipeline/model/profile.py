@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TypeVar
 
 import torch
@@ -49,7 +50,7 @@ def step_seconds(run: Callable[[], torch.Tensor], device: torch.device, repeats:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
-        run().float().sum().backward()
+        torch.autograd.backward(run().float().sum())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if attempt:
@@ -72,7 +73,8 @@ class _CostModel:
         return tensor.contiguous(memory_format=self.memory_format)
 
     def cost(self, layers: nn.Module, shape: BlockShape) -> float:
-        layers = layers.to(self.device, memory_format=self.memory_format).train()
+        # Module.to takes memory_format at run time; torch's stubs leave it out
+        layers = layers.to(self.device, memory_format=self.memory_format).train()  # type: ignore[call-overload]
         inputs = self._input(shape)
         if self.measure_time:
             return step_seconds(lambda: layers(inputs), self.device)
@@ -125,7 +127,10 @@ def balanced_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> li
 
 def module_activation_bytes(config: Config, spec: DatasetSpec, cuts: list[int], batch: int) -> list[int]:
     """Activation memory of each module's training step (body, encoders, head, decoder) at ``batch``."""
-    from pipeline.model.network import build_module, make_layout  # network imports this module lazily
+    from pipeline.model.network import (  # network imports this module lazily
+        build_module,
+        make_layout,
+    )
     from pipeline.packet import Packet
 
     layout = make_layout(config, spec, cuts)
@@ -137,7 +142,7 @@ def module_activation_bytes(config: Config, spec: DatasetSpec, cuts: list[int], 
         module = build_module(config, layout, index, torch.device("cpu")).train()
         assert packet is not None
         current = packet
-        size, (inputs, output, _) = saved_activation_bytes(lambda: module(current))
+        size, (inputs, output, _) = saved_activation_bytes(partial(module, current))
         sizes.append(size)
         packet = None if module.last else module.next_packet(current, inputs, output)
     return sizes

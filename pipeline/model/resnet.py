@@ -89,13 +89,17 @@ class CifarResNet:
 
 
 def init_weights(module: nn.Module) -> None:
-    """REFERENCE.md's init: conv ~ N(0, sqrt(2 / (k*k*out))), batch norm (1, 0)."""
+    """Conv weights ~ N(0, sqrt(2 / (k*k*out))), batch norm (1, 0); everything else as built.
+
+    Conv biases (decoder, context encoders) and linear layers keep PyTorch's default init, as
+    in both methods' published code: zeroing the decoder's last bias would change its
+    pre-sigmoid output at step 0. Those defaults are drawn when the layers are constructed,
+    so a module's weights depend on its seed and on its construction order, both fixed.
+    """
     for layer in module.modules():
         if isinstance(layer, nn.Conv2d):
             fan_out = layer.kernel_size[0] * layer.kernel_size[1] * layer.out_channels
             nn.init.normal_(layer.weight, 0.0, math.sqrt(2.0 / fan_out))
-            if layer.bias is not None:
-                nn.init.zeros_(layer.bias)
         elif isinstance(layer, nn.BatchNorm2d):
             nn.init.ones_(layer.weight)
             nn.init.zeros_(layer.bias)

@@ -1,4 +1,4 @@
-"""pipeline.model.heads: the auxiliary heads 0c1f ... 2c2f of REFERENCE.md."""
+"""pipeline.model.heads: the auxiliary heads 0c1f ... 2c2f of docs/reference.md."""
 
 from __future__ import annotations
 

@@ -175,7 +175,7 @@ def leaf(tensor):
 def test_local_loss_never_reaches_the_senders_tensors(context, make_config, build_modules, image_batch, run_chain):
     config = make_config("model.arch=resnet14", "local.modules=4", f"local.context={context}",
                          "local.reconstruct=true")
-    spec, cuts, layout, built = build_modules(config)
+    spec, _cuts, _layout, built = build_modules(config)
     images, labels = image_batch(spec, batch=4)
     records = run_chain(built, images, labels)
     for index, (module, record) in enumerate(zip(built, records)):
@@ -244,7 +244,7 @@ def test_without_decoder_the_loss_is_the_head_loss(make_config):
 def test_local_loss_combines_reconstruction_and_head(make_config, build_modules, image_batch):
     config = make_config("model.arch=resnet14", "local.modules=4", "local.reconstruct=true",
                          "local.ixx_1=6", "local.ixy_1=0.5", "local.ixx_2=1", "local.ixy_2=2")
-    spec, cuts, layout, built = build_modules(config)
+    spec, _cuts, _layout, built = build_modules(config)
     images, labels = image_batch(spec, batch=4)
     images = images.clamp(-2, 2)
     packet = Packet.from_batch(images, labels)
@@ -267,3 +267,27 @@ def test_local_loss_combines_reconstruction_and_head(make_config, build_modules,
         _, output, loss = last(packet)
         assert loss.item() == pytest.approx(
             F.cross_entropy(last.logits(output), labels).item(), rel=1e-6)
+
+
+def test_decoder_and_encoder_biases_start_from_the_default_init_and_are_reproducible(make_config, build_modules):
+    config = make_config("model.arch=resnet14", "local.modules=4", "local.context=R1E", "local.reconstruct=true")
+    _, _, _, first = build_modules(config)
+    _, _, _, second = build_modules(config)
+    for a, b in zip(first, second):  # every process builds module k from seed run.seed + k: same weights
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(x, y), name
+    module = first[2]  # not the last (so it has a decoder), and under R1E its register is module 1's input
+    assert module.decoder is not None and module.image_encoder is not None
+    biased = {
+        "decoder output": module.decoder.layers[3],
+        "decoder hidden": module.decoder.layers[0],
+        "image encoder": module.image_encoder.layers[0],
+        "input encoder": module.input_encoders[0].layers[0],
+    }
+    for name, conv in biased.items():
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        bias = conv.bias.detach()
+        assert torch.any(bias != 0), f"{name}: bias was zeroed"
+        assert torch.all(bias.abs() <= 1.0 / fan_in**0.5), f"{name}: not PyTorch's default bias init"
+    # other modules draw other biases: the seed differs per module
+    assert not torch.equal(first[0].decoder.layers[3].bias, first[1].decoder.layers[3].bias)

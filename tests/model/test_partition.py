@@ -20,7 +20,7 @@ from pipeline.model.partition import (
     module_ranges,
 )
 
-# Copied from REFERENCE.md ("Equal-layer tables"), independently of the code's own table.
+# Copied from docs/reference.md ("Equal-layer tables"), independently of the code's own table.
 REFERENCE_TABLES = {
     5: {
         2: [[2, 1]],

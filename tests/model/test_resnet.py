@@ -1,4 +1,4 @@
-"""pipeline.model.resnet: the CIFAR ResNet of REFERENCE.md as a flat, seedable block list."""
+"""pipeline.model.resnet: the CIFAR ResNet of docs/reference.md as a flat, seedable block list."""
 
 from __future__ import annotations
 
@@ -8,11 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.model.resnet import BasicBlock, BlockShape, CifarResNet, Classifier, Stem, init_weights
+from pipeline.model.resnet import (
+    BasicBlock,
+    BlockShape,
+    CifarResNet,
+    Classifier,
+    Stem,
+    init_weights,
+)
 
 
 def expected_shape(index: int, n: int, in_channels: int = 3, size: int = 32) -> tuple[int, int]:
-    """REFERENCE.md: stem/stage 1 at 16 x size, stage 2 at 32 x size/2, stage 3 at 64 x size/4."""
+    """docs/reference.md: stem/stage 1 at 16 x size, stage 2 at 32 x size/2, stage 3 at 64 x size/4."""
     if index < 0:
         return in_channels, size
     if index == 0:
@@ -82,17 +89,30 @@ def test_single_channel_stem_and_other_image_sizes():
 
 def test_init_weights_follows_reference():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(64, 64, 3, bias=True), nn.BatchNorm2d(64), nn.Conv2d(64, 128, 1))
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, bias=True), nn.BatchNorm2d(64), nn.Conv2d(64, 128, 1),
+                          nn.Linear(8, 4))
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(0.123)
     init_weights(model)
-    conv3, bn, conv1 = model
+    conv3, bn, conv1, linear = model
     assert abs(conv3.weight.std().item() - math.sqrt(2.0 / (3 * 3 * 64))) < 0.05 * math.sqrt(2.0 / (9 * 64))
     assert abs(conv3.weight.mean().item()) < 0.01
     assert abs(conv1.weight.std().item() - math.sqrt(2.0 / 128)) < 0.05 * math.sqrt(2.0 / 128)
-    assert torch.all(conv3.bias == 0) and torch.all(conv1.bias == 0)
     assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+    # conv biases and linear layers are left as they were (the references re-initialise neither)
+    assert torch.all(conv3.bias == 0.123) and torch.all(conv1.bias == 0.123)
+    assert torch.all(linear.weight == 0.123) and torch.all(linear.bias == 0.123)
+
+
+def test_conv_bias_keeps_pytorchs_default_draw():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(12, 3, 3, padding=1)
+    drawn = conv.bias.detach().clone()
+    init_weights(conv)
+    assert torch.equal(conv.bias, drawn)
+    bound = 1.0 / math.sqrt(12 * 3 * 3)  # PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert torch.all(drawn.abs() <= bound) and torch.any(drawn != 0)
 
 
 def test_build_is_deterministic_under_a_seed():
