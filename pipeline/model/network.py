@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from pipeline.config import Config, cut_to_flat
@@ -37,9 +39,14 @@ def make_layout(config: Config, spec: DatasetSpec, cuts: list[int]) -> Layout:
     return Layout(net, module_ranges(cuts, len(net)), plan, spec)
 
 
+# Construction draws from the process-wide RNG: threads that build modules at once (stage loops
+# run on threads in one process) must not interleave their seeding and draws.
+_BUILDING = threading.Lock()
+
+
 def build_module(config: Config, layout: Layout, index: int, device: torch.device) -> LocalModule:
     """Module ``index`` from seed run.seed + index, so every process builds the same weights."""
-    with torch.random.fork_rng(devices=[]):
+    with _BUILDING, torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.run.seed + index)
         module = LocalModule(config, layout, index)
     if config.precision.channels_last:

@@ -9,6 +9,7 @@ the way the wire would show them.
 from __future__ import annotations
 
 import queue
+import time
 from typing import Protocol
 
 from pipeline.errors import StageFailure
@@ -46,15 +47,20 @@ class MemoryLink:
         self.broken: BaseException | None = None
 
     def put(self, message: Message) -> None:
-        if self.broken is not None:
-            raise StageFailure(f"stage {self.producer}: stage {self.consumer} failed") from self.broken
-        try:
-            self.queue.put(message, timeout=self.timeout_s)
-        except queue.Full:
-            raise StageFailure(
-                f"stage {self.producer}: stage {self.consumer} took no message for {self.timeout_s:g} s "
-                f"(pipeline.timeout_s); it is stuck or dead"
-            ) from None
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            # A consumer that failed while this end waits for room must end the wait, not the deadline.
+            if self.broken is not None:
+                raise StageFailure(f"stage {self.producer}: stage {self.consumer} failed") from self.broken
+            try:
+                self.queue.put(message, timeout=min(0.05, max(deadline - time.monotonic(), 0.001)))
+                return
+            except queue.Full:
+                if time.monotonic() >= deadline:
+                    raise StageFailure(
+                        f"stage {self.producer}: stage {self.consumer} took no message for {self.timeout_s:g} s "
+                        f"(pipeline.timeout_s); it is stuck or dead"
+                    ) from None
 
     def get(self) -> Message:
         try:

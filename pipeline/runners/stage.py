@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -20,6 +21,12 @@ from pipeline.runners.links import Inbox, Outbox
 from pipeline.runners.messages import EpochEnd, Eval, Message, Stop, Train
 from pipeline.runners.report import RunReport
 from pipeline.worker import ModuleWorker
+
+
+class Handler(Protocol):
+    def handle(self, message: Message) -> Message | None:
+        """Do this module's part for ``message``; what goes on to the next module (None: nothing)."""
+        ...
 
 
 class ModuleStage:
@@ -56,7 +63,7 @@ class ModuleStage:
 
 
 class StageLoop:
-    def __init__(self, inbox: Inbox, stages: list[ModuleStage], outbox: Outbox | None, report: RunReport) -> None:
+    def __init__(self, inbox: Inbox, stages: list[Handler], outbox: Outbox | None, report: RunReport) -> None:
         self.inbox, self.stages, self.outbox, self.report = inbox, stages, outbox, report
 
     def run(self) -> None:

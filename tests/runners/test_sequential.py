@@ -1,4 +1,4 @@
-"""pipeline.runners.sequential / loop: the reference semantics, its outputs and the event order."""
+"""The sequential run (pipeline.runners.run in one process) and the event order of pipeline.runners.loop."""
 
 from __future__ import annotations
 

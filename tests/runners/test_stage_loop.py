@@ -1,0 +1,211 @@
+"""Stage loops in one process: the pipeline's schedule, control messages, failures and deadlines.
+
+The equivalence cases mirror the torchrun ones in test_stage.py: K stage loops on threads,
+built by the same ``assemble``, end with the sequential run's parameters and accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from distributed_helpers import load_module_state, max_state_difference, tiny_config
+from pipeline.errors import StageFailure
+from pipeline.packet import Packet
+from pipeline.runners.links import MemoryLink
+from pipeline.runners.loop import EpochEnd, Position, RunLength
+from pipeline.runners.messages import Eval, Message, Stop, Train
+from pipeline.runners.run import run
+from pipeline.runners.source import BatchSource
+from pipeline.runners.stage import StageLoop
+from threaded import run_threaded
+
+STEPS = 12
+
+
+@pytest.mark.parametrize(
+    "modules, extra",
+    [
+        (2, ["local.context=R0"]),
+        (2, ["local.context=E", "local.reconstruct=true", "local.ixx_1=2.0", "local.ixy_1=0.5"]),
+        (4, ["local.context=R1", "local.reconstruct=true", "local.loss=contrast"]),
+        (4, ["local.context=R1E", "train.schedule=cosine-step"]),
+        (4, ["local.context=R2E", "local.reconstruct=true", "local.ixx_2=0.0", "local.ixy_2=2.0"]),
+    ],
+    ids=["K2-R0", "K2-E-decoder", "K4-R1-decoder-contrast", "K4-R1E-cosine-step", "K4-R2E-decoder"],
+)
+def test_threaded_pipeline_equals_sequential(tmp_path: Path, single_thread: None, modules: int,
+                                             extra: list[str]) -> None:
+    overrides = [f"local.modules={modules}", f"train.max_steps={STEPS}", "train.epochs=2", *extra]
+    reference = run(tiny_config(tmp_path, "sequential", *overrides))
+    assert reference is not None
+    summaries, errors = run_threaded(tiny_config(tmp_path, "threads", *overrides, "run.mode=pipeline"))
+    assert errors == [None] * modules
+    for module in range(modules):
+        a, b = load_module_state(tmp_path / "sequential", module), load_module_state(tmp_path / "threads", module)
+        assert a["position"] == b["position"]
+        assert max_state_difference(a["state"], b["state"]) == 0.0, f"module {module} differs"
+    summary = summaries[0]
+    assert summary is not None and summaries[1:] == [None] * (modules - 1)  # rank 0 writes
+    assert summary["steps"] == STEPS == reference["steps"]
+    assert summary["test_accuracy"] == reference["test_accuracy"]
+    assert [(s["stage"], s["replica"]) for s in summary["stages"]] == [(k, 0) for k in range(modules)]
+    logged = [json.loads(line) for line in (tmp_path / "threads" / "metrics.jsonl").read_text().splitlines()]
+    trained = {(line["module"], line["step"]) for line in logged if line["event"] == "train"}
+    assert trained == {(module, step) for module in range(modules) for step in (4, 8, 12)}
+
+
+# ---- the schedule, with mock stages ---------------------------------------------------------------
+
+
+class FakeLoader:
+    """Batches of labels only: what BatchSource needs to walk the events."""
+
+    def __init__(self, batches: int, size: int) -> None:
+        self.count, self.size = batches, size
+
+    def __len__(self) -> int:
+        return self.count
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for index in range(start, self.count):
+            yield torch.full((self.size, 1), float(epoch * 100 + index)), torch.zeros(self.size, dtype=torch.int64)
+
+
+class Recorder:
+    """A mock module: records what it saw, passes it on (or fails, or stalls, on request)."""
+
+    def __init__(self, fail_at: int = 0, stall_at: int = 0, stall_s: float = 0.0) -> None:
+        self.seen: list[tuple[Any, ...]] = []
+        self.fail_at, self.stall_at, self.stall_s = fail_at, stall_at, stall_s
+
+    def handle(self, message: Message) -> Message | None:
+        if isinstance(message, Train):
+            self.seen.append(("train", message.epoch, message.step, float(message.packet.features[0, 0])))
+            if message.step == self.fail_at:
+                raise RuntimeError(f"boom at step {message.step}")
+            if message.step == self.stall_at:
+                time.sleep(self.stall_s)
+        elif isinstance(message, Eval):
+            self.seen.append(("eval", message.epoch))
+        elif isinstance(message, EpochEnd):
+            self.seen.append(("end", message.epoch, message.resume_at.step, message.final))
+        else:
+            self.seen.append(("stop",))
+        return message
+
+
+class NullReport:
+    """The loop's report with nothing behind it: it only counts the calls."""
+
+    def __init__(self) -> None:
+        from pipeline.metrics import StageStats
+
+        self.stats = StageStats(rank=0, module=0)
+        self.trained_steps: list[int] = []
+        self.ends = 0
+
+    def trained(self, message: Train, seconds: float, waited: float, sent: float) -> None:
+        self.trained_steps.append(message.step)
+
+    def paused(self, seconds: float) -> None:
+        pass
+
+    def epoch_end(self, event: EpochEnd) -> None:
+        self.ends += 1
+
+
+def _chain(stages: list[Recorder], length: RunLength, start: Position = Position(), depth: int = 2,
+           timeout_s: float = 5.0) -> tuple[list[NullReport], list[BaseException | None], float]:
+    """Run mock stages on threads: stage 0 reads a BatchSource, the rest MemoryLinks."""
+    links = [MemoryLink(k, k + 1, depth, timeout_s) for k in range(len(stages) - 1)]
+    source = BatchSource(FakeLoader(length.batches, 4), FakeLoader(2, 3), start, length,  # type: ignore[arg-type]
+                         lambda images, labels: (images, labels))
+    reports = [NullReport() for _ in stages]
+    errors: list[BaseException | None] = [None] * len(stages)
+
+    def body(k: int) -> None:
+        inbox = source if k == 0 else links[k - 1]
+        outbox = links[k] if k < len(stages) - 1 else None
+        try:
+            StageLoop(inbox, [stages[k]], outbox, reports[k]).run()  # type: ignore[arg-type]
+        except BaseException as err:
+            errors[k] = err
+            for link in (links[k - 1] if k > 0 else None, outbox):
+                if link is not None:
+                    link.break_with(err)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=body, args=(k,)) for k in range(len(stages))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+        assert not thread.is_alive(), "a stage loop hangs"
+    return reports, errors, time.monotonic() - started
+
+
+def test_every_stage_sees_the_sequential_order() -> None:
+    stages = [Recorder() for _ in range(3)]
+    reports, errors, _ = _chain(stages, RunLength(epochs=2, batches=3, max_steps=5))
+    assert errors == [None, None, None]
+    expected = [
+        ("train", 1, 1, 100.0), ("train", 1, 2, 101.0), ("train", 1, 3, 102.0),
+        ("eval", 1), ("eval", 1), ("end", 1, 3, False),
+        ("train", 2, 4, 200.0), ("train", 2, 5, 201.0),
+        ("eval", 2), ("eval", 2), ("end", 2, 5, True), ("stop",),
+    ]
+    assert [stage.seen for stage in stages] == [expected] * 3
+    assert [r.trained_steps for r in reports] == [[1, 2, 3, 4, 5]] * 3 and [r.ends for r in reports] == [2] * 3
+
+
+def test_a_resumed_chain_starts_at_its_position() -> None:
+    stages = [Recorder(), Recorder()]
+    _chain(stages, RunLength(epochs=2, batches=3, max_steps=0), start=Position(epoch=2, batch=1, step=4))
+    assert [item for item in stages[1].seen if item[0] == "train"] == [("train", 2, 5, 201.0), ("train", 2, 6, 202.0)]
+    assert stages[1].seen[-2:] == [("end", 2, 6, True), ("stop",)]
+
+
+def test_a_failing_stage_ends_its_neighbours_with_its_cause() -> None:
+    stages = [Recorder(), Recorder(fail_at=3), Recorder()]
+    _, errors, elapsed = _chain(stages, RunLength(epochs=5, batches=50, max_steps=0), timeout_s=20.0)
+    assert isinstance(errors[1], RuntimeError) and "boom at step 3" in str(errors[1])
+    for neighbour in (0, 2):
+        err = errors[neighbour]
+        assert isinstance(err, StageFailure) and "stage 1 failed" in str(err)
+        assert err.__cause__ is errors[1]  # the cause travels with the failure
+    assert elapsed < 10  # well before the 20 s deadline: the break is seen, not waited out
+    assert stages[2].seen[-1] == ("train", 1, 2, 101.0)  # nothing after the failure got through
+
+
+def test_a_stalled_consumer_trips_the_producers_deadline() -> None:
+    stages = [Recorder(), Recorder(stall_at=2, stall_s=3.0)]
+    _, errors, _ = _chain(stages, RunLength(epochs=1, batches=20, max_steps=0), depth=1, timeout_s=0.5)
+    assert isinstance(errors[0], StageFailure)
+    assert "stage 1 took no message for 0.5 s (pipeline.timeout_s)" in str(errors[0])
+
+
+def test_a_stalled_producer_trips_the_consumers_deadline() -> None:
+    stages = [Recorder(stall_at=2, stall_s=3.0), Recorder()]
+    _, errors, _ = _chain(stages, RunLength(epochs=1, batches=20, max_steps=0), timeout_s=0.5)
+    assert isinstance(errors[1], StageFailure)
+    assert "no message from stage 0 for 0.5 s (pipeline.timeout_s)" in str(errors[1])
+
+
+def test_the_queue_is_bounded() -> None:
+    link = MemoryLink(0, 1, depth=2, timeout_s=0.2)
+    packet = Packet(torch.zeros(1, dtype=torch.int64), torch.zeros(1, 1))
+    link.put(Train(1, 1, 1, packet))
+    link.put(Train(1, 2, 1, packet))
+    with pytest.raises(StageFailure, match="took no message"):
+        link.put(Train(1, 3, 1, packet))
+    assert [link.get().step for _ in range(2)] == [1, 2]  # type: ignore[union-attr]
+    link.put(Stop())
+    assert isinstance(link.get(), Stop)
