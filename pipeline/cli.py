@@ -1,4 +1,4 @@
-"""Shared command-line plumbing: one-line errors and the exit codes of DESIGN.md."""
+"""Shared command-line plumbing: one-line errors and the exit codes (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from pipeline.errors import BadInput, StageFailure
+from pipeline.errors import BadInput, StageFailure, first_line
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -22,10 +22,10 @@ def run_main(body: Callable[[], None]) -> int:
     try:
         body()
     except BadInput as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {first_line(str(err))}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     except StageFailure as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {first_line(str(err))}", file=sys.stderr, flush=True)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)

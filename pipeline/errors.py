@@ -1,4 +1,12 @@
-"""Errors that reach the user as one line and an exit code, never a traceback."""
+"""Errors that reach the user as one line and an exit code; their full story goes to a log file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
 
 
 class BadInput(Exception):
@@ -11,3 +19,42 @@ class BadInput(Exception):
 
 class StageFailure(Exception):
     """Training failed on one process; the message names the rank and module."""
+
+
+def first_line(text: str) -> str:
+    """Torch's messages run over many lines: the terminal gets the first that says something."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def error_log_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "errors" / f"rank_{os.environ.get('RANK', '0')}.log"
+
+
+@contextlib.contextmanager
+def errors_logged(out_dir: str | Path) -> Iterator[None]:
+    """Write the full traceback of any failure (with its causes) to OUT_DIR/errors/rank_<k>.log.
+
+    The error that leaves keeps its kind (bad input: exit 2, anything else: exit 1) and becomes
+    one line ending with where the log is. A log that cannot be written is left out of the line.
+    """
+    try:
+        yield
+    except Exception as err:  # every kind: the log keeps the whole chain, the terminal one line
+        where = _write_log(out_dir, err)
+        pointer = f" (traceback: {where})" if where is not None else ""
+        if isinstance(err, BadInput):
+            raise BadInput(first_line(str(err)) + pointer) from err
+        text = first_line(str(err)) if isinstance(err, StageFailure) else f"{type(err).__name__}: {first_line(str(err))}"
+        raise StageFailure(text + pointer) from err
+
+
+def _write_log(out_dir: str | Path, err: BaseException) -> Path | None:
+    path = error_log_path(out_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            handle.write("".join(traceback.format_exception(err)) + "\n")
+    except OSError:
+        return None
+    return path

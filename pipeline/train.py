@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeline.cli import ArgumentParser, run_main
 from pipeline.config import Config, load_config
 from pipeline.distributed import keep_freed_host_memory
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, errors_logged
 
 
 def parse_config(argv: list[str] | None) -> Config:
@@ -41,7 +41,8 @@ def train(config: Config) -> None:
     keep_freed_host_memory()
     from pipeline.runners.run import run
 
-    run(config)
+    with errors_logged(config.run.out_dir):
+        run(config)
 
 
 def main(argv: list[str] | None = None) -> int:

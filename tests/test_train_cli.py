@@ -1,4 +1,4 @@
-"""python -m pipeline.train: exit codes, one-line errors, and a tiny run's files (DESIGN.md)."""
+"""python -m pipeline.train: exit codes, one-line errors, and a tiny run's files (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -108,3 +108,37 @@ def test_a_tiny_sequential_run(tmp_path):
         assert payload["position"]["step"] == 3
         assert payload["state"]["module"]
     assert not (out / "checkpoints" / "module_2.pt").exists()
+
+
+def test_a_failure_is_one_line_and_its_traceback_is_in_the_error_log(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = train_cli("--set", "data.name=synthetic", "--set", "model.arch=resnet8", "--set", "data.batch_size=8",
+                     "--set", "train.lr=1e30", "--set", "train.schedule=constant", "--set", "run.log_every=1", "--set", "train.max_steps=20",
+                     "--set", f"run.out_dir='{out}'", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    log = out / "errors" / "rank_0.log"
+    assert lines[0].startswith("error: module") and "loss is nan" in lines[0]
+    assert lines[0].endswith(f"(traceback: {log})")
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "StageFailure" in text and "means(" in text
+
+
+def test_bad_input_found_during_the_run_is_logged_too(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = train_cli("--set", "data.name=synthetic", "--set", "model.arch=resnet8", "--set", f"run.out_dir='{out}'",
+                     "--set", f"run.resume='{tmp_path / 'nowhere'}'", cwd=tmp_path)
+    assert_one_line_error(done, "run.resume: no checkpoint", "(traceback: ")
+    assert "BadInput" in (out / "errors" / "rank_0.log").read_text()
+
+
+def test_a_multi_line_message_reaches_the_terminal_as_its_first_line() -> None:
+    from pipeline.errors import StageFailure, errors_logged, first_line
+
+    assert first_line("\n  Weights only load failed.\nIn PyTorch 2.6 ...\n") == "Weights only load failed."
+    with pytest.raises(StageFailure) as caught:
+        with errors_logged("/proc/definitely/not/writable"):
+            raise RuntimeError("CUDA error: an illegal memory access\nCompile with TORCH_USE_CUDA_DSA")
+    assert str(caught.value) == "RuntimeError: CUDA error: an illegal memory access"  # no log: no pointer
+    assert isinstance(caught.value.__cause__, RuntimeError)
