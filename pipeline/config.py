@@ -1,6 +1,6 @@
 """Typed experiment configuration: TOML file + ``--set`` overrides, validated in one place.
 
-Every key of DESIGN.md lives in one dataclass below. ``load_config`` is the only way a
+Every key (docs/configuration.md) lives in one dataclass below; choices are ``Literal`` types. ``load_config`` is the only way a
 ``Config`` is built from user input, and every problem it finds is a ``BadInput`` naming the
 key and what is allowed.
 """
@@ -12,41 +12,46 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from pipeline.errors import BadInput
 
-MODES = ("sequential", "pipeline", "ddp")
-DEVICES = ("auto", "cpu", "cuda")
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "synthetic")
-PARTITIONS = ("equal", "balanced-memory", "balanced-time")
-LOSSES = ("softmax", "contrast")
-AUX_HEADS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")
-SCHEDULES = ("cosine", "cosine-step", "constant")
-WIRE_DTYPES = ("fp32", "bf16")
-AMP_MODES = ("none", "bf16")
+Mode = Literal["sequential", "pipeline", "ddp"]
+Device = Literal["auto", "cpu", "cuda"]
+Dataset = Literal["fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "synthetic"]
+Partition = Literal["equal", "balanced-memory", "balanced-time"]
+Loss = Literal["softmax", "contrast"]
+AuxHead = Literal["0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"]
+Schedule = Literal["cosine", "cosine-step", "constant"]
+WireDtype = Literal["fp32", "bf16"]
+Amp = Literal["none", "bf16"]
 
-# Deepest Rn a pipeline message can carry (the header has a fixed number of tensor slots).
+MODES: tuple[str, ...] = get_args(Mode)
+DATASETS: tuple[str, ...] = get_args(Dataset)
+PARTITIONS: tuple[str, ...] = get_args(Partition)
+AUX_HEADS: tuple[str, ...] = get_args(AuxHead)
+
+# Deepest Rn: each packet carries n earlier module inputs, a bound that keeps messages sane.
 MAX_CONTEXT_DEPTH = 21
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
-# Cut points are [stage, block] pairs (stage 0 = the stem), as in REFERENCE.md's tables.
+# Cut points are [stage, block] pairs (stage 0 = the stem), as in docs/reference.md's tables.
 Cut = list[int]
 
 
 @dataclass
 class RunConfig:
-    mode: str = "sequential"
+    mode: Mode = "sequential"
     seed: int = 0
     out_dir: str = "runs/default"
     resume: str = ""
-    device: str = "auto"
+    device: Device = "auto"
     log_every: int = 50
 
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"
+    name: Dataset = "fashion_mnist"
     root: str = ""
     batch_size: int = 128
     augment: bool = True
@@ -68,12 +73,13 @@ class ModelConfig:
 @dataclass
 class LocalConfig:
     modules: int = 1
-    partition: Union[str, list[Cut]] = "equal"
+    partition: Union[Partition, list[Cut]] = "equal"
     context: str = "R0"
-    loss: str = "softmax"
-    aux: str = "1c2f"
+    loss: Loss = "softmax"
+    aux: AuxHead = "1c2f"
     aux_widen: int = 1
-    aux_feature_dim: int = 128
+    aux_hidden: int = 128  # width of the head's hidden linear layers (times aux_widen)
+    aux_feature_dim: int = 128  # what a head outputs for the contrastive loss
     reconstruct: bool = False
     ixx_1: float = 1.0
     ixy_1: float = 1.0
@@ -93,27 +99,27 @@ class LocalConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 160  # the published recipe (REFERENCE.md)
+    epochs: int = 160  # the published recipe (docs/reference.md)
     max_steps: int = 0  # 0: no cap, run every epoch in full
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
     warmup_epochs: int = 10
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
 
 
 @dataclass
 class PipelineConfig:
     queue_depth: int = 2
-    wire_dtype: str = "fp32"
+    wire_dtype: WireDtype = "fp32"
     timeout_s: float = 300.0
     threads_per_stage: int = 0  # 0: this process's equal share of the cores
 
 
 @dataclass
 class PrecisionConfig:
-    amp: str = "none"
+    amp: Amp = "none"
     channels_last: bool = False
 
 
@@ -244,12 +250,21 @@ def _build_section(table: str, cls: type, values: dict[str, Any]) -> Any:
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:
     if get_origin(hint) is Union:
+        if isinstance(value, str):  # a word: say which words are allowed, not which types
+            for option in get_args(hint):
+                if get_origin(option) is Literal:
+                    return _coerce(name, option, value)
         for option in get_args(hint):
             try:
                 return _coerce(name, option, value)
             except BadInput:
                 continue
         raise BadInput(f"{name} = {value!r} has the wrong type; expected {_describe(hint)}")
+    if get_origin(hint) is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            raise BadInput(f"{name} = {value!r} is not allowed; allowed: {', '.join(allowed)}")
+        return value
     if get_origin(hint) is list:
         (inner,) = get_args(hint)
         if not isinstance(value, list):
@@ -273,6 +288,8 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
 def _describe(hint: Any) -> str:
     if get_origin(hint) is Union:
         return " or ".join(_describe(option) for option in get_args(hint))
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(get_args(hint))
     if get_origin(hint) is list:
         return f"a list of {_describe(get_args(hint)[0])}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
@@ -287,19 +304,12 @@ def _require(ok: bool, message: str) -> None:
         raise BadInput(message)
 
 
-def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    _require(value in allowed, f"{name} = {value!r} is not allowed; allowed: {', '.join(allowed)}")
-
-
 def validate(config: Config) -> None:
     run, data, model, local, train = config.run, config.data, config.model, config.local, config.train
-    _one_of("run.mode", run.mode, MODES)
-    _one_of("run.device", run.device, DEVICES)
     _require(0 <= run.seed < 2**32, f"run.seed = {run.seed} must be in [0, 2**32)")
     _require(run.log_every >= 1, f"run.log_every = {run.log_every} must be >= 1")
     _require(bool(run.out_dir), "run.out_dir must name a directory for the outputs")
 
-    _one_of("data.name", data.name, DATASETS)
     _require(data.batch_size >= 2, f"data.batch_size = {data.batch_size} must be >= 2 (batch norm needs two samples)")
 
     blocks = 1 + 3 * model.blocks_per_stage  # stem + residual blocks: the units a cut can follow
@@ -320,13 +330,10 @@ def validate(config: Config) -> None:
         f"{local.modules}; n in Rn must be < local.modules",
     )
     _require(depth <= MAX_CONTEXT_DEPTH, f"local.context = {local.context!r}: n in Rn must be <= {MAX_CONTEXT_DEPTH}")
-    if isinstance(local.partition, str):
-        _one_of("local.partition", local.partition, PARTITIONS)
-    else:
+    if not isinstance(local.partition, str):
         validate_cuts(local.partition, local.modules, model.blocks_per_stage)
-    _one_of("local.loss", local.loss, LOSSES)
-    _one_of("local.aux", local.aux, AUX_HEADS)
     _require(local.aux_widen >= 1, f"local.aux_widen = {local.aux_widen} must be >= 1")
+    _require(local.aux_hidden >= 1, f"local.aux_hidden = {local.aux_hidden} must be >= 1")
     _require(local.aux_feature_dim >= 1, f"local.aux_feature_dim = {local.aux_feature_dim} must be >= 1")
     for key in ("ixx_1", "ixy_1", "ixx_2", "ixy_2"):
         _require(getattr(local, key) >= 0, f"local.{key} = {getattr(local, key)} must be >= 0")
@@ -338,7 +345,6 @@ def validate(config: Config) -> None:
     _require(train.weight_decay >= 0, f"train.weight_decay = {train.weight_decay} must be >= 0")
     _require(train.warmup_epochs >= 0, f"train.warmup_epochs = {train.warmup_epochs} must be >= 0")
     _require(not train.nesterov or train.momentum > 0, "train.nesterov = true needs train.momentum > 0")
-    _one_of("train.schedule", train.schedule, SCHEDULES)
     if train.schedule == "cosine":
         _require(
             train.warmup_epochs < train.epochs,
@@ -348,10 +354,8 @@ def validate(config: Config) -> None:
 
     pipe = config.pipeline
     _require(pipe.queue_depth >= 1, f"pipeline.queue_depth = {pipe.queue_depth} must be >= 1")
-    _one_of("pipeline.wire_dtype", pipe.wire_dtype, WIRE_DTYPES)
     _require(0 < pipe.timeout_s <= MAX_TIMEOUT_S, f"pipeline.timeout_s = {pipe.timeout_s} must be in (0, {MAX_TIMEOUT_S:.0f}]")
     _require(pipe.threads_per_stage >= 0, f"pipeline.threads_per_stage = {pipe.threads_per_stage} must be >= 0 (0: automatic)")
-    _one_of("precision.amp", config.precision.amp, AMP_MODES)
 
     if run.mode == "ddp":
         _require(local.modules == 1, f"run.mode = 'ddp' trains end to end; set local.modules = 1 (it is {local.modules})")
@@ -381,3 +385,38 @@ def cut_to_flat(cut: Cut, per_stage: int) -> int:
     """[stage, block] -> index in the flat block list (0 = stem, then residual blocks)."""
     stage, block = cut
     return 0 if stage == 0 else 1 + (stage - 1) * per_stage + block
+
+
+# --------------------------------------------------------------------------------------------
+# Keys set to no effect: legal, but probably not what the user meant.
+
+
+def ineffective_keys(config: Config) -> list[str]:
+    """One line per key changed from its default that the chosen mode, schedule or method ignores."""
+    defaults = Config()
+    notes: list[str] = []
+
+    def ignored(section: str, keys: tuple[str, ...], because: str) -> None:
+        for key in keys:
+            if getattr(getattr(config, section), key) != getattr(getattr(defaults, section), key):
+                notes.append(f"{section}.{key} has no effect {because}")
+
+    run, local = config.run, config.local
+    if config.train.schedule != "cosine":
+        ignored("train", ("warmup_epochs",), f"with train.schedule = {config.train.schedule!r} (only 'cosine' warms up)")
+    if run.mode != "pipeline":
+        ignored("pipeline", ("queue_depth", "wire_dtype"), f"with run.mode = {run.mode!r} (no links between stages)")
+    if run.mode == "sequential":
+        ignored("pipeline", ("timeout_s", "threads_per_stage"), "with run.mode = 'sequential' (one process)")
+    if local.modules == 1:
+        ignored("local", ("partition", "context", "loss", "aux", "aux_widen", "aux_hidden", "aux_feature_dim",
+                          "reconstruct", "ixx_1", "ixy_1", "ixx_2", "ixy_2"),
+                "with local.modules = 1 (end-to-end training has no local heads)")
+        return notes
+    if local.loss == "softmax":
+        ignored("local", ("aux_feature_dim",), "with local.loss = 'softmax' (heads output class scores)")
+    if not local.reconstruct:
+        ignored("local", ("ixx_1", "ixy_1", "ixx_2", "ixy_2"), "with local.reconstruct = false (no decoder to weigh)")
+    if config.data.name == "synthetic":
+        ignored("data", ("download", "root"), "with data.name = 'synthetic' (nothing is read)")
+    return notes

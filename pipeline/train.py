@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from pipeline.cli import ArgumentParser, run_main
-from pipeline.config import Config, load_config
+from pipeline.config import Config, ineffective_keys, load_config
 from pipeline.distributed import keep_freed_host_memory
 from pipeline.errors import BadInput, errors_logged
 
@@ -41,6 +41,9 @@ def train(config: Config) -> None:
     keep_freed_host_memory()
     from pipeline.runners.run import run
 
+    if os.environ.get("RANK", "0") == "0":  # once per job, not once per process
+        for note in ineffective_keys(config):
+            print(f"warning: {note}", file=sys.stderr, flush=True)
     with errors_logged(config.run.out_dir):
         run(config)
 

@@ -13,27 +13,34 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import Config
-from pipeline.model.local_module import Layout
+from pipeline.config import Config, PrecisionConfig, TrainConfig
+from pipeline.model.local_module import Layout, LocalModule
 from pipeline.model.network import build_module
 from pipeline.optim import learning_rate, make_optimizer, set_learning_rate
 from pipeline.packet import Packet
 
 
+def make_worker(config: Config, layout: Layout, index: int, device: torch.device,
+                wrap: Callable[[nn.Module], nn.Module] | None = None) -> ModuleWorker:
+    """Module ``index`` of the config's network, built from its seed, with its optimizer."""
+    module = build_module(config, layout, index, device)
+    return ModuleWorker(module, config.train, config.precision, device, wrap)
+
+
 class ModuleWorker:
-    def __init__(self, config: Config, layout: Layout, index: int, device: torch.device,
+    def __init__(self, module: LocalModule, train: TrainConfig, precision: PrecisionConfig, device: torch.device,
                  wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
-        self.index = index
+        self.index = module.index
         self.device = device
-        self.train_config = config.train
-        self.module = build_module(config, layout, index, device)
+        self.train_config = train
+        self.module = module
         # What the training step calls: the module itself, or a wrapper such as DDP around it.
-        self.trainable = wrap(self.module) if wrap is not None else self.module
-        self.optimizer = make_optimizer(self.module, config.train)
-        self.channels_last = config.precision.channels_last
-        self.amp = config.precision.amp == "bf16"
+        self.trainable = wrap(module) if wrap is not None else module
+        self.optimizer = make_optimizer(module, train)
+        self.channels_last = precision.channels_last
+        self.amp = precision.amp == "bf16"
         self.total_steps = 1  # the run's length in steps, for per-step schedules: set by the runner
-        self.lr = learning_rate(config.train, 1)
+        self.lr = learning_rate(train, 1)
         set_learning_rate(self.optimizer, self.lr)
 
     @property

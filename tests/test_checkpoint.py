@@ -14,7 +14,7 @@ from pipeline.errors import BadInput
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.runners.loop import Position
 from pipeline.runners.run import run
-from pipeline.worker import ModuleWorker
+from pipeline.worker import ModuleWorker, make_worker
 
 CPU = torch.device("cpu")
 # 1024 synthetic samples / 128 = 8 batches per epoch: 6 steps stop inside epoch 1, 12 end in epoch 2.
@@ -116,7 +116,7 @@ def test_save_then_load_restores_a_worker(make_config, tmp_path, image_batch):
     spec = dataset_spec(config)
     cuts = resolve_cuts(config, spec, CPU)
     layout = make_layout(config, spec, cuts)
-    workers = [ModuleWorker(config, layout, index, CPU) for index in range(2)]
+    workers = [make_worker(config, layout, index, CPU) for index in range(2)]
     images, labels = image_batch(spec, batch=8)
     packet = Packet.from_batch(images, labels)
     for worker in workers:
@@ -125,7 +125,7 @@ def test_save_then_load_restores_a_worker(make_config, tmp_path, image_batch):
     for worker in workers:
         path = checkpoint.save(tmp_path, worker, Position(3, 1, 17), identity)
         assert path == tmp_path / "checkpoints" / f"module_{worker.index}.pt"
-    fresh = [ModuleWorker(config, layout, index, CPU) for index in range(2)]
+    fresh = [make_worker(config, layout, index, CPU) for index in range(2)]
     for worker, original in zip(fresh, workers):
         assert checkpoint.load(tmp_path, worker, identity) == Position(3, 1, 17)
         tensors_equal(worker.state_dict(), original.state_dict())

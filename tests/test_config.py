@@ -282,3 +282,43 @@ def test_one_class_is_rejected():
 def test_two_image_channels_are_rejected():
     """validate() says model.in_channels must be 1 or 3 (or 0 = from the dataset)."""
     assert "model.in_channels" in bad(["data.name=synthetic", "model.in_channels=2"])
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["train.schedule=cosine-step", "train.warmup_epochs=3"], ["train.warmup_epochs has no effect with train.schedule = 'cosine-step'"]),
+    (["pipeline.queue_depth=4"], ["pipeline.queue_depth has no effect with run.mode = 'sequential'"]),
+    (["run.mode=ddp", "pipeline.wire_dtype=bf16", "pipeline.timeout_s=60"], ["pipeline.wire_dtype has no effect with run.mode = 'ddp'"]),
+    (["local.modules=1", "local.aux=2c2f"], ["local.aux has no effect with local.modules = 1"]),
+    (["local.modules=2", "local.aux_feature_dim=64"], ["local.aux_feature_dim has no effect with local.loss = 'softmax'"]),
+    (["local.modules=2", "local.ixx_1=3.0"], ["local.ixx_1 has no effect with local.reconstruct = false"]),
+    (["local.modules=2", "local.loss=contrast", "local.aux_feature_dim=64", "train.warmup_epochs=3",
+      "run.mode=pipeline", "pipeline.queue_depth=4"], []),
+])
+def test_keys_set_to_no_effect_are_named(overrides: list[str], expected: list[str]) -> None:
+    from pipeline.config import ineffective_keys
+
+    notes = ineffective_keys(load_config(None, overrides))
+    assert len(notes) == len(expected)
+    for note, start in zip(notes, expected):
+        assert note.startswith(start)
+
+
+def test_choices_are_literal_types_checked_at_load() -> None:
+    with pytest.raises(BadInput, match=r"run.mode = 'pipe' is not allowed; allowed: sequential, pipeline, ddp"):
+        load_config(None, ["run.mode=pipe"])
+    with pytest.raises(BadInput, match=r"local.partition = 'balanced' is not allowed; allowed: equal, balanced-memory"):
+        load_config(None, ["local.partition=balanced"])
+
+
+def test_aux_hidden_sets_the_head_width_and_aux_feature_dim_its_contrastive_output() -> None:
+    from pipeline.data.specs import dataset_spec
+    from pipeline.model.network import build_module, make_layout, resolve_cuts
+    import torch
+    from torch import nn
+
+    config = load_config(None, ["data.name=synthetic", "model.arch=resnet8", "local.modules=2",
+                                "local.loss=contrast", "local.aux_hidden=24", "local.aux_feature_dim=40"])
+    spec = dataset_spec(config)
+    layout = make_layout(config, spec, resolve_cuts(config, spec, torch.device("cpu")))
+    linears = [m for m in build_module(config, layout, 0, torch.device("cpu")).head.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears][-2:] == [(linears[0].in_features, 24), (24, 40)]

@@ -13,7 +13,7 @@ from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.model.resnet import CifarResNet, Classifier, init_weights
 from pipeline.optim import learning_rate
 from pipeline.packet import Packet
-from pipeline.worker import ModuleWorker
+from pipeline.worker import ModuleWorker, make_worker
 
 CPU = torch.device("cpu")
 
@@ -21,7 +21,7 @@ CPU = torch.device("cpu")
 def workers_for(config):
     spec = dataset_spec(config)
     layout = make_layout(config, spec, resolve_cuts(config, spec, CPU))
-    return [ModuleWorker(config, layout, index, CPU) for index in range(config.local.modules)]
+    return [make_worker(config, layout, index, CPU) for index in range(config.local.modules)]
 
 
 def reference_resnet(config) -> nn.Sequential:

@@ -19,7 +19,7 @@ def _linears(count: int, width: int, hidden: int, out: int) -> list[nn.Module]:
     return layers + [nn.Linear(width, out)]
 
 
-def build_aux_head(name: str, channels: int, out: int, widen: int, feature_dim: int) -> nn.Sequential:
+def build_aux_head(name: str, channels: int, out: int, widen: int, hidden: int) -> nn.Sequential:
     """A head named by its conv count and linear count, e.g. '1c2f'.
 
     ``out`` is the class count for the softmax loss or the feature dimension for the
@@ -38,4 +38,4 @@ def build_aux_head(name: str, channels: int, out: int, widen: int, feature_dim: 
             ]
             width = conv_width
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return nn.Sequential(*layers, *_linears(linears, width, feature_dim * widen, out))
+    return nn.Sequential(*layers, *_linears(linears, width, hidden * widen, out))

@@ -72,7 +72,7 @@ class LocalModule(nn.Module):
             self.head: nn.Module = Classifier(out.channels, classes)
         else:
             head_out = classes if local.loss == "softmax" else local.aux_feature_dim
-            self.head = build_aux_head(local.aux, out.channels, head_out, local.aux_widen, local.aux_feature_dim)
+            self.head = build_aux_head(local.aux, out.channels, head_out, local.aux_widen, local.aux_hidden)
         self.decoder = (
             Decoder(out.channels, layout.spec.channels, layout.spec.image_size, local.aux_widen,
                     layout.spec.mean, layout.spec.std)

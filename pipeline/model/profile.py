@@ -92,7 +92,7 @@ class _CostModel:
         """The head (and decoder) a module ending at block ``index`` carries."""
         local, shape = self.config.local, self.net.shape(index)
         out = self.spec.classes if local.loss == "softmax" else local.aux_feature_dim
-        total = self.cost(build_aux_head(local.aux, shape.channels, out, local.aux_widen, local.aux_feature_dim), shape)
+        total = self.cost(build_aux_head(local.aux, shape.channels, out, local.aux_widen, local.aux_hidden), shape)
         if local.reconstruct:
             decoder = Decoder(shape.channels, self.spec.channels, self.spec.image_size, local.aux_widen)
             total += self.cost(decoder, shape)

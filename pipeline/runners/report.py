@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Config
+from pipeline.config import Config, RunConfig
 from pipeline.metrics import LossMeter, MetricsLog, Progress, StageStats, say, write_summary
 from pipeline.runners.loop import EpochEnd, Position, RunLength, total_steps
 from pipeline.runners.messages import Train
@@ -22,19 +22,19 @@ from pipeline.worker import ModuleWorker
 
 
 class RunReport:
-    def __init__(self, label: str, config: Config, topology: Topology, workers: list[ModuleWorker],
+    def __init__(self, label: str, run: RunConfig, batch_size: int, topology: Topology, workers: list[ModuleWorker],
                  start: Position, length: RunLength, total: Callable[[torch.Tensor], torch.Tensor],
                  started: float) -> None:
-        self.label, self.config, self.topology, self.workers = label, config, topology, workers
+        self.label, self.topology, self.workers = label, topology, workers
         self.total = total  # sums a count over the replicas of the last stage
         self.started = started  # the process's start: wall_s counts set-up too
-        self.log_every = config.run.log_every
+        self.log_every = run.log_every
         self.speaks = topology.writer
         self.meter = LossMeter([worker.index for worker in workers])
-        self.log = MetricsLog(config.run.out_dir, topology.rank)
+        self.log = MetricsLog(run.out_dir, topology.rank)
         whole = len(topology.hosted) == topology.stages
         self.stats = StageStats(rank=topology.rank, module="all" if whole else topology.stage, device=topology.device)
-        self.progress = Progress(label, start.step, total_steps(start, *length), config.data.batch_size)
+        self.progress = Progress(label, start.step, total_steps(start, *length), batch_size)
         self.steps, self.epochs_done = start.step, 0
         self.accuracy: float | None = None
 
@@ -86,7 +86,7 @@ class RunReport:
 
     # ---- the end ----------------------------------------------------------------------------
 
-    def summary(self, cuts: list[int]) -> dict[str, Any] | None:
+    def summary(self, config: Config, cuts: list[int]) -> dict[str, Any] | None:
         """Gather every process's figures; rank 0 writes summary.json and returns it."""
         topology = self.topology
         stage = {**self.stats.report(), "stage": topology.stage, "replica": topology.replica}
@@ -97,7 +97,7 @@ class RunReport:
             return None
         last = every[topology.last_rank]
         return write_summary(
-            self.config.run.out_dir, self.config, world_size=topology.size, cuts=cuts, steps=last["steps"],
+            config.run.out_dir, config, world_size=topology.size, cuts=cuts, steps=last["steps"],
             epochs_done=last["epochs"], test_accuracy=last["accuracy"], train_samples=last["samples"],
             train_s=last["train_s"], wall_s=time.perf_counter() - self.started,
             stages=[item["stage"] for item in every],

@@ -33,7 +33,7 @@ from pipeline.runners.source import BatchSource
 from pipeline.runners.stage import ModuleStage, StageLoop
 from pipeline.topology import Topology, from_env, process_groups, single_process
 from pipeline.transport import Receiver, Sender
-from pipeline.worker import ModuleWorker
+from pipeline.worker import ModuleWorker, make_worker
 
 Loaders = tuple[BatchLoader, BatchLoader]
 Links = Callable[[Layout], tuple[Inbox | None, Outbox | None]]
@@ -57,7 +57,7 @@ def run(config: Config) -> dict[str, Any] | None:
     with process_groups(topology, config.pipeline.timeout_s), failures_named(topology):
         loop, report, cuts = assemble(config, topology, loaders, started, functools.partial(wire, config.pipeline, topology))
         loop.run()
-        return report.summary(cuts)
+        return report.summary(config, cuts)
 
 
 def assemble(config: Config, topology: Topology, loaders: Loaders | None, started: float,
@@ -72,7 +72,7 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     cuts, batches = topology.comm.broadcast(facts, 0)
     layout = make_layout(config, spec, cuts)
     parallel = DataParallel(topology)
-    workers = [ModuleWorker(config, layout, index, topology.device, wrap=parallel.wrap) for index in topology.hosted]
+    workers = [make_worker(config, layout, index, topology.device, wrap=parallel.wrap) for index in topology.hosted]
     length = RunLength(config.train.epochs, batches, config.train.max_steps)
     run_steps = total_steps(Position(), *length)  # per-step schedules span the whole run, resumed or not
     for worker in workers:
@@ -80,7 +80,8 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     identity = checkpoint.identity_of(config, cuts)
     position = resume(config.run.resume, workers, identity, topology)
     label = _label(config.run.mode, topology)
-    report = RunReport(label, config, topology, workers, position, length, parallel.total, started)
+    report = RunReport(label, config.run, config.data.batch_size, topology, workers, position, length,
+                       parallel.total, started)
     save = functools.partial(checkpoint.save, config.run.out_dir, identity=identity) if topology.writer else None
     stages = [ModuleStage(worker, slot, report, save) for slot, worker in enumerate(workers)]
     inbox, outbox = links(layout)

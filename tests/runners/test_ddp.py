@@ -11,7 +11,7 @@ from distributed_helpers import load_module_state, max_state_difference, tiny_co
 from pipeline.data.loader import make_loaders
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.packet import Packet
-from pipeline.worker import ModuleWorker
+from pipeline.worker import ModuleWorker, make_worker
 
 STEPS, WORLD = 6, 2
 
@@ -22,7 +22,7 @@ def emulate_ddp(tmp: Path) -> dict[str, object]:
     device = torch.device("cpu")
     train, _ = make_loaders(config, device)
     layout = make_layout(config, train.spec, resolve_cuts(config, train.spec, device))
-    worker = ModuleWorker(config, layout, 0, device)
+    worker = make_worker(config, layout, 0, device)
     module, optimizer = worker.module, worker.optimizer
     worker.at_step(1, 1)
     module.train()

@@ -13,7 +13,7 @@ from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.packet import Packet
 from pipeline.runners.loop import EpochEnd, Position, TrainStep, events, total_steps
 from pipeline.runners.run import run
-from pipeline.worker import ModuleWorker
+from pipeline.worker import ModuleWorker, make_worker
 
 CPU = torch.device("cpu")
 
@@ -74,7 +74,7 @@ def test_run_equals_stepping_the_workers_by_hand(make_config, tmp_path):
 
     spec = dataset_spec(config)
     layout = make_layout(config, spec, resolve_cuts(config, spec, CPU))
-    workers = [ModuleWorker(config, layout, index, CPU) for index in range(2)]
+    workers = [make_worker(config, layout, index, CPU) for index in range(2)]
     train, test = make_loaders(config, CPU)
     for worker in workers:
         worker.at_step(1, 1)

@@ -69,7 +69,7 @@ def run_threaded(config: Config, timeout_s: float = 60.0) -> tuple[list[dict[str
             loop, report, cuts = assemble(config, topology, loaders if rank == 0 else None, time.perf_counter(),
                                           lambda layout: (inbox, outbox))
             loop.run()
-            summaries[rank] = report.summary(cuts)
+            summaries[rank] = report.summary(config, cuts)
         except BaseException as err:
             errors[rank] = err
             for link in (inbox, outbox):
