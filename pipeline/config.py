@@ -73,7 +73,7 @@ class ModelConfig:
 @dataclass
 class LocalConfig:
     modules: int = 1
-    partition: Union[Partition, list[Cut]] = "equal"
+    partition: Partition | list[Cut] = "equal"
     context: str = "R0"
     loss: Loss = "softmax"
     aux: AuxHead = "1c2f"
@@ -371,7 +371,7 @@ def validate_cuts(cuts: list[Cut], modules: int, per_stage: int) -> None:
     previous = -1
     for cut in cuts:
         _require(
-            len(cut) == 2 and (cut[0] == 0 and cut[1] == 0 or 1 <= cut[0] <= 3 and 0 <= cut[1] < per_stage),
+            len(cut) == 2 and ((cut[0] == 0 and cut[1] == 0) or (1 <= cut[0] <= 3 and 0 <= cut[1] < per_stage)),
             f"local.partition cut {cut} is out of range; cuts are [stage, block] with [0, 0] "
             f"(after the stem) or stage 1..3 and block 0..{per_stage - 1}",
         )

@@ -9,7 +9,6 @@ import torch
 
 from pipeline.errors import BadInput
 
-
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 

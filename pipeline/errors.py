@@ -45,7 +45,9 @@ def errors_logged(out_dir: str | Path) -> Iterator[None]:
         pointer = f" (traceback: {where})" if where is not None else ""
         if isinstance(err, BadInput):
             raise BadInput(first_line(str(err)) + pointer) from err
-        text = first_line(str(err)) if isinstance(err, StageFailure) else f"{type(err).__name__}: {first_line(str(err))}"
+        text = first_line(str(err))
+        if not isinstance(err, StageFailure):
+            text = f"{type(err).__name__}: {text}"
         raise StageFailure(text + pointer) from err
 
 

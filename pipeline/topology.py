@@ -23,6 +23,7 @@ from pipeline.config import PipelineConfig, RunConfig
 from pipeline.distributed import limit_cpu_threads, resolve_device
 from pipeline.errors import BadInput
 
+
 class Collectives(Protocol):
     """The few collectives a run needs, over every process of the job."""
 

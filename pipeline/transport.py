@@ -19,7 +19,6 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -126,7 +125,7 @@ class Link:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)  # a new thread starts on GPU 0: no stray context there
             self._loop()
-        except BaseException as err:  # any failure must reach the stage, never die silently
+        except BaseException as err:  # noqa: BLE001 -- any failure must reach the stage, never die silently
             self.error = err
             self._on_error(err)
 

@@ -14,7 +14,7 @@ from pipeline.errors import BadInput
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.runners.loop import Position
 from pipeline.runners.run import run
-from pipeline.worker import ModuleWorker, make_worker
+from pipeline.worker import make_worker
 
 CPU = torch.device("cpu")
 # 1024 synthetic samples / 128 = 8 batches per epoch: 6 steps stop inside epoch 1, 12 end in epoch 2.

@@ -311,10 +311,11 @@ def test_choices_are_literal_types_checked_at_load() -> None:
 
 
 def test_aux_hidden_sets_the_head_width_and_aux_feature_dim_its_contrastive_output() -> None:
-    from pipeline.data.specs import dataset_spec
-    from pipeline.model.network import build_module, make_layout, resolve_cuts
     import torch
     from torch import nn
+
+    from pipeline.data.specs import dataset_spec
+    from pipeline.model.network import build_module, make_layout, resolve_cuts
 
     config = load_config(None, ["data.name=synthetic", "model.arch=resnet8", "local.modules=2",
                                 "local.loss=contrast", "local.aux_hidden=24", "local.aux_feature_dim=40"])

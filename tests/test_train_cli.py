@@ -85,7 +85,7 @@ def test_a_tiny_sequential_run(tmp_path):
     assert "Traceback" not in done.stderr
 
     summary = json.loads((out / "summary.json").read_text())
-    assert SUMMARY_KEYS <= summary.keys()
+    assert summary.keys() >= SUMMARY_KEYS
     assert summary["mode"] == "sequential" and summary["world_size"] == 1
     assert summary["modules"] == 2 and summary["steps"] == 3
     assert summary["dataset"] == "synthetic"
@@ -94,7 +94,7 @@ def test_a_tiny_sequential_run(tmp_path):
     assert summary["train_samples_per_s"] > 0 and summary["wall_s"] > 0
     assert len(summary["stages"]) == 1
     stage = summary["stages"][0]
-    assert STAGE_KEYS <= stage.keys()
+    assert stage.keys() >= STAGE_KEYS
     assert stage["rank"] == 0 and stage["compute_s"] > 0 and stage["peak_mem_bytes"] > 0
     assert 0.0 <= stage["busy_fraction"] <= 1.0 and stage["samples_per_s"] > 0
 
@@ -137,8 +137,7 @@ def test_a_multi_line_message_reaches_the_terminal_as_its_first_line() -> None:
     from pipeline.errors import StageFailure, errors_logged, first_line
 
     assert first_line("\n  Weights only load failed.\nIn PyTorch 2.6 ...\n") == "Weights only load failed."
-    with pytest.raises(StageFailure) as caught:
-        with errors_logged("/proc/definitely/not/writable"):
-            raise RuntimeError("CUDA error: an illegal memory access\nCompile with TORCH_USE_CUDA_DSA")
+    with pytest.raises(StageFailure) as caught, errors_logged("/proc/definitely/not/writable"):
+        raise RuntimeError("CUDA error: an illegal memory access\nCompile with TORCH_USE_CUDA_DSA")
     assert str(caught.value) == "RuntimeError: CUDA error: an illegal memory access"  # no log: no pointer
     assert isinstance(caught.value.__cause__, RuntimeError)

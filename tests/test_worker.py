@@ -13,7 +13,7 @@ from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.model.resnet import CifarResNet, Classifier, init_weights
 from pipeline.optim import learning_rate
 from pipeline.packet import Packet
-from pipeline.worker import ModuleWorker, make_worker
+from pipeline.worker import make_worker
 
 CPU = torch.device("cpu")
 

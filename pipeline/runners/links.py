@@ -8,6 +8,7 @@ the way the wire would show them.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import time
 from typing import Protocol
@@ -88,7 +89,5 @@ class MemoryLink:
                 self.queue.put_nowait(_Broken(cause))
                 return
             except queue.Full:
-                try:  # what is still queued will never be needed: make room for the news
+                with contextlib.suppress(queue.Empty):  # what is queued will never be needed: make room
                     self.queue.get_nowait()
-                except queue.Empty:
-                    pass

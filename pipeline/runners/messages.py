@@ -7,7 +7,6 @@ message says which epoch and step it is, and each epoch end says where a resumed
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 from pipeline.packet import Packet
 from pipeline.runners.loop import EpochEnd
@@ -36,6 +35,6 @@ class Stop:
     """The run is over: every stage passes it on, then ends."""
 
 
-Message = Union[Train, Eval, EpochEnd, Stop]
+Message = Train | Eval | EpochEnd | Stop
 
 __all__ = ["EpochEnd", "Eval", "Message", "Stop", "Train"]

@@ -55,7 +55,8 @@ def run(config: Config) -> dict[str, Any] | None:
     # The first stage reads the data before joining the job, so a bad data path exits 2 at once.
     loaders = make_loaders(config, topology.device, processes=topology.replicas) if topology.first else None
     with process_groups(topology, config.pipeline.timeout_s), failures_named(topology):
-        loop, report, cuts = assemble(config, topology, loaders, started, functools.partial(wire, config.pipeline, topology))
+        links = functools.partial(wire, config.pipeline, topology)
+        loop, report, cuts = assemble(config, topology, loaders, started, links)
         loop.run()
         return report.summary(config, cuts)
 
@@ -121,7 +122,7 @@ def wire(pipe: PipelineConfig, topology: Topology, layout: Layout) -> tuple[Inbo
 def resume(resume_dir: str, workers: list[ModuleWorker], identity: dict[str, Any], topology: Topology) -> Position:
     """Where the run starts; every module of every process must resume from the same step."""
     positions = {checkpoint.load(resume_dir, worker, identity) for worker in workers} if resume_dir else {Position()}
-    every = set().union(*topology.comm.gather(positions))
+    every: set[Position] = set().union(*topology.comm.gather(positions))
     if len(every) != 1:
         raise BadInput(
             f"run.resume: the module checkpoints in {resume_dir} were written at different "

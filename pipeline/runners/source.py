@@ -28,7 +28,8 @@ class BatchSource:
     @staticmethod
     def _generate(train: BatchLoader, test: BatchLoader, start: Position, length: RunLength,
                   shard: Shard) -> Iterator[Message]:
-        epoch, batches = 0, iter(())
+        epoch = 0
+        batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(())
         for event in events(start, *length):
             if isinstance(event, EpochEnd):
                 for images, labels in test.batches(epoch=0):

@@ -9,15 +9,14 @@ module) and a DDP rank (one module with replicas): that sharing is what makes th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
 
-
-from pipeline.runners.loop import Position
 from pipeline.packet import Packet
 from pipeline.runners.links import Inbox, Outbox
+from pipeline.runners.loop import Position
 from pipeline.runners.messages import EpochEnd, Eval, Message, Stop, Train
 from pipeline.runners.report import RunReport
 from pipeline.worker import ModuleWorker
@@ -63,7 +62,7 @@ class ModuleStage:
 
 
 class StageLoop:
-    def __init__(self, inbox: Inbox, stages: list[Handler], outbox: Outbox | None, report: RunReport) -> None:
+    def __init__(self, inbox: Inbox, stages: Sequence[Handler], outbox: Outbox | None, report: RunReport) -> None:
         self.inbox, self.stages, self.outbox, self.report = inbox, stages, outbox, report
 
     def run(self) -> None:

@@ -132,7 +132,7 @@ def test_min_max_cuts_matches_brute_force(seed):
     for modules in range(2, min(5, blocks) + 1):
         cuts = min_max_cuts(block_cost, cut_cost, modules, input_cost)
         assert len(cuts) == modules - 1
-        assert cuts == sorted(set(cuts)) and 0 <= cuts[0] and cuts[-1] < blocks - 1
+        assert cuts == sorted(set(cuts)) and cuts[0] >= 0 and cuts[-1] < blocks - 1
         inputs = input_cost or [0.0] * blocks
         assert max_cost(cuts, block_cost, cut_cost, inputs) == pytest.approx(
             brute_force(block_cost, cut_cost, modules, inputs))

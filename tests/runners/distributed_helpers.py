@@ -22,7 +22,8 @@ def tiny_config(tmp: Path, name: str, *overrides: str) -> Config:
     return load_config(None, [*TINY, f"run.out_dir={tmp / name}", *overrides])
 
 
-def torchrun(nproc: int, overrides: list[str], timeout: float = 120.0, **popen: object) -> subprocess.CompletedProcess[str]:
+def torchrun(nproc: int, overrides: list[str], timeout: float = 120.0,
+             **popen: object) -> subprocess.CompletedProcess[str]:
     """Run python -m pipeline.train under torchrun; returns the finished process."""
     command = torchrun_command(nproc, overrides)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env(), **popen)  # type: ignore[call-overload]

@@ -6,12 +6,12 @@ import itertools
 from pathlib import Path
 
 import torch
-
 from distributed_helpers import load_module_state, max_state_difference, tiny_config, torchrun
+
 from pipeline.data.loader import make_loaders
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.packet import Packet
-from pipeline.worker import ModuleWorker, make_worker
+from pipeline.worker import make_worker
 
 STEPS, WORLD = 6, 2
 

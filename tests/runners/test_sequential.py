@@ -13,7 +13,7 @@ from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.packet import Packet
 from pipeline.runners.loop import EpochEnd, Position, TrainStep, events, total_steps
 from pipeline.runners.run import run
-from pipeline.worker import ModuleWorker, make_worker
+from pipeline.worker import make_worker
 
 CPU = torch.device("cpu")
 
@@ -29,7 +29,8 @@ def test_events_full_epochs():
     stream = list(events(Position(), epochs=2, batches=3, max_steps=0))
     steps = [e for e in stream if isinstance(e, TrainStep)]
     ends = [e for e in stream if isinstance(e, EpochEnd)]
-    assert [(s.epoch, s.batch, s.step) for s in steps] == [(1, 0, 1), (1, 1, 2), (1, 2, 3), (2, 0, 4), (2, 1, 5), (2, 2, 6)]
+    assert [(s.epoch, s.batch, s.step) for s in steps] == [
+        (1, 0, 1), (1, 1, 2), (1, 2, 3), (2, 0, 4), (2, 1, 5), (2, 2, 6)]
     assert [(e.epoch, e.resume_at, e.final) for e in ends] == [
         (1, Position(2, 0, 3), False), (2, Position(3, 0, 6), True)]
     assert stream.index(ends[0]) == 3  # the epoch end comes right after its last step
@@ -78,7 +79,7 @@ def test_run_equals_stepping_the_workers_by_hand(make_config, tmp_path):
     train, test = make_loaders(config, CPU)
     for worker in workers:
         worker.at_step(1, 1)
-    for step, (images, labels) in zip(range(3), train.batches(1)):
+    for _, (images, labels) in zip(range(3), train.batches(1)):
         packet = Packet.from_batch(images, labels)
         for worker in workers:
             packet, _ = worker.train_step(packet)

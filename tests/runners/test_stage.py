@@ -10,8 +10,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from distributed_helpers import _env, load_module_state, max_state_difference, tiny_config, torchrun, torchrun_command
 
-from distributed_helpers import load_module_state, max_state_difference, tiny_config, torchrun, torchrun_command, _env
 from pipeline.runners.run import run
 
 STEPS = 12
@@ -92,7 +92,8 @@ def test_two_nodes_through_c10d_rendezvous(tmp_path: Path, single_thread: None) 
     agents = []
     for node in range(2):
         argv = command[:launcher] + ["--nnodes=2", f"--node-rank={node}", "--rdzv-backend=c10d",
-                                     f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes"] + command[launcher + 1:]
+                                     f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
+                                     *command[launcher + 1:]]
         agents.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()))
     outputs = [agent.communicate(timeout=120)[0] for agent in agents]
     assert [agent.returncode for agent in agents] == [0, 0], "\n".join(output[-2000:] for output in outputs)

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 import torch
-
 from distributed_helpers import load_module_state, max_state_difference, tiny_config
+from threaded import run_threaded
+
 from pipeline.errors import StageFailure
 from pipeline.packet import Packet
 from pipeline.runners.links import MemoryLink
@@ -25,7 +26,6 @@ from pipeline.runners.messages import Eval, Message, Stop, Train
 from pipeline.runners.run import run
 from pipeline.runners.source import BatchSource
 from pipeline.runners.stage import StageLoop
-from threaded import run_threaded
 
 STEPS = 12
 
@@ -122,11 +122,11 @@ class NullReport:
         self.ends += 1
 
 
-def _chain(stages: list[Recorder], length: RunLength, start: Position = Position(), depth: int = 2,
+def _chain(stages: list[Recorder], length: RunLength, start: Position | None = None, depth: int = 2,
            timeout_s: float = 5.0) -> tuple[list[NullReport], list[BaseException | None], float]:
     """Run mock stages on threads: stage 0 reads a BatchSource, the rest MemoryLinks."""
     links = [MemoryLink(k, k + 1, depth, timeout_s) for k in range(len(stages) - 1)]
-    source = BatchSource(FakeLoader(length.batches, 4), FakeLoader(2, 3), start, length,  # type: ignore[arg-type]
+    source = BatchSource(FakeLoader(length.batches, 4), FakeLoader(2, 3), start or Position(), length,  # type: ignore[arg-type]
                          lambda images, labels: (images, labels))
     reports = [NullReport() for _ in stages]
     errors: list[BaseException | None] = [None] * len(stages)
@@ -136,7 +136,7 @@ def _chain(stages: list[Recorder], length: RunLength, start: Position = Position
         outbox = links[k] if k < len(stages) - 1 else None
         try:
             StageLoop(inbox, [stages[k]], outbox, reports[k]).run()  # type: ignore[arg-type]
-        except BaseException as err:
+        except BaseException as err:  # noqa: BLE001 -- the harness reports every failure
             errors[k] = err
             for link in (links[k - 1] if k > 0 else None, outbox):
                 if link is not None:
