@@ -83,12 +83,53 @@ def read_fashion_mnist(root: Path, spec: DatasetSpec) -> RawDataset:
 # ---- CIFAR python pickles ----------------------------------------------------------------------
 
 
+def _latin1(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """Python 3's protocol-2 pickles write bytes as _codecs.encode(text, 'latin1'): only that encoding."""
+    if not isinstance(text, str) or encoding.lower().replace("-", "") != "latin1" or errors != "strict":
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not a bytes literal")
+    return text.encode("latin1")
+
+
+# What a CIFAR batch may name: numpy's array, dtype and scalar reconstructors under both of
+# numpy's module names (1.x wrote numpy.core, 2.x writes numpy._core), and the bytes helper.
+# Anything else in the file is code to run, and a data file must never run code.
+_RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]  # numpy's own _reconstruct, whichever module holds it
+_SCALAR = np.float64(0).__reduce__()[0]
+_CIFAR_GLOBALS: dict[tuple[str, str], object] = {
+    **{(module, "_reconstruct"): _RECONSTRUCT for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(module, "scalar"): _SCALAR for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1,
+}
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only the arrays, lists and bytes a CIFAR batch holds; nothing it names is imported."""
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            raise _ForbiddenGlobal(f"{module}.{name}") from None
+
+
 def _unpickle(path: Path) -> dict[bytes, object]:
     with open(path, "rb") as handle:
         try:
-            return pickle.load(handle, encoding="bytes")
+            batch = _CifarUnpickler(handle, encoding="bytes").load()
+        except _ForbiddenGlobal as err:
+            raise BadInput(f"{path} is not a CIFAR python batch: it asks to call {err}, which a data file never "
+                           f"needs, and was not loaded; replace it with the original CIFAR file") from None
         except Exception as err:  # any unpickling failure means the file is not a CIFAR batch
             raise BadInput(f"{path} is not a CIFAR python batch ({err})") from None
+    if not isinstance(batch, dict):
+        raise BadInput(f"{path} is not a CIFAR python batch (it holds a value of type {type(batch).__name__}, not a dict)")
+    return batch
 
 
 def _cifar_split(paths: list[Path], label_key: bytes) -> Split:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -161,6 +162,84 @@ def test_cifar_batch_without_labels(tmp_path):
     dump(folder / "test", {b"data": np.zeros((1, 3072), np.uint8), b"fine_labels": [0]})
     with pytest.raises(BadInput, match="fine_labels"):
         raw_for("cifar100", tmp_path)
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a crafted data file can do to a plain pickle.load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def cifar10_folder(tmp_path: Path) -> Path:
+    """A complete, valid cifar-10-batches-py folder of one image per batch."""
+    folder = tmp_path / "cifar-10-batches-py"
+    for index, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        dump(folder / name, {b"data": rng(index).integers(0, 256, (1, 3072), dtype=np.uint8), b"labels": [index]})
+    return folder
+
+
+def test_a_cifar_batch_never_runs_code(tmp_path):
+    folder = cifar10_folder(tmp_path)
+    marker = tmp_path / "code-ran"
+    dump(folder / "data_batch_1", {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"x": RunsCode(marker)})
+    with pytest.raises(BadInput) as info:
+        raw_for("cifar10", tmp_path)
+    assert not marker.exists(), "unpickling the data file ran its command"
+    message = str(info.value)
+    assert str(folder / "data_batch_1") in message and "system" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("payload, needle", [(7, "type int"), ({b"data": b"", b"labels": []}, "utf_16")],
+                         ids=["not-a-dict", "bytes-via-another-codec"])
+def test_a_cifar_batch_of_the_wrong_kind_is_refused(tmp_path, payload, needle):
+    folder = cifar10_folder(tmp_path)
+    # Python 3 writes protocol-2 bytes as _codecs.encode(text, 'latin1'); only latin1 makes a bytes literal.
+    (folder / "test_batch").write_bytes(pickle.dumps(payload, protocol=2).replace(b"latin1", b"utf_16"))
+    with pytest.raises(BadInput) as info:
+        raw_for("cifar10", tmp_path)
+    message = str(info.value)
+    assert f"{folder / 'test_batch'} is not a CIFAR python batch" in message and needle in message
+
+
+def py2_str(text: bytes) -> bytes:
+    """A Python 2 str in a pickle: SHORT_BINSTRING or BINSTRING."""
+    return b"U" + bytes([len(text)]) + text if len(text) < 256 else b"T" + struct.pack("<i", len(text)) + text
+
+
+def python2_cifar_batch(data: np.ndarray, labels: list[int]) -> bytes:
+    """A batch pickled the way the CIFAR site's files were: Python 2, protocol 2, numpy.core names."""
+    rows, columns = data.shape
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + py2_str(b"b") + b"\x87R("
+             + b"K\x01M" + struct.pack("<H", rows) + b"M" + struct.pack("<H", columns) + b"\x86"
+             + b"cnumpy\ndtype\n" + py2_str(b"u1") + b"K\x00K\x01\x87R(K\x03" + py2_str(b"|")
+             + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+             + b"\x89" + py2_str(data.tobytes()) + b"tb")
+    items = (py2_str(b"batch_label") + py2_str(b"testing batch 1 of 1") + py2_str(b"data") + array
+             + py2_str(b"labels") + b"](" + b"".join(b"K" + bytes([label]) for label in labels) + b"e")
+    return b"\x80\x02}(" + items + b"u."
+
+
+def test_a_python2_cifar_batch_reads(tmp_path):
+    folder = cifar10_folder(tmp_path)
+    data = rng(10).integers(0, 256, (2, 3072), dtype=np.uint8)
+    (folder / "test_batch").write_bytes(python2_cifar_batch(data, [3, 7]))
+    _, raw = raw_for("cifar10", tmp_path)
+    assert raw.test.labels.tolist() == [3, 7]
+    assert torch.equal(raw.test.images.reshape(2, -1), torch.from_numpy(data))
+
+
+def test_numpy_scalars_and_other_dtypes_in_a_cifar_batch_still_read(tmp_path):
+    """Re-saved batches may hold numpy integer labels and a big-endian array: plain data, admitted."""
+    folder = cifar10_folder(tmp_path)
+    data = rng(11).integers(0, 256, (2, 3072)).astype(">u2")
+    dump(folder / "test_batch", {b"data": data, b"labels": [np.int64(3), np.uint8(4)], b"batch_label": b"re-saved"})
+    _, raw = raw_for("cifar10", tmp_path)
+    assert raw.test.labels.tolist() == [3, 4]
+    assert torch.equal(raw.test.images.reshape(2, -1), torch.from_numpy(data.astype(np.uint8)))
 
 
 # ---- STL-10 binary, SVHN MATLAB --------------------------------------------------------------------
