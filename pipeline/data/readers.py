@@ -125,7 +125,7 @@ def _unpickle(path: Path) -> dict[bytes, object]:
         except _ForbiddenGlobal as err:
             raise BadInput(f"{path} is not a CIFAR python batch: it asks to call {err}, which a data file never "
                            f"needs, and was not loaded; replace it with the original CIFAR file") from None
-        except Exception as err:  # any unpickling failure means the file is not a CIFAR batch
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is not a CIFAR batch
             raise BadInput(f"{path} is not a CIFAR python batch ({err})") from None
     if not isinstance(batch, dict):
         raise BadInput(f"{path} is not a CIFAR python batch (it holds a value of type {type(batch).__name__}, not a dict)")
