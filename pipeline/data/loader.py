@@ -7,9 +7,9 @@ rank — and any resumed run sees exactly the same batches.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
