@@ -282,3 +282,36 @@ def test_one_class_is_rejected():
 def test_two_image_channels_are_rejected():
     """validate() says model.in_channels must be 1 or 3 (or 0 = from the dataset)."""
     assert "model.in_channels" in bad(["data.name=synthetic", "model.in_channels=2"])
+
+
+# ---- parser limits: huge numbers, deep nesting, networks too deep to build ------------------------------
+
+HUGE_INT = "9" * 5000  # past Python's 4300-digit cap on int(str)
+DEEP_ARRAY = "[" * 5000 + "]" * 5000  # past the recursion limit of a recursive-descent parser
+DEEP_TABLE = "{a = " * 5000 + "1" + "}" * 5000
+
+
+@pytest.mark.parametrize("value, needle", [(HUGE_INT, "too long to read"), (DEEP_ARRAY, "nested too deep"),
+                                           (DEEP_TABLE, "nested too deep")], ids=["int", "array", "table"])
+def test_parser_limits_in_a_file(tmp_path, value, needle):
+    path = tmp_path / "limits.toml"
+    path.write_text(f"[local]\npartition = {value}\n")
+    message = bad(path=path)
+    assert str(path) in message and needle in message and len(message) < 300
+
+
+@pytest.mark.parametrize("value, needle", [(HUGE_INT, "too long to read"), (DEEP_ARRAY, "nested too deep"),
+                                           (DEEP_TABLE, "nested too deep")], ids=["int", "array", "table"])
+def test_parser_limits_in_a_set(value, needle):
+    message = bad([f"run.seed={value}"])
+    assert "--set 'run.seed=" in message and needle in message and len(message) < 300
+
+
+@pytest.mark.parametrize("arch", ["resnet6000002", "resnet1208", "resnet" + "9" * 5000])
+def test_a_network_too_deep_to_build(arch):
+    message = bad([f"model.arch={arch}"])
+    assert "model.arch" in message and "resnet1202" in message and len(message) < 300
+
+
+def test_the_deepest_published_resnet_still_loads():
+    assert load_config(None, ["model.arch=resnet1202"]).model.blocks_per_stage == 200
