@@ -8,6 +8,8 @@ then renamed, so a crash never leaves half a checkpoint; read with weights_only=
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +53,12 @@ def load(run_dir: str | Path, worker: ModuleWorker, identity: dict[str, Any]) ->
     try:
         payload = torch.load(path, map_location=worker.device, weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt or foreign file
-        raise BadInput(f"run.resume: {path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+        # torch's text runs to a dozen lines of advice about weights_only: its first line says what failed.
+        raise BadInput(f"run.resume: {path} is not a readable checkpoint ({type(err).__name__}: "
+                       f"{_first_line(err)}); point run.resume at the out_dir of a run of this trainer") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise BadInput(f"run.resume: {path} is not a checkpoint of this trainer (format {FORMAT})")
+    position = _check_structure(path, payload, worker)
     saved = payload["identity"]
     for key, value in identity.items():
         if saved.get(key) != value:
@@ -63,9 +68,67 @@ def load(run_dir: str | Path, worker: ModuleWorker, identity: dict[str, Any]) ->
             )
     try:
         worker.load_state_dict(payload["state"])
-    except (RuntimeError, KeyError, ValueError) as err:
-        raise BadInput(f"run.resume: {path} does not fit module {worker.index} ({err})") from None
-    return Position(**payload["position"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        raise BadInput(f"run.resume: {path} does not fit module {worker.index} ({_one_line(err)})") from err
+    return position
+
+
+_PAYLOAD_KEYS = frozenset({"format", "identity", "module_index", "position", "state"})  # what save writes
+_POSITION_KEYS = frozenset(field.name for field in fields(Position))
+_LONGEST_DETAIL = 300  # characters of torch's text kept in a message; the full text stays in __cause__
+
+
+def _check_structure(path: Path, payload: dict[Any, Any], worker: ModuleWorker) -> Position:
+    """The run position, once the payload has exactly the structure ``save`` writes.
+
+    weights_only guarantees only plain containers and tensors: a hand-edited or foreign file can
+    still hold any shape of them, and must fail here with its name rather than deep in a runner.
+    """
+    def bad(problem: str) -> BadInput:
+        return BadInput(f"run.resume: {path} is damaged ({problem}); point run.resume at the out_dir of a "
+                        f"run of this trainer, or start afresh without run.resume")
+
+    missing, extra = sorted(_PAYLOAD_KEYS - payload.keys()), sorted(map(str, payload.keys() - _PAYLOAD_KEYS))
+    if missing or extra:
+        raise bad(f"missing keys {missing}, unexpected keys {extra}")
+    if not isinstance(payload["identity"], dict) or not all(isinstance(key, str) for key in payload["identity"]):
+        raise bad(f"identity is a {type(payload['identity']).__name__}, not a table of settings")
+    if type(payload["module_index"]) is not int or payload["module_index"] != worker.index:
+        raise bad(f"module_index = {payload['module_index']!r} in the file of module {worker.index}")
+    position = payload["position"]
+    if (not isinstance(position, dict) or position.keys() != _POSITION_KEYS
+            or not all(type(value) is int and value >= 0 for value in position.values())):
+        raise bad(f"position = {position!r} is not {{{', '.join(sorted(_POSITION_KEYS))}}} of whole numbers >= 0")
+    state = payload["state"]
+    expected = worker.state_dict().keys()
+    if not isinstance(state, dict) or state.keys() != expected or not all(isinstance(v, dict) for v in state.values()):
+        raise bad(f"state is not a table of {', '.join(sorted(expected))} tables")
+    return Position(**position)
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+_UNPICKLER = "WeightsUnpickler error:"
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of err's text, without terminal colour codes.
+
+    torch's weights_only refusal opens with advice to load the file unsafely and names what it
+    refused only further down: keep its opening sentence and the first sentence of that reason.
+    """
+    text = _ANSI_ESCAPE.sub("", str(err)).strip()
+    line = text.split("\n", 1)[0].strip()
+    if _UNPICKLER in text:
+        reasons = [part.strip() for part in text.split(_UNPICKLER, 1)[1].splitlines() if part.strip()]
+        if reasons:
+            line = f"{line.split('.', 1)[0]}. {reasons[0].split('. ', 1)[0].rstrip('.')}."
+    return line[:_LONGEST_DETAIL] or type(err).__name__
+
+
+def _one_line(err: BaseException) -> str:
+    """All of err's text on one line (load_state_dict lists each mismatched key on its own line)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= _LONGEST_DETAIL else text[: _LONGEST_DETAIL - 3] + "..."
 
 
 def identity_of(config: Any, cuts: list[int]) -> dict[str, Any]:

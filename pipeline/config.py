@@ -154,9 +154,20 @@ def parse_context(context: str) -> tuple[int, bool]:
     return int(match.group(1)), match.group(2) == "E"
 
 
+# The deepest CIFAR ResNet published; far deeper ones cannot be built in any memory.
+MAX_RESNET_DEPTH = 1202
+
+
 def resnet_blocks_per_stage(arch: str) -> int:
     """n of a CIFAR ResNet of depth 6n+2 ('resnet32' -> 5)."""
     match = _ARCH_RE.match(arch)
+    digits = match.group(1).lstrip("0") if match else ""
+    # Compare lengths first: int() refuses thousands of digits with its own ValueError.
+    if len(digits) > len(str(MAX_RESNET_DEPTH)) or match and int(match.group(1)) > MAX_RESNET_DEPTH:
+        raise BadInput(
+            f"model.arch = {_clip(arch)!r} is deeper than resnet{MAX_RESNET_DEPTH}, the deepest CIFAR ResNet "
+            f"published; use a depth 6n+2 of at most {MAX_RESNET_DEPTH}"
+        )
     depth = int(match.group(1)) if match else -1
     if depth < 8 or (depth - 2) % 6 != 0:
         raise BadInput(
@@ -196,9 +207,17 @@ def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise BadInput(f"config file {str(path)!r} does not exist; pass an existing TOML file with --config (see configs/)")
     try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        text = path.read_text()
+    except OSError as err:
+        raise BadInput(f"config file {str(path)!r} cannot be read ({err.strerror}); pass a readable TOML file") from None
+    except UnicodeDecodeError as err:
         raise BadInput(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise BadInput(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    except (ValueError, RecursionError) as err:
+        raise BadInput(f"config file {str(path)!r} cannot be read: {_beyond_limits(err)}") from None
     base = raw.pop("base", None)
     if base is None:
         return raw
@@ -221,7 +240,22 @@ def _parse_override(item: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = text.strip()  # a bare word such as pipeline or R1E
+    except (ValueError, RecursionError) as err:
+        raise BadInput(f"--set {_clip(item)!r}: {_beyond_limits(err)}") from None
     return key.strip(), value
+
+
+def _beyond_limits(err: ValueError | RecursionError) -> str:
+    """What a parser limit tomllib hit means: Python's digit cap on ints, or its recursion limit."""
+    if isinstance(err, RecursionError):
+        return ("arrays or inline tables are nested too deep to read; "
+                "no setting nests deeper than local.partition = [[1, 0], [2, 3]]")
+    return f"a number is too long to read ({str(err).split(';')[0]}); no setting needs more than a few digits"
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    """User text quoted in a message, cut short so a pasted megabyte stays a readable line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _build(raw: dict[str, Any]) -> Config:

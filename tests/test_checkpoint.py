@@ -131,3 +131,78 @@ def test_save_then_load_restores_a_worker(make_config, tmp_path, image_batch):
         tensors_equal(worker.state_dict(), original.state_dict())
     with pytest.raises(BadInput, match="cuts"):
         checkpoint.load(tmp_path, fresh[0], {**identity, "cuts": [2]})
+
+
+# ---- files that load with weights_only but are not what save wrote -----------------------------------
+
+
+@pytest.fixture
+def saved(make_config, tmp_path):
+    """(worker of module 0, identity, path of the checkpoint save wrote for it)."""
+    config = make_config("local.modules=2")
+    spec = dataset_spec(config)
+    cuts = resolve_cuts(config, spec, CPU)
+    worker = make_worker(config, make_layout(config, spec, cuts), 0, CPU)
+    identity = checkpoint.identity_of(config, cuts)
+    return worker, identity, checkpoint.save(tmp_path, worker, Position(1, 2, 2), identity)
+
+
+def rewrite(path, change) -> None:
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    torch.save(payload, path)
+
+
+def one_line_bad_input(path, worker, identity) -> str:
+    with pytest.raises(BadInput) as info:
+        checkpoint.load(path.parents[1], worker, identity)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and message.startswith("run.resume: ")
+    return message
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda p: p.update(identity=["resnet8"]), "identity is a list"),
+    (lambda p: p.pop("position"), "missing keys ['position']"),
+    (lambda p: p.update(note="hand edited"), "unexpected keys ['note']"),
+    (lambda p: p.update(position={"epoch": 1.5, "batch": 0, "step": 0}), "position = "),
+    (lambda p: p.update(position={"epoch": 1, "batch": 0}), "position = "),
+    (lambda p: p.update(position={"epoch": 1, "batch": -2, "step": 0}), "position = "),
+    (lambda p: p.update(position=[1, 0, 0]), "position = "),
+    (lambda p: p.update(state=[torch.zeros(1)]), "state is not a table"),
+    (lambda p: p.update(state={"module": p["state"]["module"]}), "state is not a table"),
+    (lambda p: p.update(module_index=1), "module_index = 1"),
+], ids=["identity-list", "missing-key", "extra-key", "position-float", "position-short", "position-negative",
+        "position-list", "state-list", "state-no-optimizer", "module-index"])
+def test_a_checkpoint_of_the_wrong_structure_is_bad_input(saved, change, needle):
+    worker, identity, path = saved
+    assert checkpoint.load(path.parents[1], worker, identity) == Position(1, 2, 2)  # intact, it loads
+    rewrite(path, change)
+    assert needle in one_line_bad_input(path, worker, identity)
+
+
+def test_a_state_that_does_not_fit_is_one_line(saved):
+    worker, identity, path = saved
+    rewrite(path, lambda p: [p["state"]["module"].pop(key) for key in list(p["state"]["module"])[:3]])
+    message = one_line_bad_input(path, worker, identity)
+    assert "does not fit module 0" in message and "Missing key(s)" in message
+
+
+class NotAllowed:
+    """A class weights_only refuses to rebuild."""
+
+    def __init__(self) -> None:
+        self.value = 3
+
+
+def test_a_refused_object_gives_the_first_line_of_torchs_text(saved):
+    worker, identity, path = saved
+    rewrite(path, lambda p: p["identity"].update(extra=NotAllowed()))
+    with pytest.raises(BadInput) as info:
+        checkpoint.load(path.parent.parent, worker, identity)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "not a readable checkpoint" in message
+    assert "Weights only load failed" in message and "test_checkpoint.NotAllowed" in message
+    assert "\x1b" not in message  # no terminal colour codes
+    cause = info.value.__cause__
+    assert cause is not None and "\n" in str(cause)  # the full text is kept for a log

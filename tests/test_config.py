@@ -323,3 +323,36 @@ def test_aux_hidden_sets_the_head_width_and_aux_feature_dim_its_contrastive_outp
     layout = make_layout(config, spec, resolve_cuts(config, spec, torch.device("cpu")))
     linears = [m for m in build_module(config, layout, 0, torch.device("cpu")).head.modules() if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears][-2:] == [(linears[0].in_features, 24), (24, 40)]
+
+
+# ---- parser limits: huge numbers, deep nesting, networks too deep to build ------------------------------
+
+HUGE_INT = "9" * 5000  # past Python's 4300-digit cap on int(str)
+DEEP_ARRAY = "[" * 5000 + "]" * 5000  # past the recursion limit of a recursive-descent parser
+DEEP_TABLE = "{a = " * 5000 + "1" + "}" * 5000
+
+
+@pytest.mark.parametrize("value, needle", [(HUGE_INT, "too long to read"), (DEEP_ARRAY, "nested too deep"),
+                                           (DEEP_TABLE, "nested too deep")], ids=["int", "array", "table"])
+def test_parser_limits_in_a_file(tmp_path, value, needle):
+    path = tmp_path / "limits.toml"
+    path.write_text(f"[local]\npartition = {value}\n")
+    message = bad(path=path)
+    assert str(path) in message and needle in message and len(message) < 300
+
+
+@pytest.mark.parametrize("value, needle", [(HUGE_INT, "too long to read"), (DEEP_ARRAY, "nested too deep"),
+                                           (DEEP_TABLE, "nested too deep")], ids=["int", "array", "table"])
+def test_parser_limits_in_a_set(value, needle):
+    message = bad([f"run.seed={value}"])
+    assert "--set 'run.seed=" in message and needle in message and len(message) < 300
+
+
+@pytest.mark.parametrize("arch", ["resnet6000002", "resnet1208", "resnet" + "9" * 5000])
+def test_a_network_too_deep_to_build(arch):
+    message = bad([f"model.arch={arch}"])
+    assert "model.arch" in message and "resnet1202" in message and len(message) < 300
+
+
+def test_the_deepest_published_resnet_still_loads():
+    assert load_config(None, ["model.arch=resnet1202"]).model.blocks_per_stage == 200

@@ -57,6 +57,14 @@ def test_bad_arguments_exit_2(tmp_path, args, needles):
     assert_one_line_error(train_cli(*args, cwd=tmp_path), *needles)
 
 
+@pytest.mark.parametrize("value, needle", [("model.arch=resnet6000002", "resnet1202"),
+                                           ("run.seed=" + "9" * 5000, "too long to read"),
+                                           ("local.partition=" + "[" * 5000 + "]" * 5000, "nested too deep")],
+                         ids=["deep-network", "huge-int", "deep-nesting"])
+def test_parser_limits_exit_2(tmp_path, value, needle):
+    assert_one_line_error(train_cli("--set", value, cwd=tmp_path), needle)
+
+
 def test_bad_input_in_process_returns_2(tmp_path, capsys):
     assert main(["--set", "run.mode=nope"]) == 2
     captured = capsys.readouterr()

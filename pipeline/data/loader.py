@@ -19,6 +19,7 @@ from pipeline.config import Config
 from pipeline.data.readers import READERS, RawDataset, Split, make_synthetic
 from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.errors import BadInput
+from pipeline.metrics import say
 
 
 def load_raw(config: Config) -> tuple[DatasetSpec, RawDataset]:
@@ -141,10 +142,26 @@ class BatchLoader:
 
 
 def make_loaders(config: Config, device: torch.device, processes: int = 1) -> tuple[BatchLoader, BatchLoader]:
-    """Train and test loaders; ``processes`` share each training batch (DDP)."""
+    """Train and test loaders; ``processes`` share each training batch (DDP).
+
+    A data.batch_size larger than a split is clamped to the split, so each loader's
+    ``batch_size`` is the batch it really yields (what samples/s must be computed from).
+    """
     spec, raw = load_raw(config)
     data = config.data
-    train = BatchLoader(raw.train, spec, data.batch_size, device, config.run.seed, True, data.augment,
-                        smallest_batch=2 * processes)
-    test = BatchLoader(raw.test, spec, data.batch_size, device, config.run.seed, False, False)
+    smallest = 2 * processes  # batch norm needs two samples on every process
+    samples = len(raw.train.labels)
+    if samples < smallest:
+        raise BadInput(
+            f"{spec.name}: the train split holds {samples} sample(s), fewer than one batch of {smallest} "
+            f"(2 per process, as batch norm needs, for {processes} process(es)); use a larger data set or fewer processes"
+        )
+    batch = data.batch_size
+    if batch > samples:
+        say(f"note: data.batch_size = {batch} is more than the {samples} training samples of {spec.name}; "
+            f"training on batches of {samples}")
+        batch = samples
+    train = BatchLoader(raw.train, spec, batch, device, config.run.seed, True, data.augment, smallest_batch=smallest)
+    test = BatchLoader(raw.test, spec, min(data.batch_size, len(raw.test.labels)), device, config.run.seed,
+                       False, False)
     return train, test

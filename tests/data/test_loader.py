@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -218,3 +222,43 @@ def test_dataset_spec_rejects_a_model_that_does_not_fit():
     with pytest.raises(BadInput, match="model.classes"):
         dataset_spec(load_config(None, ["data.name=cifar100", "model.classes=10"]))
     assert dataset_spec(load_config(None, ["data.name=cifar100", "model.classes=100"])).classes == 100
+
+
+# ---- a data set smaller than a batch ------------------------------------------------------------------
+
+
+def tiny_cifar10(root: Path, train: int, test: int) -> Path:
+    """A cifar-10-batches-py folder: ``train`` samples spread over the five batches, ``test`` in the test batch."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    sizes = [len(part) for part in torch.arange(train).tensor_split(5)] + [test]
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name, size in zip(names, sizes):
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": np.zeros((size, 3072), np.uint8), b"labels": [1] * size}, handle, protocol=2)
+    return root
+
+
+def cifar_config(root: Path, batch: int):
+    return load_config(None, ["data.name=cifar10", f"data.root='{root}'", f"data.batch_size={batch}"])
+
+
+def test_fewer_samples_than_one_batch_per_process_is_bad_input(tmp_path):
+    config = cifar_config(tiny_cifar10(tmp_path, train=5, test=2), batch=8)
+    make_loaders(config, CPU, processes=2)  # 5 samples: one batch of 2 + 3, enough for 2 processes
+    with pytest.raises(BadInput) as info:
+        make_loaders(config, CPU, processes=3)  # 3 processes need 6 samples for one batch
+    message = str(info.value)
+    assert "\n" not in message and "5 sample(s)" in message and "one batch of 6" in message
+
+
+def test_a_batch_larger_than_the_data_set_is_clamped_and_said(tmp_path, capsys):
+    config = cifar_config(tiny_cifar10(tmp_path, train=5, test=3), batch=128)
+    train, test = make_loaders(config, CPU)
+    notice = capsys.readouterr().out.strip().splitlines()
+    assert len(notice) == 1 and "data.batch_size = 128" in notice[0] and "batches of 5" in notice[0]
+    assert (train.batch_size, test.batch_size) == (5, 3)
+    assert [len(labels) for _, labels in train.batches(1)] == [5]
+    assert [len(labels) for _, labels in test.batches(0)] == [3]
+    make_loaders(cifar_config(tmp_path, batch=4), CPU)
+    assert capsys.readouterr().out == ""  # a batch that fits is not mentioned
