@@ -116,11 +116,22 @@ def test_cut_to_flat():
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[str(p.relative_to(REPO)) for p in CONFIG_FILES])
-def test_every_shipped_config_loads(path):
+def test_every_shipped_config_describes_a_network_it_can_cut(path):
+    """Loading validates each key; the layout shows the cuts give K non-empty modules over every block."""
+    import torch
+
     from pipeline.data.specs import dataset_spec
+    from pipeline.model.network import make_layout, make_net, resolve_cuts
 
     config = load_config(path)
-    dataset_spec(config)  # the model agrees with its dataset (channels, classes)
+    spec = dataset_spec(config)
+    if config.local.partition in ("balanced-time", "balanced-memory"):
+        config.local.partition = "equal"  # profiling is the partition tests' business; the K still has to fit
+    ranges = make_layout(config, spec, resolve_cuts(config, spec, torch.device("cpu"))).ranges
+    assert len(ranges) == config.local.modules
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(make_net(config, spec))
+    assert all(start < end for start, end in ranges)
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
 
 
 # ---- bad input: each kind names its key -------------------------------------------------------

@@ -101,9 +101,7 @@ def test_documented_command_is_the_readme_training_form() -> None:
     assert TRAIN_FORM in docker_readme and "--gpus all" in docker_readme and "FLAVOR=cpu" in docker_readme
     documented = [line for line in docker_readme.splitlines() if TRAIN_FORM in line]
     assert any("configs/quickstart.toml" in line for line in documented)
-    readme = REPO / "README.md"
-    if readme.exists():
-        assert TRAIN_FORM in readme.read_text(), "the top-level README documents the same training command"
+    assert TRAIN_FORM in (REPO / "README.md").read_text(), "the top-level README documents the same training command"
 
 
 HADOLINT = shutil.which("hadolint")

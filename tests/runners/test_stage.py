@@ -138,4 +138,37 @@ def test_killed_stage_ends_the_job(tmp_path: Path) -> None:
         if job.poll() is None:
             job.kill()
     assert job.returncode != 0
-    assert "rank 1" in output or "local_rank: 1" in output
+
+
+def test_a_killed_peer_is_named_by_the_survivor(tmp_path: Path) -> None:
+    """Each rank under its own torchrun agent, so no launcher tears the survivor down: rank 0 itself
+    must notice that rank 1 died and say so in its one error line."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = torchrun_command(1, [f"run.out_dir={tmp_path}", "run.mode=pipeline", "local.modules=2",
+                                   "train.max_steps=100000", "train.epochs=1000", "run.log_every=2"])
+    launcher = command.index("--standalone")
+    agents = []
+    for node in range(2):
+        argv = [*command[:launcher], "--nnodes=2", f"--node-rank={node}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=killed", *command[launcher + 1:]]
+        agents.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()))
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.monotonic() + 90
+        while not (metrics.exists() and "\"rank\": 1" in metrics.read_text()):
+            assert time.monotonic() < deadline and all(a.poll() is None for a in agents), "the job never trained"
+            time.sleep(0.2)
+        victim = next(p for p in psutil.Process(agents[1].pid).children(recursive=True)
+                      if p.environ().get("RANK") == "1")
+        victim.kill()
+        survivor, _ = agents[0].communicate(timeout=60)
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    assert agents[0].returncode != 0
+    ours = [line for line in survivor.splitlines() if line.startswith("error: stage on rank 0 (module 0) failed")]
+    assert len(ours) == 1 and "rank 1" in ours[0].split("failed", 1)[1], survivor[-3000:]
+    assert (tmp_path / "errors" / "rank_0.log").read_text().count("Traceback") >= 1
