@@ -1,4 +1,4 @@
-"""Per-module checkpoints that every mode writes and reads (DESIGN.md).
+"""Per-module checkpoints that every mode writes and reads (docs/design.md, "Outputs").
 
 checkpoints/module_<k>.pt holds module k's parameters and buffers (body, head, decoder,
 context encoders), its optimizer state and the run position. Written to a temporary file
