@@ -1,8 +1,8 @@
 """Typed experiment configuration: TOML file + ``--set`` overrides, validated in one place.
 
-Every key (docs/configuration.md) lives in one dataclass below; choices are ``Literal`` types. ``load_config`` is the only way a
-``Config`` is built from user input, and every problem it finds is a ``BadInput`` naming the
-key and what is allowed.
+Every key (the README's "Configs" table) lives in one dataclass below; choices are ``Literal``
+types. ``load_config`` is the only way a ``Config`` is built from user input, and every problem
+it finds is a ``BadInput`` naming the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def resnet_blocks_per_stage(arch: str) -> int:
     match = _ARCH_RE.match(arch)
     digits = match.group(1).lstrip("0") if match else ""
     # Compare lengths first: int() refuses thousands of digits with its own ValueError.
-    if len(digits) > len(str(MAX_RESNET_DEPTH)) or match and int(match.group(1)) > MAX_RESNET_DEPTH:
+    if len(digits) > len(str(MAX_RESNET_DEPTH)) or (match and int(match.group(1)) > MAX_RESNET_DEPTH):
         raise BadInput(
             f"model.arch = {_clip(arch)!r} is deeper than resnet{MAX_RESNET_DEPTH}, the deepest CIFAR ResNet "
             f"published; use a depth 6n+2 of at most {MAX_RESNET_DEPTH}"
@@ -205,11 +205,13 @@ def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in seen:
         raise BadInput(f"{path}: the 'base' chain loops back to this file; remove one 'base' key")
     if not path.is_file():
-        raise BadInput(f"config file {str(path)!r} does not exist; pass an existing TOML file with --config (see configs/)")
+        raise BadInput(f"config file {str(path)!r} does not exist; pass an existing TOML file with --config "
+                       "(see configs/)")
     try:
         text = path.read_text()
     except OSError as err:
-        raise BadInput(f"config file {str(path)!r} cannot be read ({err.strerror}); pass a readable TOML file") from None
+        raise BadInput(f"config file {str(path)!r} cannot be read ({err.strerror}); pass a readable TOML "
+                       "file") from None
     except UnicodeDecodeError as err:
         raise BadInput(f"config file {str(path)!r} is not valid TOML: {err}") from None
     try:
@@ -260,11 +262,12 @@ def _clip(text: str, limit: int = 60) -> str:
 
 def _build(raw: dict[str, Any]) -> Config:
     sections = {}
+    classes = get_type_hints(Config)
     for spec in dataclasses.fields(Config):
         values = raw.get(spec.name, {})
         if not isinstance(values, dict):
             raise BadInput(f"[{spec.name}] must be a table, got {type(values).__name__}")
-        sections[spec.name] = _build_section(spec.name, spec.default_factory, values)  # type: ignore[misc]
+        sections[spec.name] = _build_section(spec.name, classes[spec.name], values)
     unknown = sorted(set(raw) - set(sections))
     if unknown:
         raise BadInput(f"unknown config table [{unknown[0]}]; allowed tables: {', '.join(sections)}")
@@ -313,9 +316,8 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
+    elif hint is str and isinstance(value, str):
+        return value
     raise BadInput(f"{name} = {value!r} has the wrong type; expected {_describe(hint)}")
 
 
@@ -347,8 +349,10 @@ def validate(config: Config) -> None:
     _require(data.batch_size >= 2, f"data.batch_size = {data.batch_size} must be >= 2 (batch norm needs two samples)")
 
     blocks = 1 + 3 * model.blocks_per_stage  # stem + residual blocks: the units a cut can follow
-    _require(model.in_channels in (0, 1, 3), f"model.in_channels = {model.in_channels} must be 1 or 3 (or 0: from the dataset)")
-    _require(model.classes == 0 or model.classes >= 2, f"model.classes = {model.classes} must be >= 2 (or 0: from the dataset)")
+    _require(model.in_channels in (0, 1, 3), f"model.in_channels = {model.in_channels} must be 1 or 3 (or 0: "
+                                             "from the dataset)")
+    _require(model.classes == 0 or model.classes >= 2, f"model.classes = {model.classes} must be >= 2 (or 0: "
+                                                       "from the dataset)")
 
     _require(
         1 <= local.modules <= blocks,
@@ -357,7 +361,8 @@ def validate(config: Config) -> None:
     )
     depth, _ = parse_context(local.context)
     if local.modules == 1:
-        _require(local.context == "R0", f"local.context = {local.context!r} needs local.modules >= 2; use R0 for end-to-end training")
+        _require(local.context == "R0", f"local.context = {local.context!r} needs local.modules >= 2; use R0 "
+                                        "for end-to-end training")
     _require(
         depth < local.modules,
         f"local.context = {local.context!r} looks back {depth} modules but there are only "
@@ -388,11 +393,14 @@ def validate(config: Config) -> None:
 
     pipe = config.pipeline
     _require(pipe.queue_depth >= 1, f"pipeline.queue_depth = {pipe.queue_depth} must be >= 1")
-    _require(0 < pipe.timeout_s <= MAX_TIMEOUT_S, f"pipeline.timeout_s = {pipe.timeout_s} must be in (0, {MAX_TIMEOUT_S:.0f}]")
-    _require(pipe.threads_per_stage >= 0, f"pipeline.threads_per_stage = {pipe.threads_per_stage} must be >= 0 (0: automatic)")
+    _require(0 < pipe.timeout_s <= MAX_TIMEOUT_S, f"pipeline.timeout_s = {pipe.timeout_s} must be in (0, "
+                                                  f"{MAX_TIMEOUT_S:.0f}]")
+    _require(pipe.threads_per_stage >= 0, f"pipeline.threads_per_stage = {pipe.threads_per_stage} must be >= 0 "
+                                          "(0: automatic)")
 
     if run.mode == "ddp":
-        _require(local.modules == 1, f"run.mode = 'ddp' trains end to end; set local.modules = 1 (it is {local.modules})")
+        _require(local.modules == 1, "run.mode = 'ddp' trains end to end; set local.modules = 1 (it is "
+                                     f"{local.modules})")
 
 
 def validate_cuts(cuts: list[Cut], modules: int, per_stage: int) -> None:
@@ -410,8 +418,10 @@ def validate_cuts(cuts: list[Cut], modules: int, per_stage: int) -> None:
             f"(after the stem) or stage 1..3 and block 0..{per_stage - 1}",
         )
         flat = cut_to_flat(cut, per_stage)
-        _require(flat < last, f"local.partition cut {cut} leaves the last module empty; cut before [3, {per_stage - 1}]")
-        _require(flat > previous, f"local.partition cuts must be strictly increasing; {cut} is not after the one before")
+        _require(flat < last, f"local.partition cut {cut} leaves the last module empty; cut before [3, "
+                              f"{per_stage - 1}]")
+        _require(flat > previous, f"local.partition cuts must be strictly increasing; {cut} is not after the "
+                                  "one before")
         previous = flat
 
 
@@ -437,7 +447,8 @@ def ineffective_keys(config: Config) -> list[str]:
 
     run, local = config.run, config.local
     if config.train.schedule != "cosine":
-        ignored("train", ("warmup_epochs",), f"with train.schedule = {config.train.schedule!r} (only 'cosine' warms up)")
+        ignored("train", ("warmup_epochs",), f"with train.schedule = {config.train.schedule!r} (only 'cosine' "
+                                             "warms up)")
     if run.mode != "pipeline":
         ignored("pipeline", ("queue_depth", "wire_dtype"), f"with run.mode = {run.mode!r} (no links between stages)")
     if run.mode == "sequential":

@@ -49,7 +49,7 @@ class StageStats:
 
     rank: int
     module: int | str
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     recv_wait_s: float = 0.0
     send_wait_s: float = 0.0
     samples: int = 0

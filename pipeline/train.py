@@ -33,7 +33,8 @@ def prepare_out_dir(config: Config) -> None:
         probe.touch()
         probe.unlink()
     except OSError as err:
-        raise BadInput(f"run.out_dir = {str(path)!r} cannot be written ({err.strerror}); choose a writable folder") from None
+        raise BadInput(f"run.out_dir = {str(path)!r} cannot be written ({err.strerror}); choose a writable "
+                       "folder") from None
 
 
 def train(config: Config) -> None:

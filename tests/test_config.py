@@ -296,11 +296,14 @@ def test_two_image_channels_are_rejected():
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["train.schedule=cosine-step", "train.warmup_epochs=3"], ["train.warmup_epochs has no effect with train.schedule = 'cosine-step'"]),
+    (["train.schedule=cosine-step", "train.warmup_epochs=3"], ["train.warmup_epochs has no effect with "
+                                                               "train.schedule = 'cosine-step'"]),
     (["pipeline.queue_depth=4"], ["pipeline.queue_depth has no effect with run.mode = 'sequential'"]),
-    (["run.mode=ddp", "pipeline.wire_dtype=bf16", "pipeline.timeout_s=60"], ["pipeline.wire_dtype has no effect with run.mode = 'ddp'"]),
+    (["run.mode=ddp", "pipeline.wire_dtype=bf16", "pipeline.timeout_s=60"], ["pipeline.wire_dtype has no effect "
+                                                                             "with run.mode = 'ddp'"]),
     (["local.modules=1", "local.aux=2c2f"], ["local.aux has no effect with local.modules = 1"]),
-    (["local.modules=2", "local.aux_feature_dim=64"], ["local.aux_feature_dim has no effect with local.loss = 'softmax'"]),
+    (["local.modules=2", "local.aux_feature_dim=64"], ["local.aux_feature_dim has no effect with local.loss = "
+                                                       "'softmax'"]),
     (["local.modules=2", "local.ixx_1=3.0"], ["local.ixx_1 has no effect with local.reconstruct = false"]),
     (["local.modules=2", "local.loss=contrast", "local.aux_feature_dim=64", "train.warmup_epochs=3",
       "run.mode=pipeline", "pipeline.queue_depth=4"], []),
@@ -332,7 +335,8 @@ def test_aux_hidden_sets_the_head_width_and_aux_feature_dim_its_contrastive_outp
                                 "local.loss=contrast", "local.aux_hidden=24", "local.aux_feature_dim=40"])
     spec = dataset_spec(config)
     layout = make_layout(config, spec, resolve_cuts(config, spec, torch.device("cpu")))
-    linears = [m for m in build_module(config, layout, 0, torch.device("cpu")).head.modules() if isinstance(m, nn.Linear)]
+    head = build_module(config, layout, 0, torch.device("cpu")).head
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears][-2:] == [(linears[0].in_features, 24), (24, 40)]
 
 

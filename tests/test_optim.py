@@ -60,7 +60,8 @@ def test_optimizer_is_nesterov_sgd_with_decay():
 def test_cosine_step_decays_per_step_over_the_whole_run():
     train = load_config(None, ["train.schedule=cosine-step", "train.lr=0.2"]).train
     total = 40
-    rates = [learning_rate(train, epoch=1 + (step - 1) // 10, step=step, total_steps=total) for step in range(1, total + 1)]
+    rates = [learning_rate(train, epoch=1 + (step - 1) // 10, step=step, total_steps=total)
+             for step in range(1, total + 1)]
     assert rates[0] == pytest.approx(0.2)
     assert rates[20] == pytest.approx(0.1)  # half way: cos(pi / 2) = 0
     assert rates[-1] == pytest.approx(0.1 * (1 + math.cos(math.pi * 39 / 40)))

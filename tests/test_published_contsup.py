@@ -36,7 +36,7 @@ for name, context in (("contsup_r2_k8", "R2"), ("contsup_r2_k16", "R2"), ("conts
     COMMANDS[ABLATION, name] = (context, "softmax", False)
 
 
-@pytest.mark.parametrize("table,name", sorted(COMMANDS), ids=lambda value: str(value))
+@pytest.mark.parametrize("table,name", sorted(COMMANDS), ids=str)
 def test_row_follows_the_authors_command(table: str, name: str) -> None:
     config = load_config(PUBLISHED / table / f"{name}.toml")
     context, loss, decoder = COMMANDS[table, name]

@@ -121,7 +121,8 @@ def test_a_tiny_sequential_run(tmp_path):
 def test_a_failure_is_one_line_and_its_traceback_is_in_the_error_log(tmp_path: Path) -> None:
     out = tmp_path / "run"
     done = train_cli("--set", "data.name=synthetic", "--set", "model.arch=resnet8", "--set", "data.batch_size=8",
-                     "--set", "train.lr=1e30", "--set", "train.schedule=constant", "--set", "run.log_every=1", "--set", "train.max_steps=20",
+                     "--set", "train.lr=1e30", "--set", "train.schedule=constant", "--set", "run.log_every=1",
+                     "--set", "train.max_steps=20",
                      "--set", f"run.out_dir='{out}'", cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()

@@ -45,7 +45,7 @@ def load_raw(config: Config) -> tuple[DatasetSpec, RawDataset]:
 def _download(spec: DatasetSpec, root: Path) -> None:
     try:
         import torchvision.datasets as tvd
-    except Exception:  # the PyPI wheel may fail to import against this torch: any failure means "not usable"
+    except Exception:  # noqa: BLE001 -- the PyPI wheel may fail to import against this torch: any failure means "not usable"
         raise BadInput(
             f"data.download = true needs torchvision, which does not import here; "
             f"put the {spec.name} files under {str(root)!r} yourself and set data.download = false"
@@ -61,7 +61,7 @@ def _download(spec: DatasetSpec, root: Path) -> None:
     try:
         for train in (True, False):
             fetchers[spec.name](train)
-    except Exception as err:  # network, checksum and archive errors all mean the same to the user
+    except Exception as err:  # noqa: BLE001 -- network, checksum and archive errors all mean the same to the user
         raise BadInput(f"{spec.name}: download into {str(root)!r} failed ({type(err).__name__}: {err}); "
                        f"copy the files there instead") from None
 
@@ -154,7 +154,8 @@ def make_loaders(config: Config, device: torch.device, processes: int = 1) -> tu
     if samples < smallest:
         raise BadInput(
             f"{spec.name}: the train split holds {samples} sample(s), fewer than one batch of {smallest} "
-            f"(2 per process, as batch norm needs, for {processes} process(es)); use a larger data set or fewer processes"
+            f"(2 per process, as batch norm needs, for {processes} process(es)); use a larger data set or fewer "
+            "processes"
         )
     batch = data.batch_size
     if batch > samples:

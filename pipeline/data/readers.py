@@ -198,7 +198,8 @@ def _unpickle(path: Path) -> dict[bytes, object]:
         except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is not a CIFAR batch
             raise BadInput(f"{path} is not a CIFAR python batch ({err})") from None
     if not isinstance(batch, dict):
-        raise BadInput(f"{path} is not a CIFAR python batch (it holds a value of type {type(batch).__name__}, not a dict)")
+        raise BadInput(f"{path} is not a CIFAR python batch (it holds a value of type {type(batch).__name__}, "
+                       "not a dict)")
     return batch
 
 

@@ -31,7 +31,8 @@ SPECS = {
     "fashion_mnist": DatasetSpec(
         "fashion_mnist", 1, 10, 32, (0.2860,), (0.3530,), 4, "constant", True,
         "/usr/share/datasets/fashion-mnist",
-        "install Debian's package: apt-get install dataset-fashion-mnist (or set data.root to a folder with the IDX files)",
+        "install Debian's package: apt-get install dataset-fashion-mnist (or set data.root to a folder with the "
+        "IDX files)",
     ),
     "cifar10": DatasetSpec(
         "cifar10", 3, 10, 32, _CIFAR_MEAN, _CIFAR_STD, 4, "reflect", True, "data/cifar10", _TORCHVISION_HINT,

@@ -92,7 +92,7 @@ def test_fashion_mnist_reader_mixes_gzip_and_plain(tmp_path):
 
 @pytest.mark.skipif(not FASHION_ROOT.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_the_installed_fashion_mnist():
-    spec, raw = load_raw(load_config(None))  # the default data set and root
+    _, raw = load_raw(load_config(None))  # the default data set and root
     assert tuple(raw.train.images.shape) == (60000, 1, 32, 32)
     assert tuple(raw.test.images.shape) == (10000, 1, 32, 32)
     assert torch.bincount(raw.train.labels).tolist() == [6000] * 10
@@ -104,7 +104,8 @@ def fashion_folder(root: Path, train: int = 5, test: int = 2, side: int = 28) ->
     """Fashion-MNIST IDX files of ``train`` / ``test`` random images, labels 0..9."""
     root.mkdir(parents=True, exist_ok=True)
     for prefix, count in (("train", train), ("t10k", test)):
-        write_idx(root / f"{prefix}-images-idx3-ubyte", rng(count).integers(0, 256, (count, side, side), dtype=np.uint8))
+        pixels = rng(count).integers(0, 256, (count, side, side), dtype=np.uint8)
+        write_idx(root / f"{prefix}-images-idx3-ubyte", pixels)
         write_idx(root / f"{prefix}-labels-idx1-ubyte", np.arange(count, dtype=np.uint8) % 10)
     return root
 
@@ -440,7 +441,7 @@ def test_svhn_reader(tmp_path):
     labels = {"train": np.array([[10], [1], [9]], dtype=np.uint8), "test": np.array([[2], [10]], dtype=np.uint8)}
     for split in ("train", "test"):
         scipy_io.savemat(str(tmp_path / f"{split}_32x32.mat"), {"X": images[split], "y": labels[split]})
-    spec, raw = raw_for("svhn", tmp_path)
+    _, raw = raw_for("svhn", tmp_path)
     assert tuple(raw.train.images.shape) == (3, 3, 32, 32)
     assert raw.train.labels.tolist() == [0, 1, 9]  # SVHN's label 10 is the digit 0
     assert raw.test.labels.tolist() == [2, 0]

@@ -210,7 +210,8 @@ def test_local_loss_never_reaches_the_senders_tensors(context, make_config, buil
 
 def weights(make_config, modules, values, reconstruct=True):
     ixx_1, ixy_1, ixx_2, ixy_2 = values
-    config = make_config("model.arch=resnet32", f"local.modules={modules}", f"local.reconstruct={str(reconstruct).lower()}",
+    config = make_config("model.arch=resnet32", f"local.modules={modules}",
+                         f"local.reconstruct={str(reconstruct).lower()}",
                          f"local.ixx_1={ixx_1}", f"local.ixy_1={ixy_1}", f"local.ixx_2={ixx_2}", f"local.ixy_2={ixy_2}")
     return [loss_weights(config, k) for k in range(modules - 1)]
 
