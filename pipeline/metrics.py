@@ -145,25 +145,43 @@ def write_summary(run_dir: str | Path, config: Config, world_size: int, cuts: li
     return summary
 
 
-class Progress:
-    """Prints step, per-module losses, samples/s and ETA every log_every steps."""
+def percent(fraction: float) -> str:
+    """Accuracy as people read it, with the same digits on the console, in bench.md and the README."""
+    return f"{100.0 * fraction:.2f} %"
 
-    def __init__(self, label: str, first_step: int, total_steps: int, batch_size: int) -> None:
+
+class Progress:
+    """Step, per-module losses, samples/s and ETA: the rate of the samples trained since the last
+    line; the ETA from a smoothed rate, so one slow window does not swing it."""
+
+    SMOOTHING = 0.3  # weight of the newest window in the ETA's rate
+
+    def __init__(self, label: str, first_step: int, total_steps: int) -> None:
         self.label = label
         self.total = total_steps
-        self.batch_size = batch_size
-        self.mark_step = first_step
         self.mark_time = time.perf_counter()
+        self.samples = 0  # trained since the last line
+        self.steps = 0
+        self.smoothed: float | None = None  # samples/s
+
+    def advance(self, samples: int) -> None:
+        self.samples += samples
+        self.steps += 1
 
     def exclude(self, seconds: float) -> None:
         """Leave time spent outside training (evaluation, checkpoints) out of the next rate."""
         self.mark_time += seconds
 
+    def seconds_since_line(self) -> float:
+        return time.perf_counter() - self.mark_time
+
     def line(self, epoch: int, step: int, losses: list[float]) -> tuple[str, float]:
         now = time.perf_counter()
-        rate = (step - self.mark_step) * self.batch_size / max(now - self.mark_time, 1e-9)
-        self.mark_step, self.mark_time = step, now
-        eta = (self.total - step) * self.batch_size / max(rate, 1e-9)
+        rate = self.samples / max(now - self.mark_time, 1e-9)
+        per_step = self.samples / max(self.steps, 1)
+        self.smoothed = rate if self.smoothed is None else self.SMOOTHING * rate + (1 - self.SMOOTHING) * self.smoothed
+        self.mark_time, self.samples, self.steps = now, 0, 0
+        eta = (self.total - step) * per_step / max(self.smoothed, 1e-9)
         text = " ".join(f"{loss:.3f}" for loss in losses)
         return (f"[{self.label}] epoch {epoch} step {step}/{self.total} | loss {text} | "
                 f"{rate:.0f} samples/s | eta {_clock(eta)}"), rate

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Config, RunConfig
-from pipeline.metrics import LossMeter, MetricsLog, Progress, StageStats, say, write_summary
+from pipeline.metrics import LossMeter, MetricsLog, Progress, StageStats, percent, say, write_summary
 from pipeline.runners.loop import EpochEnd, Position, RunLength, total_steps
 from pipeline.runners.messages import Train
 from pipeline.topology import Topology
@@ -22,7 +22,8 @@ from pipeline.worker import ModuleWorker
 
 
 class RunReport:
-    def __init__(self, label: str, run: RunConfig, batch_size: int, topology: Topology, workers: list[ModuleWorker],
+    FIRST_LINE_S = 10.0  # a person should see the run move within this many seconds
+    def __init__(self, label: str, run: RunConfig, topology: Topology, workers: list[ModuleWorker],
                  start: Position, length: RunLength, total: Callable[[torch.Tensor], torch.Tensor],
                  started: float) -> None:
         self.label, self.topology, self.workers = label, topology, workers
@@ -34,9 +35,11 @@ class RunReport:
         self.log = MetricsLog(run.out_dir, topology.rank)
         whole = len(topology.hosted) == topology.stages
         self.stats = StageStats(rank=topology.rank, module="all" if whole else topology.stage, device=topology.device)
-        self.progress = Progress(label, start.step, total_steps(start, *length), batch_size)
+        self.progress = Progress(label, start.step, total_steps(start, *length))
         self.steps, self.epochs_done = start.step, 0
         self.accuracy: float | None = None
+        self.eval_s = 0.0  # evaluation seconds this epoch, as this process saw them
+        self.lines = 0
 
     # ---- training ---------------------------------------------------------------------------
 
@@ -51,13 +54,18 @@ class RunReport:
         stats.train_s += seconds
         stats.samples += message.samples
         self.meter.tick()
+        self.progress.advance(message.samples)
         self.steps = message.step
-        if message.step % self.log_every == 0:
+        # A first line within seconds of the start, then every log_every steps.
+        early = not self.lines and self.progress.seconds_since_line() >= self.FIRST_LINE_S
+        if message.step % self.log_every == 0 or early:
             self._log_losses(message.epoch, message.step)
 
-    def paused(self, seconds: float) -> None:
+    def paused(self, seconds: float, evaluating: bool) -> None:
         """Time outside training (evaluation, epoch ends) leaves the next rate alone."""
         self.progress.exclude(seconds)
+        if evaluating:
+            self.eval_s += seconds
 
     def epoch_end(self, event: EpochEnd) -> None:
         if self.meter.count:
@@ -70,12 +78,15 @@ class RunReport:
         self.accuracy = float(counts[0]) / max(int(counts[1]), 1)
         if self.speaks:
             self.log.write(event="eval", module=self.topology.stages - 1, epoch=event.epoch,
-                           step=event.resume_at.step, test_accuracy=self.accuracy)
-            say(f"[{self.label}] epoch {event.epoch} step {event.resume_at.step}: test accuracy {self.accuracy:.4f}")
+                           step=event.resume_at.step, test_accuracy=self.accuracy, eval_s=round(self.eval_s, 3))
+            say(f"[{self.label}] epoch {event.epoch} step {event.resume_at.step}: test accuracy "
+                f"{percent(self.accuracy)} ({int(counts[1])} images, {self.eval_s:.1f} s)")
+        self.eval_s = 0.0
 
     def _log_losses(self, epoch: int, step: int) -> None:
         losses = self.meter.means(step)  # every process checks its losses, whether or not it speaks
         text, rate = self.progress.line(epoch, step, losses)
+        self.lines += 1
         compute = self.stats.window_compute_s()
         if not self.speaks:
             return

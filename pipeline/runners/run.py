@@ -21,7 +21,8 @@ from pipeline.config import Config, PipelineConfig
 from pipeline.data.loader import BatchLoader, make_loaders
 from pipeline.data.specs import dataset_spec
 from pipeline.errors import BadInput, StageFailure
-from pipeline.metrics import say
+from pipeline.metrics import percent, say
+from pipeline.model.partition import flat_to_cut
 from pipeline.model.local_module import Layout
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.runners.codec import MessageCodec
@@ -58,7 +59,14 @@ def run(config: Config) -> dict[str, Any] | None:
         links = functools.partial(wire, config.pipeline, topology)
         loop, report, cuts = assemble(config, topology, loaders, started, links)
         loop.run()
-        return report.summary(config, cuts)
+        summary = report.summary(config, cuts)
+    if summary is not None:
+        accuracy = summary["test_accuracy"]
+        scored = f"test accuracy {percent(accuracy)}, " if accuracy is not None else ""
+        say(f"[{loop_label(config.run.mode, topology)}] done: {summary['steps']} steps, {scored}"
+            f"{summary['train_samples_per_s']:.0f} samples/s, {summary['wall_s']:.0f} s; outputs in "
+            f"{config.run.out_dir} (summary.json, metrics.jsonl, checkpoints/)")
+    return summary
 
 
 def assemble(config: Config, topology: Topology, loaders: Loaders | None, started: float,
@@ -80,9 +88,8 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
         worker.total_steps = run_steps
     identity = checkpoint.identity_of(config, cuts)
     position = resume(config.run.resume, workers, identity, topology)
-    label = _label(config.run.mode, topology)
-    report = RunReport(label, config.run, config.data.batch_size, topology, workers, position, length,
-                       parallel.total, started)
+    label = loop_label(config.run.mode, topology)
+    report = RunReport(label, config.run, topology, workers, position, length, parallel.total, started)
     save = functools.partial(checkpoint.save, config.run.out_dir, identity=identity) if topology.writer else None
     stages = [ModuleStage(worker, slot, report, save) for slot, worker in enumerate(workers)]
     inbox, outbox = links(layout)
@@ -93,9 +100,13 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     if topology.writer:
         hosted = topology.hosted
         which = f"module {hosted[0]}" if len(hosted) == 1 else f"modules {hosted[0]}-{hosted[-1]}"
-        say(f"[{label}] {which} of {topology.stages if topology.distributed else len(hosted)}, cuts after blocks "
-            f"{cuts}, {batches} batches/epoch on {topology.device} x {topology.replicas}, "
+        points = [flat_to_cut(cut, config.model.blocks_per_stage) for cut in cuts]
+        say(f"[{label}] {which} of {config.local.modules}, cut points {points} ([stage, block] after which a "
+            f"module ends), {batches} batches/epoch on {topology.device} x {topology.replicas}, "
             f"{torch.get_num_threads()} thread(s)")
+        if config.run.resume:
+            say(f"[{label}] resumed from {config.run.resume} at epoch {position.epoch}, batch {position.batch} "
+                f"(step {position.step})")
     return StageLoop(inbox, stages, outbox, report), report, cuts
 
 
@@ -131,7 +142,8 @@ def resume(resume_dir: str, workers: list[ModuleWorker], identity: dict[str, Any
     return every.pop()
 
 
-def _label(mode: str, topology: Topology) -> str:
+def loop_label(mode: str, topology: Topology) -> str:
+    """How this process's console lines start."""
     if mode == "pipeline":
         return f"stage {topology.stage}" + (f" replica {topology.replica}" if topology.replicas > 1 else "")
     return mode

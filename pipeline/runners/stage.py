@@ -92,7 +92,7 @@ class StageLoop:
                 continue
             if isinstance(message, EpochEnd):
                 report.epoch_end(message)
-            report.paused(time.perf_counter() - tick)
+            report.paused(time.perf_counter() - tick, evaluating=isinstance(message, Eval))
             if isinstance(message, Stop):
                 break
         if self.outbox is not None:

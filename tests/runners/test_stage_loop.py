@@ -115,7 +115,7 @@ class NullReport:
     def trained(self, message: Train, seconds: float, waited: float, sent: float) -> None:
         self.trained_steps.append(message.step)
 
-    def paused(self, seconds: float) -> None:
+    def paused(self, seconds: float, evaluating: bool) -> None:
         pass
 
     def epoch_end(self, event: EpochEnd) -> None:
