@@ -22,9 +22,9 @@ from pipeline.data.loader import BatchLoader, make_loaders
 from pipeline.data.specs import dataset_spec
 from pipeline.errors import BadInput, StageFailure
 from pipeline.metrics import percent, say
-from pipeline.model.partition import flat_to_cut
 from pipeline.model.local_module import Layout
 from pipeline.model.network import make_layout, resolve_cuts
+from pipeline.model.partition import flat_to_cut
 from pipeline.runners.codec import MessageCodec
 from pipeline.runners.data_parallel import DataParallel
 from pipeline.runners.links import Inbox, Outbox
