@@ -24,6 +24,7 @@ Loss = Literal["softmax", "contrast"]
 AuxHead = Literal["0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"]
 Schedule = Literal["cosine", "cosine-step", "constant"]
 WireDtype = Literal["fp32", "bf16"]
+Placement = Literal["chain", "stage"]
 Amp = Literal["none", "bf16"]
 
 MODES: tuple[str, ...] = get_args(Mode)
@@ -115,6 +116,9 @@ class PipelineConfig:
     wire_dtype: WireDtype = "fp32"
     timeout_s: float = 300.0
     threads_per_stage: int = 0  # 0: this process's equal share of the cores
+    replicas: int = 0  # R: data-parallel copies of the chain of K stages; 0: WORLD_SIZE / K
+    placement: Placement = "chain"  # rank order: each replica's K stages together, or each stage's R replicas
+    sync_batchnorm: bool = False  # GPU only: batch statistics over the replicas of a stage
 
 
 @dataclass
@@ -395,6 +399,7 @@ def validate(config: Config) -> None:
     _require(pipe.queue_depth >= 1, f"pipeline.queue_depth = {pipe.queue_depth} must be >= 1")
     _require(0 < pipe.timeout_s <= MAX_TIMEOUT_S, f"pipeline.timeout_s = {pipe.timeout_s} must be in (0, "
                                                   f"{MAX_TIMEOUT_S:.0f}]")
+    _require(pipe.replicas >= 0, f"pipeline.replicas = {pipe.replicas} must be >= 0 (0: WORLD_SIZE / local.modules)")
     _require(pipe.threads_per_stage >= 0, f"pipeline.threads_per_stage = {pipe.threads_per_stage} must be >= 0 "
                                           "(0: automatic)")
 
@@ -452,7 +457,8 @@ def ineffective_keys(config: Config) -> list[str]:
     if run.mode != "pipeline":
         ignored("pipeline", ("queue_depth", "wire_dtype"), f"with run.mode = {run.mode!r} (no links between stages)")
     if run.mode == "sequential":
-        ignored("pipeline", ("timeout_s", "threads_per_stage"), "with run.mode = 'sequential' (one process)")
+        ignored("pipeline", ("timeout_s", "threads_per_stage", "replicas", "placement", "sync_batchnorm"),
+                "with run.mode = 'sequential' (one process)")
     if local.modules == 1:
         ignored("local", ("partition", "context", "loss", "aux", "aux_widen", "aux_hidden", "aux_feature_dim",
                           "reconstruct", "ixx_1", "ixy_1", "ixx_2", "ixy_2"),

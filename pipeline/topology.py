@@ -1,10 +1,15 @@
 """Who does what in a run: rank, device, which modules a process trains, its groups and collectives.
 
 Every mode is K stages x R replicas. Sequential is K x 1 in one process (it hosts every
-module); pipeline is K x R under torchrun, one module per process; ddp is 1 x R. Rank r holds
-stage r % K of replica r // K, so each replica's chain of K stages is K consecutive ranks (on
-one node when a node has K devices: the links stay on the node, only the per-stage gradient
-all-reduce crosses nodes). Runners get a Topology and never call torch.distributed themselves.
+module); pipeline is K x R under torchrun, one module per process; ddp is 1 x R.
+
+Placement (``pipeline.placement``) fixes which rank holds which (stage, replica):
+- "chain" (the default): rank r holds stage r % K of replica r // K, so each replica's chain of
+  K stages is K consecutive ranks — on one node when a node has K or more devices, where the
+  links stay on NVLink/PCIe and only the per-stage gradient all-reduce crosses nodes;
+- "stage": rank r holds stage r // R of replica r % R, so a stage's R replicas are neighbours —
+  for nodes with fewer devices than K, where the all-reduce is the heavier traffic.
+Runners get a Topology and never call torch.distributed themselves.
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ class Topology:
     hosted: tuple[int, ...]  # the modules this process trains, in chain order
     local_rank: int = 0
     local_size: int = 1
+    placement: str = "chain"
     comm: Collectives = field(default_factory=Solo)
     links: dict[int, dist.ProcessGroup] = field(default_factory=dict, repr=False)  # module k -> group of k -> k+1
     replica_group: dist.ProcessGroup | None = field(default=None, repr=False)  # the module's replicas (R > 1)
@@ -107,7 +113,7 @@ class Topology:
 
     @property
     def replica(self) -> int:
-        return self.rank // self.stages if self.size > 1 else 0
+        return place(self.rank, self.stages, self.replicas, self.placement)[1] if self.size > 1 else 0
 
     @property
     def writer(self) -> bool:
@@ -125,7 +131,9 @@ class Topology:
         return self.hosted[-1] == self.stages - 1
 
     def rank_of(self, stage: int, replica: int) -> int:
-        return replica * self.stages + stage if self.size > 1 else 0
+        if self.size == 1:
+            return 0
+        return replica * self.stages + stage if self.placement == "chain" else stage * self.replicas + replica
 
     @property
     def last_rank(self) -> int:
@@ -138,6 +146,11 @@ class Topology:
             return f"ddp rank {self.rank}"
         suffix = f", replica {self.replica}" if self.replicas > 1 else ""
         return f"stage on rank {self.rank} (module {self.stage}{suffix})"
+
+
+def place(rank: int, stages: int, replicas: int, placement: str) -> tuple[int, int]:
+    """rank -> (stage, replica) under ``placement`` (see the module's docstring)."""
+    return (rank % stages, rank // stages) if placement == "chain" else (rank // replicas, rank % replicas)
 
 
 def single_process(run: RunConfig, modules: int) -> Topology:
@@ -155,17 +168,28 @@ def from_env(mode: str, run: RunConfig, pipe: PipelineConfig, modules: int) -> T
             f"torchrun --nproc-per-node N -m pipeline.train --config FILE --set run.mode={mode}"
         )
     rank, size, local_rank, local_size = (int(os.environ[name]) for name in names)
-    if mode == "pipeline" and size != modules:
-        raise BadInput(
-            f"pipeline mode runs one process per module: WORLD_SIZE is {size} but local.modules = "
-            f"{modules}; launch torchrun --nproc-per-node {modules} (or set local.modules = {size})"
-        )
-    stages = modules if mode == "pipeline" else 1
+    replicas = layout_replicas(size, modules, pipe.replicas)
+    stage, _ = place(rank, modules, replicas, pipe.placement)
     device = resolve_device(run.device, local_rank)
-    topology = Topology(rank, size, device, stages, size // stages, (rank % stages,), local_rank, local_size)
+    topology = Topology(rank, size, device, modules, replicas, (stage,), local_rank, local_size, pipe.placement)
     if device.type == "cpu":
         limit_cpu_threads(local_rank, local_size, pipe.threads_per_stage)
     return topology
+
+
+def layout_replicas(size: int, modules: int, replicas: int) -> int:
+    """R of a job of ``size`` processes over K = ``modules`` stages; bad input where they do not fit."""
+    if size % modules != 0:
+        raise BadInput(
+            f"WORLD_SIZE is {size}, not a multiple of local.modules = {modules}: a job runs K stages x R replicas; "
+            f"launch torchrun with {modules} x R processes (R = 1, 2, ...) or change local.modules"
+        )
+    if replicas and replicas * modules != size:
+        raise BadInput(
+            f"pipeline.replicas = {replicas} x local.modules = {modules} needs WORLD_SIZE = {replicas * modules}, "
+            f"but it is {size}; launch {replicas * modules} processes or set pipeline.replicas = 0 (derive it)"
+        )
+    return size // modules
 
 
 @contextlib.contextmanager

@@ -12,13 +12,18 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.errors import BadInput
 from pipeline.topology import Topology
 
 
 class DataParallel:
-    def __init__(self, topology: Topology) -> None:
+    def __init__(self, topology: Topology, sync_batchnorm: bool = False) -> None:
         self.topology = topology
         self.replicas, self.replica = topology.replicas, topology.replica
+        if sync_batchnorm and topology.replicas > 1 and topology.device.type != "cuda":
+            raise BadInput("pipeline.sync_batchnorm = true needs GPUs (torch's SyncBatchNorm is CUDA-only); "
+                           "set it to false on CPU, where each replica keeps its own batch statistics")
+        self.sync_batchnorm = sync_batchnorm
 
     def shard(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This replica's part of a global batch."""
@@ -31,8 +36,12 @@ class DataParallel:
         if self.replicas == 1:
             return module
         device = self.topology.device
+        if self.sync_batchnorm:
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group=self.topology.replica_group)
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids, process_group=self.topology.replica_group)
+        # gradient_as_bucket_view: gradients live in DDP's buckets, no copy between them per step.
+        return DistributedDataParallel(module, device_ids=ids, process_group=self.topology.replica_group,
+                                       gradient_as_bucket_view=True)
 
     def total(self, count: torch.Tensor) -> torch.Tensor:
         return self.topology.comm.sum_over_replicas(count)

@@ -80,7 +80,7 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
         facts = (resolve_cuts(config, spec, topology.device), len(loaders[0]))
     cuts, batches = topology.comm.broadcast(facts, 0)
     layout = make_layout(config, spec, cuts)
-    parallel = DataParallel(topology)
+    parallel = DataParallel(topology, config.pipeline.sync_batchnorm)
     workers = [make_worker(config, layout, index, topology.device, wrap=parallel.wrap) for index in topology.hosted]
     length = RunLength(config.train.epochs, batches, config.train.max_steps)
     run_steps = total_steps(Position(), *length)  # per-step schedules span the whole run, resumed or not
