@@ -30,7 +30,8 @@ def emulate_replicas(tmp: Path, modules: int, replicas: int, overrides: list[str
     layout = make_layout(config, train.spec, resolve_cuts(config, train.spec, device))
     workers: list[ModuleWorker] = [make_worker(config, layout, k, device) for k in range(modules)]
     for step, (images, labels) in enumerate(itertools.islice(train.batches(1), STEPS), start=1):
-        packets = [Packet.from_batch(x, y) for x, y in zip(images.tensor_split(replicas), labels.tensor_split(replicas))]
+        shards = zip(images.tensor_split(replicas), labels.tensor_split(replicas))
+        packets = [Packet.from_batch(x, y) for x, y in shards]
         for worker in workers:
             worker.at_step(1, step)
             worker.module.train()
