@@ -81,3 +81,18 @@ def test_a_replica_that_fails_ends_the_job_with_stage_and_replica_named(tmp_path
                         "run.log_every=1", "train.max_steps=200", "pipeline.timeout_s=20"], timeout=120)
     assert done.returncode != 0 and time.monotonic() - started < 90
     assert re.search(r"error: stage on rank \d \(module \d, replica \d\) failed: .*loss is nan", done.stderr)
+
+
+def test_a_run_resumes_with_another_r(tmp_path: Path, single_thread: None) -> None:
+    """Checkpoints are per module, written by replica 0: R = 2 -> R = 1 (sequential) picks up where it stopped,
+    from replica 0's weights."""
+    from pipeline.runners.run import run
+
+    first = tmp_path / "r2"
+    done = torchrun(4, [f"run.out_dir={first}", "run.mode=pipeline", "local.modules=2", "train.max_steps=3"], timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = run(tiny_config(tmp_path, "r1", "local.modules=2", "train.max_steps=5", f"run.resume={first}"))
+    assert summary is not None and summary["steps"] == 5
+    for module in range(2):
+        before, after = load_module_state(first, module), load_module_state(tmp_path / "r1", module)
+        assert after["position"]["step"] == 5 and max_state_difference(before["state"], after["state"]) > 0
