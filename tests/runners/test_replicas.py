@@ -89,7 +89,8 @@ def test_a_run_resumes_with_another_r(tmp_path: Path, single_thread: None) -> No
     from pipeline.runners.run import run
 
     first = tmp_path / "r2"
-    done = torchrun(4, [f"run.out_dir={first}", "run.mode=pipeline", "local.modules=2", "train.max_steps=3"], timeout=240)
+    done = torchrun(4, [f"run.out_dir={first}", "run.mode=pipeline", "local.modules=2", "train.max_steps=3"],
+                    timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = run(tiny_config(tmp_path, "r1", "local.modules=2", "train.max_steps=5", f"run.resume={first}"))
     assert summary is not None and summary["steps"] == 5
