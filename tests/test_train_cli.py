@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline import checkpoint
 from pipeline.train import main, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,10 +113,10 @@ def test_a_tiny_sequential_run(tmp_path):
     assert all({"rank", "module", "step", "epoch", "loss", "lr"} <= line.keys() for line in train)
 
     for module in range(2):
-        payload = torch.load(out / "checkpoints" / f"module_{module}.pt", weights_only=True)
+        payload = torch.load(checkpoint.newest_module_file(out, module), weights_only=True)
         assert payload["position"]["step"] == 3
         assert payload["state"]["module"]
-    assert not (out / "checkpoints" / "module_2.pt").exists()
+    assert not checkpoint.module_file(checkpoint.find_set(out), 2).exists()
 
 
 def test_a_failure_is_one_line_and_its_traceback_is_in_the_error_log(tmp_path: Path) -> None:
