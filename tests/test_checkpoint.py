@@ -291,3 +291,32 @@ def test_a_full_disk_for_metrics_or_summary_is_one_line(make_config, tmp_path, m
     message = str(info.value)
     assert "\n" not in message and "no space left on device" in message and target in message
     assert not [path for path in out.rglob("*") if ".tmp" in path.name]
+
+
+def test_the_newest_sets_are_kept_and_resume_step_picks_one(make_config, tmp_path):
+    out = tmp_path / "three"
+    long = (*RESUME[:-2], "train.max_steps=0", "train.epochs=3", "train.warmup_epochs=1", "run.log_every=4",
+            "run.keep_checkpoints=2")
+    run(make_config(*long, out_dir=out))  # sets at steps 8, 16 and 24
+    assert [step for step, _ in checkpoint.complete_sets(out)] == [16, 24]
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["step_16", "step_24"]
+    resumed = run(make_config(*long, f"run.resume='{out}'", "run.resume_step=16", out_dir=tmp_path / "again"))
+    assert resumed["steps"] == 24
+    assert_equal_runs(out, tmp_path / "again")
+    with pytest.raises(BadInput, match=r"run.resume_step = 8: .* steps \[16, 24\] only"):
+        run(make_config(*long, f"run.resume='{out}'", "run.resume_step=8", out_dir=tmp_path / "never"))
+    with pytest.raises(BadInput, match="run.keep_checkpoints = 0 must be >= 1"):
+        make_config("run.keep_checkpoints=0")
+
+
+def test_an_unfinished_newer_set_is_ignored_and_cleared(six_steps, make_config, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(six_steps, out)
+    unfinished = out / "checkpoints" / "step_9"
+    unfinished.mkdir()
+    shutil.copy(out / "checkpoints" / "step_6" / "module_0.pt", unfinished / "module_0.pt")
+    (out / "checkpoints" / "step_6" / "module_1.pt.tmp123").write_bytes(b"half")
+    assert checkpoint.find_set(out) == out / "checkpoints" / "step_6"
+    run(make_config(*RESUME, "train.max_steps=7", f"run.resume='{out}'", out_dir=out))
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["step_6", "step_7"]
+    assert not [path for path in out.rglob("*") if ".tmp" in path.name]
