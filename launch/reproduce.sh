@@ -20,7 +20,8 @@ then:
   python -m pipeline.reproduce collect TABLE RUNS --out RUNS/results.md
 
   --runs-dir DIR  where the rows write (default: runs/<TABLE's path below configs/>).
-  --skip-done     skip rows whose RUNS/ROW_NAME/summary.json exists (to continue an interrupted table).
+  --skip-done     skip rows whose RUNS/ROW_NAME/summary.json exists, and resume a row that stopped
+                  after a complete checkpoint (to continue an interrupted table).
   --dry-run       print every command and exit.
 GPUS=N overrides the GPU count (default: what nvidia-smi lists). A failing row stops the table.
 TRAIN ARGS go to every row, e.g. --set train.epochs=1 for a smoke run (marked † in the table).
@@ -91,12 +92,16 @@ for line in "${rows[@]}"; do
         echo "# ${name}: ${out_dir}/summary.json exists, skipped"
         continue
     fi
+    resume=()
+    if [[ ${skip_done} == 1 ]] && compgen -G "${out_dir}/checkpoints/step_*/COMPLETE" >/dev/null; then
+        resume=(--set "run.resume=${out_dir}")  # an interrupted row goes on from its last complete checkpoint
+    fi
     if [[ ${modules} -ge 2 && (${mode} == pipeline || (${mode} == auto && ${gpus} -ge ${modules})) ]]; then
         show_and_run "${TORCHRUN}" --standalone --nproc-per-node "${modules}" -m pipeline.train \
-            --config "${config}" --set run.mode=pipeline --set "run.out_dir=${out_dir}" "$@"
+            --config "${config}" --set run.mode=pipeline --set "run.out_dir=${out_dir}" "${resume[@]}" "$@"
     else
         show_and_run "${PYTHON}" -m pipeline.train --config "${config}" --set run.mode=sequential \
-            --set "run.out_dir=${out_dir}" "$@"
+            --set "run.out_dir=${out_dir}" "${resume[@]}" "$@"
     fi
 done
 

@@ -1,34 +1,115 @@
-"""Per-module checkpoints that every mode writes and reads (docs/design.md, "Outputs").
+"""Checkpoints that every mode writes and reads: complete sets, one file per module.
 
-checkpoints/module_<k>.pt holds module k's parameters and buffers (body, head, decoder,
-context encoders), its optimizer state and the run position. Written to a temporary file
-then renamed, so a crash never leaves half a checkpoint; read with weights_only=True.
+checkpoints/step_<N>/module_<k>.pt holds module k's parameters and buffers (body, head, decoder,
+context encoders), its optimizer state and the run position at step N. Each file is written to
+a temporary file then renamed; once every module of the run has saved step N (all processes
+agree), rank 0 writes checkpoints/step_<N>/COMPLETE last. A set without its marker is never
+resumed from, so a crash or a full disk between two modules' saves leaves the previous complete
+set in charge. The newest run.keep_checkpoints complete sets are kept; files are read with
+weights_only=True.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, StageFailure
+from pipeline.metrics import cannot_write
 from pipeline.runners.loop import Position
 from pipeline.worker import ModuleWorker
 
 FORMAT = 1
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"step_(\d+)")
+_TEMPORARY = ".tmp"  # every temporary file's name holds this; a finished file's never does
 
 
-def checkpoint_path(run_dir: str | Path, module: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"module_{module}.pt"
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return checkpoints_dir(run_dir) / f"step_{step}"
+
+
+def module_file(set_dir: str | Path, module: int) -> Path:
+    return Path(set_dir) / f"module_{module}.pt"
+
+
+def _step_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every step_<N> folder under run_dir/checkpoints, by step."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in root.iterdir()
+             if path.is_dir() and (match := _STEP_DIR.fullmatch(path.name))]
+    return sorted(found)
+
+
+def _is_complete(step: int, path: Path) -> bool:
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("step") == step
+
+
+def complete_sets(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The complete checkpoint sets of run_dir, oldest first: (step, folder)."""
+    return [(step, path) for step, path in _step_dirs(run_dir) if _is_complete(step, path)]
+
+
+def find_set(run_dir: str | Path, step: int = 0) -> Path:
+    """The folder of run_dir's complete set at ``step`` (0: the newest); incomplete sets are ignored."""
+    sets = complete_sets(run_dir)
+    if not sets:
+        raise BadInput(
+            f"run.resume: no complete checkpoint in {checkpoints_dir(run_dir)}; point run.resume at the out_dir "
+            f"of an earlier run (a run writes one at each epoch end and when it stops)"
+        )
+    if step == 0:
+        return sets[-1][1]
+    for saved, path in sets:
+        if saved == step:
+            return path
+    raise BadInput(
+        f"run.resume_step = {step}: {checkpoints_dir(run_dir)} holds complete checkpoints at steps "
+        f"{[saved for saved, _ in sets]} only; choose one of them, or 0 for the newest"
+    )
+
+
+def newest_module_file(run_dir: str | Path, module: int) -> Path:
+    """Module ``module``'s file in run_dir's newest complete set."""
+    return module_file(find_set(run_dir), module)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """write(temporary) then rename onto path; on failure nothing is left behind."""
+    temporary = path.with_name(f"{path.name}{_TEMPORARY}{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(temporary)
+        os.replace(temporary, path)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        raise cannot_write(path, err) from err
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def save(run_dir: str | Path, worker: ModuleWorker, position: Position, identity: dict[str, Any]) -> Path:
-    path = checkpoint_path(run_dir, worker.index)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write module worker.index's file into the set of ``position.step`` (not complete until commit)."""
+    path = module_file(step_dir(run_dir, position.step), worker.index)
     payload = {
         "format": FORMAT,
         "identity": identity,
@@ -36,15 +117,53 @@ def save(run_dir: str | Path, worker: ModuleWorker, position: Position, identity
         "position": position.to_dict(),
         "state": worker.state_dict(),
     }
-    temporary = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    _atomic_write(path, lambda temporary: torch.save(payload, temporary))
     return path
 
 
-def load(run_dir: str | Path, worker: ModuleWorker, identity: dict[str, Any]) -> Position:
-    """Restore ``worker`` from run_dir; the identity (network, cut, method) must match."""
-    path = checkpoint_path(run_dir, worker.index)
+def commit(run_dir: str | Path, position: Position, modules: int, identity: dict[str, Any], keep: int) -> Path:
+    """Once every module's file of ``position.step`` is written: mark the set complete, drop old ones.
+
+    Called by one process (rank 0) after all processes agreed that they saved; sets older than
+    the newest ``keep`` complete ones, and unfinished sets older than this one, are removed.
+    """
+    folder = step_dir(run_dir, position.step)
+    missing = [module for module in range(modules) if not module_file(folder, module).is_file()]
+    if missing:
+        raise StageFailure(f"checkpoint {folder} lacks modules {missing} after every process saved; "
+                           f"its set is left incomplete (resume uses the previous one)")
+    marker = {"step": position.step, "position": position.to_dict(), "modules": list(range(modules)),
+              "identity": identity}
+    path = folder / MARKER
+    _atomic_write(path, lambda temporary: temporary.write_text(json.dumps(marker, indent=2) + "\n"))
+    kept = {step for step, _ in complete_sets(run_dir)[-keep:]}
+    for step, old in _step_dirs(run_dir):
+        if step < position.step and step not in kept:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def clear_for_start(run_dir: str | Path, start_step: int) -> list[Path]:
+    """Before a run writes: remove temporary files, unfinished sets and sets past where it starts.
+
+    A set newer than the run's start belongs to a history this run replaces (a resume from an
+    older step into the same folder); an unfinished one is what a crash left. Returns what went.
+    """
+    removed = []
+    for step, path in _step_dirs(run_dir):
+        if step > start_step or not _is_complete(step, path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            continue
+        for stale in path.iterdir():
+            if _TEMPORARY in stale.name:
+                stale.unlink(missing_ok=True)
+    return removed
+
+
+def load(set_dir: str | Path, worker: ModuleWorker, identity: dict[str, Any]) -> Position:
+    """Restore ``worker`` from its file in the set ``set_dir``; the identity (network, cut, method) must match."""
+    path = module_file(set_dir, worker.index)
     if not path.is_file():
         raise BadInput(
             f"run.resume: no checkpoint {path}; point run.resume at the out_dir of an earlier run "

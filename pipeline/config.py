@@ -46,6 +46,9 @@ class RunConfig:
     seed: int = 0
     out_dir: str = "runs/default"
     resume: str = ""
+    resume_step: int = 0  # which complete checkpoint of run.resume: its step, 0 = the newest
+    keep_checkpoints: int = 2  # complete checkpoint sets kept in out_dir/checkpoints, newest first
+    overwrite: bool = False  # replace another run's outputs in out_dir (without it, such a folder is refused)
     device: Device = "auto"
     log_every: int = 50
 
@@ -349,6 +352,10 @@ def validate(config: Config) -> None:
     _require(0 <= run.seed < 2**32, f"run.seed = {run.seed} must be in [0, 2**32)")
     _require(run.log_every >= 1, f"run.log_every = {run.log_every} must be >= 1")
     _require(bool(run.out_dir), "run.out_dir must name a directory for the outputs")
+    _require(run.keep_checkpoints >= 1, f"run.keep_checkpoints = {run.keep_checkpoints} must be >= 1")
+    _require(run.resume_step >= 0, f"run.resume_step = {run.resume_step} must be >= 0 (0: the newest checkpoint)")
+    _require(run.resume_step == 0 or bool(run.resume),
+             f"run.resume_step = {run.resume_step} needs run.resume = DIR, the out_dir to resume from")
 
     _require(data.batch_size >= 2, f"data.batch_size = {data.batch_size} must be >= 2 (batch norm needs two samples)")
 

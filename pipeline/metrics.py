@@ -18,6 +18,13 @@ from pipeline.errors import StageFailure
 from pipeline.model.partition import flat_to_cut
 
 
+def cannot_write(path: Path, err: OSError) -> StageFailure:
+    """A full or read-only disk: one line naming the path and the OS's reason (err.strerror)."""
+    reason = (err.strerror or type(err).__name__).lower()
+    return StageFailure(f"cannot write {path}: {reason}; free space (or fix permissions) there, then resume "
+                        f"from the last complete checkpoint with run.resume")
+
+
 class MetricsLog:
     """Appends one JSON object per line; every rank appends whole lines to the same file."""
 
@@ -28,8 +35,11 @@ class MetricsLog:
 
     def write(self, **fields: Any) -> None:
         line = json.dumps({"rank": self.rank, "time": round(time.time(), 3), **fields}) + "\n"
-        with open(self.path, "a") as handle:  # one write per line: O_APPEND keeps lines whole
-            handle.write(line)
+        try:
+            with open(self.path, "a") as handle:  # one write per line: O_APPEND keeps lines whole
+                handle.write(line)
+        except OSError as err:
+            raise cannot_write(self.path, err) from err
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -138,10 +148,14 @@ def write_summary(run_dir: str | Path, config: Config, world_size: int, cuts: li
         "config": config.to_dict(),
     }
     path = Path(run_dir) / "summary.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(summary, indent=2) + "\n")
-    temporary.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps(summary, indent=2) + "\n")
+        temporary.replace(path)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        raise cannot_write(path, err) from err
     return summary
 
 

@@ -6,8 +6,12 @@ per module (pipeline) or per data-parallel rank (ddp).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.cli import ArgumentParser, run_main
@@ -25,7 +29,16 @@ def parse_config(argv: list[str] | None) -> Config:
     return load_config(args.config, args.set)
 
 
-def prepare_out_dir(config: Config) -> None:
+OUTPUTS = ("summary.json", "metrics.jsonl", "checkpoints", "errors")  # what a run writes under out_dir
+
+
+@contextlib.contextmanager
+def prepare_out_dir(config: Config) -> Iterator[None]:
+    """A writable out_dir that this job alone writes to, for as long as the block runs.
+
+    Rank 0 (or the one process) holds an flock on OUT_DIR/.lock; a folder with another run's
+    outputs is refused unless this run resumes from it or run.overwrite = true (which clears them).
+    """
     path = Path(config.run.out_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -33,20 +46,57 @@ def prepare_out_dir(config: Config) -> None:
         probe.touch()
         probe.unlink()
     except OSError as err:
-        raise BadInput(f"run.out_dir = {str(path)!r} cannot be written ({err.strerror}); choose a writable "
-                       "folder") from None
+        raise BadInput(f"run.out_dir = {str(path)!r} cannot be written ({err.strerror}); "
+                       f"choose a writable folder") from None
+    if os.environ.get("RANK", "0") != "0":  # rank 0 speaks for the job
+        yield
+        return
+    with open(path / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise BadInput(f"run.out_dir = {str(path)!r} is in use by another job (pid {holder}); wait for it to "
+                           f"end or choose another run.out_dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        _claim(config, path)
+        yield
+
+
+def _claim(config: Config, path: Path) -> None:
+    """Refuse (or with run.overwrite clear) another run's outputs; resuming from this folder keeps them."""
+    run = config.run
+    found = [name for name in ("summary.json", "checkpoints")
+             if (path / name).is_file() or ((path / name).is_dir() and any((path / name).iterdir()))]
+    if not found or (run.resume and Path(run.resume).resolve() == path.resolve()):
+        return
+    if not run.overwrite:
+        raise BadInput(
+            f"run.out_dir = {str(path)!r} holds another run's outputs ({', '.join(found)}); resume it with "
+            f"run.resume = {str(path)!r}, replace them with run.overwrite = true, or choose another run.out_dir"
+        )
+    for name in OUTPUTS:
+        target = path / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
 
 
 def train(config: Config) -> None:
-    prepare_out_dir(config)
-    keep_freed_host_memory()
-    from pipeline.runners.run import run
+    with prepare_out_dir(config):
+        keep_freed_host_memory()
+        from pipeline.runners.run import run
 
-    if os.environ.get("RANK", "0") == "0":  # once per job, not once per process
-        for note in ineffective_keys(config):
-            print(f"warning: {note}", file=sys.stderr, flush=True)
-    with errors_logged(config.run.out_dir):
-        run(config)
+        if os.environ.get("RANK", "0") == "0":  # once per job, not once per process
+            for note in ineffective_keys(config):
+                print(f"warning: {note}", file=sys.stderr, flush=True)
+        with errors_logged(config.run.out_dir):
+            run(config)
 
 
 def main(argv: list[str] | None = None) -> int:

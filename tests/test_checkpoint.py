@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
+import io
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline import checkpoint
 from pipeline.data.specs import dataset_spec
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, StageFailure
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.runners.loop import Position
 from pipeline.runners.run import run
@@ -48,7 +53,7 @@ def six_steps(tmp_path_factory, config_builder):
 
 def test_files_load_with_weights_only(six_steps):
     for module in range(2):
-        payload = torch.load(checkpoint.checkpoint_path(six_steps, module), weights_only=True)
+        payload = torch.load(checkpoint.newest_module_file(six_steps, module), weights_only=True)
         assert payload["module_index"] == module
         assert payload["position"] == {"epoch": 1, "batch": 6, "step": 6}
         assert payload["identity"]["modules"] == 2 and payload["identity"]["context"] == "R1"
@@ -57,9 +62,12 @@ def test_files_load_with_weights_only(six_steps):
         assert any(key.startswith("head.") for key in state["module"])
         assert state["optimizer"]["state"], "momentum buffers are saved"
     assert any(key.startswith("input_encoders.") for key in
-               torch.load(checkpoint.checkpoint_path(six_steps, 1), weights_only=True)["state"]["module"])
-    leftovers = [p.name for p in (six_steps / "checkpoints").iterdir() if p.suffix != ".pt"]
-    assert leftovers == []  # the temporary files were renamed away
+               torch.load(checkpoint.newest_module_file(six_steps, 1), weights_only=True)["state"]["module"])
+    assert [path.name for path in (six_steps / "checkpoints").iterdir()] == ["step_6"]
+    files = sorted(path.name for path in (six_steps / "checkpoints" / "step_6").iterdir())
+    assert files == ["COMPLETE", "module_0.pt", "module_1.pt"]  # the temporary files were renamed away
+    marker = json.loads((six_steps / "checkpoints" / "step_6" / "COMPLETE").read_text())
+    assert marker["step"] == 6 and marker["modules"] == [0, 1] and marker["identity"]["context"] == "R1"
 
 
 def test_resume_equals_a_straight_run(six_steps, make_config, tmp_path):
@@ -70,8 +78,8 @@ def test_resume_equals_a_straight_run(six_steps, make_config, tmp_path):
     assert resumed["epochs"] == straight["epochs"] == 1
     assert resumed["test_accuracy"] == straight["test_accuracy"]
     for module in range(2):
-        a = torch.load(checkpoint.checkpoint_path(tmp_path / "resumed", module), weights_only=True)
-        b = torch.load(checkpoint.checkpoint_path(tmp_path / "straight", module), weights_only=True)
+        a = torch.load(checkpoint.newest_module_file(tmp_path / "resumed", module), weights_only=True)
+        b = torch.load(checkpoint.newest_module_file(tmp_path / "straight", module), weights_only=True)
         assert a["position"] == b["position"] == {"epoch": 2, "batch": 4, "step": 12}
         tensors_equal(a["state"], b["state"], f"module {module}")  # weights, BN statistics and momentum
     lines = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
@@ -93,7 +101,7 @@ def test_resume_with_another_config_names_the_key(six_steps, make_config, tmp_pa
 def test_corrupt_checkpoint_is_bad_input(six_steps, make_config, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(six_steps, broken)
-    (broken / "checkpoints" / "module_1.pt").write_bytes(b"\x80\x02 not a checkpoint at all")
+    (broken / "checkpoints" / "step_6" / "module_1.pt").write_bytes(b"\x80\x02 not a checkpoint at all")
     with pytest.raises(BadInput) as info:
         run(make_config(*RESUME, f"run.resume='{broken}'", out_dir=tmp_path / "again"))
     assert "module_1.pt" in str(info.value) and "not a readable checkpoint" in str(info.value)
@@ -102,10 +110,10 @@ def test_corrupt_checkpoint_is_bad_input(six_steps, make_config, tmp_path):
 def test_foreign_file_and_missing_checkpoint(six_steps, make_config, tmp_path):
     foreign = tmp_path / "foreign"
     shutil.copytree(six_steps, foreign)
-    torch.save({"weights": torch.zeros(2)}, foreign / "checkpoints" / "module_0.pt")
+    torch.save({"weights": torch.zeros(2)}, foreign / "checkpoints" / "step_6" / "module_0.pt")
     with pytest.raises(BadInput, match="not a checkpoint of this trainer"):
         run(make_config(*RESUME, f"run.resume='{foreign}'", out_dir=tmp_path / "x"))
-    with pytest.raises(BadInput, match="no checkpoint"):
+    with pytest.raises(BadInput, match="no complete checkpoint"):
         run(make_config(*RESUME, f"run.resume='{tmp_path / 'nowhere'}'", out_dir=tmp_path / "y"))
 
 
@@ -124,13 +132,16 @@ def test_save_then_load_restores_a_worker(make_config, tmp_path, image_batch):
     identity = checkpoint.identity_of(config, cuts)
     for worker in workers:
         path = checkpoint.save(tmp_path, worker, Position(3, 1, 17), identity)
-        assert path == tmp_path / "checkpoints" / f"module_{worker.index}.pt"
+        assert path == tmp_path / "checkpoints" / "step_17" / f"module_{worker.index}.pt"
+    with pytest.raises(BadInput, match="no complete checkpoint"):
+        checkpoint.find_set(tmp_path)  # not complete until committed
+    checkpoint.commit(tmp_path, Position(3, 1, 17), 2, identity, keep=2)
     fresh = [make_worker(config, layout, index, CPU) for index in range(2)]
     for worker, original in zip(fresh, workers):
-        assert checkpoint.load(tmp_path, worker, identity) == Position(3, 1, 17)
+        assert checkpoint.load(checkpoint.find_set(tmp_path), worker, identity) == Position(3, 1, 17)
         tensors_equal(worker.state_dict(), original.state_dict())
     with pytest.raises(BadInput, match="cuts"):
-        checkpoint.load(tmp_path, fresh[0], {**identity, "cuts": [2]})
+        checkpoint.load(checkpoint.find_set(tmp_path), fresh[0], {**identity, "cuts": [2]})
 
 
 # ---- files that load with weights_only but are not what save wrote -----------------------------------
@@ -155,7 +166,7 @@ def rewrite(path, change) -> None:
 
 def one_line_bad_input(path, worker, identity) -> str:
     with pytest.raises(BadInput) as info:
-        checkpoint.load(path.parents[1], worker, identity)
+        checkpoint.load(path.parent, worker, identity)
     message = str(info.value)
     assert "\n" not in message and str(path) in message and message.startswith("run.resume: ")
     return message
@@ -176,7 +187,7 @@ def one_line_bad_input(path, worker, identity) -> str:
         "position-list", "state-list", "state-no-optimizer", "module-index"])
 def test_a_checkpoint_of_the_wrong_structure_is_bad_input(saved, change, needle):
     worker, identity, path = saved
-    assert checkpoint.load(path.parents[1], worker, identity) == Position(1, 2, 2)  # intact, it loads
+    assert checkpoint.load(path.parent, worker, identity) == Position(1, 2, 2)  # intact, it loads
     rewrite(path, change)
     assert needle in one_line_bad_input(path, worker, identity)
 
@@ -199,10 +210,113 @@ def test_a_refused_object_gives_the_first_line_of_torchs_text(saved):
     worker, identity, path = saved
     rewrite(path, lambda p: p["identity"].update(extra=NotAllowed()))
     with pytest.raises(BadInput) as info:
-        checkpoint.load(path.parent.parent, worker, identity)
+        checkpoint.load(path.parent, worker, identity)
     message = str(info.value)
     assert "\n" not in message and str(path) in message and "not a readable checkpoint" in message
     assert "Weights only load failed" in message and "test_checkpoint.NotAllowed" in message
     assert "\x1b" not in message  # no terminal colour codes
     cause = info.value.__cause__
     assert cause is not None and "\n" in str(cause)  # the full text is kept for a log
+
+
+# ---- crashes and full disks (issue 14) -----------------------------------------------------------------
+
+CRASH = (*RESUME, "train.max_steps=12")  # saves at step 8 (epoch 1's end) and at step 12 (max_steps)
+
+
+def fail_second_save_of(monkeypatch, module: int, error: BaseException) -> list[str]:
+    """torch.save raises ``error`` on module ``module``'s second file; returns the names it was asked to write."""
+    real, names = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        names.append(Path(f).name)
+        if sum(name.startswith(f"module_{module}.") for name in names) == 2:
+            raise error
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    return names
+
+
+def assert_equal_runs(a, b) -> None:
+    for module in range(2):
+        x = torch.load(checkpoint.newest_module_file(a, module), weights_only=True)
+        y = torch.load(checkpoint.newest_module_file(b, module), weights_only=True)
+        assert x["position"] == y["position"]
+        tensors_equal(x["state"], y["state"], f"module {module}")
+
+
+def test_a_crash_between_two_modules_saves_resumes_from_the_last_complete_set(make_config, tmp_path, monkeypatch):
+    """Module 0 saved step 12, module 1's save died: the step-8 set is intact and the resume equals a straight run."""
+    out = tmp_path / "crashed"
+    fail_second_save_of(monkeypatch, 1, KeyboardInterrupt())  # as abrupt as it gets in-process
+    with pytest.raises(KeyboardInterrupt):
+        run(make_config(*CRASH, out_dir=out))
+    monkeypatch.undo()
+    assert [step for step, _ in checkpoint.complete_sets(out)] == [8]
+    assert not [path for path in out.rglob("*") if ".tmp" in path.name]
+    resumed = run(make_config(*CRASH, f"run.resume='{out}'", out_dir=out))
+    straight = run(make_config(*CRASH, out_dir=tmp_path / "straight"))
+    assert resumed["steps"] == straight["steps"] == 12 and resumed["test_accuracy"] == straight["test_accuracy"]
+    assert_equal_runs(out, tmp_path / "straight")
+    assert [step for step, _ in checkpoint.complete_sets(out)] == [8, 12]
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_set(make_config, tmp_path, monkeypatch):
+    out = tmp_path / "full"
+    fail_second_save_of(monkeypatch, 1, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    with pytest.raises(StageFailure) as info:
+        run(make_config(*CRASH, out_dir=out))
+    message = str(info.value)
+    assert "\n" not in message and "no space left on device" in message
+    assert str(out / "checkpoints" / "step_12" / "module_1.pt") in message
+    assert [step for step, _ in checkpoint.complete_sets(out)] == [8]
+    assert not [path for path in out.rglob("*") if ".tmp" in path.name]  # no temporary file left
+
+
+@pytest.mark.parametrize("target", ["metrics.jsonl", "summary.json"])
+def test_a_full_disk_for_metrics_or_summary_is_one_line(make_config, tmp_path, monkeypatch, target):
+    out = tmp_path / "full"
+    real_open = builtins.open
+
+    def full(file, *args, **kwargs):
+        if Path(str(file)).name.startswith(target.split(".")[0]):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full)
+    monkeypatch.setattr(io, "open", full)  # Path.write_text opens through io.open
+    with pytest.raises(StageFailure) as info:
+        run(make_config(*CRASH, out_dir=out))
+    message = str(info.value)
+    assert "\n" not in message and "no space left on device" in message and target in message
+    assert not [path for path in out.rglob("*") if ".tmp" in path.name]
+
+
+def test_the_newest_sets_are_kept_and_resume_step_picks_one(make_config, tmp_path):
+    out = tmp_path / "three"
+    long = (*RESUME[:-2], "train.max_steps=0", "train.epochs=3", "train.warmup_epochs=1", "run.log_every=4",
+            "run.keep_checkpoints=2")
+    run(make_config(*long, out_dir=out))  # sets at steps 8, 16 and 24
+    assert [step for step, _ in checkpoint.complete_sets(out)] == [16, 24]
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["step_16", "step_24"]
+    resumed = run(make_config(*long, f"run.resume='{out}'", "run.resume_step=16", out_dir=tmp_path / "again"))
+    assert resumed["steps"] == 24
+    assert_equal_runs(out, tmp_path / "again")
+    with pytest.raises(BadInput, match=r"run.resume_step = 8: .* steps \[16, 24\] only"):
+        run(make_config(*long, f"run.resume='{out}'", "run.resume_step=8", out_dir=tmp_path / "never"))
+    with pytest.raises(BadInput, match="run.keep_checkpoints = 0 must be >= 1"):
+        make_config("run.keep_checkpoints=0")
+
+
+def test_an_unfinished_newer_set_is_ignored_and_cleared(six_steps, make_config, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(six_steps, out)
+    unfinished = out / "checkpoints" / "step_9"
+    unfinished.mkdir()
+    shutil.copy(out / "checkpoints" / "step_6" / "module_0.pt", unfinished / "module_0.pt")
+    (out / "checkpoints" / "step_6" / "module_1.pt.tmp123").write_bytes(b"half")
+    assert checkpoint.find_set(out) == out / "checkpoints" / "step_6"
+    run(make_config(*RESUME, "train.max_steps=7", f"run.resume='{out}'", out_dir=out))
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["step_6", "step_7"]
+    assert not [path for path in out.rglob("*") if ".tmp" in path.name]

@@ -307,6 +307,13 @@ def test_reproduce_skip_done_and_unknown_table(tmp_path: Path) -> None:
                         "configs/fashion_mnist", env={"GPUS": "0"})
     configs = [argv[argv.index("--config") + 1] for argv in commands(result) if "--config" in argv]
     assert "configs/fashion_mnist/greedy_sl.toml" not in configs and len(configs) == 4
+    interrupted = tmp_path / "runs" / "e2e" / "checkpoints" / "step_8"
+    interrupted.mkdir(parents=True)
+    (interrupted / "COMPLETE").write_text("{}")
+    again = commands(run_script("reproduce.sh", "--dry-run", "--skip-done", "--runs-dir", str(tmp_path / "runs"),
+                                "configs/fashion_mnist", env={"GPUS": "0"}))
+    resumed = [argv for argv in again if f"run.resume={tmp_path / 'runs' / 'e2e'}" in argv]
+    assert len(resumed) == 1 and "configs/fashion_mnist/e2e.toml" in resumed[0]
     unknown = run_script("reproduce.sh", "--dry-run", "no_such_table")
     assert unknown.returncode == 2 and "cifar10_resnet32" in unknown.stderr
 

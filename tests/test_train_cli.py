@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from pipeline import checkpoint
 from pipeline.train import main, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,10 +114,10 @@ def test_a_tiny_sequential_run(tmp_path):
     assert all({"rank", "module", "step", "epoch", "loss", "lr"} <= line.keys() for line in train)
 
     for module in range(2):
-        payload = torch.load(out / "checkpoints" / f"module_{module}.pt", weights_only=True)
+        payload = torch.load(checkpoint.newest_module_file(out, module), weights_only=True)
         assert payload["position"]["step"] == 3
         assert payload["state"]["module"]
-    assert not (out / "checkpoints" / "module_2.pt").exists()
+    assert not checkpoint.module_file(checkpoint.find_set(out), 2).exists()
 
 
 def test_a_failure_is_one_line_and_its_traceback_is_in_the_error_log(tmp_path: Path) -> None:
@@ -138,7 +140,7 @@ def test_bad_input_found_during_the_run_is_logged_too(tmp_path: Path) -> None:
     out = tmp_path / "run"
     done = train_cli("--set", "data.name=synthetic", "--set", "model.arch=resnet8", "--set", f"run.out_dir='{out}'",
                      "--set", f"run.resume='{tmp_path / 'nowhere'}'", cwd=tmp_path)
-    assert_one_line_error(done, "run.resume: no checkpoint", "(traceback: ")
+    assert_one_line_error(done, "run.resume: no complete checkpoint", "(traceback: ")
     assert "BadInput" in (out / "errors" / "rank_0.log").read_text()
 
 
@@ -150,3 +152,61 @@ def test_a_multi_line_message_reaches_the_terminal_as_its_first_line() -> None:
         raise RuntimeError("CUDA error: an illegal memory access\nCompile with TORCH_USE_CUDA_DSA")
     assert str(caught.value) == "RuntimeError: CUDA error: an illegal memory access"  # no log: no pointer
     assert isinstance(caught.value.__cause__, RuntimeError)
+
+
+# ---- one job per out_dir; another run's outputs are kept (issue 14) -----------------------------------
+
+TINY_RUN = ("--set", "data.name=synthetic", "--set", "model.arch=resnet8", "--set", "data.batch_size=8",
+            "--set", "local.modules=2", "--set", "run.device=cpu", "--set", "train.schedule=constant")
+
+
+def tiny_main(out: Path, *sets: str) -> int:
+    return main([*TINY_RUN, "--set", f"run.out_dir='{out}'", *(arg for item in sets for arg in ("--set", item))])
+
+
+def test_a_second_job_on_the_same_out_dir_is_refused(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.train", *TINY_RUN, "--set", f"run.out_dir='{out}'",
+                              "--set", "train.max_steps=100000", "--set", "train.epochs=1000"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "metrics.jsonl").exists():  # training has begun
+            assert time.monotonic() < deadline and first.poll() is None, "the first job never started training"
+            time.sleep(0.2)
+        capsys.readouterr()
+        assert tiny_main(out, "train.max_steps=2") == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and f"is in use by another job (pid {first.pid})" in error
+    finally:
+        first.kill()
+        first.wait()
+    assert tiny_main(out, "train.max_steps=2", "run.overwrite=true") == 0  # the lock went with the first job
+
+
+def test_another_runs_outputs_are_refused_unless_resumed_or_overwritten(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert tiny_main(out, "train.max_steps=2") == 0
+    capsys.readouterr()
+    assert tiny_main(out, "train.max_steps=2") == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "holds another run's outputs (summary.json, checkpoints)" in error
+    assert "run.overwrite = true" in error and "run.resume" in error
+    assert tiny_main(out, "train.max_steps=4", f"run.resume='{out}'") == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    assert tiny_main(out, "train.max_steps=3", "run.overwrite=true") == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    assert [step for step, _ in checkpoint.complete_sets(out)] == [3]  # the replaced run's sets are gone
+
+
+def test_resuming_a_finished_run_leaves_its_summary(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert tiny_main(out, "train.max_steps=3") == 0
+    before = (out / "summary.json").read_bytes()
+    capsys.readouterr()
+    assert tiny_main(out, "train.max_steps=3", f"run.resume='{out}'") == 0
+    said = capsys.readouterr().out
+    assert "is at step 3, where this run ends" in said and "nothing to train" in said
+    assert (out / "summary.json").read_bytes() == before

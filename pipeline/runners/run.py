@@ -57,7 +57,12 @@ def run(config: Config) -> dict[str, Any] | None:
     loaders = make_loaders(config, topology.device, processes=topology.replicas) if topology.first else None
     with process_groups(topology, config.pipeline.timeout_s), failures_named(topology):
         links = functools.partial(wire, config.pipeline, topology)
-        loop, report, cuts = assemble(config, topology, loaders, started, links)
+        try:
+            loop, report, cuts = assemble(config, topology, loaders, started, links)
+        except NothingToTrain as done:  # every process sees it at the same point
+            if topology.rank == 0:
+                say(str(done))
+            return None
         loop.run()
         summary = report.summary(config, cuts)
     if summary is not None:
@@ -87,11 +92,21 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     for worker in workers:
         worker.total_steps = run_steps
     identity = checkpoint.identity_of(config, cuts)
-    position = resume(config.run.resume, workers, identity, topology)
+    position = resume(config.run.resume, config.run.resume_step, workers, identity, topology)
+    if config.run.resume and total_steps(position, *length) <= position.step:
+        raise NothingToTrain(
+            f"run.resume: {config.run.resume} is at step {position.step}, where this run ends (train.epochs = "
+            f"{config.train.epochs}, train.max_steps = {config.train.max_steps}): nothing to train, no output "
+            f"written; raise train.epochs or train.max_steps to train further"
+        )
     label = loop_label(config.run.mode, topology)
+    if topology.rank == 0:  # before anything is written: what a crash or a replaced history left goes
+        for gone in checkpoint.clear_for_start(config.run.out_dir, position.step):
+            say(f"[{label}] removed {gone}: unfinished, or newer than step {position.step} where this run starts")
     report = RunReport(label, config.run, topology, workers, position, length, parallel.total, started)
     save = functools.partial(checkpoint.save, config.run.out_dir, identity=identity) if topology.writer else None
     stages = [ModuleStage(worker, slot, report, save) for slot, worker in enumerate(workers)]
+    commit = functools.partial(commit_checkpoint, config.run.out_dir, topology, identity, config.run.keep_checkpoints)
     inbox, outbox = links(layout)
     if topology.first:
         assert loaders is not None
@@ -107,7 +122,7 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
         if config.run.resume:
             say(f"[{label}] resumed from {config.run.resume} at epoch {position.epoch}, batch {position.batch} "
                 f"(step {position.step})")
-    return StageLoop(inbox, stages, outbox, report), report, cuts
+    return StageLoop(inbox, stages, outbox, report, commit), report, cuts
 
 
 def wire(pipe: PipelineConfig, topology: Topology, layout: Layout) -> tuple[Inbox | None, Outbox | None]:
@@ -130,9 +145,30 @@ def wire(pipe: PipelineConfig, topology: Topology, layout: Layout) -> tuple[Inbo
     return inbox, outbox
 
 
-def resume(resume_dir: str, workers: list[ModuleWorker], identity: dict[str, Any], topology: Topology) -> Position:
+class NothingToTrain(Exception):
+    """A run resumed at or past its end: it trains nothing and leaves every output as it is."""
+
+
+def commit_checkpoint(run_dir: str, topology: Topology, identity: dict[str, Any], keep: int,
+                      position: Position) -> None:
+    """After this process's modules saved ``position``: once every process has, rank 0 marks the set complete.
+
+    A collective at every epoch end, reached by every process in the same order (the last stage
+    later than the first); a process that failed to save never reaches it, and no marker is written.
+    """
+    saved = topology.comm.gather(list(topology.hosted) if topology.writer else [])
+    if topology.rank == 0:
+        assert sorted(module for modules in saved for module in modules) == list(range(topology.stages)), saved
+        checkpoint.commit(run_dir, position, topology.stages, identity, keep)
+
+
+def resume(resume_dir: str, step: int, workers: list[ModuleWorker], identity: dict[str, Any],
+           topology: Topology) -> Position:
     """Where the run starts; every module of every process must resume from the same step."""
-    positions = {checkpoint.load(resume_dir, worker, identity) for worker in workers} if resume_dir else {Position()}
+    positions = {Position()}
+    if resume_dir:
+        found = checkpoint.find_set(resume_dir, step)  # the newest complete set, or the one at step
+        positions = {checkpoint.load(found, worker, identity) for worker in workers}
     every: set[Position] = set().union(*topology.comm.gather(positions))
     if len(every) != 1:
         raise BadInput(

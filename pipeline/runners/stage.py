@@ -62,8 +62,10 @@ class ModuleStage:
 
 
 class StageLoop:
-    def __init__(self, inbox: Inbox, stages: Sequence[Handler], outbox: Outbox | None, report: RunReport) -> None:
+    def __init__(self, inbox: Inbox, stages: Sequence[Handler], outbox: Outbox | None, report: RunReport,
+                 commit: Callable[[Position], object] | None = None) -> None:
         self.inbox, self.stages, self.outbox, self.report = inbox, stages, outbox, report
+        self.commit = commit  # at each epoch end, once the message has gone on: complete the checkpoint set
 
     def run(self) -> None:
         """Until STOP has gone through; every wait is bounded by the links' deadlines."""
@@ -92,6 +94,8 @@ class StageLoop:
                 continue
             if isinstance(message, EpochEnd):
                 report.epoch_end(message)
+                if self.commit is not None:  # after passing it on: the next stages save, then all agree
+                    self.commit(message.resume_at)
             report.paused(time.perf_counter() - tick, evaluating=isinstance(message, Eval))
             if isinstance(message, Stop):
                 break

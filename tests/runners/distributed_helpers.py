@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import checkpoint
 from pipeline.config import Config, load_config
 
 # Small enough for 2 cores: resnet8 has 4 blocks, so K can be 1..4.
@@ -43,7 +44,8 @@ def _env() -> dict[str, str]:
 
 
 def load_module_state(run_dir: Path, module: int) -> dict[str, object]:
-    return torch.load(run_dir / "checkpoints" / f"module_{module}.pt", weights_only=True)
+    """Module ``module``'s file in run_dir's newest complete checkpoint set."""
+    return torch.load(checkpoint.newest_module_file(run_dir, module), weights_only=True)
 
 
 def max_state_difference(a: object, b: object) -> float:

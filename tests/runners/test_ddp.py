@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from distributed_helpers import load_module_state, max_state_difference, tiny_config, torchrun
 
+from pipeline import checkpoint
 from pipeline.data.loader import make_loaders
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.packet import Packet
@@ -48,7 +49,7 @@ def test_ddp_matches_single_process(tmp_path: Path, single_thread: None) -> None
     saved = load_module_state(out, 0)
     assert saved["position"]["step"] == STEPS
     assert max_state_difference(emulate_ddp(tmp_path), saved["state"]) <= 1e-5
-    assert not (out / "checkpoints" / "module_1.pt").exists()
+    assert not checkpoint.module_file(checkpoint.find_set(out), 1).exists()
 
 
 def test_ddp_refuses_local_modules(tmp_path: Path) -> None:

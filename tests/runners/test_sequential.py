@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from pipeline import checkpoint
 from pipeline.data.loader import make_loaders
 from pipeline.data.specs import dataset_spec
 from pipeline.model.network import make_layout, resolve_cuts
@@ -19,7 +20,7 @@ CPU = torch.device("cpu")
 
 
 def load_checkpoint(out_dir, module):
-    return torch.load(out_dir / "checkpoints" / f"module_{module}.pt", weights_only=True)
+    return torch.load(checkpoint.newest_module_file(out_dir, module), weights_only=True)
 
 
 # ---- events ------------------------------------------------------------------------------------

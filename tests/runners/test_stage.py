@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -172,3 +173,46 @@ def test_a_killed_peer_is_named_by_the_survivor(tmp_path: Path) -> None:
     ours = [line for line in survivor.splitlines() if line.startswith("error: stage on rank 0 (module 0) failed")]
     assert len(ours) == 1 and "rank 1" in ours[0].split("failed", 1)[1], survivor[-3000:]
     assert (tmp_path / "errors" / "rank_0.log").read_text().count("Traceback") >= 1
+
+
+TORCHRUN_GRACE_S = 30  # torchrun's SIGTERM-to-SIGKILL wait on a failed job (docs/failures.md)
+
+
+def test_stopped_stage_ends_the_job_within_torchruns_grace(tmp_path: Path) -> None:
+    """SIGSTOP one stage: its neighbour names it within timeout_s + 5 s and leaves; torchrun ends the job.
+
+    A stopped process ignores SIGTERM, so the job lasts until torchrun's SIGKILL: timeout_s + 30 s,
+    a wait torch 2.13 hard-codes for a failed worker (--shutdown-timeout only covers a signalled agent).
+    """
+    timeout_s = 5
+    command = torchrun_command(2, [f"run.out_dir={tmp_path}", "run.mode=pipeline", "local.modules=2",
+                                   "train.max_steps=100000", "train.epochs=1000", "run.log_every=2",
+                                   f"pipeline.timeout_s={timeout_s}"])
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), line) for line in job.stdout or ()))
+    reader.start()
+    victim = None
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.monotonic() + 60
+        while not (metrics.exists() and "\"rank\": 1" in metrics.read_text()):
+            assert time.monotonic() < deadline and job.poll() is None, "the job never started training"
+            time.sleep(0.2)
+        victim = next(p for p in psutil.Process(job.pid).children(recursive=True) if p.environ().get("RANK") == "1")
+        victim.suspend()
+        stopped = time.monotonic()
+        job.wait(timeout=timeout_s + TORCHRUN_GRACE_S + 30)
+        ended = time.monotonic()
+    finally:
+        if job.poll() is None:
+            job.kill()
+        if victim is not None and victim.is_running():
+            victim.kill()
+        reader.join(10)
+    output = "".join(line for _, line in lines)
+    assert job.returncode != 0
+    named = [at for at, line in lines if "error: stage on rank 0" in line]
+    assert named, output[-3000:]
+    assert named[0] - stopped < timeout_s + 5, output[-3000:]  # the neighbour detects and leaves in time
+    assert ended - stopped < timeout_s + TORCHRUN_GRACE_S + 5, output[-3000:]

@@ -18,6 +18,7 @@ import torch
 from distributed_helpers import load_module_state, max_state_difference, tiny_config
 from threaded import run_threaded
 
+from pipeline import checkpoint
 from pipeline.errors import StageFailure
 from pipeline.packet import Packet
 from pipeline.runners.links import MemoryLink
@@ -209,3 +210,30 @@ def test_the_queue_is_bounded() -> None:
     assert [link.get().step for _ in range(2)] == [1, 2]  # type: ignore[union-attr]
     link.put(Stop())
     assert isinstance(link.get(), Stop)
+
+
+def test_a_stage_dying_between_two_modules_saves_leaves_the_last_complete_set(tmp_path, single_thread, monkeypatch):
+    """Stage 0 saved step 12, stage 1 died saving it: no set at 12, and the resume equals a straight run."""
+    overrides = ["local.modules=2", "data.batch_size=128", "train.epochs=2", f"train.max_steps={STEPS}",
+                 "run.mode=pipeline"]  # 8 batches per epoch: sets at steps 8 and 12
+    real, names = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        names.append(Path(f).name)
+        if sum(name.startswith("module_1.") for name in names) == 2:
+            raise OSError(28, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    _, errors = run_threaded(tiny_config(tmp_path, "crashed", *overrides))
+    monkeypatch.undo()
+    assert isinstance(errors[1], StageFailure) and "no space left on device" in str(errors[1])
+    assert errors[0] is not None  # stage 0 waited for stage 1's save and learnt it failed
+    assert [step for step, _ in checkpoint.complete_sets(tmp_path / "crashed")] == [8]
+    _, errors = run_threaded(tiny_config(tmp_path, "crashed", *overrides, f"run.resume={tmp_path / 'crashed'}"))
+    assert errors == [None, None]
+    run(tiny_config(tmp_path, "straight", *overrides[:-1]))
+    for module in range(2):
+        a, b = load_module_state(tmp_path / "straight", module), load_module_state(tmp_path / "crashed", module)
+        assert a["position"] == b["position"]
+        assert max_state_difference(a["state"], b["state"]) == 0.0, f"module {module} differs"
