@@ -33,7 +33,7 @@ from pipeline.runners.report import RunReport
 from pipeline.runners.source import BatchSource
 from pipeline.runners.stage import ModuleStage, StageLoop
 from pipeline.topology import Topology, from_env, process_groups, single_process
-from pipeline.transport import Receiver, Sender
+from pipeline.transport import Courier, Receiver, Sender
 from pipeline.worker import ModuleWorker, make_worker
 
 Loaders = tuple[BatchLoader, BatchLoader]
@@ -111,7 +111,7 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
 
 
 def wire(pipe: PipelineConfig, topology: Topology, layout: Layout) -> tuple[Inbox | None, Outbox | None]:
-    """The ends of the two links this stage sits between, their threads started."""
+    """The ends of the two links this stage sits between, served by one courier thread (started)."""
     if len(topology.hosted) != 1:
         return None, None
     module, stages = topology.stage, topology.stages
@@ -121,12 +121,12 @@ def wire(pipe: PipelineConfig, topology: Topology, layout: Layout) -> tuple[Inbo
         codec = MessageCodec(layout.plan, module, layout.input_shape(module))
         inbox = Receiver(topology.rank, topology.rank_of(module - 1, topology.replica), topology.links[module - 1],
                          codec, topology.device, pipe.queue_depth, pipe.timeout_s, wire_dtype)
-        inbox.start()
     if module < stages - 1:
         codec = MessageCodec(layout.plan, module + 1, layout.input_shape(module + 1))
         outbox = Sender(topology.rank, topology.rank_of(module + 1, topology.replica), topology.links[module],
                         codec, topology.device, pipe.queue_depth, pipe.timeout_s, wire_dtype)
-        outbox.start()
+    if inbox is not None or outbox is not None:
+        Courier(inbox, outbox).start()  # one thread drives both links: never two communicators at once
     return inbox, outbox
 
 
