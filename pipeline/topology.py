@@ -153,13 +153,17 @@ def place(rank: int, stages: int, replicas: int, placement: str) -> tuple[int, i
     return (rank % stages, rank // stages) if placement == "chain" else (rank // replicas, rank % replicas)
 
 
-def single_process(run: RunConfig, modules: int) -> Topology:
+def single_process(run: RunConfig, modules: int, amp: str = "none") -> Topology:
     """Sequential mode: this process trains every module."""
-    return Topology(0, 1, resolve_device(run.device), modules, 1, tuple(range(modules)))
+    return Topology(0, 1, resolve_device(run.device, amp=amp), modules, 1, tuple(range(modules)))
 
 
-def from_env(mode: str, run: RunConfig, pipe: PipelineConfig, modules: int) -> Topology:
-    """Read torchrun's environment (no process group yet); a missing one: not run under torchrun."""
+def from_env(mode: str, run: RunConfig, pipe: PipelineConfig, modules: int, amp: str = "none") -> Topology:
+    """Read torchrun's environment (no process group yet); a missing one: not run under torchrun.
+
+    A node that cannot host the job (more processes than GPUs, bf16 without bf16 GPUs) is bad
+    input here, before any process group exists (``resolve_device``).
+    """
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
     missing = [name for name in names if name not in os.environ]
     if missing:
@@ -170,7 +174,7 @@ def from_env(mode: str, run: RunConfig, pipe: PipelineConfig, modules: int) -> T
     rank, size, local_rank, local_size = (int(os.environ[name]) for name in names)
     replicas = layout_replicas(size, modules, pipe.replicas)
     stage, _ = place(rank, modules, replicas, pipe.placement)
-    device = resolve_device(run.device, local_rank)
+    device = resolve_device(run.device, local_rank, local_size, amp)
     topology = Topology(rank, size, device, modules, replicas, (stage,), local_rank, local_size, pipe.placement)
     if device.type == "cpu":
         limit_cpu_threads(local_rank, local_size, pipe.threads_per_stage)

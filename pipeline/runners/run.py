@@ -45,9 +45,9 @@ def run(config: Config) -> dict[str, Any] | None:
     started = time.perf_counter()
     mode, modules = config.run.mode, config.local.modules
     if mode == "sequential":
-        topology = single_process(config.run, modules)
+        topology = single_process(config.run, modules, config.precision.amp)
     else:
-        topology = from_env(mode, config.run, config.pipeline, modules)
+        topology = from_env(mode, config.run, config.pipeline, modules, config.precision.amp)
     if topology.replicas > 1 and config.data.batch_size < 2 * topology.replicas:
         raise BadInput(
             f"data.batch_size = {config.data.batch_size} leaves some of the {topology.replicas} DDP ranks fewer than "
