@@ -9,11 +9,14 @@ sequential and single-chain pipeline runs go through the same code untouched.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.errors import BadInput
+from pipeline.packet import Packet
 from pipeline.topology import Topology
+from pipeline.worker import ModuleWorker
 
 
 class DataParallel:
@@ -42,6 +45,25 @@ class DataParallel:
         # gradient_as_bucket_view: gradients live in DDP's buckets, no copy between them per step.
         return DistributedDataParallel(module, device_ids=ids, process_group=self.topology.replica_group,
                                        gradient_as_bucket_view=True)
+
+    def evaluate_with_replica_0_buffers(self, worker: ModuleWorker) -> None:
+        """Evaluation runs the bare module, not DDP; DDP broadcasts replica 0's buffers before each
+        training forward, so after the last training step every replica's batch-norm statistics
+        have moved on with its own shard. Before the first evaluation step after training, replica
+        0's buffers are broadcast over the replica group, so every replica evaluates (and a resumed
+        run continues) with the statistics replica 0 checkpoints."""
+        if self.replicas == 1:
+            return
+        evaluate = worker.eval_step
+        source = self.topology.rank_of(self.topology.stage, 0)
+
+        def eval_step(packet: Packet) -> Packet | torch.Tensor:
+            if worker.module.training:  # the first evaluation step after training (or of the run)
+                for buffer in worker.module.buffers():
+                    dist.broadcast(buffer, source, group=self.topology.replica_group)
+            return evaluate(packet)
+
+        worker.eval_step = eval_step  # type: ignore[method-assign]
 
     def total(self, count: torch.Tensor) -> torch.Tensor:
         return self.topology.comm.sum_over_replicas(count)

@@ -21,7 +21,7 @@ from pipeline.config import Config, PipelineConfig
 from pipeline.data.loader import BatchLoader, make_loaders
 from pipeline.data.specs import dataset_spec
 from pipeline.errors import BadInput, StageFailure
-from pipeline.metrics import percent, say
+from pipeline.metrics import percent, reset_peak_memory, say
 from pipeline.model.local_module import Layout
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.model.partition import flat_to_cut
@@ -58,6 +58,7 @@ def run(config: Config) -> dict[str, Any] | None:
     with process_groups(topology, config.pipeline.timeout_s), failures_named(topology):
         links = functools.partial(wire, config.pipeline, topology)
         loop, report, cuts = assemble(config, topology, loaders, started, links)
+        reset_peak_memory(topology.device)  # peaks of the training loop, not of the data set or profiling
         loop.run()
         summary = report.summary(config, cuts)
     if summary is not None:
@@ -82,6 +83,8 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     layout = make_layout(config, spec, cuts)
     parallel = DataParallel(topology, config.pipeline.sync_batchnorm)
     workers = [make_worker(config, layout, index, topology.device, wrap=parallel.wrap) for index in topology.hosted]
+    for worker in workers:
+        parallel.evaluate_with_replica_0_buffers(worker)
     length = RunLength(config.train.epochs, batches, config.train.max_steps)
     run_steps = total_steps(Position(), *length)  # per-step schedules span the whole run, resumed or not
     for worker in workers:
