@@ -1,8 +1,9 @@
 """The wire between neighbouring stages: a bounded queue at each end, a thread per direction.
 
-On rank k a sender thread drains the outbox towards rank k+1 with blocking sends; on rank
-k+1 a receiver thread fills the inbox. Compute overlaps communication, a full outbox blocks
-the producer and an empty inbox the consumer, and every wait has a deadline.
+Each rank has one communication thread, its ``Courier``: it drains the outbox towards rank k+1
+and fills the inbox from rank k-1 with isend/irecv, every work waited on with a deadline.
+Compute overlaps communication, a full outbox blocks the producer and an empty inbox the
+consumer, and every wait has a deadline.
 
 What travels is a ``Frame``: a few opaque integers and a list of tensors. On the wire it is a
 fixed-length int64 header, then the tensors in header order:
@@ -96,7 +97,7 @@ def decode_header(header: torch.Tensor) -> tuple[tuple[int, ...], list[tuple[tor
 
 
 class _Failed:
-    """Placed in an inbox when the receiver thread dies, so the consumer raises its cause."""
+    """Placed in an inbox when the courier thread dies, so the consumer raises its cause."""
 
     def __init__(self, cause: BaseException) -> None:
         self.cause = cause
