@@ -321,6 +321,7 @@ class Courier:
             for link in (self.inbound, self.outbound):
                 if link is not None:
                     link._on_error(err)
+            self.drained.set()  # a close() waiting for the last sends raises the error now, not at its deadline
 
     def _loop(self) -> None:
         receiving, sending = self.inbound is not None, self.outbound is not None

@@ -227,3 +227,21 @@ def test_a_polled_receive_that_never_completes_fails_on_the_host_at_the_deadline
     inbox.thread.join(2)
     assert not inbox.thread.is_alive() and time.monotonic() - started < 2
     assert isinstance(inbox.error, StageFailure) and "did not complete within" in str(inbox.error)
+
+
+def test_a_failed_send_reaches_put_and_close_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("Connection reset by peer")
+    monkeypatch.setattr(dist, "isend", broken)
+    outbox = Sender(0, 1, "01", _PassCodec(), torch.device("cpu"), 2, 30.0)  # type: ignore[arg-type]
+    Courier(None, outbox, poll=True).start()
+    started = time.monotonic()
+    outbox.put(((1, 0), [torch.zeros(2)]))
+    with pytest.raises(StageFailure, match="sending to rank 1 failed: RuntimeError: Connection reset by peer"):
+        for _ in range(100):
+            outbox.put(((1, 0), [torch.zeros(2)]))
+            time.sleep(0.01)
+        outbox.close()
+    assert time.monotonic() - started < 5
