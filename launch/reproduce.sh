@@ -23,7 +23,7 @@ then:
   --skip-done     skip rows whose RUNS/ROW_NAME/summary.json exists, and resume a row that stopped
                   after a complete checkpoint (to continue an interrupted table).
   --dry-run       print every command and exit.
-GPUS=N overrides the GPU count (default: what nvidia-smi lists). A failing row stops the table.
+GPUS=N overrides the GPU count (default: torch.cuda.device_count(), so CUDA_VISIBLE_DEVICES counts). A failing row stops the table.
 TRAIN ARGS go to every row, e.g. --set train.epochs=1 for a smoke run (marked † in the table).
 USAGE
 }
@@ -74,10 +74,9 @@ fi
 
 if [[ -n ${GPUS:-} ]]; then
     gpus=${GPUS}
-elif command -v nvidia-smi >/dev/null 2>&1; then
-    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 else
-    gpus=0
+    # Counted as torch counts them (CUDA_VISIBLE_DEVICES respected), not what nvidia-smi lists.
+    gpus=$("${PYTHON}" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 fi
 [[ ${gpus} =~ ^[0-9]+$ ]] || die "GPUS must be a whole number (got '${gpus}')"
 

@@ -2,10 +2,11 @@
 
 checkpoints/step_<N>/module_<k>.pt holds module k's parameters and buffers (body, head, decoder,
 context encoders), its optimizer state and the run position at step N. Each file is written to
-a temporary file then renamed; once every module of the run has saved step N (all processes
-agree), rank 0 writes checkpoints/step_<N>/COMPLETE last. A set without its marker is never
-resumed from, so a crash or a full disk between two modules' saves leaves the previous complete
-set in charge. The newest run.keep_checkpoints complete sets are kept; files are read with
+a temporary file then renamed. Each stage saves before it passes the epoch end on, so when the
+epoch end reaches the last module (of replica 0) every module has saved step N, and that
+process writes checkpoints/step_<N>/COMPLETE last. A set without its marker is never resumed
+from, so a crash or a full disk between two modules' saves leaves the previous complete set in
+charge. The newest run.keep_checkpoints complete sets are kept; files are read with
 weights_only=True.
 """
 
@@ -124,13 +125,14 @@ def save(run_dir: str | Path, worker: ModuleWorker, position: Position, identity
 def commit(run_dir: str | Path, position: Position, modules: int, identity: dict[str, Any], keep: int) -> Path:
     """Once every module's file of ``position.step`` is written: mark the set complete, drop old ones.
 
-    Called by one process (rank 0) after all processes agreed that they saved; sets older than
-    the newest ``keep`` complete ones, and unfinished sets older than this one, are removed.
+    Called by one process, the one that holds the last module of replica 0, when the epoch end
+    reaches it (every module before it saved first); sets older than the newest ``keep``
+    complete ones, and unfinished sets older than this one, are removed.
     """
     folder = step_dir(run_dir, position.step)
     missing = [module for module in range(modules) if not module_file(folder, module).is_file()]
     if missing:
-        raise StageFailure(f"checkpoint {folder} lacks modules {missing} after every process saved; "
+        raise StageFailure(f"checkpoint {folder} lacks modules {missing} when the last one saved; "
                            f"its set is left incomplete (resume uses the previous one)")
     marker = {"step": position.step, "position": position.to_dict(), "modules": list(range(modules)),
               "identity": identity}

@@ -28,13 +28,33 @@ def keep_freed_host_memory() -> None:
         pass  # not glibc: its allocator does not behave this way
 
 
-def resolve_device(wanted: str, local_rank: int = 0) -> torch.device:
-    """run.device (auto | cpu | cuda) -> this process's device: GPU local_rank where there are GPUs."""
+def resolve_device(wanted: str, local_rank: int = 0, local_size: int = 1, amp: str = "none") -> torch.device:
+    """run.device (auto | cpu | cuda) -> this process's device: GPU local_rank where there are GPUs.
+
+    What a GPU node cannot run is bad input here, before any NCCL call: no GPU visible for
+    run.device = cuda (CUDA_VISIBLE_DEVICES empty included), more processes on the node
+    (``local_size``, torchrun's LOCAL_WORLD_SIZE) than visible GPUs, bf16 autocast on a GPU
+    without bf16. GPUs are counted as torch counts them: CUDA_VISIBLE_DEVICES respected.
+    """
     if wanted == "cuda" and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None and not visible.strip():
+            raise BadInput("run.device = 'cuda' but CUDA_VISIBLE_DEVICES is empty, which hides every GPU; unset it "
+                           "or list the GPUs (CUDA_VISIBLE_DEVICES=0,1), or use run.device = 'cpu'")
         raise BadInput("run.device = 'cuda' but no CUDA GPU is visible; use run.device = 'cpu' or 'auto'")
     if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    count = torch.cuda.device_count()
+    if local_size > count:
+        raise BadInput(
+            f"{local_size} processes on this node (LOCAL_WORLD_SIZE) but {count} GPU(s) visible: one process per "
+            f"GPU; launch torchrun with --nproc-per-node {count} or fewer, or make more GPUs visible "
+            f"(CUDA_VISIBLE_DEVICES)"
+        )
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise BadInput("precision.amp = 'bf16' but this GPU has no bf16 support (it needs compute capability 8.0, "
+                       "Ampere, or newer); set precision.amp = 'none'")
+    return torch.device("cuda", local_rank % count)
 
 
 def limit_cpu_threads(local_rank: int, local_size: int, threads: int) -> int:

@@ -43,10 +43,25 @@ class MetricsLog:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """GPU: the allocator's peak; CPU: the process's peak resident set."""
+    """GPU: the allocator's peak of allocated bytes; CPU: the process's peak resident set."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def peak_reserved_bytes(device: torch.device) -> int:
+    """GPU: the caching allocator's peak of reserved bytes (what the device really held; allocated
+    plus cached blocks and fragmentation); CPU: the peak resident set, as ``peak_memory_bytes``."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_reserved(device))
+    return peak_memory_bytes(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the GPU peaks here (after set-up: the resident data set and profiling do not count).
+    CPU: the resident-set peak cannot be reset; it stays the process's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 @dataclass
@@ -107,7 +122,8 @@ class StageStats:
             "recv_wait_s": round(self.recv_wait_s, 4),
             "send_wait_s": round(self.send_wait_s, 4),
             "busy_fraction": round(min(1.0, self.compute_s / wall), 4),
-            "peak_mem_bytes": peak_memory_bytes(self.device),
+            "peak_mem_bytes": peak_memory_bytes(self.device),  # allocated (kept for compatibility)
+            "peak_reserved_bytes": peak_reserved_bytes(self.device),
             "samples_per_s": round(self.samples / wall, 2),
         }
 

@@ -44,6 +44,10 @@ class Collectives(Protocol):
         """``tensor`` summed in place over the processes that hold the same module."""
         ...
 
+    def broadcast_over_replicas(self, tensor: torch.Tensor) -> None:
+        """Replica 0's ``tensor`` in place on every replica of this process's module."""
+        ...
+
     def barrier(self) -> None: ...
 
 
@@ -59,6 +63,9 @@ class Solo:
     def sum_over_replicas(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def broadcast_over_replicas(self, tensor: torch.Tensor) -> None:
+        pass
+
     def barrier(self) -> None:
         pass
 
@@ -66,8 +73,8 @@ class Solo:
 class TorchCollectives:
     """torch.distributed over the default group; sums over the replica group of this stage."""
 
-    def __init__(self, size: int, replica_group: dist.ProcessGroup | None) -> None:
-        self.size, self.replica_group = size, replica_group
+    def __init__(self, size: int, replica_group: dist.ProcessGroup | None, replica_0: int) -> None:
+        self.size, self.replica_group, self.replica_0 = size, replica_group, replica_0
 
     def gather(self, item: Any) -> list[Any]:
         every: list[Any] = [None] * self.size
@@ -83,6 +90,10 @@ class TorchCollectives:
         if self.replica_group is not None:
             dist.all_reduce(tensor, group=self.replica_group)
         return tensor
+
+    def broadcast_over_replicas(self, tensor: torch.Tensor) -> None:
+        if self.replica_group is not None:
+            dist.broadcast(tensor, self.replica_0, group=self.replica_group)
 
     def barrier(self) -> None:
         dist.barrier()
@@ -153,13 +164,17 @@ def place(rank: int, stages: int, replicas: int, placement: str) -> tuple[int, i
     return (rank % stages, rank // stages) if placement == "chain" else (rank // replicas, rank % replicas)
 
 
-def single_process(run: RunConfig, modules: int) -> Topology:
+def single_process(run: RunConfig, modules: int, amp: str = "none") -> Topology:
     """Sequential mode: this process trains every module."""
-    return Topology(0, 1, resolve_device(run.device), modules, 1, tuple(range(modules)))
+    return Topology(0, 1, resolve_device(run.device, amp=amp), modules, 1, tuple(range(modules)))
 
 
-def from_env(mode: str, run: RunConfig, pipe: PipelineConfig, modules: int) -> Topology:
-    """Read torchrun's environment (no process group yet); a missing one: not run under torchrun."""
+def from_env(mode: str, run: RunConfig, pipe: PipelineConfig, modules: int, amp: str = "none") -> Topology:
+    """Read torchrun's environment (no process group yet); a missing one: not run under torchrun.
+
+    A node that cannot host the job (more processes than GPUs, bf16 without bf16 GPUs) is bad
+    input here, before any process group exists (``resolve_device``).
+    """
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
     missing = [name for name in names if name not in os.environ]
     if missing:
@@ -170,7 +185,7 @@ def from_env(mode: str, run: RunConfig, pipe: PipelineConfig, modules: int) -> T
     rank, size, local_rank, local_size = (int(os.environ[name]) for name in names)
     replicas = layout_replicas(size, modules, pipe.replicas)
     stage, _ = place(rank, modules, replicas, pipe.placement)
-    device = resolve_device(run.device, local_rank)
+    device = resolve_device(run.device, local_rank, local_size, amp)
     topology = Topology(rank, size, device, modules, replicas, (stage,), local_rank, local_size, pipe.placement)
     if device.type == "cpu":
         limit_cpu_threads(local_rank, local_size, pipe.threads_per_stage)
@@ -222,7 +237,7 @@ def process_groups(topology: Topology, timeout_s: float) -> Iterator[Topology]:
             group = dist.new_group(members, timeout=timeout) if stages > 1 else dist.group.WORLD
             if topology.rank in members:
                 topology.replica_group = group
-    topology.comm = TorchCollectives(topology.size, topology.replica_group)
+    topology.comm = TorchCollectives(topology.size, topology.replica_group, topology.rank_of(topology.stage, 0))
     yield topology
     # Only after a clean run: on a failure the process leaves at once, without tearing the group
     # down, since peers may be blocked talking to it. DDP's reducer must see every rank finish first.

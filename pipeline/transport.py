@@ -1,8 +1,9 @@
 """The wire between neighbouring stages: a bounded queue at each end, a thread per direction.
 
-On rank k a sender thread drains the outbox towards rank k+1 with blocking sends; on rank
-k+1 a receiver thread fills the inbox. Compute overlaps communication, a full outbox blocks
-the producer and an empty inbox the consumer, and every wait has a deadline.
+Each rank has one communication thread, its ``Courier``: it drains the outbox towards rank k+1
+and fills the inbox from rank k-1 with isend/irecv, every work waited on with a deadline.
+Compute overlaps communication, a full outbox blocks the producer and an empty inbox the
+consumer, and every wait has a deadline.
 
 What travels is a ``Frame``: a few opaque integers and a list of tensors. On the wire it is a
 fixed-length int64 header, then the tensors in header order:
@@ -16,6 +17,7 @@ group: NCCL ignores tags, and one group per link keeps exactly one ordered strea
 from __future__ import annotations
 
 import contextlib
+import datetime
 import queue
 import threading
 import time
@@ -95,14 +97,18 @@ def decode_header(header: torch.Tensor) -> tuple[tuple[int, ...], list[tuple[tor
 
 
 class _Failed:
-    """Placed in an inbox when the receiver thread dies, so the consumer raises its cause."""
+    """Placed in an inbox when the courier thread dies, so the consumer raises its cause."""
 
     def __init__(self, cause: BaseException) -> None:
         self.cause = cause
 
 
 class Link:
-    """Common parts of both ends: the peer, the group, the codec, the bounded queue, the deadline."""
+    """Common parts of both ends: the peer, the group, the codec, the bounded queue, the deadline.
+
+    A link end does no I/O itself: this rank's ``Courier`` thread moves its frames (one thread for
+    both of a rank's links, see ``Courier``). ``start`` gives a lone end a courier of its own.
+    """
 
     def __init__(self, rank: int, peer: int, group: dist.ProcessGroup, codec: Codec, device: torch.device,
                  depth: int, timeout_s: float, wire_dtype: torch.dtype | None = None) -> None:
@@ -115,25 +121,23 @@ class Link:
         self.queue: queue.Queue[Frame | _Failed | None] = queue.Queue(maxsize=depth)
         self.timeout_s = timeout_s
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop_guarded, daemon=True, name=f"{type(self).__name__}-{rank}")
+        self.courier: Courier | None = None
 
     def start(self) -> None:
-        self.thread.start()
+        """Start a courier that serves this end alone (``Courier`` serves both of a rank's ends)."""
+        Courier(self if isinstance(self, Receiver) else None, self if isinstance(self, Sender) else None).start()
 
-    def _loop_guarded(self) -> None:
-        try:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)  # a new thread starts on GPU 0: no stray context there
-            self._loop()
-        except BaseException as err:  # noqa: BLE001 -- any failure must reach the stage, never die silently
-            self.error = err
-            self._on_error(err)
+    @property
+    def thread(self) -> threading.Thread:
+        assert self.courier is not None, "the link was never started"
+        return self.courier.thread
 
-    def _loop(self) -> None:
-        raise NotImplementedError
+    def _wake(self) -> None:
+        if self.courier is not None:
+            self.courier.wake.set()
 
     def _on_error(self, err: BaseException) -> None:
-        pass
+        self.error = err
 
 
 class Sender(Link):
@@ -156,6 +160,7 @@ class Sender(Link):
                     from self.error
             try:
                 self.queue.put(frame, timeout=min(1.0, max(deadline - time.perf_counter(), 0.001)))
+                self._wake()
                 return
             except queue.Full:
                 if time.perf_counter() >= deadline:
@@ -165,38 +170,28 @@ class Sender(Link):
                     ) from None
 
     def close(self) -> None:
-        """Send everything still queued, then stop the thread."""
+        """Send everything still queued, then release the courier from this link."""
         self._enqueue(None)
-        self.thread.join(self.timeout_s)
+        assert self.courier is not None, "the link was never started"
+        drained = self.courier.drained.wait(self.timeout_s)
         if self.error is not None:
             raise StageFailure(f"rank {self.rank}: sending to rank {self.peer} failed: {describe(self.error)}") \
                 from self.error
-        if self.thread.is_alive():
+        if not drained:
             raise StageFailure(f"rank {self.rank}: rank {self.peer} did not take the last messages within "
                                f"{self.timeout_s:.0f} s (pipeline.timeout_s)")
 
-    def _loop(self) -> None:
-        while True:
-            frame = self.queue.get()
-            if not isinstance(frame, Frame):
-                return
-            if self.stream is not None and frame.ready is not None:
-                self.stream.wait_event(frame.ready)
-                with torch.cuda.stream(self.stream):
-                    self._send(frame)
-                # Hold the tensors until the stream has sent them; only then may the allocator reuse them.
-                self.stream.synchronize()
-            else:
-                self._send(frame)
+    def post(self, frame: Frame) -> tuple[list[torch.Tensor], list[Work]]:
+        """Start sending ``frame``: the header, then its tensors, all in flight at once.
 
-    def _send(self, frame: Frame) -> None:
+        The buffers must stay referenced until the works complete (the courier keeps them).
+        """
         tensors = frame.tensors
         if self.wire_dtype is not None:
             tensors = [t.to(self.wire_dtype) if t.is_floating_point() else t for t in tensors]
-        header = encode_header(Frame(frame.meta, tensors), self.codec.max_tensors)
-        dist.send(header.to(self.device), self.peer, group=self.group)
-        for tensor in tensors:
-            dist.send(tensor.contiguous(), self.peer, group=self.group)
+        header = encode_header(Frame(frame.meta, tensors), self.codec.max_tensors).to(self.device)
+        buffers = [header, *(tensor.contiguous() for tensor in tensors)]
+        return buffers, [_started(dist.isend(tensor, self.peer, group=self.group)) for tensor in buffers]
 
 
 class Receiver(Link):
@@ -211,6 +206,7 @@ class Receiver(Link):
                 f"rank {self.rank}: no message from rank {self.peer} for {self.timeout_s:.0f} s "
                 f"(pipeline.timeout_s); it is stuck or dead"
             ) from None
+        self._wake()
         if isinstance(item, _Failed):
             raise StageFailure(f"rank {self.rank}: receiving from rank {self.peer} failed: {describe(item.cause)}") \
                 from item.cause
@@ -222,34 +218,211 @@ class Receiver(Link):
                 tensor.record_stream(compute)  # allocated on the receive stream, used on the compute one
         return item.message
 
-    def _loop(self) -> None:
-        context = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
-        with context:
-            while True:
-                frame = self._receive()
-                # Decoded here, off the consumer's path; a packet that does not fit ends this thread.
-                frame.message = self.codec.decode(frame)
-                self.queue.put(frame)
-                if self.codec.closes(frame.message):
-                    return
-
-    def _receive(self) -> Frame:
+    def post_header(self) -> tuple[torch.Tensor, list[Work]]:
         header = torch.empty(self.header_length, dtype=torch.int64, device=self.device)
-        dist.recv(header, self.peer, group=self.group)
+        return header, [_started(dist.irecv(header, self.peer, group=self.group))]
+
+    def post_tensors(self, header: torch.Tensor) -> tuple[Frame, list[Work]]:
         meta, specs = decode_header(header.cpu())
-        tensors = []
-        for dtype, shape in specs:
-            tensor = torch.empty(shape, dtype=dtype, device=self.device)
-            dist.recv(tensor, self.peer, group=self.group)
-            tensors.append(tensor.float() if self.wire_dtype is not None and dtype == self.wire_dtype else tensor)
-        frame = Frame(meta, tensors)
+        tensors = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in specs]
+        return Frame(meta, tensors), [_started(dist.irecv(tensor, self.peer, group=self.group)) for tensor in tensors]
+
+    def deliver(self, frame: Frame) -> bool:
+        """Decode an arrived frame into the inbox (room is there: only the courier fills it); True at the end."""
+        wire = self.wire_dtype
+        frame.tensors = [t.float() if wire is not None and t.dtype == wire else t for t in frame.tensors]
         if self.stream is not None:
             frame.ready = torch.cuda.Event()
             frame.ready.record(self.stream)
-        return frame
+        # Decoded here, off the consumer's path; a packet that does not fit ends the courier.
+        frame.message = self.codec.decode(frame)
+        self.queue.put_nowait(frame)
+        return self.codec.closes(frame.message)
 
     def _on_error(self, err: BaseException) -> None:
-        self.queue.put(_Failed(err))
+        self.error = err
+        with self.queue.mutex:  # past the bound if need be: the consumer reaches the cause after the frames
+            self.queue.queue.append(_Failed(err))
+            self.queue.unfinished_tasks += 1
+            self.queue.not_empty.notify()
+
+
+class Work(Protocol):
+    """What torch.distributed's isend/irecv return."""
+
+    def is_completed(self) -> bool: ...
+
+    def wait(self, timeout: datetime.timedelta = ...) -> bool: ...
+
+
+def _started(work: Work | None) -> Work:
+    assert work is not None, "isend/irecv returned no work handle"
+    return work
+
+
+@dataclass
+class _Pending:
+    """Works in flight on one link and when they must have completed."""
+
+    works: list[Work]
+    deadline: float
+    what: str  # for the failure line: "sending to rank 2" / "receiving from rank 0"
+    header: torch.Tensor | None = None  # a receive: the header still to be read
+    frame: Frame | None = None  # a receive: the frame whose tensors arrive
+    buffers: list[torch.Tensor] = field(default_factory=list)  # a send: held until its works complete
+
+
+class Courier:
+    """This rank's one communication thread: it receives on link k-1 -> k and sends on link k -> k+1.
+
+    One thread issues every point-to-point call of the rank, so no two threads ever drive two
+    communicators at once (PyTorch asks for explicit ordering there; NCCL can hang without it).
+    Each call is asynchronous (isend / irecv) and waited on with the deadline ``timeout_s``:
+    - NCCL (``poll``): the host polls ``is_completed`` of the works of both links, so a send and
+      a receive are in flight together; a work still pending at its deadline raises StageFailure
+      naming the peer, on the host, instead of a CUDA sync that a dead peer never releases.
+    - gloo: its asynchronous p2p completes only inside ``wait``, and a timed-out wait breaks the
+      group, so the courier waits on one link at a time with ``wait(timeout)``: a queued send
+      first, else a receive while the inbox has room. It cannot deadlock: a wait on link k -> k+1
+      depends on rank k+1 only, whose courier blocks on k+2 or on k itself; the chain of messages
+      0 -> 1 -> ... -> K-1 has no cycle, and the last rank only receives (docs/design.md).
+    """
+
+    IDLE_S = 0.05  # how long an idle courier sleeps before looking again (it is woken sooner)
+    POLL_S = 0.0002  # NCCL: the pause between two polls of pending works
+
+    def __init__(self, inbound: Receiver | None, outbound: Sender | None, poll: bool | None = None) -> None:
+        assert inbound is not None or outbound is not None
+        self.inbound, self.outbound = inbound, outbound
+        some = inbound if inbound is not None else outbound
+        assert some is not None
+        self.rank, self.device, self.timeout_s = some.rank, some.device, some.timeout_s
+        if poll is None:
+            poll = some.device.type == "cuda" or dist.get_backend(some.group) == "nccl"
+        self.poll = poll
+        self.wake = threading.Event()
+        self.drained = threading.Event()  # the outbound link is closed and everything on it was sent
+        self.error: BaseException | None = None
+        for link in (inbound, outbound):
+            if link is not None:
+                link.courier = self
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"Courier-{self.rank}")
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # a new thread starts on GPU 0: no stray context there
+            self._loop()
+        except BaseException as err:  # noqa: BLE001 -- any failure must reach the stage, never die silently
+            self.error = err
+            for link in (self.inbound, self.outbound):
+                if link is not None:
+                    link._on_error(err)
+            self.drained.set()  # a close() waiting for the last sends raises the error now, not at its deadline
+
+    def _loop(self) -> None:
+        receiving, sending = self.inbound is not None, self.outbound is not None
+        if not sending:
+            self.drained.set()
+        incoming: _Pending | None = None
+        outgoing: _Pending | None = None
+        while receiving or sending or incoming or outgoing:
+            self.wake.clear()
+            if sending and outgoing is None:
+                outgoing, sending = self._next_send()
+            # gloo waits on one link at a time: a receive is posted only while nothing is to be sent.
+            if receiving and incoming is None and (self.poll or outgoing is None):
+                incoming = self._post_receive()
+            if outgoing is None and incoming is None:
+                if sending or receiving:
+                    self.wake.wait(self.IDLE_S)  # nothing queued to send, no room in the inbox
+                continue
+            if self.poll:
+                outgoing, incoming, receiving = self._poll(outgoing, incoming, receiving)
+            elif outgoing is not None:
+                self._wait(outgoing)
+                outgoing = None
+            elif incoming is not None:
+                self._wait(incoming)
+                incoming, receiving = self._arrived(incoming, receiving)
+
+    def _next_send(self) -> tuple[_Pending | None, bool]:
+        link = self.outbound
+        assert link is not None
+        try:
+            frame = link.queue.get_nowait()
+        except queue.Empty:
+            return None, True
+        if not isinstance(frame, Frame):  # close(): everything before it has been sent
+            self.drained.set()
+            return None, False
+        if link.stream is not None and frame.ready is not None:
+            link.stream.wait_event(frame.ready)
+        with self._on(link):
+            buffers, works = link.post(frame)
+        return _Pending(works, time.perf_counter() + link.timeout_s, f"sending to rank {link.peer}",
+                        buffers=buffers), True
+
+    def _post_receive(self) -> _Pending | None:
+        link = self.inbound
+        assert link is not None
+        if link.queue.full():
+            return None
+        with self._on(link):
+            header, works = link.post_header()
+        return _Pending(works, time.perf_counter() + link.timeout_s, f"receiving from rank {link.peer}",
+                        header=header)
+
+    def _arrived(self, incoming: _Pending, receiving: bool) -> tuple[_Pending | None, bool]:
+        """A receive's works completed: post the tensors after a header, or deliver the frame."""
+        link = self.inbound
+        assert link is not None
+        with self._on(link):
+            if self.poll:  # NCCL: the receive stream waits for the transfer (no host wait: it is complete)
+                for work in incoming.works:
+                    work.wait()  # never twice on gloo: a second wait there waits for another message
+            if incoming.header is not None:
+                frame, works = link.post_tensors(incoming.header)
+                if works:
+                    return _Pending(works, time.perf_counter() + link.timeout_s, incoming.what, frame=frame), receiving
+            else:
+                assert incoming.frame is not None
+                frame = incoming.frame
+            return None, not link.deliver(frame)
+
+    def _poll(self, outgoing: _Pending | None, incoming: _Pending | None,
+              receiving: bool) -> tuple[_Pending | None, _Pending | None, bool]:
+        progressed = False
+        if outgoing is not None and all(work.is_completed() for work in outgoing.works):
+            outgoing, progressed = None, True
+        if incoming is not None and all(work.is_completed() for work in incoming.works):
+            incoming, receiving = self._arrived(incoming, receiving)
+            progressed = True
+        if not progressed:
+            now = time.perf_counter()
+            for pending in (outgoing, incoming):
+                if pending is not None and now >= pending.deadline:
+                    raise StageFailure(self._late(pending))
+            time.sleep(self.POLL_S)
+        return outgoing, incoming, receiving
+
+    def _wait(self, pending: _Pending) -> None:
+        for work in pending.works:
+            left = max(pending.deadline - time.perf_counter(), 0.001)
+            try:
+                work.wait(timeout=datetime.timedelta(seconds=left))
+            except RuntimeError as err:
+                raise StageFailure(f"{self._late(pending)} ({describe(err)})") from err
+
+    def _late(self, pending: _Pending) -> str:
+        return (f"rank {self.rank}: {pending.what} did not complete within {self.timeout_s:.0f} s "
+                f"(pipeline.timeout_s); it is stuck or dead")
+
+    def _on(self, link: Link) -> contextlib.AbstractContextManager[object]:
+        return torch.cuda.stream(link.stream) if link.stream is not None else contextlib.nullcontext()
 
 
 def describe(err: BaseException) -> str:

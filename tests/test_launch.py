@@ -335,3 +335,16 @@ def test_shellcheck_is_clean() -> None:
     result = subprocess.run([SHELLCHECK, "--external-sources", *files], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_reproduce_counts_gpus_as_torch_does(tmp_path: Path) -> None:
+    """nvidia-smi lists every GPU of the node; CUDA_VISIBLE_DEVICES hides them from torch, and so from the script."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    smi = folder / "nvidia-smi"
+    smi.write_text('#!/usr/bin/env bash\nfor i in $(seq 0 15); do echo "GPU $i: H100"; done\n')
+    smi.chmod(0o755)
+    result = run_script("reproduce.sh", "--dry-run", "configs/fashion_mnist",
+                        env={**path_with(folder), "CUDA_VISIBLE_DEVICES": ""})
+    assert "0 GPU(s)" in result.stdout
+    assert all(argv[0] != "torchrun" for argv in commands(result)), "no GPU visible to torch: sequential rows"

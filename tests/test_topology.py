@@ -1,11 +1,21 @@
-"""The K x R layout: which rank holds which (stage, replica), and the jobs that do not fit."""
+"""The K x R layout, the jobs that do not fit, GPU checks before any process group, group deadlines."""
 
 from __future__ import annotations
 
-import pytest
+import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
+import torch
+import torch.distributed as dist
+
+from pipeline.config import load_config
+from pipeline.distributed import resolve_device
 from pipeline.errors import BadInput
-from pipeline.topology import Topology, layout_replicas, place
+from pipeline.topology import Topology, from_env, layout_replicas, place, process_groups, single_process
 
 
 @pytest.mark.parametrize("placement, expected", [
@@ -29,3 +39,85 @@ def test_replicas_are_derived_or_checked() -> None:
         layout_replicas(6, 4, 0)
     with pytest.raises(BadInput, match=r"pipeline.replicas = 3 x local.modules = 2 needs WORLD_SIZE = 6, but it is 8"):
         layout_replicas(8, 2, 3)
+
+
+def _torchrun_env(monkeypatch: pytest.MonkeyPatch, rank: int, size: int, local_size: int) -> None:
+    for name, value in (("RANK", rank), ("WORLD_SIZE", size), ("LOCAL_RANK", rank % local_size),
+                        ("LOCAL_WORLD_SIZE", local_size)):
+        monkeypatch.setenv(name, str(value))
+
+
+def _gpus(monkeypatch: pytest.MonkeyPatch, count: int, bf16: bool = True) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+
+
+def _no_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a GPU check must come before any process group")
+    monkeypatch.setattr(dist, "init_process_group", refuse)
+
+
+@pytest.mark.parametrize("mode, modules", [("pipeline", 4), ("ddp", 1)])
+def test_more_processes_on_a_node_than_gpus_is_bad_input(monkeypatch: pytest.MonkeyPatch, mode: str,
+                                                          modules: int) -> None:
+    _gpus(monkeypatch, 2)
+    _no_process_group(monkeypatch)
+    _torchrun_env(monkeypatch, 1, 4, 4)
+    config = load_config(None, ["run.device=auto", f"local.modules={modules}"])
+    with pytest.raises(BadInput, match=r"4 processes on this node \(LOCAL_WORLD_SIZE\) but 2 GPU\(s\) visible"):
+        from_env(mode, config.run, config.pipeline, modules)
+    _torchrun_env(monkeypatch, 1, 4, 2)  # two nodes of two GPUs each: fine
+    topology = from_env(mode, config.run, config.pipeline, modules)
+    assert topology.device == torch.device("cuda", 1)
+
+
+def test_bf16_on_a_gpu_without_bf16_is_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    _gpus(monkeypatch, 1, bf16=False)
+    _no_process_group(monkeypatch)
+    _torchrun_env(monkeypatch, 0, 1, 1)
+    config = load_config(None, ["precision.amp=bf16", "local.modules=1"])
+    with pytest.raises(BadInput, match="precision.amp = 'bf16' but this GPU has no bf16 support"):
+        from_env("ddp", config.run, config.pipeline, 1, config.precision.amp)
+    with pytest.raises(BadInput, match="no bf16 support"):
+        single_process(config.run, 1, "bf16")
+    assert single_process(config.run, 1, "none").device.type == "cuda"
+    assert resolve_device("cpu", amp="bf16") == torch.device("cpu")  # CPU autocast has bf16
+
+
+def test_cuda_with_every_gpu_hidden_is_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    _gpus(monkeypatch, 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(BadInput, match="CUDA_VISIBLE_DEVICES is empty, which hides every GPU"):
+        resolve_device("cuda")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with pytest.raises(BadInput, match="no CUDA GPU is visible"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_bad_gpu_input_exits_2_with_one_line(tmp_path: Path) -> None:
+    """run.device = cuda with CUDA_VISIBLE_DEVICES empty, through the command line: one line, exit 2."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", "--set", "run.device=cuda", "--set",
+                           "data.name=synthetic", "--set", f"run.out_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "CUDA_VISIBLE_DEVICES is empty" in done.stderr
+
+
+def test_every_group_gets_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """process_groups passes pipeline.timeout_s to the job and to every link and replica group."""
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: calls.append(("init", k["timeout"])))
+    monkeypatch.setattr(dist, "new_group", lambda ranks, **k: calls.append((f"group {ranks}", k.get("timeout")))
+                        or object())
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: None)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: None)
+    topology = Topology(1, 4, torch.device("cpu"), 2, 2, (1,))
+    with process_groups(topology, 37.0) as joined:
+        assert set(joined.links) == {0} and joined.replica_group is not None
+    deadline = datetime.timedelta(seconds=37)
+    assert calls == [("init", deadline), ("group [0, 1]", deadline), ("group [2, 3]", deadline),
+                     ("group [0, 2]", deadline), ("group [1, 3]", deadline)]

@@ -1,12 +1,20 @@
-"""The wire header: a frame's integers and every tensor's dtype and shape survive the round trip."""
+"""The wire: the header round trip, and real and polled links (one courier per rank, deadlines)."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from pipeline.errors import StageFailure
-from pipeline.transport import META_LEN, Frame, decode_header, encode_header, header_length
+from pipeline.transport import META_LEN, Courier, Frame, Receiver, Sender, decode_header, encode_header, header_length
 
 
 def test_header_round_trip_for_mixed_tensors() -> None:
@@ -45,3 +53,195 @@ def test_corrupt_headers_are_a_stage_failure(slot: int, value: int) -> None:
     header[slot] = value  # tensor count, dtype id, number of dims
     with pytest.raises(StageFailure, match="corrupt message header"):
         decode_header(header)
+
+
+# Real links under gloo: processes started by torch.multiprocessing, each writing what it saw to a file.
+_SCRIPT = r'''
+import datetime, json, os, sys, time
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+from pipeline.transport import Courier, Frame, Receiver, Sender
+
+class Codec:  # frames pass as they are: the message is the frame's integers and tensors
+    max_tensors = 2
+    def encode(self, message): return Frame(message[0], list(message[1]))
+    def decode(self, frame): return (frame.meta, frame.tensors)
+    def closes(self, message): return message[0][0] == 4
+
+def main(rank, world, scenario, out, timeout_s):
+    dist.init_process_group("gloo", init_method="file://" + out + "/store", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    groups = [dist.new_group([k, k + 1]) for k in range(world - 1)]
+    cpu, codec, result = torch.device("cpu"), Codec(), {}
+    inbox = Receiver(rank, rank - 1, groups[rank - 1], codec, cpu, 2, timeout_s) if rank > 0 else None
+    outbox = Sender(rank, rank + 1, groups[rank], codec, cpu, 2, timeout_s) if rank < world - 1 else None
+    if scenario == "silent":  # rank 0 stays alive and never sends
+        if rank == 0:
+            time.sleep(timeout_s + 4)
+            os._exit(0)
+        started = time.monotonic()
+        Courier(inbox, None).start()
+        inbox.thread.join(timeout_s + 3)
+        result = {"alive": inbox.thread.is_alive(), "error": repr(inbox.error), "s": time.monotonic() - started}
+        try:
+            inbox.get()
+        except Exception as err:
+            result["get"] = str(err)
+    else:  # a chain: rank 0 sends 20 frames, the middle ranks pass them on with one courier each
+        Courier(inbox, outbox).start()
+        seen = []
+        for step in range(21):
+            meta, tensors = ((1, step), [torch.full((step + 1, 3), float(step)), torch.arange(step)]) \
+                if rank == 0 else inbox.get()
+            if step == 20 and rank == 0:
+                meta, tensors = (4,), []
+            seen.append([list(meta), [t.tolist() for t in tensors]])
+            if outbox is not None:
+                outbox.put((meta, tensors))
+        if outbox is not None:
+            outbox.close()
+        result = {"seen": seen}
+    with open(f"{out}/rank_{rank}.json", "w") as handle:
+        json.dump(result, handle)
+    os._exit(0)
+
+if __name__ == "__main__":
+    world, scenario, out, timeout_s = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
+    mp.spawn(main, args=(world, scenario, out, timeout_s), nprocs=world)
+'''
+
+
+def _spawn(tmp_path: Path, world: int, scenario: str, timeout_s: float) -> list[dict[str, Any]]:
+    script = tmp_path / "links.py"
+    script.write_text(_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), str(world), scenario, str(tmp_path), str(timeout_s)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank_{rank}.json").read_text()) for rank in range(1, world)]
+
+
+def test_one_courier_per_rank_passes_frames_down_a_chain(tmp_path: Path) -> None:
+    """Rank 1 receives from 0 and sends to 2 from one thread: every frame arrives whole, in order."""
+    middle, last = _spawn(tmp_path, 3, "chain", 30.0)
+    expected = [[[1, step, 0, 0, 0, 0], [[[float(step)] * 3] * (step + 1), list(range(step))]] for step in range(20)]
+    assert middle["seen"][:20] == expected and last["seen"][:20] == expected
+    assert last["seen"][20][0] == [4, 0, 0, 0, 0, 0]
+
+
+def test_a_receiver_whose_peer_never_sends_fails_at_the_deadline(tmp_path: Path) -> None:
+    """gloo: the courier waits on its irecv with wait(timeout) and fails naming the peer, in time."""
+    (receiver,) = _spawn(tmp_path, 2, "silent", 2.0)
+    assert not receiver["alive"] and receiver["s"] < 2.0 + 3
+    assert "StageFailure" in receiver["error"] and "receiving from rank 0 did not complete within 2 s" in \
+        receiver["error"]
+    assert "rank 0" in receiver["get"]
+
+
+class _FakeWork:
+    """A work handle as NCCL gives it: is_completed polls, wait only orders streams."""
+
+    def __init__(self, done: Any) -> None:
+        self.done = done
+
+    def is_completed(self) -> bool:
+        return bool(self.done())
+
+    def wait(self, timeout: Any = None) -> bool:
+        return True
+
+
+def _fake_nccl(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[torch.Tensor]]:
+    """isend / irecv over in-process FIFOs, one per group; an irecv completes once its data is there."""
+    import collections
+
+    import torch.distributed as dist
+
+    channels: dict[str, Any] = collections.defaultdict(collections.deque)
+
+    def isend(tensor: torch.Tensor, dst: int, group: str) -> _FakeWork:
+        channels[group].append(tensor.clone())
+        return _FakeWork(lambda: True)
+
+    def irecv(tensor: torch.Tensor, src: int, group: str) -> _FakeWork:
+        filled: list[bool] = []
+
+        def done() -> bool:
+            if not filled and channels[group]:
+                tensor.copy_(channels[group].popleft())
+                filled.append(True)
+            return bool(filled)
+        return _FakeWork(done)
+
+    monkeypatch.setattr(dist, "isend", isend)
+    monkeypatch.setattr(dist, "irecv", irecv)
+    return channels
+
+
+class _PassCodec:
+    max_tensors = 2
+
+    def encode(self, message: Any) -> Frame:
+        return Frame(message[0], list(message[1]))
+
+    def decode(self, frame: Frame) -> Any:
+        return (frame.meta, frame.tensors)
+
+    def closes(self, message: Any) -> bool:
+        return bool(message[0][0] == 4)
+
+
+def test_polling_couriers_pass_a_chain_with_both_links_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The NCCL path (poll is_completed) on fake works: three ranks, the middle one with one courier."""
+    _fake_nccl(monkeypatch)
+    cpu, codec = torch.device("cpu"), _PassCodec()
+    first = Sender(0, 1, "01", codec, cpu, 2, 10.0)  # type: ignore[arg-type]
+    middle_in, middle_out = Receiver(1, 0, "01", codec, cpu, 2, 10.0), Sender(1, 2, "12", codec, cpu, 2, 10.0)  # type: ignore[arg-type]
+    last = Receiver(2, 1, "12", codec, cpu, 2, 10.0)  # type: ignore[arg-type]
+    for courier in (Courier(None, first, poll=True), Courier(middle_in, middle_out, poll=True),
+                    Courier(last, None, poll=True)):
+        courier.start()
+    messages = [((1, step), [torch.full((step + 1,), float(step))]) for step in range(10)] + [((4,), [])]
+    for message in messages:
+        first.put(message)
+        meta, tensors = middle_in.get()
+        middle_out.put((meta, tensors))
+    first.close()
+    middle_out.close()
+    arrived = [last.get() for _ in messages]
+    assert [meta[:2] for meta, _ in arrived[:-1]] == [(1, step) for step in range(10)]
+    assert all(torch.equal(tensors[0], sent[1][0]) for (_, tensors), sent in zip(arrived[:-1], messages))
+    assert arrived[-1][0][0] == 4
+    middle_in.thread.join(5)
+    assert not middle_in.thread.is_alive() and middle_in.error is None
+
+
+def test_a_polled_receive_that_never_completes_fails_on_the_host_at_the_deadline(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL path: a dead peer leaves the irecv pending; the courier raises naming it, without waiting on it."""
+    _fake_nccl(monkeypatch)
+    inbox = Receiver(3, 2, "23", _PassCodec(), torch.device("cpu"), 2, 0.5)  # type: ignore[arg-type]
+    Courier(inbox, None, poll=True).start()
+    started = time.monotonic()
+    with pytest.raises(StageFailure, match="receiving from rank 2|no message from rank 2"):
+        inbox.get()
+    inbox.thread.join(2)
+    assert not inbox.thread.is_alive() and time.monotonic() - started < 2
+    assert isinstance(inbox.error, StageFailure) and "did not complete within" in str(inbox.error)
+
+
+def test_a_failed_send_reaches_put_and_close_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("Connection reset by peer")
+    monkeypatch.setattr(dist, "isend", broken)
+    outbox = Sender(0, 1, "01", _PassCodec(), torch.device("cpu"), 2, 30.0)  # type: ignore[arg-type]
+    Courier(None, outbox, poll=True).start()
+    started = time.monotonic()
+    outbox.put(((1, 0), [torch.zeros(2)]))
+    with pytest.raises(StageFailure, match="sending to rank 1 failed: RuntimeError: Connection reset by peer"):
+        for _ in range(100):
+            outbox.put(((1, 0), [torch.zeros(2)]))
+            time.sleep(0.01)
+        outbox.close()
+    assert time.monotonic() - started < 5

@@ -104,7 +104,7 @@ class BatchLoader:
         if not self.train:
             return torch.arange(len(self.labels), device=self.device)
         generator = torch.Generator().manual_seed(_seed(self.seed, epoch))
-        return torch.randperm(len(self.labels), generator=generator).to(self.device)
+        return self._upload(torch.randperm(len(self.labels), generator=generator))
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.order(epoch)
@@ -119,6 +119,14 @@ class BatchLoader:
         """uint8-valued floats in [0, 255] -> the network's normalised input."""
         return (images / 255.0 - self.mean) / self.std
 
+    def _upload(self, indices: torch.Tensor) -> torch.Tensor:
+        """Random indices drawn on the host (the CPU generator: the same draws on every device and
+        process) to the device. GPU: from pinned memory with non_blocking, so the copy is queued on
+        the stream and the host never waits (a pageable copy would); CPU: the tensor itself."""
+        if self.device.type != "cuda":
+            return indices
+        return indices.pin_memory().to(self.device, non_blocking=True)
+
     def _augment(self, images: torch.Tensor, seed: int) -> torch.Tensor:
         """Random crop after padding, and a random horizontal flip, in one gather."""
         spec = self.spec
@@ -131,8 +139,8 @@ class BatchLoader:
         rows = top + torch.arange(height)
         columns = left + torch.where(flip, torch.arange(width - 1, -1, -1), torch.arange(width))
         padded = F.pad(images, (pad, pad, pad, pad), mode=spec.pad_mode)
-        # One host-to-device copy per batch for all the random indices.
-        rows, columns = torch.cat([rows, columns], 1).to(self.device).split([height, width], 1)
+        # One host-to-device copy per batch for all the random indices, queued without a host wait.
+        rows, columns = self._upload(torch.cat([rows, columns], 1)).split([height, width], 1)
         return padded[
             torch.arange(count, device=self.device)[:, None, None, None],
             torch.arange(channels, device=self.device)[None, :, None, None],

@@ -67,6 +67,7 @@ class _CostModel:
         self.measure_time = config.local.partition == "balanced-time"
         memory = torch.channels_last if config.precision.channels_last else torch.contiguous_format
         self.memory_format = memory
+        self.amp = config.precision.amp == "bf16"  # time is measured under the precision training uses
 
     def _input(self, shape: BlockShape) -> torch.Tensor:
         tensor = torch.randn(self.batch, shape.channels, shape.size, shape.size, device=self.device)
@@ -77,7 +78,11 @@ class _CostModel:
         layers = layers.to(self.device, memory_format=self.memory_format).train()  # type: ignore[call-overload]
         inputs = self._input(shape)
         if self.measure_time:
-            return step_seconds(lambda: layers(inputs), self.device)
+            def step() -> torch.Tensor:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    output: torch.Tensor = layers(inputs)
+                return output
+            return step_seconds(step, self.device)
         return float(saved_activation_bytes(lambda: layers(inputs))[0])
 
     def _input_bytes(self, shape: BlockShape) -> float:

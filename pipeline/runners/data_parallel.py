@@ -43,5 +43,16 @@ class DataParallel:
         return DistributedDataParallel(module, device_ids=ids, process_group=self.topology.replica_group,
                                        gradient_as_bucket_view=True)
 
+    def adopt_replica_0_buffers(self, module: nn.Module) -> None:
+        """Before evaluating after training: every replica takes replica 0's buffers.
+
+        Evaluation runs the bare module, not DDP. DDP broadcasts replica 0's buffers before each
+        training forward, so after the last training step every replica's batch-norm statistics
+        have moved on with its own shard; this makes every replica evaluate (and a resumed run
+        continue) with the statistics replica 0 checkpoints.
+        """
+        for buffer in module.buffers():
+            self.topology.comm.broadcast_over_replicas(buffer)
+
     def total(self, count: torch.Tensor) -> torch.Tensor:
         return self.topology.comm.sum_over_replicas(count)

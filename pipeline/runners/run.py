@@ -21,7 +21,7 @@ from pipeline.config import Config, PipelineConfig
 from pipeline.data.loader import BatchLoader, make_loaders
 from pipeline.data.specs import dataset_spec
 from pipeline.errors import BadInput, StageFailure
-from pipeline.metrics import percent, say
+from pipeline.metrics import percent, reset_peak_memory, say
 from pipeline.model.local_module import Layout
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.model.partition import flat_to_cut
@@ -33,7 +33,7 @@ from pipeline.runners.report import RunReport
 from pipeline.runners.source import BatchSource
 from pipeline.runners.stage import ModuleStage, StageLoop
 from pipeline.topology import Topology, from_env, process_groups, single_process
-from pipeline.transport import Receiver, Sender
+from pipeline.transport import Courier, Receiver, Sender
 from pipeline.worker import ModuleWorker, make_worker
 
 Loaders = tuple[BatchLoader, BatchLoader]
@@ -45,9 +45,9 @@ def run(config: Config) -> dict[str, Any] | None:
     started = time.perf_counter()
     mode, modules = config.run.mode, config.local.modules
     if mode == "sequential":
-        topology = single_process(config.run, modules)
+        topology = single_process(config.run, modules, config.precision.amp)
     else:
-        topology = from_env(mode, config.run, config.pipeline, modules)
+        topology = from_env(mode, config.run, config.pipeline, modules, config.precision.amp)
     if topology.replicas > 1 and config.data.batch_size < 2 * topology.replicas:
         raise BadInput(
             f"data.batch_size = {config.data.batch_size} leaves some of the {topology.replicas} DDP ranks fewer than "
@@ -63,6 +63,7 @@ def run(config: Config) -> dict[str, Any] | None:
             if topology.rank == 0:
                 say(str(done))
             return None
+        reset_peak_memory(topology.device)  # peaks of the training loop, not of the data set or profiling
         loop.run()
         summary = report.summary(config, cuts)
     if summary is not None:
@@ -105,8 +106,12 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
             say(f"[{label}] removed {gone}: unfinished, or newer than step {position.step} where this run starts")
     report = RunReport(label, config.run, topology, workers, position, length, parallel.total, started)
     save = functools.partial(checkpoint.save, config.run.out_dir, identity=identity) if topology.writer else None
-    stages = [ModuleStage(worker, slot, report, save) for slot, worker in enumerate(workers)]
-    commit = functools.partial(commit_checkpoint, config.run.out_dir, topology, identity, config.run.keep_checkpoints)
+    adopt = parallel.adopt_replica_0_buffers if topology.replicas > 1 else None
+    stages = [ModuleStage(worker, slot, report, save, adopt) for slot, worker in enumerate(workers)]
+    commit = None
+    if topology.writer and topology.last:
+        commit = functools.partial(commit_checkpoint, config.run.out_dir, topology.stages, identity,
+                                   config.run.keep_checkpoints)
     inbox, outbox = links(layout)
     if topology.first:
         assert loaders is not None
@@ -126,7 +131,7 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
 
 
 def wire(pipe: PipelineConfig, topology: Topology, layout: Layout) -> tuple[Inbox | None, Outbox | None]:
-    """The ends of the two links this stage sits between, their threads started."""
+    """The ends of the two links this stage sits between, served by one courier thread (started)."""
     if len(topology.hosted) != 1:
         return None, None
     module, stages = topology.stage, topology.stages
@@ -136,12 +141,12 @@ def wire(pipe: PipelineConfig, topology: Topology, layout: Layout) -> tuple[Inbo
         codec = MessageCodec(layout.plan, module, layout.input_shape(module))
         inbox = Receiver(topology.rank, topology.rank_of(module - 1, topology.replica), topology.links[module - 1],
                          codec, topology.device, pipe.queue_depth, pipe.timeout_s, wire_dtype)
-        inbox.start()
     if module < stages - 1:
         codec = MessageCodec(layout.plan, module + 1, layout.input_shape(module + 1))
         outbox = Sender(topology.rank, topology.rank_of(module + 1, topology.replica), topology.links[module],
                         codec, topology.device, pipe.queue_depth, pipe.timeout_s, wire_dtype)
-        outbox.start()
+    if inbox is not None or outbox is not None:
+        Courier(inbox, outbox).start()  # one thread drives both links: never two communicators at once
     return inbox, outbox
 
 
@@ -149,17 +154,15 @@ class NothingToTrain(Exception):
     """A run resumed at or past its end: it trains nothing and leaves every output as it is."""
 
 
-def commit_checkpoint(run_dir: str, topology: Topology, identity: dict[str, Any], keep: int,
-                      position: Position) -> None:
-    """After this process's modules saved ``position``: once every process has, rank 0 marks the set complete.
+def commit_checkpoint(run_dir: str, modules: int, identity: dict[str, Any], keep: int, position: Position) -> None:
+    """The last module of replica 0 marks the set of ``position`` complete, with no collective.
 
-    A collective at every epoch end, reached by every process in the same order (the last stage
-    later than the first); a process that failed to save never reaches it, and no marker is written.
+    Each stage saves its module before it passes the epoch end on, so by the time the last stage
+    holds the epoch end every module of its chain has saved; a stage that failed to save never
+    passes it on, and no marker is written. (A collective here would also hold rank 0 until the
+    last stage arrives, while a middle rank's communication thread may be waiting on rank 0.)
     """
-    saved = topology.comm.gather(list(topology.hosted) if topology.writer else [])
-    if topology.rank == 0:
-        assert sorted(module for modules in saved for module in modules) == list(range(topology.stages)), saved
-        checkpoint.commit(run_dir, position, topology.stages, identity, keep)
+    checkpoint.commit(run_dir, position, modules, identity, keep)
 
 
 def resume(resume_dir: str, step: int, workers: list[ModuleWorker], identity: dict[str, Any],

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
+from torch import nn
 
 from pipeline.packet import Packet
 from pipeline.runners.links import Inbox, Outbox
@@ -32,8 +33,10 @@ class ModuleStage:
     """What one module does with each message; returns what goes on to the next module."""
 
     def __init__(self, worker: ModuleWorker, slot: int, report: RunReport,
-                 save: Callable[[ModuleWorker, Position], object] | None) -> None:
+                 save: Callable[[ModuleWorker, Position], object] | None,
+                 before_evaluation: Callable[[nn.Module], None] | None = None) -> None:
         self.worker, self.slot, self.report, self.save = worker, slot, report, save
+        self.before_evaluation = before_evaluation  # replicas agree on batch-norm statistics first
         self.correct = torch.zeros((), dtype=torch.int64, device=worker.device)
         self.evaluated = 0
 
@@ -45,6 +48,8 @@ class ModuleStage:
             self.report.loss(self.slot, loss)
             return None if following is None else Train(message.epoch, message.step, message.samples, following)
         if isinstance(message, Eval):
+            if worker.module.training and self.before_evaluation is not None:  # the first test batch
+                self.before_evaluation(worker.module)
             result = worker.eval_step(message.packet)
             if isinstance(result, Packet):
                 return Eval(message.epoch, result)
@@ -65,7 +70,7 @@ class StageLoop:
     def __init__(self, inbox: Inbox, stages: Sequence[Handler], outbox: Outbox | None, report: RunReport,
                  commit: Callable[[Position], object] | None = None) -> None:
         self.inbox, self.stages, self.outbox, self.report = inbox, stages, outbox, report
-        self.commit = commit  # at each epoch end, once the message has gone on: complete the checkpoint set
+        self.commit = commit  # the last stage of replica 0, at each epoch end: mark the checkpoint set complete
 
     def run(self) -> None:
         """Until STOP has gone through; every wait is bounded by the links' deadlines."""
@@ -94,7 +99,7 @@ class StageLoop:
                 continue
             if isinstance(message, EpochEnd):
                 report.epoch_end(message)
-                if self.commit is not None:  # after passing it on: the next stages save, then all agree
+                if self.commit is not None:  # every module upstream saved before passing the epoch end on
                     self.commit(message.resume_at)
             report.paused(time.perf_counter() - tick, evaluating=isinstance(message, Eval))
             if isinstance(message, Stop):

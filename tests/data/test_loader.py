@@ -262,3 +262,30 @@ def test_a_batch_larger_than_the_data_set_is_clamped_and_said(tmp_path, capsys):
     assert [len(labels) for _, labels in test.batches(0)] == [3]
     make_loaders(cifar_config(tmp_path, batch=4), CPU)
     assert capsys.readouterr().out == ""  # a batch that fits is not mentioned
+
+
+def test_the_index_copy_leaves_cpu_batches_untouched(monkeypatch):
+    """On CPU the indices are used where they are drawn: no pinning, no copy."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("pin_memory on a CPU run")
+    monkeypatch.setattr(torch.Tensor, "pin_memory", refuse)
+    batches = epoch(loader(), 0)
+    assert len(batches) == 4 and batches[0][0].shape == (8, 3, 8, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_gpu_batches_equal_cpu_batches_without_a_host_sync():
+    """Same draws on every device; the per-batch index copies never block the host."""
+    on_cpu = epoch(loader(), 1)
+    split = toy_split(32)
+    gpu = BatchLoader(split, toy_spec(), 8, torch.device("cuda"), 5, True, True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu = list(gpu.batches(1))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(on_gpu) == len(on_cpu)
+    for (images, labels), (gpu_images, gpu_labels) in zip(on_cpu, on_gpu):
+        assert torch.equal(labels, gpu_labels.cpu()) and torch.allclose(images, gpu_images.cpu(), atol=1e-6)

@@ -47,6 +47,9 @@ class ThreadCollectives:
     def sum_over_replicas(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor  # one replica
 
+    def broadcast_over_replicas(self, tensor: torch.Tensor) -> None:
+        pass  # one replica
+
     def barrier(self) -> None:
         self.exchange.barrier.wait()
 

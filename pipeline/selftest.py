@@ -1,0 +1,281 @@
+"""Self-test of a node: run what the visible hardware allows and print a table of checks.
+
+    python -m pipeline.selftest [--out DIR]
+
+Cluster users run it first on a new node. On GPUs it checks the sequential run against the CPU
+reference, the pipeline (K = number of GPUs, up to 4) against the sequential run, a DDP smoke
+run, bf16 autocast with channels_last and a bf16 wire, that a killed stage ends the job within
+pipeline.timeout_s, and that a training step makes no host sync. On a CPU-only machine it runs
+the CPU subset (sequential == 2-stage pipeline over gloo, a killed stage) and lists what it
+skipped and why. Writes selftest.json and selftest.md into --out; exits 0 when nothing failed.
+
+Tolerances: on CPU the pipeline equals the sequential run to 1e-5 (bit for bit in practice). A
+GPU run differs from the CPU reference by float reordering, TF32 and cuDNN's algorithm choice
+(some of its backward kernels are non-deterministic), compounded over a few SGD steps: 5e-2 on
+any parameter or buffer. Pipeline and sequential on the same GPU model: 1e-3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from pipeline.errors import BadInput
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.name=synthetic", "model.arch=resnet8", "data.batch_size=16", "run.log_every=4",
+        "train.schedule=constant", "train.lr=0.05", "train.max_steps=6", "pipeline.threads_per_stage=1",
+        "pipeline.timeout_s=60", "local.context=R1"]
+CPU_TOLERANCE, GPU_VS_CPU_TOLERANCE, GPU_TOLERANCE = 1e-5, 5e-2, 1e-3
+KILL_TIMEOUT_S = 30
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # pass | fail | skipped
+    figure: str = ""
+    note: str = ""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [item for override in [*TINY, *overrides] for item in ("--set", override)]
+
+
+def _torchrun(nproc: int, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "pipeline.train", *_sets(overrides)]
+
+
+def _sequential(out: Path, overrides: list[str]) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "pipeline.train", *_sets([f"run.out_dir={out}", *overrides])]
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=_env())
+
+
+def _job(nproc: int, out: Path, overrides: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_torchrun(nproc, [f"run.out_dir={out}", *overrides]), check=False, capture_output=True,
+                          text=True, timeout=300, env=_env())
+
+
+def _failed(done: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+    return f"exit {done.returncode}: {lines[-1] if lines else 'no output'}"
+
+
+def _difference(a: Any, b: Any) -> float:
+    if isinstance(a, torch.Tensor):
+        if not a.is_floating_point():
+            return 0.0 if torch.equal(a.cpu(), b.cpu()) else float("inf")
+        return float((a.double().cpu() - b.double().cpu()).abs().max()) if a.numel() else 0.0
+    if isinstance(a, dict):
+        return max((_difference(a[key], b[key]) for key in a), default=0.0)
+    if isinstance(a, (list, tuple)):
+        return max((_difference(x, y) for x, y in zip(a, b)), default=0.0)
+    return 0.0
+
+
+def _modules_differ(first: Path, second: Path, modules: int) -> float:
+    def load(run: Path, module: int) -> Any:
+        return torch.load(run / "checkpoints" / f"module_{module}.pt", weights_only=True, map_location="cpu")["state"]
+    return max(_difference(load(first, k), load(second, k)) for k in range(modules))
+
+
+def _compare(name: str, runs: list[Callable[[], subprocess.CompletedProcess[str]]], outs: list[Path],
+             modules: int, tolerance: float) -> Check:
+    for run in runs:
+        done = run()
+        if done.returncode != 0:
+            return Check(name, "fail", note=_failed(done))
+    difference = _modules_differ(outs[0], outs[1], modules)
+    status = "pass" if difference <= tolerance else "fail"
+    return Check(name, status, f"max abs diff {difference:.2e} (tolerance {tolerance:g})")
+
+
+def pipeline_equals_sequential(root: Path, modules: int, device: str, tolerance: float) -> Check:
+    common = [f"local.modules={modules}", f"run.device={device}"]
+    seq, pipe = root / f"sequential_{device}_k{modules}", root / f"pipeline_{device}_k{modules}"
+    backend = "NCCL" if device == "cuda" else "gloo"
+    return _compare(f"pipeline K={modules} ({backend}) == sequential", [
+        lambda: _sequential(seq, common),
+        lambda: _job(modules, pipe, ["run.mode=pipeline", *common]),
+    ], [seq, pipe], modules, tolerance)
+
+
+def gpu_equals_cpu(root: Path) -> Check:
+    common = ["local.modules=2"]
+    cpu, gpu = root / "sequential_cpu", root / "sequential_gpu"
+    return _compare("sequential on GPU ~ CPU reference", [
+        lambda: _sequential(cpu, [*common, "run.device=cpu"]),
+        lambda: _sequential(gpu, [*common, "run.device=cuda"]),
+    ], [cpu, gpu], 2, GPU_VS_CPU_TOLERANCE)
+
+
+def ddp_smoke(root: Path, gpus: int) -> Check:
+    out = root / "ddp"
+    done = _job(gpus, out, ["run.mode=ddp", "local.modules=1", "run.device=cuda"])
+    if done.returncode != 0:
+        return Check(f"DDP smoke (R={gpus})", "fail", note=_failed(done))
+    summary = json.loads((out / "summary.json").read_text())
+    return Check(f"DDP smoke (R={gpus})", "pass", f"{summary['train_samples_per_s']:.0f} samples/s")
+
+
+def bf16_smoke(root: Path, gpus: int) -> Check:
+    precise = ["precision.amp=bf16", "precision.channels_last=true", "run.device=cuda"]
+    if gpus >= 2:
+        done = _job(2, root / "bf16", ["run.mode=pipeline", "local.modules=2", "pipeline.wire_dtype=bf16", *precise])
+        name = "bf16 autocast + channels_last + bf16 wire"
+    else:
+        done = _sequential(root / "bf16", ["local.modules=2", *precise])
+        name = "bf16 autocast + channels_last (1 GPU: no wire)"
+    if done.returncode != 0:
+        return Check(name, "fail", note=_failed(done))
+    return Check(name, "pass", "trained 6 steps, finite losses")
+
+
+def killed_stage(root: Path, device: str) -> Check:
+    """SIGKILL stage 1 mid-run: the job must end, non-zero, within pipeline.timeout_s."""
+    name = f"killed stage ends the job within timeout_s ({KILL_TIMEOUT_S} s)"
+    out = root / "killed"
+    command = _torchrun(2, [f"run.out_dir={out}", "run.mode=pipeline", "local.modules=2", f"run.device={device}",
+                            "train.max_steps=100000", "train.epochs=1000", "run.log_every=2",
+                            f"pipeline.timeout_s={KILL_TIMEOUT_S}"])
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    try:
+        metrics, started = out / "metrics.jsonl", time.monotonic()
+        while not (metrics.exists() and "\"rank\": 1" in metrics.read_text()):
+            if time.monotonic() - started > 120 or job.poll() is not None:
+                return Check(name, "fail", note="the job never started training")
+            time.sleep(0.2)
+        victim = next(p for p in psutil.Process(job.pid).children(recursive=True) if p.environ().get("RANK") == "1")
+        victim.kill()
+        killed = time.monotonic()
+        try:
+            job.wait(timeout=KILL_TIMEOUT_S + 15)
+        except subprocess.TimeoutExpired:
+            return Check(name, "fail", note=f"still running {KILL_TIMEOUT_S + 15} s after the kill")
+        took = time.monotonic() - killed
+    finally:
+        if job.poll() is None:
+            job.kill()
+    status = "pass" if job.returncode != 0 and took <= KILL_TIMEOUT_S else "fail"
+    return Check(name, status, f"ended {took:.1f} s after the kill, exit {job.returncode}")
+
+
+def no_host_sync(root: Path) -> Check:
+    """One training step (batch, forward, backward, SGD step) under set_sync_debug_mode("error")."""
+    from pipeline.config import load_config
+    from pipeline.data.loader import make_loaders
+    from pipeline.model.network import make_layout, resolve_cuts
+    from pipeline.packet import Packet
+    from pipeline.worker import make_worker
+
+    name = "no host sync in a training step"
+    config = load_config(None, [*TINY, "local.modules=1", "run.device=cuda", f"run.out_dir={root / 'sync'}"])
+    device = torch.device("cuda", 0)
+    train, _ = make_loaders(config, device)
+    layout = make_layout(config, train.spec, resolve_cuts(config, train.spec, device))
+    worker = make_worker(config, layout, 0, device)
+    batches = train.batches(1)
+    images, labels = next(batches)
+    worker.train_step(Packet.from_batch(images, labels))  # warm-up: allocator, cuDNN algorithm choice
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        images, labels = next(batches)
+        worker.train_step(Packet.from_batch(images, labels))
+    except RuntimeError as err:
+        return Check(name, "fail", note=str(err).splitlines()[0])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return Check(name, "pass", "set_sync_debug_mode('error') raised nothing")
+
+
+def run_checks(root: Path) -> list[Check]:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    checks: list[Check] = []
+
+    def skip(name: str, why: str) -> None:
+        checks.append(Check(name, "skipped", note=why))
+
+    checks.append(pipeline_equals_sequential(root, 2, "cpu", CPU_TOLERANCE))
+    checks.append(killed_stage(root, "cpu"))
+    if gpus == 0:
+        why = "no CUDA GPU visible"
+        for name in ("sequential on GPU ~ CPU reference", "pipeline on the GPUs == sequential", "DDP smoke",
+                     "bf16 autocast + channels_last + bf16 wire", "killed stage on GPUs (NCCL)",
+                     "no host sync in a training step"):
+            skip(name, why)
+        return checks
+    checks.append(gpu_equals_cpu(root))
+    if gpus >= 2:
+        checks.append(pipeline_equals_sequential(root, min(gpus, 4), "cuda", GPU_TOLERANCE))
+        checks.append(ddp_smoke(root, min(gpus, 4)))
+    else:
+        skip("pipeline on the GPUs == sequential", "needs 2 GPUs, 1 visible")
+        skip("DDP smoke", "needs 2 GPUs, 1 visible")
+    checks.append(bf16_smoke(root, gpus))
+    if gpus >= 2:
+        checks.append(killed_stage(root, "cuda"))
+    else:
+        skip("killed stage on GPUs (NCCL)", "needs 2 GPUs, 1 visible")
+    checks.append(no_host_sync(root))
+    return checks
+
+
+def table(checks: list[Check]) -> str:
+    rows = ["| check | result | figures | note |", "|---|---|---|---|"]
+    rows += [f"| {c.name} | {c.status} | {c.figure} | {c.note} |" for c in checks]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.selftest", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/selftest", help="where selftest.json and selftest.md go")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BadInput(f"--out {str(out)!r} cannot be created ({err.strerror}); choose a writable folder") from None
+    started = time.perf_counter()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
+    with tempfile.TemporaryDirectory(prefix="selftest_", dir=out) as scratch:
+        checks = run_checks(Path(scratch))
+    failed = sum(c.status == "fail" for c in checks)
+    text = table(checks)
+    print(text, flush=True)
+    header = (f"# localpipe self-test\n\ntorch {torch.__version__}, {device}, "
+              f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} GPU(s), "
+              f"{time.perf_counter() - started:.0f} s; {failed} failed\n\n")
+    (out / "selftest.md").write_text(header + text + "\n")
+    record = {"torch": torch.__version__, "device": device, "failed": failed, "checks": [asdict(c) for c in checks]}
+    (out / "selftest.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"self-test: {failed} failed; wrote {out / 'selftest.md'} and {out / 'selftest.json'}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BadInput as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,51 @@
+"""python -m pipeline.selftest: the CPU subset runs here; the GPU checks where GPUs are visible."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _selftest(out: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([sys.executable, "-m", "pipeline.selftest", "--out", str(out)], capture_output=True,
+                          text=True, timeout=240, env=full)
+
+
+def test_cpu_subset_passes_and_lists_what_it_skipped(tmp_path: Path) -> None:
+    done = _selftest(tmp_path, CUDA_VISIBLE_DEVICES="")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads((tmp_path / "selftest.json").read_text())
+    status = {check["name"]: check for check in record["checks"]}
+    assert status["pipeline K=2 (gloo) == sequential"]["status"] == "pass"
+    assert status["killed stage ends the job within timeout_s (30 s)"]["status"] == "pass"
+    skipped = [check for check in record["checks"] if check["status"] == "skipped"]
+    assert len(skipped) == 6 and all(check["note"] == "no CUDA GPU visible" for check in skipped)
+    assert record["failed"] == 0 and "| no host sync in a training step | skipped |" in done.stdout
+    assert (tmp_path / "selftest.md").read_text().startswith("# localpipe self-test")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["selftest.json", "selftest.md"]
+
+
+def test_an_unwritable_out_is_bad_input(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    done = _selftest(blocker / "out")
+    assert done.returncode == 2 and done.stderr.strip().startswith("error: --out")
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_gpu_checks_pass(tmp_path: Path) -> None:
+    done = _selftest(tmp_path)
+    record = json.loads((tmp_path / "selftest.json").read_text())
+    assert done.returncode == 0, json.dumps(record, indent=1)
+    assert {check["name"]: check["status"] for check in record["checks"]}["no host sync in a training step"] == "pass"
