@@ -21,6 +21,14 @@ class StageFailure(Exception):
     """Training failed on one process; the message names the rank and module."""
 
 
+class StuckPeer(StageFailure):
+    """A neighbour let a deadline pass: it is stopped, wedged or dead. ``peer`` is its rank."""
+
+    def __init__(self, message: str, peer: int) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
 def first_line(text: str) -> str:
     """Torch's messages run over many lines: the terminal gets the first that says something."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]

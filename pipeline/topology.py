@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -113,6 +114,7 @@ class Topology:
     comm: Collectives = field(default_factory=Solo)
     links: dict[int, dist.ProcessGroup] = field(default_factory=dict, repr=False)  # module k -> group of k -> k+1
     replica_group: dist.ProcessGroup | None = field(default=None, repr=False)  # the module's replicas (R > 1)
+    processes: list[tuple[str, int]] = field(default_factory=list, repr=False)  # (host, pid) by rank
 
     @property
     def distributed(self) -> bool:
@@ -238,6 +240,8 @@ def process_groups(topology: Topology, timeout_s: float) -> Iterator[Topology]:
             if topology.rank in members:
                 topology.replica_group = group
     topology.comm = TorchCollectives(topology.size, topology.replica_group, topology.rank_of(topology.stage, 0))
+    # Where every process runs: a rank that finds a neighbour stuck can stop it on its own host.
+    topology.processes = [tuple(item) for item in topology.comm.gather((socket.gethostname(), os.getpid()))]
     yield topology
     # Only after a clean run: on a failure the process leaves at once, without tearing the group
     # down, since peers may be blocked talking to it. DDP's reducer must see every rank finish first.

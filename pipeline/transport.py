@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import StageFailure
+from pipeline.errors import StageFailure, StuckPeer
 from pipeline.runners.messages import Message
 
 META_LEN = 6
@@ -164,9 +164,9 @@ class Sender(Link):
                 return
             except queue.Full:
                 if time.perf_counter() >= deadline:
-                    raise StageFailure(
+                    raise StuckPeer(
                         f"rank {self.rank}: rank {self.peer} took no message for {self.timeout_s:.0f} s "
-                        f"(pipeline.timeout_s); it is stuck or dead"
+                        f"(pipeline.timeout_s); it is stuck or dead", self.peer
                     ) from None
 
     def close(self) -> None:
@@ -178,8 +178,8 @@ class Sender(Link):
             raise StageFailure(f"rank {self.rank}: sending to rank {self.peer} failed: {describe(self.error)}") \
                 from self.error
         if not drained:
-            raise StageFailure(f"rank {self.rank}: rank {self.peer} did not take the last messages within "
-                               f"{self.timeout_s:.0f} s (pipeline.timeout_s)")
+            raise StuckPeer(f"rank {self.rank}: rank {self.peer} did not take the last messages within "
+                               f"{self.timeout_s:.0f} s (pipeline.timeout_s)", self.peer)
 
     def post(self, frame: Frame) -> tuple[list[torch.Tensor], list[Work]]:
         """Start sending ``frame``: the header, then its tensors, all in flight at once.
@@ -202,9 +202,9 @@ class Receiver(Link):
         try:
             item = self.queue.get(timeout=self.timeout_s)
         except queue.Empty:
-            raise StageFailure(
+            raise StuckPeer(
                 f"rank {self.rank}: no message from rank {self.peer} for {self.timeout_s:.0f} s "
-                f"(pipeline.timeout_s); it is stuck or dead"
+                f"(pipeline.timeout_s); it is stuck or dead", self.peer
             ) from None
         self._wake()
         if isinstance(item, _Failed):
@@ -266,6 +266,7 @@ class _Pending:
 
     works: list[Work]
     deadline: float
+    peer: int
     what: str  # for the failure line: "sending to rank 2" / "receiving from rank 0"
     header: torch.Tensor | None = None  # a receive: the header still to be read
     frame: Frame | None = None  # a receive: the frame whose tensors arrive
@@ -363,7 +364,7 @@ class Courier:
             link.stream.wait_event(frame.ready)
         with self._on(link):
             buffers, works = link.post(frame)
-        return _Pending(works, time.perf_counter() + link.timeout_s, f"sending to rank {link.peer}",
+        return _Pending(works, time.perf_counter() + link.timeout_s, link.peer, f"sending to rank {link.peer}",
                         buffers=buffers), True
 
     def _post_receive(self) -> _Pending | None:
@@ -373,7 +374,7 @@ class Courier:
             return None
         with self._on(link):
             header, works = link.post_header()
-        return _Pending(works, time.perf_counter() + link.timeout_s, f"receiving from rank {link.peer}",
+        return _Pending(works, time.perf_counter() + link.timeout_s, link.peer, f"receiving from rank {link.peer}",
                         header=header)
 
     def _arrived(self, incoming: _Pending, receiving: bool) -> tuple[_Pending | None, bool]:
@@ -387,7 +388,8 @@ class Courier:
             if incoming.header is not None:
                 frame, works = link.post_tensors(incoming.header)
                 if works:
-                    return _Pending(works, time.perf_counter() + link.timeout_s, incoming.what, frame=frame), receiving
+                    return _Pending(works, time.perf_counter() + link.timeout_s, link.peer, incoming.what,
+                                    frame=frame), receiving
             else:
                 assert incoming.frame is not None
                 frame = incoming.frame
@@ -405,7 +407,7 @@ class Courier:
             now = time.perf_counter()
             for pending in (outgoing, incoming):
                 if pending is not None and now >= pending.deadline:
-                    raise StageFailure(self._late(pending))
+                    raise StuckPeer(self._late(pending), pending.peer)
             time.sleep(self.POLL_S)
         return outgoing, incoming, receiving
 
@@ -415,7 +417,7 @@ class Courier:
             try:
                 work.wait(timeout=datetime.timedelta(seconds=left))
             except RuntimeError as err:
-                raise StageFailure(f"{self._late(pending)} ({describe(err)})") from err
+                raise StuckPeer(f"{self._late(pending)} ({describe(err)})", pending.peer) from err
 
     def _late(self, pending: _Pending) -> str:
         return (f"rank {self.rank}: {pending.what} did not complete within {self.timeout_s:.0f} s "

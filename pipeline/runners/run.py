@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,7 +23,7 @@ from pipeline import checkpoint
 from pipeline.config import Config, PipelineConfig
 from pipeline.data.loader import BatchLoader, make_loaders
 from pipeline.data.specs import dataset_spec
-from pipeline.errors import BadInput, StageFailure
+from pipeline.errors import BadInput, StageFailure, StuckPeer
 from pipeline.metrics import percent, reset_peak_memory, say
 from pipeline.model.local_module import Layout
 from pipeline.model.network import make_layout, resolve_cuts
@@ -188,6 +191,28 @@ def loop_label(mode: str, topology: Topology) -> str:
     return mode
 
 
+def stop_stuck_peer(topology: Topology, err: BaseException) -> str:
+    """SIGKILL a neighbour that let a deadline pass, where it runs on this host.
+
+    A stopped or wedged process cannot handle the SIGTERM torchrun sends when this rank fails,
+    and torchrun waits 30 s before its SIGKILL; killing the stuck peer here ends the job within
+    a second of the deadline instead. A peer on another host is left to its own launcher.
+    """
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, StuckPeer):
+        cause = cause.__cause__
+    if cause is None or not 0 <= cause.peer < len(topology.processes):
+        return ""
+    host, pid = topology.processes[cause.peer]
+    if host != socket.gethostname():
+        return ""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        return ""
+    return f"; stopped rank {cause.peer}'s process (pid {pid})"
+
+
 @contextlib.contextmanager
 def failures_named(topology: Topology) -> Iterator[None]:
     """In a job of several processes, any failure becomes one line that names this process.
@@ -204,6 +229,6 @@ def failures_named(topology: Topology) -> Iterator[None]:
     except BadInput:
         raise
     except StageFailure as err:
-        raise StageFailure(f"{who} failed: {err}") from err
+        raise StageFailure(f"{who} failed: {err}{stop_stuck_peer(topology, err)}") from err
     except Exception as err:  # whatever broke, the job must end with this rank named
         raise StageFailure(f"{who} failed: {type(err).__name__}: {err}") from err

@@ -175,15 +175,10 @@ def test_a_killed_peer_is_named_by_the_survivor(tmp_path: Path) -> None:
     assert (tmp_path / "errors" / "rank_0.log").read_text().count("Traceback") >= 1
 
 
-TORCHRUN_GRACE_S = 30  # torchrun's SIGTERM-to-SIGKILL wait on a failed job (docs/failures.md)
-
-
-def test_stopped_stage_ends_the_job_within_torchruns_grace(tmp_path: Path) -> None:
-    """SIGSTOP one stage: its neighbour names it within timeout_s + 5 s and leaves; torchrun ends the job.
-
-    A stopped process ignores SIGTERM, so the job lasts until torchrun's SIGKILL: timeout_s + 30 s,
-    a wait torch 2.13 hard-codes for a failed worker (--shutdown-timeout only covers a signalled agent).
-    """
+def test_a_stopped_stage_ends_the_job_within_the_deadline(tmp_path: Path) -> None:
+    """SIGSTOP one stage: its neighbour names it at the deadline and SIGKILLs it (same host), so the job
+    ends within timeout_s + 5 s instead of waiting out torchrun's 30 s SIGTERM-to-SIGKILL grace, which a
+    stopped process cannot cut short."""
     timeout_s = 5
     command = torchrun_command(2, [f"run.out_dir={tmp_path}", "run.mode=pipeline", "local.modules=2",
                                    "train.max_steps=100000", "train.epochs=1000", "run.log_every=2",
@@ -202,7 +197,7 @@ def test_stopped_stage_ends_the_job_within_torchruns_grace(tmp_path: Path) -> No
         victim = next(p for p in psutil.Process(job.pid).children(recursive=True) if p.environ().get("RANK") == "1")
         victim.suspend()
         stopped = time.monotonic()
-        job.wait(timeout=timeout_s + TORCHRUN_GRACE_S + 30)
+        job.wait(timeout=timeout_s + 60)
         ended = time.monotonic()
     finally:
         if job.poll() is None:
@@ -215,4 +210,5 @@ def test_stopped_stage_ends_the_job_within_torchruns_grace(tmp_path: Path) -> No
     named = [at for at, line in lines if "error: stage on rank 0" in line]
     assert named, output[-3000:]
     assert named[0] - stopped < timeout_s + 5, output[-3000:]  # the neighbour detects and leaves in time
-    assert ended - stopped < timeout_s + TORCHRUN_GRACE_S + 5, output[-3000:]
+    assert "stopped rank 1's process" in output
+    assert ended - stopped < timeout_s + 5, output[-3000:]
