@@ -261,7 +261,7 @@ def collect(table_dir: str | Path, runs_dir: str | Path, metric: str = "auto") -
 
 def _parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m pipeline.reproduce",
-                            description="Compare measured runs with REFERENCE.md's published tables.")
+                            description="Compare measured runs with the published tables (see the module's docstring).")
     commands = parser.add_subparsers(dest="command", required=True)
     collect_cmd = commands.add_parser("collect", help="write the Markdown table of one table folder's runs")
     collect_cmd.add_argument("table_dir", metavar="TABLE_DIR",
