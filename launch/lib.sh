@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared by the launch scripts (sourced, not run): command echo, --dry-run, reading K from a config.
+# Shared by the launch scripts (sourced, not run): command echo, --dry-run, checking a config and reading K.
 
 # The repository root, importable without installing the package.
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,24 +26,28 @@ show_and_run() {
     "$@"
 }
 
-# config_modules CONFIG [TRAIN ARGS...]: local.modules of CONFIG after the --set overrides among
-# the train args. Exits 2 with the config error when CONFIG is not valid.
+# need_value OPTION [VALUE...]: an option that takes a value must have one.
+need_value() {
+    [[ $# -ge 2 ]] || die "$1 needs a value"
+}
+
+# config_modules MODE CONFIG [TRAIN ARGS...]: validate the config exactly as the job will read it
+# (pipeline.train --check on the same arguments) and print its local.modules. A bad config ends
+# the script here with pipeline.train's one-line error and exit 2, before torchrun starts
+# processes that would each print it, followed by torchrun's traceback.
 config_modules() {
-    "${PYTHON}" - "$@" <<'PY'
-import sys
+    local mode=$1 config=$2 resolved
+    shift 2
+    resolved=$("${PYTHON}" -m pipeline.train --check --config "${config}" --set "run.mode=${mode}" "$@") || exit $?
+    resolved=$(grep '^local\.modules = ' <<<"${resolved}")
+    echo "${resolved#local.modules = }"
+}
 
-from pipeline.config import load_config
-from pipeline.errors import BadInput
-
-config, rest = sys.argv[1], sys.argv[2:]
-sets = [rest[i + 1] for i in range(len(rest) - 1) if rest[i] == "--set"]
-sets += [arg.split("=", 1)[1] for arg in rest if arg.startswith("--set=")]
-try:
-    print(load_config(config, sets).local.modules)
-except BadInput as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
-PY
+# quiet_torchrun_threads: torchrun prints a banner and sets OMP_NUM_THREADS=1 on every launch where it
+# is unset; the stages set their own thread counts (pipeline.threads_per_stage), so set it here, quietly.
+# Only for torchrun: a sequential run in this shell keeps every core.
+quiet_torchrun_threads() {
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 }
 
 # require_int NAME VALUE: VALUE must be a whole number >= 1.

@@ -5,18 +5,21 @@ set -euo pipefail
 usage() {
     cat <<'USAGE'
 usage: NNODES=N NODE_RANK=R MASTER_ADDR=HOST [MASTER_PORT=29500] [NPROC=P] [RDZV_ID=ID] \
-       launch/multi_node.sh [--dry-run] [--mode pipeline|ddp] CONFIG [TRAIN ARGS...]
+       launch/multi_node.sh [--dry-run] [--mode pipeline|ddp] CONFIG [--set KEY=VALUE ...]
 
-Run it on each of the NNODES nodes (same CONFIG, same TRAIN ARGS, NODE_RANK 0..NNODES-1):
+Run it on each of the NNODES nodes (same CONFIG, same --set overrides, NODE_RANK 0..NNODES-1):
   torchrun --nnodes NNODES --node-rank NODE_RANK --nproc-per-node NPROC \
            --rdzv-backend c10d --rdzv-endpoint MASTER_ADDR:MASTER_PORT --rdzv-id RDZV_ID \
-           -m pipeline.train --config CONFIG --set run.mode=pipeline [TRAIN ARGS...]
+           -m pipeline.train --config CONFIG --set run.mode=pipeline [--set ...]
 
   NNODES, NODE_RANK, MASTER_ADDR   required (MASTER_ADDR: a host every node reaches; it hosts the rendezvous).
   NPROC    processes per node; pipeline default: local.modules / NNODES (must divide evenly).
   RDZV_ID  the job's rendezvous id, the same on every node (default: localpipe-<config name>).
   --mode   pipeline (one process per module, default) or ddp (end-to-end baseline; NPROC required).
-  --dry-run  print the command and exit.
+  --dry-run  check the config, print the command and exit.
+  --set KEY=VALUE  goes to pipeline.train.
+Options may come in any order, before or after CONFIG; after -- everything goes to pipeline.train.
+The config is checked (python -m pipeline.train --check) before torchrun starts.
 USAGE
 }
 
@@ -24,19 +27,25 @@ USAGE
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 mode=pipeline
+positional=()
+train_args=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
-        --dry-run) DRY_RUN=1; shift ;;
-        --mode) [[ $# -ge 2 ]] || die "--mode needs a value"; mode=$2; shift 2 ;;
-        --) shift; break ;;
+        --dry-run) DRY_RUN=1 ;;
+        --mode) need_value "$@"; mode=$2; shift ;;
+        --mode=*) mode=${1#*=} ;;
+        --set) need_value "$@"; train_args+=("$1" "$2"); shift ;;
+        --set=*) train_args+=("$1") ;;
+        --) shift; train_args+=("$@"); break ;;
         -*) usage >&2; die "unknown option $1" ;;
-        *) break ;;
+        *) positional+=("$1") ;;
     esac
+    shift
 done
-[[ $# -ge 1 ]] || { usage >&2; die "missing CONFIG"; }
-config=$1
-shift
+[[ ${#positional[@]} -ge 1 ]] || { usage >&2; die "missing CONFIG"; }
+[[ ${#positional[@]} -eq 1 ]] || die "one CONFIG expected, got: ${positional[*]} (overrides go after --set)"
+config=${positional[0]}
 
 nnodes=${NNODES:-}
 node_rank=${NODE_RANK:-}
@@ -51,9 +60,10 @@ require_int NNODES "${nnodes}"
     die "NODE_RANK must be 0 .. $((nnodes - 1)) (got '${node_rank}')"
 require_int MASTER_PORT "${master_port}"
 
+case ${mode} in pipeline | ddp) ;; *) die "--mode must be pipeline or ddp (got '${mode}')" ;; esac
+modules=$(config_modules "${mode}" "${config}" "${train_args[@]}")
 case ${mode} in
     pipeline)
-        modules=$(config_modules "${config}" "$@")
         if [[ -z ${nproc} ]]; then
             ((modules % nnodes == 0)) ||
                 die "local.modules = ${modules} does not split evenly over NNODES=${nnodes}; set NPROC per node"
@@ -64,12 +74,12 @@ case ${mode} in
             die "pipeline mode runs one process per module: NPROC x NNODES = $((nproc * nnodes)) but local.modules = ${modules}"
         ;;
     ddp) [[ -n ${nproc} ]] || die "--mode ddp needs NPROC (processes per node)" ;;
-    *) die "--mode must be pipeline or ddp (got '${mode}')" ;;
 esac
 require_int NPROC "${nproc}"
 config_name=$(basename "${config}" .toml)
 rdzv_id=${RDZV_ID:-localpipe-${config_name}}
 
+quiet_torchrun_threads
 show_and_run "${TORCHRUN}" --nnodes "${nnodes}" --node-rank "${node_rank}" --nproc-per-node "${nproc}" \
     --rdzv-backend c10d --rdzv-endpoint "${master_addr}:${master_port}" --rdzv-id "${rdzv_id}" \
-    -m pipeline.train --config "${config}" --set "run.mode=${mode}" "$@"
+    -m pipeline.train --config "${config}" --set "run.mode=${mode}" "${train_args[@]}"

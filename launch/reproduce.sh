@@ -6,16 +6,16 @@ set -euo pipefail
 usage() {
     cat <<'USAGE'
 usage: launch/reproduce.sh [--dry-run] [--mode auto|sequential|pipeline] [--runs-dir DIR] [--skip-done]
-                           TABLE [TRAIN ARGS...]
+                           TABLE [--set KEY=VALUE ...]
 
 TABLE   a folder of row configs (configs/published/cifar10_resnet32, configs/fashion_mnist) or its
         name (cifar10_resnet32, fashion_mnist): see configs/published/ for the tables.
 For each row, in table order:
   K >= 2 and >= K GPUs here (or --mode pipeline):
     torchrun --standalone --nproc-per-node K -m pipeline.train --config ROW --set run.mode=pipeline \
-             --set run.out_dir=RUNS/ROW_NAME [TRAIN ARGS...]
+             --set run.out_dir=RUNS/ROW_NAME [--set ...]
   otherwise (or --mode sequential):
-    python -m pipeline.train --config ROW --set run.mode=sequential --set run.out_dir=RUNS/ROW_NAME [TRAIN ARGS...]
+    python -m pipeline.train --config ROW --set run.mode=sequential --set run.out_dir=RUNS/ROW_NAME [--set ...]
 then:
   python -m pipeline.reproduce collect TABLE RUNS --out RUNS/results.md
 
@@ -24,7 +24,8 @@ then:
                   after a complete checkpoint (to continue an interrupted table).
   --dry-run       print every command and exit.
 GPUS=N overrides the GPU count (default: torch.cuda.device_count(), so CUDA_VISIBLE_DEVICES counts). A failing row stops the table.
-TRAIN ARGS go to every row, e.g. --set train.epochs=1 for a smoke run (marked † in the table).
+--set KEY=VALUE goes to every row, e.g. --set train.epochs=1 for a smoke run (marked † in the table).
+Options may come in any order, before or after TABLE; after -- everything goes to pipeline.train.
 USAGE
 }
 
@@ -34,21 +35,28 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 mode=auto
 runs_dir=""
 skip_done=0
+positional=()
+train_args=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
-        --dry-run) DRY_RUN=1; shift ;;
-        --mode) [[ $# -ge 2 ]] || die "--mode needs a value"; mode=$2; shift 2 ;;
-        --runs-dir) [[ $# -ge 2 ]] || die "--runs-dir needs a value"; runs_dir=$2; shift 2 ;;
-        --skip-done) skip_done=1; shift ;;
-        --) shift; break ;;
+        --dry-run) DRY_RUN=1 ;;
+        --mode) need_value "$@"; mode=$2; shift ;;
+        --mode=*) mode=${1#*=} ;;
+        --runs-dir) need_value "$@"; runs_dir=$2; shift ;;
+        --runs-dir=*) runs_dir=${1#*=} ;;
+        --skip-done) skip_done=1 ;;
+        --set) need_value "$@"; train_args+=("$1" "$2"); shift ;;
+        --set=*) train_args+=("$1") ;;
+        --) shift; train_args+=("$@"); break ;;
         -*) usage >&2; die "unknown option $1" ;;
-        *) break ;;
+        *) positional+=("$1") ;;
     esac
+    shift
 done
-[[ $# -ge 1 ]] || { usage >&2; die "missing TABLE"; }
-table=$1
-shift
+[[ ${#positional[@]} -ge 1 ]] || { usage >&2; die "missing TABLE"; }
+[[ ${#positional[@]} -eq 1 ]] || die "one TABLE expected, got: ${positional[*]} (overrides go after --set)"
+table=${positional[0]}
 case ${mode} in auto | sequential | pipeline) ;; *) die "--mode must be auto, sequential or pipeline (got '${mode}')" ;; esac
 
 # TABLE as given, else a name under configs/published/ or configs/.
@@ -96,11 +104,12 @@ for line in "${rows[@]}"; do
         resume=(--set "run.resume=${out_dir}")  # an interrupted row goes on from its last complete checkpoint
     fi
     if [[ ${modules} -ge 2 && (${mode} == pipeline || (${mode} == auto && ${gpus} -ge ${modules})) ]]; then
-        show_and_run "${TORCHRUN}" --standalone --nproc-per-node "${modules}" -m pipeline.train \
-            --config "${config}" --set run.mode=pipeline --set "run.out_dir=${out_dir}" "${resume[@]}" "$@"
+        # quiet_torchrun_threads for this command only: the sequential rows keep every core
+        OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} show_and_run "${TORCHRUN}" --standalone --nproc-per-node "${modules}" \
+            -m pipeline.train --config "${config}" --set run.mode=pipeline --set "run.out_dir=${out_dir}" "${resume[@]}" "${train_args[@]}"
     else
         show_and_run "${PYTHON}" -m pipeline.train --config "${config}" --set run.mode=sequential \
-            --set "run.out_dir=${out_dir}" "${resume[@]}" "$@"
+            --set "run.out_dir=${out_dir}" "${resume[@]}" "${train_args[@]}"
     fi
 done
 

@@ -4,18 +4,20 @@ set -euo pipefail
 
 usage() {
     cat <<'USAGE'
-usage: launch/single_node.sh [--dry-run] [--mode pipeline|ddp] [--nproc N] CONFIG [TRAIN ARGS...]
+usage: launch/single_node.sh [--dry-run] [--mode pipeline|ddp] [--nproc N] CONFIG [--set KEY=VALUE ...]
 
 Runs on this node:
-  torchrun --standalone --nproc-per-node K -m pipeline.train --config CONFIG --set run.mode=pipeline [TRAIN ARGS...]
+  torchrun --standalone --nproc-per-node K -m pipeline.train --config CONFIG --set run.mode=pipeline [--set ...]
 
-  --mode pipeline   one process per module; K = local.modules of CONFIG (after any --set in TRAIN ARGS).
+  --mode pipeline   one process per module; K = local.modules of CONFIG (after the --set overrides).
   --mode ddp        the end-to-end DistributedDataParallel baseline on --nproc N processes (K=1 configs).
   --nproc N         processes to start (pipeline: must equal K; ddp: required).
-  --dry-run         print the command and exit.
-TRAIN ARGS go to pipeline.train unchanged, e.g. --set train.epochs=1 --set pipeline.wire_dtype=bf16.
+  --dry-run         check the config, print the command and exit.
+  --set KEY=VALUE   goes to pipeline.train, e.g. --set train.epochs=1 --set pipeline.wire_dtype=bf16.
+Options may come in any order, before or after CONFIG; after -- everything goes to pipeline.train.
+The config is checked (python -m pipeline.train --check) before torchrun starts.
 One GPU per process where there are enough (NCCL), CPU processes (gloo) otherwise.
-Example: launch/single_node.sh configs/quickstart.toml
+Example: launch/single_node.sh configs/quickstart.toml --dry-run
 USAGE
 }
 
@@ -24,36 +26,41 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 mode=pipeline
 nproc=""
+positional=()
+train_args=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
-        --dry-run) DRY_RUN=1; shift ;;
-        --mode) [[ $# -ge 2 ]] || die "--mode needs a value"; mode=$2; shift 2 ;;
-        --nproc) [[ $# -ge 2 ]] || die "--nproc needs a value"; nproc=$2; shift 2 ;;
-        --) shift; break ;;
+        --dry-run) DRY_RUN=1 ;;
+        --mode) need_value "$@"; mode=$2; shift ;;
+        --mode=*) mode=${1#*=} ;;
+        --nproc) need_value "$@"; nproc=$2; shift ;;
+        --nproc=*) nproc=${1#*=} ;;
+        --set) need_value "$@"; train_args+=("$1" "$2"); shift ;;
+        --set=*) train_args+=("$1") ;;
+        --) shift; train_args+=("$@"); break ;;
         -*) usage >&2; die "unknown option $1" ;;
-        *) break ;;
+        *) positional+=("$1") ;;
     esac
+    shift
 done
-[[ $# -ge 1 ]] || { usage >&2; die "missing CONFIG"; }
-config=$1
-shift
+[[ ${#positional[@]} -ge 1 ]] || { usage >&2; die "missing CONFIG"; }
+[[ ${#positional[@]} -eq 1 ]] || die "one CONFIG expected, got: ${positional[*]} (overrides go after --set)"
+config=${positional[0]}
 
-case ${mode} in
-    pipeline)
-        modules=$(config_modules "${config}" "$@")
-        [[ -n ${nproc} ]] || nproc=${modules}
-        [[ ${nproc} == "${modules}" ]] ||
-            die "pipeline mode runs one process per module: --nproc ${nproc} but local.modules = ${modules}"
-        [[ ${modules} -ge 2 ]] ||
-            die "${config} has local.modules = 1: nothing to pipeline; use --mode ddp or python -m pipeline.train"
-        ;;
-    ddp)
-        [[ -n ${nproc} ]] || die "--mode ddp needs --nproc N (the number of data-parallel processes)"
-        ;;
-    *) die "--mode must be pipeline or ddp (got '${mode}')" ;;
-esac
+case ${mode} in pipeline | ddp) ;; *) die "--mode must be pipeline or ddp (got '${mode}')" ;; esac
+modules=$(config_modules "${mode}" "${config}" "${train_args[@]}")
+if [[ ${mode} == pipeline ]]; then
+    [[ -n ${nproc} ]] || nproc=${modules}
+    [[ ${nproc} == "${modules}" ]] ||
+        die "pipeline mode runs one process per module: --nproc ${nproc} but local.modules = ${modules}"
+    [[ ${modules} -ge 2 ]] ||
+        die "${config} has local.modules = 1: nothing to pipeline; use --mode ddp or python -m pipeline.train"
+else
+    [[ -n ${nproc} ]] || die "--mode ddp needs --nproc N (the number of data-parallel processes)"
+fi
 require_int --nproc "${nproc}"
 
+quiet_torchrun_threads
 show_and_run "${TORCHRUN}" --standalone --nproc-per-node "${nproc}" \
-    -m pipeline.train --config "${config}" --set "run.mode=${mode}" "$@"
+    -m pipeline.train --config "${config}" --set "run.mode=${mode}" "${train_args[@]}"

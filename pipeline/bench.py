@@ -1,36 +1,37 @@
-"""python -m pipeline.bench --config FILE --nproc N [--steps S] [--out DIR]
+"""python -m pipeline.bench --config FILE --nproc N [--steps S] [--window W] [--rounds R] [--out DIR]
 
-Runs, one after another on this machine and the same data: E2E in one process (all cores),
-DDP over N processes, sequential local learning (one process, K = N) and the pipeline over N
-processes (K = N). The local runs share one set of cuts (balanced-time unless the config gives
-an explicit list or balanced-memory). Throughput is the median of timed windows of
-``--window`` steps after the first (warm-up) window; activation memory is what autograd keeps
-for backward, counted exactly. Writes DIR/bench.json, DIR/bench.md and, with matplotlib,
-DIR/bench.png.
+Runs on this machine and the same data: E2E in one process (all cores), DDP over N processes,
+sequential local learning (one process, K = N) and the pipeline over N processes (K = N). The
+local runs share one set of cuts (balanced-time unless the config gives an explicit list or
+balanced-memory). The runs alternate: each of --rounds rounds runs every mode once, in that
+order, so that whatever else the machine does hits every mode alike. A run's throughput is the
+median of its timed windows of --window steps after the first (warm-up) window; a mode's figure
+is the median over rounds, reported with its min and max. The 1-minute load average is recorded
+before and during the runs, with a warning when the machine was busy before starting.
+Activation memory is what autograd keeps for backward, counted exactly. Writes DIR/bench.json,
+DIR/bench.md and, with matplotlib, DIR/bench.png.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from pipeline.cli import ArgumentParser, run_main
+# torch and the model code load inside run_bench only, so that --help answers at once.
+from pipeline.cli import ArgumentParser, add_set_argument, run_main
 from pipeline.config import Config, load_config
-from pipeline.data.specs import dataset_spec
-from pipeline.distributed import keep_freed_host_memory
 from pipeline.errors import BadInput, StageFailure
-from pipeline.metrics import say
-from pipeline.model.network import resolve_cuts
-from pipeline.model.partition import flat_to_cut
-from pipeline.model.profile import module_activation_bytes
+
+# Launches one run: (command, log file, list to append 1-minute load samples to) -> exit code.
+Launcher = Callable[[list[str], Path, list[float]], int]
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,111 @@ def figures(run: BenchRun, out: Path, window: int, batch: int) -> dict[str, Any]
     return result
 
 
-def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, window: int, out_dir: Path) -> dict[str, Any]:
+def schedule(nproc: int, rounds: int) -> list[tuple[int, BenchRun]]:
+    """(round, run) in the order they run: round 1 runs every mode, then round 2, ... (ABAB)."""
+    return [(number, run) for number in range(1, rounds + 1) for run in plan_runs(nproc)]
+
+
+def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's figures over its rounds: median samples/s with min and max.
+
+    The per-process figures (memory, busy fractions, waits) are those of the round nearest the
+    median, so they describe a real run rather than a mix of several.
+    """
+    rates = [result["samples_per_s"] for result in rounds]
+    median = statistics.median(rates)
+    typical = min(rounds, key=lambda result: abs(result["samples_per_s"] - median))
+    combined = {
+        **typical,
+        "samples_per_s": round(median, 2),
+        "samples_per_s_min": min(rates),
+        "samples_per_s_max": max(rates),
+        "samples_per_s_rounds": rates,
+        "rounds": len(rounds),
+        "peak_mem_bytes": max(result["peak_mem_bytes"] for result in rounds),
+    }
+    if "bottleneck_samples_per_s" in typical:
+        bounds = [result["bottleneck_samples_per_s"] for result in rounds]
+        combined["bottleneck_samples_per_s"] = round(statistics.median(bounds), 2)
+        combined["efficiency_rounds"] = [round(rate / bound, 3) for rate, bound in zip(rates, bounds)]
+    return combined
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3)}
+
+
+def busy_warning(load_1min: float, cores: int) -> str | None:
+    if load_1min <= 0.5 * cores:
+        return None
+    return (f"warning: the machine was busy before the benchmark (1-minute load {load_1min:.2f} on {cores} cores): "
+            f"other work shares the cores, so these figures are noisy; rerun on an idle machine")
+
+
+def launch(command: list[str], log_path: Path, load: list[float]) -> int:
+    """Run one benchmark run, sampling the 1-minute load average every 2 s while it runs."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        while True:
+            try:
+                return process.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                load.append(os.getloadavg()[0])
+
+
+def run_rounds(runs: list[tuple[int, BenchRun]], out_dir: Path, command_of: Callable[[BenchRun, Path], list[str]],
+               window: int, batch: int, launcher: Launcher = launch) -> tuple[dict[str, Any], list[float]]:
+    """Every (round, run) in order -> ({mode: combined figures}, 1-minute load samples taken during the runs)."""
+    per_mode: dict[str, list[dict[str, Any]]] = {}
+    load: list[float] = []
+    rounds = max(number for number, _ in runs)
+    for number, run in runs:
+        out = out_dir / f"round-{number}" / run.name
+        command = command_of(run, out)
+        print(f"[bench] round {number}/{rounds} {run.name}: {shlex.join(command)}", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        log_path = out.parent / f"{run.name}.log"
+        code = launcher(command, log_path, load)
+        load.append(os.getloadavg()[0])
+        if code != 0:
+            raise StageFailure(f"bench run {run.name} (round {number}) failed with exit code {code}; see {log_path}")
+        result = figures(run, out, window, batch)
+        per_mode.setdefault(run.name, []).append(result)
+        print(f"[bench] round {number}/{rounds} {run.name}: {result['samples_per_s']} samples/s", flush=True)
+    return {name: combine(results) for name, results in per_mode.items()}, load
+
+
+def machine(device: str) -> str:
+    cores = f"{os.cpu_count()} CPU cores"
+    if device != "cuda":
+        return cores
+    import torch
+
+    return f"{cores}, {torch.cuda.get_device_name(0)}"
+
+
+def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, window: int, out_dir: Path,
+              rounds: int = 3, launcher: Launcher = launch) -> dict[str, Any]:
     if nproc < 2:
         raise BadInput(f"--nproc = {nproc}: the benchmark compares N processes; use --nproc 2 or more")
     if steps < 2 * window:
         raise BadInput(f"--steps = {steps} must be at least two windows (2 x --window = {2 * window})")
+    if rounds < 1:
+        raise BadInput(f"--rounds = {rounds} must be >= 1 (3 or more to see the spread)")
+    import torch
+
+    from pipeline.data.specs import dataset_spec
+    from pipeline.distributed import keep_freed_host_memory
+    from pipeline.model.partition import flat_to_cut
+    from pipeline.model.profile import module_activation_bytes
+
+    cores = os.cpu_count() or 1
+    load_before = os.getloadavg()
+    warning = busy_warning(load_before[0], cores)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     keep_freed_host_memory()  # as in the runs, so the profiled block times match theirs
     base = load_config(config_path, [*sets, "local.modules=1", "local.partition=equal", "local.context=R0"])
     chosen = load_config(config_path, sets).local.partition
@@ -113,61 +214,62 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
     cuts = _profile_cuts(local, spec, nproc)
     explicit = json.dumps([flat_to_cut(cut, local.model.blocks_per_stage) for cut in cuts])
     batch = base.data.batch_size
-    activation = {
-        "e2e": module_activation_bytes(base, spec, [], batch)[0],
-        "ddp": module_activation_bytes(base, spec, [], -(-batch // nproc))[0],
-        "local": module_activation_bytes(local, spec, cuts, batch),
-    }
+    e2e_activation = module_activation_bytes(base, spec, [], batch)[0]
+    ddp_activation = module_activation_bytes(base, spec, [], -(-batch // nproc))[0]
+    local_activation = module_activation_bytes(local, spec, cuts, batch)
 
-    results: dict[str, Any] = {}
-    for run in plan_runs(nproc):
-        out = out_dir / run.name
+    def command_of(run: BenchRun, out: Path) -> list[str]:
         run_sets = [
             *sets, f"run.mode={run.mode}", f"run.out_dir={out}", f"train.max_steps={steps}", f"run.log_every={window}",
             "run.resume=\"\"", f"local.modules={run.modules}", "train.epochs=1000000",
         ]
-        run_sets += ["local.context=R0", "local.partition=equal"] if run.modules == 1 else [f"local.partition={explicit}"]
+        run_sets += (["local.context=R0", "local.partition=equal"] if run.modules == 1
+                     else [f"local.partition={explicit}"])
         if run.processes > 1:
-            run_sets.append(f"pipeline.threads_per_stage={max(1, (os.cpu_count() or 1) // run.processes)}")
-        command = command_for(run, config_path, run_sets)
-        say(f"[bench] {run.name}: {' '.join(command)}")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        with open(out_dir / f"{run.name}.log", "w") as log:
-            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
-        if code != 0:
-            raise StageFailure(f"bench run {run.name} failed with exit code {code}; see {out_dir / (run.name + '.log')}")
-        results[run.name] = figures(run, out, window, batch)
-        say(f"[bench] {run.name}: {results[run.name]['samples_per_s']} samples/s")
+            run_sets.append(f"pipeline.threads_per_stage={max(1, cores // run.processes)}")
+        return command_for(run, config_path, run_sets)
 
-    results["e2e"]["activation_mem_bytes"] = activation["e2e"]
-    results["ddp"]["activation_mem_bytes"] = activation["ddp"]
+    results, load_during = run_rounds(schedule(nproc, rounds), out_dir, command_of, window, batch, launcher)
+    results["e2e"]["activation_mem_bytes"] = e2e_activation
+    results["ddp"]["activation_mem_bytes"] = ddp_activation
     for name in ("sequential", "pipeline"):
-        results[name]["activation_mem_bytes"] = max(activation["local"])
-        results[name]["module_activation_mem_bytes"] = activation["local"]
-    pipe = results["pipeline"]
+        results[name]["activation_mem_bytes"] = max(local_activation)
+        results[name]["module_activation_mem_bytes"] = local_activation
+    pipe, ddp = results["pipeline"], results["ddp"]
+    device = "cuda" if torch.cuda.is_available() and base.run.device != "cpu" else "cpu"
     report = {
         "config": config_path,
         "overrides": sets,
         "nproc": nproc,
         "steps": steps,
         "window": window,
+        "rounds": rounds,
         "batch_size": batch,
         "arch": base.model.arch,
         "dataset": base.data.name,
-        "device": "cuda" if torch.cuda.is_available() and base.run.device != "cpu" else "cpu",
-        "cpu_count": os.cpu_count(),
+        "device": device,
+        "cpu_count": cores,
+        "machine": machine(device),
+        "load_average": {"before": [round(value, 2) for value in load_before],
+                         "during": spread(load_during) if load_during else None},
+        "busy_warning": warning,
         "runs": results,
-        "pipeline_over_ddp": round(pipe["samples_per_s"] / results["ddp"]["samples_per_s"], 3),
+        "pipeline_over_ddp": round(pipe["samples_per_s"] / ddp["samples_per_s"], 3),
         "pipeline_over_e2e": round(pipe["samples_per_s"] / results["e2e"]["samples_per_s"], 3),
         "pipeline_efficiency": round(pipe["samples_per_s"] / pipe["bottleneck_samples_per_s"], 3),
-        "largest_stage_activation_over_e2e": round(max(activation["local"]) / activation["e2e"], 3),
+        "largest_stage_activation_over_e2e": round(max(local_activation) / e2e_activation, 3),
+        # Per-round ratios: the runs of one round ran minutes apart, so they share the machine's state.
+        "rounds_spread": {
+            "pipeline_over_ddp": spread([p / d for p, d in zip(pipe["samples_per_s_rounds"],
+                                                               ddp["samples_per_s_rounds"])]),
+            "pipeline_efficiency": spread(pipe["efficiency_rounds"]),
+        },
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
     (out_dir / "bench.md").write_text(table)
-    say(table)
+    print(table, flush=True)
     plot(report, out_dir / "bench.png")
     return report
 
@@ -179,6 +281,10 @@ def _partition(chosen: str | list[list[int]]) -> list[str]:
 
 def _profile_cuts(config: Config, spec: Any, nproc: int) -> list[int]:
     """Profile as a stage will run: with its share of the cores."""
+    import torch
+
+    from pipeline.model.network import resolve_cuts
+
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
     try:
@@ -188,26 +294,46 @@ def _profile_cuts(config: Config, spec: Any, nproc: int) -> list[int]:
         torch.set_num_threads(before)
 
 
+def title(report: dict[str, Any]) -> str:
+    return (f"{report['arch']} on {report['dataset']}, batch {report['batch_size']}, {report['nproc']} processes, "
+            f"{report['steps']} steps x {report['rounds']} rounds ({report['machine']})")
+
+
+def ratio_line(report: dict[str, Any], key: str) -> str:
+    spread_of = report["rounds_spread"][key]
+    return f"{report[key]:.3f} (rounds: {spread_of['min']:.3f} - {spread_of['max']:.3f})"
+
+
 def markdown(report: dict[str, Any]) -> str:
     mib = 1 << 20
+    load = report["load_average"]
+    during = load["during"]
     lines = [
-        f"ResNet {report['arch']} on {report['dataset']}, batch {report['batch_size']}, {report['nproc']} processes, "
-        f"{report['steps']} steps, windows of {report['window']} ({report['device']}, {report['cpu_count']} cores)",
+        f"{title(report)}; windows of {report['window']} steps, device {report['device']}",
         "",
-        "| run | processes | modules | samples/s | peak mem / process (MiB) | activation mem (MiB) | busy fraction |",
-        "|---|---|---|---|---|---|---|",
+        f"1-minute load average before: {load['before'][0]:.2f}"
+        + (f"; during the runs: median {during['median']:.2f}, max {during['max']:.2f}" if during else ""),
+        "",
+    ]
+    if report["busy_warning"]:
+        lines += [f"**{report['busy_warning']}**", ""]
+    lines += [
+        ("| run | processes | modules | samples/s (median) | min - max over rounds | peak mem / process (MiB) "
+         "| activation mem (MiB) | busy fraction |"),
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, run in report["runs"].items():
         busy = " / ".join(f"{b:.2f}" for b in run["busy_fraction"])
         lines.append(
             f"| {name} | {run['processes']} | {run['modules']} | {run['samples_per_s']:.1f} | "
+            f"{run['samples_per_s_min']:.1f} - {run['samples_per_s_max']:.1f} | "
             f"{run['peak_mem_bytes'] / mib:.0f} | {run['activation_mem_bytes'] / mib:.0f} | {busy} |"
         )
     lines += [
         "",
-        f"- pipeline / DDP samples/s: {report['pipeline_over_ddp']:.3f}",
+        f"- pipeline / DDP samples/s: {ratio_line(report, 'pipeline_over_ddp')}",
         f"- pipeline / E2E samples/s: {report['pipeline_over_e2e']:.3f}",
-        f"- pipeline efficiency (measured / slowest-stage bound): {report['pipeline_efficiency']:.3f}",
+        f"- pipeline efficiency (measured / slowest-stage bound): {ratio_line(report, 'pipeline_efficiency')}",
         f"- largest module's activation memory / E2E's: {report['largest_stage_activation_over_e2e']:.3f}",
         "",
     ]
@@ -221,16 +347,30 @@ def plot(report: dict[str, Any], path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        say("[bench] matplotlib not installed: no bench.png (pip install .[plot])")
+        print("[bench] matplotlib not installed: no bench.png (pip install -e '.[plot]')", flush=True)
         return
-    names = list(report["runs"])
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.bar(names, [report["runs"][n]["samples_per_s"] for n in names], color="tab:blue")
+    runs = report["runs"]
+    names = list(runs)
+    rates = [runs[n]["samples_per_s"] for n in names]
+    below = [runs[n]["samples_per_s"] - runs[n]["samples_per_s_min"] for n in names]
+    above = [runs[n]["samples_per_s_max"] - runs[n]["samples_per_s"] for n in names]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.8))
+    left.bar(names, rates, yerr=[below, above], capsize=4, color="tab:blue")
+    for index, name in enumerate(names):  # above the error bar, which would cross a label on the bar
+        run = runs[name]
+        left.annotate(f"{run['samples_per_s']:.0f}\n({run['samples_per_s_min']:.0f}-{run['samples_per_s_max']:.0f})",
+                      (index, run["samples_per_s_max"]), xytext=(0, 3), textcoords="offset points",
+                      ha="center", va="bottom", fontsize=8)
+    left.margins(y=0.2)
     left.set_ylabel("samples / s")
-    left.set_title("throughput")
-    right.bar(names, [report["runs"][n]["activation_mem_bytes"] / (1 << 20) for n in names], color="tab:orange")
+    left.set_title(f"throughput: median, min-max over {report['rounds']} rounds")
+    bars = right.bar(names, [runs[n]["activation_mem_bytes"] / (1 << 20) for n in names], color="tab:orange")
+    right.bar_label(bars, fmt="%.0f")
     right.set_ylabel("MiB")
     right.set_title("activation memory (largest module / rank)")
+    figure.suptitle(
+        f"{title(report)}\npipeline / DDP {ratio_line(report, 'pipeline_over_ddp')}, "
+        f"pipeline efficiency {ratio_line(report, 'pipeline_efficiency')}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -239,16 +379,17 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         parser = ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[1])
-        parser.add_argument("--config", help="TOML experiment file")
+        parser.add_argument("--config", help="TOML experiment file; the built-in defaults without one")
         parser.add_argument("--nproc", type=int, required=True, help="processes for DDP and the pipeline (K = N)")
         parser.add_argument("--steps", type=int, default=60, help="training steps per run")
         parser.add_argument("--window", type=int, default=10, help="steps per timed window")
+        parser.add_argument("--rounds", type=int, default=3, help="rounds, each running every mode once")
         parser.add_argument("--out", default="runs/bench", help="output folder")
-        parser.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE")
+        add_set_argument(parser)
         args = parser.parse_args(argv)
         if args.window < 1:
             raise BadInput(f"--window = {args.window} must be >= 1")
-        run_bench(args.config, args.set, args.nproc, args.steps, args.window, Path(args.out))
+        run_bench(args.config, args.set, args.nproc, args.steps, args.window, Path(args.out), args.rounds)
 
     return run_main(body)
 

@@ -1,21 +1,57 @@
-"""Shared command-line plumbing: one-line errors and the exit codes (docs/design.md)."""
+"""Shared command-line plumbing: one-line errors, exit codes (docs/design.md) and the --help layout."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from pipeline.errors import BadInput, StageFailure, first_line
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
+SET_HELP = (
+    "override one config key; repeatable. VALUE is read as TOML (4, 0.1, true, \"text\", [[1, 6]]) and a "
+    "bare word as text, e.g. --set local.modules=8 --set run.mode=pipeline --set train.max_steps=100"
+)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends an option's default to its help, except where there is nothing to show.
+
+    argparse's own ArgumentDefaultsHelpFormatter also prints "(default: None)" and "(default: [])",
+    which tell a reader nothing.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "%(default)" in text or default is None or default is False
+                or default is argparse.SUPPRESS or default == []):
+            return text
+        return f"{text} (default: %(default)s)"
+
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one BadInput line instead of usage + exit."""
+    """argparse that reports a bad argument as one BadInput line instead of usage + exit.
+
+    Abbreviations are off: with them ``--conf`` silently meant ``--config``, and a later option
+    sharing a prefix would change what an old command line does.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise BadInput(f"{message} (see {self.prog} --help)")
+
+
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE", help=SET_HELP)
 
 
 def run_main(body: Callable[[], None]) -> int:
@@ -29,5 +65,9 @@ def run_main(body: Callable[[], None]) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
+    except BrokenPipeError:
+        # The reader went away (... | head): point stdout at nothing so the exit flush cannot raise.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
     return EXIT_OK

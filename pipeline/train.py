@@ -1,4 +1,4 @@
-"""python -m pipeline.train --config FILE [--set table.key=value ...]
+"""python -m pipeline.train --config FILE [--set table.key=value ...] [--check]
 
 Sequential runs in this process; pipeline and ddp runs are launched by torchrun, one process
 per module (pipeline) or per data-parallel rank (ddp).
@@ -6,27 +6,44 @@ per module (pipeline) or per data-parallel rank (ddp).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.cli import ArgumentParser, run_main
+# torch is imported by train() only: --help and --check answer without it, in a fraction of a second.
+from pipeline.cli import ArgumentParser, add_set_argument, run_main
 from pipeline.config import Config, ineffective_keys, load_config
-from pipeline.distributed import keep_freed_host_memory
 from pipeline.errors import BadInput, errors_logged
 
 
-def parse_config(argv: list[str] | None) -> Config:
-    parser = ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n\n")[1])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n\n")[1],
+                            epilog="Every key has a default; --check prints them all for a config "
+                                   "(e.g. python -m pipeline.train --check --set local.modules=8).")
     parser.add_argument("--config", help="TOML experiment file (see configs/); defaults apply without one")
-    parser.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
-                        help="override one config key; repeatable")
-    args = parser.parse_args(argv)
+    add_set_argument(parser)
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config and --set overrides, print every resolved key as "
+                             "table.key = value and exit without training")
+    return parser.parse_args(argv)
+
+
+def parse_config(argv: list[str] | None) -> Config:
+    args = parse_args(argv)
     return load_config(args.config, args.set)
+
+
+def print_resolved(config: Config) -> None:
+    """One line per key, each a valid --set argument (JSON scalars and lists read as TOML)."""
+    for table, values in config.to_dict().items():
+        for key, value in values.items():
+            print(f"{table}.{key} = {json.dumps(value)}")
 
 
 OUTPUTS = ("summary.json", "metrics.jsonl", "checkpoints", "errors")  # what a run writes under out_dir
@@ -88,6 +105,8 @@ def _claim(config: Config, path: Path) -> None:
 
 
 def train(config: Config) -> None:
+    from pipeline.distributed import keep_freed_host_memory
+
     with prepare_out_dir(config):
         keep_freed_host_memory()
         from pipeline.runners.run import run
@@ -100,7 +119,15 @@ def train(config: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(lambda: train(parse_config(argv)))
+    def body() -> None:
+        args = parse_args(argv)
+        config = load_config(args.config, args.set)
+        if args.check:
+            print_resolved(config)
+        else:
+            train(config)
+
+    return run_main(body)
 
 
 def exit_process(code: int) -> None:

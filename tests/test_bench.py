@@ -3,20 +3,36 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from pipeline.bench import BenchRun, command_for, figures, markdown, plan_runs
+from pipeline.bench import (
+    BenchRun,
+    busy_warning,
+    command_for,
+    figures,
+    markdown,
+    plan_runs,
+    plot,
+    run_bench,
+    run_rounds,
+    schedule,
+)
+from pipeline.errors import StageFailure
+
+REPO = Path(__file__).resolve().parents[1]
 
 WINDOW, BATCH = 10, 128
 
 
 def write_run(out: Path, modules: int, rates: list[float], computes: list[list[float]]) -> None:
     """A finished run's outputs: one train line per module per window (+ one partial window)."""
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     stages = [{"rank": k, "module": k, "compute_s": 1.0, "recv_wait_s": 0.1 * k, "send_wait_s": 0.2,
                "busy_fraction": 0.9, "peak_mem_bytes": 1000 + k, "samples_per_s": 10.0} for k in range(modules)]
     (out / "summary.json").write_text(json.dumps({"stages": stages, "cut_points": [[1, 4]], "test_accuracy": 0.5}))
@@ -61,25 +77,136 @@ def test_plan_and_commands() -> None:
     assert "--nproc-per-node=4" in command_for(runs["pipeline"], None, [])
 
 
-def test_markdown_names_every_run_and_ratio() -> None:
-    run = {"processes": 1, "modules": 1, "samples_per_s": 100.0, "peak_mem_bytes": 1 << 20,
-           "activation_mem_bytes": 2 << 20, "busy_fraction": [1.0]}
-    report = {"arch": "resnet32", "dataset": "fashion_mnist", "batch_size": 128, "nproc": 2, "steps": 60,
-              "window": 10, "device": "cpu", "cpu_count": 2, "runs": {"e2e": run, "pipeline": run},
-              "pipeline_over_ddp": 1.2, "pipeline_over_e2e": 1.0, "pipeline_efficiency": 0.99,
-              "largest_stage_activation_over_e2e": 0.5}
-    text = markdown(report)
-    assert "| e2e | 1 | 1 | 100.0 | 1 | 2 | 1.00 |" in text and "| pipeline |" in text
-    assert "pipeline / DDP samples/s: 1.200" in text
+def test_rounds_alternate_every_mode() -> None:
+    order = [(number, run.name) for number, run in schedule(2, 3)]
+    modes = ["e2e", "ddp", "sequential", "pipeline"]
+    assert order == [(number, name) for number in (1, 2, 3) for name in modes]
+
+
+def out_dir_of(command: list[str]) -> Path:
+    (item,) = [arg for arg in command if arg.startswith("run.out_dir=")]
+    return Path(item.split("=", 1)[1])
+
+
+# samples/s each mode reaches in rounds 1, 2, 3: round 2 is the noisy one for every mode.
+RATES = {"e2e": [100.0, 50.0, 110.0], "ddp": [200.0, 90.0, 220.0], "sequential": [95.0, 40.0, 90.0],
+         "pipeline": [300.0, 120.0, 310.0]}
+
+
+def fake_launcher(ran: list[tuple[int, str]], batch: int = BATCH) -> object:
+    def launch(command: list[str], log: Path, load: list[float]) -> int:
+        out = out_dir_of(command)
+        number, name = int(out.parent.name.split("-")[1]), out.name
+        ran.append((number, name))
+        run = {r.name: r for r in plan_runs(2)}[name]
+        rate = RATES[name][number - 1]
+        # compute seconds per window such that the pipeline's bound is 1.25 x its rate
+        write_run(out, run.modules, [rate] * 3, [[batch * WINDOW / (1.25 * rate)] * run.modules] * 3)
+        log.write_text("ok\n")
+        load.append(0.25)
+        return 0
+
+    return launch
+
+
+def command_of(run: BenchRun, out: Path) -> list[str]:
+    return command_for(run, "my config.toml", [f"run.out_dir={out}"])
+
+
+def test_run_rounds_takes_medians_and_spread_per_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ran: list[tuple[int, str]] = []
+    results, load = run_rounds(schedule(2, 3), tmp_path, command_of, WINDOW, BATCH,
+                               fake_launcher(ran))  # type: ignore[arg-type]
+    assert ran == [(number, run.name) for number, run in schedule(2, 3)]
+    assert results["pipeline"]["samples_per_s"] == 300.0
+    assert (results["pipeline"]["samples_per_s_min"], results["pipeline"]["samples_per_s_max"]) == (120.0, 310.0)
+    assert results["sequential"]["samples_per_s"] == 90.0 and results["sequential"]["rounds"] == 3
+    assert results["pipeline"]["efficiency_rounds"] == [0.8, 0.8, 0.8]
+    assert len(load) >= 12 and (tmp_path / "round-3" / "pipeline.log").is_file()
+    # every printed command pastes back into a shell as the same argv
+    printed = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines() if "python" in line]
+    assert len(printed) == 12
+    assert shlex.split(printed[0]) == command_of(plan_runs(2)[0], tmp_path / "round-1" / "e2e")
+    assert "'my config.toml'" in printed[0]
+
+
+def test_a_failed_run_names_its_round_and_log(tmp_path: Path) -> None:
+    def failing(command: list[str], log: Path, load: list[float]) -> int:
+        return 3 if "round-2" in str(out_dir_of(command)) else fake(command, log, load)
+
+    fake = fake_launcher([])
+    with pytest.raises(StageFailure, match=r"e2e \(round 2\) failed with exit code 3; see .*round-2/e2e.log"):
+        run_rounds(schedule(2, 2), tmp_path, command_of, WINDOW, BATCH, failing)  # type: ignore[operator]
+
+
+def test_busy_machine_warning() -> None:
+    assert busy_warning(0.9, 2) is None
+    warning = busy_warning(1.5, 2)
+    assert warning is not None and "1.50 on 2 cores" in warning and "idle" in warning
+
+
+TINY_BENCH = ["data.name=synthetic", "model.arch=resnet8", "data.batch_size=8", "run.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def bench_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, object], Path]:
+    """A whole benchmark on a tiny config with the runs faked (their outputs written, not trained)."""
+    out = tmp_path_factory.mktemp("bench")
+    report = run_bench(None, TINY_BENCH, 2, 20, WINDOW, out, rounds=3,
+                       launcher=fake_launcher([], batch=8))  # type: ignore[arg-type]
+    return report, out
+
+
+def test_bench_json_keeps_its_keys_and_adds_the_spread(bench_report: tuple[dict[str, object], Path]) -> None:
+    report, out = bench_report
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert saved["pipeline_over_ddp"] == 1.5 and saved["pipeline_efficiency"] == 0.8
+    assert 0 < saved["largest_stage_activation_over_e2e"] <= 1
+    assert saved["rounds"] == 3 and saved["rounds_spread"]["pipeline_over_ddp"] == {
+        "median": round(310 / 220, 3), "min": round(120 / 90, 3), "max": 1.5}
+    assert len(saved["load_average"]["before"]) == 3 and saved["load_average"]["during"]["max"] >= 0
+    assert saved["machine"].startswith(f"{os.cpu_count()} CPU cores")
+    text = (out / "bench.md").read_text()
+    assert "| pipeline | 2 | 2 | 300.0 | 120.0 - 310.0 |" in text
+    assert "pipeline / DDP samples/s: 1.500 (rounds: 1.333 - 1.500)" in text
+    assert "1-minute load average before:" in text
+
+
+def test_markdown_shows_the_busy_warning(bench_report: tuple[dict[str, object], Path]) -> None:
+    report = {**bench_report[0], "busy_warning": "warning: the machine was busy"}
+    assert "**warning: the machine was busy**" in markdown(report)
+
+
+def test_plot_has_a_title_and_labelled_bars(bench_report: tuple[dict[str, object], Path], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    saved: list[matplotlib.figure.Figure] = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **k: (saved.append(self), real_savefig(self, *a, **k))[1])
+    plot(bench_report[0], tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    (figure,) = saved
+    heading = figure.get_suptitle()
+    assert "resnet8 on synthetic, batch 8, 2 processes, 20 steps x 3 rounds" in heading
+    assert f"{os.cpu_count()} CPU cores" in heading
+    assert "pipeline / DDP 1.500" in heading and "pipeline efficiency 0.800" in heading
+    labels = [text.get_text() for axes in figure.axes for text in axes.texts]
+    assert "300\n(120-310)" in labels and "200\n(90-220)" in labels and "5" in labels, labels
 
 
 @pytest.mark.parametrize("args, message", [
     (["--nproc", "1"], "--nproc = 1"),
     (["--nproc", "2", "--steps", "5"], "--steps = 5 must be at least two windows"),
     (["--nproc", "two"], "invalid int value"),
+    (["--nproc", "2", "--rounds", "0"], "--rounds = 0 must be >= 1"),
+    (["--nproc", "2", "--round", "2"], "unrecognized arguments: --round"),
 ])
 def test_bad_arguments_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "pipeline.bench", *args, "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr

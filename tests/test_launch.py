@@ -139,7 +139,7 @@ def run_script(name: str, *args: str, env: dict[str, str] | None = None,
                cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
     return subprocess.run(["bash", str(LAUNCH / name), *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
 
 
 def commands(result: subprocess.CompletedProcess[str]) -> list[list[str]]:
@@ -150,12 +150,13 @@ def commands(result: subprocess.CompletedProcess[str]) -> list[list[str]]:
 
 @pytest.fixture()
 def fake_bin(tmp_path: Path) -> Path:
-    """A torchrun and srun on PATH that only record their argv (so a real run is harmless)."""
+    """A torchrun and srun on PATH that only record their argv and OMP_NUM_THREADS (so a real run is harmless)."""
     folder = tmp_path / "bin"
     folder.mkdir()
     for tool in ("torchrun", "srun"):
         script = folder / tool
-        script.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$0" "$@" > "{tmp_path}/{tool}.argv"\n')
+        script.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$0" "$@" > "{tmp_path}/{tool}.argv"\n'
+                          f'printf "%s" "${{OMP_NUM_THREADS-unset}}" > "{tmp_path}/{tool}.omp"\n')
         script.chmod(0o755)
     return folder
 
@@ -261,9 +262,23 @@ def test_slurm_header() -> None:
     text = (LAUNCH / "slurm.sbatch").read_text()
     for directive in ("--nodes", "--ntasks-per-node=1", "--gpus-per-node", "--time", "--output"):
         assert f"#SBATCH {directive}" in text
-    outside = run_script("slurm.sbatch", "--dry-run", "configs/quickstart.toml",
-                         env={"SLURM_JOB_NODELIST": "", "MASTER_ADDR": ""})
-    assert outside.returncode == 2 and "sbatch" in outside.stderr
+    outside = run_script("slurm.sbatch", "configs/quickstart.toml", env={"SLURM_JOB_NODELIST": "", "MASTER_ADDR": ""})
+    assert outside.returncode == 2 and "sbatch" in outside.stderr and "--dry-run" in outside.stderr
+
+
+@pytest.mark.parametrize("mode, config, nproc", [("pipeline", "configs/quickstart.toml", "2"),
+                                                 ("ddp", "configs/fashion_mnist/e2e.toml", "2")])
+def test_slurm_dry_run_outside_slurm_previews_with_placeholders(tmp_path: Path, mode: str, config: str,
+                                                                 nproc: str) -> None:
+    env = {"SLURM_JOB_NODELIST": "", "MASTER_ADDR": "", "SLURM_JOB_NUM_NODES": "", "SLURM_JOB_ID": "",
+           "SLURM_GPUS_PER_NODE": "", "SLURM_SUBMIT_DIR": str(REPO)}
+    result = run_script("slurm.sbatch", config, "--mode", mode, "--dry-run", env=env, cwd=tmp_path)
+    assert commands(result) == [[
+        "srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
+        "torchrun", "--nnodes", "2", "--nproc-per-node", nproc,  # the #SBATCH lines: 2 nodes, 2 GPUs each
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "FIRST_NODE:29500", "--rdzv-id", "SLURM_JOB_ID",
+        "-m", "pipeline.train", "--config", config, "--set", f"run.mode={mode}"]]
+    assert "placeholders" in result.stderr
 
 
 def test_quickstart_dry_run(tmp_path: Path) -> None:
@@ -326,6 +341,109 @@ def test_reproduce_knows_every_published_table() -> None:
         assert len(argvs) - 1 == len([p for p in (PUBLISHED_DIR / table).glob("*.toml") if p.name != "base.toml"])
 
 
+# ------------------------------------------------------------------- option order and quoting
+
+LAUNCHERS = {  # script -> (CONFIG or TABLE argument, environment it needs)
+    "single_node.sh": ("configs/quickstart.toml", {}),
+    "multi_node.sh": ("configs/quickstart.toml", {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "node0"}),
+    "slurm.sbatch": ("configs/quickstart.toml", slurm_env()),
+}
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+@pytest.mark.parametrize("order", ["options-first", "options-last", "mixed"])
+def test_options_work_wherever_they_appear(tmp_path: Path, fake_bin: Path, name: str, order: str) -> None:
+    config, env = LAUNCHERS[name]
+    overrides = ["--set", "train.epochs=2", "--set=data.root=/data sets/x"]
+    options = ["--dry-run", "--mode", "pipeline"]
+    argv = {"options-first": [*options, config, *overrides],
+            "options-last": [config, *overrides, *options],
+            "mixed": [overrides[0], overrides[1], "--mode=pipeline", config, "--dry-run", overrides[2]]}[order]
+    result = run_script(name, *argv, env={**env, **path_with(fake_bin)})
+    (printed,) = commands(result)
+    assert printed[printed.index("-m"):] == ["-m", "pipeline.train", "--config", config, "--set", "run.mode=pipeline",
+                                             "--set", "train.epochs=2", "--set=data.root=/data sets/x"]
+    assert not (tmp_path / "torchrun.argv").exists() and not (tmp_path / "srun.argv").exists(), \
+        "--dry-run after CONFIG must not start the job"
+
+
+def test_an_option_like_override_value_stays_a_value(tmp_path: Path, fake_bin: Path) -> None:
+    # "--set X" takes X whatever it looks like; only what follows is read as an option again.
+    result = run_script("single_node.sh", "configs/quickstart.toml", "--set", "data.root=--dry-run", "--nproc", "4",
+                        env=path_with(fake_bin))
+    (printed,) = commands(result)
+    ran = (tmp_path / "torchrun.argv").read_text().splitlines()
+    assert ran[1:] == printed[1:] and printed[-2:] == ["--set", "data.root=--dry-run"]
+
+
+def test_after_double_dash_everything_goes_to_train(fake_bin: Path) -> None:
+    result = run_script("single_node.sh", "--dry-run", "configs/quickstart.toml", "--", "--set", "run.seed=3")
+    (printed,) = commands(result)
+    assert printed[-2:] == ["--set", "run.seed=3"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["configs/quickstart.toml", "--bogus"], "unknown option --bogus"),
+    (["configs/quickstart.toml", "train.epochs=2"], "one CONFIG expected"),
+    (["configs/quickstart.toml", "--mode"], "--mode needs a value"),
+    (["configs/quickstart.toml", "--mode=dp"], "--mode must be pipeline or ddp (got 'dp')"),
+], ids=["unknown-option", "bare-override", "missing-value", "bad-mode"])
+def test_bad_launcher_arguments_end_with_one_error_line(tmp_path: Path, fake_bin: Path, args: list[str],
+                                                        needle: str) -> None:
+    result = run_script("single_node.sh", *args, env=path_with(fake_bin))
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and needle in last and "Traceback" not in result.stderr
+    assert not (tmp_path / "torchrun.argv").exists()
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+@pytest.mark.parametrize("mode, overrides, needle", [
+    ("ddp", ["--nproc", "2"], "run.mode = 'ddp' trains end to end"),  # quickstart has K = 4
+    ("pipeline", ["--set", "local.context=R9"], "local.context"),
+], ids=["ddp-with-k4", "bad-override"])
+def test_a_bad_config_stops_before_torchrun_with_one_line(tmp_path: Path, fake_bin: Path, name: str, mode: str,
+                                                           overrides: list[str], needle: str) -> None:
+    config, env = LAUNCHERS[name]
+    if name != "single_node.sh" and overrides[0] == "--nproc":
+        env = {**env, "NPROC": "2"}
+        overrides = []
+    result = run_script(name, "--mode", mode, config, *overrides, env={**env, **path_with(fake_bin)})
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "torchrun.argv").exists() and not (tmp_path / "srun.argv").exists()
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("3", "3")], ids=["unset", "kept"])
+def test_torchrun_gets_omp_num_threads_so_it_prints_no_banner(tmp_path: Path, fake_bin: Path, preset: str | None,
+                                                               expected: str) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    env.update(PYTHON=sys.executable, **path_with(fake_bin), **({"OMP_NUM_THREADS": preset} if preset else {}))
+    for name, (config, extra) in LAUNCHERS.items():
+        done = subprocess.run(["bash", str(LAUNCH / name), config], cwd=REPO, env={**env, **extra},
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        tool = "srun" if name == "slurm.sbatch" else "torchrun"
+        assert (tmp_path / f"{tool}.omp").read_text() == expected, name
+
+
+def test_quickstart_and_reproduce_take_options_anywhere(tmp_path: Path) -> None:
+    recorder = tmp_path / "python"
+    recorder.write_text(f'#!/usr/bin/env bash\ntouch "{tmp_path}/ran"\n')
+    recorder.chmod(0o755)
+    result = run_script("quickstart.sh", "--set", "train.max_steps=5", "--dry-run", env={"PYTHON": str(recorder)})
+    (argv,) = commands(result)
+    assert argv[-2:] == ["--set", "train.max_steps=5"] and not (tmp_path / "ran").exists()
+    positional = run_script("quickstart.sh", "configs/other.toml", "--dry-run")
+    assert positional.returncode == 2 and "--set" in positional.stderr
+    late = run_script("reproduce.sh", "fashion_mnist", "--set", "train.max_steps=3", "--dry-run",
+                      "--runs-dir", str(tmp_path / "r"), "--mode=sequential", env={"GPUS": "16"})
+    argvs = commands(late)
+    assert len(argvs) == 6 and all("run.mode=sequential" in argv for argv in argvs[:5])
+    assert f"run.out_dir={tmp_path}/r/e2e" in argvs[0]
+
+
 SHELLCHECK = shutil.which("shellcheck")
 
 
@@ -333,7 +451,7 @@ SHELLCHECK = shutil.which("shellcheck")
 def test_shellcheck_is_clean() -> None:
     files = [str(LAUNCH / name) for name in (*SCRIPTS, "lib.sh")]
     result = subprocess.run([SHELLCHECK, "--external-sources", *files], cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
+                            timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

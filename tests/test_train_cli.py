@@ -210,3 +210,59 @@ def test_resuming_a_finished_run_leaves_its_summary(tmp_path: Path, capsys) -> N
     said = capsys.readouterr().out
     assert "is at step 3, where this run ends" in said and "nothing to train" in said
     assert (out / "summary.json").read_bytes() == before
+
+
+# Runs `python -m MODULE ARGS...` in one interpreter, then says whether torch was imported.
+HELP_PROBE = """
+import runpy, sys
+module = sys.argv[1]
+sys.argv = [module, *sys.argv[2:]]
+try:
+    runpy.run_module(module, run_name="__main__")
+except SystemExit:
+    pass
+print("torch loaded:", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("module, args, needles", [
+    ("pipeline.train", ["--help"], ["--set local.modules=8", "read as TOML", "--check"]),
+    ("pipeline.bench", ["--help"], ["--rounds ROUNDS", "(default: 3)", "(default: runs/bench)",
+                                    "--set local.modules=8"]),
+    ("pipeline.reproduce", ["collect", "--help"], ["(default: auto)"]),
+])
+def test_help_answers_without_torch_and_shows_defaults(module, args, needles):
+    done = subprocess.run([sys.executable, "-c", HELP_PROBE, module, *args], capture_output=True, text=True,
+                          check=False, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m " + module)
+    assert done.stdout.rstrip().endswith("torch loaded: False"), "--help must not wait for torch to import"
+    text = " ".join(done.stdout.split())  # argparse wraps to the terminal width
+    for needle in needles:
+        assert needle in text
+
+
+@pytest.mark.parametrize("args", [["--conf", "x.toml"], ["--se", "run.seed=1"], ["--chec"]],
+                         ids=["conf", "se", "chec"])
+def test_abbreviated_options_are_not_accepted(tmp_path, args):
+    assert_one_line_error(train_cli(*args, cwd=tmp_path), f"unrecognized arguments: {args[0]}")
+
+
+def test_check_prints_the_resolved_config_and_trains_nothing(tmp_path):
+    out = tmp_path / "never"
+    done = train_cli("--check", "--config", str(REPO / "configs/quickstart.toml"), "--set", "local.modules=8",
+                     "--set", f"run.out_dir={out}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "local.modules = 8" in lines and 'data.name = "fashion_mnist"' in lines
+    assert f"run.out_dir = {json.dumps(str(out))}" in lines
+    assert not out.exists()
+    # each line is itself a valid override
+    config = parse_config([arg for line in lines for arg in ("--set", line.replace(" = ", "=", 1))])
+    assert config.local.modules == 8 and config.local.context == "R1E"
+
+
+def test_check_rejects_what_the_run_would_reject(tmp_path):
+    done = train_cli("--check", "--config", str(REPO / "configs/quickstart.toml"), "--set", "run.mode=ddp",
+                     cwd=tmp_path)
+    assert_one_line_error(done, "run.mode = 'ddp'", "local.modules = 1")
