@@ -43,12 +43,32 @@ class BenchRun:
 
 
 def plan_runs(nproc: int) -> list[BenchRun]:
+    """E2E, DDP (K = 1 x R = N), sequential and pipeline (K = N x R = 1), then every other K x R = N."""
+    mixed = [BenchRun(f"pipeline_k{k}xr{nproc // k}", "pipeline", nproc, k)
+             for k in range(2, nproc) if nproc % k == 0]
     return [
         BenchRun("e2e", "sequential", 1, 1),
         BenchRun("ddp", "ddp", nproc, 1),
         BenchRun("sequential", "sequential", 1, nproc),
         BenchRun("pipeline", "pipeline", nproc, nproc),
+        *mixed,
     ]
+
+
+def layouts(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every K x R = N layout that ran, side by side (DDP is K = 1, the pipeline row K = N)."""
+    rows = []
+    for name, run in runs.items():
+        if run["processes"] < 2:
+            continue
+        modules = run["modules"]
+        bound = run.get("bottleneck_samples_per_s")
+        rows.append({
+            "run": name, "K": modules, "R": run["processes"] // modules, "samples_per_s": run["samples_per_s"],
+            "efficiency": round(run["samples_per_s"] / bound, 3) if bound else None,
+            "peak_mem_bytes_per_process": run["peak_mem_bytes"],
+        })
+    return sorted(rows, key=lambda row: -row["K"])
 
 
 def command_for(run: BenchRun, config_path: str | None, sets: list[str]) -> list[str]:
@@ -212,7 +232,14 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
     local = load_config(config_path, [*sets, f"local.modules={nproc}", *_partition(chosen)])
     spec = dataset_spec(local)
     cuts = _profile_cuts(local, spec, nproc)
-    explicit = json.dumps([flat_to_cut(cut, local.model.blocks_per_stage) for cut in cuts])
+    # The cuts of every K the layouts use: K = N's for the sequential and pipeline rows.
+    flat_cuts = {nproc: cuts}
+    for run in plan_runs(nproc):
+        if run.modules not in flat_cuts and run.modules > 1:
+            fewer = load_config(config_path, [*sets, f"local.modules={run.modules}", "local.partition=balanced-time"])
+            flat_cuts[run.modules] = _profile_cuts(fewer, spec, run.modules)
+    explicit = {k: json.dumps([flat_to_cut(cut, local.model.blocks_per_stage) for cut in flat])
+                for k, flat in flat_cuts.items()}
     batch = base.data.batch_size
     e2e_activation = module_activation_bytes(base, spec, [], batch)[0]
     ddp_activation = module_activation_bytes(base, spec, [], -(-batch // nproc))[0]
@@ -222,9 +249,10 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
         run_sets = [
             *sets, f"run.mode={run.mode}", f"run.out_dir={out}", f"train.max_steps={steps}", f"run.log_every={window}",
             "run.resume=\"\"", f"local.modules={run.modules}", "train.epochs=1000000",
+            "run.overwrite=true",  # the bench owns its round folders: a second bench replaces them
         ]
         run_sets += (["local.context=R0", "local.partition=equal"] if run.modules == 1
-                     else [f"local.partition={explicit}"])
+                     else [f"local.partition={explicit[run.modules]}"])
         if run.processes > 1:
             run_sets.append(f"pipeline.threads_per_stage={max(1, cores // run.processes)}")
         return command_for(run, config_path, run_sets)
@@ -235,6 +263,12 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
     for name in ("sequential", "pipeline"):
         results[name]["activation_mem_bytes"] = max(local_activation)
         results[name]["module_activation_mem_bytes"] = local_activation
+    for run in plan_runs(nproc)[4:]:  # the mixed K x R layouts: each replica holds 1/R of the batch
+        config_k = load_config(config_path, [*sets, f"local.modules={run.modules}", "local.partition=equal"])
+        per_module = module_activation_bytes(config_k, spec, flat_cuts[run.modules],
+                                             -(-batch // (run.processes // run.modules)))
+        results[run.name]["activation_mem_bytes"] = max(per_module)
+        results[run.name]["module_activation_mem_bytes"] = per_module
     pipe, ddp = results["pipeline"], results["ddp"]
     device = "cuda" if torch.cuda.is_available() and base.run.device != "cpu" else "cpu"
     report = {
@@ -254,6 +288,7 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
                          "during": spread(load_during) if load_during else None},
         "busy_warning": warning,
         "runs": results,
+        "layouts": layouts(results),
         "pipeline_over_ddp": round(pipe["samples_per_s"] / ddp["samples_per_s"], 3),
         "pipeline_over_e2e": round(pipe["samples_per_s"] / results["e2e"]["samples_per_s"], 3),
         "pipeline_efficiency": round(pipe["samples_per_s"] / pipe["bottleneck_samples_per_s"], 3),
@@ -329,6 +364,12 @@ def markdown(report: dict[str, Any]) -> str:
             f"{run['samples_per_s_min']:.1f} - {run['samples_per_s_max']:.1f} | "
             f"{run['peak_mem_bytes'] / mib:.0f} | {run['activation_mem_bytes'] / mib:.0f} | {busy} |"
         )
+    lines += ["", "K x R layouts of the same processes (DDP is K = 1, efficiency against the slowest stage):", "",
+              "| layout | K | R | samples/s | efficiency | peak mem / process (MiB) |", "|---|---|---|---|---|---|"]
+    for row in report["layouts"]:
+        efficiency = "-" if row["efficiency"] is None else f"{row['efficiency']:.3f}"
+        lines.append(f"| {row['run']} | {row['K']} | {row['R']} | {row['samples_per_s']:.1f} | {efficiency} | "
+                     f"{row['peak_mem_bytes_per_process'] / mib:.0f} |")
     lines += [
         "",
         f"- pipeline / DDP samples/s: {ratio_line(report, 'pipeline_over_ddp')}",

@@ -210,3 +210,18 @@ def test_bad_arguments_exit_2(args: list[str], message: str, tmp_path: Path) -> 
                           capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_every_k_by_r_layout_of_n_processes_is_planned_and_reported() -> None:
+    from pipeline.bench import layouts
+
+    runs = {run.name: run for run in plan_runs(8)}
+    assert {(run.modules, run.processes // run.modules) for run in runs.values() if run.processes == 8} == {
+        (1, 8), (8, 1), (2, 4), (4, 2)}
+    assert [run.name for run in plan_runs(2)] == ["e2e", "ddp", "sequential", "pipeline"]  # K2xR1 and K1xR2
+    figures = {name: {"processes": run.processes, "modules": run.modules, "samples_per_s": 100.0 + run.modules,
+                      "peak_mem_bytes": 1 << 20, **({"bottleneck_samples_per_s": 200.0} if run.modules > 1 else {})}
+               for name, run in runs.items()}
+    rows = layouts(figures)
+    assert [(row["K"], row["R"]) for row in rows] == [(8, 1), (4, 2), (2, 4), (1, 8)]
+    assert rows[0]["efficiency"] == 0.54 and rows[-1]["efficiency"] is None
