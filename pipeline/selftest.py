@@ -95,7 +95,9 @@ def _difference(a: Any, b: Any) -> float:
 
 def _modules_differ(first: Path, second: Path, modules: int) -> float:
     def load(run: Path, module: int) -> Any:
-        return torch.load(run / "checkpoints" / f"module_{module}.pt", weights_only=True, map_location="cpu")["state"]
+        from pipeline.checkpoint import newest_module_file
+
+        return torch.load(newest_module_file(run, module), weights_only=True, map_location="cpu")["state"]
     return max(_difference(load(first, k), load(second, k)) for k in range(modules))
 
 
