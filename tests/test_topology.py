@@ -114,10 +114,12 @@ def test_every_group_gets_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dist, "new_group", lambda ranks, **k: calls.append((f"group {ranks}", k.get("timeout")))
                         or object())
     monkeypatch.setattr(dist, "barrier", lambda *a, **k: None)
+    monkeypatch.setattr(dist, "all_gather_object", lambda every, item, **k: every.__setitem__(slice(None), [item] * 4))
     monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: None)
     topology = Topology(1, 4, torch.device("cpu"), 2, 2, (1,))
     with process_groups(topology, 37.0) as joined:
         assert set(joined.links) == {0} and joined.replica_group is not None
+        assert len(joined.processes) == 4 and joined.processes[1][1] == os.getpid()  # where each rank runs
     deadline = datetime.timedelta(seconds=37)
     assert calls == [("init", deadline), ("group [0, 1]", deadline), ("group [2, 3]", deadline),
                      ("group [0, 2]", deadline), ("group [1, 3]", deadline)]

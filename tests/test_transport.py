@@ -132,7 +132,7 @@ def test_a_receiver_whose_peer_never_sends_fails_at_the_deadline(tmp_path: Path)
     """gloo: the courier waits on its irecv with wait(timeout) and fails naming the peer, in time."""
     (receiver,) = _spawn(tmp_path, 2, "silent", 2.0)
     assert not receiver["alive"] and receiver["s"] < 2.0 + 3
-    assert "StageFailure" in receiver["error"] and "receiving from rank 0 did not complete within 2 s" in \
+    assert "StuckPeer" in receiver["error"] and "receiving from rank 0 did not complete within 2 s" in \
         receiver["error"]
     assert "rank 0" in receiver["get"]
 
