@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config import ineffective_keys, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -64,7 +64,8 @@ def test_quickstart() -> None:
     assert (config.data.name, config.model.arch, config.data.batch_size) == ("fashion_mnist", "resnet32", 128)
     local, train = config.local, config.train
     assert (local.modules, local.context, local.loss, local.aux) == (4, "R1E", "softmax", "1c2f")
-    assert (train.epochs, train.lr, train.schedule, train.warmup_epochs) == (1, 0.1, "cosine-step", 0)
+    assert (train.epochs, train.lr, train.schedule) == (1, 0.1, "cosine-step")
+    assert ineffective_keys(config) == []  # the first command a user runs prints no warning
     assert (config.run.mode, config.run.out_dir, config.run.log_every) == ("sequential", "runs/quickstart", 50)
 
 
@@ -74,8 +75,8 @@ def test_fashion_mnist_set_shares_one_budget() -> None:
     budgets = {repr((c.train, c.data, c.model)) for c in rows.values()}
     assert len(budgets) == 1, "every row trains with the same budget"
     one = rows["e2e"]
-    assert (one.train.epochs, one.data.batch_size, one.train.lr, one.train.schedule, one.train.warmup_epochs) == (
-        1, 128, 0.1, "cosine-step", 0)
+    assert (one.train.epochs, one.data.batch_size, one.train.lr, one.train.schedule) == (1, 128, 0.1, "cosine-step")
+    assert all(ineffective_keys(row) == [] for row in rows.values())
     assert one.data.name == "fashion_mnist" and one.model.arch == "resnet32"
     assert rows["e2e"].local.modules == 1
     greedy = rows["greedy_sl"].local
