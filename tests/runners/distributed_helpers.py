@@ -18,6 +18,16 @@ TINY = [
     "train.schedule=constant", "train.lr=0.05", "pipeline.timeout_s=60", "pipeline.threads_per_stage=1",
 ]
 
+# The pipeline == sequential cases, run both under torchrun and as stage loops on threads.
+EQUIVALENCE_CASES = [
+    (2, ["local.context=R0"]),
+    (2, ["local.context=E", "local.reconstruct=true", "local.ixx_1=2.0", "local.ixy_1=0.5"]),
+    (4, ["local.context=R1", "local.reconstruct=true", "local.loss=contrast"]),
+    (4, ["local.context=R1E", "train.schedule=cosine-step"]),
+    (4, ["local.context=R2E", "local.reconstruct=true", "local.ixx_2=0.0", "local.ixy_2=2.0"]),
+]
+EQUIVALENCE_IDS = ["K2-R0", "K2-E-decoder", "K4-R1-decoder-contrast", "K4-R1E-cosine-step", "K4-R2E-decoder"]
+
 
 def tiny_config(tmp: Path, name: str, *overrides: str) -> Config:
     return load_config(None, [*TINY, f"run.out_dir={tmp / name}", *overrides])

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import psutil
 import pytest
-from distributed_helpers import _env, load_module_state, max_state_difference, tiny_config, torchrun, torchrun_command
+from distributed_helpers import (
+    EQUIVALENCE_CASES,
+    EQUIVALENCE_IDS,
+    _env,
+    load_module_state,
+    max_state_difference,
+    tiny_config,
+    torchrun,
+    torchrun_command,
+)
 
 from pipeline.runners.run import run
 
@@ -32,17 +41,7 @@ def _assert_same_modules(first: Path, second: Path, modules: int) -> None:
         assert max_state_difference(a["state"], b["state"]) <= 1e-5, f"module {module} differs"
 
 
-@pytest.mark.parametrize(
-    "modules, extra",
-    [
-        (2, ["local.context=R0"]),
-        (2, ["local.context=E", "local.reconstruct=true", "local.ixx_1=2.0", "local.ixy_1=0.5"]),
-        (4, ["local.context=R1", "local.reconstruct=true", "local.loss=contrast"]),
-        (4, ["local.context=R1E", "train.schedule=cosine-step"]),
-        (4, ["local.context=R2E", "local.reconstruct=true", "local.ixx_2=0.0", "local.ixy_2=2.0"]),
-    ],
-    ids=["K2-R0", "K2-E-decoder", "K4-R1-decoder-contrast", "K4-R1E-cosine-step", "K4-R2E-decoder"],
-)
+@pytest.mark.parametrize("modules, extra", EQUIVALENCE_CASES, ids=EQUIVALENCE_IDS)
 def test_pipeline_equals_sequential(tmp_path: Path, single_thread: None, modules: int, extra: list[str]) -> None:
     overrides = [f"local.modules={modules}", f"train.max_steps={STEPS}", *extra]
     reference = run(tiny_config(tmp_path, "sequential", *overrides))
@@ -119,18 +118,22 @@ def test_raising_stage_ends_the_job(tmp_path: Path) -> None:
     assert "error: stage on rank" in done.stderr and "failed: module" in done.stderr and "loss is nan" in done.stderr
 
 
+def rank_once_training(job: subprocess.Popen[str], metrics: Path, rank: int) -> psutil.Process:
+    """Wait until ``rank`` of a torchrun job has logged a training line; its process."""
+    deadline = time.monotonic() + 60
+    while not (metrics.exists() and f"\"rank\": {rank}" in metrics.read_text()):
+        assert time.monotonic() < deadline and job.poll() is None, "the job never started training"
+        time.sleep(0.2)
+    return next(p for p in psutil.Process(job.pid).children(recursive=True) if p.environ().get("RANK") == str(rank))
+
+
 def test_killed_stage_ends_the_job(tmp_path: Path) -> None:
     """SIGKILL one stage mid-run: the rest of the job ends non-zero within 30 s, the rank named."""
     command = torchrun_command(2, [f"run.out_dir={tmp_path}", "run.mode=pipeline", "local.modules=2",
                                    "train.max_steps=100000", "train.epochs=1000", "run.log_every=2"])
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
     try:
-        metrics = tmp_path / "metrics.jsonl"
-        deadline = time.monotonic() + 60
-        while not (metrics.exists() and "\"rank\": 1" in metrics.read_text()):
-            assert time.monotonic() < deadline and job.poll() is None, "the job never started training"
-            time.sleep(0.2)
-        victim = next(p for p in psutil.Process(job.pid).children(recursive=True) if p.environ().get("RANK") == "1")
+        victim = rank_once_training(job, tmp_path / "metrics.jsonl", rank=1)
         victim.kill()
         killed = time.monotonic()
         job.communicate(timeout=45)
@@ -189,12 +192,7 @@ def test_a_stopped_stage_ends_the_job_within_the_deadline(tmp_path: Path) -> Non
     reader.start()
     victim = None
     try:
-        metrics = tmp_path / "metrics.jsonl"
-        deadline = time.monotonic() + 60
-        while not (metrics.exists() and "\"rank\": 1" in metrics.read_text()):
-            assert time.monotonic() < deadline and job.poll() is None, "the job never started training"
-            time.sleep(0.2)
-        victim = next(p for p in psutil.Process(job.pid).children(recursive=True) if p.environ().get("RANK") == "1")
+        victim = rank_once_training(job, tmp_path / "metrics.jsonl", rank=1)
         victim.suspend()
         stopped = time.monotonic()
         job.wait(timeout=timeout_s + 60)

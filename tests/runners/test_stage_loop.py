@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from distributed_helpers import load_module_state, max_state_difference, tiny_config
+from distributed_helpers import EQUIVALENCE_CASES, EQUIVALENCE_IDS, load_module_state, max_state_difference, tiny_config
 from threaded import run_threaded
 
 from pipeline import checkpoint
@@ -31,17 +31,7 @@ from pipeline.runners.stage import StageLoop
 STEPS = 12
 
 
-@pytest.mark.parametrize(
-    "modules, extra",
-    [
-        (2, ["local.context=R0"]),
-        (2, ["local.context=E", "local.reconstruct=true", "local.ixx_1=2.0", "local.ixy_1=0.5"]),
-        (4, ["local.context=R1", "local.reconstruct=true", "local.loss=contrast"]),
-        (4, ["local.context=R1E", "train.schedule=cosine-step"]),
-        (4, ["local.context=R2E", "local.reconstruct=true", "local.ixx_2=0.0", "local.ixy_2=2.0"]),
-    ],
-    ids=["K2-R0", "K2-E-decoder", "K4-R1-decoder-contrast", "K4-R1E-cosine-step", "K4-R2E-decoder"],
-)
+@pytest.mark.parametrize("modules, extra", EQUIVALENCE_CASES, ids=EQUIVALENCE_IDS)
 def test_threaded_pipeline_equals_sequential(tmp_path: Path, single_thread: None, modules: int,
                                              extra: list[str]) -> None:
     overrides = [f"local.modules={modules}", f"train.max_steps={STEPS}", "train.epochs=2", *extra]
