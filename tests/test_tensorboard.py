@@ -1,0 +1,83 @@
+"""pipeline.tensorboard: metrics.jsonl events become TensorBoard scalars, read back from the event files."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import BadInput
+from pipeline.tensorboard import TensorBoardSink, scalars
+
+# What a K = 2 sequential run logs at steps 10 and 20: a train line per module (same lr and rate),
+# an eval line, then each process's stage figures.
+EVENTS = [
+    {"event": "train", "rank": 0, "module": 0, "step": 10, "loss": 2.5, "lr": 0.1, "samples_per_s": 300.0},
+    {"event": "train", "rank": 0, "module": 1, "step": 10, "loss": 2.25, "lr": 0.1, "samples_per_s": 300.0},
+    {"event": "train", "rank": 0, "module": 0, "step": 20, "loss": 2.0, "lr": 0.05, "samples_per_s": 320.0},
+    {"event": "train", "rank": 0, "module": 1, "step": 20, "loss": 1.75, "lr": 0.05, "samples_per_s": 320.0},
+    {"event": "eval", "rank": 0, "module": 1, "epoch": 1, "step": 20, "test_accuracy": 0.625},
+    {"event": "stage", "rank": 0, "module": 1, "step": 20, "busy_fraction": 0.875},
+    {"event": "resume", "rank": 0, "step": 20},
+]
+
+
+class FakeWriter:
+    def __init__(self) -> None:
+        self.added: list[tuple[str, float, int | None]] = []
+        self.closed = False
+
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int | None = None) -> None:
+        self.added.append((tag, scalar_value, global_step))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_events_map_to_tags() -> None:
+    assert scalars(EVENTS[0]) == [("loss/module_0", 2.5, 10), ("train/lr", 0.1, 10),
+                                  ("train/samples_per_s", 300.0, 10)]
+    assert scalars(EVENTS[4]) == [("eval/test_accuracy", 0.625, 20)]
+    assert scalars(EVENTS[5]) == [("stage/busy_fraction/module_1", 0.875, 20)]
+    assert scalars(EVENTS[6]) == []
+
+
+def test_lr_and_rate_are_charted_once_per_step(tmp_path: Path) -> None:
+    writer = FakeWriter()
+    sink = TensorBoardSink(tmp_path, 0, writer)
+    for event in EVENTS:
+        sink.write(event)
+    sink.close()
+    tags = [tag for tag, _, _ in writer.added]
+    assert tags.count("train/lr") == 2 and tags.count("train/samples_per_s") == 2
+    assert tags.count("loss/module_0") == 2 and tags.count("loss/module_1") == 2
+    assert writer.closed and sink.log_dir == tmp_path / "tensorboard" / "rank_0"
+
+
+def test_event_files_read_back_with_tensorboard(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sink = TensorBoardSink(tmp_path, 1)
+    for event in EVENTS:
+        sink.write(event)
+    sink.close()
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard" / "rank_1"))
+    accumulator.Reload()
+    assert {"loss/module_0", "loss/module_1", "train/lr", "train/samples_per_s", "eval/test_accuracy",
+            "stage/busy_fraction/module_1"} <= set(accumulator.Tags()["scalars"])
+    assert [(e.step, e.value) for e in accumulator.Scalars("loss/module_1")] == [(10, 2.25), (20, 1.75)]
+    assert [(e.step, e.value) for e in accumulator.Scalars("train/lr")] == [(10, pytest.approx(0.1)),
+                                                                             (20, pytest.approx(0.05))]
+    assert [(e.step, e.value) for e in accumulator.Scalars("eval/test_accuracy")] == [(20, 0.625)]
+
+
+def test_missing_tensorboard_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # its import now raises ImportError
+    with pytest.raises(BadInput, match=r"needs the tensorboard package: pip install -e '\.\[tensorboard\]'"):
+        TensorBoardSink(tmp_path, 0)
+    assert not (tmp_path / "tensorboard").exists()
