@@ -51,6 +51,7 @@ class RunConfig:
     overwrite: bool = False  # replace another run's outputs in out_dir (without it, such a folder is refused)
     device: Device = "auto"
     log_every: int = 50
+    tensorboard: bool = False  # also write RUN_DIR/tensorboard/rank_<r> event files (the tensorboard extra)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -25,21 +25,37 @@ def cannot_write(path: Path, err: OSError) -> StageFailure:
                         f"from the last complete checkpoint with run.resume")
 
 
-class MetricsLog:
-    """Appends one JSON object per line; every rank appends whole lines to the same file."""
+class EventSink(Protocol):
+    def write(self, fields: dict[str, Any]) -> None: ...
 
-    def __init__(self, run_dir: str | Path, rank: int) -> None:
+    def close(self) -> None: ...
+
+
+class MetricsLog:
+    """Appends one JSON object per line; every rank appends whole lines to the same file.
+
+    A sink (TensorBoard, pipeline/tensorboard.py) gets the same events as they are written.
+    """
+
+    def __init__(self, run_dir: str | Path, rank: int, sink: EventSink | None = None) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rank = rank
+        self.sink = sink
 
     def write(self, **fields: Any) -> None:
-        line = json.dumps({"rank": self.rank, "time": round(time.time(), 3), **fields}) + "\n"
+        event = {"rank": self.rank, "time": round(time.time(), 3), **fields}
         try:
             with open(self.path, "a") as handle:  # one write per line: O_APPEND keeps lines whole
-                handle.write(line)
+                handle.write(json.dumps(event) + "\n")
         except OSError as err:
             raise cannot_write(self.path, err) from err
+        if self.sink is not None:
+            self.sink.write(event)
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -81,3 +81,20 @@ def test_missing_tensorboard_says_how_to_install_it(tmp_path: Path, monkeypatch:
     with pytest.raises(BadInput, match=r"needs the tensorboard package: pip install -e '\.\[tensorboard\]'"):
         TensorBoardSink(tmp_path, 0)
     assert not (tmp_path / "tensorboard").exists()
+
+
+def test_a_run_with_run_tensorboard_writes_what_metrics_jsonl_holds(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.config import load_config
+    from pipeline.runners.run import run
+
+    run(load_config(None, ["data.name=synthetic", "model.arch=resnet8", "data.batch_size=8", "run.device=cpu",
+                           "local.modules=2", "run.log_every=2", "train.max_steps=4", "run.tensorboard=true",
+                           f"run.out_dir='{tmp_path}'"]))
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard" / "rank_0"))
+    accumulator.Reload()
+    assert {"loss/module_0", "loss/module_1", "train/lr", "eval/test_accuracy",
+            "stage/busy_fraction/module_0"} <= set(accumulator.Tags()["scalars"])
+    assert [e.step for e in accumulator.Scalars("loss/module_1")] == [2, 4]

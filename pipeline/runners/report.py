@@ -32,7 +32,12 @@ class RunReport:
         self.log_every = run.log_every
         self.speaks = topology.writer
         self.meter = LossMeter([worker.index for worker in workers])
-        self.log = MetricsLog(run.out_dir, topology.rank)
+        sink = None
+        if run.tensorboard:
+            from pipeline.tensorboard import TensorBoardSink
+
+            sink = TensorBoardSink(run.out_dir, topology.rank)
+        self.log = MetricsLog(run.out_dir, topology.rank, sink)
         whole = len(topology.hosted) == topology.stages
         self.stats = StageStats(rank=topology.rank, module="all" if whole else topology.stage, device=topology.device)
         self.progress = Progress(label, start.step, total_steps(start, *length))
@@ -101,6 +106,11 @@ class RunReport:
         """Gather every process's figures; rank 0 writes summary.json and returns it."""
         topology = self.topology
         stage = {**self.stats.report(), "stage": topology.stage, "replica": topology.replica}
+        if self.speaks:
+            for worker in self.workers:
+                self.log.write(event="stage", module=worker.index, step=self.steps,
+                               busy_fraction=stage["busy_fraction"], samples_per_s=stage["samples_per_s"])
+        self.log.close()
         mine = {"stage": stage, "samples": self.stats.samples, "train_s": self.stats.train_s,
                 "accuracy": self.accuracy, "steps": self.steps, "epochs": self.epochs_done}
         every = topology.comm.gather(mine)
