@@ -266,3 +266,30 @@ def test_check_rejects_what_the_run_would_reject(tmp_path):
     done = train_cli("--check", "--config", str(REPO / "configs/quickstart.toml"), "--set", "run.mode=ddp",
                      cwd=tmp_path)
     assert_one_line_error(done, "run.mode = 'ddp'", "local.modules = 1")
+
+
+def readme_setup() -> str:
+    text = (REPO / "README.md").read_text()
+    return text[text.index("## Set up and run"):text.index("\n## ", text.index("## Set up and run") + 3)]
+
+
+def test_readme_setup_uses_a_venv_and_installs_torch_before_the_package():
+    setup = readme_setup()
+    commands = [line.strip() for line in setup.splitlines() if line.strip().startswith(("python3 ", "pip ", "apt-get"))]
+    assert "python3 -m venv .venv && . .venv/bin/activate" in commands
+    cpu_torch = commands.index("pip install torch --index-url https://download.pytorch.org/whl/cpu")
+    package = commands.index("pip install -e .")
+    assert commands.index("python3 -m venv .venv && . .venv/bin/activate") < cpu_torch < package
+    assert commands.index("pip install torch") < package, "the GPU build, too, comes before the package"
+    assert "measured figures: see below" in setup
+
+
+def test_readme_quick_start_commands_parse(tmp_path):
+    lines = [line.split("#")[0].split() for line in readme_setup().splitlines()
+             if line.startswith("python -m pipeline.")]
+    train = next(words for words in lines if words[2] == "pipeline.train")
+    checked = train_cli(*train[3:], "--check", cwd=REPO)
+    assert checked.returncode == 0 and "local.modules = 4" in checked.stdout, checked.stderr
+    plot = next(words for words in lines if words[2] == "pipeline.plot")
+    assert plot[3:] == ["runs/quickstart"], "plots the run.out_dir the quick start writes"
+    assert 'run.out_dir = "runs/quickstart"' in checked.stdout
