@@ -44,7 +44,7 @@ def copy_sources() -> list[str]:
 
 
 def test_dockerfile_copies_what_the_brief_lists() -> None:
-    assert copy_sources() == ["setup.cfg", "pyproject.toml", "README.md", "pipeline/", "configs/", "launch/"]
+    assert copy_sources() == ["setup.cfg", "pyproject.toml", "README.md", "pipeline/", "configs/", "launch/", "docs/"]
 
 
 @pytest.mark.parametrize("source", copy_sources())
