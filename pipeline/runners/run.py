@@ -111,10 +111,13 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     save = functools.partial(checkpoint.save, config.run.out_dir, identity=identity) if topology.writer else None
     adopt = parallel.adopt_replica_0_buffers if topology.replicas > 1 else None
     stages = [ModuleStage(worker, slot, report, save, adopt) for slot, worker in enumerate(workers)]
+    # The last module of replica 0 marks each set complete, with no collective: every stage saves
+    # before it passes the epoch end on, so all have saved when it arrives here (a collective would
+    # hold rank 0 at the epoch end while a middle rank's courier may be waiting for rank 0).
     commit = None
     if topology.writer and topology.last:
-        commit = functools.partial(commit_checkpoint, config.run.out_dir, topology.stages, identity,
-                                   config.run.keep_checkpoints)
+        commit = functools.partial(checkpoint.commit, config.run.out_dir, modules=topology.stages, identity=identity,
+                                   keep=config.run.keep_checkpoints)
     inbox, outbox = links(layout)
     if topology.first:
         assert loaders is not None
@@ -155,17 +158,6 @@ def wire(pipe: PipelineConfig, topology: Topology, layout: Layout) -> tuple[Inbo
 
 class NothingToTrain(Exception):
     """A run resumed at or past its end: it trains nothing and leaves every output as it is."""
-
-
-def commit_checkpoint(run_dir: str, modules: int, identity: dict[str, Any], keep: int, position: Position) -> None:
-    """The last module of replica 0 marks the set of ``position`` complete, with no collective.
-
-    Each stage saves its module before it passes the epoch end on, so by the time the last stage
-    holds the epoch end every module of its chain has saved; a stage that failed to save never
-    passes it on, and no marker is written. (A collective here would also hold rank 0 until the
-    last stage arrives, while a middle rank's communication thread may be waiting on rank 0.)
-    """
-    checkpoint.commit(run_dir, position, modules, identity, keep)
 
 
 def resume(resume_dir: str, step: int, workers: list[ModuleWorker], identity: dict[str, Any],
