@@ -67,11 +67,6 @@ def in_flight(schedule: Schedule, stage: int, stages: int, microbatches: int) ->
     return microbatches if schedule == "gpipe" else min(microbatches, stages - stage)
 
 
-def bubble_fraction(stages: int, microbatches: int) -> float:
-    """Idle share of each stage's step under GPipe and 1F1B alike: (K - 1) / (M + K - 1)."""
-    return (stages - 1) / (microbatches + stages - 1)
-
-
 def stage_activation_bytes(e2e: Config, spec: DatasetSpec, cuts: list[int], batch: int, schedule: Schedule,
                            microbatches: int) -> list[int]:
     """Each stage's activation memory: one microbatch's saved tensors x the microbatches in flight."""

@@ -7,12 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline.classic_pp import (
-    bubble_fraction,
     e2e_overrides,
     full_batches,
     in_flight,
@@ -48,9 +46,7 @@ def test_the_stages_are_the_end_to_end_network_cut_at_the_local_cuts() -> None:
         assert torch.equal(split, whole.head(whole.body(inputs)))
 
 
-def test_bubble_and_microbatches_in_flight() -> None:
-    assert bubble_fraction(2, 8) == pytest.approx(1 / 9)
-    assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
+def test_microbatches_in_flight() -> None:
     assert [in_flight("gpipe", k, 4, 8) for k in range(4)] == [8, 8, 8, 8]
     assert [in_flight("1f1b", k, 4, 8) for k in range(4)] == [4, 3, 2, 1]
     assert in_flight("1f1b", 0, 4, 2) == 2
