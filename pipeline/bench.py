@@ -279,8 +279,10 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
     local_activation = module_activation_bytes(local, spec, cuts, batch)
 
     def command_of(run: BenchRun, out: Path) -> list[str]:
+        # classic_pp reads the pipeline's settings (threads per stage, timeout) as a pipeline run would
+        mode = "pipeline" if run.mode == "classic_pp" else run.mode
         run_sets = [
-            *sets, f"run.mode={run.mode}", f"run.out_dir={out}", f"train.max_steps={steps}", f"run.log_every={window}",
+            *sets, f"run.mode={mode}", f"run.out_dir={out}", f"train.max_steps={steps}", f"run.log_every={window}",
             "run.resume=\"\"", f"local.modules={run.modules}", "train.epochs=1000000",
             "run.overwrite=true",  # the bench owns its round folders: a second bench replaces them
         ]
