@@ -100,3 +100,21 @@ def test_gpipe_steps_equal_end_to_end_with_accumulated_microbatches(tmp_path: Pa
     # and the weights moved: the comparison is not between two untrained networks
     untrained = [*e2e_network(SETS).body.state_dict().values(), *e2e_network(SETS).head.state_dict().values()]
     assert any(not torch.equal(got, before) for got, before in zip(pipelined, untrained))
+
+
+def classic_pp_cli(tmp_path: Path, world: int, *args: str) -> subprocess.CompletedProcess[str]:
+    sets = [item for override in [*SETS, f"run.out_dir={tmp_path}", "train.max_steps=2"]
+            for item in ("--set", override)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WORLD_SIZE": str(world)}
+    return subprocess.run([sys.executable, "-m", "pipeline.classic_pp", *args, *sets], capture_output=True,
+                          text=True, timeout=60, env=env, check=False)
+
+
+def test_bad_launches_exit_2_with_one_line(tmp_path: Path) -> None:
+    alone = classic_pp_cli(tmp_path, 1)
+    assert alone.returncode == 2 and "launch it with torchrun --nproc-per-node K" in alone.stderr
+    uneven = classic_pp_cli(tmp_path, 2, "--microbatches", "3")
+    assert uneven.returncode == 2 and "--microbatches = 3 must divide data.batch_size = 8" in uneven.stderr
+    other_k = classic_pp_cli(tmp_path, 4)
+    assert other_k.returncode == 2 and "set local.modules=4" in other_k.stderr
+    assert all("Traceback" not in done.stderr for done in (alone, uneven, other_k))
