@@ -178,16 +178,21 @@ def build_stage(config: Config, e2e: Config, spec: DatasetSpec, cuts: list[int],
 
 def full_batches(config: Config, device: torch.device, batch: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(epoch, images, labels) of every full batch, epoch after epoch (a short last batch cannot be
-    split into equal microbatches, so it is left out)."""
+    split into equal microbatches, so it is left out). The data is read at once, so a bad path
+    ends the run before any process group exists."""
     from pipeline.data.loader import make_loaders
 
     train, _ = make_loaders(config, device)
-    epoch = 1
-    while True:
-        for images, labels in train.batches(epoch):
-            if len(labels) == batch:
-                yield epoch, images, labels
-        epoch += 1
+
+    def walk() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        epoch = 1
+        while True:
+            for images, labels in train.batches(epoch):
+                if len(labels) == batch:
+                    yield epoch, images, labels
+            epoch += 1
+
+    return walk()
 
 
 def train(config_path: str | None, sets: list[str], schedule: Schedule, microbatches: int) -> None:
