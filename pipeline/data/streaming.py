@@ -13,6 +13,7 @@ not skipped).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,13 +74,15 @@ class FolderFiles(Dataset[tuple[torch.Tensor, int] | str]):
                     "readable image or delete it")
 
 
-def collate(items: list[tuple[torch.Tensor, int] | str]) -> Decoded:
+def collate(items: list[tuple[torch.Tensor, int] | str], size: int) -> Decoded:
     failures = [item for item in items if isinstance(item, str)]
     if failures:
         return Decoded(torch.empty(0), torch.empty(0), failures[0])
     decoded = [item for item in items if not isinstance(item, str)]
-    return Decoded(torch.stack([image for image, _ in decoded]),
-                   torch.tensor([label for _, label in decoded], dtype=torch.int64), None)
+    # A part may be empty (a last test batch smaller than the replicas): an empty batch of the right shape.
+    images = torch.stack([image for image, _ in decoded]) if decoded else torch.empty(0, 3, size, size,
+                                                                                       dtype=torch.uint8)
+    return Decoded(images, torch.tensor([label for _, label in decoded], dtype=torch.int64), None)
 
 
 class FolderLoader:
@@ -105,16 +108,17 @@ class FolderLoader:
 
     def plan(self, epoch: int, start: int = 0, part: Part = WHOLE) -> Iterator[list[Sample]]:
         """The samples this part decodes for each batch from ``start`` on, with their seeds."""
-        order = epoch_order(self.seed, epoch, self.samples, self.train)
+        order = epoch_order(self.seed, epoch, self.samples, self.train).tolist()
         for index in range(start, len(self)):
             span = batch_span(index, self.batch_size, self.samples)
             positions = part.take(torch.arange(span.start, span.stop)).tolist()
-            yield [Sample(int(order[position]), mix_seed(self.seed, epoch, position)) for position in positions]
+            yield [Sample(order[position], mix_seed(self.seed, epoch, position)) for position in positions]
 
     def batches(self, epoch: int, start: int = 0, part: Part = WHOLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gpu = self.device.type == "cuda"
         stream = DataLoader(self.files, batch_sampler=_Plan(self, epoch, start, part),
-                            num_workers=self.workers, collate_fn=collate, pin_memory=gpu,
+                            num_workers=self.workers,
+                            collate_fn=functools.partial(collate, size=self.spec.image_size), pin_memory=gpu,
                             prefetch_factor=PREFETCH_BATCHES if self.workers else None)
         for images, labels, failure in stream:
             if failure is not None:

@@ -149,6 +149,9 @@ def test_parts_are_the_slices_of_the_global_batch(folder: Path) -> None:
     for index, (images, labels) in enumerate(whole):
         assert torch.equal(torch.cat([parts[0][index][0], parts[1][index][0]]), images)
         assert torch.equal(torch.cat([parts[0][index][1], parts[1][index][1]]), labels)
+    _, val = loaders(folder)  # 3 images in one batch: the fourth of 4 parts is empty, shaped as the rest
+    (images, labels), = epoch(val, 0, part=Part(3, 4))
+    assert images.shape == (0, 3, 16, 16) and labels.shape == (0,)
 
 
 def test_batches_are_normalised_crops_of_the_image_size(folder: Path) -> None:
