@@ -7,7 +7,7 @@ the number of workers, replicas or processes. torch's DataLoader runs ``data.wor
 processes that each decode whole batches ahead (its prefetch), into pinned memory on a GPU, so
 the copy to the device is asynchronous; normalisation then runs on the device.
 
-A file that cannot be decoded stops the run with its path (docs/failures.md says why it is
+A file that cannot be read or decoded stops the run with its path (docs/failures.md says why it is
 not skipped).
 """
 
@@ -70,7 +70,7 @@ class FolderFiles(Dataset[tuple[torch.Tensor, int] | str]):
             with Image.open(path) as image:
                 return self.transform(image, sample.seed), int(self.split.labels[sample.file])
         except UNREADABLE as err:
-            return (f"{path} cannot be decoded as an image ({type(err).__name__}: {err}); replace it with a "
+            return (f"{path} cannot be read as an image ({type(err).__name__}: {err}); replace it with a "
                     "readable image or delete it")
 
 

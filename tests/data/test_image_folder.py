@@ -171,6 +171,18 @@ def test_make_loaders_streams_image_folders_and_clamps_the_batch(folder: Path) -
     assert train.spec.classes == CLASSES and len(train) == 1
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_gpu_batches_come_through_pinned_memory_and_equal_cpu_batches(folder: Path) -> None:
+    on_cpu = epoch(loaders(folder)[0], 1)
+    gpu = make_folder_loaders(folder_config(folder, "data.workers=2", "run.device=cuda"), torch.device("cuda"))[0]
+    on_gpu = epoch(gpu, 1)
+    assert len(on_gpu) == len(on_cpu)
+    for (images, labels), (gpu_images, gpu_labels) in zip(on_cpu, on_gpu):
+        assert gpu_images.is_cuda and gpu_labels.is_cuda
+        assert torch.equal(labels, gpu_labels.cpu()) and torch.allclose(images, gpu_images.cpu(), atol=1e-6)
+
+
 # ---- transforms ---------------------------------------------------------------------------------------
 
 
