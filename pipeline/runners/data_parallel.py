@@ -1,8 +1,8 @@
 """How the R replicas of a stage share its work: batch parts, gradient averaging, count sums.
 
 Replica r reads part r of every global batch (pipeline/data/contract.py's ``Part``: slices at
-most one sample apart), DistributedDataParallel averages the replicas' gradients of each module, and counts
-(correct predictions) are summed over them. With one replica every step is the identity, so
+most one sample apart), DistributedDataParallel averages the replicas' gradients of each
+module, and counts (correct predictions) are summed over them. With one replica every step is the identity, so
 sequential and single-chain pipeline runs go through the same code untouched.
 """
 
