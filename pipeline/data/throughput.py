@@ -45,8 +45,10 @@ def measure(root: Path, workers: int, batch: int, image_size: int, batches: int)
     from pipeline.config import load_config
     from pipeline.data.streaming import make_folder_loaders
 
+    # model.arch: any network valid for the folder (no network is built); resnet50 is one in every family
     config = load_config(None, ["data.name=image_folder", f"data.root={str(root)!r}", f"data.batch_size={batch}",
-                                f"data.image_size={image_size}", f"data.workers={workers}", "run.device=cpu"])
+                                f"data.image_size={image_size}", f"data.workers={workers}", "run.device=cpu",
+                                "model.arch=resnet50"])
     train, _ = make_folder_loaders(config, torch.device("cpu"))
     stream = train.batches(1)
     next(stream)

@@ -41,7 +41,7 @@ def folder(tmp_path: Path) -> Path:
 def folder_config(root: Path, *overrides: str):
     return load_config(None, ["data.name=image_folder", f"data.root='{root}'", "data.image_size=16",
                               "data.eval_resize=20", "data.batch_size=6", "data.workers=0", "run.device=cpu",
-                              *overrides])
+                              "model.arch=resnet50", *overrides])  # resnet50: a network of every model family
 
 
 def loaders(root: Path, *overrides: str) -> tuple[FolderLoader, FolderLoader]:
@@ -115,7 +115,7 @@ def test_config_needs_a_root_and_sizes_that_fit() -> None:
     with pytest.raises(BadInput, match="data.eval_resize = 100 must be >= data.image_size"):
         load_config(None, ["data.name=image_folder", "data.root=x", "data.eval_resize=100"])
     with pytest.raises(BadInput, match="model.in_channels = 1"):
-        load_config(None, ["data.name=image_folder", "data.root=x", "model.in_channels=1"])
+        load_config(None, ["data.name=image_folder", "data.root=x", "model.arch=resnet50", "model.in_channels=1"])
 
 
 # ---- order, parts, resume -------------------------------------------------------------------------
