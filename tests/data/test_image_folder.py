@@ -149,6 +149,11 @@ def test_parts_are_the_slices_of_the_global_batch(folder: Path) -> None:
     for index, (images, labels) in enumerate(whole):
         assert torch.equal(torch.cat([parts[0][index][0], parts[1][index][0]]), images)
         assert torch.equal(torch.cat([parts[0][index][1], parts[1][index][1]]), labels)
+    # a part decodes its own files only (the transform runs in this process with data.workers = 0)
+    decoded = []
+    transform = train.files.transform
+    train.files.transform = lambda image, seed: decoded.append(seed) or transform(image, seed)
+    assert sum(len(labels) for _, labels in epoch(train, 1, part=Part(1, 2))) == len(decoded) == 10
     _, val = loaders(folder)  # 3 images in one batch: the fourth of 4 parts is empty, shaped as the rest
     (images, labels), = epoch(val, 0, part=Part(3, 4))
     assert images.shape == (0, 3, 16, 16) and labels.shape == (0,)
