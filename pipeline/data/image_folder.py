@@ -2,8 +2,8 @@
 
 The layout is ImageNet's and most users' own: one folder per class, the same class folders in
 both splits, class index = position in the sorted folder names. Files are .jpg, .jpeg or .png
-in any case (ImageNet's are .JPEG); anything else in a class folder is left alone. The scan
-is the only place that walks the folders; the loader reads the lists it returns.
+in any case (ImageNet's are .JPEG); anything else in a class folder, and any hidden file, is
+left alone. The scan is the only place that walks the folders; the loader reads its lists.
 """
 
 from __future__ import annotations
@@ -68,8 +68,7 @@ def scan(root: Path) -> ImageFolder:
         labels: list[int] = []
         for label, name in enumerate(classes):
             folder = root / split / name
-            images = sorted(entry.name for entry in os.scandir(folder)
-                            if entry.name.lower().endswith(EXTENSIONS) and entry.is_file())
+            images = sorted(entry.name for entry in os.scandir(folder) if _image(entry))
             if not images:
                 raise BadInput(f"{folder} holds no .jpg, .jpeg or .png images; add its images or remove the "
                                f"class folder from both {root / 'train'} and {root / 'val'}")
@@ -77,6 +76,11 @@ def scan(root: Path) -> ImageFolder:
             labels += [label] * len(images)
         splits.append(FolderSplit(np.array(files), np.array(labels, dtype=np.int64)))
     return ImageFolder(root, classes, *splits)
+
+
+def _image(entry: os.DirEntry[str]) -> bool:
+    """An image file by its name; hidden files are not (macOS copies leave "._NAME.jpg" metadata)."""
+    return not entry.name.startswith(".") and entry.name.lower().endswith(EXTENSIONS) and entry.is_file()
 
 
 def _names(names: set[str], shown: int = 5) -> str:

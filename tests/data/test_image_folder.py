@@ -64,12 +64,13 @@ def same(a, b) -> bool:
 
 def test_scan_finds_sorted_classes_and_every_image(folder: Path) -> None:
     (folder / "train" / "class_001" / "notes.txt").write_text("not an image")
+    (folder / "train" / "class_001" / "._upper.JPEG").write_bytes(b"macOS metadata, not an image")
     Image.new("RGB", (40, 32)).save(folder / "train" / "class_001" / "upper.JPEG")
     found = scan(folder)
     assert found.classes == ("class_000", "class_001", "class_002")
     assert len(found.train.files) == 21 and len(found.val.files) == CLASSES
     names = [Path(file.decode()).name for file in found.train.files]
-    assert "upper.JPEG" in names and "notes.txt" not in names
+    assert "upper.JPEG" in names and "notes.txt" not in names and "._upper.JPEG" not in names
     assert sum(name.endswith(".png") for name in names) == 6
     # labels follow the class folder each file sits in
     for file, label in zip(found.train.files, found.train.labels):
