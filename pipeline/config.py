@@ -455,6 +455,8 @@ def ineffective_keys(config: Config) -> list[str]:
                           "reconstruct", "ixx_1", "ixy_1", "ixx_2", "ixy_2"),
                 "with local.modules = 1 (end-to-end training has no local heads)")
         return notes
+    if config.arch.family == "imagenet":
+        ignored("local", ("aux", "aux_hidden"), "with an ImageNet network (its heads are InfoPro's ImageNet head)")
     if local.loss == "softmax":
         ignored("local", ("aux_feature_dim",), "with local.loss = 'softmax' (heads output class scores)")
     if not local.reconstruct:
