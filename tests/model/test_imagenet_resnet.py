@@ -180,8 +180,8 @@ def test_infopro_module_loss_is_bce_times_ixx_plus_ce_times_ixy():
 def test_zero_init_residual(family, arch, kind, last, make_config, build_modules):
     blocks = []
     for zero in (False, True):
-        config = make_config(f"model.family={family}", f"model.arch={arch}", f"model.zero_init_residual={str(zero).lower()}",
-                             "local.modules=2")
+        config = make_config(f"model.family={family}", f"model.arch={arch}", "local.modules=2",
+                             f"model.zero_init_residual={str(zero).lower()}")
         _, _, _, modules = build_modules(config)
         blocks.append([b for m in modules for b in m.body.modules() if isinstance(b, kind)])
     plain, zeroed = blocks
