@@ -427,6 +427,8 @@ def validate(config: Config) -> None:
     if pipe.schedule == "buffered":
         _require(local.modules >= 2, "pipeline.schedule = 'buffered' buffers batches between modules; it needs "
                                      f"local.modules >= 2 (it is {local.modules})")
+        _require(pipe.replicas <= 1, f"pipeline.schedule = 'buffered' runs one chain; set pipeline.replicas = 1 "
+                                     f"(it is {pipe.replicas}) or use the lockstep schedule")
     _require(not pipe.replay or (pipe.schedule == "buffered" and run.mode == "sequential"),
              "pipeline.replay replays a buffered run in one process; set pipeline.schedule = 'buffered' and "
              "run.mode = 'sequential' with it")
