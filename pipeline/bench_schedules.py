@@ -62,7 +62,7 @@ def run_figures(summary: dict[str, Any], steps: dict[int, int], batch: int) -> d
 
 def buffered_steps(lockstep: dict[str, Any]) -> int:
     """Stage 0's steps in the buffered run: its own step time into the lockstep run's training time."""
-    return max(1, round(lockstep["train_s"] / max(lockstep["stage0_step_s"], 1e-9)))
+    return max(1, round(float(lockstep["train_s"]) / max(float(lockstep["stage0_step_s"]), 1e-9)))
 
 
 def markdown(report: dict[str, Any]) -> str:
