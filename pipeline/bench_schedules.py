@@ -45,7 +45,7 @@ def stage_steps(metrics: Path) -> dict[int, int]:
 
 
 def run_figures(summary: dict[str, Any], steps: dict[int, int], batch: int) -> dict[str, Any]:
-    """One run's row: per stage its steps and steps/s over its training time (full batches assumed)."""
+    """One run's row: per stage its steps and steps/s over its own training time (full batches assumed)."""
     stages = sorted(summary["stages"], key=lambda stage: stage["stage"])
     rates = [stage["samples_per_s"] for stage in stages]
     first = stages[0]
@@ -53,7 +53,9 @@ def run_figures(summary: dict[str, Any], steps: dict[int, int], batch: int) -> d
         "stage_steps": [steps[stage["stage"]] for stage in stages],
         "steps_per_s": [round(rate / batch, 3) for rate in rates],
         "samples_per_s": rates[0],
-        "train_s": round(steps[first["stage"]] * batch / max(rates[0], 1e-9), 2),
+        # The run's training time: the stage that trained longest (lockstep: the last, draining the queue).
+        "train_s": round(max(steps[stage["stage"]] * batch / max(stage["samples_per_s"], 1e-9)
+                             for stage in stages), 2),
         "stage0_step_s": first["compute_s"] / max(steps[first["stage"]], 1),
         "wall_s": summary["wall_s"],
         "test_accuracy": summary["test_accuracy"],
