@@ -74,8 +74,9 @@ class ReplayBuffer(Generic[T, C]):
             head = self.waiting.popleft()
             assert isinstance(head, _Control), "data wait only behind a control"
             while self.waiting and not isinstance(self.waiting[0], _Control):
-                entry, item = self.waiting.popleft()  # type: ignore[misc]
-                self._admit(entry, item)
+                arrived = self.waiting.popleft()
+                assert not isinstance(arrived, _Control)
+                self._admit(*arrived)
             self.paused = head.pauses
             return head.item
         if self.paused:
