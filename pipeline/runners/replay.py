@@ -105,9 +105,6 @@ class ReplayLoop:
 
     def __init__(self, source: Inbox, stages: list[Handler], plans: list[list[Item]], report: RunReport,
                  commit: Callable[[Position], object] | None = None) -> None:
-        if len(plans) != len(stages):
-            raise BadInput(f"pipeline.replay: the record holds {len(plans)} modules, the config {len(stages)}; "
-                           f"replay with the config of the run that wrote it")
         self.source, self.stages, self.report, self.commit = source, stages, report, commit
         self.plans = [deque(plan) for plan in plans]
         # Batches of link k -> k+1 still to be trained on, and how often: only those are kept.

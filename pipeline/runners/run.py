@@ -4,6 +4,8 @@ sequential: one process hosts every module and reads the data; nothing is sent.
 pipeline:   torchrun, one process per module; the first reads the data, the others their inbox.
 ddp:        torchrun, the whole network (K = 1) on every rank, each training its batch shard.
 All three run the same ``StageLoop`` over the same ``ModuleStage``s (pipeline/runners/stage.py).
+The buffered schedule puts a replay buffer in front of each pipeline stage (buffered_inbox.py);
+in sequential mode it runs the same ``ModuleStage``s on a recorded or seeded schedule (replay.py).
 """
 
 from __future__ import annotations
