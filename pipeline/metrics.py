@@ -227,7 +227,7 @@ class Progress:
         per_step = self.samples / max(self.steps, 1)
         self.smoothed = rate if self.smoothed is None else self.SMOOTHING * rate + (1 - self.SMOOTHING) * self.smoothed
         self.mark_time, self.samples, self.steps = now, 0, 0
-        eta = (self.total - step) * per_step / max(self.smoothed, 1e-9)
+        eta = max(self.total - step, 0) * per_step / max(self.smoothed, 1e-9)  # a buffered module may pass the total
         text = " ".join(f"{loss:.3f}" for loss in losses)
         return (f"[{self.label}] epoch {epoch} step {step}/{self.total} | loss {text} | "
                 f"{rate:.0f} samples/s | eta {_clock(eta)}"), rate

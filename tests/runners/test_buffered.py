@@ -13,14 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from distributed_helpers import load_module_state, max_state_difference, tiny_config, torchrun
 from threaded import run_threaded
 
 from pipeline.errors import BadInput
+from pipeline.runners import run as run_module
 from pipeline.runners.loop import Position, RunLength
 from pipeline.runners.replay import seeded_schedule
 from pipeline.runners.run import run
 from pipeline.runners.schedule_trace import Ended, Trained, read_schedule
+from pipeline.topology import Topology
 
 # 16 batches of 64 per epoch: an epoch end with evaluation at step 16, the run's end at 20.
 BUFFERED = ["data.batch_size=64", "train.epochs=2", "train.max_steps=20", "pipeline.schedule=buffered",
@@ -124,3 +127,19 @@ def test_a_record_of_another_config_is_refused(tmp_path: Path) -> None:
         run(config)
     with pytest.raises(BadInput, match="names module 1, but local.modules = 1|needs local.modules >= 2"):
         read_schedule(record, 1)
+    with pytest.raises(BadInput, match="cannot be read"):
+        read_schedule(tmp_path / "missing.jsonl", 2)
+    record.write_text(json.dumps({"event": "schedule", "module": 0, "step": 1, "entry": 1}) + "\n")
+    with pytest.raises(BadInput, match="line 1 is not a schedule record"):
+        read_schedule(record, 2)
+
+
+def test_data_replicas_are_refused_with_the_buffered_schedule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """WORLD_SIZE = 2K gives R = 2 by default: one line, before any data is read or any group formed."""
+    def four_processes(*args: object, **kwargs: object) -> Topology:
+        return Topology(0, 4, torch.device("cpu"), 2, 2, (0,))
+
+    monkeypatch.setattr(run_module, "from_env", four_processes)
+    config = tiny_config(tmp_path, "replicas", "local.modules=2", *BUFFERED, "run.mode=pipeline")
+    with pytest.raises(BadInput, match="runs one chain, but there are 2 replicas"):
+        run(config)
