@@ -95,6 +95,23 @@ def test_torchrun_buffered_run_replays_to_the_same_parameters(tmp_path: Path) ->
                         summary["test_accuracy"])
 
 
+def test_a_buffered_run_resumes_at_an_epoch_end(tmp_path: Path, single_thread: None) -> None:
+    """The buffers are not saved: the resumed run starts them empty, each module counting from the step."""
+    overrides = ["local.modules=2", *BUFFERED, "local.context=R1", "run.mode=pipeline"]
+    _, errors = run_threaded(tiny_config(tmp_path, "first", *overrides))
+    assert errors == [None, None]
+    _, errors = run_threaded(tiny_config(tmp_path, "resumed", *overrides, f"run.resume={tmp_path / 'first'}",
+                                         "run.resume_step=16"))
+    assert errors == [None, None]
+    for module in range(2):
+        assert load_module_state(tmp_path / "resumed", module)["position"] == \
+            load_module_state(tmp_path / "first", module)["position"]
+    lines = schedule_lines(tmp_path / "resumed")
+    assert [line["step"] for line in lines if line["module"] == 0 and "entry" in line] == [17, 18, 19, 20]
+    first = min(line["step"] for line in lines if line["module"] == 1 and "entry" in line)
+    assert first == 17 and all(line["entry"] >= 17 for line in lines if "entry" in line)  # nothing from before
+
+
 def test_the_seeded_order_is_reproducible_and_replays(tmp_path: Path, single_thread: None) -> None:
     overrides = ["local.modules=3", *BUFFERED, "local.context=R1", "pipeline.slowdown=[1.0, 1.5, 1.0]"]
     first = run(tiny_config(tmp_path, "seeded", *overrides))
