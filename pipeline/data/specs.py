@@ -30,6 +30,7 @@ _CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FOLDER_LAYOUT = "train/<class>/ and val/<class>/ folders of .jpg, .jpeg or .png images (ImageNet's layout)"
+FOLDER_DEFAULT_ROOT = "data/imagenet"
 _TORCHVISION_HINT = "set data.download = true (needs torchvision and a network) or copy the files there"
 
 SPECS = {
@@ -61,15 +62,16 @@ SPECS = {
 def dataset_spec(config: Config) -> DatasetSpec:
     """The spec of config.data.name, with the synthetic set shaped by config.model.
 
-    An image folder's classes are its class folders: listing them reads data.root (the run's
-    first stage takes them from its full scan and hands the spec to the others).
+    An image folder's classes are model.classes where set (the scan of a run checks the folder
+    against it), else its class folders, listed from data.root. In a run, the first stage takes
+    the spec from its full scan and hands it to the others.
     """
     spec = SPECS.get(config.data.name)
     model = config.model
     if spec is None:  # image_folder
         from pipeline.data.image_folder import class_names  # it builds on this module
 
-        return folder_spec(config, len(class_names(Path(config.data.root))))
+        return folder_spec(config, model.classes or len(class_names(folder_root(config))))
     if spec.name == "synthetic":
         channels = model.in_channels or spec.channels
         return DatasetSpec(
@@ -82,8 +84,13 @@ def dataset_spec(config: Config) -> DatasetSpec:
 def folder_spec(config: Config, classes: int) -> DatasetSpec:
     """An image folder of ``classes`` classes, seen at data.image_size, ImageNet-normalised."""
     spec = DatasetSpec("image_folder", 3, classes, config.data.image_size, IMAGENET_MEAN, IMAGENET_STD, 0,
-                       "constant", True, "", f"data.root must hold {FOLDER_LAYOUT}")
+                       "constant", True, FOLDER_DEFAULT_ROOT, f"data.root must hold {FOLDER_LAYOUT}")
     return _fitted(spec, config)
+
+
+def folder_root(config: Config) -> Path:
+    """The image folder: data.root, or data/imagenet as other datasets have data/<name>."""
+    return Path(config.data.root or FOLDER_DEFAULT_ROOT).expanduser()
 
 
 def check_model_fits(config: Config) -> None:

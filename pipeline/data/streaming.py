@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -36,7 +35,7 @@ from pipeline.data.contract import (
 )
 from pipeline.data.image_folder import FolderSplit, scan
 from pipeline.data.loader import training_batch
-from pipeline.data.specs import DatasetSpec, folder_spec
+from pipeline.data.specs import DatasetSpec, folder_root, folder_spec
 from pipeline.data.transforms import EvalTransform, TrainTransform, Transform
 from pipeline.errors import BadInput
 
@@ -141,9 +140,9 @@ class _Plan:
 
 
 def make_folder_loaders(config: Config, device: torch.device, processes: int = 1) -> tuple[FolderLoader, FolderLoader]:
-    """The train and val loaders of the image folder at data.root (scanned here, once)."""
+    """The train and val loaders of the image folder at data.root (scanned here, once per process)."""
     data = config.data
-    folder = scan(Path(data.root))
+    folder = scan(folder_root(config))
     spec = folder_spec(config, len(folder.classes))
     batch, smallest = training_batch(config, f"image folder {folder.root}", len(folder.train.labels), processes)
     evaluate = EvalTransform(data.image_size, data.eval_resize)

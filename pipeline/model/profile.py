@@ -11,8 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from functools import partial
-from typing import TypeVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,25 +20,31 @@ from pipeline.config import Config
 from pipeline.data.specs import DatasetSpec
 from pipeline.metrics import say
 from pipeline.model.context import ImageEncoder, InputEncoder
-from pipeline.model.decoder import Decoder
-from pipeline.model.heads import build_aux_head
+from pipeline.model.decoder import build_decoder
+from pipeline.model.heads import build_head
+from pipeline.model.network import make_net
 from pipeline.model.partition import min_max_cuts
-from pipeline.model.resnet import BlockShape, CifarResNet
-
-Result = TypeVar("Result")
+from pipeline.model.resnet import BlockShape
 
 
-def saved_activation_bytes(run: Callable[[], Result]) -> tuple[int, Result]:
-    """Bytes of the distinct tensors autograd keeps for backward while ``run`` executes, and its result."""
+def saved_activation_bytes(module: nn.Module, *inputs: Any) -> tuple[int, Any]:
+    """Bytes of the distinct tensors autograd keeps for backward during ``module(*inputs)``, and its output.
+
+    Autograd also keeps references to the module's own parameters and buffers (a conv's weight,
+    batch norm's running statistics): those are memory the module holds anyway, not activations,
+    so they are left out.
+    """
+    held = {tensor.untyped_storage().data_ptr() for tensor in [*module.parameters(), *module.buffers()]}
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in held:
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        result = run()
+        result = module(*inputs)
     return sum(storages.values()), result
 
 
@@ -62,7 +67,7 @@ class _CostModel:
     def __init__(self, config: Config, spec: DatasetSpec, device: torch.device) -> None:
         self.config, self.device = config, device
         self.batch = config.data.batch_size
-        self.net = CifarResNet(config.model.blocks_per_stage, spec.channels, spec.image_size)
+        self.net = make_net(config, spec)
         self.spec = spec
         self.measure_time = config.local.partition == "balanced-time"
         memory = torch.channels_last if config.precision.channels_last else torch.contiguous_format
@@ -83,7 +88,7 @@ class _CostModel:
                     output: torch.Tensor = layers(inputs)
                 return output
             return step_seconds(step, self.device)
-        return float(saved_activation_bytes(lambda: layers(inputs))[0])
+        return float(saved_activation_bytes(layers, inputs)[0])
 
     def _input_bytes(self, shape: BlockShape) -> float:
         return 0.0 if self.measure_time else float(self.batch * shape.channels * shape.size**2 * 4)
@@ -97,10 +102,10 @@ class _CostModel:
         """The head (and decoder) a module ending at block ``index`` carries."""
         local, shape = self.config.local, self.net.shape(index)
         out = self.spec.classes if local.loss == "softmax" else local.aux_feature_dim
-        total = self.cost(build_aux_head(local.aux, shape.channels, out, local.aux_widen, local.aux_hidden), shape)
+        family = self.config.arch.family
+        total = self.cost(build_head(family, local, shape.channels, out), shape)
         if local.reconstruct:
-            decoder = Decoder(shape.channels, self.spec.channels, self.spec.image_size, local.aux_widen)
-            total += self.cost(decoder, shape)
+            total += self.cost(build_decoder(family, shape.channels, self.spec, local.aux_widen), shape)
         return total
 
     def encoders(self, start: int) -> float:
@@ -147,7 +152,7 @@ def module_activation_bytes(config: Config, spec: DatasetSpec, cuts: list[int], 
         module = build_module(config, layout, index, torch.device("cpu")).train()
         assert packet is not None
         current = packet
-        size, (inputs, output, _) = saved_activation_bytes(partial(module, current))
+        size, (inputs, output, _) = saved_activation_bytes(module, current)
         sizes.append(size)
         packet = None if module.last else module.next_packet(current, inputs, output)
     return sizes

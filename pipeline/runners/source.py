@@ -38,5 +38,6 @@ class BatchSource:
                 epoch, batches = event.epoch, train.batches(event.epoch, event.batch, part)
             images, labels = next(batches)
             # samples: the global batch, which every replica's count must agree on
-            yield Train(event.epoch, event.step, train.batch_samples(event.batch), Packet.from_batch(images, labels))
+            packet = Packet.from_batch(images, labels)
+            yield Train(event.epoch, event.step, train.batch_samples(event.batch), packet, entry=event.step)
         yield Stop()

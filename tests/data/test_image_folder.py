@@ -110,9 +110,19 @@ def test_a_missing_split_is_named(folder: Path) -> None:
     assert f"{folder / 'val'} does not exist" in message and "evaluation images" in message
 
 
-def test_config_needs_a_root_and_sizes_that_fit() -> None:
-    with pytest.raises(BadInput, match="needs data.root"):
-        load_config(None, ["data.name=image_folder"])
+def test_model_classes_stand_for_the_folder_until_its_scan_checks_them(folder: Path, tmp_path: Path) -> None:
+    elsewhere = folder_config(tmp_path / "not-here", "model.classes=5")
+    assert dataset_spec(elsewhere).classes == 5  # nothing read: a config of the published rows checks offline
+    with pytest.raises(BadInput, match=r"^model.classes = 5 but image_folder has 3 classes; set model.classes = 3"):
+        loaders(folder, "model.classes=5")
+    assert loaders(folder, "model.classes=3")[0].spec.classes == 3
+
+
+def test_the_default_root_and_sizes_that_do_not_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, ["data.name=image_folder", "model.arch=resnet50"])  # loads without the folder
+    with pytest.raises(BadInput, match=r"^data.root = 'data/imagenet' is not a folder; set data.root to a folder"):
+        dataset_spec(config)
     with pytest.raises(BadInput, match="data.eval_resize = 100 must be >= data.image_size"):
         load_config(None, ["data.name=image_folder", "data.root=x", "data.eval_resize=100"])
     with pytest.raises(BadInput, match="model.in_channels = 1"):
@@ -252,6 +262,7 @@ def test_a_corrupt_image_ends_the_cli_with_one_line_and_exit_2(folder: Path, tmp
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.train", "--set", "data.name=image_folder", "--set", f"data.root='{folder}'",
          "--set", "data.image_size=16", "--set", "data.eval_resize=16", "--set", "model.arch=resnet8",
+         "--set", "model.family=cifar",
          "--set", "data.batch_size=20", "--set", "data.workers=1", "--set", "run.device=cpu",
          "--set", f"run.out_dir='{tmp_path / 'run'}'", "--set", "train.schedule=constant", "--set", "train.epochs=1"],
         cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -28,7 +28,7 @@ CPU = torch.device("cpu")
 
 def folder_overrides(root: Path) -> list[str]:
     return ["data.name=image_folder", f"data.root='{root}'", "data.image_size=32", "data.eval_resize=36",
-            "data.batch_size=8", "local.modules=2"]
+            "data.batch_size=8", "local.modules=2", "model.family=cifar"]
 
 
 @pytest.mark.parametrize("extra", [["local.context=R0"], ["local.context=E", "local.reconstruct=true"]],
@@ -52,6 +52,28 @@ def test_threaded_pipeline_on_an_image_folder_equals_sequential(tmp_path: Path, 
     assert summary["epochs"] == 2  # 3 batches an epoch: two whole epochs, each evaluated on the folder's val split
     assert summary["test_accuracy"] == reference["test_accuracy"]
 
+
+
+def test_resnet50_on_an_image_folder_pipeline_equals_sequential(tmp_path: Path, single_thread: None) -> None:
+    """torchvision's ResNet-50 (model.family = imagenet) at K = 2 on 64-pixel crops with InfoPro's
+    ImageNet head and decoder: the threaded pipeline ends with the sequential run's parameters."""
+    root = tmp_path / "images"
+    write_folder(root, 12, 3, size=(80, 72), png_every=4)
+    overrides = [*folder_overrides(root), "model.family=imagenet", "model.arch=resnet50", "data.image_size=64",
+                 "data.eval_resize=72", "data.batch_size=4", "local.reconstruct=true", "train.max_steps=3",
+                 "train.epochs=1"]
+    reference = run(tiny_config(tmp_path, "sequential", *overrides, "data.workers=0"))
+    assert reference is not None and reference["steps"] == 3
+    summaries, errors = run_threaded(tiny_config(tmp_path, "threads", *overrides, "data.workers=2",
+                                                 "run.mode=pipeline"), timeout_s=300)
+    assert errors == [None, None]
+    for module in range(2):
+        a, b = load_module_state(tmp_path / "sequential", module), load_module_state(tmp_path / "threads", module)
+        assert a["position"] == b["position"]
+        assert max_state_difference(a["state"], b["state"]) == 0.0, f"module {module} differs"
+    summary = summaries[0]
+    assert summary is not None and summary["test_accuracy"] == reference["test_accuracy"]
+    assert summary["cut_points"] == reference["cut_points"] and len(summary["cut_points"]) == 1
 
 class SaidByRank0:
     """A later stage's collectives once rank 0 has spoken: broadcasts return rank 0's facts."""
