@@ -6,8 +6,8 @@ drawn from the seed of (seed, epoch, its position in the epoch), so a batch is t
 the number of workers, replicas or processes. torch's DataLoader runs ``data.workers``
 processes that each decode whole batches ahead (its prefetch), into pinned memory on a GPU, so
 the copy to the device is asynchronous; normalisation then runs on the device. The workers
-live for one pass (an epoch's training batches, or the test set): forking them costs well under
-a second, against minutes per ImageNet epoch.
+live for one pass (an epoch's training batches, or the test set): starting them is cheap next to
+the minutes an ImageNet epoch takes.
 
 A file that cannot be read or decoded stops the run with its path (docs/failures.md says why
 it is not skipped).
