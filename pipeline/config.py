@@ -38,6 +38,7 @@ AUX_HEADS: tuple[str, ...] = get_args(AuxHead)
 # Deepest Rn: each packet carries n earlier module inputs, a bound that keeps messages sane.
 MAX_CONTEXT_DEPTH = 21
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
+MIN_IMAGE_SIZE = 8
 
 # Cut points are [stage, block] pairs (stage 0 = the stem), as in docs/reference.md's tables.
 Cut = list[int]
@@ -64,6 +65,11 @@ class DataConfig:
     batch_size: int = 128
     augment: bool = True
     download: bool = False
+    # image_folder only: the training crop's side, the side evaluation images are resized to before
+    # their centre crop of image_size, and the decoding worker processes of each reading process.
+    image_size: int = 224
+    eval_resize: int = 256
+    workers: int = 4
 
 
 @dataclass
@@ -194,9 +200,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         section[name] = value
     config = _build(raw)
     validate(config)
-    from pipeline.data.specs import dataset_spec  # specs import this module: resolve late
+    from pipeline.data.specs import check_model_fits  # specs import this module: resolve late
 
-    dataset_spec(config)  # model.in_channels / model.classes must fit the dataset
+    check_model_fits(config)
     return config
 
 
@@ -345,6 +351,11 @@ def validate(config: Config) -> None:
              f"run.resume_step = {run.resume_step} needs run.resume = DIR, the out_dir to resume from")
 
     _require(data.batch_size >= 2, f"data.batch_size = {data.batch_size} must be >= 2 (batch norm needs two samples)")
+    _require(data.image_size >= MIN_IMAGE_SIZE, f"data.image_size = {data.image_size} must be >= {MIN_IMAGE_SIZE} "
+                                               "(the networks halve it several times)")
+    _require(data.eval_resize >= data.image_size, f"data.eval_resize = {data.eval_resize} must be >= data.image_size "
+                                                  f"= {data.image_size} (evaluation crops image_size out of it)")
+    _require(data.workers >= 0, f"data.workers = {data.workers} must be >= 0 (0: decode in the training process)")
 
     arch = config.arch
     blocks = arch.units
@@ -464,6 +475,13 @@ def ineffective_keys(config: Config) -> list[str]:
                 notes.append(f"{section}.{key} has no effect {because}")
 
     run, local = config.run, config.local
+    if config.data.name == "synthetic":
+        ignored("data", ("download", "root"), "with data.name = 'synthetic' (nothing is read)")
+    if config.data.name == "image_folder":
+        ignored("data", ("download",), "with data.name = 'image_folder' (the folder is read as it is)")
+    else:
+        ignored("data", ("image_size", "eval_resize", "workers"),
+                f"with data.name = {config.data.name!r} (image folders only)")
     if config.train.schedule != "cosine":
         ignored("train", ("warmup_epochs",), f"with train.schedule = {config.train.schedule!r} (only 'cosine' "
                                              "warms up)")
@@ -491,6 +509,4 @@ def ineffective_keys(config: Config) -> list[str]:
         ignored("local", ("aux_feature_dim",), "with local.loss = 'softmax' (heads output class scores)")
     if not local.reconstruct:
         ignored("local", ("ixx_1", "ixy_1", "ixx_2", "ixy_2"), "with local.reconstruct = false (no decoder to weigh)")
-    if config.data.name == "synthetic":
-        ignored("data", ("download", "root"), "with data.name = 'synthetic' (nothing is read)")
     return notes

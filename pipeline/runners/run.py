@@ -23,8 +23,8 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.config import Config, PipelineConfig
-from pipeline.data.loader import BatchLoader, make_loaders
-from pipeline.data.specs import dataset_spec
+from pipeline.data.contract import Loader
+from pipeline.data.loader import make_loaders
 from pipeline.errors import BadInput, StageFailure, StuckPeer
 from pipeline.metrics import percent, reset_peak_memory, say
 from pipeline.model.local_module import Layout
@@ -45,7 +45,7 @@ from pipeline.topology import Topology, from_env, process_groups, single_process
 from pipeline.transport import Courier, Receiver, Sender
 from pipeline.worker import ModuleWorker, make_worker
 
-Loaders = tuple[BatchLoader, BatchLoader]
+Loaders = tuple[Loader, Loader]
 Links = Callable[[Layout], tuple[Inbox | None, Outbox | None]]
 
 
@@ -93,13 +93,14 @@ def run(config: Config) -> dict[str, Any] | None:
 def assemble(config: Config, topology: Topology, loaders: Loaders | None, started: float,
              links: Links) -> tuple[Loop, RunReport, list[int]]:
     """This process's modules, resumed, with their report, inbox and outbox: a loop ready to run."""
-    spec = dataset_spec(config)
-    # Facts only the first stage can know (the data's length; profiled cuts) are broadcast so all agree.
+    # Facts only the first stage can know (the data's spec and length; profiled cuts) are broadcast so
+    # all agree: the other stages never read the data (an image folder may not even be mounted there).
     facts = None
     if topology.rank == 0:
         assert loaders is not None
-        facts = (resolve_cuts(config, spec, topology.device), len(loaders[0]))
-    cuts, batches = topology.comm.broadcast(facts, 0)
+        spec = loaders[0].spec
+        facts = (spec, resolve_cuts(config, spec, topology.device), len(loaders[0]))
+    spec, cuts, batches = topology.comm.broadcast(facts, 0)
     layout = make_layout(config, spec, cuts)
     parallel = DataParallel(topology, config.pipeline.sync_batchnorm)
     workers = [make_worker(config, layout, index, topology.device, wrap=parallel.wrap) for index in topology.hosted]
@@ -144,7 +145,7 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
                               topology.device)
     if topology.first:
         assert loaders is not None
-        inbox = BatchSource(*loaders, position, length, parallel.shard)
+        inbox = BatchSource(*loaders, position, length, parallel.part)
     assert inbox is not None
     if topology.writer:
         hosted = topology.hosted

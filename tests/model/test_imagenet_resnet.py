@@ -135,7 +135,7 @@ def test_imagenet_head_is_infopros():
 
 
 def test_imagenet_decoder_is_infopros():
-    spec = dataset_spec(load_config(None, ["data.name=image_folder", "model.arch=resnet50"]))
+    spec = dataset_spec(load_config(None, ["data.name=image_folder", "model.arch=resnet50", "model.classes=1000"]))
     decoder = build_decoder("imagenet", 512, spec, widen=1)
     assert isinstance(decoder, ImageNetDecoder)
     convs = [m for m in decoder.modules() if isinstance(m, nn.Conv2d)]

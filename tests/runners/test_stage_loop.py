@@ -19,6 +19,7 @@ from distributed_helpers import EQUIVALENCE_CASES, EQUIVALENCE_IDS, load_module_
 from threaded import run_threaded
 
 from pipeline import checkpoint
+from pipeline.data.contract import WHOLE, Part
 from pipeline.errors import StageFailure
 from pipeline.packet import Packet
 from pipeline.runners.links import MemoryLink
@@ -80,7 +81,10 @@ class FakeLoader:
     def __len__(self) -> int:
         return self.count
 
-    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batch_samples(self, index: int) -> int:
+        return self.size
+
+    def batches(self, epoch: int, start: int = 0, part: Part = WHOLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for index in range(start, self.count):
             yield torch.full((self.size, 1), float(epoch * 100 + index)), torch.zeros(self.size, dtype=torch.int64)
 
@@ -133,7 +137,7 @@ def _chain(stages: list[Recorder], length: RunLength, start: Position | None = N
     """Run mock stages on threads: stage 0 reads a BatchSource, the rest MemoryLinks."""
     links = [MemoryLink(k, k + 1, depth, timeout_s) for k in range(len(stages) - 1)]
     source = BatchSource(FakeLoader(length.batches, 4), FakeLoader(2, 3), start or Position(), length,  # type: ignore[arg-type]
-                         lambda images, labels: (images, labels))
+                         WHOLE)
     reports = [NullReport() for _ in stages]
     errors: list[BaseException | None] = [None] * len(stages)
 
