@@ -19,7 +19,7 @@ from pipeline.errors import BadInput
 Mode = Literal["sequential", "pipeline", "ddp"]
 Device = Literal["auto", "cpu", "cuda"]
 Dataset = Literal["fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "synthetic"]
-Partition = Literal["equal", "balanced-memory", "balanced-time"]
+Partition = Literal["equal", "balanced-memory", "balanced-time", "balanced"]
 Loss = Literal["softmax", "contrast"]
 AuxHead = Literal["0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"]
 Schedule = Literal["cosine", "cosine-step", "constant"]
@@ -79,6 +79,9 @@ class ModelConfig:
 class LocalConfig:
     modules: int = 1
     partition: Partition | list[Cut] = "equal"
+    # balanced: the largest module's activation memory at most this fraction of E2E's, or a size
+    # such as "2GiB"; 0: no cap
+    memory_cap: float | str = 0.0
     context: str = "R0"
     loss: Loss = "softmax"
     aux: AuxHead = "1c2f"
@@ -143,6 +146,20 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)\s*$")
+_SIZE_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
+               "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB' -> 2147483648, '512MB' -> 512000000; BadInput for anything else."""
+    match = _SIZE_RE.match(text)
+    if match is None or float(match.group(1)) <= 0:
+        raise BadInput(f"{_clip(text)!r} is not a size; write a positive number and a unit, for example '2GiB' "
+                       f"or '512MB' (units: {', '.join(_SIZE_UNITS)})")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
 _CONTEXT_RE = re.compile(r"^(?:R(\d+)(E?)|E)$")
@@ -383,6 +400,15 @@ def validate(config: Config) -> None:
     _require(depth <= MAX_CONTEXT_DEPTH, f"local.context = {local.context!r}: n in Rn must be <= {MAX_CONTEXT_DEPTH}")
     if not isinstance(local.partition, str):
         validate_cuts(local.partition, local.modules, model.blocks_per_stage)
+    if isinstance(local.memory_cap, str):
+        try:
+            parse_size(local.memory_cap)
+        except BadInput as err:
+            raise BadInput(f"local.memory_cap = {err}; or a fraction of E2E activation memory such as 0.6") from None
+    else:
+        _require(0 <= local.memory_cap <= 1,
+                 f"local.memory_cap = {local.memory_cap} must be a fraction of E2E activation memory in [0, 1] "
+                 "(0: no cap) or a size such as '2GiB'")
     _require(local.aux_widen >= 1, f"local.aux_widen = {local.aux_widen} must be >= 1")
     _require(local.aux_hidden >= 1, f"local.aux_hidden = {local.aux_hidden} must be >= 1")
     _require(local.aux_feature_dim >= 1, f"local.aux_feature_dim = {local.aux_feature_dim} must be >= 1")
@@ -468,10 +494,12 @@ def ineffective_keys(config: Config) -> list[str]:
         ignored("pipeline", ("timeout_s", "threads_per_stage", "replicas", "placement", "sync_batchnorm"),
                 "with run.mode = 'sequential' (one process)")
     if local.modules == 1:
-        ignored("local", ("partition", "context", "loss", "aux", "aux_widen", "aux_hidden", "aux_feature_dim",
-                          "reconstruct", "ixx_1", "ixy_1", "ixx_2", "ixy_2"),
+        ignored("local", ("partition", "memory_cap", "context", "loss", "aux", "aux_widen", "aux_hidden",
+                          "aux_feature_dim", "reconstruct", "ixx_1", "ixy_1", "ixx_2", "ixy_2"),
                 "with local.modules = 1 (end-to-end training has no local heads)")
         return notes
+    if local.partition != "balanced":
+        ignored("local", ("memory_cap",), "unless local.partition = 'balanced'")
     if local.loss == "softmax":
         ignored("local", ("aux_feature_dim",), "with local.loss = 'softmax' (heads output class scores)")
     if not local.reconstruct:
