@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -148,6 +149,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
+_UNIONS = (Union, types.UnionType)  # typing.Union[...] and the X | Y of builtin types
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)\s*$")
 _SIZE_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
                "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -311,7 +313,7 @@ def _build_section(table: str, cls: type, values: dict[str, Any]) -> Any:
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:
-    if get_origin(hint) is Union:
+    if get_origin(hint) in _UNIONS:
         if isinstance(value, str):  # a word: say which words are allowed, not which types
             for option in get_args(hint):
                 if get_origin(option) is Literal:
@@ -347,7 +349,7 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
 
 
 def _describe(hint: Any) -> str:
-    if get_origin(hint) is Union:
+    if get_origin(hint) in _UNIONS:
         return " or ".join(_describe(option) for option in get_args(hint))
     if get_origin(hint) is Literal:
         return "one of " + ", ".join(get_args(hint))

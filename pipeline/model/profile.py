@@ -8,14 +8,17 @@ precision, on the training device at the training batch size), counts the bytes 
 backward exactly, and prices the transfers as bytes over the measured local copy bandwidth.
 Pieces of one shape are measured once. ``stage_seconds`` and ``stage_activation_bytes`` compose
 the pieces of module ``index`` of K over blocks [start, end): the balancer and the planner use
-nothing else, so both are tested on synthetic profiles.
+nothing else, so both are tested on synthetic profiles. Under Rn a module's register holds the
+inputs of earlier modules, whose shapes depend on earlier cuts: given the modules' ``starts`` the
+composition is exact; without them (while the cuts are being chosen) each source is taken at
+its earliest possible block, the largest it can be, so a chosen cut never exceeds a memory cap.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
@@ -28,14 +31,16 @@ from pipeline.data.specs import DatasetSpec
 from pipeline.errors import BadInput
 from pipeline.metrics import say
 from pipeline.model.context import ContextPlan, ImageEncoder, InputEncoder
-from pipeline.model.decoder import Decoder
+from pipeline.model.decoder import Decoder, reconstruction_loss
 from pipeline.model.heads import build_aux_head
+from pipeline.model.losses import head_loss
 from pipeline.model.partition import NoPartitionFits, flat_to_cut, min_max_partition, module_ranges
 from pipeline.model.resnet import BlockShape, CifarResNet, Classifier
 from pipeline.optim import make_optimizer
 
 Result = TypeVar("Result")
 
+Loss = Callable[[torch.Tensor], torch.Tensor]
 LABEL_BYTES = 8  # int64 per sample on the wire
 MIB = 1 << 20
 
@@ -57,6 +62,10 @@ def saved_activation_bytes(run: Callable[[], Result], exclude: Iterable[torch.Te
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         result = run()
     return sum(storages.values()), result
+
+
+def _summed(output: torch.Tensor) -> torch.Tensor:
+    return output.float().sum()
 
 
 @dataclass(frozen=True)
@@ -82,7 +91,7 @@ class NetworkProfile:
     heads: list[Piece]  # [i]: the auxiliary head (and decoder) of a module ending at block i
     classifier: Piece
     image_encoders: list[Piece]  # [s]: the E encoder of a module starting at block s
-    input_encoders: list[Piece]  # [s]: one R encoder into a module starting at block s
+    input_encoders: list[list[Piece]]  # [s][t]: the R encoder from a module starting at s into one starting at t
     output_bytes: list[int]  # [i]: what block i outputs, per sample (fp32)
     image_bytes: int  # per sample
     copy_bytes_per_s: float  # local memory copy: the price of a transfer on this machine
@@ -95,51 +104,68 @@ class NetworkProfile:
         return self.image_bytes if start == 0 else self.output_bytes[start - 1]
 
 
-def _pieces(profile: NetworkProfile, plan: ContextPlan, index: int, start: int, end: int) -> list[Piece]:
+Starts = Sequence[int] | None  # the first block of every module, where the cuts are known
+
+
+def _sources(plan: ContextPlan, index: int, starts: Starts) -> list[int]:
+    """First blocks of the modules whose inputs make up module ``index``'s register."""
+    return [source if starts is None else starts[source] for source in plan.register_sources(index)]
+
+
+def _pieces(profile: NetworkProfile, plan: ContextPlan, index: int, start: int, end: int,
+            starts: Starts = None) -> list[Piece]:
     last = index == plan.modules - 1
     pieces = [*profile.blocks[start:end], profile.classifier if last else profile.heads[end - 1]]
     if index > 0:
         if plan.image:
             pieces.append(profile.image_encoders[start])
-        pieces += [profile.input_encoders[start]] * len(plan.register_sources(index))
+        pieces += [profile.input_encoders[source][start] for source in _sources(plan, index, starts)]
     return pieces
 
 
-def received_bytes(profile: NetworkProfile, plan: ContextPlan, index: int, start: int, batch: int) -> int:
+def received_bytes(profile: NetworkProfile, plan: ContextPlan, index: int, start: int, batch: int,
+                   starts: Starts = None) -> int:
     """Bytes of the packet module ``index`` receives per step: labels, features, image, register.
 
-    Register entries are taken at this module's input shape (their sources' true shapes depend
-    on earlier cuts); module 0 reads its batch on its own device.
+    Module 0 reads its batch on its own device.
     """
     if index == 0:
         return 0
-    features = profile.input_bytes(start)
     image = profile.image_bytes if plan.carries_image(index) else 0
-    return batch * (LABEL_BYTES + features + image + features * len(plan.register_sources(index)))
+    register = sum(profile.input_bytes(source) for source in _sources(plan, index, starts))
+    return batch * (LABEL_BYTES + profile.input_bytes(start) + image + register)
 
 
-def sent_bytes(profile: NetworkProfile, plan: ContextPlan, index: int, end: int, batch: int) -> int:
-    return 0 if index == plan.modules - 1 else received_bytes(profile, plan, index + 1, end, batch)
+def sent_bytes(profile: NetworkProfile, plan: ContextPlan, index: int, end: int, batch: int,
+               starts: Starts = None) -> int:
+    return 0 if index == plan.modules - 1 else received_bytes(profile, plan, index + 1, end, batch, starts)
 
 
 def stage_seconds(profile: NetworkProfile, plan: ContextPlan, index: int, start: int, end: int, batch: int,
-                  link_bytes_per_s: float) -> float:
+                  link_bytes_per_s: float, starts: Starts = None) -> float:
     """One training step of module ``index`` over blocks [start, end) at ``batch``, transfers included."""
     scale = batch / profile.batch
-    compute = sum(piece.seconds(scale) for piece in _pieces(profile, plan, index, start, end))
-    moved = received_bytes(profile, plan, index, start, batch) + sent_bytes(profile, plan, index, end, batch)
+    compute = sum(piece.seconds(scale) for piece in _pieces(profile, plan, index, start, end, starts))
+    moved = (received_bytes(profile, plan, index, start, batch, starts)
+             + sent_bytes(profile, plan, index, end, batch, starts))
     return compute + moved / link_bytes_per_s
 
 
 def stage_activation_bytes(profile: NetworkProfile, plan: ContextPlan, index: int, start: int, end: int,
-                           batch: int) -> int:
-    """What module ``index`` over [start, end) keeps for backward at ``batch``: its input, then each piece."""
-    saved = sum(piece.activation_bytes for piece in _pieces(profile, plan, index, start, end))
-    return batch * profile.input_bytes(start) + round(saved * batch / profile.batch)
+                           batch: int, starts: Starts = None) -> int:
+    """What module ``index`` over [start, end) keeps for backward at ``batch``: its inputs (features and
+    what its encoders read), then each piece."""
+    saved = sum(piece.activation_bytes for piece in _pieces(profile, plan, index, start, end, starts))
+    inputs = profile.input_bytes(start)
+    if index > 0:
+        inputs += (profile.image_bytes if plan.image else 0) + sum(
+            profile.input_bytes(source) for source in _sources(plan, index, starts))
+    return batch * inputs + round(saved * batch / profile.batch)
 
 
-def stage_parameter_bytes(profile: NetworkProfile, plan: ContextPlan, index: int, start: int, end: int) -> int:
-    return sum(piece.parameter_bytes for piece in _pieces(profile, plan, index, start, end))
+def stage_parameter_bytes(profile: NetworkProfile, plan: ContextPlan, index: int, start: int, end: int,
+                          starts: Starts = None) -> int:
+    return sum(piece.parameter_bytes for piece in _pieces(profile, plan, index, start, end, starts))
 
 
 def end_to_end_activation_bytes(profile: NetworkProfile, batch: int) -> int:
@@ -153,13 +179,17 @@ def context_plan(config: Config, modules: int | None = None) -> ContextPlan:
 
 def predicted_stage_seconds(profile: NetworkProfile, plan: ContextPlan, cuts: list[int]) -> list[float]:
     """Each module's predicted step seconds at the profile batch for these cuts."""
-    return [stage_seconds(profile, plan, index, start, end, profile.batch, profile.copy_bytes_per_s)
-            for index, (start, end) in enumerate(module_ranges(cuts, len(profile)))]
+    ranges = module_ranges(cuts, len(profile))
+    starts = [start for start, _ in ranges]
+    return [stage_seconds(profile, plan, index, start, end, profile.batch, profile.copy_bytes_per_s, starts)
+            for index, (start, end) in enumerate(ranges)]
 
 
 def predicted_stage_activation_bytes(profile: NetworkProfile, plan: ContextPlan, cuts: list[int]) -> list[int]:
-    return [stage_activation_bytes(profile, plan, index, start, end, profile.batch)
-            for index, (start, end) in enumerate(module_ranges(cuts, len(profile)))]
+    ranges = module_ranges(cuts, len(profile))
+    starts = [start for start, _ in ranges]
+    return [stage_activation_bytes(profile, plan, index, start, end, profile.batch, starts)
+            for index, (start, end) in enumerate(ranges)]
 
 
 def memory_cap_bytes(config: Config, profile: NetworkProfile) -> float:
@@ -240,10 +270,11 @@ class _Profiler:
         return tensor.contiguous(memory_format=self.memory_format).requires_grad_(grad)
 
     def piece(self, key: tuple[object, ...], build: Callable[[], list[nn.Module]], shape: BlockShape,
-              grad: bool) -> Piece:
+              grad: bool, losses: Sequence[Loss] = ()) -> Piece:
         """Forward + backward + SGD step of the layers ``build`` makes, all reading one input of ``shape``.
 
         ``grad``: the input needs its gradient (blocks inside a module, heads on a block output).
+        ``losses``: what each layer's output is scored with (what they save counts); by default its sum.
         """
         if key in self.measured:
             return self.measured[key]
@@ -253,9 +284,12 @@ class _Profiler:
         optimizer = make_optimizer(layers, self.config.train)
         inputs = self._input(shape, grad)
 
+        scores = list(losses) or [_summed] * len(layers)
+
         def forward() -> torch.Tensor:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                return sum((layer(inputs).float().sum() for layer in layers), torch.zeros((), device=self.device))
+                return sum((score(layer(inputs)) for layer, score in zip(layers, scores)),
+                           torch.zeros((), device=self.device))
 
         def backward() -> None:
             forward().backward()
@@ -284,13 +318,30 @@ class _Profiler:
             head = build_aux_head(local.aux, shape.channels, out, local.aux_widen, local.aux_hidden)
             if not local.reconstruct:
                 return [head]
-            return [head, Decoder(shape.channels, self.spec.channels, self.spec.image_size, local.aux_widen)]
+            return [head, Decoder(shape.channels, self.spec.channels, self.spec.image_size, local.aux_widen,
+                                  self.spec.mean, self.spec.std)]
 
-        return self.piece(("head", shape), build, shape, True)
+        labels = torch.randint(0, self.spec.classes, (self.batch,), device=self.device)
+        image = self.net.shape(-1)
+        images = torch.rand(self.batch, image.channels, image.size, image.size, device=self.device)
+
+        def classify(output: torch.Tensor) -> torch.Tensor:
+            return head_loss(local.loss, output, labels)
+
+        def reconstruct(output: torch.Tensor) -> torch.Tensor:  # the target is made in the step, as there
+            return reconstruction_loss(output, images.clamp(0.0, 1.0))
+
+        return self.piece(("head", shape), build, shape, True, [classify, reconstruct])
 
     def classifier(self) -> Piece:
         shape = self.net.shape(len(self.net) - 1)
-        return self.piece(("classifier", shape), lambda: [Classifier(shape.channels, self.spec.classes)], shape, True)
+        labels = torch.randint(0, self.spec.classes, (self.batch,), device=self.device)
+
+        def classify(output: torch.Tensor) -> torch.Tensor:
+            return head_loss("softmax", output, labels)
+
+        return self.piece(("classifier", shape), lambda: [Classifier(shape.channels, self.spec.classes)], shape, True,
+                          [classify])
 
     def image_encoder(self, start: int) -> Piece:
         if not self.config.local.context_image or start == 0:
@@ -298,11 +349,11 @@ class _Profiler:
         image, target, widen = self.net.shape(-1), self.net.shape(start - 1), self.config.local.aux_widen
         return self.piece(("image", target), lambda: [ImageEncoder(image.channels, target, widen)], image, False)
 
-    def input_encoder(self, start: int) -> Piece:
+    def input_encoder(self, source: int, start: int) -> Piece:
         if not self.config.local.context_depth or start == 0:
             return NOTHING
-        target = self.net.shape(start - 1)
-        return self.piece(("input", target), lambda: [InputEncoder(target.channels, target)], target, False)
+        shape, target = self.net.shape(source - 1), self.net.shape(start - 1)
+        return self.piece(("input", shape, target), lambda: [InputEncoder(shape.channels, target)], shape, False)
 
     def profile(self) -> NetworkProfile:
         blocks = range(len(self.net))
@@ -315,7 +366,7 @@ class _Profiler:
                 heads=[self.head(index) for index in blocks],
                 classifier=self.classifier(),
                 image_encoders=[self.image_encoder(start) for start in blocks],
-                input_encoders=[self.input_encoder(start) for start in blocks],
+                input_encoders=[[self.input_encoder(source, start) for start in blocks] for source in blocks],
                 output_bytes=[4 * shape.channels * shape.size**2 for shape in map(self.net.shape, blocks)],
                 image_bytes=4 * image.channels * image.size**2,
                 copy_bytes_per_s=copy_bytes_per_s(self.device),
@@ -340,7 +391,8 @@ def balanced_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> li
 
 
 def module_activation_bytes(config: Config, spec: DatasetSpec, cuts: list[int], batch: int) -> list[int]:
-    """Activation memory of each module's training step (body, encoders, head, decoder) at ``batch``."""
+    """Activation memory of each module's training step (body, encoders, head, decoder) at ``batch``: what
+    autograd keeps for backward, parameters left out."""
     from pipeline.model.network import (  # network imports this module lazily
         build_module,
         make_layout,
@@ -356,7 +408,8 @@ def module_activation_bytes(config: Config, spec: DatasetSpec, cuts: list[int], 
         module = build_module(config, layout, index, torch.device("cpu")).train()
         assert packet is not None
         current = packet
-        size, (inputs, output, _) = saved_activation_bytes(partial(module, current))
+        # parameters are state, not activations: they stay whatever the batch
+        size, (inputs, output, _) = saved_activation_bytes(partial(module, current), module.parameters())
         sizes.append(size)
         packet = None if module.last else module.next_packet(current, inputs, output)
     return sizes
