@@ -177,11 +177,12 @@ def context_plan(config: Config, modules: int | None = None) -> ContextPlan:
     return ContextPlan(modules or local.modules, local.context_depth, local.context_image, local.reconstruct)
 
 
-def predicted_stage_seconds(profile: NetworkProfile, plan: ContextPlan, cuts: list[int]) -> list[float]:
-    """Each module's predicted step seconds at the profile batch for these cuts."""
+def predicted_stage_seconds(profile: NetworkProfile, plan: ContextPlan, cuts: list[int],
+                            batch: int | None = None) -> list[float]:
+    """Each module's predicted step seconds for these cuts at ``batch`` (the profile's by default)."""
     ranges = module_ranges(cuts, len(profile))
     starts = [start for start, _ in ranges]
-    return [stage_seconds(profile, plan, index, start, end, profile.batch, profile.copy_bytes_per_s, starts)
+    return [stage_seconds(profile, plan, index, start, end, batch or profile.batch, profile.copy_bytes_per_s, starts)
             for index, (start, end) in enumerate(ranges)]
 
 
