@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.devices))
         profile = profile_network(config, dataset_spec(config), device)
+        threads = torch.get_num_threads()
         cluster = Cluster(
             devices=args.devices,
             memory_bytes=math.inf if args.memory_gib is None else args.memory_gib * GIB,
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         memory = "unbounded" if args.memory_gib is None else f"{args.memory_gib:g} GiB"
         print(f"{config.model.arch} on {config.data.name}, {local.context} context, batch {batch}, "
               f"{args.devices} devices of {memory}, links {link}; profiled on {device.type} "
-              f"({torch.get_num_threads()} threads)\n")
+              f"({threads} thread{'s' if threads > 1 else ''})\n")
         print(table(layouts, config.model.blocks_per_stage, cluster))
         print(f"\nrecommended: {best.name}: {why}")
 
