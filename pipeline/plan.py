@@ -22,6 +22,7 @@ from pipeline.model.context import ContextPlan
 from pipeline.model.partition import NoPartitionFits, flat_to_cut, min_max_partition, module_ranges
 from pipeline.model.profile import (
     NetworkProfile,
+    Starts,
     received_bytes,
     sent_bytes,
     stage_activation_bytes,
@@ -70,14 +71,14 @@ def allreduce_bytes(parameter_bytes: int, replicas: int) -> int:
 
 
 def device_memory_bytes(profile: NetworkProfile, plan: ContextPlan, index: int, start: int, end: int,
-                        batch: int, replicas: int, queue_depth: int) -> int:
+                        batch: int, replicas: int, queue_depth: int, starts: Starts = None) -> int:
     """A stage's device: weights, gradients and momentum (and DDP's gradient buckets), the
     activations of one batch, and the packets its links may hold."""
-    parameters = stage_parameter_bytes(profile, plan, index, start, end)
+    parameters = stage_parameter_bytes(profile, plan, index, start, end, starts)
     state = parameters * (OPTIMIZER_COPIES + (1 if replicas > 1 else 0))
-    queued = queue_depth * (received_bytes(profile, plan, index, start, batch)
-                            + sent_bytes(profile, plan, index, end, batch))
-    return state + stage_activation_bytes(profile, plan, index, start, end, batch) + queued
+    queued = queue_depth * (received_bytes(profile, plan, index, start, batch, starts)
+                            + sent_bytes(profile, plan, index, end, batch, starts))
+    return state + stage_activation_bytes(profile, plan, index, start, end, batch, starts) + queued
 
 
 def largest_batch(profile: NetworkProfile, plan: ContextPlan, ranges: list[tuple[int, int]], replicas: int,
@@ -87,9 +88,10 @@ def largest_batch(profile: NetworkProfile, plan: ContextPlan, ranges: list[tuple
         return None
     probe = 1 << 16
     largest = probe * 1024
+    starts = [start for start, _ in ranges]
     for index, (start, end) in enumerate(ranges):
-        fixed, at_probe = (device_memory_bytes(profile, plan, index, start, end, batch, replicas, cluster.queue_depth)
-                           for batch in (0, probe))
+        fixed, at_probe = (device_memory_bytes(profile, plan, index, start, end, batch, replicas, cluster.queue_depth,
+                                               starts) for batch in (0, probe))
         per_sample = (at_probe - fixed) / probe
         largest = min(largest, max(0, math.floor((cluster.memory_bytes - fixed) / per_sample)))
     return largest
@@ -100,25 +102,28 @@ def plan_layout(profile: NetworkProfile, plan: ContextPlan, replicas: int, batch
     modules, link = plan.modules, cluster.link_bytes_per_s
     per_replica = -(-batch // replicas)
 
-    def seconds(index: int, start: int, end: int) -> float:
-        parameters = stage_parameter_bytes(profile, plan, index, start, end)
-        return (stage_seconds(profile, plan, index, start, end, per_replica, link)
+    def seconds(index: int, start: int, end: int, starts: Starts = None) -> float:
+        parameters = stage_parameter_bytes(profile, plan, index, start, end, starts)
+        return (stage_seconds(profile, plan, index, start, end, per_replica, link, starts)
                 + allreduce_bytes(parameters, replicas) / link)
 
-    def memory(index: int, start: int, end: int) -> float:
-        return float(device_memory_bytes(profile, plan, index, start, end, per_replica, replicas, cluster.queue_depth))
+    def memory(index: int, start: int, end: int, starts: Starts = None) -> float:
+        return float(device_memory_bytes(profile, plan, index, start, end, per_replica, replicas,
+                                         cluster.queue_depth, starts))
 
     try:
         cuts, fits = min_max_partition(len(profile), modules, seconds, memory, cluster.memory_bytes), True
     except NoPartitionFits:
         cuts, fits = min_max_partition(len(profile), modules, memory), False  # the least memory it can take
     ranges = module_ranges(cuts, len(profile))
+    starts = [start for start, _ in ranges]  # the cuts known: the register's true sources
     return Layout(
         modules=modules, replicas=replicas, cuts=cuts, batch_per_replica=per_replica,
-        stage_seconds=[seconds(index, start, end) for index, (start, end) in enumerate(ranges)],
-        memory_bytes=[round(memory(index, start, end)) for index, (start, end) in enumerate(ranges)],
-        link_bytes=sum(sent_bytes(profile, plan, index, end, per_replica) for index, (_, end) in enumerate(ranges)),
-        allreduce_bytes=max(allreduce_bytes(stage_parameter_bytes(profile, plan, index, start, end), replicas)
+        stage_seconds=[seconds(index, start, end, starts) for index, (start, end) in enumerate(ranges)],
+        memory_bytes=[round(memory(index, start, end, starts)) for index, (start, end) in enumerate(ranges)],
+        link_bytes=sum(sent_bytes(profile, plan, index, end, per_replica, starts)
+                       for index, (_, end) in enumerate(ranges)),
+        allreduce_bytes=max(allreduce_bytes(stage_parameter_bytes(profile, plan, index, start, end, starts), replicas)
                             for index, (start, end) in enumerate(ranges)),
         max_batch_per_replica=largest_batch(profile, plan, ranges, replicas, cluster),
         fits=fits,

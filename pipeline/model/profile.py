@@ -172,9 +172,9 @@ def end_to_end_activation_bytes(profile: NetworkProfile, batch: int) -> int:
     return stage_activation_bytes(profile, ContextPlan(1, 0, False, False), 0, 0, len(profile), batch)
 
 
-def context_plan(config: Config, modules: int | None = None) -> ContextPlan:
+def context_plan(config: Config) -> ContextPlan:
     local = config.local
-    return ContextPlan(modules or local.modules, local.context_depth, local.context_image, local.reconstruct)
+    return ContextPlan(local.modules, local.context_depth, local.context_image, local.reconstruct)
 
 
 def predicted_stage_seconds(profile: NetworkProfile, plan: ContextPlan, cuts: list[int],
