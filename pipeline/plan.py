@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         layouts = plan_layouts(profile, local.context_depth, local.context_image, local.reconstruct, batch, cluster)
         best, why = recommend(layouts, batch, cluster)
         link = f"{cluster.link_bytes_per_s * 8 / 1e9:.0f} Gbit/s" + ("" if args.link_gbps else " (measured copy)")
-        memory = "unbounded" if args.memory_gib is None else f"{args.memory_gib:g} GiB"
+        memory = "unbounded memory" if args.memory_gib is None else f"{args.memory_gib:g} GiB"
         print(f"{config.model.arch} on {config.data.name}, {local.context} context, batch {batch}, "
               f"{args.devices} devices of {memory}, links {link}; profiled on {device.type} "
               f"({threads} thread{'s' if threads > 1 else ''})\n")
