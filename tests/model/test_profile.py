@@ -106,14 +106,14 @@ def test_balanced_names_the_smallest_cap_that_fits(make_config):
 def test_profiled_bytes_predict_the_exact_count(make_config):
     """The profile's per-piece bytes add up to what a real module's step keeps (counted exactly)."""
     for overrides in (("local.context=R0",), ("local.context=R1E",), ("local.reconstruct=true",)):
-        config = make_config("model.arch=resnet14", "local.modules=3", "data.batch_size=16", *overrides)
+        config = make_config("model.arch=resnet14", "local.modules=3", "data.batch_size=8", *overrides)
         spec = dataset_spec(config)
         profile = profile_network(config, spec, torch.device("cpu"))
         plan = ContextPlan(3, config.local.context_depth, config.local.context_image, config.local.reconstruct)
         cuts = [1, 4]
         predicted = predicted_stage_activation_bytes(profile, plan, cuts)
-        exact = module_activation_bytes(config, spec, cuts, 16)
+        exact = module_activation_bytes(config, spec, cuts, 8)
         assert predicted == pytest.approx(exact, rel=0.03), overrides
-    e2e = load_config(None, ["data.name=synthetic", "model.arch=resnet14", "data.batch_size=16"])
-    assert end_to_end_activation_bytes(profile, 16) == pytest.approx(
-        module_activation_bytes(e2e, spec, [], 16)[0], rel=0.03)
+    e2e = load_config(None, ["data.name=synthetic", "model.arch=resnet14", "data.batch_size=8"])
+    assert end_to_end_activation_bytes(profile, 8) == pytest.approx(
+        module_activation_bytes(e2e, spec, [], 8)[0], rel=0.03)
