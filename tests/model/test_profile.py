@@ -9,6 +9,7 @@ from pipeline.config import load_config
 from pipeline.data.specs import dataset_spec
 from pipeline.errors import BadInput
 from pipeline.model.context import ContextPlan
+from pipeline.model.network import resolve_cuts
 from pipeline.model.profile import (
     LABEL_BYTES,
     Piece,
@@ -117,3 +118,17 @@ def test_profiled_bytes_predict_the_exact_count(make_config):
     e2e = load_config(None, ["data.name=synthetic", "model.arch=resnet14", "data.batch_size=8"])
     assert end_to_end_activation_bytes(profile, 8) == pytest.approx(
         module_activation_bytes(e2e, spec, [], 8)[0], rel=0.03)
+
+
+def test_balanced_cuts_keep_every_module_under_the_cap(make_config):
+    """Whatever the timings, the chosen cuts hold every module under the cap (counted exactly)."""
+    e2e_config = make_config("model.arch=resnet14", "data.batch_size=8")
+    spec = dataset_spec(e2e_config)
+    e2e = module_activation_bytes(e2e_config, spec, [], 8)[0]
+    config = make_config("model.arch=resnet14", "local.modules=3", "data.batch_size=8", "local.partition=balanced",
+                         "local.memory_cap=0.465")
+    cuts = resolve_cuts(config, spec, torch.device("cpu"))
+    assert max(module_activation_bytes(config, spec, cuts, 8)) <= 0.465 * e2e
+    config.local.memory_cap = 0.4  # below the memory-balanced cuts' 0.458
+    with pytest.raises(BadInput, match=r"smallest cap that fits is 0.458 of E2E"):
+        resolve_cuts(config, spec, torch.device("cpu"))
