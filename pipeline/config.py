@@ -27,6 +27,7 @@ Schedule = Literal["cosine", "cosine-step", "constant"]
 WireDtype = Literal["fp32", "bf16"]
 Placement = Literal["chain", "stage"]
 Amp = Literal["none", "bf16"]
+PipelineSchedule = Literal["lockstep", "buffered"]
 
 MODES: tuple[str, ...] = get_args(Mode)
 DATASETS: tuple[str, ...] = get_args(Dataset)
@@ -127,6 +128,11 @@ class PipelineConfig:
     replicas: int = 0  # R: data-parallel copies of the chain of K stages; 0: WORLD_SIZE / K
     placement: Placement = "chain"  # rank order: each replica's K stages together, or each stage's R replicas
     sync_batchnorm: bool = False  # GPU only: batch statistics over the replicas of a stage
+    schedule: PipelineSchedule = "lockstep"  # buffered: each module at its own pace on a replay buffer
+    buffer_batches: int = 30  # M, the batches each receiving module keeps (DGL's buffer experiments: 30)
+    max_reuse: int = 0  # times one buffered batch may be trained on; 0 = unlimited (DGL's default)
+    slowdown: list[float] = field(default_factory=list)  # per stage, >= 1: a straggler for experiments; [] = none
+    replay: str = ""  # sequential + buffered: a recorded metrics.jsonl whose schedule the simulator replays
 
 
 @dataclass
@@ -439,6 +445,22 @@ def validate(config: Config) -> None:
     _require(pipe.threads_per_stage >= 0, f"pipeline.threads_per_stage = {pipe.threads_per_stage} must be >= 0 "
                                           "(0: automatic)")
 
+    _require(pipe.buffer_batches >= 1, f"pipeline.buffer_batches = {pipe.buffer_batches} must be >= 1")
+    _require(pipe.max_reuse >= 0, f"pipeline.max_reuse = {pipe.max_reuse} must be >= 0 (0: unlimited)")
+    _require(
+        not pipe.slowdown or (len(pipe.slowdown) == local.modules and all(f >= 1.0 for f in pipe.slowdown)),
+        f"pipeline.slowdown = {pipe.slowdown} must list one factor >= 1.0 per module ({local.modules}), "
+        f"e.g. [1.0, 1.5]; [] slows nothing",
+    )
+    if pipe.schedule == "buffered":
+        _require(local.modules >= 2, "pipeline.schedule = 'buffered' buffers batches between modules; it needs "
+                                     f"local.modules >= 2 (it is {local.modules})")
+        _require(pipe.replicas <= 1, f"pipeline.schedule = 'buffered' runs one chain; set pipeline.replicas = 1 "
+                                     f"(it is {pipe.replicas}) or use the lockstep schedule")
+    _require(not pipe.replay or (pipe.schedule == "buffered" and run.mode == "sequential"),
+             "pipeline.replay replays a buffered run in one process; set pipeline.schedule = 'buffered' and "
+             "run.mode = 'sequential' with it")
+
     if run.mode == "ddp":
         _require(local.modules == 1, "run.mode = 'ddp' trains end to end; set local.modules = 1 (it is "
                                      f"{local.modules})")
@@ -495,6 +517,14 @@ def ineffective_keys(config: Config) -> list[str]:
     if run.mode == "sequential":
         ignored("pipeline", ("timeout_s", "threads_per_stage", "replicas", "placement", "sync_batchnorm"),
                 "with run.mode = 'sequential' (one process)")
+    if config.pipeline.schedule == "lockstep":
+        ignored("pipeline", ("buffer_batches", "max_reuse"), "with pipeline.schedule = 'lockstep' (no buffers)")
+    elif config.pipeline.replay:
+        ignored("pipeline", ("buffer_batches", "max_reuse", "slowdown"),
+                "with pipeline.replay set (the record fixes what each module trained on)")
+    if run.mode == "sequential" and config.pipeline.schedule == "lockstep":
+        ignored("pipeline", ("slowdown",), "with run.mode = 'sequential' and the lockstep schedule (one process "
+                                           "runs every module in turn)")
     if local.modules == 1:
         ignored("local", ("partition", "memory_cap", "context", "loss", "aux", "aux_widen", "aux_hidden",
                           "aux_feature_dim", "reconstruct", "ixx_1", "ixy_1", "ixx_2", "ixy_2"),

@@ -43,6 +43,8 @@ def test_defaults_follow_the_design():
     assert config.train.nesterov is True and config.train.momentum == 0.9
     assert config.train.weight_decay == 1e-4
     assert config.pipeline.wire_dtype == "fp32" and config.precision.amp == "none"
+    assert config.pipeline.schedule == "lockstep"  # the pipeline equals the sequential run unless asked otherwise
+    assert config.pipeline.buffer_batches == 30 and config.pipeline.max_reuse == 0  # DGL's buffer experiments
 
 
 def test_toml_file_then_overrides(tmp_path):
@@ -193,6 +195,17 @@ def test_every_shipped_config_describes_a_network_it_can_cut(path):
         (["pipeline.queue_depth=0"], ["pipeline.queue_depth"]),
         (["precision.amp=fp16"], ["precision.amp", "'fp16'"]),
         (["local.ixy_2=-1"], ["local.ixy_2"]),
+        # the buffered schedule
+        (["pipeline.schedule=async"], ["pipeline.schedule", "'async'", "buffered"]),
+        (["pipeline.schedule=buffered"], ["pipeline.schedule", "local.modules >= 2"]),
+        (["local.modules=2", "pipeline.schedule=buffered", "pipeline.replicas=2"], ["pipeline.replicas = 1"]),
+        (["pipeline.buffer_batches=0"], ["pipeline.buffer_batches", ">= 1"]),
+        (["pipeline.max_reuse=-1"], ["pipeline.max_reuse", "unlimited"]),
+        (["local.modules=2", "pipeline.slowdown=[1.0]"], ["pipeline.slowdown", "one factor >= 1.0 per module (2)"]),
+        (["local.modules=2", "pipeline.slowdown=[1.0, 0.5]"], ["pipeline.slowdown", "[1.0, 0.5]"]),
+        (["local.modules=2", "pipeline.replay=x.jsonl"], ["pipeline.replay", "pipeline.schedule = 'buffered'"]),
+        (["local.modules=2", "pipeline.schedule=buffered", "run.mode=pipeline", "pipeline.replay=x.jsonl"],
+         ["pipeline.replay", "run.mode = 'sequential'"]),
         (["run.seed=-1"], ["run.seed"]),
     ],
 )
@@ -308,6 +321,13 @@ def test_two_image_channels_are_rejected():
     (["local.modules=2", "local.memory_cap=0.5"], ["local.memory_cap has no effect unless local.partition = "
                                                    "'balanced'"]),
     (["local.modules=2", "local.partition=balanced", "local.memory_cap=0.5"], []),
+    (["local.modules=2", "pipeline.max_reuse=2"], ["pipeline.max_reuse has no effect with pipeline.schedule = "
+                                                   "'lockstep'"]),
+    (["local.modules=2", "pipeline.slowdown=[1.0, 2.0]"], ["pipeline.slowdown has no effect with run.mode = "
+                                                           "'sequential' and the lockstep schedule"]),
+    (["local.modules=2", "pipeline.schedule=buffered", "pipeline.replay=x.jsonl", "pipeline.buffer_batches=5"],
+     ["pipeline.buffer_batches has no effect with pipeline.replay set"]),
+    (["local.modules=2", "pipeline.schedule=buffered", "pipeline.slowdown=[1.0, 2.0]", "pipeline.max_reuse=3"], []),
     (["local.modules=2", "local.loss=contrast", "local.aux_feature_dim=64", "train.warmup_epochs=3",
       "run.mode=pipeline", "pipeline.queue_depth=4"], []),
 ])

@@ -57,6 +57,11 @@ def test_row_names_match_their_settings(path: Path) -> None:
         assert config.local.context == expected
     if stem.startswith("infopro_contrast_async"):
         assert config.run.mode == "pipeline"
+        # DGL's asynchronous setting: buffers of 30 batches, priority-LIFO, no reuse limit
+        assert (config.pipeline.schedule, config.pipeline.buffer_batches, config.pipeline.max_reuse) == \
+            ("buffered", 30, 0)
+    else:
+        assert config.pipeline.schedule == "lockstep"
 
 
 def test_quickstart() -> None:

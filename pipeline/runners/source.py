@@ -39,5 +39,6 @@ class BatchSource:
             if event.epoch != epoch:
                 epoch, batches = event.epoch, train.batches(event.epoch, event.batch)
             images, labels = next(batches)
-            yield Train(event.epoch, event.step, len(labels), Packet.from_batch(*shard(images, labels)))
+            packet = Packet.from_batch(*shard(images, labels))
+            yield Train(event.epoch, event.step, len(labels), packet, entry=event.step)
         yield Stop()
