@@ -32,7 +32,7 @@ from pipeline.errors import BadInput, StageFailure
 
 if TYPE_CHECKING:
     from pipeline.data.specs import DatasetSpec
-    from pipeline.model.profile import NetworkProfile
+    from pipeline.model.cost import NetworkProfile
 
 # Launches one run: (command, log file, list to append 1-minute load samples to) -> exit code.
 Launcher = Callable[[list[str], Path, list[float]], int]
@@ -223,8 +223,9 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
 
     from pipeline.data.specs import dataset_spec
     from pipeline.distributed import keep_freed_host_memory
+    from pipeline.model.cost import context_plan, predicted_stage_seconds
     from pipeline.model.partition import flat_to_cut
-    from pipeline.model.profile import context_plan, module_activation_bytes, predicted_stage_seconds
+    from pipeline.model.profile import module_activation_bytes
 
     cores = os.cpu_count() or 1
     load_before = os.getloadavg()
@@ -351,8 +352,8 @@ def _cuts(config: Config, spec: DatasetSpec, profile: NetworkProfile) -> list[in
     """An explicit list as given; balanced ones from the bench's one profile."""
     import torch
 
+    from pipeline.model.cost import partition_cuts
     from pipeline.model.network import resolve_cuts
-    from pipeline.model.profile import partition_cuts
 
     if isinstance(config.local.partition, list) or config.local.partition == "equal":
         return resolve_cuts(config, spec, torch.device("cpu"))

@@ -1,7 +1,7 @@
 """python -m pipeline.plan --config FILE --devices N [--memory-gib M] [--link-gbps B]
 
 Profiles the config's network on this device (each piece's step seconds, activation bytes,
-parameter bytes; pipeline/model/profile.py) and predicts, for every layout K x R = N the
+parameter bytes; pipeline/model/profile.py, pipeline/model/cost.py) and predicts, for every layout K x R = N the
 network allows (K modules in a pipeline, R replicas of it; DDP is K = 1 x R = N), the cuts,
 the largest batch per device that fits M GiB, samples/s, memory per device and the bytes each
 step moves over the links and in all-reduces, then recommends one. On a CPU each of the N
@@ -19,8 +19,7 @@ from pipeline.cli import ArgumentParser, add_set_argument, run_main
 from pipeline.config import load_config
 from pipeline.errors import BadInput
 from pipeline.model.context import ContextPlan
-from pipeline.model.partition import NoPartitionFits, flat_to_cut, min_max_partition, module_ranges
-from pipeline.model.profile import (
+from pipeline.model.cost import (
     NetworkProfile,
     Starts,
     received_bytes,
@@ -29,6 +28,7 @@ from pipeline.model.profile import (
     stage_parameter_bytes,
     stage_seconds,
 )
+from pipeline.model.partition import NoPartitionFits, flat_to_cut, min_max_partition, module_ranges
 
 GIB = 1 << 30
 MIB = 1 << 20

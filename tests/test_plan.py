@@ -7,7 +7,7 @@ import math
 import pytest
 
 from pipeline.model.context import ContextPlan
-from pipeline.model.profile import LABEL_BYTES
+from pipeline.model.cost import LABEL_BYTES
 from pipeline.plan import (
     OPTIMIZER_COPIES,
     Cluster,
