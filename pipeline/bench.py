@@ -248,7 +248,7 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
         if run.modules not in flat_cuts and run.modules > 1:
             fewer = load_config(config_path, [*sets, f"local.modules={run.modules}", "local.partition=balanced-time"])
             flat_cuts[run.modules], plans[run.modules] = _cuts(fewer, spec, profile), context_plan(fewer)
-    explicit = {k: json.dumps([flat_to_cut(cut, local.model.blocks_per_stage) for cut in flat])
+    explicit = {k: json.dumps([flat_to_cut(cut, local.arch.blocks) for cut in flat])
                 for k, flat in flat_cuts.items()}
     batch = base.data.batch_size
     e2e_activation = module_activation_bytes(base, spec, [], batch)[0]

@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, clip
+from pipeline.model.arch import ArchSpec, default_family, resolve_arch
 
 Mode = Literal["sequential", "pipeline", "ddp"]
 Device = Literal["auto", "cpu", "cuda"]
-Dataset = Literal["fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "synthetic"]
+Dataset = Literal["fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "synthetic", "image_folder"]
+ModelFamily = Literal["auto", "cifar", "imagenet"]
 Partition = Literal["equal", "balanced-memory", "balanced-time", "balanced"]
 Loss = Literal["softmax", "contrast"]
 AuxHead = Literal["0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"]
@@ -71,10 +73,10 @@ class ModelConfig:
     # 0 means "take it from the dataset"; a non-zero value must agree with the dataset.
     in_channels: int = 0
     classes: int = 0
-
-    @property
-    def blocks_per_stage(self) -> int:
-        return resnet_blocks_per_stage(self.arch)
+    # Which ResNets model.arch names (resnet50 is both a CIFAR depth and torchvision's):
+    # auto = imagenet for image folders, cifar for the resident datasets.
+    family: ModelFamily = "auto"
+    zero_init_residual: bool = False  # the last batch norm of each residual block starts at 0
 
 
 @dataclass
@@ -154,6 +156,13 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def arch(self) -> ArchSpec:
+        """The network model.arch names in the family model.family (or the dataset's) picks."""
+        model = self.model
+        family = default_family(self.data.name) if model.family == "auto" else model.family
+        return resolve_arch(family, model.arch)
+
 
 _UNIONS = (Union, types.UnionType)  # typing.Union[...] and the X | Y of builtin types
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)\s*$")
@@ -165,13 +174,12 @@ def parse_size(text: str) -> int:
     """'2GiB' -> 2147483648, '512MB' -> 512000000; BadInput for anything else."""
     match = _SIZE_RE.match(text)
     if match is None or float(match.group(1)) <= 0:
-        raise BadInput(f"{_clip(text)!r} is not a size; write a positive number and a unit, for example '2GiB' "
+        raise BadInput(f"{clip(text)!r} is not a size; write a positive number and a unit, for example '2GiB' "
                        f"or '512MB' (units: {', '.join(_SIZE_UNITS)})")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
 _CONTEXT_RE = re.compile(r"^(?:R(\d+)(E?)|E)$")
-_ARCH_RE = re.compile(r"^resnet(\d+)$")
 
 
 def parse_context(context: str) -> tuple[int, bool]:
@@ -185,29 +193,6 @@ def parse_context(context: str) -> tuple[int, bool]:
     if context == "E":
         return 0, True
     return int(match.group(1)), match.group(2) == "E"
-
-
-# The deepest CIFAR ResNet published; far deeper ones cannot be built in any memory.
-MAX_RESNET_DEPTH = 1202
-
-
-def resnet_blocks_per_stage(arch: str) -> int:
-    """n of a CIFAR ResNet of depth 6n+2 ('resnet32' -> 5)."""
-    match = _ARCH_RE.match(arch)
-    digits = match.group(1).lstrip("0") if match else ""
-    # Compare lengths first: int() refuses thousands of digits with its own ValueError.
-    if len(digits) > len(str(MAX_RESNET_DEPTH)) or (match and int(match.group(1)) > MAX_RESNET_DEPTH):
-        raise BadInput(
-            f"model.arch = {_clip(arch)!r} is deeper than resnet{MAX_RESNET_DEPTH}, the deepest CIFAR ResNet "
-            f"published; use a depth 6n+2 of at most {MAX_RESNET_DEPTH}"
-        )
-    depth = int(match.group(1)) if match else -1
-    if depth < 8 or (depth - 2) % 6 != 0:
-        raise BadInput(
-            f"model.arch = {arch!r} is not a CIFAR ResNet; allowed: resnet<6n+2> with n >= 1 "
-            "(resnet8, resnet14, resnet20, resnet32, resnet56, resnet110, ...)"
-        )
-    return (depth - 2) // 6
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,7 +261,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         value = text.strip()  # a bare word such as pipeline or R1E
     except (ValueError, RecursionError) as err:
-        raise BadInput(f"--set {_clip(item)!r}: {_beyond_limits(err)}") from None
+        raise BadInput(f"--set {clip(item)!r}: {_beyond_limits(err)}") from None
     return key.strip(), value
 
 
@@ -286,11 +271,6 @@ def _beyond_limits(err: ValueError | RecursionError) -> str:
         return ("arrays or inline tables are nested too deep to read; "
                 "no setting nests deeper than local.partition = [[1, 0], [2, 3]]")
     return f"a number is too long to read ({str(err).split(';')[0]}); no setting needs more than a few digits"
-
-
-def _clip(text: str, limit: int = 60) -> str:
-    """User text quoted in a message, cut short so a pasted megabyte stays a readable line."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _build(raw: dict[str, Any]) -> Config:
@@ -385,7 +365,8 @@ def validate(config: Config) -> None:
 
     _require(data.batch_size >= 2, f"data.batch_size = {data.batch_size} must be >= 2 (batch norm needs two samples)")
 
-    blocks = 1 + 3 * model.blocks_per_stage  # stem + residual blocks: the units a cut can follow
+    arch = config.arch
+    blocks = arch.units
     _require(model.in_channels in (0, 1, 3), f"model.in_channels = {model.in_channels} must be 1 or 3 (or 0: "
                                              "from the dataset)")
     _require(model.classes == 0 or model.classes >= 2, f"model.classes = {model.classes} must be >= 2 (or 0: "
@@ -407,7 +388,7 @@ def validate(config: Config) -> None:
     )
     _require(depth <= MAX_CONTEXT_DEPTH, f"local.context = {local.context!r}: n in Rn must be <= {MAX_CONTEXT_DEPTH}")
     if not isinstance(local.partition, str):
-        validate_cuts(local.partition, local.modules, model.blocks_per_stage)
+        validate_cuts(local.partition, local.modules, arch.blocks)
     if isinstance(local.memory_cap, str):
         try:
             parse_size(local.memory_cap)
@@ -466,32 +447,34 @@ def validate(config: Config) -> None:
                                      f"{local.modules})")
 
 
-def validate_cuts(cuts: list[Cut], modules: int, per_stage: int) -> None:
+def validate_cuts(cuts: list[Cut], modules: int, blocks: tuple[int, ...]) -> None:
     """An explicit cut list: K-1 increasing [stage, block] pairs, none after the last block."""
     _require(
         len(cuts) == modules - 1,
         f"local.partition lists {len(cuts)} cuts but local.modules = {modules} needs {modules - 1}",
     )
-    last = 3 * per_stage  # flat index of the final residual block: no cut may follow it
+    stages = len(blocks)
+    last = sum(blocks)  # flat index of the final residual block: no cut may follow it
     previous = -1
     for cut in cuts:
+        in_stage = len(cut) == 2 and 1 <= cut[0] <= stages and 0 <= cut[1] < blocks[cut[0] - 1]
         _require(
-            len(cut) == 2 and ((cut[0] == 0 and cut[1] == 0) or (1 <= cut[0] <= 3 and 0 <= cut[1] < per_stage)),
-            f"local.partition cut {cut} is out of range; cuts are [stage, block] with [0, 0] "
-            f"(after the stem) or stage 1..3 and block 0..{per_stage - 1}",
+            in_stage or cut == [0, 0],
+            f"local.partition cut {cut} is out of range; cuts are [stage, block] with [0, 0] (after the stem) or "
+            + ", ".join(f"[{stage + 1}, 0..{count - 1}]" for stage, count in enumerate(blocks)),
         )
-        flat = cut_to_flat(cut, per_stage)
-        _require(flat < last, f"local.partition cut {cut} leaves the last module empty; cut before [3, "
-                              f"{per_stage - 1}]")
+        flat = cut_to_flat(cut, blocks)
+        _require(flat < last, f"local.partition cut {cut} leaves the last module empty; cut before [{stages}, "
+                              f"{blocks[-1] - 1}]")
         _require(flat > previous, f"local.partition cuts must be strictly increasing; {cut} is not after the "
                                   "one before")
         previous = flat
 
 
-def cut_to_flat(cut: Cut, per_stage: int) -> int:
+def cut_to_flat(cut: Cut, blocks: tuple[int, ...]) -> int:
     """[stage, block] -> index in the flat block list (0 = stem, then residual blocks)."""
     stage, block = cut
-    return 0 if stage == 0 else 1 + (stage - 1) * per_stage + block
+    return 0 if stage == 0 else 1 + sum(blocks[: stage - 1]) + block
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,6 +515,8 @@ def ineffective_keys(config: Config) -> list[str]:
         return notes
     if local.partition != "balanced":
         ignored("local", ("memory_cap",), "unless local.partition = 'balanced'")
+    if config.arch.family == "imagenet":
+        ignored("local", ("aux", "aux_hidden"), "with an ImageNet network (its heads are InfoPro's ImageNet head)")
     if local.loss == "softmax":
         ignored("local", ("aux_feature_dim",), "with local.loss = 'softmax' (heads output class scores)")
     if not local.reconstruct:

@@ -175,7 +175,7 @@ def write_summary(run_dir: str | Path, config: Config, world_size: int, cuts: li
         "test_accuracy": test_accuracy,
         "train_samples_per_s": round(train_samples / max(train_s, 1e-9), 2),
         "wall_s": round(wall_s, 3),
-        "cut_points": [flat_to_cut(cut, config.model.blocks_per_stage) for cut in cuts],
+        "cut_points": [flat_to_cut(cut, config.arch.blocks) for cut in cuts],
         "stages": stages,
         "config": config.to_dict(),
     }

@@ -164,12 +164,12 @@ def recommend(layouts: list[Layout], batch: int, cluster: Cluster) -> tuple[Layo
                   "losses: check the accuracy cost for this K (README's tables)")
 
 
-def table(layouts: list[Layout], per_stage: int, cluster: Cluster) -> str:
+def table(layouts: list[Layout], blocks: tuple[int, ...], cluster: Cluster) -> str:
     lines = ["| layout K x R | cuts | batch / device (max in M) | samples/s | memory / device (GiB) "
              "| link MiB / step | all-reduce MiB / step / device |",
              "|---|---|---|---|---|---|---|"]
     for layout in layouts:
-        cuts = " ".join(str(flat_to_cut(cut, per_stage)) for cut in layout.cuts) or "-"
+        cuts = " ".join(str(flat_to_cut(cut, blocks)) for cut in layout.cuts) or "-"
         largest = "-" if layout.max_batch_per_replica is None else str(layout.max_batch_per_replica)
         memory = f"{max(layout.memory_bytes) / GIB:.2f}" + ("" if layout.fits else " (does not fit)")
         lines.append(f"| {layout.modules} x {layout.replicas}{' (DDP)' if layout.modules == 1 else ''} | {cuts} | "
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{config.model.arch} on {config.data.name}, {local.context} context, batch {batch}, "
               f"{args.devices} devices of {memory}, links {link}; profiled on {device.type} "
               f"({threads} thread{'s' if threads > 1 else ''})\n")
-        print(table(layouts, config.model.blocks_per_stage, cluster))
+        print(table(layouts, config.arch.blocks, cluster))
         print(f"\nrecommended: {best.name}: {why}")
 
     return run_main(body)

@@ -11,9 +11,9 @@ from pipeline.config import (
     cut_to_flat,
     load_config,
     parse_context,
-    resnet_blocks_per_stage,
 )
 from pipeline.errors import BadInput
+from pipeline.model.arch import cifar_blocks_per_stage
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(REPO.glob("configs/**/*.toml"))
@@ -37,7 +37,7 @@ def test_defaults_follow_the_design():
     assert config.run.mode == "sequential"
     assert config.data.name == "fashion_mnist"
     assert config.model.arch == "resnet32"
-    assert config.model.blocks_per_stage == 5
+    assert config.arch.blocks == (5, 5, 5) and config.arch.family == "cifar"
     assert config.local.modules == 1 and config.local.context == "R0"
     assert config.local.aux == "1c2f" and config.local.aux_feature_dim == 128 and config.local.aux_widen == 1
     assert config.train.nesterov is True and config.train.momentum == 0.9
@@ -107,14 +107,16 @@ def test_parse_context(text, expected):
 @pytest.mark.parametrize("arch, n", [("resnet8", 1), ("resnet14", 2), ("resnet20", 3), ("resnet32", 5),
                                       ("resnet56", 9), ("resnet110", 18)])
 def test_blocks_per_stage(arch, n):
-    assert resnet_blocks_per_stage(arch) == n
+    assert cifar_blocks_per_stage(arch) == n
 
 
 def test_cut_to_flat():
-    assert cut_to_flat([0, 0], 5) == 0
-    assert cut_to_flat([1, 0], 5) == 1
-    assert cut_to_flat([2, 1], 5) == 7
-    assert cut_to_flat([3, 4], 5) == 15
+    assert cut_to_flat([0, 0], (5, 5, 5)) == 0
+    assert cut_to_flat([1, 0], (5, 5, 5)) == 1
+    assert cut_to_flat([2, 1], (5, 5, 5)) == 7
+    assert cut_to_flat([3, 4], (5, 5, 5)) == 15
+    assert cut_to_flat([2, 0], (3, 4, 23, 3)) == 4  # ResNet-101: stem + layer1's 3 blocks, then layer2[0]
+    assert cut_to_flat([4, 2], (3, 4, 23, 3)) == 33
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[str(p.relative_to(REPO)) for p in CONFIG_FILES])
@@ -415,4 +417,4 @@ def test_a_network_too_deep_to_build(arch):
 
 
 def test_the_deepest_published_resnet_still_loads():
-    assert load_config(None, ["model.arch=resnet1202"]).model.blocks_per_stage == 200
+    assert load_config(None, ["model.arch=resnet1202"]).arch.blocks == (200, 200, 200)

@@ -46,6 +46,11 @@ SPECS = {
     "stl10": DatasetSpec(
         "stl10", 3, 10, 96, (0.5,) * 3, (0.5,) * 3, 4, "constant", True, "data/stl10", _TORCHVISION_HINT,
     ),
+    # Placeholder until the streaming image-folder loader lands: ImageNet's shape and normalisation.
+    "image_folder": DatasetSpec(
+        "image_folder", 3, 1000, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0, "constant", True,
+        "data/imagenet", "set data.root to a folder with train/<class>/ and val/<class>/ images",
+    ),
     # Deterministic class-dependent random images: learnable, tiny, needs no files (tests).
     "synthetic": DatasetSpec(
         "synthetic", 3, 10, 32, (0.5,) * 3, (0.25,) * 3, 4, "constant", True, "", "",

@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from pipeline.config import Cut, cut_to_flat
 
 # docs/reference.md, equal-layer tables, keyed by blocks per stage (ResNet-32: 5, ResNet-110: 18).
-EQUAL_TABLES: dict[int, dict[int, list[Cut]]] = {
-    5: {
+EQUAL_TABLES: dict[tuple[int, ...], dict[int, list[Cut]]] = {
+    (5, 5, 5): {
         2: [[2, 1]],
         3: [[1, 4], [2, 4]],
         4: [[1, 2], [2, 1], [3, 0]],
@@ -22,7 +22,7 @@ EQUAL_TABLES: dict[int, dict[int, list[Cut]]] = {
         16: [[0, 0], [1, 0], [1, 1], [1, 2], [1, 3], [1, 4], [2, 0], [2, 1], [2, 2], [2, 3], [2, 4],
              [3, 0], [3, 1], [3, 2], [3, 3]],
     },
-    18: {
+    (18, 18, 18): {
         2: [[2, 8]],
         3: [[1, 17], [2, 17]],
         4: [[1, 11], [2, 7], [3, 3]],
@@ -33,8 +33,16 @@ EQUAL_TABLES: dict[int, dict[int, list[Cut]]] = {
 }
 
 
-def flat_to_cut(flat: int, per_stage: int) -> Cut:
-    return [0, 0] if flat == 0 else [1 + (flat - 1) // per_stage, (flat - 1) % per_stage]
+def flat_to_cut(flat: int, blocks: tuple[int, ...]) -> Cut:
+    """Index in the flat block list -> [stage, block] (the inverse of config.cut_to_flat)."""
+    if flat == 0:
+        return [0, 0]
+    block = flat - 1
+    for stage, count in enumerate(blocks, start=1):
+        if block < count:
+            return [stage, block]
+        block -= count
+    raise ValueError(f"block {flat} is past the last of {blocks}")
 
 
 def even_cuts(blocks: int, modules: int) -> list[int]:
@@ -48,11 +56,11 @@ def even_cuts(blocks: int, modules: int) -> list[int]:
     return cuts
 
 
-def equal_cuts(per_stage: int, modules: int) -> list[int]:
-    table = EQUAL_TABLES.get(per_stage, {}).get(modules)
+def equal_cuts(blocks: tuple[int, ...], modules: int) -> list[int]:
+    table = EQUAL_TABLES.get(blocks, {}).get(modules)
     if table is not None:
-        return [cut_to_flat(cut, per_stage) for cut in table]
-    return even_cuts(1 + 3 * per_stage, modules)
+        return [cut_to_flat(cut, blocks) for cut in table]
+    return even_cuts(1 + sum(blocks), modules)
 
 
 def module_ranges(cuts: Sequence[int], blocks: int) -> list[tuple[int, int]]:

@@ -14,8 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from functools import partial
-from typing import TypeVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,40 +33,54 @@ from pipeline.model.cost import (
     predicted_stage_activation_bytes,
     predicted_stage_seconds,
 )
-from pipeline.model.decoder import Decoder, reconstruction_loss
-from pipeline.model.heads import build_aux_head
+from pipeline.model.decoder import build_decoder, reconstruction_loss
+from pipeline.model.heads import build_head
 from pipeline.model.losses import head_loss
+from pipeline.model.network import make_net
 from pipeline.model.partition import flat_to_cut
-from pipeline.model.resnet import BlockShape, CifarResNet, Classifier
+from pipeline.model.resnet import BlockShape, Classifier
 from pipeline.optim import make_optimizer
-
-Result = TypeVar("Result")
 
 Loss = Callable[[torch.Tensor], torch.Tensor]
 MIB = 1 << 20
 
 
-def saved_activation_bytes(run: Callable[[], Result], exclude: Iterable[torch.Tensor] = ()) -> tuple[int, Result]:
-    """Bytes of the distinct tensors autograd keeps for backward while ``run`` executes, and its result.
+def saved_activation_bytes(module: nn.Module, *inputs: Any, exclude: Iterable[torch.Tensor] = ()) -> tuple[int, Any]:
+    """Bytes of the distinct tensors autograd keeps for backward during ``module(*inputs)``, and its output.
 
-    Storages of ``exclude`` (a piece's input and parameters, counted elsewhere) are left out.
+    Autograd also keeps references to the module's own parameters and buffers (a conv's weight,
+    batch norm's running statistics): those are memory the module holds anyway, not activations,
+    so they are left out, as are the storages of ``exclude`` (a piece's input, counted elsewhere).
     """
-    skipped = {tensor.untyped_storage().data_ptr() for tensor in exclude}
+    held = {tensor.untyped_storage().data_ptr() for tensor in [*module.parameters(), *module.buffers(), *exclude]}
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in skipped:
+        if storage.data_ptr() not in held:
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        result = run()
+        result = module(*inputs)
     return sum(storages.values()), result
 
 
 def _summed(output: torch.Tensor) -> torch.Tensor:
     return output.float().sum()
+
+
+class _Scored(nn.Module):
+    """Layers reading one input, each output scored by its loss: one piece's training step."""
+
+    def __init__(self, layers: list[nn.Module], losses: list[Loss], amp: bool) -> None:
+        super().__init__()
+        self.layers, self.losses, self.amp = nn.ModuleList(layers), losses, amp
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return sum((loss(layer(inputs)) for layer, loss in zip(self.layers, self.losses)),
+                       torch.zeros((), device=inputs.device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +116,7 @@ class _Profiler:
     def __init__(self, config: Config, spec: DatasetSpec, device: torch.device) -> None:
         self.config, self.spec, self.device = config, spec, device
         self.batch = config.data.batch_size
-        self.net = CifarResNet(config.model.blocks_per_stage, spec.channels, spec.image_size)
+        self.net = make_net(config, spec)
         self.memory_format = torch.channels_last if config.precision.channels_last else torch.contiguous_format
         self.amp = config.precision.amp == "bf16"  # time is measured under the precision training uses
         self.measured: dict[tuple[object, ...], Piece] = {}
@@ -121,31 +134,24 @@ class _Profiler:
         """
         if key in self.measured:
             return self.measured[key]
+        layers = build()
+        scored = _Scored(layers, list(losses) or [_summed] * len(layers), self.amp)
         # Module.to takes memory_format at run time; torch's stubs leave it out
-        layers = nn.ModuleList(build()).to(self.device, memory_format=self.memory_format)  # type: ignore[call-overload]
-        layers.train()
-        optimizer = make_optimizer(layers, self.config.train)
+        scored = scored.to(self.device, memory_format=self.memory_format).train()  # type: ignore[call-overload]
+        optimizer = make_optimizer(scored, self.config.train)
         inputs = self._input(shape, grad)
 
-        scores = list(losses) or [_summed] * len(layers)
-
-        def forward() -> torch.Tensor:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                return sum((score(layer(inputs)) for layer, score in zip(layers, scores)),
-                           torch.zeros((), device=self.device))
-
         def backward() -> None:
-            forward().backward()
+            scored(inputs).backward()
 
         def update() -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=False)
 
-        parameters = list(layers.parameters())
-        activation, _ = saved_activation_bytes(forward, [inputs, *parameters])
+        activation, _ = saved_activation_bytes(scored, inputs, exclude=[inputs])
         backward()
         result = Piece(step_seconds(backward, self.device), step_seconds(update, self.device), activation,
-                       sum(p.numel() * p.element_size() for p in parameters))
+                       sum(p.numel() * p.element_size() for p in scored.parameters()))
         self.measured[key] = result
         return result
 
@@ -157,12 +163,13 @@ class _Profiler:
         local, shape = self.config.local, self.net.shape(index)
         out = self.spec.classes if local.loss == "softmax" else local.aux_feature_dim
 
+        family = self.config.arch.family
+
         def build() -> list[nn.Module]:
-            head = build_aux_head(local.aux, shape.channels, out, local.aux_widen, local.aux_hidden)
+            head = build_head(family, local, shape.channels, out)
             if not local.reconstruct:
                 return [head]
-            return [head, Decoder(shape.channels, self.spec.channels, self.spec.image_size, local.aux_widen,
-                                  self.spec.mean, self.spec.std)]
+            return [head, build_decoder(family, shape.channels, self.spec, local.aux_widen)]
 
         labels = torch.randint(0, self.spec.classes, (self.batch,), device=self.device)
         image = self.net.shape(-1)
@@ -223,11 +230,11 @@ def profile_network(config: Config, spec: DatasetSpec, device: torch.device) -> 
 def balanced_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> list[int]:
     profile = profile_network(config, spec, device)
     cuts = partition_cuts(config, profile)
-    plan, per_stage = context_plan(config), config.model.blocks_per_stage
+    plan, blocks = context_plan(config), config.arch.blocks
     seconds = predicted_stage_seconds(profile, plan, cuts)
     memory = predicted_stage_activation_bytes(profile, plan, cuts)
     e2e = end_to_end_activation_bytes(profile, profile.batch)
-    say(f"[partition] {config.local.partition}: cuts after blocks {[flat_to_cut(c, per_stage) for c in cuts]}; "
+    say(f"[partition] {config.local.partition}: cuts after blocks {[flat_to_cut(c, blocks) for c in cuts]}; "
         f"predicted step seconds per module {[round(s, 4) for s in seconds]}, activation memory over E2E "
         f"{[round(m / e2e, 3) for m in memory]}")
     return cuts
@@ -251,8 +258,7 @@ def module_activation_bytes(config: Config, spec: DatasetSpec, cuts: list[int], 
         module = build_module(config, layout, index, torch.device("cpu")).train()
         assert packet is not None
         current = packet
-        # parameters are state, not activations: they stay whatever the batch
-        size, (inputs, output, _) = saved_activation_bytes(partial(module, current), module.parameters())
+        size, (inputs, output, _) = saved_activation_bytes(module, current)
         sizes.append(size)
         packet = None if module.last else module.next_packet(current, inputs, output)
     return sizes

@@ -149,7 +149,7 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     if topology.writer:
         hosted = topology.hosted
         which = f"module {hosted[0]}" if len(hosted) == 1 else f"modules {hosted[0]}-{hosted[-1]}"
-        points = [flat_to_cut(cut, config.model.blocks_per_stage) for cut in cuts]
+        points = [flat_to_cut(cut, config.arch.blocks) for cut in cuts]
         say(f"[{label}] {which} of {config.local.modules}, cut points {points} ([stage, block] after which a "
             f"module ends), {batches} batches/epoch on {topology.device} x {topology.replicas}, "
             f"{torch.get_num_threads()} thread(s)")

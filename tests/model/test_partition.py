@@ -50,24 +50,25 @@ def test_module_ranges():
 
 
 def test_resnet32_flat_indices_by_hand():
-    assert equal_cuts(5, 2) == [7]  # [2, 1]: stem + 5 stage-1 blocks + 2 stage-2 blocks = 8 blocks
-    assert equal_cuts(5, 4) == [3, 7, 11]
-    assert equal_cuts(5, 16) == list(range(15))  # every block its own module
-    assert equal_cuts(5, 1) == []
+    assert equal_cuts((5, 5, 5), 2) == [7]  # [2, 1]: stem + 5 stage-1 blocks + 2 stage-2 blocks = 8 blocks
+    assert equal_cuts((5, 5, 5), 4) == [3, 7, 11]
+    assert equal_cuts((5, 5, 5), 16) == list(range(15))  # every block its own module
+    assert equal_cuts((5, 5, 5), 1) == []
 
 
 @pytest.mark.parametrize("per_stage", [5, 18])
 @pytest.mark.parametrize("modules", [2, 3, 4, 8, 16])
 def test_equal_cuts_use_the_published_tables(per_stage, modules):
-    expected = [cut_to_flat(cut, per_stage) for cut in REFERENCE_TABLES[per_stage][modules]]
-    assert equal_cuts(per_stage, modules) == expected
-    assert EQUAL_TABLES[per_stage][modules] == REFERENCE_TABLES[per_stage][modules]
-    assert [flat_to_cut(flat, per_stage) for flat in expected] == REFERENCE_TABLES[per_stage][modules]
+    blocks = (per_stage,) * 3
+    expected = [cut_to_flat(cut, blocks) for cut in REFERENCE_TABLES[per_stage][modules]]
+    assert equal_cuts(blocks, modules) == expected
+    assert EQUAL_TABLES[blocks][modules] == REFERENCE_TABLES[per_stage][modules]
+    assert [flat_to_cut(flat, blocks) for flat in expected] == REFERENCE_TABLES[per_stage][modules]
 
 
 @pytest.mark.parametrize("per_stage, modules", [(1, 2), (1, 4), (2, 3), (2, 7), (5, 5), (5, 7), (3, 10)])
 def test_equal_cuts_fall_back_to_even_split(per_stage, modules):
-    assert equal_cuts(per_stage, modules) == even_cuts(1 + 3 * per_stage, modules)
+    assert equal_cuts((per_stage,) * 3, modules) == even_cuts(1 + 3 * per_stage, modules)
 
 
 @pytest.mark.parametrize("blocks", [4, 7, 10, 16, 19])
@@ -89,10 +90,12 @@ def test_even_cuts_by_hand():
     assert even_cuts(4, 4) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("per_stage", [1, 5, 18])
-def test_flat_cut_round_trip(per_stage):
-    for flat in range(3 * per_stage + 1):
-        assert cut_to_flat(flat_to_cut(flat, per_stage), per_stage) == flat
+@pytest.mark.parametrize("blocks", [(1, 1, 1), (5, 5, 5), (18, 18, 18), (2, 2, 2, 2), (3, 4, 23, 3), (3, 8, 36, 3)])
+def test_flat_cut_round_trip(blocks):
+    for flat in range(sum(blocks) + 1):
+        assert cut_to_flat(flat_to_cut(flat, blocks), blocks) == flat
+    with pytest.raises(ValueError):
+        flat_to_cut(sum(blocks) + 1, blocks)
 
 
 def module_costs(cuts, blocks, cost):

@@ -53,6 +53,21 @@ def test_threaded_pipeline_equals_sequential(tmp_path: Path, single_thread: None
     assert trained == {(module, step) for module in range(modules) for step in (4, 8, 12)}
 
 
+
+def test_threaded_pipeline_equals_sequential_on_an_imagenet_resnet(tmp_path: Path, single_thread: None) -> None:
+    """ResNet-50 (bottleneck blocks) at K = 2 with InfoPro's ImageNet head and decoder, on 32x32 images."""
+    overrides = ["model.family=imagenet", "model.arch=resnet50", "local.modules=2", "local.reconstruct=true",
+                 "local.ixx_1=5", "local.ixy_1=0.75", "train.max_steps=3", "train.lr=0.01"]
+    reference = run(tiny_config(tmp_path, "sequential", *overrides))
+    assert reference is not None
+    summaries, errors = run_threaded(tiny_config(tmp_path, "threads", *overrides, "run.mode=pipeline"))
+    assert errors == [None, None]
+    for module in range(2):
+        a, b = load_module_state(tmp_path / "sequential", module), load_module_state(tmp_path / "threads", module)
+        assert max_state_difference(a["state"], b["state"]) == 0.0, f"module {module} differs"
+    assert summaries[0] is not None and summaries[0]["test_accuracy"] == reference["test_accuracy"]
+
+
 # ---- the schedule, with mock stages ---------------------------------------------------------------
 
 
