@@ -44,8 +44,9 @@ def test_ddp_by_hand():
     assert ddp.stage_seconds == [pytest.approx(4 * 0.5 + ring / LINK)]  # half the batch: half the compute
     assert ddp.samples_per_s == pytest.approx(10 / (2.0 + ring / LINK))
     assert ddp.link_bytes == 0 and ddp.allreduce_bytes == 400
-    # weights, gradients, momentum and DDP's buckets; the input image and four blocks' activations at batch 5
-    assert ddp.memory_bytes == [400 * (OPTIMIZER_COPIES + 1) + 5 * 30 + 4 * 500]
+    # weights, gradients, momentum and DDP's buckets; at batch 5 the input image, four blocks' outputs and
+    # their own activations
+    assert ddp.memory_bytes == [400 * (OPTIMIZER_COPIES + 1) + 5 * 30 + 5 * 4 * 100 + 4 * 500]
 
 
 def test_pipeline_by_hand():
@@ -55,8 +56,9 @@ def test_pipeline_by_hand():
     assert pipe.link_bytes == packet and pipe.allreduce_bytes == 0
     assert pipe.stage_seconds == [pytest.approx(2.0 + packet / LINK)] * 2  # heads cost 0 s here
     assert pipe.samples_per_s == pytest.approx(10 / (2.0 + packet / LINK))
-    # module 0: 3 pieces (2 blocks, head) of parameters, image input, activations, the sent packets queued
-    assert pipe.memory_bytes[0] == 300 * OPTIMIZER_COPIES + 10 * 30 + 2000 + 2 * packet
+    # module 0: 3 pieces (2 blocks, head) of parameters, image input, 2 block outputs, activations, the sent
+    # packets queued
+    assert pipe.memory_bytes[0] == 300 * OPTIMIZER_COPIES + 10 * 30 + 10 * 2 * 100 + 2000 + 2 * packet
 
 
 def test_memory_limit_moves_the_cut_and_bounds_the_batch():

@@ -32,8 +32,10 @@ class Piece:
 
     compute_s: float  # forward + backward
     update_s: float  # zero_grad + optimizer step: the same at any batch
-    activation_bytes: int  # saved for backward beyond its input and parameters
+    activation_bytes: int  # saved for backward, its input, output and parameters left out
     parameter_bytes: int
+    keeps_input: bool = True  # saves its input for backward (a conv does)
+    keeps_output: bool = False  # saves its output (a ReLU does, a max pool does not)
 
     def seconds(self, batch_scale: float) -> float:
         return self.compute_s * batch_scale + self.update_s
@@ -109,12 +111,22 @@ def stage_seconds(profile: NetworkProfile, plan: ContextPlan, index: int, start:
     return compute + moved / link_bytes_per_s
 
 
+def _kept_outputs(profile: NetworkProfile, plan: ContextPlan, index: int, start: int, end: int) -> int:
+    """Per sample: the block outputs of module [start, end) that backward keeps, each once, whether
+    the block saves it or what reads it next (the following block, the head or the classifier)."""
+    tail = profile.classifier if index == plan.modules - 1 else profile.heads[end - 1]
+    readers = [*profile.blocks[start + 1:end], tail]
+    return sum(profile.output_bytes[block] for block, reader in zip(range(start, end), readers)
+               if profile.blocks[block].keeps_output or reader.keeps_input)
+
+
 def stage_activation_bytes(profile: NetworkProfile, plan: ContextPlan, index: int, start: int, end: int,
                            batch: int, starts: Starts = None) -> int:
     """What module ``index`` over [start, end) keeps for backward at ``batch``: its inputs (features and
-    what its encoders read), then each piece."""
+    what its encoders read), its blocks' outputs, then what each piece keeps of its own."""
     saved = sum(piece.activation_bytes for piece in _pieces(profile, plan, index, start, end, starts))
-    inputs = profile.input_bytes(start)
+    inputs = (profile.input_bytes(start) if profile.blocks[start].keeps_input else 0) + _kept_outputs(
+        profile, plan, index, start, end)
     if index > 0:
         inputs += (profile.image_bytes if plan.image else 0) + sum(
             profile.input_bytes(source) for source in _sources(plan, index, starts))

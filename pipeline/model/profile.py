@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -45,14 +45,15 @@ Loss = Callable[[torch.Tensor], torch.Tensor]
 MIB = 1 << 20
 
 
-def saved_activation_bytes(module: nn.Module, *inputs: Any, exclude: Iterable[torch.Tensor] = ()) -> tuple[int, Any]:
-    """Bytes of the distinct tensors autograd keeps for backward during ``module(*inputs)``, and its output.
+def saved_storages(module: nn.Module, *inputs: Any) -> tuple[dict[int, int], Any]:
+    """The distinct storages autograd keeps for backward during ``module(*inputs)`` (address -> bytes),
+    and its output.
 
     Autograd also keeps references to the module's own parameters and buffers (a conv's weight,
     batch norm's running statistics): those are memory the module holds anyway, not activations,
-    so they are left out, as are the storages of ``exclude`` (a piece's input, counted elsewhere).
+    so they are left out.
     """
-    held = {tensor.untyped_storage().data_ptr() for tensor in [*module.parameters(), *module.buffers(), *exclude]}
+    held = {tensor.untyped_storage().data_ptr() for tensor in [*module.parameters(), *module.buffers()]}
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -63,6 +64,12 @@ def saved_activation_bytes(module: nn.Module, *inputs: Any, exclude: Iterable[to
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         result = module(*inputs)
+    return storages, result
+
+
+def saved_activation_bytes(module: nn.Module, *inputs: Any) -> tuple[int, Any]:
+    """Bytes of the distinct tensors autograd keeps for backward during ``module(*inputs)``, and its output."""
+    storages, result = saved_storages(module, *inputs)
     return sum(storages.values()), result
 
 
@@ -79,7 +86,8 @@ class _Scored(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return sum((loss(layer(inputs)) for layer, loss in zip(self.layers, self.losses)),
+            self.outputs = [layer(inputs) for layer in self.layers]  # kept: which of them backward keeps
+            return sum((loss(output) for output, loss in zip(self.outputs, self.losses)),
                        torch.zeros((), device=inputs.device))
 
 
@@ -148,10 +156,18 @@ class _Profiler:
             optimizer.step()
             optimizer.zero_grad(set_to_none=False)
 
-        activation, _ = saved_activation_bytes(scored, inputs, exclude=[inputs])
+        # A piece's input, and the output of one read by what follows (a block's: no loss of its own), are
+        # shared with its neighbours: whether it keeps them is noted, and the composition counts each once
+        # (cost.py); the rest is the piece's own.
+        saved, _ = saved_storages(scored, inputs)
+        shared = [] if losses else [out.untyped_storage().data_ptr() for out in scored.outputs]
+        ends = {inputs.untyped_storage().data_ptr(), *shared}
+        own = sum(size for address, size in saved.items() if address not in ends)
+        keeps_output = any(address in saved for address in shared)
         backward()
-        result = Piece(step_seconds(backward, self.device), step_seconds(update, self.device), activation,
-                       sum(p.numel() * p.element_size() for p in scored.parameters()))
+        result = Piece(step_seconds(backward, self.device), step_seconds(update, self.device), own,
+                       sum(p.numel() * p.element_size() for p in scored.parameters()),
+                       keeps_input=inputs.untyped_storage().data_ptr() in saved, keeps_output=keeps_output)
         self.measured[key] = result
         return result
 

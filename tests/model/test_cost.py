@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pipeline.errors import BadInput
 from pipeline.model.context import ContextPlan
 from pipeline.model.cost import (
     LABEL_BYTES,
+    NetworkProfile,
     Piece,
     end_to_end_activation_bytes,
     partition_cuts,
@@ -51,17 +54,36 @@ def test_contexts_add_their_encoders_and_what_travels():
     assert received_bytes(profile, r2, 0, 0, 10) == 0
     # module 2 of R1E: blocks, the E encoder and one R encoder, saved bytes likewise
     assert stage_seconds(profile, r1e, 2, 2, 4, 10, 1e30) == pytest.approx(2.0 + 0.25 + 0.25)
-    # its features, the image and the register entry it reads, and what each encoder keeps
-    assert stage_activation_bytes(profile, r1e, 2, 2, 4, 10) == 10 * (100 + 30 + 100) + 7 + 7
+    # its features, the image and the register entry it reads, its two blocks' outputs, what each encoder keeps
+    assert stage_activation_bytes(profile, r1e, 2, 2, 4, 10) == 10 * (100 + 30 + 100 + 2 * 100) + 7 + 7
 
 
-def test_activation_bytes_count_the_input_once_and_scale_with_the_batch():
+def test_activation_bytes_count_each_shared_tensor_once_and_scale_with_the_batch():
     profile = synthetic_profile([0.0] * 4, [1000, 2000, 3000, 4000], head_bytes=500, output_bytes=100,
                                 image_bytes=30)
-    assert stage_activation_bytes(profile, R0, 0, 0, 2, 10) == 10 * 30 + 1000 + 2000 + 500
-    assert stage_activation_bytes(profile, R0, 1, 2, 4, 10) == 10 * 100 + 3000 + 4000
-    assert stage_activation_bytes(profile, R0, 1, 2, 4, 20) == 20 * 100 + 2 * 7000
-    assert end_to_end_activation_bytes(profile, 10) == 10 * 30 + 10000
+    # the input, the outputs of blocks 0 and 1 (kept by what reads them), each piece's own bytes
+    assert stage_activation_bytes(profile, R0, 0, 0, 2, 10) == 10 * (30 + 2 * 100) + 1000 + 2000 + 500
+    assert stage_activation_bytes(profile, R0, 1, 2, 4, 10) == 10 * (100 + 2 * 100) + 3000 + 4000
+    assert stage_activation_bytes(profile, R0, 1, 2, 4, 20) == 20 * (100 + 2 * 100) + 2 * 7000
+    assert end_to_end_activation_bytes(profile, 10) == 10 * (30 + 4 * 100) + 10000
+
+
+def test_a_block_output_counts_where_the_block_or_its_reader_keeps_it():
+    """A max pool keeps its input, not its output; a ReLU keeps its output; a pool reader keeps nothing."""
+    pool_out = Piece(0.0, 0.0, 0, 0, keeps_input=True, keeps_output=False)
+    relu_out = Piece(0.0, 0.0, 0, 0, keeps_input=True, keeps_output=True)
+    reader = Piece(0.0, 0.0, 0, 0, keeps_input=False)
+    profile = synthetic_profile([0.0] * 3, [0] * 3, output_bytes=100, image_bytes=30)
+    plan = ContextPlan(1, 0, False, False)
+
+    def with_blocks(*blocks: Piece, classifier: Piece) -> NetworkProfile:
+        return replace(profile, blocks=list(blocks), classifier=classifier)
+
+    # block 0's output is read by block 1 (keeps its input): counted; block 1's by a classifier that does not
+    assert stage_activation_bytes(with_blocks(pool_out, pool_out, classifier=reader), plan, 0, 0, 2, 1) == 30 + 100
+    assert stage_activation_bytes(with_blocks(pool_out, relu_out, classifier=reader), plan, 0, 0, 2, 1) == 30 + 200
+    # a first block that does not keep its input: the module's input is not kept at all
+    assert stage_activation_bytes(with_blocks(reader, relu_out, classifier=reader), plan, 0, 0, 2, 1) == 200
 
 
 def test_balanced_is_the_fastest_cut_under_the_memory_cap(make_config):
