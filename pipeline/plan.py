@@ -158,13 +158,13 @@ def recommend(layouts: list[Layout], batch: int, cluster: Cluster) -> tuple[Layo
     if best is ddp:
         return best, f"DDP is the fastest layout that fits ({speed}); local learning would trade accuracy for nothing"
     versus = (f"{best.samples_per_s / ddp.samples_per_s:.2f}x DDP" if ddp.fits
-              else "DDP does not fit (every device would hold the whole network's activations)")
+              else "DDP does not fit (each device would hold the whole network: weights, optimizer state, activations)")
     return best, (f"fastest layout that fits: {speed}, {versus}; its slowest stage takes "
                   f"{max(best.stage_seconds) * 1e3:.1f} ms per step. Local learning trains K modules on local "
                   "losses: check the accuracy cost for this K (README's tables)")
 
 
-def table(layouts: list[Layout], blocks: tuple[int, ...], cluster: Cluster) -> str:
+def table(layouts: list[Layout], blocks: tuple[int, ...]) -> str:
     lines = ["| layout K x R | cuts | batch / device (max in M) | samples/s | memory / device (GiB) "
              "| link MiB / step | all-reduce MiB / step / device |",
              "|---|---|---|---|---|---|---|"]
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{config.model.arch} on {config.data.name}, {local.context} context, batch {batch}, "
               f"{args.devices} devices of {memory}, links {link}; profiled on {device.type} "
               f"({threads} thread{'s' if threads > 1 else ''})\n")
-        print(table(layouts, config.arch.blocks, cluster))
+        print(table(layouts, config.arch.blocks))
         print(f"\nrecommended: {best.name}: {why}")
 
     return run_main(body)
