@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -21,7 +22,7 @@ Mode = Literal["sequential", "pipeline", "ddp"]
 Device = Literal["auto", "cpu", "cuda"]
 Dataset = Literal["fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "synthetic", "image_folder"]
 ModelFamily = Literal["auto", "cifar", "imagenet"]
-Partition = Literal["equal", "balanced-memory", "balanced-time"]
+Partition = Literal["equal", "balanced-memory", "balanced-time", "balanced"]
 Loss = Literal["softmax", "contrast"]
 AuxHead = Literal["0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"]
 Schedule = Literal["cosine", "cosine-step", "constant"]
@@ -88,6 +89,9 @@ class ModelConfig:
 class LocalConfig:
     modules: int = 1
     partition: Partition | list[Cut] = "equal"
+    # balanced: the largest module's activation memory at most this fraction of E2E's, or a size
+    # such as "2GiB"; 0: no cap
+    memory_cap: float | str = 0.0
     context: str = "R0"
     loss: Loss = "softmax"
     aux: AuxHead = "1c2f"
@@ -164,6 +168,21 @@ class Config:
         model = self.model
         family = default_family(self.data.name) if model.family == "auto" else model.family
         return resolve_arch(family, model.arch)
+
+
+_UNIONS = (Union, types.UnionType)  # typing.Union[...] and the X | Y of builtin types
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)\s*$")
+_SIZE_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
+               "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB' -> 2147483648, '512MB' -> 512000000; BadInput for anything else."""
+    match = _SIZE_RE.match(text)
+    if match is None or float(match.group(1)) <= 0:
+        raise BadInput(f"{clip(text)!r} is not a size; write a positive number and a unit, for example '2GiB' "
+                       f"or '512MB' (units: {', '.join(_SIZE_UNITS)})")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
 _CONTEXT_RE = re.compile(r"^(?:R(\d+)(E?)|E)$")
@@ -286,7 +305,7 @@ def _build_section(table: str, cls: type, values: dict[str, Any]) -> Any:
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:
-    if get_origin(hint) is Union:
+    if get_origin(hint) in _UNIONS:
         if isinstance(value, str):  # a word: say which words are allowed, not which types
             for option in get_args(hint):
                 if get_origin(option) is Literal:
@@ -322,7 +341,7 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
 
 
 def _describe(hint: Any) -> str:
-    if get_origin(hint) is Union:
+    if get_origin(hint) in _UNIONS:
         return " or ".join(_describe(option) for option in get_args(hint))
     if get_origin(hint) is Literal:
         return "one of " + ", ".join(get_args(hint))
@@ -381,6 +400,15 @@ def validate(config: Config) -> None:
     _require(depth <= MAX_CONTEXT_DEPTH, f"local.context = {local.context!r}: n in Rn must be <= {MAX_CONTEXT_DEPTH}")
     if not isinstance(local.partition, str):
         validate_cuts(local.partition, local.modules, arch.blocks)
+    if isinstance(local.memory_cap, str):
+        try:
+            parse_size(local.memory_cap)
+        except BadInput as err:
+            raise BadInput(f"local.memory_cap = {err}; or a fraction of E2E activation memory such as 0.6") from None
+    else:
+        _require(0 <= local.memory_cap <= 1,
+                 f"local.memory_cap = {local.memory_cap} must be a fraction of E2E activation memory in [0, 1] "
+                 "(0: no cap) or a size such as '2GiB'")
     _require(local.aux_widen >= 1, f"local.aux_widen = {local.aux_widen} must be >= 1")
     _require(local.aux_hidden >= 1, f"local.aux_hidden = {local.aux_hidden} must be >= 1")
     _require(local.aux_feature_dim >= 1, f"local.aux_feature_dim = {local.aux_feature_dim} must be >= 1")
@@ -499,10 +527,12 @@ def ineffective_keys(config: Config) -> list[str]:
         ignored("pipeline", ("slowdown",), "with run.mode = 'sequential' and the lockstep schedule (one process "
                                            "runs every module in turn)")
     if local.modules == 1:
-        ignored("local", ("partition", "context", "loss", "aux", "aux_widen", "aux_hidden", "aux_feature_dim",
-                          "reconstruct", "ixx_1", "ixy_1", "ixx_2", "ixy_2"),
+        ignored("local", ("partition", "memory_cap", "context", "loss", "aux", "aux_widen", "aux_hidden",
+                          "aux_feature_dim", "reconstruct", "ixx_1", "ixy_1", "ixx_2", "ixy_2"),
                 "with local.modules = 1 (end-to-end training has no local heads)")
         return notes
+    if local.partition != "balanced":
+        ignored("local", ("memory_cap",), "unless local.partition = 'balanced'")
     if config.arch.family == "imagenet":
         ignored("local", ("aux", "aux_hidden"), "with an ImageNet network (its heads are InfoPro's ImageNet head)")
     if local.loss == "softmax":

@@ -129,7 +129,7 @@ def test_every_shipped_config_describes_a_network_it_can_cut(path):
 
     config = load_config(path)
     spec = dataset_spec(config)
-    if config.local.partition in ("balanced-time", "balanced-memory"):
+    if config.local.partition in ("balanced-time", "balanced-memory", "balanced"):
         config.local.partition = "equal"  # profiling is the partition tests' business; the K still has to fit
     ranges = make_layout(config, spec, resolve_cuts(config, spec, torch.device("cpu"))).ranges
     assert len(ranges) == config.local.modules
@@ -320,6 +320,9 @@ def test_two_image_channels_are_rejected():
     (["local.modules=2", "local.aux_feature_dim=64"], ["local.aux_feature_dim has no effect with local.loss = "
                                                        "'softmax'"]),
     (["local.modules=2", "local.ixx_1=3.0"], ["local.ixx_1 has no effect with local.reconstruct = false"]),
+    (["local.modules=2", "local.memory_cap=0.5"], ["local.memory_cap has no effect unless local.partition = "
+                                                   "'balanced'"]),
+    (["local.modules=2", "local.partition=balanced", "local.memory_cap=0.5"], []),
     (["local.modules=2", "pipeline.max_reuse=2"], ["pipeline.max_reuse has no effect with pipeline.schedule = "
                                                    "'lockstep'"]),
     (["local.modules=2", "pipeline.slowdown=[1.0, 2.0]"], ["pipeline.slowdown has no effect with run.mode = "
@@ -342,8 +345,30 @@ def test_keys_set_to_no_effect_are_named(overrides: list[str], expected: list[st
 def test_choices_are_literal_types_checked_at_load() -> None:
     with pytest.raises(BadInput, match=r"run.mode = 'pipe' is not allowed; allowed: sequential, pipeline, ddp"):
         load_config(None, ["run.mode=pipe"])
-    with pytest.raises(BadInput, match=r"local.partition = 'balanced' is not allowed; allowed: equal, balanced-memory"):
-        load_config(None, ["local.partition=balanced"])
+    with pytest.raises(BadInput, match=r"local.partition = 'fastest' is not allowed; allowed: equal, balanced-memory, "
+                                       r"balanced-time, balanced$"):
+        load_config(None, ["local.partition=fastest"])
+
+
+@pytest.mark.parametrize("text, size", [("2GiB", 2 << 30), ("512MB", 512 * 10**6), ("1.5 KiB", 1536), ("7B", 7)])
+def test_sizes_are_read_with_their_unit(text: str, size: int) -> None:
+    from pipeline.config import parse_size
+
+    assert parse_size(text) == size
+    assert load_config(None, ["local.partition=balanced", f"local.memory_cap='{text}'"]).local.memory_cap == text
+
+
+def test_memory_cap_is_a_fraction_or_a_size() -> None:
+    assert load_config(None, ["local.memory_cap=0.6"]).local.memory_cap == 0.6
+    assert load_config(None, ["local.memory_cap=1"]).local.memory_cap == 1.0
+    assert load_config(None, ["local.memory_cap=2GiB"]).local.memory_cap == "2GiB"  # a bare word on --set
+    with pytest.raises(BadInput, match=r"^local.memory_cap = '2G' is not a size; .*'2GiB'.*fraction of E2E"):
+        load_config(None, ["local.memory_cap=2G"])
+    with pytest.raises(BadInput, match=r"^local.memory_cap = 2000000000.0 must be a fraction of E2E activation "
+                                       r"memory in \[0, 1\] \(0: no cap\) or a size such as '2GiB'$"):
+        load_config(None, ["local.memory_cap=2000000000"])
+    with pytest.raises(BadInput, match=r"^local.memory_cap = True has the wrong type; expected a number or a string$"):
+        load_config(None, ["local.memory_cap=true"])
 
 
 def test_aux_hidden_sets_the_head_width_and_aux_feature_dim_its_contrastive_output() -> None:
