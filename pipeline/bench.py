@@ -27,12 +27,16 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # torch and the model code load inside run_bench only, so that --help answers at once.
 from pipeline.cli import ArgumentParser, add_set_argument, run_main
 from pipeline.config import Config, load_config
 from pipeline.errors import BadInput, StageFailure
+
+if TYPE_CHECKING:
+    from pipeline.data.specs import DatasetSpec
+    from pipeline.model.cost import NetworkProfile
 
 # Launches one run: (command, log file, list to append 1-minute load samples to) -> exit code.
 Launcher = Callable[[list[str], Path, list[float]], int]
@@ -138,6 +142,10 @@ def figures(run: BenchRun, out: Path, window: int, batch: int) -> dict[str, Any]
     if run.mode == "classic_pp":
         result["schedule"], result["microbatches"] = run.schedule, run.microbatches
     if run.mode == "pipeline":
+        # Each stage's step: its compute seconds per batch (a window's median), what the profile predicts.
+        result["stage_s"] = [round(statistics.median(lines[module]["window_compute_s"] / window
+                                                     for lines in timed.values() if module in lines), 4)
+                             for module in range(run.modules)]
         # Bottleneck bound per window: the slowest stage's compute seconds for those batches.
         bounds = [batch * window / max(line["window_compute_s"] for line in lines.values())
                   for lines in timed.values() if len(lines) == run.modules]
@@ -244,6 +252,7 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
 
     from pipeline.data.specs import dataset_spec
     from pipeline.distributed import keep_freed_host_memory
+    from pipeline.model.cost import context_plan, predicted_stage_seconds
     from pipeline.model.partition import flat_to_cut
     from pipeline.model.profile import module_activation_bytes
 
@@ -264,14 +273,15 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
         if count < 1 or base.data.batch_size % count:
             raise BadInput(f"--classic-microbatches: {count} does not divide data.batch_size = "
                            f"{base.data.batch_size}; give counts that do (e.g. 2,4,8)")
-    cuts = _profile_cuts(local, spec, nproc)
+    profile = _profile(local, spec, nproc)
+    cuts = _cuts(local, spec, profile)
     # The cuts of every K the layouts use: K = N's for the sequential and pipeline rows.
-    flat_cuts = {nproc: cuts}
+    flat_cuts, plans = {nproc: cuts}, {nproc: context_plan(local)}
     for run in plan_runs(nproc):
         if run.modules not in flat_cuts and run.modules > 1:
             fewer = load_config(config_path, [*sets, f"local.modules={run.modules}", "local.partition=balanced-time"])
-            flat_cuts[run.modules] = _profile_cuts(fewer, spec, run.modules)
-    explicit = {k: json.dumps([flat_to_cut(cut, local.model.blocks_per_stage) for cut in flat])
+            flat_cuts[run.modules], plans[run.modules] = _cuts(fewer, spec, profile), context_plan(fewer)
+    explicit = {k: json.dumps([flat_to_cut(cut, local.arch.blocks) for cut in flat])
                 for k, flat in flat_cuts.items()}
     batch = base.data.batch_size
     e2e_activation = module_activation_bytes(base, spec, [], batch)[0]
@@ -301,6 +311,12 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
     for name in ("sequential", "pipeline"):
         results[name]["activation_mem_bytes"] = max(local_activation)
         results[name]["module_activation_mem_bytes"] = local_activation
+    for run in plan_runs(nproc):
+        if run.mode == "pipeline":
+            replica_batch = -(-batch // (run.processes // run.modules))
+            results[run.name]["predicted_stage_s"] = [
+                round(s, 4) for s in predicted_stage_seconds(profile, plans[run.modules], flat_cuts[run.modules],
+                                                             replica_batch)]
     for run in plan_runs(nproc)[4:]:  # the mixed K x R layouts: each replica holds 1/R of the batch
         config_k = load_config(config_path, [*sets, f"local.modules={run.modules}", "local.partition=equal"])
         per_module = module_activation_bytes(config_k, spec, flat_cuts[run.modules],
@@ -341,6 +357,8 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
                                      if best_classic else None),
         "wire_bytes_per_step": traffic,
         "idle_fraction": idle,
+        "partition": local.local.partition,
+        "memory_cap": local.local.memory_cap if local.local.partition == "balanced" else None,
         # Per-round ratios: the runs of one round ran minutes apart, so they share the machine's state.
         "rounds_spread": {
             "pipeline_over_ddp": spread([p / d for p, d in zip(pipe["samples_per_s_rounds"],
@@ -423,23 +441,36 @@ def idle_fractions(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def _partition(chosen: str | list[list[int]]) -> list[str]:
-    """The cuts the local runs use: the config's explicit list or balanced-memory, else balanced-time."""
-    return [] if isinstance(chosen, list) or chosen == "balanced-memory" else ["local.partition=balanced-time"]
+    """The cuts the local runs use: the config's explicit list, balanced-memory or balanced, else balanced-time."""
+    keep = isinstance(chosen, list) or chosen in ("balanced-memory", "balanced")
+    return [] if keep else ["local.partition=balanced-time"]
 
 
-def _profile_cuts(config: Config, spec: Any, nproc: int) -> list[int]:
+def _profile(config: Config, spec: DatasetSpec, nproc: int) -> NetworkProfile:
     """Profile as a stage will run: with its share of the cores."""
     import torch
 
-    from pipeline.model.network import resolve_cuts
+    from pipeline.model.profile import profile_network
 
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
     try:
         device = torch.device("cuda" if torch.cuda.is_available() and config.run.device != "cpu" else "cpu")
-        return resolve_cuts(config, spec, device)
+        return profile_network(config, spec, device)
     finally:
         torch.set_num_threads(before)
+
+
+def _cuts(config: Config, spec: DatasetSpec, profile: NetworkProfile) -> list[int]:
+    """An explicit list as given; balanced ones from the bench's one profile."""
+    import torch
+
+    from pipeline.model.cost import partition_cuts
+    from pipeline.model.network import resolve_cuts
+
+    if isinstance(config.local.partition, list) or config.local.partition == "equal":
+        return resolve_cuts(config, spec, torch.device("cpu"))
+    return partition_cuts(config, profile)
 
 
 def title(report: dict[str, Any]) -> str:
@@ -454,6 +485,7 @@ def ratio_line(report: dict[str, Any], key: str) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     mib = 1 << 20
+    pipe = report["runs"]["pipeline"]
     load = report["load_average"]
     during = load["during"]
     lines = [
@@ -489,7 +521,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"- pipeline / DDP samples/s: {ratio_line(report, 'pipeline_over_ddp')}",
         f"- pipeline / E2E samples/s: {report['pipeline_over_e2e']:.3f}",
         f"- pipeline efficiency (measured / slowest-stage bound): {ratio_line(report, 'pipeline_efficiency')}",
-        f"- largest module's activation memory / E2E's: {report['largest_stage_activation_over_e2e']:.3f}",
+        f"- largest module's activation memory / E2E's: {report['largest_stage_activation_over_e2e']:.3f}"
+        f" (cuts: {report['partition']}" + (f", memory cap {report['memory_cap']}" if report["memory_cap"] else "")
+        + ")",
+        "- pipeline stage step seconds, measured / predicted by the profile: "
+        + ", ".join(f"{measured:.3f} / {predicted:.3f}"
+                    for measured, predicted in zip(pipe["stage_s"], pipe["predicted_stage_s"])),
     ]
     if report["best_classic_pp"]:
         lines.append(f"- pipeline / best classic pipeline ({report['best_classic_pp']}) samples/s: "

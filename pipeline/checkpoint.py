@@ -257,6 +257,7 @@ def identity_of(config: Any, cuts: list[int]) -> dict[str, Any]:
     local = config.local
     return {
         "arch": config.model.arch,
+        "family": config.arch.family,  # resnet50 names a CIFAR and an ImageNet network
         "dataset": config.data.name,
         "modules": local.modules,
         "cuts": list(cuts),

@@ -20,7 +20,6 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,17 +68,15 @@ def in_flight(schedule: Schedule, stage: int, stages: int, microbatches: int) ->
 
 def stage_activation_bytes(e2e: Config, spec: DatasetSpec, cuts: list[int], batch: int, schedule: Schedule,
                            microbatches: int) -> list[int]:
-    """Each stage's activation memory: one microbatch's saved tensors x the microbatches in flight."""
+    """Each stage's activation memory: one microbatch's saved tensors x the microbatches in flight
+    (the loss's own few bytes per sample left out)."""
     micro = batch // microbatches
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(micro, spec.channels, spec.image_size, spec.image_size, generator=generator)
-    labels = torch.randint(0, spec.classes, (micro,), generator=generator)
     stages = stage_modules(e2e, spec, cuts)
     sizes = []
     for index, stage in enumerate(stages):
-        last = index == len(stages) - 1
-        run = (lambda s=stage, x=inputs: F.cross_entropy(s(x), labels)) if last else partial(stage, inputs)
-        size, output = saved_activation_bytes(run)
+        size, output = saved_activation_bytes(stage, inputs)
         sizes.append(size * in_flight(schedule, index, len(stages), microbatches))
         inputs = output.detach()
     return sizes
@@ -232,7 +229,7 @@ def train(config_path: str | None, sets: list[str], schedule: Schedule, microbat
         log = MetricsLog(out, rank)
         if rank == 0:
             say(f"[classic {schedule}] {size} stages, cut points "
-                f"{[flat_to_cut(cut, config.model.blocks_per_stage) for cut in flat]}, {microbatches} microbatches "
+                f"{[flat_to_cut(cut, config.arch.blocks) for cut in flat]}, {microbatches} microbatches "
                 f"of {micro}, {steps} steps on {device}, {torch.get_num_threads()} thread(s) per stage")
         reset_peak_memory(device)
         window, losses = config.run.log_every, []
@@ -272,7 +269,7 @@ def write_summary(out: Path, config: Config, schedule: Schedule, microbatches: i
         "microbatches": microbatches, "arch": config.model.arch, "dataset": config.data.name,
         "batch_size": config.data.batch_size, "steps": steps, "test_accuracy": None,
         "train_samples_per_s": round(steps * config.data.batch_size / max(train_s, 1e-9), 2),
-        "cut_points": [flat_to_cut(cut, config.model.blocks_per_stage) for cut in cuts], "stages": stages,
+        "cut_points": [flat_to_cut(cut, config.arch.blocks) for cut in cuts], "stages": stages,
     }
     path = out / "summary.json"
     try:

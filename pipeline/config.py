@@ -10,22 +10,26 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, clip
+from pipeline.model.arch import ArchSpec, default_family, resolve_arch
 
 Mode = Literal["sequential", "pipeline", "ddp"]
 Device = Literal["auto", "cpu", "cuda"]
-Dataset = Literal["fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "synthetic"]
-Partition = Literal["equal", "balanced-memory", "balanced-time"]
+Dataset = Literal["fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "synthetic", "image_folder"]
+ModelFamily = Literal["auto", "cifar", "imagenet"]
+Partition = Literal["equal", "balanced-memory", "balanced-time", "balanced"]
 Loss = Literal["softmax", "contrast"]
 AuxHead = Literal["0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"]
 Schedule = Literal["cosine", "cosine-step", "constant"]
 WireDtype = Literal["fp32", "bf16"]
 Placement = Literal["chain", "stage"]
 Amp = Literal["none", "bf16"]
+PipelineSchedule = Literal["lockstep", "buffered"]
 
 MODES: tuple[str, ...] = get_args(Mode)
 DATASETS: tuple[str, ...] = get_args(Dataset)
@@ -35,6 +39,7 @@ AUX_HEADS: tuple[str, ...] = get_args(AuxHead)
 # Deepest Rn: each packet carries n earlier module inputs, a bound that keeps messages sane.
 MAX_CONTEXT_DEPTH = 21
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
+MIN_IMAGE_SIZE = 8
 
 # Cut points are [stage, block] pairs (stage 0 = the stem), as in docs/reference.md's tables.
 Cut = list[int]
@@ -61,6 +66,11 @@ class DataConfig:
     batch_size: int = 128
     augment: bool = True
     download: bool = False
+    # image_folder only: the training crop's side, the side evaluation images are resized to before
+    # their centre crop of image_size, and the decoding worker processes of each reading process.
+    image_size: int = 224
+    eval_resize: int = 256
+    workers: int = 4
 
 
 @dataclass
@@ -69,16 +79,19 @@ class ModelConfig:
     # 0 means "take it from the dataset"; a non-zero value must agree with the dataset.
     in_channels: int = 0
     classes: int = 0
-
-    @property
-    def blocks_per_stage(self) -> int:
-        return resnet_blocks_per_stage(self.arch)
+    # Which ResNets model.arch names (resnet50 is both a CIFAR depth and torchvision's):
+    # auto = imagenet for image folders, cifar for the resident datasets.
+    family: ModelFamily = "auto"
+    zero_init_residual: bool = False  # the last batch norm of each residual block starts at 0
 
 
 @dataclass
 class LocalConfig:
     modules: int = 1
     partition: Partition | list[Cut] = "equal"
+    # balanced: the largest module's activation memory at most this fraction of E2E's, or a size
+    # such as "2GiB"; 0: no cap
+    memory_cap: float | str = 0.0
     context: str = "R0"
     loss: Loss = "softmax"
     aux: AuxHead = "1c2f"
@@ -123,6 +136,11 @@ class PipelineConfig:
     replicas: int = 0  # R: data-parallel copies of the chain of K stages; 0: WORLD_SIZE / K
     placement: Placement = "chain"  # rank order: each replica's K stages together, or each stage's R replicas
     sync_batchnorm: bool = False  # GPU only: batch statistics over the replicas of a stage
+    schedule: PipelineSchedule = "lockstep"  # buffered: each module at its own pace on a replay buffer
+    buffer_batches: int = 30  # M, the batches each receiving module keeps (DGL's buffer experiments: 30)
+    max_reuse: int = 0  # times one buffered batch may be trained on; 0 = unlimited (DGL's default)
+    slowdown: list[float] = field(default_factory=list)  # per stage, >= 1: a straggler for experiments; [] = none
+    replay: str = ""  # sequential + buffered: a recorded metrics.jsonl whose schedule the simulator replays
 
 
 @dataclass
@@ -144,9 +162,30 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def arch(self) -> ArchSpec:
+        """The network model.arch names in the family model.family (or the dataset's) picks."""
+        model = self.model
+        family = default_family(self.data.name) if model.family == "auto" else model.family
+        return resolve_arch(family, model.arch)
+
+
+_UNIONS = (Union, types.UnionType)  # typing.Union[...] and the X | Y of builtin types
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)\s*$")
+_SIZE_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
+               "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB' -> 2147483648, '512MB' -> 512000000; BadInput for anything else."""
+    match = _SIZE_RE.match(text)
+    if match is None or float(match.group(1)) <= 0:
+        raise BadInput(f"{clip(text)!r} is not a size; write a positive number and a unit, for example '2GiB' "
+                       f"or '512MB' (units: {', '.join(_SIZE_UNITS)})")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
 
 _CONTEXT_RE = re.compile(r"^(?:R(\d+)(E?)|E)$")
-_ARCH_RE = re.compile(r"^resnet(\d+)$")
 
 
 def parse_context(context: str) -> tuple[int, bool]:
@@ -160,29 +199,6 @@ def parse_context(context: str) -> tuple[int, bool]:
     if context == "E":
         return 0, True
     return int(match.group(1)), match.group(2) == "E"
-
-
-# The deepest CIFAR ResNet published; far deeper ones cannot be built in any memory.
-MAX_RESNET_DEPTH = 1202
-
-
-def resnet_blocks_per_stage(arch: str) -> int:
-    """n of a CIFAR ResNet of depth 6n+2 ('resnet32' -> 5)."""
-    match = _ARCH_RE.match(arch)
-    digits = match.group(1).lstrip("0") if match else ""
-    # Compare lengths first: int() refuses thousands of digits with its own ValueError.
-    if len(digits) > len(str(MAX_RESNET_DEPTH)) or (match and int(match.group(1)) > MAX_RESNET_DEPTH):
-        raise BadInput(
-            f"model.arch = {_clip(arch)!r} is deeper than resnet{MAX_RESNET_DEPTH}, the deepest CIFAR ResNet "
-            f"published; use a depth 6n+2 of at most {MAX_RESNET_DEPTH}"
-        )
-    depth = int(match.group(1)) if match else -1
-    if depth < 8 or (depth - 2) % 6 != 0:
-        raise BadInput(
-            f"model.arch = {arch!r} is not a CIFAR ResNet; allowed: resnet<6n+2> with n >= 1 "
-            "(resnet8, resnet14, resnet20, resnet32, resnet56, resnet110, ...)"
-        )
-    return (depth - 2) // 6
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,9 +219,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         section[name] = value
     config = _build(raw)
     validate(config)
-    from pipeline.data.specs import dataset_spec  # specs import this module: resolve late
+    from pipeline.data.specs import check_model_fits  # specs import this module: resolve late
 
-    dataset_spec(config)  # model.in_channels / model.classes must fit the dataset
+    check_model_fits(config)
     return config
 
 
@@ -251,7 +267,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         value = text.strip()  # a bare word such as pipeline or R1E
     except (ValueError, RecursionError) as err:
-        raise BadInput(f"--set {_clip(item)!r}: {_beyond_limits(err)}") from None
+        raise BadInput(f"--set {clip(item)!r}: {_beyond_limits(err)}") from None
     return key.strip(), value
 
 
@@ -261,11 +277,6 @@ def _beyond_limits(err: ValueError | RecursionError) -> str:
         return ("arrays or inline tables are nested too deep to read; "
                 "no setting nests deeper than local.partition = [[1, 0], [2, 3]]")
     return f"a number is too long to read ({str(err).split(';')[0]}); no setting needs more than a few digits"
-
-
-def _clip(text: str, limit: int = 60) -> str:
-    """User text quoted in a message, cut short so a pasted megabyte stays a readable line."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _build(raw: dict[str, Any]) -> Config:
@@ -294,7 +305,7 @@ def _build_section(table: str, cls: type, values: dict[str, Any]) -> Any:
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:
-    if get_origin(hint) is Union:
+    if get_origin(hint) in _UNIONS:
         if isinstance(value, str):  # a word: say which words are allowed, not which types
             for option in get_args(hint):
                 if get_origin(option) is Literal:
@@ -330,7 +341,7 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
 
 
 def _describe(hint: Any) -> str:
-    if get_origin(hint) is Union:
+    if get_origin(hint) in _UNIONS:
         return " or ".join(_describe(option) for option in get_args(hint))
     if get_origin(hint) is Literal:
         return "one of " + ", ".join(get_args(hint))
@@ -359,8 +370,14 @@ def validate(config: Config) -> None:
              f"run.resume_step = {run.resume_step} needs run.resume = DIR, the out_dir to resume from")
 
     _require(data.batch_size >= 2, f"data.batch_size = {data.batch_size} must be >= 2 (batch norm needs two samples)")
+    _require(data.image_size >= MIN_IMAGE_SIZE, f"data.image_size = {data.image_size} must be >= {MIN_IMAGE_SIZE} "
+                                               "(the networks halve it several times)")
+    _require(data.eval_resize >= data.image_size, f"data.eval_resize = {data.eval_resize} must be >= data.image_size "
+                                                  f"= {data.image_size} (evaluation crops image_size out of it)")
+    _require(data.workers >= 0, f"data.workers = {data.workers} must be >= 0 (0: decode in the training process)")
 
-    blocks = 1 + 3 * model.blocks_per_stage  # stem + residual blocks: the units a cut can follow
+    arch = config.arch
+    blocks = arch.units
     _require(model.in_channels in (0, 1, 3), f"model.in_channels = {model.in_channels} must be 1 or 3 (or 0: "
                                              "from the dataset)")
     _require(model.classes == 0 or model.classes >= 2, f"model.classes = {model.classes} must be >= 2 (or 0: "
@@ -382,7 +399,16 @@ def validate(config: Config) -> None:
     )
     _require(depth <= MAX_CONTEXT_DEPTH, f"local.context = {local.context!r}: n in Rn must be <= {MAX_CONTEXT_DEPTH}")
     if not isinstance(local.partition, str):
-        validate_cuts(local.partition, local.modules, model.blocks_per_stage)
+        validate_cuts(local.partition, local.modules, arch.blocks)
+    if isinstance(local.memory_cap, str):
+        try:
+            parse_size(local.memory_cap)
+        except BadInput as err:
+            raise BadInput(f"local.memory_cap = {err}; or a fraction of E2E activation memory such as 0.6") from None
+    else:
+        _require(0 <= local.memory_cap <= 1,
+                 f"local.memory_cap = {local.memory_cap} must be a fraction of E2E activation memory in [0, 1] "
+                 "(0: no cap) or a size such as '2GiB'")
     _require(local.aux_widen >= 1, f"local.aux_widen = {local.aux_widen} must be >= 1")
     _require(local.aux_hidden >= 1, f"local.aux_hidden = {local.aux_hidden} must be >= 1")
     _require(local.aux_feature_dim >= 1, f"local.aux_feature_dim = {local.aux_feature_dim} must be >= 1")
@@ -411,37 +437,55 @@ def validate(config: Config) -> None:
     _require(pipe.threads_per_stage >= 0, f"pipeline.threads_per_stage = {pipe.threads_per_stage} must be >= 0 "
                                           "(0: automatic)")
 
+    _require(pipe.buffer_batches >= 1, f"pipeline.buffer_batches = {pipe.buffer_batches} must be >= 1")
+    _require(pipe.max_reuse >= 0, f"pipeline.max_reuse = {pipe.max_reuse} must be >= 0 (0: unlimited)")
+    _require(
+        not pipe.slowdown or (len(pipe.slowdown) == local.modules and all(f >= 1.0 for f in pipe.slowdown)),
+        f"pipeline.slowdown = {pipe.slowdown} must list one factor >= 1.0 per module ({local.modules}), "
+        f"e.g. [1.0, 1.5]; [] slows nothing",
+    )
+    if pipe.schedule == "buffered":
+        _require(local.modules >= 2, "pipeline.schedule = 'buffered' buffers batches between modules; it needs "
+                                     f"local.modules >= 2 (it is {local.modules})")
+        _require(pipe.replicas <= 1, f"pipeline.schedule = 'buffered' runs one chain; set pipeline.replicas = 1 "
+                                     f"(it is {pipe.replicas}) or use the lockstep schedule")
+    _require(not pipe.replay or (pipe.schedule == "buffered" and run.mode == "sequential"),
+             "pipeline.replay replays a buffered run in one process; set pipeline.schedule = 'buffered' and "
+             "run.mode = 'sequential' with it")
+
     if run.mode == "ddp":
         _require(local.modules == 1, "run.mode = 'ddp' trains end to end; set local.modules = 1 (it is "
                                      f"{local.modules})")
 
 
-def validate_cuts(cuts: list[Cut], modules: int, per_stage: int) -> None:
+def validate_cuts(cuts: list[Cut], modules: int, blocks: tuple[int, ...]) -> None:
     """An explicit cut list: K-1 increasing [stage, block] pairs, none after the last block."""
     _require(
         len(cuts) == modules - 1,
         f"local.partition lists {len(cuts)} cuts but local.modules = {modules} needs {modules - 1}",
     )
-    last = 3 * per_stage  # flat index of the final residual block: no cut may follow it
+    stages = len(blocks)
+    last = sum(blocks)  # flat index of the final residual block: no cut may follow it
     previous = -1
     for cut in cuts:
+        in_stage = len(cut) == 2 and 1 <= cut[0] <= stages and 0 <= cut[1] < blocks[cut[0] - 1]
         _require(
-            len(cut) == 2 and ((cut[0] == 0 and cut[1] == 0) or (1 <= cut[0] <= 3 and 0 <= cut[1] < per_stage)),
-            f"local.partition cut {cut} is out of range; cuts are [stage, block] with [0, 0] "
-            f"(after the stem) or stage 1..3 and block 0..{per_stage - 1}",
+            in_stage or cut == [0, 0],
+            f"local.partition cut {cut} is out of range; cuts are [stage, block] with [0, 0] (after the stem) or "
+            + ", ".join(f"[{stage + 1}, 0..{count - 1}]" for stage, count in enumerate(blocks)),
         )
-        flat = cut_to_flat(cut, per_stage)
-        _require(flat < last, f"local.partition cut {cut} leaves the last module empty; cut before [3, "
-                              f"{per_stage - 1}]")
+        flat = cut_to_flat(cut, blocks)
+        _require(flat < last, f"local.partition cut {cut} leaves the last module empty; cut before [{stages}, "
+                              f"{blocks[-1] - 1}]")
         _require(flat > previous, f"local.partition cuts must be strictly increasing; {cut} is not after the "
                                   "one before")
         previous = flat
 
 
-def cut_to_flat(cut: Cut, per_stage: int) -> int:
+def cut_to_flat(cut: Cut, blocks: tuple[int, ...]) -> int:
     """[stage, block] -> index in the flat block list (0 = stem, then residual blocks)."""
     stage, block = cut
-    return 0 if stage == 0 else 1 + (stage - 1) * per_stage + block
+    return 0 if stage == 0 else 1 + sum(blocks[: stage - 1]) + block
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,6 +503,13 @@ def ineffective_keys(config: Config) -> list[str]:
                 notes.append(f"{section}.{key} has no effect {because}")
 
     run, local = config.run, config.local
+    if config.data.name == "synthetic":
+        ignored("data", ("download", "root"), "with data.name = 'synthetic' (nothing is read)")
+    if config.data.name == "image_folder":
+        ignored("data", ("download",), "with data.name = 'image_folder' (the folder is read as it is)")
+    else:
+        ignored("data", ("image_size", "eval_resize", "workers"),
+                f"with data.name = {config.data.name!r} (image folders only)")
     if config.train.schedule != "cosine":
         ignored("train", ("warmup_epochs",), f"with train.schedule = {config.train.schedule!r} (only 'cosine' "
                                              "warms up)")
@@ -467,15 +518,25 @@ def ineffective_keys(config: Config) -> list[str]:
     if run.mode == "sequential":
         ignored("pipeline", ("timeout_s", "threads_per_stage", "replicas", "placement", "sync_batchnorm"),
                 "with run.mode = 'sequential' (one process)")
+    if config.pipeline.schedule == "lockstep":
+        ignored("pipeline", ("buffer_batches", "max_reuse"), "with pipeline.schedule = 'lockstep' (no buffers)")
+    elif config.pipeline.replay:
+        ignored("pipeline", ("buffer_batches", "max_reuse", "slowdown"),
+                "with pipeline.replay set (the record fixes what each module trained on)")
+    if run.mode == "sequential" and config.pipeline.schedule == "lockstep":
+        ignored("pipeline", ("slowdown",), "with run.mode = 'sequential' and the lockstep schedule (one process "
+                                           "runs every module in turn)")
     if local.modules == 1:
-        ignored("local", ("partition", "context", "loss", "aux", "aux_widen", "aux_hidden", "aux_feature_dim",
-                          "reconstruct", "ixx_1", "ixy_1", "ixx_2", "ixy_2"),
+        ignored("local", ("partition", "memory_cap", "context", "loss", "aux", "aux_widen", "aux_hidden",
+                          "aux_feature_dim", "reconstruct", "ixx_1", "ixy_1", "ixx_2", "ixy_2"),
                 "with local.modules = 1 (end-to-end training has no local heads)")
         return notes
+    if local.partition != "balanced":
+        ignored("local", ("memory_cap",), "unless local.partition = 'balanced'")
+    if config.arch.family == "imagenet":
+        ignored("local", ("aux", "aux_hidden"), "with an ImageNet network (its heads are InfoPro's ImageNet head)")
     if local.loss == "softmax":
         ignored("local", ("aux_feature_dim",), "with local.loss = 'softmax' (heads output class scores)")
     if not local.reconstruct:
         ignored("local", ("ixx_1", "ixy_1", "ixx_2", "ixy_2"), "with local.reconstruct = false (no decoder to weigh)")
-    if config.data.name == "synthetic":
-        ignored("data", ("download", "root"), "with data.name = 'synthetic' (nothing is read)")
     return notes

@@ -35,6 +35,11 @@ def first_line(text: str) -> str:
     return lines[0] if lines else ""
 
 
+def clip(text: str, limit: int = 60) -> str:
+    """User text quoted in a message, cut short so a pasted megabyte stays a readable line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def error_log_path(out_dir: str | Path) -> Path:
     return Path(out_dir) / "errors" / f"rank_{os.environ.get('RANK', '0')}.log"
 

@@ -175,7 +175,7 @@ def write_summary(run_dir: str | Path, config: Config, world_size: int, cuts: li
         "test_accuracy": test_accuracy,
         "train_samples_per_s": round(train_samples / max(train_s, 1e-9), 2),
         "wall_s": round(wall_s, 3),
-        "cut_points": [flat_to_cut(cut, config.model.blocks_per_stage) for cut in cuts],
+        "cut_points": [flat_to_cut(cut, config.arch.blocks) for cut in cuts],
         "stages": stages,
         "config": config.to_dict(),
     }
@@ -227,7 +227,7 @@ class Progress:
         per_step = self.samples / max(self.steps, 1)
         self.smoothed = rate if self.smoothed is None else self.SMOOTHING * rate + (1 - self.SMOOTHING) * self.smoothed
         self.mark_time, self.samples, self.steps = now, 0, 0
-        eta = (self.total - step) * per_step / max(self.smoothed, 1e-9)
+        eta = max(self.total - step, 0) * per_step / max(self.smoothed, 1e-9)  # a buffered module may pass the total
         text = " ".join(f"{loss:.3f}" for loss in losses)
         return (f"[{self.label}] epoch {epoch} step {step}/{self.total} | loss {text} | "
                 f"{rate:.0f} samples/s | eta {_clock(eta)}"), rate
@@ -243,24 +243,30 @@ def say(text: str) -> None:
 
 
 class LossMeter:
-    """Sums losses on the device; reading them (one host sync) happens only at log time."""
+    """Sums losses on the device; reading them (one host sync) happens only at log time.
+
+    Each module's mean is over its own steps: in the buffered schedule modules take different numbers.
+    """
 
     def __init__(self, modules: list[int]) -> None:
         self.modules = modules
         self.sums: list[torch.Tensor | float] = [0.0] * len(modules)
-        self.count = 0
+        self.counts = [0] * len(modules)
+
+    @property
+    def count(self) -> int:
+        """Steps since the last read, of the module that took most."""
+        return max(self.counts)
 
     def add(self, slot: int, loss: torch.Tensor) -> None:
         self.sums[slot] = self.sums[slot] + loss.float()
-
-    def tick(self) -> None:
-        self.count += 1
+        self.counts[slot] += 1
 
     def means(self, step: int) -> list[float]:
         """Mean loss per module since the last call; a diverged loss stops the run."""
-        values = [float(total) / max(self.count, 1) for total in self.sums]
+        values = [float(total) / max(count, 1) for total, count in zip(self.sums, self.counts)]
         self.sums = [0.0] * len(self.sums)
-        self.count = 0
+        self.counts = [0] * len(self.counts)
         for module, value in zip(self.modules, values):
             if not math.isfinite(value):
                 raise StageFailure(

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from pipeline.model.context import ContextPlan
-from pipeline.model.resnet import BlockShape, CifarResNet
+from pipeline.model.resnet import BlockNet, BlockShape
 from pipeline.transport import header_length
 
 LABEL_BYTES = 8  # int64
@@ -69,7 +69,7 @@ def local_pipeline_bytes(plan: ContextPlan, input_shapes: Sequence[BlockShape], 
     return links + sum(ddp_bytes(module, replicas) for module in modules)
 
 
-def classic_pp_bytes(net: CifarResNet, cuts: Sequence[int], batch: int, element_bytes: int = 4) -> int:
+def classic_pp_bytes(net: BlockNet, cuts: Sequence[int], batch: int, element_bytes: int = 4) -> int:
     """torch.distributed.pipelining: each cut's activation forward and its gradient backward, for
     every sample of the batch (the microbatches add up to it), plus the labels rank 0 sends to
     the last stage."""

@@ -64,6 +64,8 @@ def test_figures_skip_the_warm_up_window_and_take_medians(tmp_path: Path) -> Non
     assert result["bottleneck_samples_per_s"] == 320.0
     assert result["peak_mem_bytes"] == 1001
     assert result["recv_wait_s"] == [0.0, 0.1]
+    # each stage's step: the median of its windows' compute seconds over the window's steps
+    assert result["stage_s"] == [0.4, 0.3]
 
 
 def test_too_few_windows_is_bad_input(tmp_path: Path) -> None:
@@ -174,6 +176,10 @@ def test_bench_json_keeps_its_keys_and_adds_the_spread(bench_report: tuple[dict[
     assert saved == json.loads(json.dumps(report))
     assert saved["pipeline_over_ddp"] == 1.5 and saved["pipeline_efficiency"] == 0.8
     assert 0 < saved["largest_stage_activation_over_e2e"] <= 1
+    pipeline = saved["runs"]["pipeline"]
+    assert len(pipeline["stage_s"]) == len(pipeline["predicted_stage_s"]) == 2
+    assert all(seconds > 0 for seconds in pipeline["predicted_stage_s"])
+    assert saved["partition"] == "balanced-time" and saved["memory_cap"] is None
     assert saved["rounds"] == 3 and saved["rounds_spread"]["pipeline_over_ddp"] == {
         "median": round(310 / 220, 3), "min": round(120 / 90, 3), "max": 1.5}
     assert len(saved["load_average"]["before"]) == 3 and saved["load_average"]["during"]["max"] >= 0
@@ -182,6 +188,14 @@ def test_bench_json_keeps_its_keys_and_adds_the_spread(bench_report: tuple[dict[
     assert "| pipeline | 2 | 2 | 300.0 | 120.0 - 310.0 |" in text
     assert "pipeline / DDP samples/s: 1.500 (rounds: 1.333 - 1.500)" in text
     assert "1-minute load average before:" in text
+
+
+def test_balanced_cuts_under_a_memory_cap_are_benched_and_reported(tmp_path: Path) -> None:
+    report = run_bench(None, [*TINY_BENCH, "local.partition=balanced", "local.memory_cap=0.9"], 2, 20, WINDOW,
+                       tmp_path, rounds=1, launcher=fake_launcher([], batch=8))  # type: ignore[arg-type]
+    assert report["partition"] == "balanced" and report["memory_cap"] == 0.9
+    assert report["largest_stage_activation_over_e2e"] <= 0.9
+    assert "(cuts: balanced, memory cap 0.9)" in (tmp_path / "bench.md").read_text()
 
 
 def test_markdown_shows_the_busy_warning(bench_report: tuple[dict[str, object], Path]) -> None:

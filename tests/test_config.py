@@ -11,9 +11,9 @@ from pipeline.config import (
     cut_to_flat,
     load_config,
     parse_context,
-    resnet_blocks_per_stage,
 )
 from pipeline.errors import BadInput
+from pipeline.model.arch import cifar_blocks_per_stage
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(REPO.glob("configs/**/*.toml"))
@@ -37,12 +37,14 @@ def test_defaults_follow_the_design():
     assert config.run.mode == "sequential"
     assert config.data.name == "fashion_mnist"
     assert config.model.arch == "resnet32"
-    assert config.model.blocks_per_stage == 5
+    assert config.arch.blocks == (5, 5, 5) and config.arch.family == "cifar"
     assert config.local.modules == 1 and config.local.context == "R0"
     assert config.local.aux == "1c2f" and config.local.aux_feature_dim == 128 and config.local.aux_widen == 1
     assert config.train.nesterov is True and config.train.momentum == 0.9
     assert config.train.weight_decay == 1e-4
     assert config.pipeline.wire_dtype == "fp32" and config.precision.amp == "none"
+    assert config.pipeline.schedule == "lockstep"  # the pipeline equals the sequential run unless asked otherwise
+    assert config.pipeline.buffer_batches == 30 and config.pipeline.max_reuse == 0  # DGL's buffer experiments
 
 
 def test_toml_file_then_overrides(tmp_path):
@@ -105,14 +107,16 @@ def test_parse_context(text, expected):
 @pytest.mark.parametrize("arch, n", [("resnet8", 1), ("resnet14", 2), ("resnet20", 3), ("resnet32", 5),
                                       ("resnet56", 9), ("resnet110", 18)])
 def test_blocks_per_stage(arch, n):
-    assert resnet_blocks_per_stage(arch) == n
+    assert cifar_blocks_per_stage(arch) == n
 
 
 def test_cut_to_flat():
-    assert cut_to_flat([0, 0], 5) == 0
-    assert cut_to_flat([1, 0], 5) == 1
-    assert cut_to_flat([2, 1], 5) == 7
-    assert cut_to_flat([3, 4], 5) == 15
+    assert cut_to_flat([0, 0], (5, 5, 5)) == 0
+    assert cut_to_flat([1, 0], (5, 5, 5)) == 1
+    assert cut_to_flat([2, 1], (5, 5, 5)) == 7
+    assert cut_to_flat([3, 4], (5, 5, 5)) == 15
+    assert cut_to_flat([2, 0], (3, 4, 23, 3)) == 4  # ResNet-101: stem + layer1's 3 blocks, then layer2[0]
+    assert cut_to_flat([4, 2], (3, 4, 23, 3)) == 33
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[str(p.relative_to(REPO)) for p in CONFIG_FILES])
@@ -125,7 +129,7 @@ def test_every_shipped_config_describes_a_network_it_can_cut(path):
 
     config = load_config(path)
     spec = dataset_spec(config)
-    if config.local.partition in ("balanced-time", "balanced-memory"):
+    if config.local.partition in ("balanced-time", "balanced-memory", "balanced"):
         config.local.partition = "equal"  # profiling is the partition tests' business; the K still has to fit
     ranges = make_layout(config, spec, resolve_cuts(config, spec, torch.device("cpu"))).ranges
     assert len(ranges) == config.local.modules
@@ -193,6 +197,17 @@ def test_every_shipped_config_describes_a_network_it_can_cut(path):
         (["pipeline.queue_depth=0"], ["pipeline.queue_depth"]),
         (["precision.amp=fp16"], ["precision.amp", "'fp16'"]),
         (["local.ixy_2=-1"], ["local.ixy_2"]),
+        # the buffered schedule
+        (["pipeline.schedule=async"], ["pipeline.schedule", "'async'", "buffered"]),
+        (["pipeline.schedule=buffered"], ["pipeline.schedule", "local.modules >= 2"]),
+        (["local.modules=2", "pipeline.schedule=buffered", "pipeline.replicas=2"], ["pipeline.replicas = 1"]),
+        (["pipeline.buffer_batches=0"], ["pipeline.buffer_batches", ">= 1"]),
+        (["pipeline.max_reuse=-1"], ["pipeline.max_reuse", "unlimited"]),
+        (["local.modules=2", "pipeline.slowdown=[1.0]"], ["pipeline.slowdown", "one factor >= 1.0 per module (2)"]),
+        (["local.modules=2", "pipeline.slowdown=[1.0, 0.5]"], ["pipeline.slowdown", "[1.0, 0.5]"]),
+        (["local.modules=2", "pipeline.replay=x.jsonl"], ["pipeline.replay", "pipeline.schedule = 'buffered'"]),
+        (["local.modules=2", "pipeline.schedule=buffered", "run.mode=pipeline", "pipeline.replay=x.jsonl"],
+         ["pipeline.replay", "run.mode = 'sequential'"]),
         (["run.seed=-1"], ["run.seed"]),
     ],
 )
@@ -305,6 +320,16 @@ def test_two_image_channels_are_rejected():
     (["local.modules=2", "local.aux_feature_dim=64"], ["local.aux_feature_dim has no effect with local.loss = "
                                                        "'softmax'"]),
     (["local.modules=2", "local.ixx_1=3.0"], ["local.ixx_1 has no effect with local.reconstruct = false"]),
+    (["local.modules=2", "local.memory_cap=0.5"], ["local.memory_cap has no effect unless local.partition = "
+                                                   "'balanced'"]),
+    (["local.modules=2", "local.partition=balanced", "local.memory_cap=0.5"], []),
+    (["local.modules=2", "pipeline.max_reuse=2"], ["pipeline.max_reuse has no effect with pipeline.schedule = "
+                                                   "'lockstep'"]),
+    (["local.modules=2", "pipeline.slowdown=[1.0, 2.0]"], ["pipeline.slowdown has no effect with run.mode = "
+                                                           "'sequential' and the lockstep schedule"]),
+    (["local.modules=2", "pipeline.schedule=buffered", "pipeline.replay=x.jsonl", "pipeline.buffer_batches=5"],
+     ["pipeline.buffer_batches has no effect with pipeline.replay set"]),
+    (["local.modules=2", "pipeline.schedule=buffered", "pipeline.slowdown=[1.0, 2.0]", "pipeline.max_reuse=3"], []),
     (["local.modules=2", "local.loss=contrast", "local.aux_feature_dim=64", "train.warmup_epochs=3",
       "run.mode=pipeline", "pipeline.queue_depth=4"], []),
 ])
@@ -320,8 +345,30 @@ def test_keys_set_to_no_effect_are_named(overrides: list[str], expected: list[st
 def test_choices_are_literal_types_checked_at_load() -> None:
     with pytest.raises(BadInput, match=r"run.mode = 'pipe' is not allowed; allowed: sequential, pipeline, ddp"):
         load_config(None, ["run.mode=pipe"])
-    with pytest.raises(BadInput, match=r"local.partition = 'balanced' is not allowed; allowed: equal, balanced-memory"):
-        load_config(None, ["local.partition=balanced"])
+    with pytest.raises(BadInput, match=r"local.partition = 'fastest' is not allowed; allowed: equal, balanced-memory, "
+                                       r"balanced-time, balanced$"):
+        load_config(None, ["local.partition=fastest"])
+
+
+@pytest.mark.parametrize("text, size", [("2GiB", 2 << 30), ("512MB", 512 * 10**6), ("1.5 KiB", 1536), ("7B", 7)])
+def test_sizes_are_read_with_their_unit(text: str, size: int) -> None:
+    from pipeline.config import parse_size
+
+    assert parse_size(text) == size
+    assert load_config(None, ["local.partition=balanced", f"local.memory_cap='{text}'"]).local.memory_cap == text
+
+
+def test_memory_cap_is_a_fraction_or_a_size() -> None:
+    assert load_config(None, ["local.memory_cap=0.6"]).local.memory_cap == 0.6
+    assert load_config(None, ["local.memory_cap=1"]).local.memory_cap == 1.0
+    assert load_config(None, ["local.memory_cap=2GiB"]).local.memory_cap == "2GiB"  # a bare word on --set
+    with pytest.raises(BadInput, match=r"^local.memory_cap = '2G' is not a size; .*'2GiB'.*fraction of E2E"):
+        load_config(None, ["local.memory_cap=2G"])
+    with pytest.raises(BadInput, match=r"^local.memory_cap = 2000000000.0 must be a fraction of E2E activation "
+                                       r"memory in \[0, 1\] \(0: no cap\) or a size such as '2GiB'$"):
+        load_config(None, ["local.memory_cap=2000000000"])
+    with pytest.raises(BadInput, match=r"^local.memory_cap = True has the wrong type; expected a number or a string$"):
+        load_config(None, ["local.memory_cap=true"])
 
 
 def test_aux_hidden_sets_the_head_width_and_aux_feature_dim_its_contrastive_output() -> None:
@@ -370,4 +417,4 @@ def test_a_network_too_deep_to_build(arch):
 
 
 def test_the_deepest_published_resnet_still_loads():
-    assert load_config(None, ["model.arch=resnet1202"]).model.blocks_per_stage == 200
+    assert load_config(None, ["model.arch=resnet1202"]).arch.blocks == (200, 200, 200)

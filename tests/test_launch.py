@@ -57,6 +57,11 @@ def test_row_names_match_their_settings(path: Path) -> None:
         assert config.local.context == expected
     if stem.startswith("infopro_contrast_async"):
         assert config.run.mode == "pipeline"
+        # DGL's asynchronous setting: buffers of 30 batches, priority-LIFO, no reuse limit
+        assert (config.pipeline.schedule, config.pipeline.buffer_batches, config.pipeline.max_reuse) == \
+            ("buffered", 30, 0)
+    else:
+        assert config.pipeline.schedule == "lockstep"
 
 
 def test_quickstart() -> None:
@@ -95,8 +100,13 @@ def test_published_rows_use_the_reference_recipe(path: Path) -> None:
     if path.name == "recipe.toml":
         return
     train = config.train
-    assert (train.epochs, train.schedule, train.warmup_epochs) == (160, "cosine", 10)
     assert (train.momentum, train.nesterov, train.weight_decay) == (0.9, True, 1e-4)
+    if config.data.name == "image_folder":  # the authors' ImageNet recipe: 90 epochs, no warm-up
+        assert (train.epochs, train.schedule, train.warmup_epochs) == (90, "cosine", 0)
+        assert (config.data.batch_size, config.train.lr, config.arch.family) == (1024, 0.4, "imagenet")
+        assert ineffective_keys(config) == []
+        return
+    assert (train.epochs, train.schedule, train.warmup_epochs) == (160, "cosine", 10)
     assert (config.local.aux, config.local.aux_feature_dim, config.local.aux_widen) in {
         ("1c2f", 128, 1), ("0c1f", 128, 1)}
     expected = {"cifar10": (1024, 0.8), "svhn": (1024, 0.8), "stl10": (128, 0.1)}[config.data.name]
@@ -131,6 +141,18 @@ def test_published_infopro_weights(table: str, arch: str, values: dict[int, tupl
 def test_memory_balanced_cut_lists(table: str, cuts: dict[int, list[list[int]]]) -> None:
     for k, expected in cuts.items():
         assert load_config(PUBLISHED_DIR / table / f"infopro_star_k{k}.toml").local.partition == expected
+
+
+# InfoPro's ImageNet code (k2_infopro): module 0 ends after layer2[c]; (ixx, ixy) from the authors' commands.
+@pytest.mark.parametrize("arch,c,weights", [("resnet101", 0, (5, 0.75)), ("resnet152", 5, (5, 1)),
+                                            ("resnext101_32x8d", 2, (5, 0.75))])
+def test_infopro_imagenet_rows(arch: str, c: int, weights: tuple[float, float]) -> None:
+    infopro = load_config(PUBLISHED_DIR / "imagenet" / f"{arch}_infopro_k2.toml")
+    local = infopro.local
+    assert (infopro.model.arch, local.modules, local.partition, local.reconstruct) == (arch, 2, [[2, c]], True)
+    assert (local.ixx_1, local.ixy_1, local.loss, local.context) == (*weights, "softmax", "R0")
+    e2e = load_config(PUBLISHED_DIR / "imagenet" / f"{arch}_e2e.toml")
+    assert (e2e.model.arch, e2e.local.modules, e2e.train, e2e.data) == (arch, 1, infopro.train, infopro.data)
 
 
 # ------------------------------------------------------------------------------------ scripts

@@ -64,6 +64,8 @@ def test_published_numbers_match_reference() -> None:
     assert PUBLISHED["stl10_resnet110"]["e2e"] == {1: 22.27}
     assert PUBLISHED["memory_cifar10_resnet110"]["infopro_star"] == {2: 5.38, 3: 4.22, 4: 3.52}
     assert PUBLISHED["memory_stl10_resnet110"] == {"e2e": {1: 10.77}, "infopro_star": {4: 4.08}}
+    assert PUBLISHED["imagenet"] == {"resnet101_infopro": {2: 21.85}, "resnet152_infopro": {2: 21.45},
+                                     "resnext101_32x8d_infopro": {2: 20.35}}
 
 
 def test_every_published_figure_has_a_row_config() -> None:

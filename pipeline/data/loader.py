@@ -2,7 +2,8 @@
 
 Data order and augmentation come from generators seeded by (seed, epoch[, batch]), never
 from a process's global random state, so any process — sequential, pipeline rank 0, every DDP
-rank — and any resumed run sees exactly the same batches.
+rank — and any resumed run sees exactly the same batches. ``make_loaders`` builds these, or for
+an image folder the streaming loader (pipeline/data/streaming.py); both follow pipeline/data/contract.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,17 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import Config
+from pipeline.data.contract import (
+    WHOLE,
+    Loader,
+    Part,
+    batch_count,
+    batch_span,
+    channel_constants,
+    epoch_order,
+    mix_seed,
+    normalise,
+)
 from pipeline.data.readers import READERS, RawDataset, Split, make_synthetic
 from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.errors import BadInput
@@ -66,13 +78,6 @@ def _download(spec: DatasetSpec, root: Path) -> None:
                        f"copy the files there instead") from None
 
 
-def _seed(*parts: int) -> int:
-    value = 0
-    for part in parts:
-        value = (value * 1_000_003 + part) % (1 << 63)
-    return value
-
-
 class BatchLoader:
     """Batches of one split, resident on ``device``; ``batches(epoch, start)`` resumes mid-epoch."""
 
@@ -87,37 +92,36 @@ class BatchLoader:
         self.train = train
         self.augment = augment and train
         self.smallest_batch = smallest_batch
-        shape = (1, spec.channels, 1, 1)
-        self.mean = torch.tensor(spec.mean, device=device).view(shape)
-        self.std = torch.tensor(spec.std, device=device).view(shape)
+        self.mean = channel_constants(spec.mean, device)
+        self.std = channel_constants(spec.std, device)
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.labels), self.batch_size)
-        # A final batch too small to train on (batch norm needs 2 samples per process) is dropped.
-        return full + (1 if rest >= self.smallest_batch else 0)
+        return batch_count(self.samples, self.batch_size, self.smallest_batch)
 
     @property
     def samples(self) -> int:
         return len(self.labels)
 
-    def order(self, epoch: int) -> torch.Tensor:
-        if not self.train:
-            return torch.arange(len(self.labels), device=self.device)
-        generator = torch.Generator().manual_seed(_seed(self.seed, epoch))
-        return self._upload(torch.randperm(len(self.labels), generator=generator))
+    def batch_samples(self, index: int) -> int:
+        return len(batch_span(index, self.batch_size, self.samples))
 
-    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def order(self, epoch: int) -> torch.Tensor:
+        return self._upload(epoch_order(self.seed, epoch, self.samples, self.train))
+
+    def batches(self, epoch: int, start: int = 0, part: Part = WHOLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.order(epoch)
         for index in range(start, len(self)):
-            picked = order[index * self.batch_size : (index + 1) * self.batch_size]
+            span = batch_span(index, self.batch_size, self.samples)
+            picked = order[span.start : span.stop]
             images = self.images[picked].float()
             if self.augment:
-                images = self._augment(images, _seed(self.seed, epoch, index + 1))
-            yield self.normalise(images), self.labels[picked]
+                # Drawn for the whole global batch, then sliced: every part sees the draws of one run.
+                images = self._augment(images, mix_seed(self.seed, epoch, index + 1))
+            yield self.normalise(part.take(images)), part.take(self.labels[picked])
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8-valued floats in [0, 255] -> the network's normalised input."""
-        return (images / 255.0 - self.mean) / self.std
+        return normalise(images, self.mean, self.std)
 
     def _upload(self, indices: torch.Tensor) -> torch.Tensor:
         """Random indices drawn on the host (the CPU generator: the same draws on every device and
@@ -149,28 +153,37 @@ class BatchLoader:
         ]
 
 
-def make_loaders(config: Config, device: torch.device, processes: int = 1) -> tuple[BatchLoader, BatchLoader]:
-    """Train and test loaders; ``processes`` share each training batch (DDP).
+def make_loaders(config: Config, device: torch.device, processes: int = 1) -> tuple[Loader, Loader]:
+    """Train and test loaders; ``processes`` share each training batch (replicas, DDP).
 
     A data.batch_size larger than a split is clamped to the split, so each loader's
     ``batch_size`` is the batch it really yields (what samples/s must be computed from).
     """
+    if config.data.name == "image_folder":
+        from pipeline.data.streaming import make_folder_loaders  # Pillow and worker processes: folders only
+
+        return make_folder_loaders(config, device, processes)
     spec, raw = load_raw(config)
     data = config.data
-    smallest = 2 * processes  # batch norm needs two samples on every process
-    samples = len(raw.train.labels)
-    if samples < smallest:
-        raise BadInput(
-            f"{spec.name}: the train split holds {samples} sample(s), fewer than one batch of {smallest} "
-            f"(2 per process, as batch norm needs, for {processes} process(es)); use a larger data set or fewer "
-            "processes"
-        )
-    batch = data.batch_size
-    if batch > samples:
-        say(f"note: data.batch_size = {batch} is more than the {samples} training samples of {spec.name}; "
-            f"training on batches of {samples}")
-        batch = samples
+    batch, smallest = training_batch(config, spec.name, len(raw.train.labels), processes)
     train = BatchLoader(raw.train, spec, batch, device, config.run.seed, True, data.augment, smallest_batch=smallest)
     test = BatchLoader(raw.test, spec, min(data.batch_size, len(raw.test.labels)), device, config.run.seed,
                        False, False)
     return train, test
+
+
+def training_batch(config: Config, name: str, samples: int, processes: int) -> tuple[int, int]:
+    """(the training batch, the smallest final batch kept) for ``samples`` shared by ``processes``."""
+    smallest = 2 * processes  # batch norm needs two samples on every process
+    if samples < smallest:
+        raise BadInput(
+            f"{name}: the train split holds {samples} sample(s), fewer than one batch of {smallest} "
+            f"(2 per process, as batch norm needs, for {processes} process(es)); use a larger data set or fewer "
+            "processes"
+        )
+    batch = config.data.batch_size
+    if batch > samples:
+        say(f"note: data.batch_size = {batch} is more than the {samples} training samples of {name}; "
+            f"training on batches of {samples}")
+        batch = samples
+    return batch, smallest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.errors import BadInput
@@ -25,6 +26,11 @@ class DatasetSpec:
 
 _CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 _CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
+# The ImageNet statistics every torchvision-style ImageNet network is trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FOLDER_LAYOUT = "train/<class>/ and val/<class>/ folders of .jpg, .jpeg or .png images (ImageNet's layout)"
+FOLDER_DEFAULT_ROOT = "data/imagenet"
 _TORCHVISION_HINT = "set data.download = true (needs torchvision and a network) or copy the files there"
 
 SPECS = {
@@ -54,15 +60,50 @@ SPECS = {
 
 
 def dataset_spec(config: Config) -> DatasetSpec:
-    """The spec of config.data.name, with the synthetic set shaped by config.model."""
-    spec = SPECS[config.data.name]
+    """The spec of config.data.name, with the synthetic set shaped by config.model.
+
+    An image folder's classes are model.classes where set (the scan of a run checks the folder
+    against it), else its class folders, listed from data.root. In a run, the first stage takes
+    the spec from its full scan and hands it to the others.
+    """
+    spec = SPECS.get(config.data.name)
     model = config.model
+    if spec is None:  # image_folder
+        from pipeline.data.image_folder import class_names  # it builds on this module
+
+        return folder_spec(config, model.classes or len(class_names(folder_root(config))))
     if spec.name == "synthetic":
         channels = model.in_channels or spec.channels
         return DatasetSpec(
             spec.name, channels, model.classes or spec.classes, spec.image_size,
             spec.mean[:1] * channels, spec.std[:1] * channels, spec.crop_pad, spec.pad_mode, spec.flip, "", "",
         )
+    return _fitted(spec, config)
+
+
+def folder_spec(config: Config, classes: int) -> DatasetSpec:
+    """An image folder of ``classes`` classes, seen at data.image_size, ImageNet-normalised."""
+    spec = DatasetSpec("image_folder", 3, classes, config.data.image_size, IMAGENET_MEAN, IMAGENET_STD, 0,
+                       "constant", True, FOLDER_DEFAULT_ROOT, f"data.root must hold {FOLDER_LAYOUT}")
+    return _fitted(spec, config)
+
+
+def folder_root(config: Config) -> Path:
+    """The image folder: data.root, or data/imagenet as other datasets have data/<name>."""
+    return Path(config.data.root or FOLDER_DEFAULT_ROOT).expanduser()
+
+
+def check_model_fits(config: Config) -> None:
+    """What a config load checks of model against data, on every process and without reading an
+    image folder (a process that does not read it may not see it; its scan checks the classes)."""
+    if config.data.name == "image_folder":
+        folder_spec(config, config.model.classes)  # its classes are unknown here: the channels are checked
+    else:
+        dataset_spec(config)
+
+
+def _fitted(spec: DatasetSpec, config: Config) -> DatasetSpec:
+    model = config.model
     if model.in_channels not in (0, spec.channels):
         raise BadInput(
             f"model.in_channels = {model.in_channels} but {spec.name} images have {spec.channels} "

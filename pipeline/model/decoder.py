@@ -1,4 +1,4 @@
-"""InfoPro's reconstruction decoder: a module's output back to the input image."""
+"""InfoPro's reconstruction decoders: a module's output back to the input image (CIFAR, ImageNet)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.data.specs import DatasetSpec
+from pipeline.model.arch import Family
 
-class Decoder(nn.Module):
+
+class ImageDecoder(nn.Module):
+    """What every decoder shares: the image size it rebuilds and the target it is scored against."""
+
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, channels: int, image_channels: int, image_size: int, widen: int,
-                 mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,)) -> None:
+    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         self.image_size = image_size
         # The dataset's normalisation, to turn the normalised input back into [0, 1] pixels.
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def target(self, image: torch.Tensor) -> torch.Tensor:
+        """The normalised input image back in [0, 1]: what the reconstruction is scored against.
+
+        For real images the de-normalised pixels already lie in [0, 1] (up to rounding), so the
+        clamp changes nothing there; it matters for inputs that do not (synthetic data, a wrong
+        normalisation), where BCE against a target outside [0, 1] has no minimum and the
+        decoder's logits would run off to infinity.
+        """
+        return (image * self.std + self.mean).clamp(0.0, 1.0)
+
+
+class Decoder(ImageDecoder):
+    """The CIFAR decoder: upsample to the image, conv3x3 to 12w, conv3x3 to the image channels."""
+
+    def __init__(self, channels: int, image_channels: int, image_size: int, widen: int,
+                 mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,)) -> None:
+        super().__init__(image_size, mean, std)
         hidden = 12 * widen
         self.layers = nn.Sequential(
             nn.Conv2d(channels, hidden, 3, padding=1),
@@ -33,15 +55,35 @@ class Decoder(nn.Module):
         logits: torch.Tensor = self.layers(upsampled)
         return logits
 
-    def target(self, image: torch.Tensor) -> torch.Tensor:
-        """The normalised input image back in [0, 1]: what the reconstruction is scored against.
 
-        For real images the de-normalised pixels already lie in [0, 1] (up to rounding), so the
-        clamp changes nothing there; it matters for inputs that do not (synthetic data, a wrong
-        normalisation), where BCE against a target outside [0, 1] has no minimum and the
-        decoder's logits would run off to infinity.
-        """
-        return (image * self.std + self.mean).clamp(0.0, 1.0)
+def _conv_bn_relu(cin: int, cout: int, kernel: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class ImageNetDecoder(ImageDecoder):
+    """InfoPro's ImageNet decoder: 1x1 to 128, then three bilinear x2 steps up to the image
+    (56, 112, 224 from a 28x28 feature at 224) with 3x3 convs to 32, 12 and the image channels."""
+
+    def __init__(self, channels: int, image_channels: int, image_size: int,
+                 mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,)) -> None:
+        super().__init__(image_size, mean, std)
+        self.reduce = nn.Sequential(*_conv_bn_relu(channels, 128, 1))
+        self.steps = nn.ModuleList([nn.Sequential(*_conv_bn_relu(128, 32, 3)), nn.Sequential(*_conv_bn_relu(32, 12, 3)),
+                                    nn.Conv2d(12, image_channels, 3, padding=1)])
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits of the reconstructed pixels; the loss applies the sigmoid (stable BCE)."""
+        out: torch.Tensor = self.reduce(features)
+        for step, size in zip(self.steps, (self.image_size // 4, self.image_size // 2, self.image_size)):
+            out = step(F.interpolate(out, size=(size, size), mode="bilinear", align_corners=True))
+        return out
+
+
+def build_decoder(family: Family, channels: int, spec: DatasetSpec, widen: int) -> ImageDecoder:
+    """The reconstruction decoder on a module output of ``channels``: the family's published one."""
+    if family == "imagenet":
+        return ImageNetDecoder(channels, spec.channels, spec.image_size, spec.mean, spec.std)
+    return Decoder(channels, spec.channels, spec.image_size, widen, spec.mean, spec.std)
 
 
 def reconstruction_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,12 @@
-"""Auxiliary heads that train every module but the last (docs/reference.md: 0c1f ... 2c2f)."""
+"""Auxiliary heads that train every module but the last (docs/reference.md: 0c1f ... 2c2f, and
+InfoPro's ImageNet head)."""
 
 from __future__ import annotations
 
 from torch import nn
+
+from pipeline.config import LocalConfig
+from pipeline.model.arch import Family
 
 
 def _head_conv_width(channels: int, widen: int) -> tuple[int, int]:
@@ -39,3 +43,26 @@ def build_aux_head(name: str, channels: int, out: int, widen: int, hidden: int) 
             width = conv_width
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers, *_linears(linears, width, hidden * widen, out))
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True)]
+
+
+def build_imagenet_head(channels: int, out: int) -> nn.Sequential:
+    """InfoPro's ImageNet head: 1x1 to 128, two 3x3/2 convs to 256 and 512, 1x1 to 2048, pool, linear."""
+    return nn.Sequential(
+        *_conv_bn_relu(channels, 128, 1),
+        *_conv_bn_relu(128, 256, 3, stride=2),
+        *_conv_bn_relu(256, 512, 3, stride=2),
+        *_conv_bn_relu(512, 2048, 1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, out),
+    )
+
+
+def build_head(family: Family, local: LocalConfig, channels: int, out: int) -> nn.Sequential:
+    """The auxiliary head of a module whose output has ``channels``: the family's published one."""
+    if family == "imagenet":
+        return build_imagenet_head(channels, out)
+    return build_aux_head(local.aux, channels, out, local.aux_widen, local.aux_hidden)

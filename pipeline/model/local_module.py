@@ -14,10 +14,10 @@ from torch import nn
 from pipeline.config import Config
 from pipeline.data.specs import DatasetSpec
 from pipeline.model.context import ContextPlan, ImageEncoder, InputEncoder
-from pipeline.model.decoder import Decoder, reconstruction_loss
-from pipeline.model.heads import build_aux_head
+from pipeline.model.decoder import build_decoder, reconstruction_loss
+from pipeline.model.heads import build_head
 from pipeline.model.losses import head_loss
-from pipeline.model.resnet import BlockShape, CifarResNet, Classifier, init_weights
+from pipeline.model.resnet import BlockNet, BlockShape, Classifier, ResidualBlock, init_weights
 from pipeline.packet import Packet
 
 
@@ -35,7 +35,7 @@ def loss_weights(config: Config, index: int) -> tuple[float, float]:
 class Layout:
     """Everything a module needs to know about the whole network to build itself."""
 
-    net: CifarResNet
+    net: BlockNet
     ranges: list[tuple[int, int]]
     plan: ContextPlan
     spec: DatasetSpec
@@ -67,19 +67,22 @@ class LocalModule(nn.Module):
         )
         self.body = nn.Sequential(*(layout.net.build(block) for block in range(start, end)))
         out = layout.output_shape(index)
-        classes = layout.spec.classes
+        classes, family = layout.spec.classes, config.arch.family
         if self.last:
             self.head: nn.Module = Classifier(out.channels, classes)
         else:
             head_out = classes if local.loss == "softmax" else local.aux_feature_dim
-            self.head = build_aux_head(local.aux, out.channels, head_out, local.aux_widen, local.aux_hidden)
+            self.head = build_head(family, local, out.channels, head_out)
         self.decoder = (
-            Decoder(out.channels, layout.spec.channels, layout.spec.image_size, local.aux_widen,
-                    layout.spec.mean, layout.spec.std)
+            build_decoder(family, out.channels, layout.spec, local.aux_widen)
             if local.reconstruct and not self.last
             else None
         )
         init_weights(self)
+        if config.model.zero_init_residual:
+            for block in self.body.modules():
+                if isinstance(block, ResidualBlock):
+                    block.zero_init_residual()
 
     def assemble_input(self, packet: Packet) -> torch.Tensor:
         """h_{k-1} + E(image) + sum R_d(input_{k-d}); every source arrives detached."""

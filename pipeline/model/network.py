@@ -9,22 +9,26 @@ import torch
 from pipeline.config import Config, cut_to_flat
 from pipeline.data.specs import DatasetSpec
 from pipeline.model.context import ContextPlan
+from pipeline.model.imagenet_resnet import ImageNetResNet
 from pipeline.model.local_module import Layout, LocalModule
 from pipeline.model.partition import equal_cuts, module_ranges
-from pipeline.model.resnet import CifarResNet
+from pipeline.model.resnet import BlockNet, CifarResNet
 
 
-def make_net(config: Config, spec: DatasetSpec) -> CifarResNet:
-    return CifarResNet(config.model.blocks_per_stage, spec.channels, spec.image_size)
+def make_net(config: Config, spec: DatasetSpec) -> BlockNet:
+    arch = config.arch
+    if arch.family == "imagenet":
+        return ImageNetResNet(arch, spec.channels, spec.image_size)
+    return CifarResNet(arch.blocks[0], spec.channels, spec.image_size)
 
 
 def resolve_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> list[int]:
     """Flat cut indices for config.local.partition (profiling on ``device`` when balanced)."""
-    local, per_stage = config.local, config.model.blocks_per_stage
+    local, blocks = config.local, config.arch.blocks
     if isinstance(local.partition, list):
-        return [cut_to_flat(cut, per_stage) for cut in local.partition]
+        return [cut_to_flat(cut, blocks) for cut in local.partition]
     if local.partition == "equal" or local.modules == 1:
-        return equal_cuts(per_stage, local.modules)
+        return equal_cuts(blocks, local.modules)
     from pipeline.model.profile import (
         balanced_cuts,  # profiling pulls in timing machinery
     )

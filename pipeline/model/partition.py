@@ -1,18 +1,20 @@
 """Where the network is cut: published tables, even splits, explicit and balanced cut lists.
 
 A cut is the flat index of the last block of a module; ``module_ranges`` turns K-1 cuts into
-K half-open block ranges.
+K half-open block ranges. ``min_max_partition`` balances any per-module cost (predicted
+seconds, activation bytes) under an optional cap on another.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 from pipeline.config import Cut, cut_to_flat
 
 # docs/reference.md, equal-layer tables, keyed by blocks per stage (ResNet-32: 5, ResNet-110: 18).
-EQUAL_TABLES: dict[int, dict[int, list[Cut]]] = {
-    5: {
+EQUAL_TABLES: dict[tuple[int, ...], dict[int, list[Cut]]] = {
+    (5, 5, 5): {
         2: [[2, 1]],
         3: [[1, 4], [2, 4]],
         4: [[1, 2], [2, 1], [3, 0]],
@@ -20,7 +22,7 @@ EQUAL_TABLES: dict[int, dict[int, list[Cut]]] = {
         16: [[0, 0], [1, 0], [1, 1], [1, 2], [1, 3], [1, 4], [2, 0], [2, 1], [2, 2], [2, 3], [2, 4],
              [3, 0], [3, 1], [3, 2], [3, 3]],
     },
-    18: {
+    (18, 18, 18): {
         2: [[2, 8]],
         3: [[1, 17], [2, 17]],
         4: [[1, 11], [2, 7], [3, 3]],
@@ -31,8 +33,16 @@ EQUAL_TABLES: dict[int, dict[int, list[Cut]]] = {
 }
 
 
-def flat_to_cut(flat: int, per_stage: int) -> Cut:
-    return [0, 0] if flat == 0 else [1 + (flat - 1) // per_stage, (flat - 1) % per_stage]
+def flat_to_cut(flat: int, blocks: tuple[int, ...]) -> Cut:
+    """Index in the flat block list -> [stage, block] (the inverse of config.cut_to_flat)."""
+    if flat == 0:
+        return [0, 0]
+    block = flat - 1
+    for stage, count in enumerate(blocks, start=1):
+        if block < count:
+            return [stage, block]
+        block -= count
+    raise ValueError(f"block {flat} is past the last of {blocks}")
 
 
 def even_cuts(blocks: int, modules: int) -> list[int]:
@@ -46,11 +56,11 @@ def even_cuts(blocks: int, modules: int) -> list[int]:
     return cuts
 
 
-def equal_cuts(per_stage: int, modules: int) -> list[int]:
-    table = EQUAL_TABLES.get(per_stage, {}).get(modules)
+def equal_cuts(blocks: tuple[int, ...], modules: int) -> list[int]:
+    table = EQUAL_TABLES.get(blocks, {}).get(modules)
     if table is not None:
-        return [cut_to_flat(cut, per_stage) for cut in table]
-    return even_cuts(1 + 3 * per_stage, modules)
+        return [cut_to_flat(cut, blocks) for cut in table]
+    return even_cuts(1 + sum(blocks), modules)
 
 
 def module_ranges(cuts: Sequence[int], blocks: int) -> list[tuple[int, int]]:
@@ -59,35 +69,44 @@ def module_ranges(cuts: Sequence[int], blocks: int) -> list[tuple[int, int]]:
     return list(zip(starts, ends))
 
 
-def min_max_cuts(block_cost: Sequence[float], cut_cost: Sequence[float], modules: int,
-                 input_cost: Sequence[float] | None = None) -> list[int]:
-    """Cuts that minimise the largest module cost (exact, by dynamic programming).
+# (module index, first block, end block) -> a cost of that module: seconds, bytes, ...
+StageCost = Callable[[int, int, int], float]
 
-    A module of blocks a..b costs sum(block_cost[a..b]) + cut_cost[b] when it is not the last
-    module (its head, decoder) + input_cost[a] when it is not the first (its context encoders).
+
+class NoPartitionFits(ValueError):
+    """No cut list keeps every module under the limit; ``smallest`` is the least limit one fits."""
+
+    def __init__(self, limit: float, smallest: float) -> None:
+        super().__init__(f"no partition keeps every module under {limit:g}; the smallest that fits is {smallest:g}")
+        self.limit, self.smallest = limit, smallest
+
+
+def min_max_partition(blocks: int, modules: int, cost: StageCost, size: StageCost | None = None,
+                      limit: float = math.inf) -> list[int]:
+    """Cuts minimising the largest module ``cost`` among those whose every module has ``size`` <= ``limit``.
+
+    Exact, by dynamic programming over (modules so far, blocks so far); a module's cost may
+    depend on its index (the first has no context encoders, the last carries the classifier).
     """
-    blocks = len(block_cost)
-    input_cost = input_cost or [0.0] * blocks
-    prefix = [0.0]
-    for value in block_cost:
-        prefix.append(prefix[-1] + value)
-
-    def cost(start: int, end: int, last: bool) -> float:  # blocks [start, end)
-        extra = (0.0 if last else cut_cost[end - 1]) + (input_cost[start] if start > 0 else 0.0)
-        return prefix[end] - prefix[start] + extra
-
-    infinity = float("inf")
-    # best[m][e]: the smallest max-cost of splitting blocks [0, e) into m modules.
-    best = [[infinity] * (blocks + 1) for _ in range(modules + 1)]
+    best: list[list[float]] = [[math.inf] * (blocks + 1) for _ in range(modules + 1)]
     choice = [[0] * (blocks + 1) for _ in range(modules + 1)]
     best[0][0] = 0.0
     for count in range(1, modules + 1):
-        for end in range(count, blocks + 1):
-            last = count == modules and end == blocks
-            for start in range(count - 1, end):
-                value = max(best[count - 1][start], cost(start, end, last))
+        index = count - 1
+        for end in range(count, blocks + 1) if count < modules else [blocks]:
+            for start in range(index, end):
+                if best[index][start] == math.inf:
+                    continue
+                if size is not None and limit < math.inf and size(index, start, end) > limit:
+                    continue
+                value = max(best[index][start], cost(index, start, end))
                 if value < best[count][end]:
                     best[count][end], choice[count][end] = value, start
+    if best[modules][blocks] == math.inf:
+        assert size is not None
+        smallest = max(size(i, a, b) for i, (a, b) in enumerate(
+            module_ranges(min_max_partition(blocks, modules, size), blocks)))
+        raise NoPartitionFits(limit, smallest)
     cuts, end = [], blocks
     for count in range(modules, 1, -1):
         end = choice[count][end]

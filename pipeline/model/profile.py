@@ -1,18 +1,20 @@
-"""Balanced partitions: measure each block (and what a cut there adds), then cut min-max.
+"""Measuring a network's pieces as a stage runs them, and counting activation bytes exactly.
 
-balanced-time measures forward + backward seconds on the training device at the training
-batch size; balanced-memory counts the bytes each block saves for backward (its activation
-memory), which is exact and needs no timing. A cut after block i adds the auxiliary head (and
-decoder) on block i's output; a module starting at block a adds its context encoders.
+A stage's training step receives its packet, runs its context encoders, blocks and head (the
+auxiliary head and decoder, or the classifier on the last module) forward and backward, takes
+its SGD step and sends its packet on. ``profile_network`` measures every piece a module can
+hold that way (forward, backward and optimizer step, under the training precision, on the
+training device at the training batch size), counts the bytes it saves for backward exactly,
+and measures the local copy bandwidth that prices a transfer. Pieces of one shape are measured
+once. What the profile predicts for a module, and the balanced cuts, are pipeline/model/cost.py's.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
-from functools import partial
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,36 +23,86 @@ from pipeline.config import Config
 from pipeline.data.specs import DatasetSpec
 from pipeline.metrics import say
 from pipeline.model.context import ImageEncoder, InputEncoder
-from pipeline.model.decoder import Decoder
-from pipeline.model.heads import build_aux_head
-from pipeline.model.partition import min_max_cuts
-from pipeline.model.resnet import BlockShape, CifarResNet
+from pipeline.model.cost import (
+    NOTHING,
+    NetworkProfile,
+    Piece,
+    context_plan,
+    end_to_end_activation_bytes,
+    partition_cuts,
+    predicted_stage_activation_bytes,
+    predicted_stage_seconds,
+)
+from pipeline.model.decoder import build_decoder, reconstruction_loss
+from pipeline.model.heads import build_head
+from pipeline.model.losses import head_loss
+from pipeline.model.network import make_net
+from pipeline.model.partition import flat_to_cut
+from pipeline.model.resnet import BlockShape, Classifier
+from pipeline.optim import make_optimizer
 
-Result = TypeVar("Result")
+Loss = Callable[[torch.Tensor], torch.Tensor]
+MIB = 1 << 20
 
 
-def saved_activation_bytes(run: Callable[[], Result]) -> tuple[int, Result]:
-    """Bytes of the distinct tensors autograd keeps for backward while ``run`` executes, and its result."""
+def saved_storages(module: nn.Module, *inputs: Any) -> tuple[dict[int, int], Any]:
+    """The distinct storages autograd keeps for backward during ``module(*inputs)`` (address -> bytes),
+    and its output.
+
+    Autograd also keeps references to the module's own parameters and buffers (a conv's weight,
+    batch norm's running statistics): those are memory the module holds anyway, not activations,
+    so they are left out.
+    """
+    held = {tensor.untyped_storage().data_ptr() for tensor in [*module.parameters(), *module.buffers()]}
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in held:
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        result = run()
+        result = module(*inputs)
+    return storages, result
+
+
+def saved_activation_bytes(module: nn.Module, *inputs: Any) -> tuple[int, Any]:
+    """Bytes of the distinct tensors autograd keeps for backward during ``module(*inputs)``, and its output."""
+    storages, result = saved_storages(module, *inputs)
     return sum(storages.values()), result
 
 
-def step_seconds(run: Callable[[], torch.Tensor], device: torch.device, repeats: int = 3) -> float:
-    """Median seconds of forward + backward of ``run`` after one warm-up."""
+def _summed(output: torch.Tensor) -> torch.Tensor:
+    return output.float().sum()
+
+
+class _Scored(nn.Module):
+    """Layers reading one input, each output scored by its loss: one piece's training step."""
+
+    def __init__(self, layers: list[nn.Module], losses: list[Loss], amp: bool) -> None:
+        super().__init__()
+        self.layers, self.losses, self.amp = nn.ModuleList(layers), losses, amp
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            self.outputs = [layer(inputs) for layer in self.layers]  # kept: which of them backward keeps
+            return sum((loss(output) for output, loss in zip(self.outputs, self.losses)),
+                       torch.zeros((), device=inputs.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+def step_seconds(run: Callable[[], None], device: torch.device, repeats: int = 3) -> float:
+    """Median seconds of ``run`` after one warm-up."""
     samples = []
     for attempt in range(repeats + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
-        torch.autograd.backward(run().float().sum())
+        run()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if attempt:
@@ -58,80 +110,155 @@ def step_seconds(run: Callable[[], torch.Tensor], device: torch.device, repeats:
     return statistics.median(samples)
 
 
-class _CostModel:
+def copy_bytes_per_s(device: torch.device, size: int = 32 * MIB) -> float:
+    source = torch.empty(size // 4, device=device)
+    target = torch.empty_like(source)
+
+    def copy() -> None:
+        target.copy_(source)
+
+    return size / step_seconds(copy, device)
+
+
+class _Profiler:
     def __init__(self, config: Config, spec: DatasetSpec, device: torch.device) -> None:
-        self.config, self.device = config, device
+        self.config, self.spec, self.device = config, spec, device
         self.batch = config.data.batch_size
-        self.net = CifarResNet(config.model.blocks_per_stage, spec.channels, spec.image_size)
-        self.spec = spec
-        self.measure_time = config.local.partition == "balanced-time"
-        memory = torch.channels_last if config.precision.channels_last else torch.contiguous_format
-        self.memory_format = memory
+        self.net = make_net(config, spec)
+        self.memory_format = torch.channels_last if config.precision.channels_last else torch.contiguous_format
         self.amp = config.precision.amp == "bf16"  # time is measured under the precision training uses
+        self.measured: dict[tuple[object, ...], Piece] = {}
 
-    def _input(self, shape: BlockShape) -> torch.Tensor:
+    def _input(self, shape: BlockShape, grad: bool) -> torch.Tensor:
         tensor = torch.randn(self.batch, shape.channels, shape.size, shape.size, device=self.device)
-        return tensor.contiguous(memory_format=self.memory_format)
+        return tensor.contiguous(memory_format=self.memory_format).requires_grad_(grad)
 
-    def cost(self, layers: nn.Module, shape: BlockShape) -> float:
+    def piece(self, key: tuple[object, ...], build: Callable[[], list[nn.Module]], shape: BlockShape,
+              grad: bool, losses: Sequence[Loss] = ()) -> Piece:
+        """Forward + backward + SGD step of the layers ``build`` makes, all reading one input of ``shape``.
+
+        ``grad``: the input needs its gradient (blocks inside a module, heads on a block output).
+        ``losses``: what each layer's output is scored with (what they save counts); by default its sum.
+        """
+        if key in self.measured:
+            return self.measured[key]
+        layers = build()
+        scored = _Scored(layers, list(losses) or [_summed] * len(layers), self.amp)
         # Module.to takes memory_format at run time; torch's stubs leave it out
-        layers = layers.to(self.device, memory_format=self.memory_format).train()  # type: ignore[call-overload]
-        inputs = self._input(shape)
-        if self.measure_time:
-            def step() -> torch.Tensor:
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                    output: torch.Tensor = layers(inputs)
-                return output
-            return step_seconds(step, self.device)
-        return float(saved_activation_bytes(lambda: layers(inputs))[0])
+        scored = scored.to(self.device, memory_format=self.memory_format).train()  # type: ignore[call-overload]
+        optimizer = make_optimizer(scored, self.config.train)
+        inputs = self._input(shape, grad)
 
-    def _input_bytes(self, shape: BlockShape) -> float:
-        return 0.0 if self.measure_time else float(self.batch * shape.channels * shape.size**2 * 4)
+        def backward() -> None:
+            scored(inputs).backward()
 
-    def block(self, index: int) -> float:
-        """A block's own cost; in memory, without its input (the block before already keeps it)."""
-        shape = self.net.shape(index - 1)
-        return self.cost(self.net.build(index), shape) - self._input_bytes(shape)
+        def update() -> None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
 
-    def cut(self, index: int) -> float:
-        """The head (and decoder) a module ending at block ``index`` carries."""
+        # A piece's input, and the output of one read by what follows (a block's: no loss of its own), are
+        # shared with its neighbours: whether it keeps them is noted, and the composition counts each once
+        # (cost.py); the rest is the piece's own.
+        saved, _ = saved_storages(scored, inputs)
+        shared = [] if losses else [out.untyped_storage().data_ptr() for out in scored.outputs]
+        ends = {inputs.untyped_storage().data_ptr(), *shared}
+        own = sum(size for address, size in saved.items() if address not in ends)
+        keeps_output = any(address in saved for address in shared)
+        backward()
+        result = Piece(step_seconds(backward, self.device), step_seconds(update, self.device), own,
+                       sum(p.numel() * p.element_size() for p in scored.parameters()),
+                       keeps_input=inputs.untyped_storage().data_ptr() in saved, keeps_output=keeps_output)
+        self.measured[key] = result
+        return result
+
+    def block(self, index: int) -> Piece:
+        shape, out = self.net.shape(index - 1), self.net.shape(index)
+        return self.piece(("block", index == 0, shape, out), lambda: [self.net.build(index)], shape, index > 0)
+
+    def head(self, index: int) -> Piece:
         local, shape = self.config.local, self.net.shape(index)
         out = self.spec.classes if local.loss == "softmax" else local.aux_feature_dim
-        total = self.cost(build_aux_head(local.aux, shape.channels, out, local.aux_widen, local.aux_hidden), shape)
-        if local.reconstruct:
-            decoder = Decoder(shape.channels, self.spec.channels, self.spec.image_size, local.aux_widen)
-            total += self.cost(decoder, shape)
-        return total
 
-    def encoders(self, start: int) -> float:
-        """The received input and context encoders of a module starting at ``start`` (full register)."""
-        local, target = self.config.local, self.net.shape(start - 1)
-        total = self._input_bytes(target)  # a module keeps the input it received
-        if local.context_image:
+        family = self.config.arch.family
+
+        def build() -> list[nn.Module]:
+            head = build_head(family, local, shape.channels, out)
+            if not local.reconstruct:
+                return [head]
+            return [head, build_decoder(family, shape.channels, self.spec, local.aux_widen)]
+
+        labels = torch.randint(0, self.spec.classes, (self.batch,), device=self.device)
+        image = self.net.shape(-1)
+        images = torch.rand(self.batch, image.channels, image.size, image.size, device=self.device)
+
+        def classify(output: torch.Tensor) -> torch.Tensor:
+            return head_loss(local.loss, output, labels)
+
+        def reconstruct(output: torch.Tensor) -> torch.Tensor:  # the target is made in the step, as there
+            return reconstruction_loss(output, images.clamp(0.0, 1.0))
+
+        return self.piece(("head", shape), build, shape, True, [classify, reconstruct])
+
+    def classifier(self) -> Piece:
+        shape = self.net.shape(len(self.net) - 1)
+        labels = torch.randint(0, self.spec.classes, (self.batch,), device=self.device)
+
+        def classify(output: torch.Tensor) -> torch.Tensor:
+            return head_loss("softmax", output, labels)
+
+        return self.piece(("classifier", shape), lambda: [Classifier(shape.channels, self.spec.classes)], shape, True,
+                          [classify])
+
+    def image_encoder(self, start: int) -> Piece:
+        if not self.config.local.context_image or start == 0:
+            return NOTHING
+        image, target, widen = self.net.shape(-1), self.net.shape(start - 1), self.config.local.aux_widen
+        return self.piece(("image", target), lambda: [ImageEncoder(image.channels, target, widen)], image, False)
+
+    def input_encoder(self, source: int, start: int) -> Piece:
+        if not self.config.local.context_depth or start == 0:
+            return NOTHING
+        shape, target = self.net.shape(source - 1), self.net.shape(start - 1)
+        return self.piece(("input", shape, target), lambda: [InputEncoder(shape.channels, target)], shape, False)
+
+    def profile(self) -> NetworkProfile:
+        blocks = range(len(self.net))
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(0)
             image = self.net.shape(-1)
-            total += self.cost(ImageEncoder(image.channels, target, local.aux_widen), image)
-        if local.context_depth:
-            source = self.net.shape(max(start - 2, -1))
-            total += local.context_depth * self.cost(InputEncoder(source.channels, target), source)
-        return total
+            return NetworkProfile(
+                batch=self.batch,
+                blocks=[self.block(index) for index in blocks],
+                heads=[self.head(index) for index in blocks],
+                classifier=self.classifier(),
+                image_encoders=[self.image_encoder(start) for start in blocks],
+                input_encoders=[[self.input_encoder(source, start) for start in blocks] for source in blocks],
+                output_bytes=[4 * shape.channels * shape.size**2 for shape in map(self.net.shape, blocks)],
+                image_bytes=4 * image.channels * image.size**2,
+                copy_bytes_per_s=copy_bytes_per_s(self.device),
+            )
+
+
+def profile_network(config: Config, spec: DatasetSpec, device: torch.device) -> NetworkProfile:
+    return _Profiler(config, spec, device).profile()
 
 
 def balanced_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> list[int]:
-    model = _CostModel(config, spec, device)
-    blocks = len(model.net)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        block_cost = [model.block(index) for index in range(blocks)]
-        cut_cost = [model.cut(index) for index in range(blocks)]
-        input_cost = [model.encoders(start) if start else 0.0 for start in range(blocks)]
-    cuts = min_max_cuts(block_cost, cut_cost, config.local.modules, input_cost)
-    unit = "s" if model.measure_time else "bytes"
-    say(f"[partition] {config.local.partition}: per-block cost ({unit}) "
-        f"{[round(c, 4) if model.measure_time else int(c) for c in block_cost]} -> cuts after blocks {cuts}")
+    profile = profile_network(config, spec, device)
+    cuts = partition_cuts(config, profile)
+    plan, blocks = context_plan(config), config.arch.blocks
+    seconds = predicted_stage_seconds(profile, plan, cuts)
+    memory = predicted_stage_activation_bytes(profile, plan, cuts)
+    e2e = end_to_end_activation_bytes(profile, profile.batch)
+    say(f"[partition] {config.local.partition}: cuts after blocks {[flat_to_cut(c, blocks) for c in cuts]}; "
+        f"predicted step seconds per module {[round(s, 4) for s in seconds]}, activation memory over E2E "
+        f"{[round(m / e2e, 3) for m in memory]}")
     return cuts
 
 
 def module_activation_bytes(config: Config, spec: DatasetSpec, cuts: list[int], batch: int) -> list[int]:
-    """Activation memory of each module's training step (body, encoders, head, decoder) at ``batch``."""
+    """Activation memory of each module's training step (body, encoders, head, decoder) at ``batch``: what
+    autograd keeps for backward, parameters left out."""
     from pipeline.model.network import (  # network imports this module lazily
         build_module,
         make_layout,
@@ -147,7 +274,7 @@ def module_activation_bytes(config: Config, spec: DatasetSpec, cuts: list[int], 
         module = build_module(config, layout, index, torch.device("cpu")).train()
         assert packet is not None
         current = packet
-        size, (inputs, output, _) = saved_activation_bytes(partial(module, current))
+        size, (inputs, output, _) = saved_activation_bytes(module, current)
         sizes.append(size)
         packet = None if module.last else module.next_packet(current, inputs, output)
     return sizes

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -24,8 +25,30 @@ class BlockShape:
     size: int  # spatial side
 
 
-def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+class BlockNet(Protocol):
+    """A network as a flat list of blocks (0 = the stem): what cuts, layouts and profiles see."""
+
+    def __len__(self) -> int: ...
+
+    def shape(self, index: int) -> BlockShape:
+        """Output shape of block ``index``; index -1 means the input image."""
+
+    def build(self, index: int) -> nn.Module: ...
+
+
+class ResidualBlock(nn.Module):
+    """A block whose residual branch ends in a batch norm before the addition."""
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        raise NotImplementedError
+
+    def zero_init_residual(self) -> None:
+        """Start the branch at zero, so the block starts as the identity (Goyal et al., 2017)."""
+        nn.init.zeros_(self.last_bn().weight)
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, groups=groups, bias=False)
 
 
 class Stem(nn.Sequential):
@@ -33,16 +56,24 @@ class Stem(nn.Sequential):
         super().__init__(conv3x3(in_channels, STAGE_WIDTHS[0]), nn.BatchNorm2d(STAGE_WIDTHS[0]), nn.ReLU(inplace=True))
 
 
-class BasicBlock(nn.Module):
+def shortcut(cin: int, cout: int, stride: int) -> nn.Module:
+    """Identity, or a 1x1 conv + batch norm where the block changes the shape."""
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+
+class BasicBlock(ResidualBlock):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.conv1 = conv3x3(cin, cout, stride)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = conv3x3(cout, cout)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = shortcut(cin, cout, stride)
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))

@@ -36,7 +36,8 @@ class MessageCodec:
 
     def encode(self, message: Message) -> Frame:
         if isinstance(message, Train):
-            return Frame((TRAIN, message.epoch, message.step, message.samples), message.packet.tensors())
+            return Frame((TRAIN, message.epoch, message.step, message.samples, message.entry),
+                         message.packet.tensors())
         if isinstance(message, Eval):
             return Frame((EVAL, message.epoch), message.packet.tensors())
         if isinstance(message, EpochEnd):
@@ -47,8 +48,8 @@ class MessageCodec:
     def decode(self, frame: Frame) -> Message:
         kind, *values = frame.meta
         if kind == TRAIN:
-            epoch, step, samples = values[:3]
-            return Train(epoch, step, samples, self._packet(frame))
+            epoch, step, samples, entry = values[:4]
+            return Train(epoch, step, samples, self._packet(frame), entry)
         if kind == EVAL:
             return Eval(values[0], self._packet(frame))
         if kind == END_EPOCH:

@@ -1,8 +1,8 @@
-"""How the R replicas of a stage share its work: batch shards, gradient averaging, count sums.
+"""How the R replicas of a stage share its work: batch parts, gradient averaging, count sums.
 
-Replica r takes slice r of every global batch (``tensor_split``: slices at most one sample
-apart), DistributedDataParallel averages the replicas' gradients of each module, and counts
-(correct predictions) are summed over them. With one replica every step is the identity, so
+Replica r reads part r of every global batch (pipeline/data/contract.py's ``Part``: slices at
+most one sample apart), DistributedDataParallel averages the replicas' gradients of each
+module, and counts (correct predictions) are summed over them. With one replica every step is the identity, so
 sequential and single-chain pipeline runs go through the same code untouched.
 """
 
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.data.contract import Part
 from pipeline.errors import BadInput
 from pipeline.topology import Topology
 
@@ -24,12 +25,7 @@ class DataParallel:
             raise BadInput("pipeline.sync_batchnorm = true needs GPUs (torch's SyncBatchNorm is CUDA-only); "
                            "set it to false on CPU, where each replica keeps its own batch statistics")
         self.sync_batchnorm = sync_batchnorm
-
-    def shard(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This replica's part of a global batch."""
-        if self.replicas == 1:
-            return images, labels
-        return images.tensor_split(self.replicas)[self.replica], labels.tensor_split(self.replicas)[self.replica]
+        self.part = Part(self.replica, self.replicas)  # what this replica reads of each global batch
 
     def wrap(self, module: nn.Module) -> nn.Module:
         """What the training step calls: the module, or DDP around it when replicas share it."""

@@ -20,6 +20,10 @@ class Train:
     step: int  # 1-based count of steps once this one is done
     samples: int  # the global batch's size, whatever share of it this process holds
     packet: Packet
+    # Buffered schedule: the batch's id on its link (the sending stage's own step that produced it;
+    # a data batch's step) and how many times the receiving stage has now trained on it.
+    entry: int = 0
+    use: int = 1
 
 
 @dataclass(frozen=True)

@@ -58,13 +58,13 @@ class RunReport:
         stats.send_wait_s += sent
         stats.train_s += seconds
         stats.samples += message.samples
-        self.meter.tick()
         self.progress.advance(message.samples)
-        self.steps = message.step
+        # This process's own steps: the data's steps in lockstep, fewer or more for a buffered module.
+        self.steps += 1
         # A first line within seconds of the start, then every log_every steps.
         early = not self.lines and self.progress.seconds_since_line() >= self.FIRST_LINE_S
-        if message.step % self.log_every == 0 or early:
-            self._log_losses(message.epoch, message.step)
+        if self.steps % self.log_every == 0 or early:
+            self._log_losses(message.epoch, self.steps)
 
     def paused(self, seconds: float, evaluating: bool) -> None:
         """Time outside training (evaluation, epoch ends) leaves the next rate alone."""

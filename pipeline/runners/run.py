@@ -4,6 +4,8 @@ sequential: one process hosts every module and reads the data; nothing is sent.
 pipeline:   torchrun, one process per module; the first reads the data, the others their inbox.
 ddp:        torchrun, the whole network (K = 1) on every rank, each training its batch shard.
 All three run the same ``StageLoop`` over the same ``ModuleStage``s (pipeline/runners/stage.py).
+The buffered schedule puts a replay buffer in front of each pipeline stage (buffered_inbox.py);
+in sequential mode it runs the same ``ModuleStage``s on a recorded or seeded schedule (replay.py).
 """
 
 from __future__ import annotations
@@ -21,25 +23,29 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.config import Config, PipelineConfig
-from pipeline.data.loader import BatchLoader, make_loaders
-from pipeline.data.specs import dataset_spec
+from pipeline.data.contract import Loader
+from pipeline.data.loader import make_loaders
 from pipeline.errors import BadInput, StageFailure, StuckPeer
 from pipeline.metrics import percent, reset_peak_memory, say
 from pipeline.model.local_module import Layout
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.model.partition import flat_to_cut
+from pipeline.runners.buffered_inbox import BufferedInbox
 from pipeline.runners.codec import MessageCodec
 from pipeline.runners.data_parallel import DataParallel
 from pipeline.runners.links import Inbox, Outbox
 from pipeline.runners.loop import Position, RunLength, total_steps
+from pipeline.runners.replay import ReplayLoop, seeded_schedule
 from pipeline.runners.report import RunReport
+from pipeline.runners.schedule_trace import StepTrace, read_schedule
 from pipeline.runners.source import BatchSource
-from pipeline.runners.stage import ModuleStage, StageLoop
+from pipeline.runners.stage import Handler, Loop, ModuleStage, StageLoop
+from pipeline.runners.straggler import slowed
 from pipeline.topology import Topology, from_env, process_groups, single_process
 from pipeline.transport import Courier, Receiver, Sender
 from pipeline.worker import ModuleWorker, make_worker
 
-Loaders = tuple[BatchLoader, BatchLoader]
+Loaders = tuple[Loader, Loader]
 Links = Callable[[Layout], tuple[Inbox | None, Outbox | None]]
 
 
@@ -55,6 +61,12 @@ def run(config: Config) -> dict[str, Any] | None:
         raise BadInput(
             f"data.batch_size = {config.data.batch_size} leaves some of the {topology.replicas} DDP ranks fewer than "
             f"2 samples (batch norm needs 2); use data.batch_size >= {2 * topology.replicas}"
+        )
+    if config.pipeline.schedule == "buffered" and topology.replicas > 1:
+        raise BadInput(
+            f"pipeline.schedule = 'buffered' runs one chain, but there are {topology.replicas} replicas (the "
+            f"replicas of a module would train on different batches); set pipeline.replicas = 1 and WORLD_SIZE = "
+            f"local.modules, or use the lockstep schedule"
         )
     # The first stage reads the data before joining the job, so a bad data path exits 2 at once.
     loaders = make_loaders(config, topology.device, processes=topology.replicas) if topology.first else None
@@ -79,15 +91,16 @@ def run(config: Config) -> dict[str, Any] | None:
 
 
 def assemble(config: Config, topology: Topology, loaders: Loaders | None, started: float,
-             links: Links) -> tuple[StageLoop, RunReport, list[int]]:
+             links: Links) -> tuple[Loop, RunReport, list[int]]:
     """This process's modules, resumed, with their report, inbox and outbox: a loop ready to run."""
-    spec = dataset_spec(config)
-    # Facts only the first stage can know (the data's length; profiled cuts) are broadcast so all agree.
+    # Facts only the first stage can know (the data's spec and length; profiled cuts) are broadcast so
+    # all agree: the other stages never read the data (an image folder may not even be mounted there).
     facts = None
     if topology.rank == 0:
         assert loaders is not None
-        facts = (resolve_cuts(config, spec, topology.device), len(loaders[0]))
-    cuts, batches = topology.comm.broadcast(facts, 0)
+        spec = loaders[0].spec
+        facts = (spec, resolve_cuts(config, spec, topology.device), len(loaders[0]))
+    spec, cuts, batches = topology.comm.broadcast(facts, 0)
     layout = make_layout(config, spec, cuts)
     parallel = DataParallel(topology, config.pipeline.sync_batchnorm)
     workers = [make_worker(config, layout, index, topology.device, wrap=parallel.wrap) for index in topology.hosted]
@@ -110,7 +123,15 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     report = RunReport(label, config.run, topology, workers, position, length, parallel.total, started)
     save = functools.partial(checkpoint.save, config.run.out_dir, identity=identity) if topology.writer else None
     adopt = parallel.adopt_replica_0_buffers if topology.replicas > 1 else None
-    stages = [ModuleStage(worker, slot, report, save, adopt) for slot, worker in enumerate(workers)]
+    pipe = config.pipeline
+    buffered = pipe.schedule == "buffered"
+    log = report.log if topology.writer else None
+    stages = [ModuleStage(worker, slot, report, save, adopt,
+                          StepTrace(worker.index, position.step, log) if buffered else None)
+              for slot, worker in enumerate(workers)]
+    handlers: list[Handler] = list(stages)
+    if config.run.mode == "pipeline":  # in one process the factors are the simulator's speed ratios
+        handlers = slowed(handlers, pipe.slowdown, topology.hosted, topology.device)
     # The last module of replica 0 marks each set complete, with no collective: every stage saves
     # before it passes the epoch end on, so all have saved when it arrives here (a collective would
     # hold rank 0 at the epoch end while a middle rank's courier may be waiting for rank 0).
@@ -119,21 +140,28 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
         commit = functools.partial(checkpoint.commit, config.run.out_dir, modules=topology.stages, identity=identity,
                                    keep=config.run.keep_checkpoints)
     inbox, outbox = links(layout)
+    if buffered and inbox is not None:
+        inbox = BufferedInbox(inbox, topology.stage, pipe.buffer_batches, pipe.max_reuse, pipe.timeout_s,
+                              topology.device)
     if topology.first:
         assert loaders is not None
-        inbox = BatchSource(*loaders, position, length, parallel.shard)
+        inbox = BatchSource(*loaders, position, length, parallel.part)
     assert inbox is not None
     if topology.writer:
         hosted = topology.hosted
         which = f"module {hosted[0]}" if len(hosted) == 1 else f"modules {hosted[0]}-{hosted[-1]}"
-        points = [flat_to_cut(cut, config.model.blocks_per_stage) for cut in cuts]
+        points = [flat_to_cut(cut, config.arch.blocks) for cut in cuts]
         say(f"[{label}] {which} of {config.local.modules}, cut points {points} ([stage, block] after which a "
             f"module ends), {batches} batches/epoch on {topology.device} x {topology.replicas}, "
             f"{torch.get_num_threads()} thread(s)")
         if config.run.resume:
             say(f"[{label}] resumed from {config.run.resume} at epoch {position.epoch}, batch {position.batch} "
                 f"(step {position.step})")
-    return StageLoop(inbox, stages, outbox, report, commit), report, cuts
+    if buffered and config.run.mode == "sequential":
+        plans = read_schedule(pipe.replay, len(workers)) if pipe.replay else seeded_schedule(
+            position, length, len(workers), pipe.slowdown, pipe.buffer_batches, pipe.max_reuse, config.run.seed)
+        return ReplayLoop(inbox, handlers, plans, report, commit), report, cuts
+    return StageLoop(inbox, handlers, outbox, report, commit), report, cuts
 
 
 def wire(pipe: PipelineConfig, topology: Topology, layout: Layout,

@@ -6,38 +6,38 @@ loop: train steps, then at each epoch end the test set (EVAL) and the epoch end 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
-from pipeline.data.loader import BatchLoader
+from pipeline.data.contract import Loader, Part
 from pipeline.packet import Packet
 from pipeline.runners.loop import EpochEnd, Position, RunLength, events
 from pipeline.runners.messages import Eval, Message, Stop, Train
 
-Shard = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
 
 class BatchSource:
-    def __init__(self, train: BatchLoader, test: BatchLoader, start: Position, length: RunLength, shard: Shard) -> None:
-        self._messages = self._generate(train, test, start, length, shard)
+    def __init__(self, train: Loader, test: Loader, start: Position, length: RunLength, part: Part) -> None:
+        self._messages = self._generate(train, test, start, length, part)
 
     def get(self) -> Message:
         return next(self._messages)
 
     @staticmethod
-    def _generate(train: BatchLoader, test: BatchLoader, start: Position, length: RunLength,
-                  shard: Shard) -> Iterator[Message]:
+    def _generate(train: Loader, test: Loader, start: Position, length: RunLength, part: Part) -> Iterator[Message]:
         epoch = 0
         batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(())
         for event in events(start, *length):
             if isinstance(event, EpochEnd):
-                for images, labels in test.batches(epoch=0):
-                    yield Eval(event.epoch, Packet.from_batch(*shard(images, labels)))
+                batches = iter(())  # a streaming loader's decoding workers end before the test set's start
+                for images, labels in test.batches(0, 0, part):
+                    yield Eval(event.epoch, Packet.from_batch(images, labels))
                 yield event
                 continue
             if event.epoch != epoch:
-                epoch, batches = event.epoch, train.batches(event.epoch, event.batch)
+                epoch, batches = event.epoch, train.batches(event.epoch, event.batch, part)
             images, labels = next(batches)
-            yield Train(event.epoch, event.step, len(labels), Packet.from_batch(*shard(images, labels)))
+            # samples: the global batch, which every replica's count must agree on
+            packet = Packet.from_batch(images, labels)
+            yield Train(event.epoch, event.step, train.batch_samples(event.batch), packet, entry=event.step)
         yield Stop()

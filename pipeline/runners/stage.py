@@ -20,7 +20,14 @@ from pipeline.runners.links import Inbox, Outbox
 from pipeline.runners.loop import Position
 from pipeline.runners.messages import EpochEnd, Eval, Message, Stop, Train
 from pipeline.runners.report import RunReport
+from pipeline.runners.schedule_trace import StepTrace
 from pipeline.worker import ModuleWorker
+
+
+class Loop(Protocol):
+    def run(self) -> None:
+        """Train until the stop has gone through."""
+        ...
 
 
 class Handler(Protocol):
@@ -34,9 +41,11 @@ class ModuleStage:
 
     def __init__(self, worker: ModuleWorker, slot: int, report: RunReport,
                  save: Callable[[ModuleWorker, Position], object] | None,
-                 before_evaluation: Callable[[nn.Module], None] | None = None) -> None:
+                 before_evaluation: Callable[[nn.Module], None] | None = None,
+                 trace: StepTrace | None = None) -> None:
         self.worker, self.slot, self.report, self.save = worker, slot, report, save
         self.before_evaluation = before_evaluation  # replicas agree on batch-norm statistics first
+        self.trace = trace  # buffered schedule: this module's own steps, recorded
         self.correct = torch.zeros((), dtype=torch.int64, device=worker.device)
         self.evaluated = 0
 
@@ -46,7 +55,9 @@ class ModuleStage:
             worker.at_step(message.epoch, message.step)
             following, loss = worker.train_step(message.packet)
             self.report.loss(self.slot, loss)
-            return None if following is None else Train(message.epoch, message.step, message.samples, following)
+            # Buffered: the batch sent on is known downstream by this module's own step (lockstep: the data's).
+            entry = message.entry if self.trace is None else self.trace.trained(message)
+            return None if following is None else Train(message.epoch, message.step, message.samples, following, entry)
         if isinstance(message, Eval):
             if worker.module.training and self.before_evaluation is not None:  # the first test batch
                 self.before_evaluation(worker.module)
@@ -57,6 +68,8 @@ class ModuleStage:
             self.evaluated += len(message.packet.labels)
             return None
         if isinstance(message, EpochEnd):
+            if self.trace is not None:
+                self.trace.ended(message)
             if self.save is not None:
                 self.save(worker, message.resume_at)
             if worker.last:

@@ -52,7 +52,7 @@ def expected_sources(module: int, depth: int, image: bool) -> list[int]:
 
 def check_chain(config, cuts, layout, modules, records, images, labels):
     """Every module's shapes and every packet's contents, against independent expectations."""
-    n = config.model.blocks_per_stage
+    n = config.arch.blocks[0]
     K = config.local.modules
     channels = layout.spec.channels
     depth, with_image = config.local.context_depth, config.local.context_image
@@ -123,7 +123,7 @@ def check_chain(config, cuts, layout, modules, records, images, labels):
 def test_resnet32_every_K_and_context(modules, context, make_config, build_modules, image_batch, run_chain):
     config = make_config("model.arch=resnet32", f"local.modules={modules}", f"local.context={context}")
     spec, cuts, layout, built = build_modules(config)
-    assert cuts == equal_cuts(5, modules)  # the published tables
+    assert cuts == equal_cuts((5, 5, 5), modules)  # the published tables
     images, labels = image_batch(spec, batch=2)
     check_chain(config, cuts, layout, built, run_chain(built, images, labels), images, labels)
 
@@ -132,7 +132,7 @@ def test_resnet32_every_K_and_context(modules, context, make_config, build_modul
 def test_other_depths_even_split(arch, modules, context, make_config, build_modules, image_batch, run_chain):
     config = make_config(f"model.arch={arch}", f"local.modules={modules}", f"local.context={context}")
     spec, cuts, layout, built = build_modules(config)
-    assert cuts == even_cuts(1 + 3 * config.model.blocks_per_stage, modules)
+    assert cuts == even_cuts(1 + 3 * config.arch.blocks[0], modules)
     images, labels = image_batch(spec, batch=2)
     check_chain(config, cuts, layout, built, run_chain(built, images, labels), images, labels)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import pytest
@@ -13,10 +14,11 @@ from pipeline.data.specs import dataset_spec
 from pipeline.model.network import resolve_cuts
 from pipeline.model.partition import (
     EQUAL_TABLES,
+    NoPartitionFits,
     equal_cuts,
     even_cuts,
     flat_to_cut,
-    min_max_cuts,
+    min_max_partition,
     module_ranges,
 )
 
@@ -48,24 +50,25 @@ def test_module_ranges():
 
 
 def test_resnet32_flat_indices_by_hand():
-    assert equal_cuts(5, 2) == [7]  # [2, 1]: stem + 5 stage-1 blocks + 2 stage-2 blocks = 8 blocks
-    assert equal_cuts(5, 4) == [3, 7, 11]
-    assert equal_cuts(5, 16) == list(range(15))  # every block its own module
-    assert equal_cuts(5, 1) == []
+    assert equal_cuts((5, 5, 5), 2) == [7]  # [2, 1]: stem + 5 stage-1 blocks + 2 stage-2 blocks = 8 blocks
+    assert equal_cuts((5, 5, 5), 4) == [3, 7, 11]
+    assert equal_cuts((5, 5, 5), 16) == list(range(15))  # every block its own module
+    assert equal_cuts((5, 5, 5), 1) == []
 
 
 @pytest.mark.parametrize("per_stage", [5, 18])
 @pytest.mark.parametrize("modules", [2, 3, 4, 8, 16])
 def test_equal_cuts_use_the_published_tables(per_stage, modules):
-    expected = [cut_to_flat(cut, per_stage) for cut in REFERENCE_TABLES[per_stage][modules]]
-    assert equal_cuts(per_stage, modules) == expected
-    assert EQUAL_TABLES[per_stage][modules] == REFERENCE_TABLES[per_stage][modules]
-    assert [flat_to_cut(flat, per_stage) for flat in expected] == REFERENCE_TABLES[per_stage][modules]
+    blocks = (per_stage,) * 3
+    expected = [cut_to_flat(cut, blocks) for cut in REFERENCE_TABLES[per_stage][modules]]
+    assert equal_cuts(blocks, modules) == expected
+    assert EQUAL_TABLES[blocks][modules] == REFERENCE_TABLES[per_stage][modules]
+    assert [flat_to_cut(flat, blocks) for flat in expected] == REFERENCE_TABLES[per_stage][modules]
 
 
 @pytest.mark.parametrize("per_stage, modules", [(1, 2), (1, 4), (2, 3), (2, 7), (5, 5), (5, 7), (3, 10)])
 def test_equal_cuts_fall_back_to_even_split(per_stage, modules):
-    assert equal_cuts(per_stage, modules) == even_cuts(1 + 3 * per_stage, modules)
+    assert equal_cuts((per_stage,) * 3, modules) == even_cuts(1 + 3 * per_stage, modules)
 
 
 @pytest.mark.parametrize("blocks", [4, 7, 10, 16, 19])
@@ -87,55 +90,78 @@ def test_even_cuts_by_hand():
     assert even_cuts(4, 4) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("per_stage", [1, 5, 18])
-def test_flat_cut_round_trip(per_stage):
-    for flat in range(3 * per_stage + 1):
-        assert cut_to_flat(flat_to_cut(flat, per_stage), per_stage) == flat
+@pytest.mark.parametrize("blocks", [(1, 1, 1), (5, 5, 5), (18, 18, 18), (2, 2, 2, 2), (3, 4, 23, 3), (3, 8, 36, 3)])
+def test_flat_cut_round_trip(blocks):
+    for flat in range(sum(blocks) + 1):
+        assert cut_to_flat(flat_to_cut(flat, blocks), blocks) == flat
+    with pytest.raises(ValueError):
+        flat_to_cut(sum(blocks) + 1, blocks)
 
 
-def brute_force(block_cost, cut_cost, modules, input_cost):
-    """The smallest largest-module cost over every possible cut list, by enumeration."""
-    blocks = len(block_cost)
-    best = float("inf")
+def module_costs(cuts, blocks, cost):
+    bounds = [0, *(c + 1 for c in cuts), blocks]
+    return [cost(index, start, end) for index, (start, end) in enumerate(zip(bounds, bounds[1:]))]
+
+
+def brute_force(blocks, modules, cost, size=None, limit=math.inf):
+    """The smallest largest-module cost over every cut list whose modules all fit ``limit``."""
+    best = math.inf
     for cuts in itertools.combinations(range(blocks - 1), modules - 1):
-        best = min(best, max_cost(cuts, block_cost, cut_cost, input_cost))
+        if size is not None and max(module_costs(cuts, blocks, size)) > limit:
+            continue
+        best = min(best, max(module_costs(cuts, blocks, cost)))
     return best
 
 
-def max_cost(cuts, block_cost, cut_cost, input_cost):
-    worst = 0.0
-    bounds = [0, *(c + 1 for c in cuts), len(block_cost)]
-    for index, (start, end) in enumerate(zip(bounds, bounds[1:])):
-        cost = sum(block_cost[start:end])
-        if index < len(bounds) - 2:
-            cost += cut_cost[end - 1]
-        if index > 0:
-            cost += input_cost[start]
-        worst = max(worst, cost)
-    return worst
+def additive(block_cost, cut_cost, input_cost, modules):
+    """A module's cost: its blocks, its head unless last, its encoders unless first."""
+    def cost(index, start, end):
+        extra = (0.0 if index == modules - 1 else cut_cost[end - 1]) + (input_cost[start] if index else 0.0)
+        return sum(block_cost[start:end]) + extra
+    return cost
 
 
-def test_min_max_cuts_toy_by_hand():
-    assert min_max_cuts([1, 1, 1, 1, 4], [0] * 5, 2) == [3]
-    assert min_max_cuts([4, 1, 1, 1, 1], [0] * 5, 2) == [0]
+def test_min_max_partition_toy_by_hand():
+    flat = additive([1, 1, 1, 1, 4], [0] * 5, [0] * 5, 2)
+    assert min_max_partition(5, 2, flat) == [3]
+    assert min_max_partition(5, 2, additive([4, 1, 1, 1, 1], [0] * 5, [0] * 5, 2)) == [0]
     # a heavy head after block 1 pushes the cut elsewhere
-    assert min_max_cuts([1, 1, 1, 1], [0, 10, 0, 0], 2) in ([0], [2])
+    assert min_max_partition(4, 2, additive([1, 1, 1, 1], [0, 10, 0, 0], [0] * 4, 2)) in ([0], [2])
+    # the fastest cut [3] puts 5 units of memory in module 0; under a cap of 3 the cut moves to [2]
+    memory = additive([1, 1, 1, 2, 0], [0] * 5, [0] * 5, 2)
+    assert min_max_partition(5, 2, flat, memory, limit=3) == [2]
+    assert min_max_partition(5, 2, additive([1, 1, 1, 1, 1], [0] * 5, [0] * 5, 2)) == [1]  # later takes the extra
+
+
+def test_min_max_partition_says_the_smallest_limit_that_fits():
+    memory = additive([2, 2, 2, 2], [0] * 4, [0] * 4, 2)
+    with pytest.raises(NoPartitionFits) as caught:
+        min_max_partition(4, 2, memory, memory, limit=3.5)
+    assert caught.value.smallest == 4
+    assert min_max_partition(4, 2, memory, memory, limit=4) == [1]
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_min_max_cuts_matches_brute_force(seed):
+def test_min_max_partition_matches_brute_force(seed):
     rng = random.Random(seed)
     blocks = rng.randint(5, 9)
-    block_cost = [rng.uniform(0.5, 5.0) for _ in range(blocks)]
-    cut_cost = [rng.uniform(0.0, 2.0) for _ in range(blocks)]
-    input_cost = [rng.uniform(0.0, 2.0) for _ in range(blocks)] if seed % 2 else None
+    draw = lambda: [rng.uniform(0.5, 5.0) for _ in range(blocks)]  # noqa: E731
     for modules in range(2, min(5, blocks) + 1):
-        cuts = min_max_cuts(block_cost, cut_cost, modules, input_cost)
+        cost = additive(draw(), draw(), draw() if seed % 2 else [0.0] * blocks, modules)
+        size = additive(draw(), draw(), draw(), modules)
+        cuts = min_max_partition(blocks, modules, cost)
         assert len(cuts) == modules - 1
         assert cuts == sorted(set(cuts)) and cuts[0] >= 0 and cuts[-1] < blocks - 1
-        inputs = input_cost or [0.0] * blocks
-        assert max_cost(cuts, block_cost, cut_cost, inputs) == pytest.approx(
-            brute_force(block_cost, cut_cost, modules, inputs))
+        assert max(module_costs(cuts, blocks, cost)) == pytest.approx(brute_force(blocks, modules, cost))
+        # a cap between the least and the largest feasible one: the best under it, and never above it
+        least = brute_force(blocks, modules, size)
+        limit = least * rng.uniform(1.0, 1.5)
+        capped = min_max_partition(blocks, modules, cost, size, limit)
+        assert max(module_costs(capped, blocks, size)) <= limit
+        assert max(module_costs(capped, blocks, cost)) == pytest.approx(brute_force(blocks, modules, cost, size, limit))
+        with pytest.raises(NoPartitionFits) as caught:
+            min_max_partition(blocks, modules, cost, size, least * 0.99)
+        assert caught.value.smallest == pytest.approx(least)
 
 
 def test_resolve_cuts_explicit_and_equal(make_config):

@@ -33,11 +33,12 @@ def test_every_kind_round_trips(context: tuple[int, int, bool, bool], receiver: 
     codec = MessageCodec(ContextPlan(*context), receiver, SHAPE)
     assert codec.max_tensors == 2 + int(image) + register
     packet = _packet(5, register, image)
-    for message in (Train(3, 41, 10, packet), Eval(3, packet)):
+    for message in (Train(3, 41, 10, packet, entry=37), Eval(3, packet)):
         frame = codec.encode(message)
         decoded = codec.decode(Frame(frame.meta, frame.tensors))
         assert type(decoded) is type(message)
         assert decoded.epoch == 3 and getattr(decoded, "step", 41) == 41 and getattr(decoded, "samples", 10) == 10
+        assert getattr(decoded, "entry", 37) == 37  # the buffered schedule's batch id travels in the header
         assert all(a is b for a, b in zip(decoded.packet.tensors(), packet.tensors()))
         assert (decoded.packet.image is None) == (not image)
     end = EpochEnd(2, Position(3, 0, 40), final=True)
@@ -51,7 +52,7 @@ def test_a_packet_for_another_module_is_refused() -> None:
     wrong_count = codec.encode(Train(1, 1, 5, _packet(5, 0, image=False)))
     with pytest.raises(StageFailure, match="module 1 got 2 tensors .* expects 3 tensors"):
         codec.decode(wrong_count)
-    wrong_shape = Frame((1, 1, 1, 5), [torch.arange(5), torch.randn(5, 32, 8, 8), torch.randn(5, 1, 32, 32)])
+    wrong_shape = Frame((1, 1, 1, 5, 1), [torch.arange(5), torch.randn(5, 32, 8, 8), torch.randn(5, 1, 32, 32)])
     with pytest.raises(StageFailure, match=r"features \[5, 32, 8, 8\].*\[batch, 16, 8, 8\]"):
         codec.decode(wrong_shape)
 

@@ -19,6 +19,7 @@ from distributed_helpers import EQUIVALENCE_CASES, EQUIVALENCE_IDS, load_module_
 from threaded import run_threaded
 
 from pipeline import checkpoint
+from pipeline.data.contract import WHOLE, Part
 from pipeline.errors import StageFailure
 from pipeline.packet import Packet
 from pipeline.runners.links import MemoryLink
@@ -53,6 +54,21 @@ def test_threaded_pipeline_equals_sequential(tmp_path: Path, single_thread: None
     assert trained == {(module, step) for module in range(modules) for step in (4, 8, 12)}
 
 
+
+def test_threaded_pipeline_equals_sequential_on_an_imagenet_resnet(tmp_path: Path, single_thread: None) -> None:
+    """ResNet-50 (bottleneck blocks) at K = 2 with InfoPro's ImageNet head and decoder, on 32x32 images."""
+    overrides = ["model.family=imagenet", "model.arch=resnet50", "local.modules=2", "local.reconstruct=true",
+                 "local.ixx_1=5", "local.ixy_1=0.75", "train.max_steps=3", "train.lr=0.01"]
+    reference = run(tiny_config(tmp_path, "sequential", *overrides))
+    assert reference is not None
+    summaries, errors = run_threaded(tiny_config(tmp_path, "threads", *overrides, "run.mode=pipeline"))
+    assert errors == [None, None]
+    for module in range(2):
+        a, b = load_module_state(tmp_path / "sequential", module), load_module_state(tmp_path / "threads", module)
+        assert max_state_difference(a["state"], b["state"]) == 0.0, f"module {module} differs"
+    assert summaries[0] is not None and summaries[0]["test_accuracy"] == reference["test_accuracy"]
+
+
 # ---- the schedule, with mock stages ---------------------------------------------------------------
 
 
@@ -65,7 +81,10 @@ class FakeLoader:
     def __len__(self) -> int:
         return self.count
 
-    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batch_samples(self, index: int) -> int:
+        return self.size
+
+    def batches(self, epoch: int, start: int = 0, part: Part = WHOLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for index in range(start, self.count):
             yield torch.full((self.size, 1), float(epoch * 100 + index)), torch.zeros(self.size, dtype=torch.int64)
 
@@ -118,7 +137,7 @@ def _chain(stages: list[Recorder], length: RunLength, start: Position | None = N
     """Run mock stages on threads: stage 0 reads a BatchSource, the rest MemoryLinks."""
     links = [MemoryLink(k, k + 1, depth, timeout_s) for k in range(len(stages) - 1)]
     source = BatchSource(FakeLoader(length.batches, 4), FakeLoader(2, 3), start or Position(), length,  # type: ignore[arg-type]
-                         lambda images, labels: (images, labels))
+                         WHOLE)
     reports = [NullReport() for _ in stages]
     errors: list[BaseException | None] = [None] * len(stages)
 

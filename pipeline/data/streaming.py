@@ -1,0 +1,156 @@
+"""FolderLoader: an image folder streamed from disk, decoded and augmented by worker processes.
+
+The batch order is the resident loader's (pipeline/data/contract.py): the (seed, epoch)
+permutation, cut into consecutive batches, resumed at any batch. Each sample's augmentation is
+drawn from the seed of (seed, epoch, its position in the epoch), so a batch is the same whatever
+the number of workers, replicas or processes. torch's DataLoader runs ``data.workers``
+processes that each decode whole batches ahead (its prefetch), into pinned memory on a GPU, so
+the copy to the device is asynchronous; normalisation then runs on the device. The workers
+live for one pass (an epoch's training batches, or the test set): starting them is cheap next to
+the minutes an ImageNet epoch takes.
+
+A file that cannot be read or decoded stops the run with its path (docs/failures.md says why
+it is not skipped).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.config import Config
+from pipeline.data.contract import (
+    WHOLE,
+    Part,
+    batch_count,
+    batch_span,
+    channel_constants,
+    epoch_order,
+    mix_seed,
+    normalise,
+)
+from pipeline.data.image_folder import FolderSplit, scan
+from pipeline.data.loader import training_batch
+from pipeline.data.specs import DatasetSpec, folder_root, folder_spec
+from pipeline.data.transforms import EvalTransform, TrainTransform, Transform
+from pipeline.errors import BadInput
+
+# What Pillow raises for a file it cannot decode: unknown format (UnidentifiedImageError is an
+# OSError), truncated data, damaged headers or chunks, and images above its decompression-bomb limit.
+UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+PREFETCH_BATCHES = 2  # per worker: DataLoader's default, enough to hide a slow file
+
+
+class Sample(NamedTuple):
+    file: int  # index into the split's files
+    seed: int  # of its augmentation
+
+
+class Decoded(NamedTuple):
+    """A batch as a worker hands it over: a failure travels as text, not as an exception, since
+    DataLoader re-raises a worker's exception with its traceback folded into the message."""
+
+    images: torch.Tensor  # uint8 [N, 3, size, size]
+    labels: torch.Tensor
+    failure: str | None
+
+
+class FolderFiles(Dataset[tuple[torch.Tensor, int] | str]):
+    def __init__(self, split: FolderSplit, transform: Transform) -> None:
+        self.split, self.transform = split, transform
+
+    def __getitem__(self, sample: Sample) -> tuple[torch.Tensor, int] | str:
+        path = os.fsdecode(self.split.files[sample.file])
+        try:
+            with Image.open(path) as image:
+                return self.transform(image, sample.seed), int(self.split.labels[sample.file])
+        except UNREADABLE as err:
+            return (f"{path} cannot be read as an image ({type(err).__name__}: {err}); replace it with a "
+                    "readable image or delete it")
+
+
+def collate(items: list[tuple[torch.Tensor, int] | str], size: int) -> Decoded:
+    failures = [item for item in items if isinstance(item, str)]
+    if failures:
+        return Decoded(torch.empty(0), torch.empty(0), failures[0])
+    decoded = [item for item in items if not isinstance(item, str)]
+    # A part may be empty (a last test batch smaller than the replicas): an empty batch of the right shape.
+    images = torch.stack([image for image, _ in decoded]) if decoded else torch.empty(0, 3, size, size,
+                                                                                       dtype=torch.uint8)
+    return Decoded(images, torch.tensor([label for _, label in decoded], dtype=torch.int64), None)
+
+
+class FolderLoader:
+    """Batches of one split of an image folder on ``device``; ``batches(epoch, start, part)``."""
+
+    def __init__(self, split: FolderSplit, spec: DatasetSpec, batch_size: int, device: torch.device, seed: int,
+                 train: bool, transform: Transform, workers: int, smallest_batch: int = 1) -> None:
+        self.files = FolderFiles(split, transform)
+        self.spec, self.batch_size, self.device, self.seed = spec, batch_size, device, seed
+        self.train, self.workers, self.smallest_batch = train, workers, smallest_batch
+        self.mean = channel_constants(spec.mean, device)
+        self.std = channel_constants(spec.std, device)
+
+    def __len__(self) -> int:
+        return batch_count(self.samples, self.batch_size, self.smallest_batch)
+
+    @property
+    def samples(self) -> int:
+        return len(self.files.split.labels)
+
+    def batch_samples(self, index: int) -> int:
+        return len(batch_span(index, self.batch_size, self.samples))
+
+    def plan(self, epoch: int, start: int = 0, part: Part = WHOLE) -> Iterator[list[Sample]]:
+        """The samples this part decodes for each batch from ``start`` on, with their seeds."""
+        order = epoch_order(self.seed, epoch, self.samples, self.train).tolist()
+        for index in range(start, len(self)):
+            span = batch_span(index, self.batch_size, self.samples)
+            positions = part.take(torch.arange(span.start, span.stop)).tolist()
+            yield [Sample(order[position], mix_seed(self.seed, epoch, position)) for position in positions]
+
+    def batches(self, epoch: int, start: int = 0, part: Part = WHOLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gpu = self.device.type == "cuda"
+        stream = DataLoader(self.files, batch_sampler=_Plan(self, epoch, start, part),
+                            num_workers=self.workers,
+                            collate_fn=functools.partial(collate, size=self.spec.image_size), pin_memory=gpu,
+                            prefetch_factor=PREFETCH_BATCHES if self.workers else None)
+        for images, labels, failure in stream:
+            if failure is not None:
+                raise BadInput(failure)
+            images = images.to(self.device, non_blocking=gpu)
+            yield normalise(images.float(), self.mean, self.std), labels.to(self.device, non_blocking=gpu)
+
+
+class _Plan:
+    """``FolderLoader.plan`` as the re-iterable, sized batch sampler DataLoader expects."""
+
+    def __init__(self, loader: FolderLoader, epoch: int, start: int, part: Part) -> None:
+        self.loader, self.epoch, self.start, self.part = loader, epoch, start, part
+
+    def __iter__(self) -> Iterator[list[Sample]]:
+        return self.loader.plan(self.epoch, self.start, self.part)
+
+    def __len__(self) -> int:
+        return max(0, len(self.loader) - self.start)
+
+
+def make_folder_loaders(config: Config, device: torch.device, processes: int = 1) -> tuple[FolderLoader, FolderLoader]:
+    """The train and val loaders of the image folder at data.root (scanned here, once per process)."""
+    data = config.data
+    folder = scan(folder_root(config))
+    spec = folder_spec(config, len(folder.classes))
+    batch, smallest = training_batch(config, f"image folder {folder.root}", len(folder.train.labels), processes)
+    evaluate = EvalTransform(data.image_size, data.eval_resize)
+    augment: Transform = TrainTransform(data.image_size) if data.augment else evaluate
+    train = FolderLoader(folder.train, spec, batch, device, config.run.seed, True, augment, data.workers, smallest)
+    val = FolderLoader(folder.val, spec, min(data.batch_size, len(folder.val.labels)), device, config.run.seed,
+                       False, evaluate, data.workers)
+    return train, val
+

@@ -1,0 +1,106 @@
+"""torchvision's ImageNet ResNets and ResNeXts as a flat list of blocks, cut like the CIFAR ones.
+
+Block 0 is the stem (conv7x7/2 + batch norm + ReLU + max pool 3x3/2), then the residual blocks
+of the four stages (torchvision's layer1 .. layer4) in order; the classifier (pool + linear) is
+built separately and belongs to the last module. The layout, block for block, is torchvision's
+(stride on the bottleneck's 3x3 conv, 1x1 conv + batch norm shortcut where the shape changes),
+so parameter counts equal torchvision's; initialisation is resnet.init_weights (torchvision's
+kaiming normal, fan-out) with the optional zero-init of each block's last batch norm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.model.arch import BOTTLENECK_EXPANSION, ArchSpec
+from pipeline.model.partition import flat_to_cut
+from pipeline.model.resnet import BasicBlock, BlockShape, ResidualBlock, conv3x3, shortcut
+
+
+def conv1x1(cin: int, cout: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, bias=False)
+
+
+def halved(size: int) -> int:
+    """Side after a stride-2 conv or pool with 'same' padding (3x3 p1, 7x7 p3, 1x1 p0): ceil(size / 2)."""
+    return (size + 1) // 2
+
+
+class ImageNetStem(nn.Sequential):
+    def __init__(self, in_channels: int, width: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        )
+
+
+class Bottleneck(ResidualBlock):
+    """1x1 reduce, 3x3 (grouped for ResNeXt, carries the stride), 1x1 expand; then the shortcut."""
+
+    def __init__(self, cin: int, planes: int, stride: int, groups: int, width_per_group: int) -> None:
+        super().__init__()
+        width = planes * width_per_group // 64 * groups
+        cout = planes * BOTTLENECK_EXPANSION
+        self.conv1 = conv1x1(cin, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride, groups)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, cout)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.shortcut = shortcut(cin, cout, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.shortcut(x))
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn3
+
+
+class ImageNetResNet:
+    """The block layout of an ImageNet ResNet / ResNeXt; builds any single block on demand."""
+
+    def __init__(self, arch: ArchSpec, in_channels: int, image_size: int) -> None:
+        self.arch = arch
+        self.in_channels = in_channels
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return self.arch.units
+
+    def _stage_of(self, index: int) -> tuple[int, int]:
+        """Flat residual-block index (>= 1) -> (stage 0..3, block within the stage)."""
+        stage, block = flat_to_cut(index, self.arch.blocks)
+        return stage - 1, block
+
+    def _stage_size(self, stage: int) -> int:
+        size = halved(halved(self.image_size))  # the stem: conv stride 2, then max pool stride 2
+        for _ in range(stage):  # every stage after the first halves on entry
+            size = halved(size)
+        return size
+
+    def shape(self, index: int) -> BlockShape:
+        """Output shape of block ``index``; index -1 means the input image."""
+        if index < 0:
+            return BlockShape(self.in_channels, self.image_size)
+        if index == 0:
+            return BlockShape(self.arch.stem_width, self._stage_size(0))
+        stage, _ = self._stage_of(index)
+        return BlockShape(self.arch.widths[stage], self._stage_size(stage))
+
+    def build(self, index: int) -> nn.Module:
+        arch = self.arch
+        if index == 0:
+            return ImageNetStem(self.in_channels, arch.stem_width)
+        stage, block = self._stage_of(index)
+        cin = self.shape(index - 1).channels
+        stride = 2 if block == 0 and stage > 0 else 1
+        if arch.block == "basic":
+            return BasicBlock(cin, arch.widths[stage], stride)
+        planes = arch.widths[stage] // BOTTLENECK_EXPANSION
+        return Bottleneck(cin, planes, stride, arch.groups, arch.width_per_group)
