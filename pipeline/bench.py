@@ -1,14 +1,18 @@
 """python -m pipeline.bench --config FILE --nproc N [--steps S] [--window W] [--rounds R] [--out DIR]
+                          [--classic-microbatches 2,4,8]
 
 Runs on this machine and the same data: E2E in one process (all cores), DDP over N processes,
-sequential local learning (one process, K = N) and the pipeline over N processes (K = N). The
+sequential local learning (one process, K = N), the pipeline over N processes (K = N) and the
+classic pipeline (the E2E network at the pipeline's cuts under torch.distributed.pipelining's
+GPipe and 1F1B, one row per --classic-microbatches count; pipeline/classic_pp.py). The
 local runs share one set of cuts (balanced-time unless the config gives an explicit list or
 balanced-memory). The runs alternate: each of --rounds rounds runs every mode once, in that
 order, so that whatever else the machine does hits every mode alike. A run's throughput is the
 median of its timed windows of --window steps after the first (warm-up) window; a mode's figure
 is the median over rounds, reported with its min and max. The 1-minute load average is recorded
 before and during the runs, with a warning when the machine was busy before starting.
-Activation memory is what autograd keeps for backward, counted exactly. Writes DIR/bench.json,
+Activation memory is what autograd keeps for backward, counted exactly; bytes on the wire per
+step are computed from the layout (pipeline/traffic.py). Writes DIR/bench.json,
 DIR/bench.md and, with matplotlib, DIR/bench.png.
 """
 
@@ -20,7 +24,7 @@ import shlex
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +48,8 @@ class BenchRun:
     mode: str
     processes: int
     modules: int
+    schedule: str = ""  # classic_pp rows: the torch.distributed.pipelining schedule (gpipe, 1f1b)
+    microbatches: int = 0  # classic_pp rows: microbatches per batch
 
 
 def plan_runs(nproc: int) -> list[BenchRun]:
@@ -59,11 +65,20 @@ def plan_runs(nproc: int) -> list[BenchRun]:
     ]
 
 
+CLASSIC_MICROBATCHES = (2, 4, 8)
+
+
+def classic_runs(nproc: int, microbatches: Sequence[int]) -> list[BenchRun]:
+    """The same network end to end under torch.distributed.pipelining: GPipe and 1F1B, each M."""
+    return [BenchRun(f"classic_{kind}_m{count}", "classic_pp", nproc, nproc, kind, count)
+            for kind in ("gpipe", "1f1b") for count in microbatches]
+
+
 def layouts(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Every K x R = N layout that ran, side by side (DDP is K = 1, the pipeline row K = N)."""
     rows = []
     for name, run in runs.items():
-        if run["processes"] < 2:
+        if run["processes"] < 2 or run.get("mode") == "classic_pp":
             continue
         modules = run["modules"]
         bound = run.get("bottleneck_samples_per_s")
@@ -81,6 +96,14 @@ def command_for(run: BenchRun, config_path: str | None, sets: list[str]) -> list
         args += ["--set", item]
     if run.processes == 1:
         return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={run.processes}", *args]
+
+
+def classic_command(run: BenchRun, config_path: str | None, sets: list[str]) -> list[str]:
+    args = ["-m", "pipeline.classic_pp"] + (["--config", config_path] if config_path else [])
+    args += ["--schedule", run.schedule, "--microbatches", str(run.microbatches)]
+    for item in sets:
+        args += ["--set", item]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={run.processes}", *args]
 
 
@@ -108,12 +131,16 @@ def figures(run: BenchRun, out: Path, window: int, batch: int) -> dict[str, Any]
         "samples_per_s": round(statistics.median(rates), 2),
         "windows": len(rates),
         "peak_mem_bytes": max(stage["peak_mem_bytes"] for stage in summary["stages"]),
-        "busy_fraction": [stage["busy_fraction"] for stage in summary["stages"]],
-        "recv_wait_s": [stage["recv_wait_s"] for stage in summary["stages"]],
-        "send_wait_s": [stage["send_wait_s"] for stage in summary["stages"]],
+        "peak_mem_bytes_per_process": [stage["peak_mem_bytes"] for stage in summary["stages"]],
+        # classic_pp cannot split its schedule's step into compute and waits: it reports none
+        "busy_fraction": [stage["busy_fraction"] for stage in summary["stages"] if "busy_fraction" in stage],
+        "recv_wait_s": [stage["recv_wait_s"] for stage in summary["stages"] if "recv_wait_s" in stage],
+        "send_wait_s": [stage["send_wait_s"] for stage in summary["stages"] if "send_wait_s" in stage],
         "cut_points": summary["cut_points"],
         "test_accuracy": summary["test_accuracy"],
     }
+    if run.mode == "classic_pp":
+        result["schedule"], result["microbatches"] = run.schedule, run.microbatches
     if run.mode == "pipeline":
         # Each stage's step: its compute seconds per batch (a window's median), what the profile predicts.
         result["stage_s"] = [round(statistics.median(lines[module]["window_compute_s"] / window
@@ -126,9 +153,10 @@ def figures(run: BenchRun, out: Path, window: int, batch: int) -> dict[str, Any]
     return result
 
 
-def schedule(nproc: int, rounds: int) -> list[tuple[int, BenchRun]]:
+def schedule(nproc: int, rounds: int, microbatches: Sequence[int] = ()) -> list[tuple[int, BenchRun]]:
     """(round, run) in the order they run: round 1 runs every mode, then round 2, ... (ABAB)."""
-    return [(number, run) for number in range(1, rounds + 1) for run in plan_runs(nproc)]
+    runs = plan_runs(nproc) + classic_runs(nproc, microbatches)
+    return [(number, run) for number in range(1, rounds + 1) for run in runs]
 
 
 def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -212,7 +240,8 @@ def machine(device: str) -> str:
 
 
 def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, window: int, out_dir: Path,
-              rounds: int = 3, launcher: Launcher = launch) -> dict[str, Any]:
+              rounds: int = 3, launcher: Launcher = launch,
+              classic_microbatches: Sequence[int] = CLASSIC_MICROBATCHES) -> dict[str, Any]:
     if nproc < 2:
         raise BadInput(f"--nproc = {nproc}: the benchmark compares N processes; use --nproc 2 or more")
     if steps < 2 * window:
@@ -240,6 +269,10 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
                        f"{len(chosen) + 1} modules; use --nproc {len(chosen) + 1}")
     local = load_config(config_path, [*sets, f"local.modules={nproc}", *_partition(chosen)])
     spec = dataset_spec(local)
+    for count in classic_microbatches:
+        if count < 1 or base.data.batch_size % count:
+            raise BadInput(f"--classic-microbatches: {count} does not divide data.batch_size = "
+                           f"{base.data.batch_size}; give counts that do (e.g. 2,4,8)")
     profile = _profile(local, spec, nproc)
     cuts = _cuts(local, spec, profile)
     # The cuts of every K the layouts use: K = N's for the sequential and pipeline rows.
@@ -256,8 +289,10 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
     local_activation = module_activation_bytes(local, spec, cuts, batch)
 
     def command_of(run: BenchRun, out: Path) -> list[str]:
+        # classic_pp reads the pipeline's settings (threads per stage, timeout) as a pipeline run would
+        mode = "pipeline" if run.mode == "classic_pp" else run.mode
         run_sets = [
-            *sets, f"run.mode={run.mode}", f"run.out_dir={out}", f"train.max_steps={steps}", f"run.log_every={window}",
+            *sets, f"run.mode={mode}", f"run.out_dir={out}", f"train.max_steps={steps}", f"run.log_every={window}",
             "run.resume=\"\"", f"local.modules={run.modules}", "train.epochs=1000000",
             "run.overwrite=true",  # the bench owns its round folders: a second bench replaces them
         ]
@@ -265,9 +300,12 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
                      else [f"local.partition={explicit[run.modules]}"])
         if run.processes > 1:
             run_sets.append(f"pipeline.threads_per_stage={max(1, cores // run.processes)}")
+        if run.mode == "classic_pp":
+            return classic_command(run, config_path, run_sets)
         return command_for(run, config_path, run_sets)
 
-    results, load_during = run_rounds(schedule(nproc, rounds), out_dir, command_of, window, batch, launcher)
+    results, load_during = run_rounds(schedule(nproc, rounds, classic_microbatches), out_dir, command_of, window,
+                                      batch, launcher)
     results["e2e"]["activation_mem_bytes"] = e2e_activation
     results["ddp"]["activation_mem_bytes"] = ddp_activation
     for name in ("sequential", "pipeline"):
@@ -285,6 +323,10 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
                                              -(-batch // (run.processes // run.modules)))
         results[run.name]["activation_mem_bytes"] = max(per_module)
         results[run.name]["module_activation_mem_bytes"] = per_module
+    classic = classic_rows(config_path, sets, spec, cuts, batch, results, classic_runs(nproc, classic_microbatches))
+    traffic = wire_bytes_per_step(config_path, sets, spec, flat_cuts, batch, nproc, results)
+    idle = idle_fractions(results)
+    best_classic = max(classic, key=lambda name: classic[name]["samples_per_s"], default=None)
     pipe, ddp = results["pipeline"], results["ddp"]
     device = "cuda" if torch.cuda.is_available() and base.run.device != "cpu" else "cpu"
     report = {
@@ -309,6 +351,12 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
         "pipeline_over_e2e": round(pipe["samples_per_s"] / results["e2e"]["samples_per_s"], 3),
         "pipeline_efficiency": round(pipe["samples_per_s"] / pipe["bottleneck_samples_per_s"], 3),
         "largest_stage_activation_over_e2e": round(max(local_activation) / e2e_activation, 3),
+        "classic_pp": classic,
+        "best_classic_pp": best_classic,
+        "pipeline_over_classic_pp": (round(pipe["samples_per_s"] / classic[best_classic]["samples_per_s"], 3)
+                                     if best_classic else None),
+        "wire_bytes_per_step": traffic,
+        "idle_fraction": idle,
         "partition": local.local.partition,
         "memory_cap": local.local.memory_cap if local.local.partition == "balanced" else None,
         # Per-round ratios: the runs of one round ran minutes apart, so they share the machine's state.
@@ -325,6 +373,71 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
     print(table, flush=True)
     plot(report, out_dir / "bench.png")
     return report
+
+
+def classic_rows(config_path: str | None, sets: list[str], spec: Any, cuts: list[int], batch: int,
+                 results: dict[str, dict[str, Any]], runs: list[BenchRun]) -> dict[str, dict[str, Any]]:
+    """The classic pipeline rows: activation memory (into ``results``) and their summary for bench.json."""
+    from pipeline.classic_pp import e2e_overrides, stage_activation_bytes
+    from pipeline.model.network import make_net
+    from pipeline.traffic import bubble_fraction, classic_pp_bytes
+
+    e2e = load_config(config_path, e2e_overrides(sets))
+    rows = {}
+    for run in runs:
+        per_stage = stage_activation_bytes(e2e, spec, cuts, batch, run.schedule, run.microbatches)  # type: ignore[arg-type]
+        result = results[run.name]
+        result["activation_mem_bytes"] = max(per_stage)
+        result["module_activation_mem_bytes"] = per_stage
+        rows[run.name] = {
+            "schedule": run.schedule, "microbatches": run.microbatches, "samples_per_s": result["samples_per_s"],
+            "samples_per_s_min": result["samples_per_s_min"], "samples_per_s_max": result["samples_per_s_max"],
+            "peak_mem_bytes_per_process": result["peak_mem_bytes_per_process"],
+            "activation_mem_bytes_per_stage": per_stage,
+            "wire_bytes_per_step": classic_pp_bytes(make_net(e2e, spec), cuts, batch),
+            "idle_fraction": round(bubble_fraction(run.modules, run.microbatches), 4),
+        }
+    return rows
+
+
+def wire_bytes_per_step(config_path: str | None, sets: list[str], spec: Any, flat_cuts: dict[int, list[int]],
+                        batch: int, nproc: int, results: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Bytes every row's processes send per step (pipeline/traffic.py's model of each mode)."""
+    import torch
+
+    from pipeline.classic_pp import e2e_overrides
+    from pipeline.model.network import build_module, make_layout, make_net
+    from pipeline.traffic import classic_pp_bytes, ddp_bytes, local_pipeline_bytes
+
+    cpu = torch.device("cpu")
+    e2e = load_config(config_path, e2e_overrides(sets))
+    traffic = {}
+    for name, run in results.items():
+        modules, processes = run["modules"], run["processes"]
+        if run["mode"] == "classic_pp":
+            traffic[name] = classic_pp_bytes(make_net(e2e, spec), flat_cuts[modules], batch)
+        elif processes == 1:
+            traffic[name] = 0
+        elif modules == 1:
+            traffic[name] = ddp_bytes(build_module(e2e, make_layout(e2e, spec, []), 0, cpu), processes)
+        else:
+            config = load_config(config_path, [*sets, f"local.modules={modules}", "local.partition=equal"])
+            layout = make_layout(config, spec, flat_cuts[modules])
+            element = 2 if config.pipeline.wire_dtype == "bf16" else 4
+            traffic[name] = local_pipeline_bytes(
+                layout.plan, [layout.input_shape(k) for k in range(modules)],
+                [build_module(config, layout, k, cpu) for k in range(modules)], batch, element, processes // modules)
+    return traffic
+
+
+def idle_fractions(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Measured for the runs that time compute and waits (1 - mean busy fraction; 0 for one process);
+    the schedule's bubble, (K - 1) / (M + K - 1), for the classic rows, which cannot time them."""
+    from pipeline.traffic import bubble_fraction, measured_idle_fraction
+
+    return {name: (round(bubble_fraction(run["modules"], run["microbatches"]), 4) if run["mode"] == "classic_pp"
+                   else measured_idle_fraction(run["busy_fraction"]) if run["processes"] > 1 else 0.0)
+            for name, run in results.items()}
 
 
 def _partition(chosen: str | list[list[int]]) -> list[str]:
@@ -390,7 +503,7 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, run in report["runs"].items():
-        busy = " / ".join(f"{b:.2f}" for b in run["busy_fraction"])
+        busy = " / ".join(f"{b:.2f}" for b in run["busy_fraction"]) or "-"
         lines.append(
             f"| {name} | {run['processes']} | {run['modules']} | {run['samples_per_s']:.1f} | "
             f"{run['samples_per_s_min']:.1f} - {run['samples_per_s_max']:.1f} | "
@@ -402,6 +515,7 @@ def markdown(report: dict[str, Any]) -> str:
         efficiency = "-" if row["efficiency"] is None else f"{row['efficiency']:.3f}"
         lines.append(f"| {row['run']} | {row['K']} | {row['R']} | {row['samples_per_s']:.1f} | {efficiency} | "
                      f"{row['peak_mem_bytes_per_process'] / mib:.0f} |")
+    lines += traffic_lines(report)
     lines += [
         "",
         f"- pipeline / DDP samples/s: {ratio_line(report, 'pipeline_over_ddp')}",
@@ -413,9 +527,23 @@ def markdown(report: dict[str, Any]) -> str:
         "- pipeline stage step seconds, measured / predicted by the profile: "
         + ", ".join(f"{measured:.3f} / {predicted:.3f}"
                     for measured, predicted in zip(pipe["stage_s"], pipe["predicted_stage_s"])),
-        "",
     ]
-    return "\n".join(lines)
+    if report["best_classic_pp"]:
+        lines.append(f"- pipeline / best classic pipeline ({report['best_classic_pp']}) samples/s: "
+                     f"{report['pipeline_over_classic_pp']:.3f}")
+    return "\n".join([*lines, ""])
+
+
+def traffic_lines(report: dict[str, Any]) -> list[str]:
+    """Bytes on the wire per step and idle share of every row; the classic rows' idle is their bubble."""
+    lines = ["", "Wire traffic (all processes, per step of one batch) and idle share of a process's time "
+             "(measured: 1 - mean busy fraction; classic rows: the schedule's bubble (K-1)/(M+K-1)):", "",
+             "| run | wire MiB / step | idle fraction |", "|---|---|---|"]
+    for name in report["runs"]:
+        model = " (bubble)" if name in report["classic_pp"] else ""
+        lines.append(f"| {name} | {report['wire_bytes_per_step'][name] / (1 << 20):.2f} | "
+                     f"{report['idle_fraction'][name]:.3f}{model} |")
+    return lines
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -446,12 +574,22 @@ def plot(report: dict[str, Any], path: Path) -> None:
     right.bar_label(bars, fmt="%.0f")
     right.set_ylabel("MiB")
     right.set_title("activation memory (largest module / rank)")
+    classic = (f", pipeline / best classic PP {report['pipeline_over_classic_pp']:.3f}"
+               if report["best_classic_pp"] else "")
     figure.suptitle(
         f"{title(report)}\npipeline / DDP {ratio_line(report, 'pipeline_over_ddp')}, "
-        f"pipeline efficiency {ratio_line(report, 'pipeline_efficiency')}", fontsize=10)
+        f"pipeline efficiency {ratio_line(report, 'pipeline_efficiency')}{classic}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def microbatch_counts(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise BadInput(f"--classic-microbatches {text!r}: give whole numbers separated by commas, "
+                       f"e.g. 2,4,8") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,11 +601,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--window", type=int, default=10, help="steps per timed window")
         parser.add_argument("--rounds", type=int, default=3, help="rounds, each running every mode once")
         parser.add_argument("--out", default="runs/bench", help="output folder")
+        parser.add_argument("--classic-microbatches", default=",".join(map(str, CLASSIC_MICROBATCHES)),
+                            help="microbatch counts of the classic pipeline rows (GPipe and 1F1B each), "
+                                 "comma-separated; empty for none")
         add_set_argument(parser)
         args = parser.parse_args(argv)
         if args.window < 1:
             raise BadInput(f"--window = {args.window} must be >= 1")
-        run_bench(args.config, args.set, args.nproc, args.steps, args.window, Path(args.out), args.rounds)
+        run_bench(args.config, args.set, args.nproc, args.steps, args.window, Path(args.out), args.rounds,
+                  classic_microbatches=microbatch_counts(args.classic_microbatches))
 
     return run_main(body)
 

@@ -111,11 +111,16 @@ class Link:
     """
 
     def __init__(self, rank: int, peer: int, group: dist.ProcessGroup, codec: Codec, device: torch.device,
-                 depth: int, timeout_s: float, wire_dtype: torch.dtype | None = None) -> None:
+                 depth: int, timeout_s: float, wire_dtype: torch.dtype | None = None,
+                 channels_last: bool = False) -> None:
         self.rank, self.peer, self.group, self.codec, self.device = rank, peer, group, codec, device
         self.header_length = header_length(codec.max_tensors)
         # Floating tensors travel in wire_dtype (when set) and are restored to float32 on arrival.
         self.wire_dtype = wire_dtype
+        # 4-D tensors travel in the layout both modules compute in (precision.channels_last), so neither
+        # end converts them: the sender would copy a channels_last output to NCHW and the receiving
+        # module copy it back, two full copies per tensor per step.
+        self.channels_last = channels_last
         # GPU: communication runs on a stream of its own, so it never queues behind compute.
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.queue: queue.Queue[Frame | _Failed | None] = queue.Queue(maxsize=depth)
@@ -131,6 +136,22 @@ class Link:
     def thread(self) -> threading.Thread:
         assert self.courier is not None, "the link was never started"
         return self.courier.thread
+
+    def on_wire(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The dense buffer that carries ``tensor``: itself, or for a channels_last 4-D tensor its
+        storage seen as an NHWC tensor (gloo sends contiguous tensors only; this view is one)."""
+        if self.channels_last and tensor.dim() == 4:
+            return tensor.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        return tensor.contiguous()
+
+    def arriving(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the tensor of ``shape``, the dense buffer to receive into): ``on_wire``'s inverse."""
+        if self.channels_last and len(shape) == 4:
+            n, c, h, w = shape
+            buffer = torch.empty((n, h, w, c), dtype=dtype, device=self.device)
+            return buffer.permute(0, 3, 1, 2), buffer
+        buffer = torch.empty(shape, dtype=dtype, device=self.device)
+        return buffer, buffer
 
     def _wake(self) -> None:
         if self.courier is not None:
@@ -190,7 +211,7 @@ class Sender(Link):
         if self.wire_dtype is not None:
             tensors = [t.to(self.wire_dtype) if t.is_floating_point() else t for t in tensors]
         header = encode_header(Frame(frame.meta, tensors), self.codec.max_tensors).to(self.device)
-        buffers = [header, *(tensor.contiguous() for tensor in tensors)]
+        buffers = [header, *(self.on_wire(tensor) for tensor in tensors)]
         return buffers, [_started(dist.isend(tensor, self.peer, group=self.group)) for tensor in buffers]
 
 
@@ -224,8 +245,9 @@ class Receiver(Link):
 
     def post_tensors(self, header: torch.Tensor) -> tuple[Frame, list[Work]]:
         meta, specs = decode_header(header.cpu())
-        tensors = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in specs]
-        return Frame(meta, tensors), [_started(dist.irecv(tensor, self.peer, group=self.group)) for tensor in tensors]
+        arrivals = [self.arriving(shape, dtype) for dtype, shape in specs]
+        works = [_started(dist.irecv(buffer, self.peer, group=self.group)) for _, buffer in arrivals]
+        return Frame(meta, [tensor for tensor, _ in arrivals]), works
 
     def deliver(self, frame: Frame) -> bool:
         """Decode an arrived frame into the inbox (room is there: only the courier fills it); True at the end."""

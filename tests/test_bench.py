@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 
 from pipeline.bench import (
+    CLASSIC_MICROBATCHES,
     BenchRun,
     busy_warning,
+    classic_command,
+    classic_runs,
     command_for,
     figures,
     markdown,
@@ -30,11 +33,15 @@ REPO = Path(__file__).resolve().parents[1]
 WINDOW, BATCH = 10, 128
 
 
-def write_run(out: Path, modules: int, rates: list[float], computes: list[list[float]]) -> None:
-    """A finished run's outputs: one train line per module per window (+ one partial window)."""
+def write_run(out: Path, modules: int, rates: list[float], computes: list[list[float]], timed: bool = True) -> None:
+    """A finished run's outputs: one train line per module per window (+ one partial window).
+
+    ``timed``: the stages report compute and waits (every mode but the classic pipeline)."""
     out.mkdir(parents=True, exist_ok=True)
-    stages = [{"rank": k, "module": k, "compute_s": 1.0, "recv_wait_s": 0.1 * k, "send_wait_s": 0.2,
-               "busy_fraction": 0.9, "peak_mem_bytes": 1000 + k, "samples_per_s": 10.0} for k in range(modules)]
+    stages = [{"rank": k, "module": k, "peak_mem_bytes": 1000 + k, "samples_per_s": 10.0} for k in range(modules)]
+    if timed:
+        stages = [{**stage, "compute_s": 1.0, "recv_wait_s": 0.1 * k, "send_wait_s": 0.2, "busy_fraction": 0.9}
+                  for k, stage in enumerate(stages)]
     (out / "summary.json").write_text(json.dumps({"stages": stages, "cut_points": [[1, 4]], "test_accuracy": 0.5}))
     lines = []
     for index, (rate, compute) in enumerate(zip(rates, computes)):
@@ -93,6 +100,9 @@ def out_dir_of(command: list[str]) -> Path:
 # samples/s each mode reaches in rounds 1, 2, 3: round 2 is the noisy one for every mode.
 RATES = {"e2e": [100.0, 50.0, 110.0], "ddp": [200.0, 90.0, 220.0], "sequential": [95.0, 40.0, 90.0],
          "pipeline": [300.0, 120.0, 310.0]}
+# the classic rows: 1F1B with 8 microbatches is the fastest, at 250 samples/s
+RATES.update({run.name: [(200.0 if run.schedule == "1f1b" else 150.0) + 50 * run.microbatches / 8] * 3
+              for run in classic_runs(2, CLASSIC_MICROBATCHES)})
 
 
 def fake_launcher(ran: list[tuple[int, str]], batch: int = BATCH) -> object:
@@ -100,10 +110,11 @@ def fake_launcher(ran: list[tuple[int, str]], batch: int = BATCH) -> object:
         out = out_dir_of(command)
         number, name = int(out.parent.name.split("-")[1]), out.name
         ran.append((number, name))
-        run = {r.name: r for r in plan_runs(2)}[name]
+        run = {r.name: r for r in plan_runs(2) + classic_runs(2, CLASSIC_MICROBATCHES)}[name]
         rate = RATES[name][number - 1]
         # compute seconds per window such that the pipeline's bound is 1.25 x its rate
-        write_run(out, run.modules, [rate] * 3, [[batch * WINDOW / (1.25 * rate)] * run.modules] * 3)
+        write_run(out, run.modules, [rate] * 3, [[batch * WINDOW / (1.25 * rate)] * run.modules] * 3,
+                  timed=run.mode != "classic_pp")
         log.write_text("ok\n")
         load.append(0.25)
         return 0
@@ -218,6 +229,8 @@ def test_plot_has_a_title_and_labelled_bars(bench_report: tuple[dict[str, object
     (["--nproc", "two"], "invalid int value"),
     (["--nproc", "2", "--rounds", "0"], "--rounds = 0 must be >= 1"),
     (["--nproc", "2", "--round", "2"], "unrecognized arguments: --round"),
+    (["--nproc", "2", "--classic-microbatches", "3"], "--classic-microbatches: 3 does not divide data.batch_size"),
+    (["--nproc", "2", "--classic-microbatches", "2,four"], "--classic-microbatches '2,four': give whole numbers"),
 ])
 def test_bad_arguments_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "pipeline.bench", *args, "--out", str(tmp_path)],
@@ -239,3 +252,40 @@ def test_every_k_by_r_layout_of_n_processes_is_planned_and_reported() -> None:
     rows = layouts(figures)
     assert [(row["K"], row["R"]) for row in rows] == [(8, 1), (4, 2), (2, 4), (1, 8)]
     assert rows[0]["efficiency"] == 0.54 and rows[-1]["efficiency"] is None
+
+
+def test_classic_rows_run_after_the_others_under_torchrun() -> None:
+    order = [run.name for _, run in schedule(2, 1, [2, 8])]
+    assert order == ["e2e", "ddp", "sequential", "pipeline", "classic_gpipe_m2", "classic_gpipe_m8",
+                     "classic_1f1b_m2", "classic_1f1b_m8"]
+    (run,) = [run for _, run in schedule(2, 1, [4]) if run.name == "classic_1f1b_m4"]
+    command = classic_command(run, "c.toml", ["local.modules=2"])
+    assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
+    assert command[6:] == ["pipeline.classic_pp", "--config", "c.toml", "--schedule", "1f1b", "--microbatches", "4",
+                           "--set", "local.modules=2"]
+
+
+def test_bench_reports_the_classic_pipeline_beside_the_others(bench_report: tuple[dict[str, object], Path]) -> None:
+    out = bench_report[1]
+    saved = json.loads((out / "bench.json").read_text())
+    classic = saved["classic_pp"]
+    assert set(classic) == {run.name for run in classic_runs(2, CLASSIC_MICROBATCHES)}
+    assert saved["best_classic_pp"] == "classic_1f1b_m8" and classic["classic_1f1b_m8"]["samples_per_s"] == 250.0
+    assert saved["pipeline_over_classic_pp"] == 1.2
+    row = classic["classic_gpipe_m2"]
+    assert row["idle_fraction"] == round(1 / 3, 4) and row["peak_mem_bytes_per_process"] == [1000, 1001]
+    # GPipe keeps every microbatch's activations, 1F1B at most K - k of them on stage k
+    one_f = classic["classic_1f1b_m2"]["activation_mem_bytes_per_stage"]
+    assert row["activation_mem_bytes_per_stage"][1] == one_f[1] * 2
+    # every row has its traffic: none in one process, activations + gradients for classic, packets for the pipeline
+    traffic = saved["wire_bytes_per_step"]
+    assert set(traffic) == set(saved["runs"]) and traffic["e2e"] == traffic["sequential"] == 0
+    assert traffic["classic_gpipe_m2"] == traffic["classic_1f1b_m8"] > traffic["pipeline"] > 0 and traffic["ddp"] > 0
+    assert saved["idle_fraction"]["pipeline"] == 0.1 and saved["idle_fraction"]["e2e"] == 0.0
+    assert saved["idle_fraction"]["classic_1f1b_m8"] == round(1 / 9, 4)
+    assert saved["runs"]["classic_1f1b_m8"]["busy_fraction"] == []
+    text = (out / "bench.md").read_text()
+    assert "| classic_1f1b_m8 | 2 | 2 | 250.0 | 250.0 - 250.0 |" in text and "| - |" in text
+    assert "| classic_gpipe_m4 | " in text and "0.200 (bubble) |" in text
+    assert "pipeline / best classic pipeline (classic_1f1b_m8) samples/s: 1.200" in text
+    assert saved["layouts"] and all(not row["run"].startswith("classic") for row in saved["layouts"])

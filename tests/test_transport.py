@@ -245,3 +245,31 @@ def test_a_failed_send_reaches_put_and_close_at_once(monkeypatch: pytest.MonkeyP
             time.sleep(0.01)
         outbox.close()
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("wire_dtype", [None, torch.bfloat16])
+def test_channels_last_tensors_cross_a_link_without_a_layout_copy(monkeypatch: pytest.MonkeyPatch,
+                                                                  wire_dtype: torch.dtype | None) -> None:
+    """With precision.channels_last both ends keep the modules' layout: the sender posts the output's
+    own storage (fp32 wire), the receiver fills channels_last buffers; other tensors stay as they are."""
+    _fake_nccl(monkeypatch)
+    cpu = torch.device("cpu")
+    sender = Sender(0, 1, "01", _PassCodec(), cpu, 2, 10.0, wire_dtype, channels_last=True)  # type: ignore[arg-type]
+    receiver = Receiver(1, 0, "01", _PassCodec(), cpu, 2, 10.0, wire_dtype, channels_last=True)  # type: ignore[arg-type]
+    features = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(4)
+    buffers, _ = sender.post(Frame((1,), [labels, features]))
+    assert all(buffer.is_contiguous() for buffer in buffers)  # what gloo sends
+    assert buffers[2].shape == (4, 5, 5, 8)  # the channels_last storage as NHWC
+    if wire_dtype is None:
+        assert buffers[2].data_ptr() == features.data_ptr()  # sent as it is, no copy
+    header, works = receiver.post_header()
+    assert [work.is_completed() for work in works] == [True]
+    frame, works = receiver.post_tensors(header)
+    assert [work.is_completed() for work in works] == [True, True]
+    assert frame.tensors[1].is_contiguous(memory_format=torch.channels_last)
+    receiver.deliver(frame)
+    (_, arrived) = receiver.queue.get_nowait().message  # type: ignore[union-attr]
+    assert torch.equal(arrived[0], labels) and arrived[1].dtype == torch.float32
+    assert arrived[1].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(arrived[1], features if wire_dtype is None else features.to(wire_dtype).float())

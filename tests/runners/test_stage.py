@@ -57,6 +57,14 @@ def test_pipeline_equals_sequential(tmp_path: Path, single_thread: None, modules
     assert {line["rank"] for line in logged if line["event"] == "train"} == set(range(modules))
 
 
+def test_channels_last_pipeline_equals_sequential(tmp_path: Path, single_thread: None) -> None:
+    """The links carry channels_last tensors as they are (no layout copy at either end): still equal."""
+    overrides = ["local.modules=2", "local.context=R1E", f"train.max_steps={STEPS}", "precision.channels_last=true"]
+    run(tiny_config(tmp_path, "sequential", *overrides))
+    out = _pipeline(tmp_path, "pipeline", 2, *overrides[1:])
+    _assert_same_modules(tmp_path / "sequential", out, 2)
+
+
 def test_bf16_wire_trains_close_to_the_reference(tmp_path: Path, single_thread: None) -> None:
     """bf16 on the wire rounds activations: not equal to sequential, but close after a few steps."""
     overrides = ["local.modules=2", "local.context=R1E", "train.max_steps=6"]

@@ -1,0 +1,120 @@
+"""Classic pipeline parallelism: the end-to-end network split at the cuts, trained by GPipe / 1F1B."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.classic_pp import (
+    e2e_overrides,
+    full_batches,
+    in_flight,
+    stage_activation_bytes,
+    stage_modules,
+)
+from pipeline.config import load_config
+from pipeline.data.specs import dataset_spec
+from pipeline.model.network import build_module, make_layout, resolve_cuts
+from pipeline.model.profile import module_activation_bytes
+from pipeline.optim import learning_rate, make_optimizer, set_learning_rate
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+SETS = ["data.name=synthetic", "model.arch=resnet8", "data.batch_size=8", "run.device=cpu", "local.modules=2",
+        "local.partition=[[1, 0]]", "train.schedule=constant", "train.lr=0.05"]
+
+
+def e2e_network(sets: list[str]) -> torch.nn.Module:
+    config = load_config(None, e2e_overrides(sets))
+    return build_module(config, make_layout(config, dataset_spec(config), []), 0, CPU)
+
+
+def test_the_stages_are_the_end_to_end_network_cut_at_the_local_cuts() -> None:
+    config, e2e = load_config(None, SETS), load_config(None, e2e_overrides(SETS))
+    spec = dataset_spec(config)
+    stages = stage_modules(e2e, spec, resolve_cuts(config, spec, CPU))
+    whole = e2e_network(SETS)
+    assert [len(stage) for stage in stages] == [2, 3]  # stem + block 1 | blocks 2, 3 + classifier
+    inputs = torch.randn(4, spec.channels, spec.image_size, spec.image_size)
+    with torch.no_grad():
+        split = stages[1](stages[0](inputs))
+        assert torch.equal(split, whole.head(whole.body(inputs)))
+
+
+def test_microbatches_in_flight() -> None:
+    assert [in_flight("gpipe", k, 4, 8) for k in range(4)] == [8, 8, 8, 8]
+    assert [in_flight("1f1b", k, 4, 8) for k in range(4)] == [4, 3, 2, 1]
+    assert in_flight("1f1b", 0, 4, 2) == 2
+
+
+def test_activation_memory_counts_the_microbatches_in_flight() -> None:
+    config, e2e = load_config(None, SETS), load_config(None, e2e_overrides(SETS))
+    spec = dataset_spec(config)
+    cuts = resolve_cuts(config, spec, CPU)
+    gpipe = stage_activation_bytes(e2e, spec, cuts, 8, "gpipe", 4)
+    one_f = stage_activation_bytes(e2e, spec, cuts, 8, "1f1b", 4)
+    assert one_f[0] * 2 == gpipe[0] and one_f[1] * 4 == gpipe[1]  # 2 and 1 in flight of 4
+    # GPipe keeps every microbatch: at least the whole network's activations at the full batch (the
+    # stages hold the tensors at the cut twice, the sender's output and the receiver's input).
+    whole = module_activation_bytes(e2e, spec, [], 8)[0]
+    assert whole <= sum(gpipe) < 1.5 * whole
+
+
+def reference_steps(sets: list[str], microbatches: int, steps: int) -> list[torch.Tensor]:
+    """End to end on one process, gradients accumulated over the same microbatches (each loss / M)."""
+    config = load_config(None, sets)
+    whole = e2e_network(sets).train()
+    optimizer = make_optimizer(whole, config.train)
+    batches = full_batches(config, CPU, config.data.batch_size)
+    for step in range(1, steps + 1):
+        epoch, images, labels = next(batches)
+        set_learning_rate(optimizer, learning_rate(config.train, epoch, step, steps))
+        optimizer.zero_grad(set_to_none=True)
+        for part, target in zip(images.chunk(microbatches), labels.chunk(microbatches)):
+            (F.cross_entropy(whole.head(whole.body(part)), target) / microbatches).backward()
+        optimizer.step()
+    return [tensor.detach() for tensor in [*whole.body.state_dict().values(), *whole.head.state_dict().values()]]
+
+
+def test_gpipe_steps_equal_end_to_end_with_accumulated_microbatches(tmp_path: Path) -> None:
+    schedule, microbatches, steps = "gpipe", 2, 2
+    sets = [item for override in SETS for item in ("--set", override)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(REPO / "tests" / "classic_pp_worker.py"), str(tmp_path), schedule, str(microbatches), str(steps), *sets],
+        capture_output=True, text=True, timeout=180, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stages = [torch.load(tmp_path / f"stage_{rank}.pt", weights_only=True) for rank in range(2)]
+    pipelined = [tensor for stage in stages for tensor in stage.values()]
+    expected = reference_steps(SETS, microbatches, steps)
+    assert len(pipelined) == len(expected)
+    for got, want in zip(pipelined, expected):
+        assert got.shape == want.shape
+        assert torch.allclose(got.float(), want.float(), atol=1e-5, rtol=0), (got - want).abs().max()
+    # and the weights moved: the comparison is not between two untrained networks
+    untrained = [*e2e_network(SETS).body.state_dict().values(), *e2e_network(SETS).head.state_dict().values()]
+    assert any(not torch.equal(got, before) for got, before in zip(pipelined, untrained))
+
+
+def classic_pp_cli(tmp_path: Path, world: int, *args: str) -> subprocess.CompletedProcess[str]:
+    sets = [item for override in [*SETS, f"run.out_dir={tmp_path}", "train.max_steps=2"]
+            for item in ("--set", override)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WORLD_SIZE": str(world)}
+    return subprocess.run([sys.executable, "-m", "pipeline.classic_pp", *args, *sets], capture_output=True,
+                          text=True, timeout=60, env=env, check=False)
+
+
+def test_bad_launches_exit_2_with_one_line(tmp_path: Path) -> None:
+    alone = classic_pp_cli(tmp_path, 1)
+    assert alone.returncode == 2 and "launch it with torchrun --nproc-per-node K" in alone.stderr
+    uneven = classic_pp_cli(tmp_path, 2, "--microbatches", "3")
+    assert uneven.returncode == 2 and "--microbatches = 3 must divide data.batch_size = 8" in uneven.stderr
+    other_k = classic_pp_cli(tmp_path, 4)
+    assert other_k.returncode == 2 and "set local.modules=4" in other_k.stderr
+    assert all("Traceback" not in done.stderr for done in (alone, uneven, other_k))
