@@ -29,6 +29,7 @@ from pipeline.model.cost import (
     stage_seconds,
 )
 from pipeline.model.partition import NoPartitionFits, flat_to_cut, min_max_partition, module_ranges
+from pipeline.traffic import all_reduce_bytes
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -66,8 +67,8 @@ class Layout:
 
 
 def allreduce_bytes(parameter_bytes: int, replicas: int) -> int:
-    """What each device sends in a ring all-reduce of the gradients: 2 (R - 1) / R of them."""
-    return 2 * (replicas - 1) * parameter_bytes // replicas
+    """What each device sends in the gradients' ring all-reduce (pipeline/traffic.py counts all devices)."""
+    return all_reduce_bytes(parameter_bytes, replicas) // replicas
 
 
 def device_memory_bytes(profile: NetworkProfile, plan: ContextPlan, index: int, start: int, end: int,

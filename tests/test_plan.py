@@ -7,7 +7,6 @@ import math
 import pytest
 
 from pipeline.model.context import ContextPlan
-from pipeline.model.cost import LABEL_BYTES
 from pipeline.plan import (
     OPTIMIZER_COPIES,
     Cluster,
@@ -18,6 +17,7 @@ from pipeline.plan import (
     plan_layouts,
     recommend,
 )
+from pipeline.traffic import LABEL_BYTES
 from tests.profiles import synthetic_profile
 
 # 4 blocks of 1 s each at batch 10, 1000 saved bytes each, 100 parameter bytes each; outputs of 100 bytes

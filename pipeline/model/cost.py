@@ -21,8 +21,8 @@ from pipeline.config import Config, parse_size
 from pipeline.errors import BadInput
 from pipeline.model.context import ContextPlan
 from pipeline.model.partition import NoPartitionFits, min_max_partition, module_ranges
+from pipeline.traffic import LABEL_BYTES
 
-LABEL_BYTES = 8  # int64 per sample on the wire
 MIB = 1 << 20
 
 

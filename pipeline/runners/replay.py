@@ -24,11 +24,11 @@ from collections.abc import Callable
 from pipeline.errors import BadInput
 from pipeline.runners.links import Inbox
 from pipeline.runners.loop import EpochEnd, Position, RunLength, TrainStep, events
-from pipeline.runners.messages import Eval, Message, Stop, Train
+from pipeline.runners.messages import Eval, Stop, Train
 from pipeline.runners.replay_buffer import ReplayBuffer, Taken
 from pipeline.runners.report import RunReport
 from pipeline.runners.schedule_trace import Ended, Item, Trained
-from pipeline.runners.stage import Handler
+from pipeline.runners.stage import Handler, through
 
 JITTER = 0.2  # each simulated step lasts its module's factor times a uniform draw in [1 - JITTER, 1 + JITTER]
 
@@ -134,12 +134,7 @@ class ReplayLoop:
                 left = [module for module, plan in enumerate(self.plans) if plan]
                 if left:
                     raise BadInput(self._mismatch(left[0], "steps left after the run's end"))
-            passed: Message | None = message
-            for stage in self.stages:
-                assert passed is not None
-                passed = stage.handle(passed)
-                if passed is None:
-                    break
+            through(self.stages, message)
             if isinstance(message, EpochEnd):
                 self.report.epoch_end(message)
                 if self.commit is not None:

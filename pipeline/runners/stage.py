@@ -79,6 +79,17 @@ class ModuleStage:
         return message
 
 
+def through(stages: Sequence[Handler], message: Message) -> Message | None:
+    """``message`` through this process's modules in order; None once one keeps it (the last
+    module, or a train step a buffered module holds back)."""
+    passed: Message | None = message
+    for stage in stages:
+        passed = stage.handle(passed)
+        if passed is None:
+            break
+    return passed
+
+
 class StageLoop:
     def __init__(self, inbox: Inbox, stages: Sequence[Handler], outbox: Outbox | None, report: RunReport,
                  commit: Callable[[Position], object] | None = None) -> None:
@@ -95,12 +106,7 @@ class StageLoop:
             training = isinstance(message, Train)
             if training:
                 stats.begin_compute()
-            passed: Message | None = message
-            for stage in self.stages:
-                assert passed is not None
-                passed = stage.handle(passed)
-                if passed is None:
-                    break
+            passed = through(self.stages, message)
             if training:
                 stats.end_compute()
             computed = time.perf_counter()
