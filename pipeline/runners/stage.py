@@ -84,6 +84,7 @@ def through(stages: Sequence[Handler], message: Message) -> Message | None:
     module, or a train step a buffered module holds back)."""
     passed: Message | None = message
     for stage in stages:
+        assert passed is not None
         passed = stage.handle(passed)
         if passed is None:
             break
