@@ -81,7 +81,7 @@ class ModuleStage:
 
 def through(stages: Sequence[Handler], message: Message) -> Message | None:
     """``message`` through this process's modules in order; None once one keeps it (the last
-    module, or a train step a buffered module holds back)."""
+    module keeps train batches; every module keeps its test batches)."""
     passed: Message | None = message
     for stage in stages:
         assert passed is not None
