@@ -51,6 +51,13 @@ def six_steps(tmp_path_factory, config_builder):
     return out
 
 
+@pytest.fixture(scope="module")
+def twelve_steps(tmp_path_factory, config_builder):
+    """The straight run that resumed and crash-resumed runs must equal: 12 steps, into epoch 2 (run once)."""
+    out = tmp_path_factory.mktemp("ckpt") / "straight"
+    return out, run(config_builder(*RESUME, "train.max_steps=12", out_dir=out))
+
+
 def test_files_load_with_weights_only(six_steps):
     for module in range(2):
         payload = torch.load(checkpoint.newest_module_file(six_steps, module), weights_only=True)
@@ -70,16 +77,16 @@ def test_files_load_with_weights_only(six_steps):
     assert marker["step"] == 6 and marker["modules"] == [0, 1] and marker["identity"]["context"] == "R1"
 
 
-def test_resume_equals_a_straight_run(six_steps, make_config, tmp_path):
+def test_resume_equals_a_straight_run(six_steps, twelve_steps, make_config, tmp_path):
     resumed = run(make_config(*RESUME, "train.max_steps=12", f"run.resume='{six_steps}'",
                                          out_dir=tmp_path / "resumed"))
-    straight = run(make_config(*RESUME, "train.max_steps=12", out_dir=tmp_path / "straight"))
+    straight_dir, straight = twelve_steps
     assert resumed["steps"] == straight["steps"] == 12
     assert resumed["epochs"] == straight["epochs"] == 1
     assert resumed["test_accuracy"] == straight["test_accuracy"]
     for module in range(2):
         a = torch.load(checkpoint.newest_module_file(tmp_path / "resumed", module), weights_only=True)
-        b = torch.load(checkpoint.newest_module_file(tmp_path / "straight", module), weights_only=True)
+        b = torch.load(checkpoint.newest_module_file(straight_dir, module), weights_only=True)
         assert a["position"] == b["position"] == {"epoch": 2, "batch": 4, "step": 12}
         tensors_equal(a["state"], b["state"], f"module {module}")  # weights, BN statistics and momentum
     lines = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
@@ -246,7 +253,8 @@ def assert_equal_runs(a, b) -> None:
         tensors_equal(x["state"], y["state"], f"module {module}")
 
 
-def test_a_crash_between_two_modules_saves_resumes_from_the_last_complete_set(make_config, tmp_path, monkeypatch):
+def test_a_crash_between_two_modules_saves_resumes_from_the_last_complete_set(twelve_steps, make_config, tmp_path,
+                                                                             monkeypatch):
     """Module 0 saved step 12, module 1's save died: the step-8 set is intact and the resume equals a straight run."""
     out = tmp_path / "crashed"
     fail_second_save_of(monkeypatch, 1, KeyboardInterrupt())  # as abrupt as it gets in-process
@@ -256,9 +264,9 @@ def test_a_crash_between_two_modules_saves_resumes_from_the_last_complete_set(ma
     assert [step for step, _ in checkpoint.complete_sets(out)] == [8]
     assert not [path for path in out.rglob("*") if ".tmp" in path.name]
     resumed = run(make_config(*CRASH, f"run.resume='{out}'", out_dir=out))
-    straight = run(make_config(*CRASH, out_dir=tmp_path / "straight"))
+    straight_dir, straight = twelve_steps  # the same config as CRASH
     assert resumed["steps"] == straight["steps"] == 12 and resumed["test_accuracy"] == straight["test_accuracy"]
-    assert_equal_runs(out, tmp_path / "straight")
+    assert_equal_runs(out, straight_dir)
     assert [step for step, _ in checkpoint.complete_sets(out)] == [8, 12]
 
 

@@ -26,6 +26,7 @@ EQUIVALENCE_CASES = [
     (4, ["local.context=R1E", "train.schedule=cosine-step"]),
     (4, ["local.context=R2E", "local.reconstruct=true", "local.ixx_2=0.0", "local.ixy_2=2.0"]),
 ]
+EQUIVALENCE_STEPS = 12
 EQUIVALENCE_IDS = ["K2-R0", "K2-E-decoder", "K4-R1-decoder-contrast", "K4-R1E-cosine-step", "K4-R2E-decoder"]
 
 

@@ -48,10 +48,17 @@ def emulate_ddp(tmp: Path) -> dict[str, object]:
     return worker.state_dict()
 
 
-def test_ddp_matches_single_process(tmp_path: Path, single_thread: None) -> None:
-    out = tmp_path / "ddp"
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One DDP job of WORLD processes, STEPS steps: both tests below read its outputs."""
+    out = tmp_path_factory.mktemp("ddp") / "ddp"
     done = torchrun(WORLD, [f"run.out_dir={out}", "run.mode=ddp", f"train.max_steps={STEPS}"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def test_ddp_matches_single_process(ddp_run: Path, tmp_path: Path, single_thread: None) -> None:
+    out = ddp_run
     saved = load_module_state(out, 0)
     assert saved["position"]["step"] == STEPS
     assert max_state_difference(emulate_ddp(tmp_path), saved["state"]) <= 1e-5
@@ -90,13 +97,12 @@ def test_replicas_evaluate_with_replica_0_buffers(tmp_path: Path) -> None:
     assert buffers and comm.broadcast == buffers
 
 
-def test_ddp_accuracy_is_replica_0s_model_on_the_whole_test_set(tmp_path: Path, single_thread: None) -> None:
+def test_ddp_accuracy_is_replica_0s_model_on_the_whole_test_set(ddp_run: Path, tmp_path: Path,
+                                                                single_thread: None) -> None:
     """Each replica evaluates its shard of the test set with replica 0's statistics: the summed count
     is what replica 0's checkpoint scores alone. (On this tiny synthetic run the drift of replica 1's
     statistics rarely flips a prediction, so the unit test above is the one that catches a missing sync.)"""
-    out = tmp_path / "ddp"
-    done = torchrun(WORLD, [f"run.out_dir={out}", "run.mode=ddp", f"train.max_steps={STEPS}"])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = ddp_run
     config = tiny_config(tmp_path, "check")
     device = torch.device("cpu")
     test = make_loaders(config, device)[1]

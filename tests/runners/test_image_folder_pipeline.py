@@ -55,13 +55,14 @@ def test_threaded_pipeline_on_an_image_folder_equals_sequential(tmp_path: Path, 
 
 
 def test_resnet50_on_an_image_folder_pipeline_equals_sequential(tmp_path: Path, single_thread: None) -> None:
-    """torchvision's ResNet-50 (model.family = imagenet) at K = 2 on 64-pixel crops with InfoPro's
-    ImageNet head and decoder: the threaded pipeline ends with the sequential run's parameters."""
+    """torchvision's ResNet-50 (model.family = imagenet, bottleneck blocks) at K = 2 on 64-pixel crops with
+    InfoPro's ImageNet head and decoder, weighted as its ImageNet commands: the threaded pipeline ends with
+    the sequential run's parameters."""
     root = tmp_path / "images"
     write_folder(root, 12, 3, size=(80, 72), png_every=4)
     overrides = [*folder_overrides(root), "model.family=imagenet", "model.arch=resnet50", "data.image_size=64",
-                 "data.eval_resize=72", "data.batch_size=4", "local.reconstruct=true", "train.max_steps=3",
-                 "train.epochs=1"]
+                 "data.eval_resize=72", "data.batch_size=4", "local.reconstruct=true", "local.ixx_1=5",
+                 "local.ixy_1=0.75", "train.max_steps=3", "train.lr=0.01", "train.epochs=1"]
     reference = run(tiny_config(tmp_path, "sequential", *overrides, "data.workers=0"))
     assert reference is not None and reference["steps"] == 3
     summaries, errors = run_threaded(tiny_config(tmp_path, "threads", *overrides, "data.workers=2",

@@ -7,11 +7,20 @@ import itertools
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from distributed_helpers import load_module_state, max_state_difference, tiny_config, torchrun
+from distributed_helpers import (
+    EQUIVALENCE_CASES,
+    EQUIVALENCE_IDS,
+    EQUIVALENCE_STEPS,
+    load_module_state,
+    max_state_difference,
+    tiny_config,
+    torchrun,
+)
 
 from pipeline.data.loader import make_loaders
 from pipeline.model.network import make_layout, resolve_cuts
@@ -21,7 +30,8 @@ from pipeline.worker import ModuleWorker, make_worker
 STEPS = 5
 
 
-def emulate_replicas(tmp: Path, modules: int, replicas: int, overrides: list[str]) -> list[dict[str, object]]:
+def emulate_replicas(tmp: Path, modules: int, replicas: int, overrides: list[str],
+                     steps: int) -> list[dict[str, object]]:
     """Module by module: per-shard batch norm, the mean of the shard gradients, running statistics
     of shard 0 (DDP broadcasts replica 0's buffers), each shard's output feeding the same shard."""
     config = tiny_config(tmp, "reference", f"local.modules={modules}", *overrides)
@@ -29,7 +39,7 @@ def emulate_replicas(tmp: Path, modules: int, replicas: int, overrides: list[str
     train, _ = make_loaders(config, device, processes=replicas)
     layout = make_layout(config, train.spec, resolve_cuts(config, train.spec, device))
     workers: list[ModuleWorker] = [make_worker(config, layout, k, device) for k in range(modules)]
-    for step, (images, labels) in enumerate(itertools.islice(train.batches(1), STEPS), start=1):
+    for step, (images, labels) in enumerate(itertools.islice(train.batches(1), steps), start=1):
         shards = zip(images.tensor_split(replicas), labels.tensor_split(replicas))
         packets = [Packet.from_batch(x, y) for x, y in shards]
         for worker in workers:
@@ -52,22 +62,31 @@ def emulate_replicas(tmp: Path, modules: int, replicas: int, overrides: list[str
     return [worker.state_dict() for worker in workers]
 
 
-@pytest.mark.parametrize("modules, replicas, placement, extra", [
-    (2, 2, "chain", ["local.context=E", "local.reconstruct=true"]),
-    (2, 2, "stage", ["local.context=R1", "local.loss=contrast"]),
-    (4, 1, "chain", ["local.context=R1E", "local.reconstruct=true"]),
-], ids=["K2xR2-E-decoder", "K2xR2-stage-placement-R1-contrast", "K4xR1-R1E-decoder"])
-def test_k_by_r_equals_the_averaged_reference(tmp_path: Path, single_thread: None, modules: int, replicas: int,
-                                              placement: str, extra: list[str]) -> None:
-    out = tmp_path / "pipeline"
-    done = torchrun(modules * replicas, [f"run.out_dir={out}", "run.mode=pipeline", f"local.modules={modules}",
-                                         f"train.max_steps={STEPS}", f"pipeline.placement={placement}", *extra],
-                    timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    reference = emulate_replicas(tmp_path, modules, replicas, extra)
+# id -> (K, R, steps, pipeline.placement or None for the default, overrides). The K4xR1 case is
+# test_stage's K4-R2E-decoder job itself: with R = 1 the averaged reference is the sequential run.
+CASES = {
+    "K2xR2-E-decoder": (2, 2, STEPS, "chain", ["local.context=E", "local.reconstruct=true"]),
+    "K2xR2-stage-placement-R1-contrast": (2, 2, STEPS, "stage", ["local.context=R1", "local.loss=contrast"]),
+    "K4xR1-R2E-decoder": (4, 1, EQUIVALENCE_STEPS, None, EQUIVALENCE_CASES[EQUIVALENCE_IDS.index("K4-R2E-decoder")][1]),
+}
+
+
+def k_by_r_job(pipeline_job: Callable[[int, list[str]], Path], case: str) -> Path:
+    """The out_dir of a case's torchrun job, launched once per session (see pipeline_job)."""
+    modules, replicas, steps, placement, extra = CASES[case]
+    chosen = [f"pipeline.placement={placement}"] if placement else []
+    return pipeline_job(modules * replicas, [f"local.modules={modules}", f"train.max_steps={steps}", *chosen, *extra])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_k_by_r_equals_the_averaged_reference(tmp_path: Path, single_thread: None,
+                                              pipeline_job: Callable[[int, list[str]], Path], case: str) -> None:
+    modules, replicas, steps, _, extra = CASES[case]
+    out = k_by_r_job(pipeline_job, case)
+    reference = emulate_replicas(tmp_path, modules, replicas, extra, steps)
     for module in range(modules):
         saved = load_module_state(out, module)
-        assert saved["position"]["step"] == STEPS
+        assert saved["position"]["step"] == steps
         assert max_state_difference(reference[module], saved["state"]) <= 1e-5, f"module {module} differs"
     summary = json.loads((out / "summary.json").read_text())
     cells = sorted((stage["stage"], stage["replica"]) for stage in summary["stages"])
@@ -83,17 +102,18 @@ def test_a_replica_that_fails_ends_the_job_with_stage_and_replica_named(tmp_path
     assert re.search(r"error: stage on rank \d \(module \d, replica \d\) failed: .*loss is nan", done.stderr)
 
 
-def test_a_run_resumes_with_another_r(tmp_path: Path, single_thread: None) -> None:
+def test_a_run_resumes_with_another_r(tmp_path: Path, single_thread: None,
+                                      pipeline_job: Callable[[int, list[str]], Path]) -> None:
     """Checkpoints are per module, written by replica 0: R = 2 -> R = 1 (sequential) picks up where it stopped,
     from replica 0's weights."""
     from pipeline.runners.run import run
 
-    first = tmp_path / "r2"
-    done = torchrun(4, [f"run.out_dir={first}", "run.mode=pipeline", "local.modules=2", "train.max_steps=3"],
-                    timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = run(tiny_config(tmp_path, "r1", "local.modules=2", "train.max_steps=5", f"run.resume={first}"))
-    assert summary is not None and summary["steps"] == 5
+    first = k_by_r_job(pipeline_job, "K2xR2-E-decoder")  # STEPS steps at R = 2
+    extra = CASES["K2xR2-E-decoder"][4]
+    summary = run(tiny_config(tmp_path, "r1", "local.modules=2", *extra, f"train.max_steps={STEPS + 2}",
+                              f"run.resume={first}"))
+    assert summary is not None and summary["steps"] == STEPS + 2
     for module in range(2):
         before, after = load_module_state(first, module), load_module_state(tmp_path / "r1", module)
-        assert after["position"]["step"] == 5 and max_state_difference(before["state"], after["state"]) > 0
+        assert before["position"]["step"] == STEPS
+        assert after["position"]["step"] == STEPS + 2 and max_state_difference(before["state"], after["state"]) > 0

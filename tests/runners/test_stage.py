@@ -1,4 +1,4 @@
-"""The pipeline under torchrun equals the sequential reference, resumes either way, and fails fast."""
+"""The pipeline under torchrun equals the sequential reference and fails fast."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -14,6 +15,7 @@ import pytest
 from distributed_helpers import (
     EQUIVALENCE_CASES,
     EQUIVALENCE_IDS,
+    EQUIVALENCE_STEPS,
     _env,
     load_module_state,
     max_state_difference,
@@ -24,7 +26,7 @@ from distributed_helpers import (
 
 from pipeline.runners.run import run
 
-STEPS = 12
+STEPS = EQUIVALENCE_STEPS
 
 
 def _pipeline(tmp: Path, name: str, modules: int, *overrides: str) -> Path:
@@ -42,10 +44,11 @@ def _assert_same_modules(first: Path, second: Path, modules: int) -> None:
 
 
 @pytest.mark.parametrize("modules, extra", EQUIVALENCE_CASES, ids=EQUIVALENCE_IDS)
-def test_pipeline_equals_sequential(tmp_path: Path, single_thread: None, modules: int, extra: list[str]) -> None:
+def test_pipeline_equals_sequential(tmp_path: Path, single_thread: None, pipeline_job: Callable[[int, list[str]], Path],
+                                    modules: int, extra: list[str]) -> None:
     overrides = [f"local.modules={modules}", f"train.max_steps={STEPS}", *extra]
     reference = run(tiny_config(tmp_path, "sequential", *overrides))
-    out = _pipeline(tmp_path, "pipeline", modules, f"train.max_steps={STEPS}", *extra)
+    out = pipeline_job(modules, overrides)  # test_replicas reads the K = 4 R2E job too
     _assert_same_modules(tmp_path / "sequential", out, modules)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == STEPS == reference["steps"]
@@ -55,14 +58,6 @@ def test_pipeline_equals_sequential(tmp_path: Path, single_thread: None, modules
         assert 0 < stage["busy_fraction"] <= 1 and stage["peak_mem_bytes"] > 0 and stage["samples_per_s"] > 0
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {line["rank"] for line in logged if line["event"] == "train"} == set(range(modules))
-
-
-def test_channels_last_pipeline_equals_sequential(tmp_path: Path, single_thread: None) -> None:
-    """The links carry channels_last tensors as they are (no layout copy at either end): still equal."""
-    overrides = ["local.modules=2", "local.context=R1E", f"train.max_steps={STEPS}", "precision.channels_last=true"]
-    run(tiny_config(tmp_path, "sequential", *overrides))
-    out = _pipeline(tmp_path, "pipeline", 2, *overrides[1:])
-    _assert_same_modules(tmp_path / "sequential", out, 2)
 
 
 def test_bf16_wire_trains_close_to_the_reference(tmp_path: Path, single_thread: None) -> None:
@@ -77,19 +72,10 @@ def test_bf16_wire_trains_close_to_the_reference(tmp_path: Path, single_thread: 
                                 load_module_state(out, 0)["state"]) <= 1e-5  # module 0 receives nothing
 
 
-def test_resume_crosses_modes(tmp_path: Path, single_thread: None) -> None:
-    """Sequential 5 steps -> pipeline to 9 -> sequential to 14 equals 14 straight steps."""
-    common = ["local.modules=2", "local.context=R1", "local.reconstruct=true"]
-    run(tiny_config(tmp_path, "straight", *common, "train.max_steps=14", "train.epochs=1"))
-    run(tiny_config(tmp_path, "part1", *common, "train.max_steps=5"))
-    _pipeline(tmp_path, "part2", 2, *common[1:], "train.max_steps=9", f"run.resume={tmp_path / 'part1'}")
-    run(tiny_config(tmp_path, "part3", *common, "train.max_steps=14", f"run.resume={tmp_path / 'part2'}"))
-    _assert_same_modules(tmp_path / "straight", tmp_path / "part3", 2)
-
-
 def test_two_nodes_through_c10d_rendezvous(tmp_path: Path, single_thread: None) -> None:
-    """Two torchrun agents (one process each) meet at a c10d endpoint: the same result as one node."""
-    overrides = ["local.modules=2", "local.context=R1", f"train.max_steps={STEPS}"]
+    """Two torchrun agents (one process each) meet at a c10d endpoint: the same result as one node.
+    The links carry channels_last tensors as they are (no layout copy at either end): still equal."""
+    overrides = ["local.modules=2", "local.context=R1E", f"train.max_steps={STEPS}", "precision.channels_last=true"]
     run(tiny_config(tmp_path, "sequential", *overrides))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
