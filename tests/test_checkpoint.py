@@ -294,8 +294,8 @@ def test_a_full_disk_for_metrics_or_summary_is_one_line(make_config, tmp_path, m
 
     monkeypatch.setattr(builtins, "open", full)
     monkeypatch.setattr(io, "open", full)  # Path.write_text opens through io.open
-    with pytest.raises(StageFailure) as info:
-        run(make_config(*CRASH, out_dir=out))
+    with pytest.raises(StageFailure) as info:  # the first metrics line is step 4's, the summary comes after it
+        run(make_config(*RESUME, "train.max_steps=4", out_dir=out))
     message = str(info.value)
     assert "\n" not in message and "no space left on device" in message and target in message
     assert not [path for path in out.rglob("*") if ".tmp" in path.name]
@@ -303,15 +303,15 @@ def test_a_full_disk_for_metrics_or_summary_is_one_line(make_config, tmp_path, m
 
 def test_the_newest_sets_are_kept_and_resume_step_picks_one(make_config, tmp_path):
     out = tmp_path / "three"
-    long = (*RESUME[:-2], "train.max_steps=0", "train.epochs=3", "train.warmup_epochs=1", "run.log_every=4",
+    long = (*RESUME[:-2], "train.max_steps=20", "train.epochs=3", "train.warmup_epochs=1", "run.log_every=4",
             "run.keep_checkpoints=2")
-    run(make_config(*long, out_dir=out))  # sets at steps 8, 16 and 24
-    assert [step for step, _ in checkpoint.complete_sets(out)] == [16, 24]
-    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["step_16", "step_24"]
+    run(make_config(*long, out_dir=out))  # sets at steps 8 and 16 (epoch ends) and 20 (max_steps)
+    assert [step for step, _ in checkpoint.complete_sets(out)] == [16, 20]
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["step_16", "step_20"]
     resumed = run(make_config(*long, f"run.resume='{out}'", "run.resume_step=16", out_dir=tmp_path / "again"))
-    assert resumed["steps"] == 24
+    assert resumed["steps"] == 20
     assert_equal_runs(out, tmp_path / "again")
-    with pytest.raises(BadInput, match=r"run.resume_step = 8: .* steps \[16, 24\] only"):
+    with pytest.raises(BadInput, match=r"run.resume_step = 8: .* steps \[16, 20\] only"):
         run(make_config(*long, f"run.resume='{out}'", "run.resume_step=8", out_dir=tmp_path / "never"))
     with pytest.raises(BadInput, match="run.keep_checkpoints = 0 must be >= 1"):
         make_config("run.keep_checkpoints=0")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from distributed_helpers import torchrun
+from distributed_helpers import tiny_config, torchrun
+
+from pipeline.runners.run import run
 
 
 @pytest.fixture
@@ -35,3 +38,22 @@ def pipeline_job(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int, lis
         return done_jobs[key]
 
     return job
+
+
+@pytest.fixture(scope="session")
+def sequential_reference(
+        tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[str]], tuple[Path, dict[str, Any]]]:
+    """overrides -> (out_dir, summary) of that sequential run, run once per session (call it under
+    single_thread): the threaded and the torchrun equivalence tests compare with the same run."""
+    done_runs: dict[tuple[str, ...], tuple[Path, dict[str, Any]]] = {}
+
+    def reference(overrides: list[str]) -> tuple[Path, dict[str, Any]]:
+        key = tuple(overrides)
+        if key not in done_runs:
+            root = tmp_path_factory.mktemp("reference")
+            summary = run(tiny_config(root, "sequential", *overrides))
+            assert summary is not None
+            done_runs[key] = (root / "sequential", summary)
+        return done_runs[key]
+
+    return reference

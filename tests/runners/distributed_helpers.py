@@ -26,8 +26,14 @@ EQUIVALENCE_CASES = [
     (4, ["local.context=R1E", "train.schedule=cosine-step"]),
     (4, ["local.context=R2E", "local.reconstruct=true", "local.ixx_2=0.0", "local.ixy_2=2.0"]),
 ]
-EQUIVALENCE_STEPS = 12
 EQUIVALENCE_IDS = ["K2-R0", "K2-E-decoder", "K4-R1-decoder-contrast", "K4-R1E-cosine-step", "K4-R2E-decoder"]
+EQUIVALENCE_STEPS = 12
+
+
+def equivalence_overrides(modules: int, extra: list[str]) -> list[str]:
+    """One equivalence case's run: the sequential reference, the threaded and the torchrun pipeline
+    all take these, so the session fixtures (runners/conftest.py) run each reference and job once."""
+    return [f"local.modules={modules}", f"train.max_steps={EQUIVALENCE_STEPS}", "train.epochs=2", *extra]
 
 
 def tiny_config(tmp: Path, name: str, *overrides: str) -> Config:

@@ -15,13 +15,14 @@ import torch
 from distributed_helpers import (
     EQUIVALENCE_CASES,
     EQUIVALENCE_IDS,
-    EQUIVALENCE_STEPS,
+    equivalence_overrides,
     load_module_state,
     max_state_difference,
     tiny_config,
     torchrun,
 )
 
+from pipeline.config import Config
 from pipeline.data.loader import make_loaders
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.packet import Packet
@@ -30,11 +31,10 @@ from pipeline.worker import ModuleWorker, make_worker
 STEPS = 5
 
 
-def emulate_replicas(tmp: Path, modules: int, replicas: int, overrides: list[str],
-                     steps: int) -> list[dict[str, object]]:
+def emulate_replicas(config: Config, replicas: int) -> list[dict[str, object]]:
     """Module by module: per-shard batch norm, the mean of the shard gradients, running statistics
     of shard 0 (DDP broadcasts replica 0's buffers), each shard's output feeding the same shard."""
-    config = tiny_config(tmp, "reference", f"local.modules={modules}", *overrides)
+    modules, steps = config.local.modules, config.train.max_steps
     device = torch.device("cpu")
     train, _ = make_loaders(config, device, processes=replicas)
     layout = make_layout(config, train.spec, resolve_cuts(config, train.spec, device))
@@ -62,28 +62,25 @@ def emulate_replicas(tmp: Path, modules: int, replicas: int, overrides: list[str
     return [worker.state_dict() for worker in workers]
 
 
-# id -> (K, R, steps, pipeline.placement or None for the default, overrides). The K4xR1 case is
-# test_stage's K4-R2E-decoder job itself: with R = 1 the averaged reference is the sequential run.
+# id -> (R, the job's overrides). The K4xR1 case is test_stage's K4-R2E-decoder job itself: with
+# R = 1 the averaged reference is the sequential run.
 CASES = {
-    "K2xR2-E-decoder": (2, 2, STEPS, "chain", ["local.context=E", "local.reconstruct=true"]),
-    "K2xR2-stage-placement-R1-contrast": (2, 2, STEPS, "stage", ["local.context=R1", "local.loss=contrast"]),
-    "K4xR1-R2E-decoder": (4, 1, EQUIVALENCE_STEPS, None, EQUIVALENCE_CASES[EQUIVALENCE_IDS.index("K4-R2E-decoder")][1]),
+    "K2xR2-E-decoder": (2, ["local.modules=2", f"train.max_steps={STEPS}", "pipeline.placement=chain",
+                            "local.context=E", "local.reconstruct=true"]),
+    "K2xR2-stage-placement-R1-contrast": (2, ["local.modules=2", f"train.max_steps={STEPS}", "pipeline.placement=stage",
+                                              "local.context=R1", "local.loss=contrast"]),
+    "K4xR1-R2E-decoder": (1, equivalence_overrides(4, EQUIVALENCE_CASES[EQUIVALENCE_IDS.index("K4-R2E-decoder")][1])),
 }
-
-
-def k_by_r_job(pipeline_job: Callable[[int, list[str]], Path], case: str) -> Path:
-    """The out_dir of a case's torchrun job, launched once per session (see pipeline_job)."""
-    modules, replicas, steps, placement, extra = CASES[case]
-    chosen = [f"pipeline.placement={placement}"] if placement else []
-    return pipeline_job(modules * replicas, [f"local.modules={modules}", f"train.max_steps={steps}", *chosen, *extra])
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_k_by_r_equals_the_averaged_reference(tmp_path: Path, single_thread: None,
                                               pipeline_job: Callable[[int, list[str]], Path], case: str) -> None:
-    modules, replicas, steps, _, extra = CASES[case]
-    out = k_by_r_job(pipeline_job, case)
-    reference = emulate_replicas(tmp_path, modules, replicas, extra, steps)
+    replicas, overrides = CASES[case]
+    config = tiny_config(tmp_path, "reference", *overrides)
+    modules, steps = config.local.modules, config.train.max_steps
+    out = pipeline_job(modules * replicas, overrides)  # launched once per session
+    reference = emulate_replicas(config, replicas)
     for module in range(modules):
         saved = load_module_state(out, module)
         assert saved["position"]["step"] == steps
@@ -108,10 +105,9 @@ def test_a_run_resumes_with_another_r(tmp_path: Path, single_thread: None,
     from replica 0's weights."""
     from pipeline.runners.run import run
 
-    first = k_by_r_job(pipeline_job, "K2xR2-E-decoder")  # STEPS steps at R = 2
-    extra = CASES["K2xR2-E-decoder"][4]
-    summary = run(tiny_config(tmp_path, "r1", "local.modules=2", *extra, f"train.max_steps={STEPS + 2}",
-                              f"run.resume={first}"))
+    replicas, overrides = CASES["K2xR2-E-decoder"]
+    first = pipeline_job(2 * replicas, overrides)  # the equivalence test's job: STEPS steps at R = 2
+    summary = run(tiny_config(tmp_path, "r1", *overrides, f"train.max_steps={STEPS + 2}", f"run.resume={first}"))
     assert summary is not None and summary["steps"] == STEPS + 2
     for module in range(2):
         before, after = load_module_state(first, module), load_module_state(tmp_path / "r1", module)

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -17,6 +18,7 @@ from distributed_helpers import (
     EQUIVALENCE_IDS,
     EQUIVALENCE_STEPS,
     _env,
+    equivalence_overrides,
     load_module_state,
     max_state_difference,
     tiny_config,
@@ -44,12 +46,13 @@ def _assert_same_modules(first: Path, second: Path, modules: int) -> None:
 
 
 @pytest.mark.parametrize("modules, extra", EQUIVALENCE_CASES, ids=EQUIVALENCE_IDS)
-def test_pipeline_equals_sequential(tmp_path: Path, single_thread: None, pipeline_job: Callable[[int, list[str]], Path],
+def test_pipeline_equals_sequential(single_thread: None, pipeline_job: Callable[[int, list[str]], Path],
+                                    sequential_reference: Callable[[list[str]], tuple[Path, dict[str, Any]]],
                                     modules: int, extra: list[str]) -> None:
-    overrides = [f"local.modules={modules}", f"train.max_steps={STEPS}", *extra]
-    reference = run(tiny_config(tmp_path, "sequential", *overrides))
+    overrides = equivalence_overrides(modules, extra)
+    reference_dir, reference = sequential_reference(overrides)  # test_stage_loop's reference too
     out = pipeline_job(modules, overrides)  # test_replicas reads the K = 4 R2E job too
-    _assert_same_modules(tmp_path / "sequential", out, modules)
+    _assert_same_modules(reference_dir, out, modules)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == STEPS == reference["steps"]
     assert summary["test_accuracy"] == pytest.approx(reference["test_accuracy"], abs=1e-9)

@@ -9,13 +9,21 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from distributed_helpers import EQUIVALENCE_CASES, EQUIVALENCE_IDS, load_module_state, max_state_difference, tiny_config
+from distributed_helpers import (
+    EQUIVALENCE_CASES,
+    EQUIVALENCE_IDS,
+    EQUIVALENCE_STEPS,
+    equivalence_overrides,
+    load_module_state,
+    max_state_difference,
+    tiny_config,
+)
 from threaded import run_threaded
 
 from pipeline import checkpoint
@@ -29,19 +37,19 @@ from pipeline.runners.run import run
 from pipeline.runners.source import BatchSource
 from pipeline.runners.stage import StageLoop
 
-STEPS = 12
+STEPS = EQUIVALENCE_STEPS
 
 
 @pytest.mark.parametrize("modules, extra", EQUIVALENCE_CASES, ids=EQUIVALENCE_IDS)
-def test_threaded_pipeline_equals_sequential(tmp_path: Path, single_thread: None, modules: int,
-                                             extra: list[str]) -> None:
-    overrides = [f"local.modules={modules}", f"train.max_steps={STEPS}", "train.epochs=2", *extra]
-    reference = run(tiny_config(tmp_path, "sequential", *overrides))
-    assert reference is not None
+def test_threaded_pipeline_equals_sequential(tmp_path: Path, single_thread: None,
+                                             sequential_reference: Callable[[list[str]], tuple[Path, dict[str, Any]]],
+                                             modules: int, extra: list[str]) -> None:
+    overrides = equivalence_overrides(modules, extra)
+    reference_dir, reference = sequential_reference(overrides)  # test_stage's reference too
     summaries, errors = run_threaded(tiny_config(tmp_path, "threads", *overrides, "run.mode=pipeline"))
     assert errors == [None] * modules
     for module in range(modules):
-        a, b = load_module_state(tmp_path / "sequential", module), load_module_state(tmp_path / "threads", module)
+        a, b = load_module_state(reference_dir, module), load_module_state(tmp_path / "threads", module)
         assert a["position"] == b["position"]
         assert max_state_difference(a["state"], b["state"]) == 0.0, f"module {module} differs"
     summary = summaries[0]
