@@ -120,15 +120,16 @@ def test_a_tiny_sequential_run(tmp_path):
     assert not checkpoint.module_file(checkpoint.find_set(out), 2).exists()
 
 
-def test_a_failure_is_one_line_and_its_traceback_is_in_the_error_log(tmp_path: Path) -> None:
+def test_a_failure_is_one_line_and_its_traceback_is_in_the_error_log(tmp_path: Path, capsys) -> None:
+    """In this process (the command's own main; test_a_tiny_sequential_run runs the real command)."""
     out = tmp_path / "run"
-    done = train_cli("--set", "data.name=synthetic", "--set", "model.arch=resnet8", "--set", "data.batch_size=8",
-                     "--set", "train.lr=1e30", "--set", "train.schedule=constant", "--set", "run.log_every=1",
-                     "--set", "train.max_steps=20",
-                     "--set", f"run.out_dir='{out}'", cwd=tmp_path)
-    assert done.returncode == 1, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in done.stderr
+    code = main(["--set", "data.name=synthetic", "--set", "model.arch=resnet8", "--set", "data.batch_size=8",
+                 "--set", "train.lr=1e30", "--set", "train.schedule=constant", "--set", "run.log_every=1",
+                 "--set", "train.max_steps=20", "--set", f"run.out_dir='{out}'"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
     log = out / "errors" / "rank_0.log"
     assert lines[0].startswith("error: module") and "loss is nan" in lines[0]
     assert lines[0].endswith(f"(traceback: {log})")
@@ -136,11 +137,15 @@ def test_a_failure_is_one_line_and_its_traceback_is_in_the_error_log(tmp_path: P
     assert "Traceback (most recent call last)" in text and "StageFailure" in text and "means(" in text
 
 
-def test_bad_input_found_during_the_run_is_logged_too(tmp_path: Path) -> None:
+def test_bad_input_found_during_the_run_is_logged_too(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
-    done = train_cli("--set", "data.name=synthetic", "--set", "model.arch=resnet8", "--set", f"run.out_dir='{out}'",
-                     "--set", f"run.resume='{tmp_path / 'nowhere'}'", cwd=tmp_path)
-    assert_one_line_error(done, "run.resume: no complete checkpoint", "(traceback: ")
+    code = main(["--set", "data.name=synthetic", "--set", "model.arch=resnet8", "--set", f"run.out_dir='{out}'",
+                 "--set", f"run.resume='{tmp_path / 'nowhere'}'"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "run.resume: no complete checkpoint" in lines[0] and "(traceback: " in lines[0]
     assert "BadInput" in (out / "errors" / "rank_0.log").read_text()
 
 
