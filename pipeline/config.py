@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from pipeline.errors import BadInput, clip
-from pipeline.model.arch import ArchSpec, default_family, resolve_arch
+from pipeline.model.arch import ArchSpec, aux_block, default_family, resolve_arch
 
 Mode = Literal["sequential", "pipeline", "ddp"]
 Device = Literal["auto", "cpu", "cuda"]
 Dataset = Literal["fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "synthetic", "image_folder"]
-ModelFamily = Literal["auto", "cifar", "imagenet"]
+ModelFamily = Literal["auto", "cifar", "imagenet", "segmentation"]
 Partition = Literal["equal", "balanced-memory", "balanced-time", "balanced"]
 Loss = Literal["softmax", "contrast"]
 AuxHead = Literal["0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"]
@@ -80,9 +80,10 @@ class ModelConfig:
     in_channels: int = 0
     classes: int = 0
     # Which ResNets model.arch names (resnet50 is both a CIFAR depth and torchvision's):
-    # auto = imagenet for image folders, cifar for the resident datasets.
+    # auto = imagenet for image folders, segmentation for label-map datasets, cifar for the resident ones.
     family: ModelFamily = "auto"
     zero_init_residual: bool = False  # the last batch norm of each residual block starts at 0
+    deep_stem: bool = False  # segmentation: ResNet-V1c's stem of three 3x3 convs instead of the 7x7 conv
 
 
 @dataclass
@@ -400,6 +401,8 @@ def validate(config: Config) -> None:
     _require(depth <= MAX_CONTEXT_DEPTH, f"local.context = {local.context!r}: n in Rn must be <= {MAX_CONTEXT_DEPTH}")
     if not isinstance(local.partition, str):
         validate_cuts(local.partition, local.modules, arch.blocks)
+    if arch.family == "segmentation":
+        validate_segmentation(config, arch)
     if isinstance(local.memory_cap, str):
         try:
             parse_size(local.memory_cap)
@@ -482,6 +485,37 @@ def validate_cuts(cuts: list[Cut], modules: int, blocks: tuple[int, ...]) -> Non
         previous = flat
 
 
+def validate_segmentation(config: Config, arch: ArchSpec) -> None:
+    """What a DeepLab-V3 network trained as local modules needs of local.*."""
+    local = config.local
+    if local.modules == 1:
+        return
+    _require(local.context == "R0",
+             f"local.context = {local.context!r} is not supported with model.family = 'segmentation': the "
+             "context encoders pool to a fixed square size, while segmentation crops are rectangular and "
+             "evaluation runs on whole images; use local.context = 'R0' (InfoPro's setting)")
+    _require(local.loss == "softmax",
+             "local.loss = 'contrast' needs one label per image, but segmentation labels are per-pixel maps; "
+             "use local.loss = 'softmax' (per-pixel cross-entropy, InfoPro's setting)")
+    _require(isinstance(local.partition, list) or local.partition == "equal",
+             f"local.partition = {local.partition!r} is not supported with model.family = 'segmentation' (the "
+             "profiler does not model the segmentation heads); use 'equal' or list the cuts, e.g. [[3, 12]]")
+    from pipeline.model.partition import default_cuts, flat_to_cut  # partition imports this module
+
+    tap = aux_block(arch)
+    last = flat_to_cut(tap, arch.blocks)
+    if isinstance(local.partition, list):
+        late = [cut for cut in local.partition if cut_to_flat(cut, arch.blocks) >= tap]
+        how = "cut before it"
+    else:
+        late = [flat_to_cut(cut, arch.blocks) for cut in default_cuts(arch, local.modules) if cut >= tap]
+        how = f"use fewer modules than {local.modules} or list cuts before it in local.partition"
+    if late:
+        raise BadInput(f"local.partition cut {late[0]} is at or after layer3's last block {last}: the last "
+                       "module's FCN auxiliary head reads layer3's output, so that block must be in the last "
+                       f"module; {how} (InfoPro's cut is [3, 12])")
+
+
 def cut_to_flat(cut: Cut, blocks: tuple[int, ...]) -> int:
     """[stage, block] -> index in the flat block list (0 = stem, then residual blocks)."""
     stage, block = cut
@@ -510,6 +544,8 @@ def ineffective_keys(config: Config) -> list[str]:
     else:
         ignored("data", ("image_size", "eval_resize", "workers"),
                 f"with data.name = {config.data.name!r} (image folders only)")
+    if config.arch.family != "segmentation":
+        ignored("model", ("deep_stem",), "unless model.family = 'segmentation' (the stem of DeepLab-V3's backbone)")
     if config.train.schedule != "cosine":
         ignored("train", ("warmup_epochs",), f"with train.schedule = {config.train.schedule!r} (only 'cosine' "
                                              "warms up)")
@@ -535,6 +571,9 @@ def ineffective_keys(config: Config) -> list[str]:
         ignored("local", ("memory_cap",), "unless local.partition = 'balanced'")
     if config.arch.family == "imagenet":
         ignored("local", ("aux", "aux_hidden"), "with an ImageNet network (its heads are InfoPro's ImageNet head)")
+    if config.arch.family == "segmentation":
+        ignored("local", ("aux", "aux_hidden", "aux_widen"),
+                "with a segmentation network (its heads and decoder are InfoPro's segmentation ones)")
     if local.loss == "softmax":
         ignored("local", ("aux_feature_dim",), "with local.loss = 'softmax' (heads output class scores)")
     if not local.reconstruct:

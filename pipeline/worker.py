@@ -89,7 +89,7 @@ class ModuleWorker:
         with self._autocast():
             inputs, output = self.module.features(packet)
             if self.last:
-                return (self.module.logits(output).argmax(1) == packet.labels).sum()
+                return (self.module.logits(output, packet.labels).argmax(1) == packet.labels).sum()
         return self.module.next_packet(packet, inputs, output)
 
     def state_dict(self) -> dict[str, Any]:

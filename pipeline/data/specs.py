@@ -8,6 +8,8 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.errors import BadInput
 
+IGNORE_INDEX = 255
+
 
 @dataclass(frozen=True)
 class DatasetSpec:

@@ -38,15 +38,17 @@ class ImageNetStem(nn.Sequential):
 
 
 class Bottleneck(ResidualBlock):
-    """1x1 reduce, 3x3 (grouped for ResNeXt, carries the stride), 1x1 expand; then the shortcut."""
+    """1x1 reduce, 3x3 (grouped for ResNeXt, carries the stride and any dilation), 1x1 expand; then
+    the shortcut."""
 
-    def __init__(self, cin: int, planes: int, stride: int, groups: int, width_per_group: int) -> None:
+    def __init__(self, cin: int, planes: int, stride: int, groups: int, width_per_group: int,
+                 dilation: int = 1) -> None:
         super().__init__()
         width = planes * width_per_group // 64 * groups
         cout = planes * BOTTLENECK_EXPANSION
         self.conv1 = conv1x1(cin, width)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = conv3x3(width, width, stride, groups)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = conv1x1(width, cout)
         self.bn3 = nn.BatchNorm2d(cout)

@@ -9,9 +9,10 @@ import torch
 from pipeline.config import Config, cut_to_flat
 from pipeline.data.specs import DatasetSpec
 from pipeline.model.context import ContextPlan
+from pipeline.model.dilated_resnet import DilatedResNet
 from pipeline.model.imagenet_resnet import ImageNetResNet
 from pipeline.model.local_module import Layout, LocalModule
-from pipeline.model.partition import equal_cuts, module_ranges
+from pipeline.model.partition import default_cuts, module_ranges
 from pipeline.model.resnet import BlockNet, CifarResNet
 
 
@@ -19,6 +20,8 @@ def make_net(config: Config, spec: DatasetSpec) -> BlockNet:
     arch = config.arch
     if arch.family == "imagenet":
         return ImageNetResNet(arch, spec.channels, spec.image_size)
+    if arch.family == "segmentation":
+        return DilatedResNet(arch, spec.channels, spec.image_size, config.model.deep_stem)
     return CifarResNet(arch.blocks[0], spec.channels, spec.image_size)
 
 
@@ -28,7 +31,7 @@ def resolve_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> lis
     if isinstance(local.partition, list):
         return [cut_to_flat(cut, blocks) for cut in local.partition]
     if local.partition == "equal" or local.modules == 1:
-        return equal_cuts(blocks, local.modules)
+        return default_cuts(config.arch, local.modules)
     from pipeline.model.profile import (
         balanced_cuts,  # profiling pulls in timing machinery
     )
