@@ -268,7 +268,8 @@ def _recipe(config: Config) -> str:
     if local.modules == 1:
         head = "end to end"
     else:
-        aux = "ImageNet head" if config.arch.family == "imagenet" else local.aux
+        family = config.arch.family
+        aux = {"imagenet": "ImageNet head", "segmentation": "segmentation head"}.get(family, local.aux)
         head = f"{local.loss}, {aux}, " + ("decoder" if local.reconstruct else "no decoder")
     return f"{head}; batch {config.data.batch_size}, lr {train.lr:g}, {train.epochs} epochs"
 
