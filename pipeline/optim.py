@@ -32,7 +32,7 @@ def learning_rate(train: TrainConfig, epoch: int, step: int = 1, total_steps: in
         return train.lr
     if train.schedule == "poly":
         left = max(0.0, 1 - (step - 1) / max(total_steps, 1))
-        return (train.lr - train.min_lr) * left**train.poly_power + train.min_lr
+        return float((train.lr - train.min_lr) * left**train.poly_power + train.min_lr)
     if train.schedule == "cosine-step":
         return 0.5 * train.lr * (1 + math.cos(math.pi * (step - 1) / max(total_steps, 1)))
     cosine = 0.5 * train.lr * (1 + math.cos(math.pi * epoch / train.epochs))
