@@ -8,8 +8,6 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.errors import BadInput
 
-IGNORE_INDEX = 255
-
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -24,7 +22,11 @@ class DatasetSpec:
     flip: bool
     default_root: str
     how_to_get: str
+    dense: bool = False  # labels are per-pixel class maps (segmentation), IGNORE_INDEX where unlabelled
+    image_width: int = 0  # 0: square images of image_size; else image_size is the height, this the width
 
+
+IGNORE_INDEX = 255
 
 _CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 _CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)

@@ -167,8 +167,8 @@ class LocalModule(nn.Module):
         return Packet(packet.labels, output.detach(), image, register)
 
     def logits(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Class logits at the labels' resolution: per image, or for label maps the ASPP head's
-        logits resized to the map (align_corners False, as MMSegmentation's DeepLab-V3)."""
+        """Class logits at the labels' resolution: per image (``labels`` only travel along), or for label
+        maps the ASPP head's logits resized to the map (align_corners False, as MMSegmentation's DeepLab-V3)."""
         assert self.last, "only the last module has the classifier"
         logits: torch.Tensor = self.head(output)
         return upsample_to(logits, labels) if self.dense else logits
