@@ -116,14 +116,7 @@ def test_the_imagenet_head_makes_the_cifar_head_keys_ineffective():
 
 # ---- segmentation (DeepLab-V3) ----------------------------------------------------------------
 
-SEGMENTATION = ["data.name=synthetic", "model.family=segmentation", "model.arch=deeplabv3_resnet101"]
-
-
-def seg_config(*overrides: str):
-    return load_config(None, [*SEGMENTATION, *overrides])
-
-
-def seg_error(*overrides: str) -> str:
+def seg_error(seg_config, *overrides: str) -> str:
     with pytest.raises(BadInput) as info:
         seg_config(*overrides)
     message = str(info.value)
@@ -153,15 +146,16 @@ def test_segmentation_names_and_families_point_at_each_other():
         assert "set model.family = 'segmentation'" in error(family, "deeplabv3_resnet101")
 
 
-def test_infopros_cut_and_the_fcn_rule():
+def test_infopros_cut_and_the_fcn_rule(seg_config_builder):
+    seg_config = seg_config_builder
     assert seg_config("local.modules=2", "local.partition=[[3, 21]]").local.partition == [[3, 21]]
-    message = seg_error("local.modules=2", "local.partition=[[3, 22]]")
+    message = seg_error(seg_config, "local.modules=2", "local.partition=[[3, 22]]")
     assert "cut [3, 22] is at or after layer3's last block [3, 22]" in message
     assert "FCN auxiliary head reads layer3's output" in message and "cut before it" in message
-    assert "[4, 0] is at or after" in seg_error("local.modules=2", "local.partition=[[4, 0]]")
+    assert "[4, 0] is at or after" in seg_error(seg_config, "local.modules=2", "local.partition=[[4, 0]]")
     # equal cuts: the even split of many modules reaches past layer3
     assert seg_config("local.modules=8").local.modules == 8
-    message = seg_error("local.modules=20")
+    message = seg_error(seg_config, "local.modules=20")
     assert "at or after layer3's last block [3, 22]" in message and "use fewer modules than 20" in message
 
 
@@ -171,11 +165,12 @@ def test_infopros_cut_and_the_fcn_rule():
     ("local.loss=contrast", "segmentation labels are per-pixel maps; use local.loss = 'softmax'"),
     ("local.partition=balanced", "local.partition = 'balanced' is not supported"),
 ])
-def test_segmentation_refuses_what_it_cannot_train(override, words):
-    assert words in seg_error("local.modules=2", override)
+def test_segmentation_refuses_what_it_cannot_train(override, words, seg_config_builder):
+    assert words in seg_error(seg_config_builder, "local.modules=2", override)
 
 
-def test_end_to_end_segmentation_and_the_deep_stem_key():
+def test_end_to_end_segmentation_and_the_deep_stem_key(seg_config_builder):
+    seg_config = seg_config_builder
     assert seg_config("model.deep_stem=true").model.deep_stem
     assert ineffective_keys(seg_config("model.deep_stem=true")) == []
     cifar = load_config(None, ["model.deep_stem=true"])
@@ -183,3 +178,14 @@ def test_end_to_end_segmentation_and_the_deep_stem_key():
     heads = seg_config("local.modules=2", "local.aux=2c2f", "local.aux_hidden=64", "local.aux_widen=2")
     assert [note.split(" ")[0] for note in ineffective_keys(heads)] == [
         "local.aux", "local.aux_hidden", "local.aux_widen"]
+
+
+def test_segmentation_family_and_label_maps_go_together(seg_config_builder):
+    with pytest.raises(BadInput, match=r"model.family = 'segmentation' needs per-pixel labels, but data.name = "
+                                       r"'cifar10' has one label per image; use data.name = 'cityscapes' or "
+                                       r"'segmentation_folder'"):
+        load_config(None, ["data.name=cifar10", "model.family=segmentation", "model.arch=deeplabv3_resnet50"])
+    with pytest.raises(BadInput, match=r"data.name = 'cityscapes' has per-pixel labels, which only model.family = "
+                                       r"'segmentation' trains on"):
+        seg_config_builder("model.family=imagenet", "model.arch=resnet101")
+    assert seg_config_builder().arch.family == "segmentation"  # auto

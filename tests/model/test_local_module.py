@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import load_config
 from pipeline.data.specs import IGNORE_INDEX, DatasetSpec
 from pipeline.model.context import ContextPlan, ImageEncoder, InputEncoder
 from pipeline.model.decoder import Decoder, ImageNetDecoder
@@ -302,22 +301,21 @@ def test_decoder_and_encoder_biases_start_from_the_default_init_and_are_reproduc
 # ---- segmentation: InfoPro's DeepLab-V3 modules --------------------------------------------------
 
 SEG_SPEC = DatasetSpec("seg", 3, 5, 32, (0.5,) * 3, (0.25,) * 3, 0, "constant", True, "", "")
-SEG = ("data.name=synthetic", "model.family=segmentation", "model.arch=deeplabv3_resnet50", "run.device=cpu")
 CROP = (32, 64)
 
 
-def seg_modules(*overrides: str):
-    config = load_config(None, [*SEG, *overrides])
+def seg_modules(seg_config, *overrides: str):
+    config = seg_config("model.arch=deeplabv3_resnet50", *overrides)
     layout = make_layout(config, SEG_SPEC, resolve_cuts(config, SEG_SPEC, torch.device("cpu")))
     return config, layout, [build_module(config, layout, index, torch.device("cpu"))
                             for index in range(config.local.modules)]
 
 
 @pytest.fixture(scope="module")
-def seg_k2():
+def seg_k2(seg_config_builder):
     """DeepLab-V3 R50 cut after layer3[2] (module 1: layer3[3..5], layer4, both heads), with the decoder."""
-    return seg_modules("local.modules=2", "local.partition=[[3, 2]]", "local.reconstruct=true", "local.ixx_1=1.5",
-                       "local.ixy_1=1")
+    return seg_modules(seg_config_builder, "local.modules=2", "local.partition=[[3, 2]]", "local.reconstruct=true",
+                       "local.ixx_1=1.5", "local.ixy_1=1")
 
 
 def seg_batch(seed: int = 0, ignored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,8 +392,8 @@ def test_segmentation_gradients_stay_in_their_module(seg_k2, ignored):
     assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
 
 
-def test_segmentation_end_to_end_is_one_module_with_both_heads():
-    config = load_config(None, [*SEG, "model.deep_stem=true"])
+def test_segmentation_end_to_end_is_one_module_with_both_heads(seg_config_builder):
+    config = seg_config_builder("model.arch=deeplabv3_resnet50", "model.deep_stem=true")
     layout = make_layout(config, SEG_SPEC, resolve_cuts(config, SEG_SPEC, torch.device("cpu")))
     assert layout.ranges == [(0, 17)]
     module = LocalModule(config, layout, 0)
