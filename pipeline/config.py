@@ -385,9 +385,6 @@ def validate(config: Config) -> None:
     if arch.family == "segmentation" and data.name not in SEGMENTATION_DATASETS:
         raise BadInput(f"model.family = 'segmentation' needs per-pixel labels, but data.name = {data.name!r} has one "
                        f"label per image; use data.name = {' or '.join(map(repr, SEGMENTATION_DATASETS))}")
-    if arch.family != "segmentation" and data.name in SEGMENTATION_DATASETS:
-        raise BadInput(f"data.name = {data.name!r} has per-pixel labels, which only model.family = 'segmentation' "
-                       f"trains on; set it (or 'auto') and model.arch = 'deeplabv3_resnet50' or 'deeplabv3_resnet101'")
     _require(model.in_channels in (0, 1, 3), f"model.in_channels = {model.in_channels} must be 1 or 3 (or 0: "
                                              "from the dataset)")
     _require(model.classes == 0 or model.classes >= 2, f"model.classes = {model.classes} must be >= 2 (or 0: "
