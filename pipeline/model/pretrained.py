@@ -121,8 +121,10 @@ def _state_dict(path: Path, payload: Any) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(payload, dict) or not payload or not all(
             isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in payload.items()):
-        kind = type(payload).__name__ if not isinstance(payload, dict) else "table that is not a state dict"
-        raise _bad(path, f"holds a {kind}, not a state dict of tensors", _ACCEPTED)
+        what = f"a {type(payload).__name__}"
+        if isinstance(payload, dict):
+            what = f"a table of {_listed(sorted(map(str, payload)))}" if payload else "an empty table"
+        raise _bad(path, f"holds {what}, not a state dict of tensors", _ACCEPTED)
     prefix = _DDP_PREFIX if all(key.startswith(_DDP_PREFIX) for key in payload) else ""
     return {key.removeprefix(prefix): value for key, value in payload.items()}
 
