@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from pipeline.config import Config
 from pipeline.errors import BadInput
 
@@ -22,7 +24,22 @@ class DatasetSpec:
     flip: bool
     default_root: str
     how_to_get: str
+    dense: bool = False  # labels are per-pixel class maps (segmentation), IGNORE_INDEX where unlabelled
+    image_width: int = 0  # 0: square images of image_size; else image_size is the height, this the width
 
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(height, width) of a training image as the network sees it."""
+        return self.image_size, self.image_width or self.image_size
+
+    def random_batch(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised-looking images and labels of this dataset's shapes: what profiling measures with."""
+        images = torch.randn(batch, self.channels, *self.image_shape, generator=generator)
+        label_shape = (batch, *self.image_shape) if self.dense else (batch,)
+        return images, torch.randint(0, self.classes, label_shape, generator=generator)
+
+
+IGNORE_INDEX = 255
 
 _CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 _CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)

@@ -267,8 +267,7 @@ def module_activation_bytes(config: Config, spec: DatasetSpec, cuts: list[int], 
 
     layout = make_layout(config, spec, cuts)
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, spec.channels, spec.image_size, spec.image_size, generator=generator)
-    packet: Packet | None = Packet.from_batch(images, torch.randint(0, spec.classes, (batch,), generator=generator))
+    packet: Packet | None = Packet.from_batch(*spec.random_batch(batch, generator))
     sizes = []
     for index in range(config.local.modules):
         module = build_module(config, layout, index, torch.device("cpu")).train()
