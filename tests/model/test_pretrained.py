@@ -288,7 +288,7 @@ def test_a_missing_file_exits_2_with_one_line(tmp_path):
     missing = tmp_path / "resnet101.pth"
     done = subprocess.run([sys.executable, "-m", "pipeline.train", "--set", "model.family=imagenet",
                            "--set", "model.arch=resnet101", "--set", f"model.pretrained='{missing}'", "--check"],
-                          cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+                          cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
