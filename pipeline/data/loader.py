@@ -29,7 +29,7 @@ from pipeline.data.contract import (
     normalise,
 )
 from pipeline.data.readers import READERS, RawDataset, Split, make_synthetic
-from pipeline.data.specs import DatasetSpec, dataset_spec
+from pipeline.data.specs import DatasetSpec, dataset_root, dataset_spec
 from pipeline.errors import BadInput
 from pipeline.metrics import say
 
@@ -39,7 +39,7 @@ def load_raw(config: Config) -> tuple[DatasetSpec, RawDataset]:
     spec = dataset_spec(config)
     if spec.name == "synthetic":
         return spec, make_synthetic(spec, config.run.seed)
-    root = Path(config.data.root or spec.default_root).expanduser()
+    root = dataset_root(config, spec)
     if config.data.download:
         _download(spec, root)
     try:

@@ -20,6 +20,8 @@ BlockKind = Literal["basic", "bottleneck"]
 
 # Datasets of whole-image-folder size, whose networks are the ImageNet ones by default.
 IMAGENET_DATASETS = ("image_folder",)
+# Datasets of per-pixel label maps (pipeline/data/segmentation.py streams them).
+SEGMENTATION_DATASETS = ("cityscapes", "segmentation_folder")
 
 
 @dataclass(frozen=True)
