@@ -30,8 +30,8 @@ PIL_HUE_CIRCLE = 256  # Pillow's HSV hue runs 0..255 around the circle
 
 
 class JointTransform(Protocol):
-    def __call__(self, image: Image.Image, label: Image.Image, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """RGB ``image`` and its mode-L ``label`` map -> uint8 [H, W, 3] pixels and uint8 [H, W] class ids."""
+    def __call__(self, image: Image.Image, label: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """RGB ``image`` and its uint8 [H, W] class ids -> uint8 [h, w, 3] pixels and uint8 [h, w] class ids."""
         ...
 
 
@@ -41,31 +41,49 @@ class SegmentTrainTransform:
     def __init__(self, crop: tuple[int, int]) -> None:
         self.crop = crop
 
-    def __call__(self, image: Image.Image, label: Image.Image, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, image: Image.Image, label: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
         draws = random.Random(seed)
-        width, height = image.size
-        ratio = draws.uniform(*RESCALE)
-        scaled_w, scaled_h = max(1, round(width * ratio)), max(1, round(height * ratio))
-        crop_h, crop_w = min(self.crop[0], scaled_h), min(self.crop[1], scaled_w)
-        top, left = draws.randint(0, scaled_h - crop_h), draws.randint(0, scaled_w - crop_w)
-        flip = draws.random() < 0.5
-        # Only the crop's box is resampled: Pillow places each output pixel in the file's pixels
-        # exactly as a resize of the whole image would, without making the (up to 4x) larger image.
-        step_x, step_y = width / scaled_w, height / scaled_h
-        box = (left * step_x, top * step_y, (left + crop_w) * step_x, (top + crop_h) * step_y)
-        picture = image.resize((crop_w, crop_h), Image.Resampling.BILINEAR, box=box)
-        classes = label.resize((crop_w, crop_h), Image.Resampling.NEAREST, box=box)
-        if flip:
-            picture = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            classes = classes.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return photometric(np.array(picture, dtype=np.uint8), draws), np.array(classes, dtype=np.uint8)
+        pixels, classes = rescaled_crop(image, label, self.crop, draws)
+        return photometric(pixels, draws), classes
 
 
 class SegmentEvalTransform:
     """The whole image and label map, unchanged."""
 
-    def __call__(self, image: Image.Image, label: Image.Image, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        return np.array(image, dtype=np.uint8), np.array(label, dtype=np.uint8)
+    def __call__(self, image: Image.Image, label: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.array(image, dtype=np.uint8), label
+
+
+def rescaled_crop(image: Image.Image, label: np.ndarray, crop: tuple[int, int],
+                  draws: random.Random) -> tuple[np.ndarray, np.ndarray]:
+    """The random rescale, crop (at most ``crop`` = (height, width)) and flip of an image and its label map.
+
+    Only the crop is computed, never the (up to 4x larger) rescaled image: Pillow resamples the
+    crop's box of the file, placing each output pixel where a resize of the whole image would, and
+    each label pixel is the file's pixel under its centre, in exact integer arithmetic.
+    """
+    width, height = image.size
+    ratio = draws.uniform(*RESCALE)
+    scaled_w, scaled_h = max(1, round(width * ratio)), max(1, round(height * ratio))
+    crop_h, crop_w = min(crop[0], scaled_h), min(crop[1], scaled_w)
+    top, left = draws.randint(0, scaled_h - crop_h), draws.randint(0, scaled_w - crop_w)
+    flip = draws.random() < 0.5
+    step_x, step_y = width / scaled_w, height / scaled_h
+    box = (left * step_x, top * step_y, (left + crop_w) * step_x, (top + crop_h) * step_y)
+    picture = np.array(image.resize((crop_w, crop_h), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
+    rows = _centres(top, crop_h, height, scaled_h)
+    columns = _centres(left, crop_w, width, scaled_w)
+    classes = label[rows[:, None], columns[None, :]]
+    if flip:
+        picture, classes = picture[:, ::-1], classes[:, ::-1]
+    return np.ascontiguousarray(picture), np.ascontiguousarray(classes)
+
+
+def _centres(start: int, count: int, size: int, scaled: int) -> np.ndarray:
+    """The file's pixel under the centre of rescaled pixels start .. start + count - 1 (of ``scaled``
+    across ``size``): floor((i + 1/2) * size / scaled), without rounding error."""
+    index = np.arange(start, start + count, dtype=np.int64)
+    return (2 * index + 1) * size // (2 * scaled)
 
 
 def photometric(pixels: np.ndarray, draws: random.Random) -> np.ndarray:

@@ -64,7 +64,7 @@ class PairFiles(Dataset[Pair | str]):
             return unreadable(label_path, err)
         if isinstance(values, str):
             return values
-        pixels, label = self.transform(image, Image.fromarray(values), sample.seed)
+        pixels, label = self.transform(image, values, sample.seed)
         return to_tensor(pixels), torch.from_numpy(label)
 
 
