@@ -26,7 +26,7 @@ ModelFamily = Literal["auto", "cifar", "imagenet"]
 Partition = Literal["equal", "balanced-memory", "balanced-time", "balanced"]
 Loss = Literal["softmax", "contrast"]
 AuxHead = Literal["0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"]
-Schedule = Literal["cosine", "cosine-step", "constant"]
+Schedule = Literal["cosine", "cosine-step", "poly", "constant"]
 WireDtype = Literal["fp32", "bf16"]
 Placement = Literal["chain", "stage"]
 Amp = Literal["none", "bf16"]
@@ -131,6 +131,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: int = 10
     schedule: Schedule = "cosine"
+    # poly (the segmentation recipe): (lr - min_lr) * (1 - (step - 1) / steps) ** poly_power + min_lr
+    poly_power: float = 0.9
+    min_lr: float = 0.0
 
 
 @dataclass
@@ -427,6 +430,8 @@ def validate(config: Config) -> None:
     _require(train.epochs >= 1, f"train.epochs = {train.epochs} must be >= 1")
     _require(train.max_steps >= 0, f"train.max_steps = {train.max_steps} must be >= 0 (0: no cap)")
     _require(train.lr > 0, f"train.lr = {train.lr} must be > 0")
+    _require(train.poly_power > 0, f"train.poly_power = {train.poly_power} must be > 0")
+    _require(0 <= train.min_lr < train.lr, f"train.min_lr = {train.min_lr} must be in [0, train.lr = {train.lr})")
     _require(0 <= train.momentum < 1, f"train.momentum = {train.momentum} must be in [0, 1)")
     _require(train.weight_decay >= 0, f"train.weight_decay = {train.weight_decay} must be >= 0")
     _require(train.warmup_epochs >= 0, f"train.warmup_epochs = {train.warmup_epochs} must be >= 0")
@@ -529,6 +534,9 @@ def ineffective_keys(config: Config) -> list[str]:
     if config.train.schedule != "cosine":
         ignored("train", ("warmup_epochs",), f"with train.schedule = {config.train.schedule!r} (only 'cosine' "
                                              "warms up)")
+    if config.train.schedule != "poly":
+        ignored("train", ("poly_power", "min_lr"), f"with train.schedule = {config.train.schedule!r} (only 'poly' "
+                                                   "uses them)")
     if run.mode != "pipeline":
         ignored("pipeline", ("queue_depth", "wire_dtype"), f"with run.mode = {run.mode!r} (no links between stages)")
     if run.mode == "sequential":

@@ -18,13 +18,16 @@ from pipeline.model.local_module import Layout, LocalModule
 from pipeline.model.network import build_module
 from pipeline.optim import learning_rate, make_optimizer, set_learning_rate
 from pipeline.packet import Packet
+from pipeline.scoring import Accuracy, Scoring, scoring_for
 
 
 def make_worker(config: Config, layout: Layout, index: int, device: torch.device,
                 wrap: Callable[[nn.Module], nn.Module] | None = None) -> ModuleWorker:
     """Module ``index`` of the config's network, built from its seed, with its optimizer."""
     module = build_module(config, layout, index, device)
-    return ModuleWorker(module, config.train, config.precision, device, wrap)
+    worker = ModuleWorker(module, config.train, config.precision, device, wrap)
+    worker.scoring = scoring_for(layout.spec)
+    return worker
 
 
 class ModuleWorker:
@@ -40,6 +43,7 @@ class ModuleWorker:
         self.channels_last = precision.channels_last
         self.amp = precision.amp == "bf16"
         self.total_steps = 1  # the run's length in steps, for per-step schedules: set by the runner
+        self.scoring: Scoring = Accuracy()  # how the last module's test predictions count
         self.lr = learning_rate(train, 1)
         set_learning_rate(self.optimizer, self.lr)
 
@@ -82,14 +86,15 @@ class ModuleWorker:
 
     @torch.no_grad()
     def eval_step(self, packet: Packet) -> Packet | torch.Tensor:
-        """The packet for module k+1, or on the last module the count of correct predictions."""
+        """The packet for module k+1, or on the last module what the batch adds to the test counts
+        (correct predictions; a confusion matrix for segmentation: pipeline/scoring.py)."""
         packet = self._prepare(packet)
         if self.module.training:
             self.module.eval()
         with self._autocast():
             inputs, output = self.module.features(packet)
             if self.last:
-                return (self.module.logits(output).argmax(1) == packet.labels).sum()
+                return self.scoring.count(self.module.logits(output, packet.labels), packet.labels)
         return self.module.next_packet(packet, inputs, output)
 
     def state_dict(self) -> dict[str, Any]:

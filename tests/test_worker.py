@@ -73,7 +73,7 @@ def test_K1_eval_counts_correct_predictions(make_config, image_batch):
     correct = worker.eval_step(Packet.from_batch(images, labels))
     worker.module.eval()
     with torch.no_grad():
-        predicted = worker.module.logits(worker.module.features(Packet.from_batch(images, labels))[1]).argmax(1)
+        predicted = worker.module.logits(worker.module.features(Packet.from_batch(images, labels))[1], labels).argmax(1)
     assert int(correct) == int((predicted == labels).sum())
 
 

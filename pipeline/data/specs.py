@@ -22,13 +22,12 @@ class DatasetSpec:
     flip: bool
     default_root: str
     how_to_get: str
-    dense: bool = False  # labels are per-pixel class maps, IGNORE_INDEX where unlabelled
-    image_width: int = 0  # 0: square images; else image_size is the training crop's height and this its width
+    dense: bool = False  # labels are per-pixel class maps (segmentation), IGNORE_INDEX where unlabelled
+    image_width: int = 0  # 0: square images of image_size; else image_size is the height, this the width
 
 
 # The label of a pixel that no loss or metric counts (MMSegmentation's and Cityscapes' convention).
 IGNORE_INDEX = 255
-
 
 _CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 _CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)

@@ -124,7 +124,8 @@ class LocalModule(nn.Module):
         image = packet.image if self.plan.carries_image(following) else None
         return Packet(packet.labels, output.detach(), image, register)
 
-    def logits(self, output: torch.Tensor) -> torch.Tensor:
+    def logits(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Class scores at the labels' resolution (for classification ``labels`` only travel along)."""
         assert self.last, "only the last module has the classifier"
         logits: torch.Tensor = self.head(output)
         return logits

@@ -104,7 +104,7 @@ def check_chain(config, cuts, layout, modules, records, images, labels):
             assert record["aux"].shape == (batch, layout.spec.classes)
             assert record["produced"] is None
             with torch.no_grad():
-                assert module.logits(record["output"]).shape == (batch, layout.spec.classes)
+                assert module.logits(record["output"], labels).shape == (batch, layout.spec.classes)
         else:
             out = layout.spec.classes if config.local.loss == "softmax" else config.local.aux_feature_dim
             assert record["aux"].shape == (batch, out)
@@ -267,7 +267,7 @@ def test_local_loss_combines_reconstruction_and_head(make_config, build_modules,
     with torch.no_grad():
         _, output, loss = last(packet)
         assert loss.item() == pytest.approx(
-            F.cross_entropy(last.logits(output), labels).item(), rel=1e-6)
+            F.cross_entropy(last.logits(output, labels), labels).item(), rel=1e-6)
 
 
 def test_decoder_and_encoder_biases_start_from_the_default_init_and_are_reproducible(make_config, build_modules):
