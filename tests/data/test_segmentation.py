@@ -198,6 +198,21 @@ def test_cityscapes_streams_through_make_loaders(tmp_path: Path) -> None:
     assert set(labels.unique().tolist()) <= set(range(19)) | {IGNORE_INDEX}
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_gpu_batches_padding_included_equal_cpu_batches(folder: Path) -> None:
+    for overrides in (("data.crop=[64, 96]",), ("data.batch_size=3",)):  # padded crops; whole images of two sizes
+        cpu_train, cpu_val = loaders(folder, *overrides)
+        config = seg_config(folder, "data.workers=2", "run.device=cuda", *overrides)
+        gpu_train, gpu_val = make_loaders(config, torch.device("cuda"))
+        for on_cpu, on_gpu in ((epoch(cpu_train, 1), list(gpu_train.batches(1))),
+                               (epoch(cpu_val, 0), list(gpu_val.batches(0)))):
+            assert len(on_cpu) == len(on_gpu)
+            for (images, labels), (gpu_images, gpu_labels) in zip(on_cpu, on_gpu):
+                assert gpu_images.is_cuda and gpu_labels.is_cuda and gpu_labels.dtype == torch.int64
+                assert torch.equal(labels, gpu_labels.cpu()) and torch.allclose(images, gpu_images.cpu(), atol=1e-6)
+
+
 # ---- label checks ---------------------------------------------------------------------------------
 
 
