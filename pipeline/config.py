@@ -89,6 +89,9 @@ class ModelConfig:
     # auto = imagenet for image folders, cifar for the resident datasets.
     family: ModelFamily = "auto"
     zero_init_residual: bool = False  # the last batch norm of each residual block starts at 0
+    # An ImageNet checkpoint whose backbone replaces the initial weights: torchvision's or
+    # MMSegmentation's ResNet state dict, or a checkpoint folder / out_dir of this trainer ("": none).
+    pretrained: str = ""
 
 
 @dataclass
@@ -394,6 +397,13 @@ def validate(config: Config) -> None:
                                              "from the dataset)")
     _require(model.classes == 0 or model.classes >= 2, f"model.classes = {model.classes} must be >= 2 (or 0: "
                                                        "from the dataset)")
+    if model.pretrained:
+        _require(arch.family != "cifar", f"model.pretrained loads ImageNet ResNets, not the CIFAR {model.arch}; set "
+                                         "model.family = 'imagenet' or leave model.pretrained empty")
+        _require(Path(model.pretrained).exists(),
+                 f"model.pretrained = {clip(model.pretrained, 200)!r} does not exist; give an ImageNet checkpoint: a "
+                 "torchvision or MMSegmentation ResNet .pth file, or a checkpoint folder or out_dir of this trainer "
+                 "(docs/segmentation.md)")
 
     _require(
         1 <= local.modules <= blocks,
@@ -517,6 +527,8 @@ def ineffective_keys(config: Config) -> list[str]:
                 notes.append(f"{section}.{key} has no effect {because}")
 
     run, local = config.run, config.local
+    if run.resume:
+        ignored("model", ("pretrained",), "with run.resume set (the checkpoint restores every weight)")
     if config.data.name == "synthetic":
         ignored("data", ("download", "root"), "with data.name = 'synthetic' (nothing is read)")
     name = config.data.name

@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from pipeline.config import Config
 from pipeline.errors import BadInput
+from pipeline.model.arch import SEGMENTATION_DATASETS
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,17 @@ class DatasetSpec:
     how_to_get: str
     dense: bool = False  # labels are per-pixel class maps (segmentation), IGNORE_INDEX where unlabelled
     image_width: int = 0  # 0: square images of image_size; else image_size is the height, this the width
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(height, width) of a training image as the network sees it."""
+        return self.image_size, self.image_width or self.image_size
+
+    def random_batch(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised-looking images and labels of this dataset's shapes: what profiling measures with."""
+        images = torch.randn(batch, self.channels, *self.image_shape, generator=generator)
+        label_shape = (batch, *self.image_shape) if self.dense else (batch,)
+        return images, torch.randint(0, self.classes, label_shape, generator=generator)
 
 
 # The label of a pixel that no loss or metric counts (MMSegmentation's and Cityscapes' convention).
@@ -79,7 +93,7 @@ def dataset_spec(config: Config) -> DatasetSpec:
     """
     spec = SPECS.get(config.data.name)
     model = config.model
-    if config.data.name in SEGMENTATION_DEFAULT_ROOTS:
+    if config.data.name in SEGMENTATION_DATASETS:
         return segmentation_spec(config)
     if spec is None:  # image_folder
         from pipeline.data.image_folder import class_names  # it builds on this module

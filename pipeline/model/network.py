@@ -12,6 +12,7 @@ from pipeline.model.context import ContextPlan
 from pipeline.model.imagenet_resnet import ImageNetResNet
 from pipeline.model.local_module import Layout, LocalModule
 from pipeline.model.partition import equal_cuts, module_ranges
+from pipeline.model.pretrained import load_pretrained
 from pipeline.model.resnet import BlockNet, CifarResNet
 
 
@@ -49,10 +50,17 @@ _BUILDING = threading.Lock()
 
 
 def build_module(config: Config, layout: Layout, index: int, device: torch.device) -> LocalModule:
-    """Module ``index`` from seed run.seed + index, so every process builds the same weights."""
+    """Module ``index`` from seed run.seed + index, so every process builds the same weights.
+
+    model.pretrained then overwrites its backbone blocks, after the seeded draws, so the rest of
+    the module (heads, decoder) is the same with and without it.
+    """
     with _BUILDING, torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.run.seed + index)
         module = LocalModule(config, layout, index)
+    if config.model.pretrained and not config.run.resume:  # a resumed run restores every weight itself
+        start, end = layout.ranges[index]
+        load_pretrained(module.body, config, start, end)
     if config.precision.channels_last:
         # Module.to takes memory_format at run time; torch's stubs leave it out
         module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
