@@ -2,8 +2,9 @@
 
 Training follows MMSegmentation's Cityscapes pipeline: a random rescale by a ratio drawn from
 [0.5, 2.0] of the image's own size (their Resize to (2048, 1024) with that ratio range is the
-same thing for Cityscapes' 2048 x 1024 images), a random crop of ``crop`` = (height, width),
-a horizontal flip with probability 1/2 and their photometric distortion of the image alone.
+same thing for Cityscapes' 2048 x 1024 images), a random crop of ``crop`` = (height, width)
+(redrawn, up to 10 times, while one class covers 3/4 or more of its labelled pixels: their
+``cat_max_ratio``), a horizontal flip with probability 1/2 and their photometric distortion of the image alone.
 The image is resampled bilinearly, the label map by nearest neighbour (a class id is never
 blended). Where the rescaled image is smaller than the crop the crop is smaller too: the batch
 pads it to the crop (pipeline/data/segmentation.py). Evaluation takes whole images as they are.
@@ -20,7 +21,11 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from pipeline.data.specs import IGNORE_INDEX
+
 RESCALE = (0.5, 2.0)
+CAT_MAX_RATIO = 0.75  # a crop where one class has this share of the labelled pixels is redrawn ...
+CROP_TRIES = 10  # ... this many times at most; then the last one drawn is kept
 # PhotoMetricDistortion's defaults: each step applied with probability 1/2.
 BRIGHTNESS_DELTA = 32.0  # added to every channel, on 0..255
 CONTRAST = (0.5, 1.5)  # every channel multiplied by
@@ -66,17 +71,36 @@ def rescaled_crop(image: Image.Image, label: np.ndarray, crop: tuple[int, int],
     ratio = draws.uniform(*RESCALE)
     scaled_w, scaled_h = max(1, round(width * ratio)), max(1, round(height * ratio))
     crop_h, crop_w = min(crop[0], scaled_h), min(crop[1], scaled_w)
+
+    def cropped(top: int, left: int) -> np.ndarray:
+        rows = _centres(top, crop_h, height, scaled_h)
+        columns = _centres(left, crop_w, width, scaled_w)
+        picked: np.ndarray = label[rows[:, None], columns[None, :]]
+        return picked
+
     top, left = draws.randint(0, scaled_h - crop_h), draws.randint(0, scaled_w - crop_w)
+    for _ in range(CROP_TRIES):
+        classes = cropped(top, left)
+        if varied(classes):
+            break
+        top, left = draws.randint(0, scaled_h - crop_h), draws.randint(0, scaled_w - crop_w)
+    else:
+        classes = cropped(top, left)
     flip = draws.random() < 0.5
     step_x, step_y = width / scaled_w, height / scaled_h
     box = (left * step_x, top * step_y, (left + crop_w) * step_x, (top + crop_h) * step_y)
     picture = np.array(image.resize((crop_w, crop_h), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
-    rows = _centres(top, crop_h, height, scaled_h)
-    columns = _centres(left, crop_w, width, scaled_w)
-    classes = label[rows[:, None], columns[None, :]]
     if flip:
         picture, classes = picture[:, ::-1], classes[:, ::-1]
     return np.ascontiguousarray(picture), np.ascontiguousarray(classes)
+
+
+def varied(classes: np.ndarray) -> bool:
+    """Whether a crop's label map holds two or more classes, none on CAT_MAX_RATIO of its labelled pixels."""
+    counts = np.bincount(classes.ravel(), minlength=IGNORE_INDEX + 1)
+    counts[IGNORE_INDEX] = 0
+    present = counts[counts > 0]
+    return len(present) > 1 and present.max() < CAT_MAX_RATIO * present.sum()
 
 
 def _centres(start: int, count: int, size: int, scaled: int) -> np.ndarray:

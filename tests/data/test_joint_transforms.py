@@ -7,7 +7,14 @@ import random
 import numpy as np
 from PIL import Image
 
-from pipeline.data.joint_transforms import SegmentEvalTransform, SegmentTrainTransform, photometric, rescaled_crop
+from pipeline.data.joint_transforms import (
+    SegmentEvalTransform,
+    SegmentTrainTransform,
+    photometric,
+    rescaled_crop,
+    varied,
+)
+from pipeline.data.specs import IGNORE_INDEX
 from tests.data.segmentation_files import sample_pair
 
 HEIGHT, WIDTH = 24, 40
@@ -63,6 +70,25 @@ def test_the_crop_is_the_crop_of_the_whole_rescaled_image() -> None:
         centre_y = (np.arange(top, top + crop_h) + 0.5) * HEIGHT / height
         assert np.all((columns <= centre_x[None, :] + 1e-9) & (centre_x[None, :] < columns + 1 + 1e-9))
         assert np.all((rows <= centre_y[:, None] + 1e-9) & (centre_y[:, None] < rows + 1 + 1e-9))
+
+
+def test_a_crop_that_one_class_dominates_is_drawn_again() -> None:
+    """A 12 x 12 square of class 1 on class 0: most first draws of a 16 x 16 crop see class 0
+    alone or nearly; the redraws (MMSegmentation's cat_max_ratio = 0.75) find the square."""
+    image = Image.new("RGB", (WIDTH, HEIGHT))
+    label = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
+    label[6:18, 14:26] = 1
+    label[0, :] = IGNORE_INDEX  # ignored pixels count for no class
+    first, kept = 0, 0
+    for seed in range(40):
+        width, height, top, left, crop_h, crop_w, _ = draws_of(seed, (16, 16))
+        rows = (2 * np.arange(top, top + crop_h) + 1) * HEIGHT // (2 * height)
+        columns = (2 * np.arange(left, left + crop_w) + 1) * WIDTH // (2 * width)
+        first += varied(label[rows[:, None], columns[None, :]])
+        kept += varied(rescaled_crop(image, label, (16, 16), random.Random(seed))[1])
+    assert kept >= 35 and first <= 25
+    assert not varied(np.array([[0, 0, 0, 1]])) and varied(np.array([[0, 0, 1, 1]]))
+    assert not varied(np.array([[0, 0, 0, 0]])) and varied(np.array([[0, 255, 255, 1]]))
 
 
 def test_flip_and_crop_move_image_and_label_together() -> None:
