@@ -11,8 +11,10 @@ Batches: training crops (data.crop = [height, width]) are padded to the crop whe
 image was smaller; evaluation images are whole, and where a batch's images differ in size each
 is padded to the largest: image pixels with 0 after normalisation (the mean colour, as
 MMSegmentation pads), label pixels with IGNORE_INDEX, so neither the loss nor the metric counts
-them. Padding is always at the bottom and right. With replicas, each replica pads its own part
-of a batch. Labels reach the device as int64 [B, H, W].
+them. Padding is always at the bottom and right. Where replicas each decode a part of such a
+batch, the largest image of the whole batch is found from the files' headers, so every part
+pads alike and the parts are slices of the batch one process reads. Labels reach the device as
+int64 [B, H, W].
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from pipeline.data.segmentation_folder import MAKE_TRAIN_IDS, PairSplit, scan_pa
 from pipeline.data.specs import IGNORE_INDEX, dataset_root, segmentation_spec
 from pipeline.data.streaming import UNREADABLE, Decoded, FolderLoader, Sample, unreadable
 from pipeline.data.transforms import to_tensor
+from pipeline.errors import BadInput
 
 LABEL_MODES = ("L", "P")  # 8-bit single channel: grey levels or palette indices are the class ids
 SHOWN_VALUES = 5
 
-Pair = tuple[torch.Tensor, torch.Tensor]  # uint8 [3, H, W] image, uint8 [H, W] label map
+# uint8 [3, H, W] image, uint8 [H, W] label map, the least (height, width) of its padded batch
+Pair = tuple[torch.Tensor, torch.Tensor, tuple[int, int]]
 
 
 class PairFiles(Dataset[Pair | str]):
@@ -65,7 +69,20 @@ class PairFiles(Dataset[Pair | str]):
         if isinstance(values, str):
             return values
         pixels, label = self.transform(image, values, sample.seed)
-        return to_tensor(pixels), torch.from_numpy(label)
+        return to_tensor(pixels), torch.from_numpy(label), sample.canvas
+
+    def canvas(self, files: list[int]) -> tuple[int, int]:
+        """The (height, width) of the largest of ``files``, from their headers (a whole-image batch's
+        padded shape, for replicas that each decode a part of it)."""
+        sizes = []
+        for file in files:
+            path = os.fsdecode(self.split.images[file])
+            try:
+                with Image.open(path) as opened:
+                    sizes.append(opened.size)
+            except UNREADABLE as err:
+                raise BadInput(unreadable(path, err)) from None
+        return max(height for _, height in sizes), max(width for width, _ in sizes)
 
 
 def read_label(opened: Image.Image, path: str, image_path: str, image_size: tuple[int, int], classes: int,
@@ -93,20 +110,21 @@ def read_label(opened: Image.Image, path: str, image_path: str, image_size: tupl
 
 
 def collate_pairs(items: list[Pair | str], crop: tuple[int, int], pad_to_crop: bool) -> Decoded:
-    """One part of a batch, each pair padded at the bottom and right to the part's largest image
-    (and at least to ``crop`` when ``pad_to_crop``); an empty part is an empty batch of ``crop``."""
+    """One part of a batch, each pair padded at the bottom and right to the part's largest image,
+    at least to its samples' canvas, and to ``crop`` when ``pad_to_crop``; an empty part is an
+    empty batch of ``crop``."""
     failures = [item for item in items if isinstance(item, str)]
     if failures:
         return Decoded(torch.empty(0), torch.empty(0), failures[0])
     pairs = [item for item in items if not isinstance(item, str)]
     if not pairs:
         return Decoded(torch.empty(0, 3, *crop, dtype=torch.uint8), torch.empty(0, *crop, dtype=torch.uint8), None)
-    sizes = torch.tensor([image.shape[1:] for image, _ in pairs])
-    least = crop if pad_to_crop else (0, 0)
+    sizes = torch.tensor([image.shape[1:] for image, _, _ in pairs])
+    least = crop if pad_to_crop else pairs[0][2]
     height, width = max(least[0], int(sizes[:, 0].max())), max(least[1], int(sizes[:, 1].max()))
     images = torch.zeros(len(pairs), 3, height, width, dtype=torch.uint8)
     labels = torch.full((len(pairs), height, width), IGNORE_INDEX, dtype=torch.uint8)
-    for slot, (image, label) in enumerate(pairs):
+    for slot, (image, label, _) in enumerate(pairs):
         images[slot, :, : image.shape[1], : image.shape[2]] = image
         labels[slot, : label.shape[0], : label.shape[1]] = label
     padded = bool(((sizes[:, 0] < height) | (sizes[:, 1] < width)).any())
@@ -129,10 +147,12 @@ def make_segmentation_loaders(config: Config, device: torch.device,
                      f"class id or to {IGNORE_INDEX}")
     evaluate = SegmentEvalTransform()
     augment: JointTransform = SegmentTrainTransform(crop) if data.augment else evaluate
-    train = FolderLoader(PairFiles(folder.train, augment, spec.classes, value_fix),
-                         functools.partial(collate_pairs, crop=crop, pad_to_crop=data.augment), spec, batch, device,
-                         config.run.seed, True, data.workers, smallest)
-    val = FolderLoader(PairFiles(folder.val, evaluate, spec.classes, value_fix),
-                       functools.partial(collate_pairs, crop=crop, pad_to_crop=False), spec,
-                       min(data.batch_size, len(folder.val.images)), device, config.run.seed, False, data.workers)
+    train_files = PairFiles(folder.train, augment, spec.classes, value_fix)
+    train = FolderLoader(train_files, functools.partial(collate_pairs, crop=crop, pad_to_crop=data.augment), spec,
+                         batch, device, config.run.seed, True, data.workers, smallest,
+                         canvas=None if data.augment else train_files.canvas)
+    val_files = PairFiles(folder.val, evaluate, spec.classes, value_fix)
+    val = FolderLoader(val_files, functools.partial(collate_pairs, crop=crop, pad_to_crop=False), spec,
+                       min(data.batch_size, len(folder.val.images)), device, config.run.seed, False, data.workers,
+                       canvas=val_files.canvas)
     return train, val

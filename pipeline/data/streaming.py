@@ -55,6 +55,9 @@ PREFETCH_BATCHES = 2  # per worker: DataLoader's default, enough to hide a slow 
 class Sample(NamedTuple):
     file: int  # index into the split's files
     seed: int  # of its augmentation
+    # The least (height, width) its part pads to: the whole batch's, where parts must agree on a
+    # padded shape (FolderLoader's ``canvas``); (0, 0) where nothing needs it.
+    canvas: tuple[int, int] = (0, 0)
 
 
 class Decoded(NamedTuple):
@@ -118,12 +121,15 @@ class FolderLoader:
 
     ``collate`` makes the items of one part of a batch (or their first failure) a ``Decoded``;
     it runs in the worker, so it must be picklable (a module-level function or a partial of one).
+    ``canvas``, for files of different sizes that a batch pads to one: the files of a whole
+    batch -> the (height, width) it pads to, so that the parts of a batch decoded by replicas
+    pad alike and stay slices of the batch one process would read.
     """
 
     def __init__(self, files: SampleFiles, collate: Callable[[list[Any]], Decoded], spec: DatasetSpec,
                  batch_size: int, device: torch.device, seed: int, train: bool, workers: int,
-                 smallest_batch: int = 1) -> None:
-        self.files, self.collate = files, collate
+                 smallest_batch: int = 1, canvas: Callable[[list[int]], tuple[int, int]] | None = None) -> None:
+        self.files, self.collate, self.canvas = files, collate, canvas
         self.spec, self.batch_size, self.device, self.seed = spec, batch_size, device, seed
         self.train, self.workers, self.smallest_batch = train, workers, smallest_batch
         self.mean = channel_constants(spec.mean, device)
@@ -145,7 +151,10 @@ class FolderLoader:
         for index in range(start, len(self)):
             span = batch_span(index, self.batch_size, self.samples)
             positions = part.take(torch.arange(span.start, span.stop)).tolist()
-            yield [Sample(order[position], mix_seed(self.seed, epoch, position)) for position in positions]
+            canvas = (0, 0)
+            if self.canvas is not None and part.replicas > 1:  # a part alone is the batch: its largest is the batch's
+                canvas = self.canvas([order[position] for position in span])
+            yield [Sample(order[position], mix_seed(self.seed, epoch, position), canvas) for position in positions]
 
     def batches(self, epoch: int, start: int = 0, part: Part = WHOLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gpu = self.device.type == "cuda"

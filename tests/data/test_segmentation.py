@@ -128,13 +128,20 @@ def test_batches_follow_the_seed_and_epoch_whatever_the_workers(folder: Path) ->
     assert same(epoch(inline, 1, start=1), first[1:])
 
 
-def test_parts_are_slices_of_the_whole_batch(folder: Path) -> None:
-    train, val = loaders(folder, "data.batch_size=4")
-    whole = epoch(train, 0)
-    parts = [epoch(train, 0, part=Part(replica, 2)) for replica in range(2)]
-    for index, (images, labels) in enumerate(whole):
-        assert torch.equal(torch.cat([part[index][0] for part in parts]), images)
-        assert torch.equal(torch.cat([part[index][1] for part in parts]), labels)
+def test_parts_are_slices_of_the_whole_batch(folder: Path, tmp_path: Path) -> None:
+    """Training crops, and whole images of different sizes: a part pads to its whole batch's
+    largest image, not its own."""
+    mixed = write_segmentation_folder(tmp_path / "mixed", CLASSES, train=4, val=3,
+                                      val_sizes=((20, 30), (20, 30), (24, 40)))
+    train, _ = loaders(folder, "data.batch_size=4")
+    _, val = loaders(mixed, "data.batch_size=3")
+    for loader, number in ((train, 0), (val, 0)):
+        whole = epoch(loader, number)
+        parts = [epoch(loader, number, part=Part(replica, 2)) for replica in range(2)]
+        for index, (images, labels) in enumerate(whole):
+            assert torch.equal(torch.cat([part[index][0] for part in parts]), images)
+            assert torch.equal(torch.cat([part[index][1] for part in parts]), labels)
+    assert whole[0][0].shape == (3, 3, 24, 40) and parts[0][0][0].shape == (2, 3, 24, 40)
     # three val images: a part of the last val batch (of one) is empty, shaped as the crop
     _, val = loaders(folder, "data.batch_size=2")
     empty_images, empty_labels = epoch(val, 0, part=Part(1, 2))[-1]
@@ -175,8 +182,8 @@ def test_evaluation_batches_whole_images_padded_to_the_largest(folder: Path) -> 
 
 
 def test_collate_pads_to_the_largest_or_the_crop_and_says_which_pixels_are_real() -> None:
-    small = (torch.full((3, 2, 3), 7, dtype=torch.uint8), torch.ones(2, 3, dtype=torch.uint8))
-    large = (torch.full((3, 4, 2), 9, dtype=torch.uint8), torch.zeros(4, 2, dtype=torch.uint8))
+    small = (torch.full((3, 2, 3), 7, dtype=torch.uint8), torch.ones(2, 3, dtype=torch.uint8), (0, 0))
+    large = (torch.full((3, 4, 2), 9, dtype=torch.uint8), torch.zeros(4, 2, dtype=torch.uint8), (0, 0))
     images, labels, failure_text, sizes = collate_pairs([small, large], crop=(3, 5), pad_to_crop=False)
     assert failure_text is None and images.shape == (2, 3, 4, 3) and labels.shape == (2, 4, 3)
     assert sizes is not None and sizes.tolist() == [[2, 3], [4, 2]]
@@ -186,6 +193,8 @@ def test_collate_pads_to_the_largest_or_the_crop_and_says_which_pixels_are_real(
     assert images.shape == (2, 3, 4, 5)
     whole = collate_pairs([large, large], crop=(3, 2), pad_to_crop=False)
     assert whole.sizes is None  # nothing padded: nothing to blank
+    on_canvas = collate_pairs([(*large[:2], (6, 2)), (*large[:2], (6, 2))], crop=(3, 2), pad_to_crop=False)
+    assert on_canvas.images.shape == (2, 3, 6, 2) and on_canvas.sizes is not None  # the whole batch's shape
     broken = collate_pairs([small, "x.png cannot be read"], crop=(3, 5), pad_to_crop=True)
     assert broken.failure == "x.png cannot be read"
 
