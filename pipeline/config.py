@@ -20,7 +20,8 @@ from pipeline.model.arch import SEGMENTATION_DATASETS, ArchSpec, aux_block, defa
 
 Mode = Literal["sequential", "pipeline", "ddp"]
 Device = Literal["auto", "cpu", "cuda"]
-Dataset = Literal["fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "synthetic", "image_folder"]
+Dataset = Literal["fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "synthetic", "image_folder", "cityscapes",
+                  "segmentation_folder"]
 ModelFamily = Literal["auto", "cifar", "imagenet", "segmentation"]
 Partition = Literal["equal", "balanced-memory", "balanced-time", "balanced"]
 Loss = Literal["softmax", "contrast"]
@@ -66,11 +67,16 @@ class DataConfig:
     batch_size: int = 128
     augment: bool = True
     download: bool = False
-    # image_folder only: the training crop's side, the side evaluation images are resized to before
-    # their centre crop of image_size, and the decoding worker processes of each reading process.
+    # image_folder only: the training crop's side, and the side evaluation images are resized to
+    # before their centre crop of image_size.
     image_size: int = 224
     eval_resize: int = 256
+    # Streamed datasets (image_folder, cityscapes, segmentation_folder): decoding worker processes
+    # of each reading process.
     workers: int = 4
+    # cityscapes and segmentation_folder: [height, width] of the training crop (MMSegmentation's
+    # Cityscapes crop); evaluation reads whole images.
+    crop: list[int] = field(default_factory=lambda: [512, 1024])
 
 
 @dataclass
@@ -381,6 +387,9 @@ def validate(config: Config) -> None:
                                                "(the networks halve it several times)")
     _require(data.eval_resize >= data.image_size, f"data.eval_resize = {data.eval_resize} must be >= data.image_size "
                                                   f"= {data.image_size} (evaluation crops image_size out of it)")
+    _require(len(data.crop) == 2 and min(data.crop) >= MIN_IMAGE_SIZE,
+             f"data.crop = {data.crop} must be [height, width], two whole numbers >= {MIN_IMAGE_SIZE} (the networks "
+             "halve them several times)")
     _require(data.workers >= 0, f"data.workers = {data.workers} must be >= 0 (0: decode in the training process)")
 
     arch = config.arch
@@ -559,11 +568,18 @@ def ineffective_keys(config: Config) -> list[str]:
         ignored("model", ("pretrained",), "with run.resume set (the checkpoint restores every weight)")
     if config.data.name == "synthetic":
         ignored("data", ("download", "root"), "with data.name = 'synthetic' (nothing is read)")
-    if config.data.name == "image_folder":
-        ignored("data", ("download",), "with data.name = 'image_folder' (the folder is read as it is)")
+    name = config.data.name
+    streamed = name == "image_folder" or name in SEGMENTATION_DATASETS
+    if streamed:
+        ignored("data", ("download",), f"with data.name = {name!r} (the folder is read as it is)")
     else:
-        ignored("data", ("image_size", "eval_resize", "workers"),
-                f"with data.name = {config.data.name!r} (image folders only)")
+        ignored("data", ("workers",), f"with data.name = {name!r} (streamed datasets only: image_folder, "
+                                      f"{', '.join(SEGMENTATION_DATASETS)})")
+    if name != "image_folder":
+        ignored("data", ("image_size", "eval_resize"), f"with data.name = {name!r} (image folders only)")
+    if name not in SEGMENTATION_DATASETS:
+        ignored("data", ("crop",), f"with data.name = {name!r} (segmentation datasets only: "
+                                   f"{', '.join(SEGMENTATION_DATASETS)})")
     if config.arch.family != "segmentation":
         ignored("model", ("deep_stem",), "unless model.family = 'segmentation' (the stem of DeepLab-V3's backbone)")
     if config.train.schedule != "cosine":

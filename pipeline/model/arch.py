@@ -22,7 +22,8 @@ BlockKind = Literal["basic", "bottleneck"]
 
 # Datasets of whole-image-folder size, whose networks are the ImageNet ones by default.
 IMAGENET_DATASETS = ("image_folder",)
-# Datasets of per-pixel label maps, whose networks are the segmentation ones by default.
+# Datasets of per-pixel label maps (pipeline/data/segmentation.py streams them), whose networks are the
+# segmentation ones by default.
 SEGMENTATION_DATASETS = ("cityscapes", "segmentation_folder")
 
 
