@@ -97,6 +97,13 @@ class LocalModule(nn.Module):
         if isinstance(self.head, ASPPHead) and self.aux_head is not None:
             reset_classifier(self.head.classifier)
             reset_classifier(self.aux_head.classifier)
+        elif self.dense:
+            # InfoPro builds its segmentation head and decoder after the network's initialisation, so
+            # they keep PyTorch's default draw (a fan-out normal 1x1 conv to a few classes would
+            # start the head at logits of ten and more).
+            for layer in [*self.head.modules(), *(self.decoder.modules() if self.decoder is not None else [])]:
+                if isinstance(layer, nn.Conv2d):
+                    layer.reset_parameters()
         if config.model.zero_init_residual:
             for block in self.body.modules():
                 if isinstance(block, ResidualBlock):

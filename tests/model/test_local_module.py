@@ -3,9 +3,12 @@ modules, gradient isolation and the (ixx, ixy) interpolation."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pipeline.data.specs import IGNORE_INDEX, DatasetSpec
 from pipeline.model.context import ContextPlan, ImageEncoder, InputEncoder
@@ -336,6 +339,13 @@ def test_segmentation_modules_carry_infopros_head_and_decoder_then_deeplabs_head
     assert last.aux_head.conv[0].in_channels == 1024
     for classifier in (last.head.classifier, last.aux_head.classifier):
         assert torch.all(classifier.bias == 0) and classifier.weight.std().item() < 0.02
+    # module 0's head and decoder keep PyTorch's default draw, within 1 / sqrt(fan in) (InfoPro's);
+    # the fan-out normal of the backbone would put the 1x1 conv to 5 classes at std 0.63
+    convs = [m for m in [*first.head.modules(), *first.decoder.modules()] if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 6
+    for conv in convs:
+        bound = 1 / math.sqrt(conv.weight[0].numel())
+        assert conv.weight.abs().max().item() <= bound and conv.bias.abs().max().item() <= bound
 
 
 def test_segmentation_losses_by_hand(seg_k2):
