@@ -7,13 +7,14 @@ same steps on what its inbox delivers. That sharing is what makes the two equal.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline.config import Config, PrecisionConfig, TrainConfig
+from pipeline.data.contract import mix_seed
 from pipeline.model.local_module import Layout, LocalModule
 from pipeline.model.network import build_module
 from pipeline.optim import learning_rate, make_optimizer, set_learning_rate
@@ -25,15 +26,17 @@ def make_worker(config: Config, layout: Layout, index: int, device: torch.device
                 wrap: Callable[[nn.Module], nn.Module] | None = None) -> ModuleWorker:
     """Module ``index`` of the config's network, built from its seed, with its optimizer."""
     module = build_module(config, layout, index, device)
-    worker = ModuleWorker(module, config.train, config.precision, device, wrap)
+    worker = ModuleWorker(module, config.train, config.precision, device, wrap, seed=config.run.seed)
     worker.scoring = scoring_for(layout.spec)
     return worker
 
 
 class ModuleWorker:
     def __init__(self, module: LocalModule, train: TrainConfig, precision: PrecisionConfig, device: torch.device,
-                 wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
+                 wrap: Callable[[nn.Module], nn.Module] | None = None, seed: int = 0) -> None:
         self.index = module.index
+        self.seed = seed
+        self.step = 1  # the training step about to run: set by at_step
         self.device = device
         self.train_config = train
         self.module = module
@@ -53,6 +56,7 @@ class ModuleWorker:
 
     def at_step(self, epoch: int, step: int) -> None:
         """Set the rate for the step about to run (1-based, counted from the start of training)."""
+        self.step = step
         rate = learning_rate(self.train_config, epoch, step, self.total_steps)
         if rate != self.lr:
             self.lr = rate
@@ -62,6 +66,13 @@ class ModuleWorker:
         if not self.amp:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _draws(self) -> contextlib.AbstractContextManager[Any]:
+        """Dropout masks from (run.seed, module, step), not from the process's random state, which
+        differs between one process running every module and a process per module."""
+        if not self.module.draws_random:
+            return contextlib.nullcontext()
+        return _seeded(mix_seed(self.seed, self.index, self.step), self.device)
 
     def _prepare(self, packet: Packet) -> Packet:
         if not self.channels_last:
@@ -76,7 +87,7 @@ class ModuleWorker:
         packet = self._prepare(packet)
         if not self.module.training:  # switching walks every submodule: only on a change
             self.module.train()
-        with self._autocast():
+        with self._autocast(), self._draws():
             inputs, output, loss = self.trainable(packet)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -103,3 +114,15 @@ class ModuleWorker:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Draws from ``seed`` inside, the process's random state untouched outside."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda" if cuda else None):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield

@@ -93,6 +93,8 @@ class LocalModule(nn.Module):
             if local.reconstruct and not self.last
             else None
         )
+        # Dropout (the segmentation heads) draws at every training step: the worker seeds those draws.
+        self.draws_random = any(isinstance(layer, nn.Dropout2d) for layer in self.modules())
         init_weights(self)
         if isinstance(self.head, ASPPHead) and self.aux_head is not None:
             reset_classifier(self.head.classifier)
