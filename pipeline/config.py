@@ -397,6 +397,10 @@ def validate(config: Config) -> None:
     if arch.family == "segmentation" and data.name not in SEGMENTATION_DATASETS:
         raise BadInput(f"model.family = 'segmentation' needs per-pixel labels, but data.name = {data.name!r} has one "
                        f"label per image; use data.name = {' or '.join(map(repr, SEGMENTATION_DATASETS))}")
+    if data.name in SEGMENTATION_DATASETS and arch.family != "segmentation":
+        raise BadInput(f"data.name = {data.name!r} has per-pixel labels, but model.arch = {model.arch!r} is a "
+                       f"{arch.family} classifier (one label per image); use model.arch = 'deeplabv3_resnet50' or "
+                       "'deeplabv3_resnet101' (model.family = 'segmentation')")
     _require(model.in_channels in (0, 1, 3), f"model.in_channels = {model.in_channels} must be 1 or 3 (or 0: "
                                              "from the dataset)")
     _require(model.classes == 0 or model.classes >= 2, f"model.classes = {model.classes} must be >= 2 (or 0: "

@@ -29,10 +29,9 @@ Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 def seg_config(root: Path, *overrides: str, name: str = "segmentation_folder") -> Config:
     classes = [f"model.classes={CLASSES}"] if name == "segmentation_folder" else []
-    # the data tests need no particular network: the smallest one loads with any dataset
     return load_config(None, [f"data.name={name}", f"data.root='{root}'", *classes, "data.crop=[16, 32]",
-                              "data.batch_size=2", "data.workers=0", "run.device=cpu", "model.family=cifar",
-                              "model.arch=resnet8", *overrides])
+                              "data.batch_size=2", "data.workers=0", "run.device=cpu", "model.arch=deeplabv3_resnet50",
+                              *overrides])
 
 
 def loaders(root: Path, *overrides: str, name: str = "segmentation_folder") -> tuple[FolderLoader, FolderLoader]:
@@ -77,16 +76,17 @@ def test_the_spec_is_dense_at_the_crop_with_imagenet_statistics(folder: Path, tm
     assert (spec.mean, spec.std) == (IMAGENET_MEAN, IMAGENET_STD)
     city = dataset_spec(seg_config(tmp_path / "not-read", name="cityscapes"))  # nothing read to know it
     assert (city.classes, city.dense, city.default_root) == (19, True, "data/cityscapes")
-    assert dataset_spec(load_config(None, ["data.name=cityscapes", "model.family=cifar", "model.arch=resnet8"]))\
-        .image_size == 512  # the default crop: 512 x 1024
+    assert dataset_spec(load_config(None, ["data.name=cityscapes", "model.arch=deeplabv3_resnet50"])).image_size == 512  # the default crop: 512 x 1024
     assert not dataset_spec(load_config(None, ["data.name=synthetic", "model.arch=resnet8"])).dense
 
 
 def test_classes_and_crop_are_checked_at_load(folder: Path) -> None:
     with pytest.raises(BadInput, match=r"^data.name = 'segmentation_folder' needs model.classes: its label maps do "
                                        r"not say how many classes there are; set model.classes = N"):
-        load_config(None, ["data.name=segmentation_folder", f"data.root='{folder}'", "model.family=cifar",
-                           "model.arch=resnet8"])
+        load_config(None, ["data.name=segmentation_folder", f"data.root='{folder}'", "model.arch=deeplabv3_resnet50"])
+    with pytest.raises(BadInput, match=r"^data.name = 'cityscapes' has per-pixel labels, but model.arch = 'resnet8' "
+                                       r"is a cifar classifier .*use model.arch = 'deeplabv3_resnet50'"):
+        load_config(None, ["data.name=cityscapes", "model.family=cifar", "model.arch=resnet8"])
     with pytest.raises(BadInput, match=r"^model.classes = 20 but cityscapes has 19 classes"):
         seg_config(folder, "model.classes=20", name="cityscapes")
     for crop in ("[16]", "[16, 7]", "[4, 32]", "[16, 32, 3]"):
