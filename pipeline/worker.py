@@ -7,7 +7,7 @@ same steps on what its inbox delivers. That sharing is what makes the two equal.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -67,13 +67,6 @@ class ModuleWorker:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def _draws(self) -> contextlib.AbstractContextManager[Any]:
-        """Dropout masks from (run.seed, module, step), not from the process's random state, which
-        differs between one process running every module and a process per module."""
-        if not self.module.draws_random:
-            return contextlib.nullcontext()
-        return _seeded(mix_seed(self.seed, self.index, self.step), self.device)
-
     def _prepare(self, packet: Packet) -> Packet:
         if not self.channels_last:
             return packet
@@ -87,7 +80,9 @@ class ModuleWorker:
         packet = self._prepare(packet)
         if not self.module.training:  # switching walks every submodule: only on a change
             self.module.train()
-        with self._autocast(), self._draws():
+        # Dropout masks from (run.seed, module, step), whichever process or thread runs the module.
+        self.module.reseed(mix_seed(self.seed, self.index, self.step))
+        with self._autocast():
             inputs, output, loss = self.trainable(packet)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -114,15 +109,3 @@ class ModuleWorker:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Draws from ``seed`` inside, the process's random state untouched outside."""
-    cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda" if cuda else None):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield

@@ -157,7 +157,7 @@ def test_dropout_draws_come_from_seed_module_and_step_not_the_process(seg_config
 
     def step(at: int, process_seed: int):
         worker = make_worker(config, layout, 0, CPU)  # module 0: the stem, layer1[0] and InfoPro's head
-        assert worker.module.draws_random
+        assert len(worker.module.dropouts) == 1  # InfoPro's head
         worker.at_step(1, at)
         torch.manual_seed(process_seed)
         state = torch.random.get_rng_state()
@@ -171,4 +171,4 @@ def test_dropout_draws_come_from_seed_module_and_step_not_the_process(seg_config
     other_loss, _ = step(6, process_seed=1)
     assert not torch.equal(loss, other_loss)  # another step, other masks
     cifar = make_config("local.modules=2")
-    assert not any(worker.module.draws_random for worker in workers_for(cifar))  # nothing to seed: unchanged
+    assert not any(worker.module.dropouts for worker in workers_for(cifar))  # nothing to seed: unchanged

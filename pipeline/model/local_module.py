@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Config
+from pipeline.data.contract import mix_seed
 from pipeline.data.specs import DatasetSpec
 from pipeline.model.arch import aux_block
 from pipeline.model.context import ContextPlan, ImageEncoder, InputEncoder
@@ -21,7 +22,7 @@ from pipeline.model.decoder import build_decoder, reconstruction_loss
 from pipeline.model.heads import build_head
 from pipeline.model.losses import dense_cross_entropy, head_loss, upsample_to
 from pipeline.model.resnet import BlockNet, BlockShape, Classifier, ResidualBlock, init_weights
-from pipeline.model.segmentation_heads import AUX_WEIGHT, ASPPHead, FCNHead, reset_classifier
+from pipeline.model.segmentation_heads import AUX_WEIGHT, ASPPHead, FCNHead, SeededDropout2d, reset_classifier
 from pipeline.packet import Packet
 
 
@@ -93,8 +94,8 @@ class LocalModule(nn.Module):
             if local.reconstruct and not self.last
             else None
         )
-        # Dropout (the segmentation heads) draws at every training step: the worker seeds those draws.
-        self.draws_random = any(isinstance(layer, nn.Dropout2d) for layer in self.modules())
+        # Dropout (the segmentation heads) draws at every training step, from seeds the worker sets.
+        self.dropouts = [layer for layer in self.modules() if isinstance(layer, SeededDropout2d)]
         init_weights(self)
         if isinstance(self.head, ASPPHead) and self.aux_head is not None:
             reset_classifier(self.head.classifier)
@@ -174,6 +175,11 @@ class LocalModule(nn.Module):
         register = register[: self.plan.depth]
         image = packet.image if self.plan.carries_image(following) else None
         return Packet(packet.labels, output.detach(), image, register)
+
+    def reseed(self, seed: int) -> None:
+        """The seed of this training step's dropout masks; each dropout layer draws from its own."""
+        for position, layer in enumerate(self.dropouts):
+            layer.seed = mix_seed(seed, position)
 
     def logits(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Class logits at the labels' resolution: per image (``labels`` only travel along), or for label

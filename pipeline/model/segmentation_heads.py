@@ -20,6 +20,28 @@ AUX_WEIGHT = 0.4  # the FCN auxiliary head's loss weight
 CLASSIFIER_STD = 0.01  # MMSegmentation draws each decode head's last conv from N(0, 0.01), bias 0
 
 
+class SeededDropout2d(nn.Module):
+    """nn.Dropout2d (whole channels dropped, the rest scaled by 1 / (1 - p)) drawing from its own seed.
+
+    The trainer sets ``seed`` before every training step from (run.seed, module, step), so the
+    masks are the same whether one process runs every module or each runs in its own process or
+    thread; the process's random state is neither read nor changed.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.seed = 0
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return features
+        draws = torch.Generator(device=features.device).manual_seed(self.seed)
+        keep = torch.empty(*features.shape[:2], 1, 1, device=features.device, dtype=features.dtype)
+        keep.bernoulli_(1 - self.p, generator=draws)
+        return features * keep.div_(1 - self.p)
+
+
 def conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
     """MMSegmentation's ConvModule with batch norm: conv without bias, BN, ReLU; 'same' padding."""
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
@@ -48,7 +70,7 @@ class ASPPHead(nn.Module):
         self.branches = nn.ModuleList([conv_bn_relu(channels, ASPP_CHANNELS, 1)] + [
             conv_bn_relu(channels, ASPP_CHANNELS, 3, dilation) for dilation in ASPP_DILATIONS])
         self.bottleneck = conv_bn_relu((len(self.branches) + 1) * ASPP_CHANNELS, ASPP_CHANNELS, 3)
-        self.dropout = nn.Dropout2d(DROPOUT)
+        self.dropout = SeededDropout2d(DROPOUT)
         self.classifier = nn.Conv2d(ASPP_CHANNELS, classes, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -65,7 +87,7 @@ class FCNHead(nn.Module):
     def __init__(self, channels: int, classes: int) -> None:
         super().__init__()
         self.conv = conv_bn_relu(channels, FCN_CHANNELS, 3)
-        self.dropout = nn.Dropout2d(DROPOUT)
+        self.dropout = SeededDropout2d(DROPOUT)
         self.classifier = nn.Conv2d(FCN_CHANNELS, classes, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -78,5 +100,5 @@ def build_infopro_segmentation_head(channels: int, classes: int) -> nn.Sequentia
     + conv1x1 512 -> classes."""
     return nn.Sequential(
         nn.Conv2d(channels, INFOPRO_CHANNELS, 3, padding=1), nn.BatchNorm2d(INFOPRO_CHANNELS), nn.ReLU(inplace=True),
-        nn.Dropout2d(DROPOUT), nn.Conv2d(INFOPRO_CHANNELS, classes, 1),
+        SeededDropout2d(DROPOUT), nn.Conv2d(INFOPRO_CHANNELS, classes, 1),
     )

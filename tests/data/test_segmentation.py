@@ -76,7 +76,8 @@ def test_the_spec_is_dense_at_the_crop_with_imagenet_statistics(folder: Path, tm
     assert (spec.mean, spec.std) == (IMAGENET_MEAN, IMAGENET_STD)
     city = dataset_spec(seg_config(tmp_path / "not-read", name="cityscapes"))  # nothing read to know it
     assert (city.classes, city.dense, city.default_root) == (19, True, "data/cityscapes")
-    assert dataset_spec(load_config(None, ["data.name=cityscapes", "model.arch=deeplabv3_resnet50"])).image_size == 512  # the default crop: 512 x 1024
+    city_default = load_config(None, ["data.name=cityscapes", "model.arch=deeplabv3_resnet50"])
+    assert dataset_spec(city_default).image_size == 512  # the default crop: 512 x 1024
     assert not dataset_spec(load_config(None, ["data.name=synthetic", "model.arch=resnet8"])).dense
 
 

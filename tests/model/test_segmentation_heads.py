@@ -13,6 +13,7 @@ from pipeline.model.segmentation_heads import (
     AUX_WEIGHT,
     ASPPHead,
     FCNHead,
+    SeededDropout2d,
     build_infopro_segmentation_head,
     reset_classifier,
 )
@@ -36,7 +37,7 @@ def test_aspp_head_is_mmsegmentations():
         (512, 5, 1, 1, 0, True),
     ]
     assert isinstance(head.image_pool[0], nn.AdaptiveAvgPool2d)
-    assert isinstance(head.dropout, nn.Dropout2d) and head.dropout.p == 0.1
+    assert isinstance(head.dropout, SeededDropout2d) and head.dropout.p == 0.1
     assert sum(isinstance(m, nn.BatchNorm2d) for m in head.modules()) == 6
     with torch.no_grad():
         assert head(torch.randn(2, 64, 8, 16)).shape == (2, 5, 8, 16)
@@ -57,7 +58,7 @@ def test_aspp_pooling_branch_comes_first_and_is_spread_over_the_feature():
 def test_fcn_head_is_mmsegmentations():
     head = FCNHead(1024, 19).eval()
     assert convs(head) == [(1024, 256, 3, 1, 1, False), (256, 19, 1, 1, 0, True)]
-    assert isinstance(head.dropout, nn.Dropout2d) and head.dropout.p == 0.1
+    assert isinstance(head.dropout, SeededDropout2d) and head.dropout.p == 0.1
     assert AUX_WEIGHT == 0.4
     with torch.no_grad():
         assert head(torch.randn(2, 1024, 4, 8)).shape == (2, 19, 4, 8)
@@ -73,7 +74,7 @@ def test_classifier_init_is_mmsegmentations():
 def test_infopro_head_is_theirs():
     head = build_infopro_segmentation_head(1024, 19)
     assert convs(head) == [(1024, 512, 3, 1, 1, True), (512, 19, 1, 1, 0, True)]
-    assert [type(layer) for layer in head] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Dropout2d, nn.Conv2d]
+    assert [type(layer) for layer in head] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, SeededDropout2d, nn.Conv2d]
     assert head[3].p == 0.1
     from pipeline.config import LocalConfig
 
@@ -92,3 +93,20 @@ def test_the_segmentation_decoder_rebuilds_the_crop_at_its_size():
         assert decoder.eval()(torch.randn(2, 1024, 8, 16), (64, 128)).shape == (2, 3, 64, 128)
         assert sizes == [(16, 32), (32, 64), (64, 128)]  # x2, x2, x2 from the stride-8 feature
         assert decoder(torch.randn(2, 1024, 8, 13), (60, 100)).shape == (2, 3, 60, 100)  # ends at the crop's size
+
+
+def test_seeded_dropout_drops_whole_channels_like_dropout2d_from_its_own_seed() -> None:
+    layer = SeededDropout2d(0.5).train()
+    features = torch.ones(4, 64, 3, 5)
+    layer.seed = 7
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    out = layer(features)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the process's stream is not touched
+    per_channel = out[:, :, 0, 0]
+    assert torch.equal(out, per_channel[:, :, None, None].expand_as(out))  # a channel is kept or dropped whole
+    assert set(per_channel.unique().tolist()) == {0.0, 2.0}  # kept channels scaled by 1 / (1 - p)
+    assert torch.equal(layer(features), out)  # the same seed, the same mask
+    layer.seed = 8
+    assert not torch.equal(layer(features), out)
+    assert torch.equal(layer.eval()(features), features)
