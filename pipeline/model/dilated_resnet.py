@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from pipeline.model.arch import BOTTLENECK_EXPANSION, SEGMENTATION_DILATIONS, SEGMENTATION_STRIDES, ArchSpec
-from pipeline.model.imagenet_resnet import Bottleneck, ImageNetStem, halved
-from pipeline.model.partition import flat_to_cut
-from pipeline.model.resnet import BlockShape, conv3x3
+from pipeline.model.arch import SEGMENTATION_DILATIONS, SEGMENTATION_STRIDES, ArchSpec
+from pipeline.model.imagenet_resnet import ImageNetResNet
+from pipeline.model.resnet import conv3x3
 
 DEEP_STEM_WIDTH = 32  # the v1c stem's first two convs: half the 64 channels it ends with
 
@@ -40,47 +39,17 @@ def block_dilation(stage: int, block: int) -> int:
     return dilation // 2 if block == 0 and dilation > 1 else dilation
 
 
-class DilatedResNet:
-    """The block layout of DeepLab-V3's backbone; builds any single block on demand."""
+class DilatedResNet(ImageNetResNet):
+    """The block layout of DeepLab-V3's backbone: ImageNet's blocks at output stride 8."""
+
+    STRIDES = SEGMENTATION_STRIDES
 
     def __init__(self, arch: ArchSpec, in_channels: int, image_size: int, deep_stem: bool) -> None:
-        self.arch = arch
-        self.in_channels = in_channels
-        self.image_size = image_size
+        super().__init__(arch, in_channels, image_size)
         self.deep_stem = deep_stem
 
-    def __len__(self) -> int:
-        return self.arch.units
+    def stem(self) -> nn.Module:
+        return DeepStem(self.in_channels, self.arch.stem_width) if self.deep_stem else super().stem()
 
-    def _stage_of(self, index: int) -> tuple[int, int]:
-        """Flat residual-block index (>= 1) -> (stage 0..3, block within the stage)."""
-        stage, block = flat_to_cut(index, self.arch.blocks)
-        return stage - 1, block
-
-    def _stage_size(self, stage: int) -> int:
-        size = halved(halved(self.image_size))  # the stem: a stride-2 conv, then max pool stride 2
-        for later in range(1, stage + 1):
-            if SEGMENTATION_STRIDES[later] == 2:
-                size = halved(size)
-        return size
-
-    def shape(self, index: int) -> BlockShape:
-        """Output shape of block ``index``; index -1 means the input image."""
-        if index < 0:
-            return BlockShape(self.in_channels, self.image_size)
-        if index == 0:
-            return BlockShape(self.arch.stem_width, self._stage_size(0))
-        stage, _ = self._stage_of(index)
-        return BlockShape(self.arch.widths[stage], self._stage_size(stage))
-
-    def build(self, index: int) -> nn.Module:
-        arch = self.arch
-        if index == 0:
-            if self.deep_stem:
-                return DeepStem(self.in_channels, arch.stem_width)
-            return ImageNetStem(self.in_channels, arch.stem_width)
-        stage, block = self._stage_of(index)
-        cin = self.shape(index - 1).channels
-        stride = SEGMENTATION_STRIDES[stage] if block == 0 else 1
-        planes = arch.widths[stage] // BOTTLENECK_EXPANSION
-        return Bottleneck(cin, planes, stride, arch.groups, arch.width_per_group, block_dilation(stage, block))
+    def dilation(self, stage: int, block: int) -> int:
+        return block_dilation(stage, block)
