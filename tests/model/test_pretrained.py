@@ -311,3 +311,26 @@ def test_a_resumed_run_skips_the_file_and_says_so(saved, make_config, build_modu
     _, _, _, (resumed,) = build_modules(config)
     _, _, _, (plain,) = build_modules(make_config(*IMAGENET))
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), plain.state_dict().values()))
+
+
+def test_a_v1c_resnet50_file_fills_deeplabv3s_deep_stem_and_dilated_blocks(saved, seg_config_builder,
+                                                                           build_modules):
+    """MMSegmentation's V1c backbone into DeepLab-V3 at K = 2: dilation changes no weight's shape."""
+    _, save = saved
+    blocks = backbone_blocks("resnet50", seed=2)
+    state = {key: value for key, value in torchvision_keys(blocks, "resnet50").items()
+             if not key.startswith(("conv1.", "bn1."))}
+    generator = torch.Generator().manual_seed(3)
+    stem: dict[str, torch.Tensor] = {}
+    for conv, norm, shape in ((0, 1, (32, 3, 3, 3)), (3, 4, (32, 32, 3, 3)), (6, 7, (64, 32, 3, 3))):
+        stem[f"{conv}.weight"] = torch.randn(shape, generator=generator)
+        for name in ("weight", "bias", "running_mean"):
+            stem[f"{norm}.{name}"] = torch.randn(shape[0], generator=generator)
+        stem[f"{norm}.running_var"] = torch.rand(shape[0], generator=generator) + 0.5
+        stem[f"{norm}.num_batches_tracked"] = torch.tensor(7)
+    path = save({**{f"stem.{key}": value for key, value in stem.items()}, **state}, "resnet50_v1c.pth")
+    config = seg_config_builder("model.arch=deeplabv3_resnet50", "model.deep_stem=true", "local.modules=2",
+                                f"model.pretrained={str(path)!r}")
+    _, _, layout, modules = build_modules(config)
+    assert_blocks_equal(modules, layout.ranges, [stem, *blocks[1:]])
+    assert modules[0].body[0][3].dilation == (1, 1) and modules[1].body[-1].conv2.dilation == (4, 4)
