@@ -1,5 +1,6 @@
 """python -m pipeline.bench --config FILE --nproc N [--steps S] [--window W] [--rounds R] [--out DIR]
                           [--classic-microbatches 2,4,8]
+   python -m pipeline.bench --config FILE --memory-only [--batch B] [--out DIR]
 
 Runs on this machine and the same data: E2E in one process (all cores), DDP over N processes,
 sequential local learning (one process, K = N), the pipeline over N processes (K = N) and the
@@ -14,6 +15,10 @@ before and during the runs, with a warning when the machine was busy before star
 Activation memory is what autograd keeps for backward, counted exactly; bytes on the wire per
 step are computed from the layout (pipeline/traffic.py). Writes DIR/bench.json,
 DIR/bench.md and, with matplotlib, DIR/bench.png.
+
+--memory-only runs nothing timed: it counts the activation memory of E2E and of each module at
+the config's cuts, at B samples per device (default data.batch_size), in one process — what a
+network too large to time on this machine (DeepLab-V3 at 512 x 1024) is compared by.
 """
 
 from __future__ import annotations
@@ -269,6 +274,9 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
                        f"{len(chosen) + 1} modules; use --nproc {len(chosen) + 1}")
     local = load_config(config_path, [*sets, f"local.modules={nproc}", *_partition(chosen)])
     spec = dataset_spec(local)
+    if spec.dense:
+        raise BadInput(f"the timed benchmark compares classification networks, and {local.data.name} is "
+                       "segmentation; count its activation memory with --memory-only")
     for count in classic_microbatches:
         if count < 1 or base.data.batch_size % count:
             raise BadInput(f"--classic-microbatches: {count} does not divide data.batch_size = "
@@ -372,6 +380,54 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
     (out_dir / "bench.md").write_text(table)
     print(table, flush=True)
     plot(report, out_dir / "bench.png")
+    return report
+
+
+def memory_report(config_path: str | None, sets: list[str], batch: int | None, out_dir: Path) -> dict[str, Any]:
+    """E2E's and each module's activation memory at the config's cuts, at ``batch`` per device."""
+    import torch
+
+    from pipeline.data.specs import dataset_spec
+    from pipeline.model.network import resolve_cuts
+    from pipeline.model.partition import flat_to_cut
+    from pipeline.model.profile import module_activation_bytes
+
+    local = load_config(config_path, sets)
+    if local.local.modules < 2:
+        raise BadInput(f"--memory-only compares local modules with E2E, but local.modules = {local.local.modules}; "
+                       "use a config with local.modules >= 2")
+    base = load_config(config_path, [*sets, "local.modules=1", "local.partition=equal", "local.context=R0"])
+    batch = local.data.batch_size if batch is None else batch
+    if batch < 1:
+        raise BadInput(f"--batch = {batch} must be >= 1")
+    spec = dataset_spec(local)
+    cuts = resolve_cuts(local, spec, torch.device("cpu"))
+    e2e = module_activation_bytes(base, spec, [], batch)[0]
+    modules = module_activation_bytes(local, spec, cuts, batch)
+    height, width = spec.image_shape
+    report = {
+        "config": config_path, "overrides": sets, "memory_only": True, "arch": local.model.arch,
+        "dataset": local.data.name, "image": [height, width], "batch_per_device": batch,
+        "modules": local.local.modules, "cut_points": [flat_to_cut(cut, local.arch.blocks) for cut in cuts],
+        "e2e_activation_mem_bytes": e2e, "module_activation_mem_bytes": modules,
+        "largest_stage_activation_over_e2e": round(max(modules) / e2e, 3),
+    }
+    mib = 1 << 20
+    table = "\n".join([
+        f"{local.model.arch} on {local.data.name}, {height} x {width} images, batch {batch} per device: "
+        "activation memory (what autograd keeps for backward)",
+        "",
+        "| run | cut points | activation mem per module (MiB) | largest / E2E |",
+        "|---|---|---|---|",
+        f"| e2e | - | {e2e / mib:.0f} | 1.000 |",
+        f"| K = {local.local.modules} | {report['cut_points']} | {' / '.join(f'{m / mib:.0f}' for m in modules)} | "
+        f"{report['largest_stage_activation_over_e2e']:.3f} |",
+        "",
+    ])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "bench.md").write_text(table)
+    print(table, flush=True)
     return report
 
 
@@ -596,7 +652,11 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         parser = ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[1])
         parser.add_argument("--config", help="TOML experiment file; the built-in defaults without one")
-        parser.add_argument("--nproc", type=int, required=True, help="processes for DDP and the pipeline (K = N)")
+        parser.add_argument("--nproc", type=int, help="processes for DDP and the pipeline (K = N); required unless "
+                                                      "--memory-only")
+        parser.add_argument("--memory-only", action="store_true",
+                            help="count activation memory only (E2E and each module at the config's cuts), no runs")
+        parser.add_argument("--batch", type=int, help="--memory-only: samples per device (default data.batch_size)")
         parser.add_argument("--steps", type=int, default=60, help="training steps per run")
         parser.add_argument("--window", type=int, default=10, help="steps per timed window")
         parser.add_argument("--rounds", type=int, default=3, help="rounds, each running every mode once")
@@ -606,6 +666,11 @@ def main(argv: list[str] | None = None) -> int:
                                  "comma-separated; empty for none")
         add_set_argument(parser)
         args = parser.parse_args(argv)
+        if args.memory_only:
+            memory_report(args.config, args.set, args.batch, Path(args.out))
+            return
+        if args.nproc is None:
+            raise BadInput("--nproc is required: the processes for DDP and the pipeline (or --memory-only)")
         if args.window < 1:
             raise BadInput(f"--window = {args.window} must be >= 1")
         run_bench(args.config, args.set, args.nproc, args.steps, args.window, Path(args.out), args.rounds,

@@ -19,14 +19,16 @@ import shutil
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pipeline.errors import BadInput, StageFailure
 from pipeline.metrics import cannot_write
 from pipeline.runners.loop import Position
-from pipeline.worker import ModuleWorker
+
+if TYPE_CHECKING:  # the worker builds modules, whose pretrained weights may come from a checkpoint set
+    from pipeline.worker import ModuleWorker
 
 FORMAT = 1
 MARKER = "COMPLETE"
@@ -56,12 +58,18 @@ def _step_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _is_complete(step: int, path: Path) -> bool:
+def read_marker(folder: str | Path) -> dict[str, Any] | None:
+    """The COMPLETE marker of a set folder (step, position, modules, identity); None if missing or unreadable."""
     try:
-        marker = json.loads((path / MARKER).read_text())
+        marker = json.loads((Path(folder) / MARKER).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(marker, dict) and marker.get("step") == step
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _is_complete(step: int, path: Path) -> bool:
+    marker = read_marker(path)
+    return marker is not None and marker.get("step") == step
 
 
 def complete_sets(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -176,7 +184,7 @@ def load(set_dir: str | Path, worker: ModuleWorker, identity: dict[str, Any]) ->
     except Exception as err:  # torch raises many types for a corrupt or foreign file
         # torch's text runs to a dozen lines of advice about weights_only: its first line says what failed.
         raise BadInput(f"run.resume: {path} is not a readable checkpoint ({type(err).__name__}: "
-                       f"{_first_line(err)}); point run.resume at the out_dir of a run of this trainer") from err
+                       f"{load_error_line(err)}); point run.resume at the out_dir of a run of this trainer") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise BadInput(f"run.resume: {path} is not a checkpoint of this trainer (format {FORMAT})")
     position = _check_structure(path, payload, worker)
@@ -231,7 +239,7 @@ _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 _UNPICKLER = "WeightsUnpickler error:"
 
 
-def _first_line(err: BaseException) -> str:
+def load_error_line(err: BaseException) -> str:
     """The first line of err's text, without terminal colour codes.
 
     torch's weights_only refusal opens with advice to load the file unsafely and names what it

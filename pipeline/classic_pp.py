@@ -213,6 +213,9 @@ def train(config_path: str | None, sets: list[str], schedule: Schedule, microbat
         limit_cpu_threads(local_rank, local_size, config.pipeline.threads_per_stage)
     keep_freed_host_memory()
     spec = dataset_spec(config)
+    if spec.dense:
+        raise BadInput(f"pipeline.classic_pp times classification networks, and {config.data.name} is segmentation; "
+                       "compare a segmentation network's memory with python -m pipeline.bench --memory-only")
     steps = config.train.max_steps
     if steps < 1:
         raise BadInput("pipeline.classic_pp measures throughput over train.max_steps steps; set train.max_steps > 0")

@@ -16,16 +16,17 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from pipeline.errors import BadInput, clip
-from pipeline.model.arch import ArchSpec, default_family, resolve_arch
+from pipeline.model.arch import SEGMENTATION_DATASETS, ArchSpec, aux_block, default_family, resolve_arch
 
 Mode = Literal["sequential", "pipeline", "ddp"]
 Device = Literal["auto", "cpu", "cuda"]
-Dataset = Literal["fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "synthetic", "image_folder"]
-ModelFamily = Literal["auto", "cifar", "imagenet"]
+Dataset = Literal["fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "synthetic", "image_folder", "cityscapes",
+                  "segmentation_folder"]
+ModelFamily = Literal["auto", "cifar", "imagenet", "segmentation"]
 Partition = Literal["equal", "balanced-memory", "balanced-time", "balanced"]
 Loss = Literal["softmax", "contrast"]
 AuxHead = Literal["0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"]
-Schedule = Literal["cosine", "cosine-step", "constant"]
+Schedule = Literal["cosine", "cosine-step", "poly", "constant"]
 WireDtype = Literal["fp32", "bf16"]
 Placement = Literal["chain", "stage"]
 Amp = Literal["none", "bf16"]
@@ -66,11 +67,16 @@ class DataConfig:
     batch_size: int = 128
     augment: bool = True
     download: bool = False
-    # image_folder only: the training crop's side, the side evaluation images are resized to before
-    # their centre crop of image_size, and the decoding worker processes of each reading process.
+    # image_folder only: the training crop's side, and the side evaluation images are resized to
+    # before their centre crop of image_size.
     image_size: int = 224
     eval_resize: int = 256
+    # Streamed datasets (image_folder, cityscapes, segmentation_folder): decoding worker processes
+    # of each reading process.
     workers: int = 4
+    # cityscapes and segmentation_folder: [height, width] of the training crop (MMSegmentation's
+    # Cityscapes crop); evaluation reads whole images.
+    crop: list[int] = field(default_factory=lambda: [512, 1024])
 
 
 @dataclass
@@ -80,9 +86,13 @@ class ModelConfig:
     in_channels: int = 0
     classes: int = 0
     # Which ResNets model.arch names (resnet50 is both a CIFAR depth and torchvision's):
-    # auto = imagenet for image folders, cifar for the resident datasets.
+    # auto = imagenet for image folders, segmentation for label-map datasets, cifar for the resident ones.
     family: ModelFamily = "auto"
     zero_init_residual: bool = False  # the last batch norm of each residual block starts at 0
+    deep_stem: bool = False  # segmentation: ResNet-V1c's stem of three 3x3 convs instead of the 7x7 conv
+    # An ImageNet checkpoint whose backbone replaces the initial weights: torchvision's or
+    # MMSegmentation's ResNet state dict, or a checkpoint folder / out_dir of this trainer ("": none).
+    pretrained: str = ""
 
 
 @dataclass
@@ -125,6 +135,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: int = 10
     schedule: Schedule = "cosine"
+    # poly (the segmentation recipe): (lr - min_lr) * (1 - (step - 1) / steps) ** poly_power + min_lr
+    poly_power: float = 0.9
+    min_lr: float = 0.0
 
 
 @dataclass
@@ -374,14 +387,31 @@ def validate(config: Config) -> None:
                                                "(the networks halve it several times)")
     _require(data.eval_resize >= data.image_size, f"data.eval_resize = {data.eval_resize} must be >= data.image_size "
                                                   f"= {data.image_size} (evaluation crops image_size out of it)")
+    _require(len(data.crop) == 2 and min(data.crop) >= MIN_IMAGE_SIZE,
+             f"data.crop = {data.crop} must be [height, width], two whole numbers >= {MIN_IMAGE_SIZE} (the networks "
+             "halve them several times)")
     _require(data.workers >= 0, f"data.workers = {data.workers} must be >= 0 (0: decode in the training process)")
 
     arch = config.arch
     blocks = arch.units
+    if arch.family == "segmentation" and data.name not in SEGMENTATION_DATASETS:
+        raise BadInput(f"model.family = 'segmentation' needs per-pixel labels, but data.name = {data.name!r} has one "
+                       f"label per image; use data.name = {' or '.join(map(repr, SEGMENTATION_DATASETS))}")
+    if data.name in SEGMENTATION_DATASETS and arch.family != "segmentation":
+        raise BadInput(f"data.name = {data.name!r} has per-pixel labels, but model.arch = {model.arch!r} is a "
+                       f"{arch.family} classifier (one label per image); use model.arch = 'deeplabv3_resnet50' or "
+                       "'deeplabv3_resnet101' (model.family = 'segmentation')")
     _require(model.in_channels in (0, 1, 3), f"model.in_channels = {model.in_channels} must be 1 or 3 (or 0: "
                                              "from the dataset)")
     _require(model.classes == 0 or model.classes >= 2, f"model.classes = {model.classes} must be >= 2 (or 0: "
                                                        "from the dataset)")
+    if model.pretrained:
+        _require(arch.family != "cifar", f"model.pretrained loads ImageNet ResNets, not the CIFAR {model.arch}; set "
+                                         "model.family = 'imagenet' or leave model.pretrained empty")
+        _require(Path(model.pretrained).exists(),
+                 f"model.pretrained = {clip(model.pretrained, 200)!r} does not exist; give an ImageNet checkpoint: a "
+                 "torchvision or MMSegmentation ResNet .pth file, or a checkpoint folder or out_dir of this trainer "
+                 "(docs/segmentation.md)")
 
     _require(
         1 <= local.modules <= blocks,
@@ -400,6 +430,8 @@ def validate(config: Config) -> None:
     _require(depth <= MAX_CONTEXT_DEPTH, f"local.context = {local.context!r}: n in Rn must be <= {MAX_CONTEXT_DEPTH}")
     if not isinstance(local.partition, str):
         validate_cuts(local.partition, local.modules, arch.blocks)
+    if arch.family == "segmentation":
+        validate_segmentation(config, arch)
     if isinstance(local.memory_cap, str):
         try:
             parse_size(local.memory_cap)
@@ -418,6 +450,8 @@ def validate(config: Config) -> None:
     _require(train.epochs >= 1, f"train.epochs = {train.epochs} must be >= 1")
     _require(train.max_steps >= 0, f"train.max_steps = {train.max_steps} must be >= 0 (0: no cap)")
     _require(train.lr > 0, f"train.lr = {train.lr} must be > 0")
+    _require(train.poly_power > 0, f"train.poly_power = {train.poly_power} must be > 0")
+    _require(0 <= train.min_lr < train.lr, f"train.min_lr = {train.min_lr} must be in [0, train.lr = {train.lr})")
     _require(0 <= train.momentum < 1, f"train.momentum = {train.momentum} must be in [0, 1)")
     _require(train.weight_decay >= 0, f"train.weight_decay = {train.weight_decay} must be >= 0")
     _require(train.warmup_epochs >= 0, f"train.warmup_epochs = {train.warmup_epochs} must be >= 0")
@@ -482,6 +516,37 @@ def validate_cuts(cuts: list[Cut], modules: int, blocks: tuple[int, ...]) -> Non
         previous = flat
 
 
+def validate_segmentation(config: Config, arch: ArchSpec) -> None:
+    """What a DeepLab-V3 network trained as local modules needs of local.*."""
+    local = config.local
+    if local.modules == 1:
+        return
+    _require(local.context == "R0",
+             f"local.context = {local.context!r} is not supported with model.family = 'segmentation': the "
+             "context encoders pool to a fixed square size, while segmentation crops are rectangular and "
+             "evaluation runs on whole images; use local.context = 'R0' (InfoPro's setting)")
+    _require(local.loss == "softmax",
+             "local.loss = 'contrast' needs one label per image, but segmentation labels are per-pixel maps; "
+             "use local.loss = 'softmax' (per-pixel cross-entropy, InfoPro's setting)")
+    _require(isinstance(local.partition, list) or local.partition == "equal",
+             f"local.partition = {local.partition!r} is not supported with model.family = 'segmentation' (the "
+             "profiler does not model the segmentation heads); use 'equal' or list the cuts, e.g. [[3, 12]]")
+    from pipeline.model.partition import default_cuts, flat_to_cut  # partition imports this module
+
+    tap = aux_block(arch)
+    last = flat_to_cut(tap, arch.blocks)
+    if isinstance(local.partition, list):
+        late = [cut for cut in local.partition if cut_to_flat(cut, arch.blocks) >= tap]
+        how = "cut before it"
+    else:
+        late = [flat_to_cut(cut, arch.blocks) for cut in default_cuts(arch, local.modules) if cut >= tap]
+        how = f"use fewer modules than {local.modules} or list cuts before it in local.partition"
+    if late:
+        raise BadInput(f"local.partition cut {late[0]} is at or after layer3's last block {last}: the last "
+                       "module's FCN auxiliary head reads layer3's output, so that block must be in the last "
+                       f"module; {how} (InfoPro's cut is [3, 12])")
+
+
 def cut_to_flat(cut: Cut, blocks: tuple[int, ...]) -> int:
     """[stage, block] -> index in the flat block list (0 = stem, then residual blocks)."""
     stage, block = cut
@@ -503,16 +568,30 @@ def ineffective_keys(config: Config) -> list[str]:
                 notes.append(f"{section}.{key} has no effect {because}")
 
     run, local = config.run, config.local
+    if run.resume:
+        ignored("model", ("pretrained",), "with run.resume set (the checkpoint restores every weight)")
     if config.data.name == "synthetic":
         ignored("data", ("download", "root"), "with data.name = 'synthetic' (nothing is read)")
-    if config.data.name == "image_folder":
-        ignored("data", ("download",), "with data.name = 'image_folder' (the folder is read as it is)")
+    name = config.data.name
+    streamed = name == "image_folder" or name in SEGMENTATION_DATASETS
+    if streamed:
+        ignored("data", ("download",), f"with data.name = {name!r} (the folder is read as it is)")
     else:
-        ignored("data", ("image_size", "eval_resize", "workers"),
-                f"with data.name = {config.data.name!r} (image folders only)")
+        ignored("data", ("workers",), f"with data.name = {name!r} (streamed datasets only: image_folder, "
+                                      f"{', '.join(SEGMENTATION_DATASETS)})")
+    if name != "image_folder":
+        ignored("data", ("image_size", "eval_resize"), f"with data.name = {name!r} (image folders only)")
+    if name not in SEGMENTATION_DATASETS:
+        ignored("data", ("crop",), f"with data.name = {name!r} (segmentation datasets only: "
+                                   f"{', '.join(SEGMENTATION_DATASETS)})")
+    if config.arch.family != "segmentation":
+        ignored("model", ("deep_stem",), "unless model.family = 'segmentation' (the stem of DeepLab-V3's backbone)")
     if config.train.schedule != "cosine":
         ignored("train", ("warmup_epochs",), f"with train.schedule = {config.train.schedule!r} (only 'cosine' "
                                              "warms up)")
+    if config.train.schedule != "poly":
+        ignored("train", ("poly_power", "min_lr"), f"with train.schedule = {config.train.schedule!r} (only 'poly' "
+                                                   "uses them)")
     if run.mode != "pipeline":
         ignored("pipeline", ("queue_depth", "wire_dtype"), f"with run.mode = {run.mode!r} (no links between stages)")
     if run.mode == "sequential":
@@ -535,6 +614,9 @@ def ineffective_keys(config: Config) -> list[str]:
         ignored("local", ("memory_cap",), "unless local.partition = 'balanced'")
     if config.arch.family == "imagenet":
         ignored("local", ("aux", "aux_hidden"), "with an ImageNet network (its heads are InfoPro's ImageNet head)")
+    if config.arch.family == "segmentation":
+        ignored("local", ("aux", "aux_hidden", "aux_widen"),
+                "with a segmentation network (its heads and decoder are InfoPro's segmentation ones)")
     if local.loss == "softmax":
         ignored("local", ("aux_feature_dim",), "with local.loss = 'softmax' (heads output class scores)")
     if not local.reconstruct:

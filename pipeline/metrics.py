@@ -156,7 +156,7 @@ def method_name(config: Config) -> str:
 
 
 def write_summary(run_dir: str | Path, config: Config, world_size: int, cuts: list[int], steps: int,
-                  epochs_done: int, test_accuracy: float | None, train_samples: int, train_s: float,
+                  epochs_done: int, scores: dict[str, Any], train_samples: int, train_s: float,
                   wall_s: float, stages: list[dict[str, Any]]) -> dict[str, Any]:
     summary = {
         "mode": config.run.mode,
@@ -172,7 +172,10 @@ def write_summary(run_dir: str | Path, config: Config, world_size: int, cuts: li
         "batch_size": config.data.batch_size,
         "steps": steps,
         "epochs": epochs_done,
-        "test_accuracy": test_accuracy,
+        # test_accuracy (pixel accuracy for segmentation, with test_miou and per-class test_iou): None
+        # when nothing was evaluated
+        "test_accuracy": None,
+        **scores,
         "train_samples_per_s": round(train_samples / max(train_s, 1e-9), 2),
         "wall_s": round(wall_s, 3),
         "cut_points": [flat_to_cut(cut, config.arch.blocks) for cut in cuts],

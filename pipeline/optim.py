@@ -23,10 +23,16 @@ def learning_rate(train: TrainConfig, epoch: int, step: int = 1, total_steps: in
     cosine: per epoch, 0.5 * lr * (1 + cos(pi * e / epochs)), the first warmup_epochs blending
     linearly from 0.01 into it, exactly as the published runs; cosine-step: per step from lr
     down towards 0 over the whole run, no warm-up (short runs, where the per-epoch rate would
-    not decay, and batch-norm statistics would lag the weights); constant: lr throughout.
+    not decay, and batch-norm statistics would lag the weights); poly: per step from lr down to
+    min_lr, (lr - min_lr) * (1 - (step - 1) / total_steps) ** poly_power + min_lr, the
+    segmentation recipe (MMSegmentation's PolyLR, whose iteration count starts at 0); constant: lr
+    throughout.
     """
     if train.schedule == "constant":
         return train.lr
+    if train.schedule == "poly":
+        left = max(0.0, 1 - (step - 1) / max(total_steps, 1))
+        return float((train.lr - train.min_lr) * left**train.poly_power + train.min_lr)
     if train.schedule == "cosine-step":
         return 0.5 * train.lr * (1 + math.cos(math.pi * (step - 1) / max(total_steps, 1)))
     cosine = 0.5 * train.lr * (1 + math.cos(math.pi * epoch / train.epochs))

@@ -68,6 +68,13 @@ PUBLISHED: dict[str, dict[str, dict[int, float]]] = {
         "resnet152_infopro": {2: 21.45},
         "resnext101_32x8d_infopro": {2: 20.35},
     },
+    # mIoU %, single scale, Cityscapes val (the authors' segmentation README: 40k iterations).
+    "cityscapes": {
+        "e2e": {1: 79.12},
+        "infopro": {2: 79.37},
+        "infopro_batch12": {2: 79.99},
+        "infopro_crop640": {2: 80.25},
+    },
 }
 
 # What a table's cells measure: "error" (test error %) unless listed here.
@@ -75,11 +82,13 @@ TABLE_METRIC: dict[str, str] = {
     "memory_cifar10_resnet110": "memory",
     "memory_cifar10_resnet32": "memory",
     "memory_stl10_resnet110": "memory",
+    "cityscapes": "miou",
 }
 
 METRICS = {
     "error": "test error % (measured / published)",
     "memory": "peak memory per device, GiB measured / GB published",
+    "miou": "test mIoU % (measured / published)",
 }
 
 # Row order and labels; a method not listed here comes after them, in name order.
@@ -91,6 +100,9 @@ LABELS: dict[str, str] = {
     "infopro_contrast": "InfoPro contrast",
     "infopro_contrast_async": "InfoPro contrast, asynchronous",
     "infopro_star": "InfoPro* (memory-balanced)",
+    "infopro": "InfoPro*",
+    "infopro_batch12": "InfoPro*, batch 12",
+    "infopro_crop640": "InfoPro*, 640 x 1280 crops",
     "contsup_e": "ContSup E",
     "contsup_r1": "ContSup R1",
     "contsup_r1e": "ContSup R1E",
@@ -238,6 +250,9 @@ def _measure(summary: dict[str, Any], metric: str) -> float | None:
         peaks = [stage.get("peak_mem_bytes") for stage in summary.get("stages", [])]
         peaks = [peak for peak in peaks if isinstance(peak, (int, float))]
         return max(peaks) / 2**30 if peaks else None
+    if metric == "miou":
+        miou = summary.get("test_miou")
+        return 100.0 * miou if isinstance(miou, (int, float)) else None
     accuracy = summary.get("test_accuracy")
     return 100.0 * (1.0 - accuracy) if isinstance(accuracy, (int, float)) else None
 
@@ -268,7 +283,8 @@ def _recipe(config: Config) -> str:
     if local.modules == 1:
         head = "end to end"
     else:
-        aux = "ImageNet head" if config.arch.family == "imagenet" else local.aux
+        family = config.arch.family
+        aux = {"imagenet": "ImageNet head", "segmentation": "segmentation head"}.get(family, local.aux)
         head = f"{local.loss}, {aux}, " + ("decoder" if local.reconstruct else "no decoder")
     return f"{head}; batch {config.data.batch_size}, lr {train.lr:g}, {train.epochs} epochs"
 
@@ -344,8 +360,9 @@ def _parser() -> ArgumentParser:
     collect_cmd.add_argument("runs_dir", metavar="RUNS_DIR",
                              help="folder holding the rows' outputs (searched for summary.json)")
     collect_cmd.add_argument("--out", metavar="FILE", help="write the table here as well as to stdout")
-    collect_cmd.add_argument("--metric", choices=("auto", "error", "memory"), default="auto",
-                             help="what the cells show (auto: memory for memory_* tables, else test error)")
+    collect_cmd.add_argument("--metric", choices=("auto", *METRICS), default="auto",
+                             help="what the cells show (auto: memory for memory_* tables, mIoU for cityscapes, "
+                                  "else test error)")
     rows_cmd = commands.add_parser("rows", help="list a table's rows: name, K and config path, tab-separated")
     rows_cmd.add_argument("table_dir", metavar="TABLE_DIR")
     return parser

@@ -29,8 +29,8 @@ class ScalarWriter(Protocol):
 def scalars(fields: dict[str, Any]) -> list[tuple[str, float, int]]:
     """(tag, value, step) for one metrics.jsonl event; events and fields it does not chart give none.
 
-    train: loss/module_<m>, train/lr and train/samples_per_s; eval: eval/test_accuracy;
-    stage: stage/busy_fraction/module_<m>.
+    train: loss/module_<m>, train/lr and train/samples_per_s; eval: eval/test_accuracy and, for
+    segmentation, eval/test_miou; stage: stage/busy_fraction/module_<m>.
     """
     event, step, module = fields.get("event"), int(fields.get("step", 0)), fields.get("module")
     found: list[tuple[str, float, int]] = []
@@ -40,8 +40,10 @@ def scalars(fields: dict[str, Any]) -> list[tuple[str, float, int]]:
         for key in ("lr", "samples_per_s"):
             if key in fields:
                 found.append((f"train/{key}", float(fields[key]), step))
-    elif event == "eval" and "test_accuracy" in fields:
-        found.append(("eval/test_accuracy", float(fields["test_accuracy"]), step))
+    elif event == "eval":
+        for key in ("test_accuracy", "test_miou"):
+            if fields.get(key) is not None:
+                found.append((f"eval/{key}", float(fields[key]), step))
     elif event == "stage" and "busy_fraction" in fields:
         found.append((f"stage/busy_fraction/module_{module}", float(fields["busy_fraction"]), step))
     return found

@@ -14,23 +14,29 @@ import torch
 from torch import nn
 
 from pipeline.config import Config, PrecisionConfig, TrainConfig
+from pipeline.data.contract import mix_seed
 from pipeline.model.local_module import Layout, LocalModule
 from pipeline.model.network import build_module
 from pipeline.optim import learning_rate, make_optimizer, set_learning_rate
 from pipeline.packet import Packet
+from pipeline.scoring import Accuracy, Scoring, scoring_for
 
 
 def make_worker(config: Config, layout: Layout, index: int, device: torch.device,
                 wrap: Callable[[nn.Module], nn.Module] | None = None) -> ModuleWorker:
     """Module ``index`` of the config's network, built from its seed, with its optimizer."""
     module = build_module(config, layout, index, device)
-    return ModuleWorker(module, config.train, config.precision, device, wrap)
+    worker = ModuleWorker(module, config.train, config.precision, device, wrap, seed=config.run.seed)
+    worker.scoring = scoring_for(layout.spec)
+    return worker
 
 
 class ModuleWorker:
     def __init__(self, module: LocalModule, train: TrainConfig, precision: PrecisionConfig, device: torch.device,
-                 wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
+                 wrap: Callable[[nn.Module], nn.Module] | None = None, seed: int = 0) -> None:
         self.index = module.index
+        self.seed = seed
+        self.step = 1  # the training step about to run: set by at_step
         self.device = device
         self.train_config = train
         self.module = module
@@ -40,6 +46,7 @@ class ModuleWorker:
         self.channels_last = precision.channels_last
         self.amp = precision.amp == "bf16"
         self.total_steps = 1  # the run's length in steps, for per-step schedules: set by the runner
+        self.scoring: Scoring = Accuracy()  # how the last module's test predictions count
         self.lr = learning_rate(train, 1)
         set_learning_rate(self.optimizer, self.lr)
 
@@ -49,6 +56,7 @@ class ModuleWorker:
 
     def at_step(self, epoch: int, step: int) -> None:
         """Set the rate for the step about to run (1-based, counted from the start of training)."""
+        self.step = step
         rate = learning_rate(self.train_config, epoch, step, self.total_steps)
         if rate != self.lr:
             self.lr = rate
@@ -72,6 +80,8 @@ class ModuleWorker:
         packet = self._prepare(packet)
         if not self.module.training:  # switching walks every submodule: only on a change
             self.module.train()
+        # Dropout masks from (run.seed, module, step), whichever process or thread runs the module.
+        self.module.reseed(mix_seed(self.seed, self.index, self.step))
         with self._autocast():
             inputs, output, loss = self.trainable(packet)
         self.optimizer.zero_grad(set_to_none=True)
@@ -82,14 +92,15 @@ class ModuleWorker:
 
     @torch.no_grad()
     def eval_step(self, packet: Packet) -> Packet | torch.Tensor:
-        """The packet for module k+1, or on the last module the count of correct predictions."""
+        """The packet for module k+1, or on the last module what the batch adds to the test counts
+        (correct predictions; a confusion matrix for segmentation: pipeline/scoring.py)."""
         packet = self._prepare(packet)
         if self.module.training:
             self.module.eval()
         with self._autocast():
             inputs, output = self.module.features(packet)
             if self.last:
-                return (self.module.logits(output).argmax(1) == packet.labels).sum()
+                return self.scoring.count(self.module.logits(output, packet.labels), packet.labels)
         return self.module.next_packet(packet, inputs, output)
 
     def state_dict(self) -> dict[str, Any]:

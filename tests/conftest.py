@@ -7,6 +7,7 @@ Everything here is sized for a shared 2-core machine: resnet8/resnet14 by defaul
 from __future__ import annotations
 
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.config import Config, DataConfig, ModelConfig, RunConfig, load_config, validate  # noqa: E402
 from pipeline.data.specs import dataset_spec  # noqa: E402
 from pipeline.model.network import build_module, make_layout, resolve_cuts  # noqa: E402
 from pipeline.packet import Packet  # noqa: E402
@@ -41,6 +42,32 @@ def tiny_config(*overrides: str, out_dir: str | Path | None = None) -> Config:
     if out_dir is not None:
         items.append(f"run.out_dir='{out_dir}'")
     return load_config(None, [*items, *overrides])
+
+
+def segmentation_config(*overrides: str) -> Config:
+    """A validated DeepLab-V3 R101 config on Cityscapes, with 'section.key=value' overrides.
+
+    Built and validated directly: load_config would also resolve the dataset, which these
+    model-side tests neither read nor need.
+    """
+    config = Config(run=RunConfig(device="cpu"), data=DataConfig(name="cityscapes"),
+                    model=ModelConfig(arch="deeplabv3_resnet101"))
+    for item in overrides:
+        key, _, text = item.partition("=")
+        section, name = key.split(".")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text  # a bare word such as R0 or contrast
+        setattr(getattr(config, section), name, value)
+    validate(config)
+    return config
+
+
+@pytest.fixture(scope="session")
+def seg_config_builder():
+    """segmentation_config itself."""
+    return segmentation_config
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from pipeline.bench import (
     command_for,
     figures,
     markdown,
+    memory_report,
     plan_runs,
     plot,
     run_bench,
@@ -231,6 +232,9 @@ def test_plot_has_a_title_and_labelled_bars(bench_report: tuple[dict[str, object
     (["--nproc", "2", "--round", "2"], "unrecognized arguments: --round"),
     (["--nproc", "2", "--classic-microbatches", "3"], "--classic-microbatches: 3 does not divide data.batch_size"),
     (["--nproc", "2", "--classic-microbatches", "2,four"], "--classic-microbatches '2,four': give whole numbers"),
+    ([], "--nproc is required"),
+    (["--memory-only"], "--memory-only compares local modules with E2E, but local.modules = 1"),
+    (["--memory-only", "--batch", "0", "--set", "local.modules=2"], "--batch = 0 must be >= 1"),
 ])
 def test_bad_arguments_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "pipeline.bench", *args, "--out", str(tmp_path)],
@@ -289,3 +293,21 @@ def test_bench_reports_the_classic_pipeline_beside_the_others(bench_report: tupl
     assert "| classic_gpipe_m4 | " in text and "0.200 (bubble) |" in text
     assert "pipeline / best classic pipeline (classic_1f1b_m8) samples/s: 1.200" in text
     assert saved["layouts"] and all(not row["run"].startswith("classic") for row in saved["layouts"])
+
+
+def test_memory_only_counts_e2e_and_every_module_without_running(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.data.specs import dataset_spec
+    from pipeline.model.profile import module_activation_bytes
+
+    sets = [*TINY_BENCH, "local.modules=2", "local.partition=[[2, 0]]"]
+    report = memory_report(None, sets, 3, tmp_path)
+    config = load_config(None, sets)
+    spec = dataset_spec(config)
+    e2e = module_activation_bytes(load_config(None, [*TINY_BENCH, "local.modules=1"]), spec, [], 3)[0]
+    modules = module_activation_bytes(config, spec, [2], 3)  # [2, 0]: after the stem and stage 1's one block
+    assert report["e2e_activation_mem_bytes"] == e2e and report["module_activation_mem_bytes"] == modules
+    assert report["largest_stage_activation_over_e2e"] == round(max(modules) / e2e, 3) < 1
+    assert report["cut_points"] == [[2, 0]] and report["batch_per_device"] == 3
+    assert json.loads((tmp_path / "bench.json").read_text()) == report
+    assert f"{report['largest_stage_activation_over_e2e']:.3f} |" in (tmp_path / "bench.md").read_text()

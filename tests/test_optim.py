@@ -66,3 +66,23 @@ def test_cosine_step_decays_per_step_over_the_whole_run():
     assert rates[20] == pytest.approx(0.1)  # half way: cos(pi / 2) = 0
     assert rates[-1] == pytest.approx(0.1 * (1 + math.cos(math.pi * 39 / 40)))
     assert all(a > b for a, b in zip(rates, rates[1:]))
+
+
+def test_poly_decays_per_step_to_min_lr_as_mmsegmentation():
+    """PolyLR: (lr - min) * (1 - iter / max_iters) ** power + min, iter counted from 0."""
+    train = TrainConfig(lr=0.01, schedule="poly", poly_power=0.9, min_lr=1e-4)
+    total = 40_000
+    for step in (1, 2, 20_000, 39_999, 40_000):
+        expected = (0.01 - 1e-4) * (1 - (step - 1) / total) ** 0.9 + 1e-4
+        assert learning_rate(train, 1, step, total) == pytest.approx(expected, rel=1e-12)
+    assert learning_rate(train, 1, 1, total) == pytest.approx(0.01)
+    assert learning_rate(train, 1, total + 5, total) == pytest.approx(1e-4)  # never below the floor
+
+
+def test_poly_keys_are_checked():
+    from pipeline.errors import BadInput
+
+    with pytest.raises(BadInput, match="train.min_lr"):
+        load_config(None, ["train.schedule=poly", "train.lr=0.01", "train.min_lr=0.02"])
+    with pytest.raises(BadInput, match="train.poly_power"):
+        load_config(None, ["train.schedule=poly", "train.poly_power=0"])

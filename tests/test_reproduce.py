@@ -66,6 +66,8 @@ def test_published_numbers_match_reference() -> None:
     assert PUBLISHED["memory_stl10_resnet110"] == {"e2e": {1: 10.77}, "infopro_star": {4: 4.08}}
     assert PUBLISHED["imagenet"] == {"resnet101_infopro": {2: 21.85}, "resnet152_infopro": {2: 21.45},
                                      "resnext101_32x8d_infopro": {2: 20.35}}
+    assert PUBLISHED["cityscapes"] == {"e2e": {1: 79.12}, "infopro": {2: 79.37}, "infopro_batch12": {2: 79.99},
+                                       "infopro_crop640": {2: 80.25}}
 
 
 def test_every_published_figure_has_a_row_config() -> None:
@@ -78,6 +80,22 @@ def test_every_published_figure_has_a_row_config() -> None:
                 assert load_config(path).local.modules == k
     assert set(TABLE_METRIC) <= {path.name for path in PUBLISHED_DIR.iterdir()}
 
+
+
+def test_cityscapes_table_shows_miou(tmp_path: Path) -> None:
+    table = PUBLISHED_DIR / "cityscapes"
+    runs = tmp_path / "runs"
+    path = write_summary(runs / "infopro_k2", table / "infopro_k2.toml", 0.95)
+    summary = json.loads(path.read_text())
+    path.write_text(json.dumps({**summary, "test_miou": 0.7891, "test_iou": [0.7891]}))
+    text, warnings = collect(table, runs)
+    assert warnings == [] and text.startswith("### cityscapes: test mIoU %")
+    rows = table_lines(text)
+    assert rows["header"] == ["K=1", "K=2"]
+    assert rows["InfoPro*"] == ["", "78.91 / 79.37"]
+    assert rows["E2E"] == ["not run / 79.12", ""]
+    assert rows["InfoPro*, batch 12"] == ["", "not run / 79.99"]
+    assert rows["InfoPro*, 640 x 1280 crops"] == ["", "not run / 80.25"]
 
 def test_rows_of_a_table_in_table_order() -> None:
     rows = table_rows(PUBLISHED_DIR / "cifar10_resnet32")

@@ -42,6 +42,9 @@ def test_events_map_to_tags() -> None:
     assert scalars(EVENTS[0]) == [("loss/module_0", 2.5, 10), ("train/lr", 0.1, 10),
                                   ("train/samples_per_s", 300.0, 10)]
     assert scalars(EVENTS[4]) == [("eval/test_accuracy", 0.625, 20)]
+    segmentation = {"event": "eval", "step": 7, "test_accuracy": 0.9, "test_miou": 0.5, "test_iou": [0.5, None]}
+    assert scalars(segmentation) == [("eval/test_accuracy", 0.9, 7), ("eval/test_miou", 0.5, 7)]
+    assert scalars({**segmentation, "test_miou": None}) == [("eval/test_accuracy", 0.9, 7)]
     assert scalars(EVENTS[5]) == [("stage/busy_fraction/module_1", 0.875, 20)]
     assert scalars(EVENTS[6]) == []
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.loader import make_loaders
-from pipeline.data.specs import dataset_spec
+from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.model.resnet import CifarResNet, Classifier, init_weights
 from pipeline.optim import learning_rate
@@ -73,7 +73,7 @@ def test_K1_eval_counts_correct_predictions(make_config, image_batch):
     correct = worker.eval_step(Packet.from_batch(images, labels))
     worker.module.eval()
     with torch.no_grad():
-        predicted = worker.module.logits(worker.module.features(Packet.from_batch(images, labels))[1]).argmax(1)
+        predicted = worker.module.logits(worker.module.features(Packet.from_batch(images, labels))[1], labels).argmax(1)
     assert int(correct) == int((predicted == labels).sum())
 
 
@@ -143,3 +143,32 @@ def test_state_dict_round_trip(make_config, image_batch):
         for (name, a), (_, b) in zip(source.module.state_dict().items(), target.module.state_dict().items()):
             assert torch.equal(a, b), name
         assert target.optimizer.state_dict()["state"].keys() == source.optimizer.state_dict()["state"].keys()
+
+
+def test_dropout_draws_come_from_seed_module_and_step_not_the_process(seg_config_builder, make_config):
+    """The segmentation heads' dropout: the same masks in every mode, so sequential == pipeline holds."""
+    config = seg_config_builder("model.arch=deeplabv3_resnet50", "local.modules=2", "local.partition=[[1, 0]]")
+    spec = DatasetSpec("seg", 3, 4, 32, (0.5,) * 3, (0.25,) * 3, 0, "constant", True, "", "", dense=True,
+                       image_width=64)
+    layout = make_layout(config, spec, resolve_cuts(config, spec, CPU))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 32, 64, generator=generator)
+    labels = torch.randint(0, 4, (2, 32, 64), generator=generator)
+
+    def step(at: int, process_seed: int):
+        worker = make_worker(config, layout, 0, CPU)  # module 0: the stem, layer1[0] and InfoPro's head
+        assert len(worker.module.dropouts) == 1  # InfoPro's head
+        worker.at_step(1, at)
+        torch.manual_seed(process_seed)
+        state = torch.random.get_rng_state()
+        _, loss = worker.train_step(Packet.from_batch(images, labels))
+        assert torch.equal(torch.random.get_rng_state(), state)  # the process's stream is left as it was
+        return loss, [p.detach().clone() for p in worker.module.parameters()]
+
+    loss, weights = step(5, process_seed=1)
+    same_loss, same_weights = step(5, process_seed=2)
+    assert torch.equal(loss, same_loss) and all(torch.equal(a, b) for a, b in zip(weights, same_weights))
+    other_loss, _ = step(6, process_seed=1)
+    assert not torch.equal(loss, other_loss)  # another step, other masks
+    cifar = make_config("local.modules=2")
+    assert not any(worker.module.dropouts for worker in workers_for(cifar))  # nothing to seed: unchanged

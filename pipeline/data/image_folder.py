@@ -53,7 +53,7 @@ def class_names(root: Path) -> tuple[str, ...]:
     train, val = set(found["train"]), set(found["val"])
     if train != val:
         raise BadInput(f"{root / 'train'} and {root / 'val'} hold different classes (only in train: "
-                       f"{_names(train - val)}; only in val: {_names(val - train)}); give both splits the same "
+                       f"{few_names(train - val)}; only in val: {few_names(val - train)}); give both splits the same "
                        "class folders")
     return tuple(found["train"])
 
@@ -68,7 +68,7 @@ def scan(root: Path) -> ImageFolder:
         labels: list[int] = []
         for label, name in enumerate(classes):
             folder = root / split / name
-            images = sorted(entry.name for entry in os.scandir(folder) if _image(entry))
+            images = sorted(entry.name for entry in os.scandir(folder) if is_image_file(entry))
             if not images:
                 raise BadInput(f"{folder} holds no .jpg, .jpeg or .png images; add its images or remove the "
                                f"class folder from both {root / 'train'} and {root / 'val'}")
@@ -78,12 +78,12 @@ def scan(root: Path) -> ImageFolder:
     return ImageFolder(root, classes, *splits)
 
 
-def _image(entry: os.DirEntry[str]) -> bool:
+def is_image_file(entry: os.DirEntry[str]) -> bool:
     """An image file by its name; hidden files are not (macOS copies leave "._NAME.jpg" metadata)."""
     return not entry.name.startswith(".") and entry.name.lower().endswith(EXTENSIONS) and entry.is_file()
 
 
-def _names(names: set[str], shown: int = 5) -> str:
+def few_names(names: set[str], shown: int = 5) -> str:
     listed = sorted(names)
     more = f" and {len(listed) - shown} more" if len(listed) > shown else ""
     return (", ".join(listed[:shown]) or "none") + more

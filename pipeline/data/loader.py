@@ -3,7 +3,8 @@
 Data order and augmentation come from generators seeded by (seed, epoch[, batch]), never
 from a process's global random state, so any process — sequential, pipeline rank 0, every DDP
 rank — and any resumed run sees exactly the same batches. ``make_loaders`` builds these, or for
-an image folder the streaming loader (pipeline/data/streaming.py); both follow pipeline/data/contract.py.
+an image folder or segmentation data the streaming loader (pipeline/data/streaming.py,
+pipeline/data/segmentation.py); all follow pipeline/data/contract.py.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from pipeline.data.contract import (
     normalise,
 )
 from pipeline.data.readers import READERS, RawDataset, Split, make_synthetic
-from pipeline.data.specs import DatasetSpec, dataset_spec
+from pipeline.data.specs import DatasetSpec, dataset_root, dataset_spec
 from pipeline.errors import BadInput
 from pipeline.metrics import say
+from pipeline.model.arch import SEGMENTATION_DATASETS
 
 
 def load_raw(config: Config) -> tuple[DatasetSpec, RawDataset]:
@@ -39,7 +41,7 @@ def load_raw(config: Config) -> tuple[DatasetSpec, RawDataset]:
     spec = dataset_spec(config)
     if spec.name == "synthetic":
         return spec, make_synthetic(spec, config.run.seed)
-    root = Path(config.data.root or spec.default_root).expanduser()
+    root = dataset_root(config, spec)
     if config.data.download:
         _download(spec, root)
     try:
@@ -163,6 +165,10 @@ def make_loaders(config: Config, device: torch.device, processes: int = 1) -> tu
         from pipeline.data.streaming import make_folder_loaders  # Pillow and worker processes: folders only
 
         return make_folder_loaders(config, device, processes)
+    if config.data.name in SEGMENTATION_DATASETS:
+        from pipeline.data.segmentation import make_segmentation_loaders  # it builds on this module
+
+        return make_segmentation_loaders(config, device, processes)
     spec, raw = load_raw(config)
     data = config.data
     batch, smallest = training_batch(config, spec.name, len(raw.train.labels), processes)

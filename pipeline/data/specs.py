@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from pipeline.config import Config
 from pipeline.errors import BadInput
+from pipeline.model.arch import SEGMENTATION_DATASETS
 
 
 @dataclass(frozen=True)
@@ -14,7 +17,7 @@ class DatasetSpec:
     name: str
     channels: int
     classes: int
-    image_size: int  # side of the square image the network sees (after any fixed padding)
+    image_size: int  # side of the square image the network sees (after any fixed padding); dense: crop height
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crop_pad: int  # random-crop padding when augmenting
@@ -22,7 +25,23 @@ class DatasetSpec:
     flip: bool
     default_root: str
     how_to_get: str
+    dense: bool = False  # labels are per-pixel class maps (segmentation), IGNORE_INDEX where unlabelled
+    image_width: int = 0  # 0: square images of image_size; else image_size is the height, this the width
 
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(height, width) of a training image as the network sees it."""
+        return self.image_size, self.image_width or self.image_size
+
+    def random_batch(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised-looking images and labels of this dataset's shapes: what profiling measures with."""
+        images = torch.randn(batch, self.channels, *self.image_shape, generator=generator)
+        label_shape = (batch, *self.image_shape) if self.dense else (batch,)
+        return images, torch.randint(0, self.classes, label_shape, generator=generator)
+
+
+# The label of a pixel that no loss or metric counts (MMSegmentation's and Cityscapes' convention).
+IGNORE_INDEX = 255
 
 _CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 _CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
@@ -31,6 +50,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FOLDER_LAYOUT = "train/<class>/ and val/<class>/ folders of .jpg, .jpeg or .png images (ImageNet's layout)"
 FOLDER_DEFAULT_ROOT = "data/imagenet"
+CITYSCAPES_CLASSES = 19  # the trainIds 0..18 of cityscapesScripts' labels.py
+CITYSCAPES_LAYOUT = ("leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/"
+                     "*_gtFine_labelTrainIds.png for the splits train and val (the official layout)")
+SEGMENTATION_LAYOUT = ("train/images/ and val/images/ (<stem>.jpg, .jpeg or .png) with train/labels/ and val/labels/ "
+                       "(<stem>.png label maps: class ids, 255 = ignore)")
+SEGMENTATION_DEFAULT_ROOTS = {"cityscapes": "data/cityscapes", "segmentation_folder": "data/segmentation"}
 _TORCHVISION_HINT = "set data.download = true (needs torchvision and a network) or copy the files there"
 
 SPECS = {
@@ -68,6 +93,8 @@ def dataset_spec(config: Config) -> DatasetSpec:
     """
     spec = SPECS.get(config.data.name)
     model = config.model
+    if config.data.name in SEGMENTATION_DATASETS:
+        return segmentation_spec(config)
     if spec is None:  # image_folder
         from pipeline.data.image_folder import class_names  # it builds on this module
 
@@ -86,6 +113,29 @@ def folder_spec(config: Config, classes: int) -> DatasetSpec:
     spec = DatasetSpec("image_folder", 3, classes, config.data.image_size, IMAGENET_MEAN, IMAGENET_STD, 0,
                        "constant", True, FOLDER_DEFAULT_ROOT, f"data.root must hold {FOLDER_LAYOUT}")
     return _fitted(spec, config)
+
+
+def segmentation_spec(config: Config) -> DatasetSpec:
+    """cityscapes or a segmentation folder: 3-channel images, class-id label maps, the training
+    crop data.crop. Normalised with the ImageNet statistics, as MMSegmentation's Cityscapes
+    configs (mean 123.675, 116.28, 103.53 and std 58.395, 57.12, 57.375 on 0..255 are these / 255)."""
+    name = config.data.name
+    if name == "cityscapes":
+        classes, layout = CITYSCAPES_CLASSES, CITYSCAPES_LAYOUT
+    else:
+        classes, layout = config.model.classes, SEGMENTATION_LAYOUT
+        if classes == 0:
+            raise BadInput("data.name = 'segmentation_folder' needs model.classes: its label maps do not say how many "
+                           "classes there are; set model.classes = N (label pixels 0..N-1, 255 = ignore)")
+    height, width = config.data.crop
+    spec = DatasetSpec(name, 3, classes, height, IMAGENET_MEAN, IMAGENET_STD, 0, "constant", True,
+                       SEGMENTATION_DEFAULT_ROOTS[name], f"data.root must hold {layout}", dense=True, image_width=width)
+    return _fitted(spec, config)
+
+
+def dataset_root(config: Config, spec: DatasetSpec) -> Path:
+    """Where a dataset's files are: data.root, or the spec's default (data/<name> and the like)."""
+    return Path(config.data.root or spec.default_root).expanduser()
 
 
 def folder_root(config: Config) -> Path:

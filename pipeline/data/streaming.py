@@ -1,4 +1,9 @@
-"""FolderLoader: an image folder streamed from disk, decoded and augmented by worker processes.
+"""FolderLoader: files streamed from disk, decoded and augmented by worker processes.
+
+What a sample decodes to is the files object's business (``FolderFiles``: an image folder's
+image and class; pipeline/data/segmentation.py: an image and its label map) and so is how a
+batch is put together (its collate); the order, the seeds, the workers and the trip to the
+device are the same for every kind and live here.
 
 The batch order is the resident loader's (pipeline/data/contract.py): the (seed, epoch)
 permutation, cut into consecutive batches, resumed at any batch. Each sample's augmentation is
@@ -17,8 +22,8 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, Protocol, cast
 
 import torch
 from PIL import Image
@@ -50,20 +55,46 @@ PREFETCH_BATCHES = 2  # per worker: DataLoader's default, enough to hide a slow 
 class Sample(NamedTuple):
     file: int  # index into the split's files
     seed: int  # of its augmentation
+    # The least (height, width) its part pads to: the whole batch's, where parts must agree on a
+    # padded shape (FolderLoader's ``canvas``); (0, 0) where nothing needs it.
+    canvas: tuple[int, int] = (0, 0)
 
 
 class Decoded(NamedTuple):
     """A batch as a worker hands it over: a failure travels as text, not as an exception, since
     DataLoader re-raises a worker's exception with its traceback folded into the message."""
 
-    images: torch.Tensor  # uint8 [N, 3, size, size]
-    labels: torch.Tensor
+    images: torch.Tensor  # uint8 [N, 3, H, W]
+    labels: torch.Tensor  # int64 [N] classes, or uint8 [N, H, W] label maps
     failure: str | None
+    # (height, width) of each image where the batch pads some to its shape (padding is blanked on
+    # the device, after normalisation); None: nothing padded.
+    sizes: torch.Tensor | None = None
+
+
+class SampleFiles(Protocol):
+    """The files of one split, as the decoding workers read them: a sample -> what it decodes to,
+    or a failure as text."""
+
+    def __len__(self) -> int:
+        ...
+
+    def __getitem__(self, sample: Sample) -> Any:
+        ...
+
+
+def unreadable(path: str, err: BaseException) -> str:
+    """The failure of a file Pillow cannot decode (one of UNREADABLE)."""
+    return (f"{path} cannot be read as an image ({type(err).__name__}: {err}); replace it with a readable image or "
+            "delete it")
 
 
 class FolderFiles(Dataset[tuple[torch.Tensor, int] | str]):
     def __init__(self, split: FolderSplit, transform: Transform) -> None:
         self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split.labels)
 
     def __getitem__(self, sample: Sample) -> tuple[torch.Tensor, int] | str:
         path = os.fsdecode(self.split.files[sample.file])
@@ -71,8 +102,7 @@ class FolderFiles(Dataset[tuple[torch.Tensor, int] | str]):
             with Image.open(path) as image:
                 return self.transform(image, sample.seed), int(self.split.labels[sample.file])
         except UNREADABLE as err:
-            return (f"{path} cannot be read as an image ({type(err).__name__}: {err}); replace it with a "
-                    "readable image or delete it")
+            return unreadable(path, err)
 
 
 def collate(items: list[tuple[torch.Tensor, int] | str], size: int) -> Decoded:
@@ -87,11 +117,19 @@ def collate(items: list[tuple[torch.Tensor, int] | str], size: int) -> Decoded:
 
 
 class FolderLoader:
-    """Batches of one split of an image folder on ``device``; ``batches(epoch, start, part)``."""
+    """Batches of one split of ``files`` on ``device``; ``batches(epoch, start, part)``.
 
-    def __init__(self, split: FolderSplit, spec: DatasetSpec, batch_size: int, device: torch.device, seed: int,
-                 train: bool, transform: Transform, workers: int, smallest_batch: int = 1) -> None:
-        self.files = FolderFiles(split, transform)
+    ``collate`` makes the items of one part of a batch (or their first failure) a ``Decoded``;
+    it runs in the worker, so it must be picklable (a module-level function or a partial of one).
+    ``canvas``, for files of different sizes that a batch pads to one: the files of a whole
+    batch -> the (height, width) it pads to, so that the parts of a batch decoded by replicas
+    pad alike and stay slices of the batch one process would read.
+    """
+
+    def __init__(self, files: SampleFiles, collate: Callable[[list[Any]], Decoded], spec: DatasetSpec,
+                 batch_size: int, device: torch.device, seed: int, train: bool, workers: int,
+                 smallest_batch: int = 1, canvas: Callable[[list[int]], tuple[int, int]] | None = None) -> None:
+        self.files, self.collate, self.canvas = files, collate, canvas
         self.spec, self.batch_size, self.device, self.seed = spec, batch_size, device, seed
         self.train, self.workers, self.smallest_batch = train, workers, smallest_batch
         self.mean = channel_constants(spec.mean, device)
@@ -102,7 +140,7 @@ class FolderLoader:
 
     @property
     def samples(self) -> int:
-        return len(self.files.split.labels)
+        return len(self.files)
 
     def batch_samples(self, index: int) -> int:
         return len(batch_span(index, self.batch_size, self.samples))
@@ -113,19 +151,36 @@ class FolderLoader:
         for index in range(start, len(self)):
             span = batch_span(index, self.batch_size, self.samples)
             positions = part.take(torch.arange(span.start, span.stop)).tolist()
-            yield [Sample(order[position], mix_seed(self.seed, epoch, position)) for position in positions]
+            canvas = (0, 0)
+            if self.canvas is not None and part.replicas > 1:  # a part alone is the batch: its largest is the batch's
+                canvas = self.canvas([order[position] for position in span])
+            yield [Sample(order[position], mix_seed(self.seed, epoch, position), canvas) for position in positions]
 
     def batches(self, epoch: int, start: int = 0, part: Part = WHOLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gpu = self.device.type == "cuda"
-        stream = DataLoader(self.files, batch_sampler=_Plan(self, epoch, start, part),
-                            num_workers=self.workers,
-                            collate_fn=functools.partial(collate, size=self.spec.image_size), pin_memory=gpu,
-                            prefetch_factor=PREFETCH_BATCHES if self.workers else None)
-        for images, labels, failure in stream:
+        # DataLoader needs only __getitem__ and __len__; torch annotates that as its Dataset class
+        files = cast("Dataset[Any]", self.files)
+        stream: DataLoader[Any] = DataLoader(files, batch_sampler=_Plan(self, epoch, start, part),
+                                             num_workers=self.workers, collate_fn=self.collate, pin_memory=gpu,
+                                             prefetch_factor=PREFETCH_BATCHES if self.workers else None)
+        for images, labels, failure, sizes in stream:
             if failure is not None:
                 raise BadInput(failure)
-            images = images.to(self.device, non_blocking=gpu)
-            yield normalise(images.float(), self.mean, self.std), labels.to(self.device, non_blocking=gpu)
+            images = normalise(images.to(self.device, non_blocking=gpu).float(), self.mean, self.std)
+            if sizes is not None:
+                images = blank_padding(images, sizes.to(self.device, non_blocking=gpu))
+            # int64 on the device: label maps travel as uint8, an eighth of the bytes
+            yield images, labels.to(self.device, non_blocking=gpu).long()
+
+
+def blank_padding(images: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Zero (the mean colour, once normalised) every pixel beyond each image's own (height, width):
+    padding as MMSegmentation pads, after normalisation."""
+    height, width = images.shape[-2:]
+    rows = torch.arange(height, device=images.device) < sizes[:, :1]  # [N, H]
+    columns = torch.arange(width, device=images.device) < sizes[:, 1:]  # [N, W]
+    inside = rows[:, None, :, None] & columns[:, None, None, :]
+    return images.masked_fill(~inside, 0.0)
 
 
 class _Plan:
@@ -149,8 +204,10 @@ def make_folder_loaders(config: Config, device: torch.device, processes: int = 1
     batch, smallest = training_batch(config, f"image folder {folder.root}", len(folder.train.labels), processes)
     evaluate = EvalTransform(data.image_size, data.eval_resize)
     augment: Transform = TrainTransform(data.image_size) if data.augment else evaluate
-    train = FolderLoader(folder.train, spec, batch, device, config.run.seed, True, augment, data.workers, smallest)
-    val = FolderLoader(folder.val, spec, min(data.batch_size, len(folder.val.labels)), device, config.run.seed,
-                       False, evaluate, data.workers)
+    stack = functools.partial(collate, size=spec.image_size)
+    train = FolderLoader(FolderFiles(folder.train, augment), stack, spec, batch, device, config.run.seed, True,
+                         data.workers, smallest)
+    val = FolderLoader(FolderFiles(folder.val, evaluate), stack, spec, min(data.batch_size, len(folder.val.labels)),
+                       device, config.run.seed, False, data.workers)
     return train, val
 

@@ -106,6 +106,6 @@ def resized_crop(image: Image.Image, box: Box, size: int) -> Image.Image:
     return picture.resize((size, size), Image.Resampling.BILINEAR, box=scaled)
 
 
-def to_tensor(picture: Image.Image) -> torch.Tensor:
-    """An RGB image as uint8 [3, H, W]."""
+def to_tensor(picture: Image.Image | np.ndarray) -> torch.Tensor:
+    """An RGB image (or its uint8 [H, W, 3] pixels) as uint8 [3, H, W]."""
     return torch.from_numpy(np.array(picture, dtype=np.uint8)).permute(2, 0, 1).contiguous()

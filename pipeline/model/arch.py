@@ -3,8 +3,10 @@
 Two families share the ``resnet<depth>`` names: CIFAR ResNets of depth 6n+2 (3x3 stem, three
 stages of n basic blocks) and torchvision's ImageNet ResNets / ResNeXts (7x7 stem + max pool,
 four stages of basic or bottleneck blocks). ``resnet50`` and ``resnet152`` exist in both, so
-the family decides; it defaults to the one the dataset is made for. No torch here: config
-validation reads these facts.
+the family decides; it defaults to the one the dataset is made for. The third family is
+DeepLab-V3 for semantic segmentation: a dilated bottleneck ResNet-50/101 of output stride 8 with
+an ASPP head, and an FCN auxiliary head on stage 3. No torch here: config validation reads
+these facts.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from typing import Literal
 
 from pipeline.errors import BadInput, clip
 
-Family = Literal["cifar", "imagenet"]
+Family = Literal["cifar", "imagenet", "segmentation"]
 BlockKind = Literal["basic", "bottleneck"]
 
 # Datasets of whole-image-folder size, whose networks are the ImageNet ones by default.
 IMAGENET_DATASETS = ("image_folder",)
+# Datasets of per-pixel label maps (pipeline/data/segmentation.py streams them), whose networks are the
+# segmentation ones by default.
+SEGMENTATION_DATASETS = ("cityscapes", "segmentation_folder")
 
 
 @dataclass(frozen=True)
@@ -57,17 +62,46 @@ _IMAGENET: dict[str, tuple[BlockKind, tuple[int, ...], int, int]] = {
 IMAGENET_ARCHS: tuple[str, ...] = tuple(_IMAGENET)
 BOTTLENECK_EXPANSION = 4
 
+# DeepLab-V3 (MMSegmentation's "r50-d8" / "r101-d8"): bottleneck blocks per stage of its backbone.
+_SEGMENTATION: dict[str, tuple[int, ...]] = {
+    "deeplabv3_resnet50": (3, 4, 6, 3),
+    "deeplabv3_resnet101": (3, 4, 23, 3),
+}
+SEGMENTATION_ARCHS: tuple[str, ...] = tuple(_SEGMENTATION)
+# Output stride 8: stages 3 and 4 keep stage 2's resolution and dilate their 3x3 convs instead.
+SEGMENTATION_STRIDES = (1, 2, 1, 1)
+SEGMENTATION_DILATIONS = (1, 1, 2, 4)
+# The FCN auxiliary head reads the output of this stage (1-based: layer3).
+AUX_STAGE = 3
+
 # The deepest CIFAR ResNet published; far deeper ones cannot be built in any memory.
 MAX_CIFAR_DEPTH = 1202
 _CIFAR_RE = re.compile(r"^resnet(\d+)$")
 
 
 def default_family(data_name: str) -> Family:
+    if data_name in SEGMENTATION_DATASETS:
+        return "segmentation"
     return "imagenet" if data_name in IMAGENET_DATASETS else "cifar"
+
+
+def aux_block(arch: ArchSpec) -> int:
+    """Flat index of the block whose output the FCN auxiliary head reads: the last of stage 3."""
+    return sum(arch.blocks[:AUX_STAGE])
 
 
 def resolve_arch(family: Family, arch: str) -> ArchSpec:
     """The layout ``arch`` names in ``family``; BadInput when it names none there."""
+    if family == "segmentation":
+        if arch not in _SEGMENTATION:
+            raise BadInput(f"model.arch = {clip(arch)!r} is not a segmentation network; allowed with "
+                           f"model.family = 'segmentation': {', '.join(SEGMENTATION_ARCHS)}")
+        blocks = _SEGMENTATION[arch]
+        widths = tuple(64 * 2**stage * BOTTLENECK_EXPANSION for stage in range(len(blocks)))
+        return ArchSpec(arch, family, "bottleneck", blocks, widths)
+    if arch in _SEGMENTATION:
+        raise BadInput(f"model.arch = {clip(arch)!r} is a segmentation network; set model.family = "
+                       "'segmentation' (the default for cityscapes and segmentation_folder)")
     if family == "imagenet":
         if arch not in _IMAGENET:
             other = " (a CIFAR depth: set model.family = 'cifar')" if _cifar_depth(arch) else ""

@@ -1,4 +1,5 @@
-"""InfoPro's reconstruction decoders: a module's output back to the input image (CIFAR, ImageNet)."""
+"""InfoPro's reconstruction decoders: a module's output back to the input image (CIFAR, ImageNet and
+segmentation, whose decoder is the ImageNet one)."""
 
 from __future__ import annotations
 
@@ -48,9 +49,10 @@ class Decoder(ImageDecoder):
             nn.Conv2d(hidden, image_channels, 3, padding=1),
         )
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits of the reconstructed pixels; the loss applies the sigmoid (stable BCE)."""
-        size = (self.image_size, self.image_size)
+    def forward(self, features: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Logits of the reconstructed pixels at ``size`` (default: the spec's square image); the
+        loss applies the sigmoid (stable BCE)."""
+        size = size or (self.image_size, self.image_size)
         upsampled = F.interpolate(features, size=size, mode="bilinear", align_corners=True)
         logits: torch.Tensor = self.layers(upsampled)
         return logits
@@ -62,7 +64,11 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int) -> list[nn.Module]:
 
 class ImageNetDecoder(ImageDecoder):
     """InfoPro's ImageNet decoder: 1x1 to 128, then three bilinear x2 steps up to the image
-    (56, 112, 224 from a 28x28 feature at 224) with 3x3 convs to 32, 12 and the image channels."""
+    (56, 112, 224 from a 28x28 feature at 224) with 3x3 convs to 32, 12 and the image channels.
+
+    Their segmentation decoder is the same layer for layer (x2 steps from the stride-8 feature):
+    a quarter, a half and the whole of the crop's height and width are those steps whenever the
+    crop's sides are multiples of 8 (512x1024 is), and end at the crop's size otherwise."""
 
     def __init__(self, channels: int, image_channels: int, image_size: int,
                  mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,)) -> None:
@@ -71,17 +77,20 @@ class ImageNetDecoder(ImageDecoder):
         self.steps = nn.ModuleList([nn.Sequential(*_conv_bn_relu(128, 32, 3)), nn.Sequential(*_conv_bn_relu(32, 12, 3)),
                                     nn.Conv2d(12, image_channels, 3, padding=1)])
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits of the reconstructed pixels; the loss applies the sigmoid (stable BCE)."""
+    def forward(self, features: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Logits of the reconstructed pixels at ``size`` (height, width; default: the spec's square
+        image); the loss applies the sigmoid (stable BCE)."""
+        height, width = size or (self.image_size, self.image_size)
         out: torch.Tensor = self.reduce(features)
-        for step, size in zip(self.steps, (self.image_size // 4, self.image_size // 2, self.image_size)):
-            out = step(F.interpolate(out, size=(size, size), mode="bilinear", align_corners=True))
+        for step, divisor in zip(self.steps, (4, 2, 1)):
+            out = step(F.interpolate(out, size=(height // divisor, width // divisor), mode="bilinear",
+                                     align_corners=True))
         return out
 
 
 def build_decoder(family: Family, channels: int, spec: DatasetSpec, widen: int) -> ImageDecoder:
     """The reconstruction decoder on a module output of ``channels``: the family's published one."""
-    if family == "imagenet":
+    if family in ("imagenet", "segmentation"):
         return ImageNetDecoder(channels, spec.channels, spec.image_size, spec.mean, spec.std)
     return Decoder(channels, spec.channels, spec.image_size, widen, spec.mean, spec.std)
 

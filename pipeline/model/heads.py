@@ -1,5 +1,5 @@
 """Auxiliary heads that train every module but the last (docs/reference.md: 0c1f ... 2c2f, and
-InfoPro's ImageNet head)."""
+InfoPro's ImageNet and segmentation heads)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from torch import nn
 
 from pipeline.config import LocalConfig
 from pipeline.model.arch import Family
+from pipeline.model.segmentation_heads import build_infopro_segmentation_head
 
 
 def _head_conv_width(channels: int, widen: int) -> tuple[int, int]:
@@ -65,4 +66,6 @@ def build_head(family: Family, local: LocalConfig, channels: int, out: int) -> n
     """The auxiliary head of a module whose output has ``channels``: the family's published one."""
     if family == "imagenet":
         return build_imagenet_head(channels, out)
+    if family == "segmentation":
+        return build_infopro_segmentation_head(channels, out)
     return build_aux_head(local.aux, channels, out, local.aux_widen, local.aux_hidden)

@@ -38,15 +38,17 @@ class ImageNetStem(nn.Sequential):
 
 
 class Bottleneck(ResidualBlock):
-    """1x1 reduce, 3x3 (grouped for ResNeXt, carries the stride), 1x1 expand; then the shortcut."""
+    """1x1 reduce, 3x3 (grouped for ResNeXt, carries the stride and any dilation), 1x1 expand; then
+    the shortcut."""
 
-    def __init__(self, cin: int, planes: int, stride: int, groups: int, width_per_group: int) -> None:
+    def __init__(self, cin: int, planes: int, stride: int, groups: int, width_per_group: int,
+                 dilation: int = 1) -> None:
         super().__init__()
         width = planes * width_per_group // 64 * groups
         cout = planes * BOTTLENECK_EXPANSION
         self.conv1 = conv1x1(cin, width)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = conv3x3(width, width, stride, groups)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = conv1x1(width, cout)
         self.bn3 = nn.BatchNorm2d(cout)
@@ -63,7 +65,12 @@ class Bottleneck(ResidualBlock):
 
 
 class ImageNetResNet:
-    """The block layout of an ImageNet ResNet / ResNeXt; builds any single block on demand."""
+    """The block layout of an ImageNet ResNet / ResNeXt; builds any single block on demand.
+
+    Subclasses change what differs per stage (its stride, its blocks' dilation) and the stem.
+    """
+
+    STRIDES = (1, 2, 2, 2)  # of each stage's first block
 
     def __init__(self, arch: ArchSpec, in_channels: int, image_size: int) -> None:
         self.arch = arch
@@ -80,8 +87,9 @@ class ImageNetResNet:
 
     def _stage_size(self, stage: int) -> int:
         size = halved(halved(self.image_size))  # the stem: conv stride 2, then max pool stride 2
-        for _ in range(stage):  # every stage after the first halves on entry
-            size = halved(size)
+        for later in range(1, stage + 1):  # a stage of stride 2 halves on entry
+            if self.STRIDES[later] == 2:
+                size = halved(size)
         return size
 
     def shape(self, index: int) -> BlockShape:
@@ -93,14 +101,21 @@ class ImageNetResNet:
         stage, _ = self._stage_of(index)
         return BlockShape(self.arch.widths[stage], self._stage_size(stage))
 
+    def stem(self) -> nn.Module:
+        return ImageNetStem(self.in_channels, self.arch.stem_width)
+
+    def dilation(self, stage: int, block: int) -> int:
+        """Dilation of the 3x3 conv of ``block`` in ``stage``."""
+        return 1
+
     def build(self, index: int) -> nn.Module:
         arch = self.arch
         if index == 0:
-            return ImageNetStem(self.in_channels, arch.stem_width)
+            return self.stem()
         stage, block = self._stage_of(index)
         cin = self.shape(index - 1).channels
-        stride = 2 if block == 0 and stage > 0 else 1
+        stride = self.STRIDES[stage] if block == 0 else 1
         if arch.block == "basic":
             return BasicBlock(cin, arch.widths[stage], stride)
         planes = arch.widths[stage] // BOTTLENECK_EXPANSION
-        return Bottleneck(cin, planes, stride, arch.groups, arch.width_per_group)
+        return Bottleneck(cin, planes, stride, arch.groups, arch.width_per_group, self.dilation(stage, block))

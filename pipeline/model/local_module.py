@@ -1,7 +1,9 @@
 """One gradient-isolated module: context encoders + blocks + head (+ decoder) and its local loss.
 
 The same class serves the sequential runner, a pipeline stage and the end-to-end baselines
-(K = 1: one module whose head is the real classifier).
+(K = 1: one module whose head is the real classifier). For segmentation the last module's head
+is DeepLab-V3's ASPP head, with the FCN auxiliary head on the output of layer3's last block
+(which config validation keeps inside the last module); labels are per-pixel maps.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ import torch
 from torch import nn
 
 from pipeline.config import Config
+from pipeline.data.contract import mix_seed
 from pipeline.data.specs import DatasetSpec
+from pipeline.model.arch import aux_block
 from pipeline.model.context import ContextPlan, ImageEncoder, InputEncoder
 from pipeline.model.decoder import build_decoder, reconstruction_loss
 from pipeline.model.heads import build_head
-from pipeline.model.losses import head_loss
+from pipeline.model.losses import dense_cross_entropy, head_loss, upsample_to
 from pipeline.model.resnet import BlockNet, BlockShape, Classifier, ResidualBlock, init_weights
+from pipeline.model.segmentation_heads import AUX_WEIGHT, ASPPHead, FCNHead, SeededDropout2d, reset_classifier
 from pipeline.packet import Packet
 
 
@@ -68,8 +73,19 @@ class LocalModule(nn.Module):
         self.body = nn.Sequential(*(layout.net.build(block) for block in range(start, end)))
         out = layout.output_shape(index)
         classes, family = layout.spec.classes, config.arch.family
-        if self.last:
-            self.head: nn.Module = Classifier(out.channels, classes)
+        self.dense = family == "segmentation"
+        # The body's position of the block the FCN auxiliary head reads (the last module only).
+        self.aux_tap: int | None = None
+        self.aux_head: FCNHead | None = None
+        self.head: nn.Module
+        if self.last and self.dense:
+            tap = aux_block(config.arch)
+            assert start <= tap < end, "config validation keeps layer3's last block in the last module"
+            self.aux_tap = tap - start
+            self.head = ASPPHead(out.channels, classes)
+            self.aux_head = FCNHead(layout.net.shape(tap).channels, classes)
+        elif self.last:
+            self.head = Classifier(out.channels, classes)
         else:
             head_out = classes if local.loss == "softmax" else local.aux_feature_dim
             self.head = build_head(family, local, out.channels, head_out)
@@ -78,7 +94,19 @@ class LocalModule(nn.Module):
             if local.reconstruct and not self.last
             else None
         )
+        # Dropout (the segmentation heads) draws at every training step, from seeds the worker sets.
+        self.dropouts = [layer for layer in self.modules() if isinstance(layer, SeededDropout2d)]
         init_weights(self)
+        if isinstance(self.head, ASPPHead) and self.aux_head is not None:
+            reset_classifier(self.head.classifier)
+            reset_classifier(self.aux_head.classifier)
+        elif self.dense:
+            # InfoPro builds its segmentation head and decoder after the network's initialisation, so
+            # they keep PyTorch's default draw (a fan-out normal 1x1 conv to a few classes would
+            # start the head at logits of ten and more).
+            for layer in [*self.head.modules(), *(self.decoder.modules() if self.decoder is not None else [])]:
+                if isinstance(layer, nn.Conv2d):
+                    layer.reset_parameters()
         if config.model.zero_init_residual:
             for block in self.body.modules():
                 if isinstance(block, ResidualBlock):
@@ -99,20 +127,44 @@ class LocalModule(nn.Module):
         inputs = self.assemble_input(packet)
         return inputs, self.body(inputs)
 
+    def tapped_body(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The body's output, and the output of the block the FCN auxiliary head reads (None without it)."""
+        if self.aux_tap is None:
+            return self.body(inputs), None
+        out, tapped = inputs, None
+        for position, block in enumerate(self.body):
+            out = block(out)
+            if position == self.aux_tap:
+                tapped = out
+        return out, tapped
+
     def forward(self, packet: Packet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input, output, local loss): the loss inside forward lets DDP see every parameter used."""
-        inputs, output = self.features(packet)
-        return inputs, output, self.local_loss(output, packet)
+        inputs = self.assemble_input(packet)
+        output, tapped = self.tapped_body(inputs)
+        return inputs, output, self.local_loss(output, packet, tapped)
 
-    def local_loss(self, output: torch.Tensor, packet: Packet) -> torch.Tensor:
+    def local_loss(self, output: torch.Tensor, packet: Packet, tapped: torch.Tensor | None = None) -> torch.Tensor:
+        """The module's loss on its output h (``tapped``: layer3's output, for the FCN auxiliary head)."""
+        labels = packet.labels
+        if self.last and self.aux_head is not None:
+            assert tapped is not None
+            # MMSegmentation's decode heads: logits resized to the labels (align_corners False), the
+            # sum over pixels divided by every pixel of the map.
+            return (dense_cross_entropy(self.head(output), labels)
+                    + AUX_WEIGHT * dense_cross_entropy(self.aux_head(tapped), labels))
         if self.last:
-            return head_loss("softmax", self.head(output), packet.labels)
-        loss = head_loss(self.loss_kind, self.head(output), packet.labels)
+            return head_loss("softmax", self.head(output), labels)
+        if self.dense:  # InfoPro's module-0 head: align_corners, torch's mean over the pixels not ignored
+            loss = dense_cross_entropy(self.head(output), labels, align_corners=True, per_valid_pixel=True)
+        else:
+            loss = head_loss(self.loss_kind, self.head(output), labels)
         if self.decoder is None:
             return loss
         assert packet.image is not None
-        target = self.decoder.target(packet.image.detach())
-        return self.ixx * reconstruction_loss(self.decoder(output), target) + self.ixy * loss
+        image = packet.image.detach()
+        size = (image.shape[-2], image.shape[-1])
+        return self.ixx * reconstruction_loss(self.decoder(output, size), self.decoder.target(image)) + self.ixy * loss
 
     def next_packet(self, packet: Packet, inputs: torch.Tensor, output: torch.Tensor) -> Packet:
         """What module k+1 receives: h detached, the image if still needed, the register."""
@@ -124,7 +176,14 @@ class LocalModule(nn.Module):
         image = packet.image if self.plan.carries_image(following) else None
         return Packet(packet.labels, output.detach(), image, register)
 
-    def logits(self, output: torch.Tensor) -> torch.Tensor:
+    def reseed(self, seed: int) -> None:
+        """The seed of this training step's dropout masks; each dropout layer draws from its own."""
+        for position, layer in enumerate(self.dropouts):
+            layer.seed = mix_seed(seed, position)
+
+    def logits(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Class logits at the labels' resolution: per image (``labels`` only travel along), or for label
+        maps the ASPP head's logits resized to the map (align_corners False, as MMSegmentation's DeepLab-V3)."""
         assert self.last, "only the last module has the classifier"
         logits: torch.Tensor = self.head(output)
-        return logits
+        return upsample_to(logits, labels) if self.dense else logits

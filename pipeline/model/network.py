@@ -9,9 +9,11 @@ import torch
 from pipeline.config import Config, cut_to_flat
 from pipeline.data.specs import DatasetSpec
 from pipeline.model.context import ContextPlan
+from pipeline.model.dilated_resnet import DilatedResNet
 from pipeline.model.imagenet_resnet import ImageNetResNet
 from pipeline.model.local_module import Layout, LocalModule
-from pipeline.model.partition import equal_cuts, module_ranges
+from pipeline.model.partition import default_cuts, module_ranges
+from pipeline.model.pretrained import load_pretrained
 from pipeline.model.resnet import BlockNet, CifarResNet
 
 
@@ -19,6 +21,8 @@ def make_net(config: Config, spec: DatasetSpec) -> BlockNet:
     arch = config.arch
     if arch.family == "imagenet":
         return ImageNetResNet(arch, spec.channels, spec.image_size)
+    if arch.family == "segmentation":
+        return DilatedResNet(arch, spec.channels, spec.image_size, config.model.deep_stem)
     return CifarResNet(arch.blocks[0], spec.channels, spec.image_size)
 
 
@@ -28,7 +32,7 @@ def resolve_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> lis
     if isinstance(local.partition, list):
         return [cut_to_flat(cut, blocks) for cut in local.partition]
     if local.partition == "equal" or local.modules == 1:
-        return equal_cuts(blocks, local.modules)
+        return default_cuts(config.arch, local.modules)
     from pipeline.model.profile import (
         balanced_cuts,  # profiling pulls in timing machinery
     )
@@ -49,10 +53,17 @@ _BUILDING = threading.Lock()
 
 
 def build_module(config: Config, layout: Layout, index: int, device: torch.device) -> LocalModule:
-    """Module ``index`` from seed run.seed + index, so every process builds the same weights."""
+    """Module ``index`` from seed run.seed + index, so every process builds the same weights.
+
+    model.pretrained then overwrites its backbone blocks, after the seeded draws, so the rest of
+    the module (heads, decoder) is the same with and without it.
+    """
     with _BUILDING, torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.run.seed + index)
         module = LocalModule(config, layout, index)
+    if config.model.pretrained and not config.run.resume:  # a resumed run restores every weight itself
+        start, end = layout.ranges[index]
+        load_pretrained(module.body, config, start, end)
     if config.precision.channels_last:
         # Module.to takes memory_format at run time; torch's stubs leave it out
         module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from pipeline.config import Cut, cut_to_flat
+from pipeline.model.arch import ArchSpec
 
 # docs/reference.md, equal-layer tables, keyed by blocks per stage (ResNet-32: 5, ResNet-110: 18).
 EQUAL_TABLES: dict[tuple[int, ...], dict[int, list[Cut]]] = {
@@ -30,6 +31,11 @@ EQUAL_TABLES: dict[tuple[int, ...], dict[int, list[Cut]]] = {
         16: [[1, 1], [1, 4], [1, 7], [1, 10], [1, 13], [1, 16], [2, 1], [2, 4], [2, 7], [2, 11],
              [2, 15], [3, 1], [3, 5], [3, 9], [3, 13]],
     },
+}
+
+# InfoPro's Cityscapes cut (docs/reference.md): module 0 of DeepLab-V3 R101 ends after layer3[12].
+SEGMENTATION_TABLES: dict[tuple[int, ...], dict[int, list[Cut]]] = {
+    (3, 4, 23, 3): {2: [[3, 12]]},
 }
 
 
@@ -61,6 +67,20 @@ def equal_cuts(blocks: tuple[int, ...], modules: int) -> list[int]:
     if table is not None:
         return [cut_to_flat(cut, blocks) for cut in table]
     return even_cuts(1 + sum(blocks), modules)
+
+
+def default_cuts(arch: ArchSpec, modules: int) -> list[int]:
+    """The cuts of local.partition = 'equal': the family's published table, else an even split.
+
+    The segmentation networks have their own table: ResNet-101's blocks per stage are also
+    torchvision's resnet101, whose classification cuts stay the even split.
+    """
+    if arch.family != "segmentation":
+        return equal_cuts(arch.blocks, modules)
+    table = SEGMENTATION_TABLES.get(arch.blocks, {}).get(modules)
+    if table is not None:
+        return [cut_to_flat(cut, arch.blocks) for cut in table]
+    return even_cuts(arch.units, modules)
 
 
 def module_ranges(cuts: Sequence[int], blocks: int) -> list[tuple[int, int]]:

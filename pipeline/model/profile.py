@@ -21,6 +21,7 @@ from torch import nn
 
 from pipeline.config import Config
 from pipeline.data.specs import DatasetSpec
+from pipeline.errors import BadInput
 from pipeline.metrics import say
 from pipeline.model.context import ImageEncoder, InputEncoder
 from pipeline.model.cost import (
@@ -240,6 +241,10 @@ class _Profiler:
 
 
 def profile_network(config: Config, spec: DatasetSpec, device: torch.device) -> NetworkProfile:
+    if spec.dense:  # its pieces are classification heads and square images
+        raise BadInput(f"profiling (balanced partitions, python -m pipeline.plan) covers classification networks, "
+                       f"and {spec.name} is segmentation; cut it with local.partition = 'equal' (InfoPro's cut) or "
+                       "an explicit list of [stage, block] cuts")
     return _Profiler(config, spec, device).profile()
 
 
@@ -267,8 +272,7 @@ def module_activation_bytes(config: Config, spec: DatasetSpec, cuts: list[int], 
 
     layout = make_layout(config, spec, cuts)
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, spec.channels, spec.image_size, spec.image_size, generator=generator)
-    packet: Packet | None = Packet.from_batch(images, torch.randint(0, spec.classes, (batch,), generator=generator))
+    packet: Packet | None = Packet.from_batch(*spec.random_batch(batch, generator))
     sizes = []
     for index in range(config.local.modules):
         module = build_module(config, layout, index, torch.device("cpu")).train()

@@ -47,8 +47,9 @@ class ResidualBlock(nn.Module):
         nn.init.zeros_(self.last_bn().weight)
 
 
-def conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, groups=groups, bias=False)
+def conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    """A 3x3 conv without bias; padding = dilation keeps the size at stride 1."""
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, groups=groups, bias=False)
 
 
 class Stem(nn.Sequential):

@@ -23,11 +23,13 @@ TRAIN, EVAL, END_EPOCH, STOP = 1, 2, 3, 4
 class MessageCodec:
     """Encodes what module ``receiver - 1`` sends and decodes what module ``receiver`` gets."""
 
-    def __init__(self, plan: ContextPlan, receiver: int, input_shape: BlockShape) -> None:
+    def __init__(self, plan: ContextPlan, receiver: int, input_shape: BlockShape, dense: bool = False) -> None:
         self.receiver = receiver
         self.has_image = plan.carries_image(receiver)
         self.tensors = 2 + int(self.has_image) + len(plan.register_sources(receiver))
-        self.feature_shape = (input_shape.channels, input_shape.size, input_shape.size)
+        # Segmentation evaluates whole images of any size: only the channels are fixed there.
+        self.feature_shape: tuple[int, ...] = (
+            (input_shape.channels,) if dense else (input_shape.channels, input_shape.size, input_shape.size))
 
     @property
     def max_tensors(self) -> int:
@@ -63,9 +65,11 @@ class MessageCodec:
         """Rebuild the packet, checking it is what this module was built for."""
         tensors = frame.tensors
         features = tensors[1] if len(tensors) > 1 else None
-        if len(tensors) != self.tensors or features is None or tuple(features.shape[1:]) != self.feature_shape:
+        fixed = None if features is None else tuple(features.shape[1 : 1 + len(self.feature_shape)])
+        if len(tensors) != self.tensors or features is None or features.dim() != 4 or fixed != self.feature_shape:
             got = "none" if features is None else list(features.shape)
-            wanted = ", ".join(map(str, self.feature_shape))
+            spatial = ", height, width" if len(self.feature_shape) == 1 else ""
+            wanted = ", ".join(map(str, self.feature_shape)) + spatial
             raise StageFailure(
                 f"module {self.receiver} got {len(tensors)} tensors with features {got} from module "
                 f"{self.receiver - 1}; it expects {self.tensors} tensors with features [batch, {wanted}]; "

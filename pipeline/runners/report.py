@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from pipeline.config import Config, RunConfig
-from pipeline.metrics import LossMeter, MetricsLog, Progress, StageStats, percent, say, write_summary
+from pipeline.metrics import LossMeter, MetricsLog, Progress, StageStats, say, write_summary
 from pipeline.runners.loop import EpochEnd, Position, RunLength, total_steps
 from pipeline.runners.messages import Train
+from pipeline.scoring import Scoring, score_line
 from pipeline.topology import Topology
 from pipeline.worker import ModuleWorker
 
@@ -42,7 +43,7 @@ class RunReport:
         self.stats = StageStats(rank=topology.rank, module="all" if whole else topology.stage, device=topology.device)
         self.progress = Progress(label, start.step, total_steps(start, *length))
         self.steps, self.epochs_done = start.step, 0
-        self.accuracy: float | None = None
+        self.scores: dict[str, Any] = {}  # the last evaluation's (pipeline/scoring.py)
         self.eval_s = 0.0  # evaluation seconds this epoch, as this process saw them
         self.lines = 0
 
@@ -77,15 +78,16 @@ class RunReport:
             self._log_losses(event.epoch, event.resume_at.step)
         self.epochs_done = event.completed_epochs
 
-    def evaluated(self, event: EpochEnd, correct: torch.Tensor, count: int) -> None:
+    def evaluated(self, event: EpochEnd, scoring: Scoring, counts: torch.Tensor, images: int) -> None:
         """The last module's test counts for this epoch, summed over its replicas."""
-        counts = self.total(torch.stack([correct.to(torch.int64), torch.tensor(count, device=correct.device)]))
-        self.accuracy = float(counts[0]) / max(int(counts[1]), 1)
+        total = self.total(counts)
+        images = int(self.total(torch.tensor(images, device=counts.device)))
+        self.scores = scoring.scores(total, images)
         if self.speaks:
             self.log.write(event="eval", module=self.topology.stages - 1, epoch=event.epoch,
-                           step=event.resume_at.step, test_accuracy=self.accuracy, eval_s=round(self.eval_s, 3))
-            say(f"[{self.label}] epoch {event.epoch} step {event.resume_at.step}: test accuracy "
-                f"{percent(self.accuracy)} ({int(counts[1])} images, {self.eval_s:.1f} s)")
+                           step=event.resume_at.step, **self.scores, eval_s=round(self.eval_s, 3))
+            say(f"[{self.label}] epoch {event.epoch} step {event.resume_at.step}: {score_line(self.scores)} "
+                f"({images} images, {self.eval_s:.1f} s)")
         self.eval_s = 0.0
 
     def _log_losses(self, epoch: int, step: int) -> None:
@@ -112,14 +114,14 @@ class RunReport:
                                busy_fraction=stage["busy_fraction"], samples_per_s=stage["samples_per_s"])
         self.log.close()
         mine = {"stage": stage, "samples": self.stats.samples, "train_s": self.stats.train_s,
-                "accuracy": self.accuracy, "steps": self.steps, "epochs": self.epochs_done}
+                "scores": self.scores, "steps": self.steps, "epochs": self.epochs_done}
         every = topology.comm.gather(mine)
         if topology.rank != 0:
             return None
         last = every[topology.last_rank]
         return write_summary(
             config.run.out_dir, config, world_size=topology.size, cuts=cuts, steps=last["steps"],
-            epochs_done=last["epochs"], test_accuracy=last["accuracy"], train_samples=last["samples"],
+            epochs_done=last["epochs"], scores=last["scores"], train_samples=last["samples"],
             train_s=last["train_s"], wall_s=time.perf_counter() - self.started,
             stages=[item["stage"] for item in every],
         )

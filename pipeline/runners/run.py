@@ -26,7 +26,7 @@ from pipeline.config import Config, PipelineConfig
 from pipeline.data.contract import Loader
 from pipeline.data.loader import make_loaders
 from pipeline.errors import BadInput, StageFailure, StuckPeer
-from pipeline.metrics import percent, reset_peak_memory, say
+from pipeline.metrics import reset_peak_memory, say
 from pipeline.model.local_module import Layout
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.model.partition import flat_to_cut
@@ -41,6 +41,7 @@ from pipeline.runners.schedule_trace import StepTrace, read_schedule
 from pipeline.runners.source import BatchSource
 from pipeline.runners.stage import Handler, Loop, ModuleStage, StageLoop
 from pipeline.runners.straggler import slowed
+from pipeline.scoring import score_line
 from pipeline.topology import Topology, from_env, process_groups, single_process
 from pipeline.transport import Courier, Receiver, Sender
 from pipeline.worker import ModuleWorker, make_worker
@@ -82,8 +83,7 @@ def run(config: Config) -> dict[str, Any] | None:
         loop.run()
         summary = report.summary(config, cuts)
     if summary is not None:
-        accuracy = summary["test_accuracy"]
-        scored = f"test accuracy {percent(accuracy)}, " if accuracy is not None else ""
+        scored = f"{score_line(summary)}, " if summary["test_accuracy"] is not None else ""
         say(f"[{loop_label(config.run.mode, topology)}] done: {summary['steps']} steps, {scored}"
             f"{summary['train_samples_per_s']:.0f} samples/s, {summary['wall_s']:.0f} s; outputs in "
             f"{config.run.out_dir} (summary.json, metrics.jsonl, checkpoints/)")
@@ -173,11 +173,11 @@ def wire(pipe: PipelineConfig, topology: Topology, layout: Layout,
     wire_dtype = torch.bfloat16 if pipe.wire_dtype == "bf16" else None
     inbox = outbox = None
     if module > 0:
-        codec = MessageCodec(layout.plan, module, layout.input_shape(module))
+        codec = MessageCodec(layout.plan, module, layout.input_shape(module), layout.spec.dense)
         inbox = Receiver(topology.rank, topology.rank_of(module - 1, topology.replica), topology.links[module - 1],
                          codec, topology.device, pipe.queue_depth, pipe.timeout_s, wire_dtype, channels_last)
     if module < stages - 1:
-        codec = MessageCodec(layout.plan, module + 1, layout.input_shape(module + 1))
+        codec = MessageCodec(layout.plan, module + 1, layout.input_shape(module + 1), layout.spec.dense)
         outbox = Sender(topology.rank, topology.rank_of(module + 1, topology.replica), topology.links[module],
                         codec, topology.device, pipe.queue_depth, pipe.timeout_s, wire_dtype, channels_last)
     if inbox is not None or outbox is not None:

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-import torch
 from torch import nn
 
 from pipeline.packet import Packet
@@ -46,7 +45,7 @@ class ModuleStage:
         self.worker, self.slot, self.report, self.save = worker, slot, report, save
         self.before_evaluation = before_evaluation  # replicas agree on batch-norm statistics first
         self.trace = trace  # buffered schedule: this module's own steps, recorded
-        self.correct = torch.zeros((), dtype=torch.int64, device=worker.device)
+        self.counts = worker.scoring.zeros(worker.device)  # the test set's, summed batch by batch
         self.evaluated = 0
 
     def handle(self, message: Message) -> Message | None:
@@ -64,7 +63,7 @@ class ModuleStage:
             result = worker.eval_step(message.packet)
             if isinstance(result, Packet):
                 return Eval(message.epoch, result)
-            self.correct += result
+            self.counts += result
             self.evaluated += len(message.packet.labels)
             return None
         if isinstance(message, EpochEnd):
@@ -73,8 +72,8 @@ class ModuleStage:
             if self.save is not None:
                 self.save(worker, message.resume_at)
             if worker.last:
-                self.report.evaluated(message, self.correct, self.evaluated)
-                self.correct.zero_()
+                self.report.evaluated(message, worker.scoring, self.counts, self.evaluated)
+                self.counts.zero_()
                 self.evaluated = 0
         return message
 

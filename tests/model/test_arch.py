@@ -6,7 +6,8 @@ import pytest
 
 from pipeline.config import ineffective_keys, load_config
 from pipeline.errors import BadInput
-from pipeline.model.arch import IMAGENET_ARCHS, default_family, resolve_arch
+from pipeline.model.arch import IMAGENET_ARCHS, SEGMENTATION_ARCHS, aux_block, default_family, resolve_arch
+from pipeline.model.partition import flat_to_cut
 
 # torchvision's layouts (its resnet.py builders), written out independently of the code's table:
 # (block, blocks per stage, groups, width per group).
@@ -111,3 +112,77 @@ def test_the_imagenet_head_makes_the_cifar_head_keys_ineffective():
     assert [note.split(" ")[0] for note in ineffective_keys(imagenet)] == ["local.aux", "local.aux_hidden"]
     cifar = load_config(None, ["local.modules=2", "local.aux=2c2f", "local.aux_hidden=64"])
     assert ineffective_keys(cifar) == []
+
+
+# ---- segmentation (DeepLab-V3) ----------------------------------------------------------------
+
+def seg_error(seg_config, *overrides: str) -> str:
+    with pytest.raises(BadInput) as info:
+        seg_config(*overrides)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 400
+    return message
+
+
+@pytest.mark.parametrize("arch, blocks", [("deeplabv3_resnet50", (3, 4, 6, 3)), ("deeplabv3_resnet101", (3, 4, 23, 3))])
+def test_segmentation_layouts(arch, blocks):
+    spec = resolve_arch("segmentation", arch)
+    assert (spec.family, spec.block, spec.blocks, spec.groups, spec.width_per_group) == (
+        "segmentation", "bottleneck", blocks, 1, 64)
+    assert spec.widths == (256, 512, 1024, 2048) and spec.stem_width == 64
+    assert aux_block(spec) == sum(blocks[:3])  # layer3's last block, flat
+    assert flat_to_cut(aux_block(spec), blocks) == [3, blocks[2] - 1]
+
+
+def test_segmentation_datasets_default_to_the_segmentation_family():
+    assert default_family("cityscapes") == "segmentation"
+    assert default_family("segmentation_folder") == "segmentation"
+    assert SEGMENTATION_ARCHS == ("deeplabv3_resnet50", "deeplabv3_resnet101")
+
+
+def test_segmentation_names_and_families_point_at_each_other():
+    assert "deeplabv3_resnet50, deeplabv3_resnet101" in error("segmentation", "resnet101")
+    for family in ("cifar", "imagenet"):
+        assert "set model.family = 'segmentation'" in error(family, "deeplabv3_resnet101")
+
+
+def test_infopros_cut_and_the_fcn_rule(seg_config_builder):
+    seg_config = seg_config_builder
+    assert seg_config("local.modules=2", "local.partition=[[3, 21]]").local.partition == [[3, 21]]
+    message = seg_error(seg_config, "local.modules=2", "local.partition=[[3, 22]]")
+    assert "cut [3, 22] is at or after layer3's last block [3, 22]" in message
+    assert "FCN auxiliary head reads layer3's output" in message and "cut before it" in message
+    assert "[4, 0] is at or after" in seg_error(seg_config, "local.modules=2", "local.partition=[[4, 0]]")
+    # equal cuts: the even split of many modules reaches past layer3
+    assert seg_config("local.modules=8").local.modules == 8
+    message = seg_error(seg_config, "local.modules=20")
+    assert "at or after layer3's last block [3, 22]" in message and "use fewer modules than 20" in message
+
+
+@pytest.mark.parametrize("override, words", [
+    ("local.context=E", "local.context = 'E' is not supported with model.family = 'segmentation'"),
+    ("local.context=R1", "use local.context = 'R0'"),
+    ("local.loss=contrast", "segmentation labels are per-pixel maps; use local.loss = 'softmax'"),
+    ("local.partition=balanced", "local.partition = 'balanced' is not supported"),
+])
+def test_segmentation_refuses_what_it_cannot_train(override, words, seg_config_builder):
+    assert words in seg_error(seg_config_builder, "local.modules=2", override)
+
+
+def test_end_to_end_segmentation_and_the_deep_stem_key(seg_config_builder):
+    seg_config = seg_config_builder
+    assert seg_config("model.deep_stem=true").model.deep_stem
+    assert ineffective_keys(seg_config("model.deep_stem=true")) == []
+    cifar = load_config(None, ["model.deep_stem=true"])
+    assert [note.split(" ")[0] for note in ineffective_keys(cifar)] == ["model.deep_stem"]
+    heads = seg_config("local.modules=2", "local.aux=2c2f", "local.aux_hidden=64", "local.aux_widen=2")
+    assert [note.split(" ")[0] for note in ineffective_keys(heads)] == [
+        "local.aux", "local.aux_hidden", "local.aux_widen"]
+
+
+def test_segmentation_family_and_label_maps_go_together(seg_config_builder):
+    with pytest.raises(BadInput, match=r"model.family = 'segmentation' needs per-pixel labels, but data.name = "
+                                       r"'cifar10' has one label per image; use data.name = 'cityscapes' or "
+                                       r"'segmentation_folder'"):
+        load_config(None, ["data.name=cifar10", "model.family=segmentation", "model.arch=deeplabv3_resnet50"])
+    assert seg_config_builder().arch.family == "segmentation"  # auto

@@ -3,15 +3,22 @@ modules, gradient isolation and the (ixx, ixy) interpolation."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from pipeline.data.specs import IGNORE_INDEX, DatasetSpec
 from pipeline.model.context import ContextPlan, ImageEncoder, InputEncoder
-from pipeline.model.decoder import Decoder
-from pipeline.model.local_module import loss_weights
+from pipeline.model.decoder import Decoder, ImageNetDecoder
+from pipeline.model.dilated_resnet import DeepStem
+from pipeline.model.local_module import LocalModule, loss_weights
+from pipeline.model.network import build_module, make_layout, resolve_cuts
 from pipeline.model.partition import equal_cuts, even_cuts, module_ranges
 from pipeline.model.resnet import Classifier
+from pipeline.model.segmentation_heads import ASPPHead, FCNHead
 from pipeline.packet import Packet
 
 CONTEXTS = ("R0", "E", "R1", "R1E", "R2", "R2E")
@@ -104,7 +111,7 @@ def check_chain(config, cuts, layout, modules, records, images, labels):
             assert record["aux"].shape == (batch, layout.spec.classes)
             assert record["produced"] is None
             with torch.no_grad():
-                assert module.logits(record["output"]).shape == (batch, layout.spec.classes)
+                assert module.logits(record["output"], labels).shape == (batch, layout.spec.classes)
         else:
             out = layout.spec.classes if config.local.loss == "softmax" else config.local.aux_feature_dim
             assert record["aux"].shape == (batch, out)
@@ -267,7 +274,7 @@ def test_local_loss_combines_reconstruction_and_head(make_config, build_modules,
     with torch.no_grad():
         _, output, loss = last(packet)
         assert loss.item() == pytest.approx(
-            F.cross_entropy(last.logits(output), labels).item(), rel=1e-6)
+            F.cross_entropy(last.logits(output, labels), labels).item(), rel=1e-6)
 
 
 def test_decoder_and_encoder_biases_start_from_the_default_init_and_are_reproducible(make_config, build_modules):
@@ -292,3 +299,114 @@ def test_decoder_and_encoder_biases_start_from_the_default_init_and_are_reproduc
         assert torch.all(bias.abs() <= 1.0 / fan_in**0.5), f"{name}: not PyTorch's default bias init"
     # other modules draw other biases: the seed differs per module
     assert not torch.equal(first[0].decoder.layers[3].bias, first[1].decoder.layers[3].bias)
+
+
+# ---- segmentation: InfoPro's DeepLab-V3 modules --------------------------------------------------
+
+SEG_SPEC = DatasetSpec("seg", 3, 5, 32, (0.5,) * 3, (0.25,) * 3, 0, "constant", True, "", "")
+CROP = (32, 64)
+
+
+def seg_modules(seg_config, *overrides: str):
+    config = seg_config("model.arch=deeplabv3_resnet50", *overrides)
+    layout = make_layout(config, SEG_SPEC, resolve_cuts(config, SEG_SPEC, torch.device("cpu")))
+    return config, layout, [build_module(config, layout, index, torch.device("cpu"))
+                            for index in range(config.local.modules)]
+
+
+@pytest.fixture(scope="module")
+def seg_k2(seg_config_builder):
+    """DeepLab-V3 R50 cut after layer3[2] (module 1: layer3[3..5], layer4, both heads), with the decoder."""
+    return seg_modules(seg_config_builder, "local.modules=2", "local.partition=[[3, 2]]", "local.reconstruct=true",
+                       "local.ixx_1=1.5", "local.ixy_1=1")
+
+
+def seg_batch(seed: int = 0, ignored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, *CROP, generator=generator)
+    labels = torch.randint(0, SEG_SPEC.classes, (2, *CROP), generator=generator)
+    labels[:, :5] = IGNORE_INDEX
+    return images, torch.full_like(labels, IGNORE_INDEX) if ignored else labels
+
+
+def test_segmentation_modules_carry_infopros_head_and_decoder_then_deeplabs_heads(seg_k2):
+    _, layout, (first, last) = seg_k2
+    assert layout.ranges == [(0, 11), (11, 17)]
+    assert isinstance(first.decoder, ImageNetDecoder) and first.aux_head is None
+    assert first.head[0].in_channels == 1024 and first.head[-1].out_channels == SEG_SPEC.classes
+    assert isinstance(last.head, ASPPHead) and isinstance(last.aux_head, FCNHead) and last.decoder is None
+    assert last.aux_tap == 2  # layer3[5], flat 13, is the third block of the module
+    assert last.aux_head.conv[0].in_channels == 1024
+    for classifier in (last.head.classifier, last.aux_head.classifier):
+        assert torch.all(classifier.bias == 0) and classifier.weight.std().item() < 0.02
+    # module 0's head and decoder keep PyTorch's default draw, within 1 / sqrt(fan in) (InfoPro's);
+    # the fan-out normal of the backbone would put the 1x1 conv to 5 classes at std 0.63
+    convs = [m for m in [*first.head.modules(), *first.decoder.modules()] if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 6
+    for conv in convs:
+        bound = 1 / math.sqrt(conv.weight[0].numel())
+        assert conv.weight.abs().max().item() <= bound and conv.bias.abs().max().item() <= bound
+
+
+def test_segmentation_losses_by_hand(seg_k2):
+    _, _, (first, last) = seg_k2
+    images, labels = seg_batch()
+    with torch.no_grad():
+        first.eval(), last.eval()
+        packet = Packet.from_batch(images, labels)
+        inputs, output, loss = first(packet)
+        target = (images * 0.25 + 0.5).clamp(0, 1)
+        reconstruction = F.binary_cross_entropy_with_logits(first.decoder(output, CROP), target)
+        corners = F.interpolate(first.head(output), size=CROP, mode="bilinear", align_corners=True)
+        task = F.cross_entropy(corners, labels, ignore_index=255)  # torch's mean over the labelled pixels
+        assert loss.item() == pytest.approx(1.5 * reconstruction.item() + 1.0 * task.item(), rel=1e-5)
+        assert first.decoder(output, CROP).shape == (2, 3, *CROP)
+
+        following = first.next_packet(packet, inputs, output)
+        _, output, loss = last(following)
+        tapped = following.features
+        for block in list(last.body)[:3]:
+            tapped = block(tapped)
+
+        def over_every_pixel(logits):
+            up = F.interpolate(logits, size=CROP, mode="bilinear", align_corners=False)
+            return F.cross_entropy(up, labels, ignore_index=255, reduction="sum") / labels.numel()
+
+        expected = over_every_pixel(last.head(output)) + 0.4 * over_every_pixel(last.aux_head(tapped))
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        logits = last.logits(output, labels)
+        assert logits.shape == (2, SEG_SPEC.classes, *CROP)
+        assert torch.allclose(logits, F.interpolate(last.head(output), size=CROP, mode="bilinear"))
+
+
+@pytest.mark.parametrize("ignored", [False, True])
+def test_segmentation_gradients_stay_in_their_module(seg_k2, ignored):
+    _, _, (first, last) = seg_k2
+    images, labels = seg_batch(1, ignored)
+    first.train(), last.train()
+    packet = Packet.from_batch(images, labels)
+    inputs, output, loss = first(packet)
+    first.zero_grad(set_to_none=True)
+    loss.backward()
+    before = {name: p.grad.clone() for name, p in first.named_parameters() if p.grad is not None}
+    assert before and all(torch.isfinite(g).all() for g in before.values())
+    following = first.next_packet(packet, inputs, output)
+    assert following.features.grad_fn is None
+    _, _, loss = last(following)
+    if ignored:  # an all-ignored batch: no task signal, no NaN
+        assert loss.item() == 0.0
+    last.zero_grad(set_to_none=True)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in last.parameters())
+    after = {name: p.grad for name, p in first.named_parameters() if p.grad is not None}
+    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
+
+
+def test_segmentation_end_to_end_is_one_module_with_both_heads(seg_config_builder):
+    config = seg_config_builder("model.arch=deeplabv3_resnet50", "model.deep_stem=true")
+    layout = make_layout(config, SEG_SPEC, resolve_cuts(config, SEG_SPEC, torch.device("cpu")))
+    assert layout.ranges == [(0, 17)]
+    module = LocalModule(config, layout, 0)
+    assert isinstance(module.head, ASPPHead) and isinstance(module.aux_head, FCNHead)
+    assert module.aux_tap == 13 and module.decoder is None
+    assert isinstance(module.body[0], DeepStem)

@@ -11,10 +11,12 @@ import torch
 
 from pipeline.config import cut_to_flat
 from pipeline.data.specs import dataset_spec
+from pipeline.model.arch import resolve_arch
 from pipeline.model.network import resolve_cuts
 from pipeline.model.partition import (
     EQUAL_TABLES,
     NoPartitionFits,
+    default_cuts,
     equal_cuts,
     even_cuts,
     flat_to_cut,
@@ -171,3 +173,14 @@ def test_resolve_cuts_explicit_and_equal(make_config):
     assert resolve_cuts(config, dataset_spec(config), torch.device("cpu")) == [3, 7, 11]
     config = make_config("model.arch=resnet14", "local.modules=3")
     assert resolve_cuts(config, dataset_spec(config), torch.device("cpu")) == even_cuts(7, 3)
+
+
+def test_segmentation_default_cuts_are_infopros_and_leave_classification_alone():
+    r101 = resolve_arch("segmentation", "deeplabv3_resnet101")
+    assert default_cuts(r101, 2) == [cut_to_flat([3, 12], r101.blocks)] == [20]  # stem, 3 + 4 blocks, layer3[0..12]
+    assert default_cuts(r101, 1) == []
+    assert default_cuts(r101, 4) == even_cuts(34, 4)  # no published table: an even split
+    r50 = resolve_arch("segmentation", "deeplabv3_resnet50")
+    assert default_cuts(r50, 2) == even_cuts(17, 2)
+    classification = resolve_arch("imagenet", "resnet101")  # the same blocks per stage
+    assert default_cuts(classification, 2) == equal_cuts((3, 4, 23, 3), 2) == even_cuts(34, 2)

@@ -80,3 +80,12 @@ def test_balanced_cuts_keep_every_module_under_the_cap(make_config):
     config.local.memory_cap = 0.4  # below the memory-balanced cuts' 0.458
     with pytest.raises(BadInput, match=r"smallest cap that fits is 0.458 of E2E"):
         resolve_cuts(config, spec, torch.device("cpu"))
+
+
+def test_segmentation_is_not_profiled(make_config):
+    import dataclasses
+
+    config = make_config("local.modules=2")
+    dense = dataclasses.replace(dataset_spec(config), dense=True)
+    with pytest.raises(BadInput, match="profiling .* covers classification networks.*local.partition = 'equal'"):
+        profile_network(config, dense, torch.device("cpu"))

@@ -57,6 +57,18 @@ def test_a_packet_for_another_module_is_refused() -> None:
         codec.decode(wrong_shape)
 
 
+def test_dense_links_fix_the_channels_only() -> None:
+    """Segmentation evaluates whole images of any size: the spatial size travels in each header."""
+    codec = MessageCodec(ContextPlan(2, 0, False, False), 1, SHAPE, dense=True)
+    for side in ((8, 8), (5, 13)):
+        packet = Packet(torch.zeros(2, side[0] * 8, side[1] * 8, dtype=torch.int64), torch.randn(2, 16, *side))
+        decoded = codec.decode(codec.encode(Eval(1, packet)))
+        assert isinstance(decoded, Eval) and decoded.packet.features.shape == (2, 16, *side)
+    wrong = Frame((2, 1), [torch.zeros(2, 8, 8, dtype=torch.int64), torch.randn(2, 32, 8, 8)])
+    with pytest.raises(StageFailure, match=r"features \[2, 32, 8, 8\].*\[batch, 16, height, width\]"):
+        codec.decode(wrong)
+
+
 def test_an_unknown_kind_is_refused() -> None:
     codec = MessageCodec(ContextPlan(2, 0, False, False), 1, SHAPE)
     with pytest.raises(StageFailure, match="unknown kind 9"):
