@@ -120,10 +120,14 @@ def test_bad_launches_exit_2_with_one_line(tmp_path: Path, monkeypatch: pytest.M
     # the other checks come before any process group too: main() in this process says the same
     sets = [item for override in [*SETS, f"run.out_dir={tmp_path}", "train.max_steps=2"]
             for item in ("--set", override)]
+    segmentation = ["--set", "data.name=cityscapes", "--set", "model.arch=deeplabv3_resnet50"]
     for world, args, needle in ((2, ["--microbatches", "3"], "--microbatches = 3 must divide data.batch_size = 8"),
-                                (4, [], "set local.modules=4")):
+                                (4, [], "set local.modules=4"),
+                                (2, segmentation, "classic_pp times classification networks, and cityscapes is "
+                                                  "segmentation; compare a segmentation network's memory with "
+                                                  "python -m pipeline.bench --memory-only")):
         monkeypatch.setenv("WORLD_SIZE", str(world))
         capsys.readouterr()
-        assert main([*args, *sets]) == 2
+        assert main([*sets, *args]) == 2
         error = capsys.readouterr().err
         assert needle in error and error.count("\n") == 1 and "Traceback" not in error
