@@ -100,6 +100,16 @@ def test_published_rows_use_the_reference_recipe(path: Path) -> None:
     if path.name == "recipe.toml":
         return
     train = config.train
+    if config.data.name == "cityscapes":  # the authors' MMSegmentation recipe: poly over 40k iterations
+        assert (train.momentum, train.nesterov, train.weight_decay) == (0.9, False, 5e-4)
+        assert (train.schedule, train.poly_power, train.min_lr, train.max_steps) == ("poly", 0.9, 1e-4, 40_000)
+        assert config.arch.family == "segmentation" and config.model.arch == "deeplabv3_resnet101"
+        assert config.model.deep_stem and config.pipeline.sync_batchnorm
+        batch, crop = config.data.batch_size, tuple(config.data.crop)
+        assert (batch, crop, train.lr) in {(8, (512, 1024), 0.01), (12, (512, 1024), 0.015), (8, (640, 1280), 0.015)}
+        steps_per_epoch = -(-2975 // batch)  # Cityscapes' 2975 training images
+        assert (train.epochs - 1) * steps_per_epoch < 40_000 <= train.epochs * steps_per_epoch  # max_steps ends it
+        return
     assert (train.momentum, train.nesterov, train.weight_decay) == (0.9, True, 1e-4)
     if config.data.name == "image_folder":  # the authors' ImageNet recipe: 90 epochs, no warm-up
         assert (train.epochs, train.schedule, train.warmup_epochs) == (90, "cosine", 0)

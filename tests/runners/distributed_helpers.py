@@ -65,6 +65,14 @@ def load_module_state(run_dir: Path, module: int) -> dict[str, object]:
     return torch.load(checkpoint.newest_module_file(run_dir, module), weights_only=True)
 
 
+def assert_same_checkpoints(first: Path, second: Path, modules: int) -> None:
+    """Every module's newest complete checkpoint of two runs: the same position, bit-for-bit the same state."""
+    for module in range(modules):
+        a, b = load_module_state(first, module), load_module_state(second, module)
+        assert a["position"] == b["position"], f"module {module} stopped elsewhere"
+        assert max_state_difference(a["state"], b["state"]) == 0.0, f"module {module} differs"
+
+
 def max_state_difference(a: object, b: object) -> float:
     """Largest |a - b| over every tensor of two nested states (module + optimizer)."""
     if isinstance(a, torch.Tensor):

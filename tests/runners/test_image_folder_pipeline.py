@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from distributed_helpers import load_module_state, max_state_difference, tiny_config
+from distributed_helpers import assert_same_checkpoints, tiny_config
 from threaded import run_threaded
 from torch import nn
 
@@ -43,10 +43,7 @@ def test_threaded_pipeline_on_an_image_folder_equals_sequential(tmp_path: Path, 
     summaries, errors = run_threaded(tiny_config(tmp_path, "threads", *overrides, "data.workers=2",
                                                  "run.mode=pipeline"))
     assert errors == [None, None]
-    for module in range(2):
-        a, b = load_module_state(tmp_path / "sequential", module), load_module_state(tmp_path / "threads", module)
-        assert a["position"] == b["position"]
-        assert max_state_difference(a["state"], b["state"]) == 0.0, f"module {module} differs"
+    assert_same_checkpoints(tmp_path / "sequential", tmp_path / "threads", 2)
     summary = summaries[0]
     assert summary is not None and summary["steps"] == STEPS == reference["steps"]
     assert summary["epochs"] == 2  # 3 batches an epoch: two whole epochs, each evaluated on the folder's val split
@@ -68,10 +65,7 @@ def test_resnet50_on_an_image_folder_pipeline_equals_sequential(tmp_path: Path, 
     summaries, errors = run_threaded(tiny_config(tmp_path, "threads", *overrides, "data.workers=2",
                                                  "run.mode=pipeline"), timeout_s=300)
     assert errors == [None, None]
-    for module in range(2):
-        a, b = load_module_state(tmp_path / "sequential", module), load_module_state(tmp_path / "threads", module)
-        assert a["position"] == b["position"]
-        assert max_state_difference(a["state"], b["state"]) == 0.0, f"module {module} differs"
+    assert_same_checkpoints(tmp_path / "sequential", tmp_path / "threads", 2)
     summary = summaries[0]
     assert summary is not None and summary["test_accuracy"] == reference["test_accuracy"]
     assert summary["cut_points"] == reference["cut_points"] and len(summary["cut_points"]) == 1

@@ -19,6 +19,7 @@ from distributed_helpers import (
     EQUIVALENCE_CASES,
     EQUIVALENCE_IDS,
     EQUIVALENCE_STEPS,
+    assert_same_checkpoints,
     equivalence_overrides,
     load_module_state,
     max_state_difference,
@@ -48,10 +49,7 @@ def test_threaded_pipeline_equals_sequential(tmp_path: Path, single_thread: None
     reference_dir, reference = sequential_reference(overrides)  # test_stage's reference too
     summaries, errors = run_threaded(tiny_config(tmp_path, "threads", *overrides, "run.mode=pipeline"))
     assert errors == [None] * modules
-    for module in range(modules):
-        a, b = load_module_state(reference_dir, module), load_module_state(tmp_path / "threads", module)
-        assert a["position"] == b["position"]
-        assert max_state_difference(a["state"], b["state"]) == 0.0, f"module {module} differs"
+    assert_same_checkpoints(reference_dir, tmp_path / "threads", modules)
     summary = summaries[0]
     assert summary is not None and summaries[1:] == [None] * (modules - 1)  # rank 0 writes
     assert summary["steps"] == STEPS == reference["steps"]
@@ -251,7 +249,4 @@ def test_a_stage_dying_between_two_modules_saves_leaves_the_last_complete_set(tm
     _, errors = run_threaded(tiny_config(tmp_path, "crashed", *overrides, f"run.resume={tmp_path / 'crashed'}"))
     assert errors == [None, None]
     run(tiny_config(tmp_path, "straight", *overrides[:-1]))
-    for module in range(2):
-        a, b = load_module_state(tmp_path / "straight", module), load_module_state(tmp_path / "crashed", module)
-        assert a["position"] == b["position"]
-        assert max_state_difference(a["state"], b["state"]) == 0.0, f"module {module} differs"
+    assert_same_checkpoints(tmp_path / "straight", tmp_path / "crashed", 2)
