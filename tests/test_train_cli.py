@@ -230,6 +230,20 @@ print("torch loaded:", "torch" in sys.modules)
 """
 
 
+def test_reading_a_config_table_needs_no_torch():
+    """The launchers read rows and configs many times (launch/reproduce.sh): without torch, each read
+    takes a fraction of a second instead of seconds; every network family's config is read."""
+    configs = ["configs/published/cityscapes/infopro_k2.toml", "configs/published/imagenet/resnet101_e2e.toml",
+               "configs/published/cifar10_resnet32/infopro_contrast_k4.toml"]
+    probe = ("import sys; from pipeline.config import load_config\n"
+             f"for path in {configs!r}: load_config(path)\n"
+             "print('torch loaded:', 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False, timeout=60,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "torch loaded: False"
+
+
 @pytest.mark.parametrize("module, args, needles", [
     ("pipeline.train", ["--help"], ["--set local.modules=8", "read as TOML", "--check"]),
     ("pipeline.bench", ["--help"], ["--rounds ROUNDS", "(default: 3)", "(default: runs/bench)",

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from pipeline.config import Config
 from pipeline.errors import BadInput
 from pipeline.model.arch import SEGMENTATION_DATASETS
@@ -33,11 +31,6 @@ class DatasetSpec:
         """(height, width) of a training image as the network sees it."""
         return self.image_size, self.image_width or self.image_size
 
-    def random_batch(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised-looking images and labels of this dataset's shapes: what profiling measures with."""
-        images = torch.randn(batch, self.channels, *self.image_shape, generator=generator)
-        label_shape = (batch, *self.image_shape) if self.dense else (batch,)
-        return images, torch.randint(0, self.classes, label_shape, generator=generator)
 
 
 # The label of a pixel that no loss or metric counts (MMSegmentation's and Cityscapes' convention).

@@ -261,6 +261,13 @@ def balanced_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> li
     return cuts
 
 
+def random_batch(spec: DatasetSpec, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised-looking images and labels of the dataset's shapes (label maps for segmentation)."""
+    images = torch.randn(batch, spec.channels, *spec.image_shape, generator=generator)
+    label_shape = (batch, *spec.image_shape) if spec.dense else (batch,)
+    return images, torch.randint(0, spec.classes, label_shape, generator=generator)
+
+
 def module_activation_bytes(config: Config, spec: DatasetSpec, cuts: list[int], batch: int) -> list[int]:
     """Activation memory of each module's training step (body, encoders, head, decoder) at ``batch``: what
     autograd keeps for backward, parameters left out."""
@@ -272,7 +279,7 @@ def module_activation_bytes(config: Config, spec: DatasetSpec, cuts: list[int], 
 
     layout = make_layout(config, spec, cuts)
     generator = torch.Generator().manual_seed(0)
-    packet: Packet | None = Packet.from_batch(*spec.random_batch(batch, generator))
+    packet: Packet | None = Packet.from_batch(*random_batch(spec, batch, generator))
     sizes = []
     for index in range(config.local.modules):
         module = build_module(config, layout, index, torch.device("cpu")).train()
