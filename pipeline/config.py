@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from pipeline.errors import BadInput, clip
-from pipeline.model.arch import SEGMENTATION_DATASETS, ArchSpec, aux_block, default_family, resolve_arch
+from pipeline.model.arch import (
+    SEGMENTATION_ARCHS,
+    SEGMENTATION_DATASETS,
+    ArchSpec,
+    aux_block,
+    default_family,
+    resolve_arch,
+)
 
 Mode = Literal["sequential", "pipeline", "ddp"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -399,8 +406,8 @@ def validate(config: Config) -> None:
                        f"label per image; use data.name = {' or '.join(map(repr, SEGMENTATION_DATASETS))}")
     if data.name in SEGMENTATION_DATASETS and arch.family != "segmentation":
         raise BadInput(f"data.name = {data.name!r} has per-pixel labels, but model.arch = {model.arch!r} is a "
-                       f"{arch.family} classifier (one label per image); use model.arch = 'deeplabv3_resnet50' or "
-                       "'deeplabv3_resnet101' (model.family = 'segmentation')")
+                       f"{arch.family} classifier (one label per image); use model.arch = "
+                       f"{' or '.join(map(repr, SEGMENTATION_ARCHS))} (model.family = 'segmentation')")
     _require(model.in_channels in (0, 1, 3), f"model.in_channels = {model.in_channels} must be 1 or 3 (or 0: "
                                              "from the dataset)")
     _require(model.classes == 0 or model.classes >= 2, f"model.classes = {model.classes} must be >= 2 (or 0: "

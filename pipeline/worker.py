@@ -26,14 +26,14 @@ def make_worker(config: Config, layout: Layout, index: int, device: torch.device
                 wrap: Callable[[nn.Module], nn.Module] | None = None) -> ModuleWorker:
     """Module ``index`` of the config's network, built from its seed, with its optimizer."""
     module = build_module(config, layout, index, device)
-    worker = ModuleWorker(module, config.train, config.precision, device, wrap, seed=config.run.seed)
-    worker.scoring = scoring_for(layout.spec)
-    return worker
+    return ModuleWorker(module, config.train, config.precision, device, wrap, seed=config.run.seed,
+                        scoring=scoring_for(layout.spec))
 
 
 class ModuleWorker:
     def __init__(self, module: LocalModule, train: TrainConfig, precision: PrecisionConfig, device: torch.device,
-                 wrap: Callable[[nn.Module], nn.Module] | None = None, seed: int = 0) -> None:
+                 wrap: Callable[[nn.Module], nn.Module] | None = None, seed: int = 0,
+                 scoring: Scoring | None = None) -> None:
         self.index = module.index
         self.seed = seed
         self.step = 1  # the training step about to run: set by at_step
@@ -46,7 +46,7 @@ class ModuleWorker:
         self.channels_last = precision.channels_last
         self.amp = precision.amp == "bf16"
         self.total_steps = 1  # the run's length in steps, for per-step schedules: set by the runner
-        self.scoring: Scoring = Accuracy()  # how the last module's test predictions count
+        self.scoring = scoring or Accuracy()  # how the last module's test predictions count
         self.lr = learning_rate(train, 1)
         set_learning_rate(self.optimizer, self.lr)
 
@@ -80,8 +80,8 @@ class ModuleWorker:
         packet = self._prepare(packet)
         if not self.module.training:  # switching walks every submodule: only on a change
             self.module.train()
-        # Dropout masks from (run.seed, module, step), whichever process or thread runs the module.
-        self.module.reseed(mix_seed(self.seed, self.index, self.step))
+        if self.module.dropouts:  # masks from (run.seed, module, step), whichever process or thread runs it
+            self.module.reseed(mix_seed(self.seed, self.index, self.step))
         with self._autocast():
             inputs, output, loss = self.trainable(packet)
         self.optimizer.zero_grad(set_to_none=True)

@@ -41,7 +41,7 @@ def load_raw(config: Config) -> tuple[DatasetSpec, RawDataset]:
     spec = dataset_spec(config)
     if spec.name == "synthetic":
         return spec, make_synthetic(spec, config.run.seed)
-    root = dataset_root(config, spec)
+    root = dataset_root(config, spec.default_root)
     if config.data.download:
         _download(spec, root)
     try:

@@ -136,7 +136,7 @@ def make_segmentation_loaders(config: Config, device: torch.device,
     """The train and val loaders of cityscapes or a segmentation folder (scanned here, once per process)."""
     data = config.data
     spec = segmentation_spec(config)
-    folder = scan_pairs(data.name, dataset_root(config, spec))
+    folder = scan_pairs(data.name, dataset_root(config, spec.default_root))
     batch, smallest = training_batch(config, f"{data.name} at {folder.root}", len(folder.train.images), processes)
     crop = (spec.image_size, spec.image_width)
     if data.name == "cityscapes":

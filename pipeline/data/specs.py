@@ -32,7 +32,6 @@ class DatasetSpec:
         return self.image_size, self.image_width or self.image_size
 
 
-
 # The label of a pixel that no loss or metric counts (MMSegmentation's and Cityscapes' convention).
 IGNORE_INDEX = 255
 
@@ -126,14 +125,15 @@ def segmentation_spec(config: Config) -> DatasetSpec:
     return _fitted(spec, config)
 
 
-def dataset_root(config: Config, spec: DatasetSpec) -> Path:
-    """Where a dataset's files are: data.root, or the spec's default (data/<name> and the like)."""
-    return Path(config.data.root or spec.default_root).expanduser()
+def dataset_root(config: Config, default_root: str) -> Path:
+    """Where a dataset's files are: data.root, or the dataset's default (data/<name> and the like)."""
+    return Path(config.data.root or default_root).expanduser()
 
 
 def folder_root(config: Config) -> Path:
-    """The image folder: data.root, or data/imagenet as other datasets have data/<name>."""
-    return Path(config.data.root or FOLDER_DEFAULT_ROOT).expanduser()
+    """The image folder: data.root, or data/imagenet (read before its spec exists: the spec's classes
+    come from its folders)."""
+    return dataset_root(config, FOLDER_DEFAULT_ROOT)
 
 
 def check_model_fits(config: Config) -> None:

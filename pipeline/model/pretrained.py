@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from pipeline import checkpoint
-from pipeline.config import Config
+from pipeline.config import Config, cut_to_flat
 from pipeline.errors import BadInput, clip
 from pipeline.model.arch import IMAGENET_ARCHS, ArchSpec, Family, resolve_arch
-from pipeline.model.partition import flat_to_cut
+from pipeline.model.partition import flat_to_cut, module_ranges
 
 TORCHVISION = "torchvision's ResNet layout"
 V1C = "MMSegmentation's ResNet-V1c layout"
@@ -172,7 +172,7 @@ def _read_state_dict(path: Path) -> Backbone:
     structure = Structure(kind, blocks, groups, width_per_group)
     flat: dict[int, dict[str, torch.Tensor]] = {0: stem_state} if stem_state else {}
     for (stage, block), names in layers.items():
-        flat[1 + sum(blocks[: stage - 1]) + block] = names
+        flat[cut_to_flat([stage, block], blocks)] = names
     return Backbone(str(path), layout, structure, flat)
 
 
@@ -212,7 +212,7 @@ def _read_checkpoint_set(path: Path) -> Backbone:
         spec = resolve_arch(cast(Family, family), str(arch))
     except BadInput as err:
         raise _bad(folder, f"holds a network this version does not know ({family} {arch})", _ACCEPTED) from err
-    cuts = identity["cuts"]
+    ranges = module_ranges(identity["cuts"], spec.units)
     blocks: dict[int, dict[str, torch.Tensor]] = {}
     for module in modules:
         file = checkpoint.module_file(folder, module)
@@ -223,7 +223,7 @@ def _read_checkpoint_set(path: Path) -> Backbone:
         if payload.get("module_index") != module or not isinstance(weights, dict):
             raise _bad(file, f"is not module {module}'s file of this trainer's checkpoint",
                        "pass a complete set written by this trainer, or its out_dir")
-        start = 0 if module == 0 else cuts[module - 1] + 1
+        start = ranges[module][0]
         for key, value in weights.items():
             match = _BODY.fullmatch(key)
             # Local heads, decoders and context encoders belong to that run's cut; the blocks
