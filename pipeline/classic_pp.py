@@ -15,7 +15,6 @@ per run.log_every steps with that window's samples/s, per-process peak memory); 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
 import time
@@ -194,6 +193,7 @@ def full_batches(config: Config, device: torch.device, batch: int) -> Iterator[t
 
 def train(config_path: str | None, sets: list[str], schedule: Schedule, microbatches: int) -> None:
     from pipeline.distributed import keep_freed_host_memory, limit_cpu_threads, resolve_device
+    from pipeline.topology import join_job
 
     config = load_config(config_path, sets)
     e2e = load_config(config_path, e2e_overrides(sets))
@@ -221,8 +221,7 @@ def train(config_path: str | None, sets: list[str], schedule: Schedule, microbat
         raise BadInput("pipeline.classic_pp measures throughput over train.max_steps steps; set train.max_steps > 0")
     out = Path(config.run.out_dir)
     batches = full_batches(config, device, batch) if rank == 0 else None
-    timeout = datetime.timedelta(seconds=config.pipeline.timeout_s)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    join_job(device, rank, size, config.pipeline.timeout_s)
     try:
         cuts = [resolve_cuts(config, spec, device) if rank == 0 else None]
         dist.broadcast_object_list(cuts, 0)

@@ -209,6 +209,21 @@ def layout_replicas(size: int, modules: int, replicas: int) -> int:
     return size // modules
 
 
+def join_job(device: torch.device, rank: int, size: int, timeout_s: float) -> datetime.timedelta:
+    """Join the job's default group on ``device`` (NCCL on a GPU, gloo on CPU); the groups' timeout.
+
+    On a GPU the device is set and bound to the group first: NCCL's object collectives and
+    barriers otherwise run on the current device, GPU 0, on every rank of a node.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout,
+                            device_id=device if backend == "nccl" else None)
+    return timeout
+
+
 @contextlib.contextmanager
 def process_groups(topology: Topology, timeout_s: float) -> Iterator[Topology]:
     """Join the job (NCCL on GPUs, gloo on CPU), make the link and replica groups, leave at the end.
@@ -219,13 +234,7 @@ def process_groups(topology: Topology, timeout_s: float) -> Iterator[Topology]:
     if not topology.distributed:
         yield topology
         return
-    device = topology.device
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(backend, rank=topology.rank, world_size=topology.size, timeout=timeout,
-                            device_id=device if backend == "nccl" else None)
+    timeout = join_job(topology.device, topology.rank, topology.size, timeout_s)
     stages, replicas = topology.stages, topology.replicas
     for replica in range(replicas):
         for module in range(stages - 1):

@@ -131,3 +131,29 @@ def test_bad_launches_exit_2_with_one_line(tmp_path: Path, monkeypatch: pytest.M
         assert main([*sets, *args]) == 2
         error = capsys.readouterr().err
         assert needle in error and error.count("\n") == 1 and "Traceback" not in error
+
+
+def test_each_rank_joins_on_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU node rank 1 sets cuda:1 and binds the job's group to it before anything runs on the
+    group (NCCL would otherwise put every rank's object collectives on GPU 0): a mocked torch.cuda."""
+    import pipeline.distributed as distributed
+    from pipeline.classic_pp import train
+
+    calls: list[tuple[str, object]] = []
+
+    class Joined(Exception):
+        pass
+
+    def init(backend: str, **kwargs: object) -> None:
+        calls.append(("init", (backend, kwargs["device_id"])))
+        raise Joined
+
+    gpu = torch.device("cuda", 1)
+    monkeypatch.setattr(distributed, "resolve_device", lambda *args: gpu)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(torch.distributed, "init_process_group", init)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(Joined):
+        train(None, [*SETS, "train.max_steps=2"], "1f1b", 2)
+    assert calls == [("set_device", gpu), ("init", ("nccl", gpu))]
