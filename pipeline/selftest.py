@@ -5,9 +5,10 @@
 Cluster users run it first on a new node. On GPUs it checks the sequential run against the CPU
 reference, the pipeline (K = number of GPUs, up to 4) against the sequential run, a DDP smoke
 run, bf16 autocast with channels_last and a bf16 wire, that a killed stage ends the job within
-pipeline.timeout_s, and that a training step makes no host sync. On a CPU-only machine it runs
-the CPU subset (sequential == 2-stage pipeline over gloo, a killed stage) and lists what it
-skipped and why. Writes selftest.json and selftest.md into --out; exits 0 when nothing failed.
+pipeline.timeout_s, that a stopped one (hung, not dead: only the project's deadline can end it)
+is named by its neighbour, which ends the job within pipeline.timeout_s + 5 s, and that a
+training step makes no host sync. On a CPU-only machine it runs the CPU subset (sequential ==
+2-stage pipeline over gloo, a killed and a stopped stage) and lists what it skipped and why. Writes selftest.json and selftest.md into --out; exits 0 when nothing failed.
 
 Tolerances: on CPU the pipeline equals the sequential run to 1e-5 (bit for bit in practice). A
 GPU run differs from the CPU reference by float reordering, TF32 and cuDNN's algorithm choice
@@ -18,6 +19,7 @@ any parameter or buffer. Pipeline and sequential on the same GPU model: 1e-3.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -40,6 +42,7 @@ TINY = ["data.name=synthetic", "model.arch=resnet8", "data.batch_size=16", "run.
         "pipeline.timeout_s=60", "local.context=R1"]
 CPU_TOLERANCE, GPU_VS_CPU_TOLERANCE, GPU_TOLERANCE = 1e-5, 5e-2, 1e-3
 KILL_TIMEOUT_S = 30
+STOP_TIMEOUT_S = 10  # short: the stopped-stage check waits this + 5 s on every self-test
 
 
 @dataclass
@@ -153,21 +156,43 @@ def bf16_smoke(root: Path, gpus: int) -> Check:
     return Check(name, "pass", "trained 6 steps, finite losses")
 
 
-def killed_stage(root: Path, device: str) -> Check:
-    """SIGKILL stage 1 mid-run: the job must end, non-zero, within pipeline.timeout_s."""
-    name = f"killed stage ends the job within timeout_s ({KILL_TIMEOUT_S} s)"
-    out = root / "killed"
+def _training_job(out: Path, device: str, timeout_s: float, log: Path) -> tuple[subprocess.Popen[bytes], Any]:
+    """A 2-stage pipeline job that trains until stopped, and its rank 1 once both ranks train
+    (None if the job never got there)."""
     command = _torchrun(2, [f"run.out_dir={out}", "run.mode=pipeline", "local.modules=2", f"run.device={device}",
                             "train.max_steps=100000", "train.epochs=1000", "run.log_every=2",
-                            f"pipeline.timeout_s={KILL_TIMEOUT_S}"])
-    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+                            f"pipeline.timeout_s={timeout_s:g}"])
+    with log.open("wb") as sink:
+        job = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=_env())
+    metrics, started = out / "metrics.jsonl", time.monotonic()
+    while not (metrics.exists() and "\"rank\": 1" in metrics.read_text()):
+        if time.monotonic() - started > 120 or job.poll() is not None:
+            return job, None
+        time.sleep(0.2)
+    return job, next(p for p in psutil.Process(job.pid).children(recursive=True) if p.environ().get("RANK") == "1")
+
+
+def _end(job: subprocess.Popen[bytes]) -> None:
+    """Kill what is left of a job: its processes first (a stopped one included), then torchrun."""
+    if job.poll() is None:
+        for process in psutil.Process(job.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        job.kill()
+        job.wait()
+
+
+def killed_stage(root: Path, device: str) -> Check:
+    """SIGKILL stage 1 mid-run: the job must end, non-zero, within pipeline.timeout_s.
+
+    torchrun's agent sees the dead process and ends the others itself, so this proves the
+    launcher's part only; ``stopped_stage`` proves the project's own deadline."""
+    name = f"killed stage ends the job within timeout_s ({KILL_TIMEOUT_S} s)"
+    name += " on GPUs (NCCL)" if device == "cuda" else ""
+    job, victim = _training_job(root / "killed", device, KILL_TIMEOUT_S, root / "killed.log")
     try:
-        metrics, started = out / "metrics.jsonl", time.monotonic()
-        while not (metrics.exists() and "\"rank\": 1" in metrics.read_text()):
-            if time.monotonic() - started > 120 or job.poll() is not None:
-                return Check(name, "fail", note="the job never started training")
-            time.sleep(0.2)
-        victim = next(p for p in psutil.Process(job.pid).children(recursive=True) if p.environ().get("RANK") == "1")
+        if victim is None:
+            return Check(name, "fail", note="the job never started training")
         victim.kill()
         killed = time.monotonic()
         try:
@@ -176,10 +201,39 @@ def killed_stage(root: Path, device: str) -> Check:
             return Check(name, "fail", note=f"still running {KILL_TIMEOUT_S + 15} s after the kill")
         took = time.monotonic() - killed
     finally:
-        if job.poll() is None:
-            job.kill()
+        _end(job)
     status = "pass" if job.returncode != 0 and took <= KILL_TIMEOUT_S else "fail"
     return Check(name, status, f"ended {took:.1f} s after the kill, exit {job.returncode}")
+
+
+def stopped_stage(root: Path, device: str, timeout_s: float = STOP_TIMEOUT_S, deadline_s: float | None = None) -> Check:
+    """SIGSTOP stage 1 mid-run: it hangs without dying, so torchrun's agent sees nothing wrong and
+    only the project's deadline can end the job. Rank 0 must end it, non-zero, within
+    ``timeout_s`` + 5 s, its failure line naming rank 1. ``deadline_s`` is the job's own
+    pipeline.timeout_s (``timeout_s`` unless a test disables the deadline with a far one)."""
+    name = f"stopped stage: its neighbour ends the job within timeout_s + 5 s ({timeout_s:g} + 5 s)"
+    name += " on GPUs (NCCL)" if device == "cuda" else ""
+    log = root / f"stopped_{device}.log"
+    job, victim = _training_job(root / f"stopped_{device}", device, deadline_s or timeout_s, log)
+    try:
+        if victim is None:
+            return Check(name, "fail", note="the job never started training")
+        victim.suspend()
+        stopped = time.monotonic()
+        try:
+            job.wait(timeout=timeout_s + 5)
+        except subprocess.TimeoutExpired:
+            return Check(name, "fail", note=f"still running {timeout_s + 5:g} s after the stop")
+        took = time.monotonic() - stopped
+    finally:
+        _end(job)
+    lines = log.read_text(errors="replace").splitlines()
+    named = [line for line in lines if "stage on rank 0 (module 0) failed" in line
+             and "rank 1" in line.split("failed", 1)[1]]
+    figure = f"ended {took:.1f} s after the stop, exit {job.returncode}"
+    if job.returncode == 0 or not named:
+        return Check(name, "fail", figure, "no failure line of rank 0 names rank 1")
+    return Check(name, "pass", figure, named[0].split("failed: ", 1)[1][:160])
 
 
 def no_host_sync(root: Path) -> Check:
@@ -220,10 +274,12 @@ def run_checks(root: Path) -> list[Check]:
 
     checks.append(pipeline_equals_sequential(root, 2, "cpu", CPU_TOLERANCE))
     checks.append(killed_stage(root, "cpu"))
+    checks.append(stopped_stage(root, "cpu"))
     if gpus == 0:
         why = "no CUDA GPU visible"
         for name in ("sequential on GPU ~ CPU reference", "pipeline on the GPUs == sequential", "DDP smoke",
                      "bf16 autocast + channels_last + bf16 wire", "killed stage on GPUs (NCCL)",
+                     "stopped stage on GPUs (NCCL)",
                      "no host sync in a training step"):
             skip(name, why)
         return checks
@@ -237,8 +293,10 @@ def run_checks(root: Path) -> list[Check]:
     checks.append(bf16_smoke(root, gpus))
     if gpus >= 2:
         checks.append(killed_stage(root, "cuda"))
+        checks.append(stopped_stage(root, "cuda"))
     else:
         skip("killed stage on GPUs (NCCL)", "needs 2 GPUs, 1 visible")
+        skip("stopped stage on GPUs (NCCL)", "needs 2 GPUs, 1 visible")
     checks.append(no_host_sync(root))
     return checks
 

@@ -27,8 +27,10 @@ def test_cpu_subset_passes_and_lists_what_it_skipped(tmp_path: Path) -> None:
     status = {check["name"]: check for check in record["checks"]}
     assert status["pipeline K=2 (gloo) == sequential"]["status"] == "pass"
     assert status["killed stage ends the job within timeout_s (30 s)"]["status"] == "pass"
+    stopped = status["stopped stage: its neighbour ends the job within timeout_s + 5 s (10 + 5 s)"]
+    assert stopped["status"] == "pass" and "rank 1" in stopped["note"], stopped
     skipped = [check for check in record["checks"] if check["status"] == "skipped"]
-    assert len(skipped) == 6 and all(check["note"] == "no CUDA GPU visible" for check in skipped)
+    assert len(skipped) == 7 and all(check["note"] == "no CUDA GPU visible" for check in skipped)
     assert record["failed"] == 0 and "| no host sync in a training step | skipped |" in done.stdout
     assert (tmp_path / "selftest.md").read_text().startswith("# localpipe self-test")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["selftest.json", "selftest.md"]
@@ -49,3 +51,13 @@ def test_gpu_checks_pass(tmp_path: Path) -> None:
     record = json.loads((tmp_path / "selftest.json").read_text())
     assert done.returncode == 0, json.dumps(record, indent=1)
     assert {check["name"]: check["status"] for check in record["checks"]}["no host sync in a training step"] == "pass"
+
+
+def test_the_stopped_stage_check_fails_without_the_deadline(tmp_path: Path) -> None:
+    """The check proves the project's deadline, not torchrun's: with the job's pipeline.timeout_s far
+    beyond what the check allows (the deadline as good as disabled) the stopped rank hangs the job
+    and the check fails."""
+    from pipeline.selftest import stopped_stage
+
+    check = stopped_stage(tmp_path, "cpu", timeout_s=3, deadline_s=3600)
+    assert check.status == "fail" and check.note == "still running 8 s after the stop", check
