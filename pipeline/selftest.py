@@ -8,7 +8,8 @@ run, bf16 autocast with channels_last and a bf16 wire, that a killed stage ends 
 pipeline.timeout_s, that a stopped one (hung, not dead: only the project's deadline can end it)
 is named by its neighbour, which ends the job within pipeline.timeout_s + 5 s, and that a
 training step makes no host sync. On a CPU-only machine it runs the CPU subset (sequential ==
-2-stage pipeline over gloo, a killed and a stopped stage) and lists what it skipped and why. Writes selftest.json and selftest.md into --out; exits 0 when nothing failed.
+2-stage pipeline over gloo, a killed and a stopped stage) and lists what it skipped and why.
+Writes selftest.json and selftest.md into --out; exits 0 when nothing failed.
 
 Tolerances: on CPU the pipeline equals the sequential run to 1e-5 (bit for bit in practice). A
 GPU run differs from the CPU reference by float reordering, TF32 and cuDNN's algorithm choice
