@@ -64,18 +64,19 @@ def header_length(max_tensors: int) -> int:
     return META_LEN + 1 + max_tensors * _SLOT
 
 
-def encode_header(frame: Frame, max_tensors: int) -> torch.Tensor:
-    tensors = frame.tensors
-    if len(frame.meta) > META_LEN:
-        raise ValueError(f"a frame carries at most {META_LEN} integers, got {len(frame.meta)}")
-    if len(tensors) > max_tensors:
-        raise ValueError(f"a frame of this link holds at most {max_tensors} tensors, got {len(tensors)}")
-    values = [*frame.meta, *[0] * (META_LEN - len(frame.meta)), len(tensors)]
-    for tensor in tensors:
-        if tensor.dim() > MAX_NDIM or tensor.dtype not in DTYPE_ID:
-            raise ValueError(f"cannot send a {tensor.dtype} tensor of {tensor.dim()} dims")
-        dims = list(tensor.shape) + [0] * (MAX_NDIM - tensor.dim())
-        values += [DTYPE_ID[tensor.dtype], tensor.dim(), *dims]
+def encode_header(meta: tuple[int, ...], specs: list[tuple[torch.dtype, tuple[int, ...]]],
+                  max_tensors: int) -> torch.Tensor:
+    """The header of a frame of ``meta`` whose tensors have ``specs`` ((dtype, shape) each, as
+    ``decode_header`` returns them): it needs no tensor's data."""
+    if len(meta) > META_LEN:
+        raise ValueError(f"a frame carries at most {META_LEN} integers, got {len(meta)}")
+    if len(specs) > max_tensors:
+        raise ValueError(f"a frame of this link holds at most {max_tensors} tensors, got {len(specs)}")
+    values = [*meta, *[0] * (META_LEN - len(meta)), len(specs)]
+    for dtype, shape in specs:
+        if len(shape) > MAX_NDIM or dtype not in DTYPE_ID:
+            raise ValueError(f"cannot send a {dtype} tensor of {len(shape)} dims")
+        values += [DTYPE_ID[dtype], len(shape), *shape, *[0] * (MAX_NDIM - len(shape))]
     values += [0] * (header_length(max_tensors) - len(values))
     return torch.tensor(values, dtype=torch.int64)
 
@@ -202,15 +203,30 @@ class Sender(Link):
             raise StuckPeer(f"rank {self.rank}: rank {self.peer} did not take the last messages within "
                                f"{self.timeout_s:.0f} s (pipeline.timeout_s)", self.peer)
 
-    def post(self, frame: Frame) -> tuple[list[torch.Tensor], list[Work]]:
-        """Start sending ``frame``: the header, then its tensors, all in flight at once.
+    def header(self, frame: Frame) -> torch.Tensor:
+        """``frame``'s header where it is sent from, built from the tensors' shapes alone.
+
+        On a GPU the courier uploads it before its link stream waits for the producer's kernels,
+        from pinned memory and without blocking: a copy from pageable memory would hold the
+        courier until the link stream (waiting on compute) reached it, so it could neither post
+        the next receive nor see a deadline pass until this rank's step ended.
+        """
+        wire = self.wire_dtype
+        specs = [(wire if wire is not None and tensor.is_floating_point() else tensor.dtype, tuple(tensor.shape))
+                 for tensor in frame.tensors]
+        header = encode_header(frame.meta, specs, self.codec.max_tensors)
+        if self.device.type == "cuda":
+            return header.pin_memory().to(self.device, non_blocking=True)
+        return header
+
+    def post(self, frame: Frame, header: torch.Tensor) -> tuple[list[torch.Tensor], list[Work]]:
+        """Start sending ``frame`` after its ``header``, all in flight at once.
 
         The buffers must stay referenced until the works complete (the courier keeps them).
         """
         tensors = frame.tensors
         if self.wire_dtype is not None:
             tensors = [t.to(self.wire_dtype) if t.is_floating_point() else t for t in tensors]
-        header = encode_header(Frame(frame.meta, tensors), self.codec.max_tensors).to(self.device)
         buffers = [header, *(self.on_wire(tensor) for tensor in tensors)]
         return buffers, [_started(dist.isend(tensor, self.peer, group=self.group)) for tensor in buffers]
 
@@ -382,10 +398,11 @@ class Courier:
         if not isinstance(frame, Frame):  # close(): everything before it has been sent
             self.drained.set()
             return None, False
-        if link.stream is not None and frame.ready is not None:
-            link.stream.wait_event(frame.ready)
         with self._on(link):
-            buffers, works = link.post(frame)
+            header = link.header(frame)  # first: it needs no data, so no wait for compute
+            if link.stream is not None and frame.ready is not None:
+                link.stream.wait_event(frame.ready)  # the tensors: on the device only, the host goes on
+            buffers, works = link.post(frame, header)
         return _Pending(works, time.perf_counter() + link.timeout_s, link.peer, f"sending to rank {link.peer}",
                         buffers=buffers), True
 

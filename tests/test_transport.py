@@ -17,6 +17,10 @@ from pipeline.errors import StageFailure
 from pipeline.transport import META_LEN, Courier, Frame, Receiver, Sender, decode_header, encode_header, header_length
 
 
+def _specs(tensors: list[torch.Tensor]) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    return [(tensor.dtype, tuple(tensor.shape)) for tensor in tensors]
+
+
 def test_header_round_trip_for_mixed_tensors() -> None:
     tensors = [
         torch.zeros(7, dtype=torch.int64),  # labels of a partial batch
@@ -24,7 +28,7 @@ def test_header_round_trip_for_mixed_tensors() -> None:
         torch.zeros(7, 1, 32, 32, dtype=torch.bfloat16),
         torch.zeros(7, 32, 16, 16, dtype=torch.float16),
     ]
-    header = encode_header(Frame((2, 5), tensors), max_tensors=6)
+    header = encode_header((2, 5), _specs(tensors), max_tensors=6)
     assert header.dtype == torch.int64 and header.shape == (header_length(6),)
     meta, specs = decode_header(header)
     assert meta == (2, 5) + (0,) * (META_LEN - 2)
@@ -32,24 +36,24 @@ def test_header_round_trip_for_mixed_tensors() -> None:
 
 
 def test_a_frame_without_tensors_keeps_its_integers() -> None:
-    meta, specs = decode_header(encode_header(Frame((3, 1, 2, 0, 17, 1), []), max_tensors=2))
+    meta, specs = decode_header(encode_header((3, 1, 2, 0, 17, 1), _specs([]), max_tensors=2))
     assert meta == (3, 1, 2, 0, 17, 1) and specs == []
 
 
 def test_unsendable_frames_are_refused() -> None:
     with pytest.raises(ValueError, match="at most 2 tensors"):
-        encode_header(Frame((1,), [torch.zeros(1)] * 3), max_tensors=2)
+        encode_header((1,), _specs([torch.zeros(1)] * 3), max_tensors=2)
     with pytest.raises(ValueError, match="at most"):
-        encode_header(Frame(tuple(range(META_LEN + 1)), []), max_tensors=2)
+        encode_header(tuple(range(META_LEN + 1)), _specs([]), max_tensors=2)
     with pytest.raises(ValueError, match="cannot send"):
-        encode_header(Frame((1,), [torch.zeros(1, 1, 1, 1, 1)]), max_tensors=2)
+        encode_header((1,), _specs([torch.zeros(1, 1, 1, 1, 1)]), max_tensors=2)
     with pytest.raises(ValueError, match="cannot send"):
-        encode_header(Frame((1,), [torch.zeros(2, dtype=torch.float64)]), max_tensors=2)
+        encode_header((1,), _specs([torch.zeros(2, dtype=torch.float64)]), max_tensors=2)
 
 
 @pytest.mark.parametrize("slot, value", [(META_LEN, 99), (META_LEN + 1, 42), (META_LEN + 2, 9)])
 def test_corrupt_headers_are_a_stage_failure(slot: int, value: int) -> None:
-    header = encode_header(Frame((1,), [torch.zeros(3, 2)]), max_tensors=2)
+    header = encode_header((1,), _specs([torch.zeros(3, 2)]), max_tensors=2)
     header[slot] = value  # tensor count, dtype id, number of dims
     with pytest.raises(StageFailure, match="corrupt message header"):
         decode_header(header)
@@ -258,7 +262,8 @@ def test_channels_last_tensors_cross_a_link_without_a_layout_copy(monkeypatch: p
     receiver = Receiver(1, 0, "01", _PassCodec(), cpu, 2, 10.0, wire_dtype, channels_last=True)  # type: ignore[arg-type]
     features = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
     labels = torch.arange(4)
-    buffers, _ = sender.post(Frame((1,), [labels, features]))
+    frame = Frame((1,), [labels, features])
+    buffers, _ = sender.post(frame, sender.header(frame))
     assert all(buffer.is_contiguous() for buffer in buffers)  # what gloo sends
     assert buffers[2].shape == (4, 5, 5, 8)  # the channels_last storage as NHWC
     if wire_dtype is None:
@@ -273,3 +278,42 @@ def test_channels_last_tensors_cross_a_link_without_a_layout_copy(monkeypatch: p
     assert torch.equal(arrived[0], labels) and arrived[1].dtype == torch.float32
     assert arrived[1].is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(arrived[1], features if wire_dtype is None else features.to(wire_dtype).float())
+
+
+class _LoggedStream:
+    """A link stream that records when it is made to wait for the producer's kernels."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def wait_event(self, event: Any) -> None:
+        self.calls.append("stream waits for compute")
+
+
+def test_the_header_is_sent_before_the_courier_waits_on_compute(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU order of calls, on fake works: the header (shapes only) is built and uploaded before the link
+    stream waits for the producer's event, and the sends are posted after it; the bf16 wire is in the
+    header from the shapes alone."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(dist, "isend", lambda tensor, dst, group: calls.append(f"isend {tensor.dtype}")
+                        or _FakeWork(lambda: True))
+    outbox = Sender(0, 1, "01", _PassCodec(), torch.device("cpu"), 2, 10.0, torch.bfloat16)  # type: ignore[arg-type]
+    outbox.stream = _LoggedStream(calls)  # type: ignore[assignment]
+    made = outbox.header
+
+    def header(frame: Frame) -> torch.Tensor:
+        calls.append("header")
+        return made(frame)
+    monkeypatch.setattr(outbox, "header", header)
+    courier = Courier(None, outbox, poll=True)
+    courier.start()
+    outbox._enqueue(Frame((1, 0), [torch.ones(3, 2)], ready=object()))  # type: ignore[arg-type]
+    outbox.close()
+    courier.thread.join(5)
+    assert calls == ["header", "stream waits for compute", "isend torch.int64", "isend torch.bfloat16"]
+    assert courier.error is None
