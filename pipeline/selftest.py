@@ -266,6 +266,37 @@ def no_host_sync(root: Path) -> Check:
     return Check(name, "pass", "set_sync_debug_mode('error') raised nothing")
 
 
+def sync_verdict(name: str, records: list[dict[str, Any]]) -> Check:
+    """The K x R step passes when every host sync it made came from torch's SyncBatchNorm, whose
+    count mask syncs in each layer's forward (docs/gpu.md): those are counted, not failed."""
+    from pipeline.sync_probe import from_sync_batchnorm
+
+    sites = [site for record in records for site in record["syncs"]]
+    other = [site for site in sites if not from_sync_batchnorm(site)]
+    layers = sum(record["sync_batchnorm_layers"] for record in records)
+    figure = (f"{len(other)} syncs outside SyncBatchNorm; {len(sites) - len(other)} in its {layers} layers "
+              f"over {len(records)} ranks")
+    return Check(name, "fail" if other else "pass", figure, ", ".join(sorted(set(other))[:3]))
+
+
+def no_host_sync_k_by_r(root: Path, gpus: int) -> Check:
+    """One step of every rank of a K x R job (pipeline/sync_probe.py): DDP, SyncBatchNorm, bf16
+    autocast (where the GPUs have bf16) and channels_last together."""
+    stages, replicas = (2, 2) if gpus >= 4 else (1, 2)
+    amp = "bf16" if torch.cuda.is_bf16_supported() else "none"
+    name = f"no host sync in a K x R step ({stages} x {replicas}: DDP, SyncBN, amp {amp}, channels_last)"
+    out = root / "sync_k_by_r"
+    out.mkdir()
+    overrides = [f"run.out_dir={out}", f"local.modules={stages}", "run.device=cuda", "pipeline.sync_batchnorm=true",
+                 f"precision.amp={amp}", "precision.channels_last=true"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={stages * replicas}",
+               "-m", "pipeline.sync_probe", "--out", str(out), *_sets(overrides)]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=_env())
+    if done.returncode != 0:
+        return Check(name, "fail", note=_failed(done))
+    return sync_verdict(name, [json.loads(path.read_text()) for path in sorted(out.glob("sync_rank*.json"))])
+
+
 def run_checks(root: Path) -> list[Check]:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     checks: list[Check] = []
@@ -280,7 +311,7 @@ def run_checks(root: Path) -> list[Check]:
         why = "no CUDA GPU visible"
         for name in ("sequential on GPU ~ CPU reference", "pipeline on the GPUs == sequential", "DDP smoke",
                      "bf16 autocast + channels_last + bf16 wire", "killed stage on GPUs (NCCL)",
-                     "stopped stage on GPUs (NCCL)",
+                     "stopped stage on GPUs (NCCL)", "no host sync in a K x R step",
                      "no host sync in a training step"):
             skip(name, why)
         return checks
@@ -299,6 +330,10 @@ def run_checks(root: Path) -> list[Check]:
         skip("killed stage on GPUs (NCCL)", "needs 2 GPUs, 1 visible")
         skip("stopped stage on GPUs (NCCL)", "needs 2 GPUs, 1 visible")
     checks.append(no_host_sync(root))
+    if gpus >= 2:
+        checks.append(no_host_sync_k_by_r(root, gpus))
+    else:
+        skip("no host sync in a K x R step", "needs 2 GPUs, 1 visible")
     return checks
 
 

@@ -30,7 +30,7 @@ def test_cpu_subset_passes_and_lists_what_it_skipped(tmp_path: Path) -> None:
     stopped = status["stopped stage: its neighbour ends the job within timeout_s + 5 s (10 + 5 s)"]
     assert stopped["status"] == "pass" and "rank 1" in stopped["note"], stopped
     skipped = [check for check in record["checks"] if check["status"] == "skipped"]
-    assert len(skipped) == 7 and all(check["note"] == "no CUDA GPU visible" for check in skipped)
+    assert len(skipped) == 8 and all(check["note"] == "no CUDA GPU visible" for check in skipped)
     assert record["failed"] == 0 and "| no host sync in a training step | skipped |" in done.stdout
     assert (tmp_path / "selftest.md").read_text().startswith("# localpipe self-test")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["selftest.json", "selftest.md"]
@@ -61,3 +61,15 @@ def test_the_stopped_stage_check_fails_without_the_deadline(tmp_path: Path) -> N
 
     check = stopped_stage(tmp_path, "cpu", timeout_s=3, deadline_s=3600)
     assert check.status == "fail" and check.note == "still running 8 s after the stop", check
+
+
+def test_the_k_by_r_sync_check_fails_on_any_sync_outside_sync_batchnorm() -> None:
+    from pipeline.selftest import sync_verdict
+
+    sync_bn = "/site-packages/torch/nn/modules/_functions.py:104"
+    clean = [{"syncs": [sync_bn] * 3, "sync_batchnorm_layers": 3}, {"syncs": [], "sync_batchnorm_layers": 3}]
+    passed = sync_verdict("k x r", clean)
+    assert passed.status == "pass" and passed.figure.startswith("0 syncs outside SyncBatchNorm; 3 in its 6 layers")
+    dirty = [*clean, {"syncs": ["/repo/pipeline/worker.py:88"], "sync_batchnorm_layers": 3}]
+    failed = sync_verdict("k x r", dirty)
+    assert failed.status == "fail" and failed.note == "/repo/pipeline/worker.py:88"
