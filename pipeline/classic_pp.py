@@ -31,7 +31,7 @@ from pipeline.cli import ArgumentParser, add_set_argument, run_main
 from pipeline.config import Config, load_config
 from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.errors import BadInput, StageFailure, errors_logged
-from pipeline.metrics import MetricsLog, cannot_write, peak_memory_bytes, peak_reserved_bytes, reset_peak_memory, say
+from pipeline.metrics import DeviceMemory, MetricsLog, cannot_write, say
 from pipeline.model.network import build_module, make_layout, resolve_cuts
 from pipeline.model.partition import flat_to_cut, module_ranges
 from pipeline.model.profile import saved_activation_bytes
@@ -233,7 +233,8 @@ def train(config_path: str | None, sets: list[str], schedule: Schedule, microbat
             say(f"[classic {schedule}] {size} stages, cut points "
                 f"{[flat_to_cut(cut, config.arch.blocks) for cut in flat]}, {microbatches} microbatches "
                 f"of {micro}, {steps} steps on {device}, {torch.get_num_threads()} thread(s) per stage")
-        reset_peak_memory(device)
+        memory = DeviceMemory(device)
+        memory.start()
         window, losses = config.run.log_every, []
         started = mark = time.perf_counter()
         for step in range(1, steps + 1):
@@ -252,8 +253,7 @@ def train(config_path: str | None, sets: list[str], schedule: Schedule, microbat
                     f"{batch * window / (now - mark):.0f} samples/s")
                 mark, losses = now, []
         train_s = time.perf_counter() - started
-        mine = {"rank": rank, "module": rank, "peak_mem_bytes": peak_memory_bytes(device),
-                "peak_reserved_bytes": peak_reserved_bytes(device),
+        mine = {"rank": rank, "module": rank, **memory.figures(),
                 "samples_per_s": round(steps * batch / max(train_s, 1e-9), 2)}
         every: list[Any] = [None] * size
         dist.all_gather_object(every, mine)

@@ -26,7 +26,7 @@ from pipeline.config import Config, PipelineConfig
 from pipeline.data.contract import Loader
 from pipeline.data.loader import make_loaders
 from pipeline.errors import BadInput, StageFailure, StuckPeer
-from pipeline.metrics import reset_peak_memory, say
+from pipeline.metrics import say
 from pipeline.model.local_module import Layout
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.model.partition import flat_to_cut
@@ -79,7 +79,7 @@ def run(config: Config) -> dict[str, Any] | None:
             if topology.rank == 0:
                 say(str(done))
             return None
-        reset_peak_memory(topology.device)  # peaks of the training loop, not of the data set or profiling
+        report.stats.memory.start()  # peaks of the training loop, not of the data set or profiling
         loop.run()
         summary = report.summary(config, cuts)
     if summary is not None:
