@@ -209,16 +209,23 @@ def layout_replicas(size: int, modules: int, replicas: int) -> int:
     return size // modules
 
 
+GROUP_MARGIN_S = 60.0
+
+
 def join_job(device: torch.device, rank: int, size: int, timeout_s: float) -> datetime.timedelta:
     """Join the job's default group on ``device`` (NCCL on a GPU, gloo on CPU); the groups' timeout.
 
     On a GPU the device is set and bound to the group first: NCCL's object collectives and
     barriers otherwise run on the current device, GPU 0, on every rank of a node.
+
+    The groups get pipeline.timeout_s plus ``GROUP_MARGIN_S``: the links' own deadline is
+    timeout_s, and at the same figure NCCL's watchdog would often abort the process first,
+    before the failure line names the stuck peer and ``stop_stuck_peer`` stops it.
     """
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(seconds=timeout_s)
+    timeout = datetime.timedelta(seconds=timeout_s + GROUP_MARGIN_S)
     dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout,
                             device_id=device if backend == "nccl" else None)
     return timeout
@@ -229,7 +236,7 @@ def process_groups(topology: Topology, timeout_s: float) -> Iterator[Topology]:
     """Join the job (NCCL on GPUs, gloo on CPU), make the link and replica groups, leave at the end.
 
     Every process creates every group in the same order, as torch.distributed requires. The
-    timeout turns a dead peer into an error instead of a hang.
+    timeout (``join_job``) turns a dead peer into an error instead of a hang.
     """
     if not topology.distributed:
         yield topology

@@ -108,7 +108,7 @@ def test_bad_gpu_input_exits_2_with_one_line(tmp_path: Path) -> None:
 
 
 def test_every_group_gets_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """process_groups passes pipeline.timeout_s to the job and to every link and replica group."""
+    """process_groups passes pipeline.timeout_s + 60 s to the job and to every link and replica group."""
     calls: list[tuple[str, object]] = []
     monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: calls.append(("init", k["timeout"])))
     monkeypatch.setattr(dist, "new_group", lambda ranks, **k: calls.append((f"group {ranks}", k.get("timeout")))
@@ -120,6 +120,6 @@ def test_every_group_gets_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     with process_groups(topology, 37.0) as joined:
         assert set(joined.links) == {0} and joined.replica_group is not None
         assert len(joined.processes) == 4 and joined.processes[1][1] == os.getpid()  # where each rank runs
-    deadline = datetime.timedelta(seconds=37)
+    deadline = datetime.timedelta(seconds=37 + 60)  # the links' deadline fires first, then the groups'
     assert calls == [("init", deadline), ("group [0, 1]", deadline), ("group [2, 3]", deadline),
                      ("group [0, 2]", deadline), ("group [1, 3]", deadline)]
