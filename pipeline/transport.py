@@ -438,6 +438,11 @@ class Courier:
               receiving: bool) -> tuple[_Pending | None, _Pending | None, bool]:
         progressed = False
         if outgoing is not None and all(work.is_completed() for work in outgoing.works):
+            # NCCL reports a failed work as completed too: wait() raises its error (no host wait: done)
+            assert self.outbound is not None
+            with self._on(self.outbound):
+                for work in outgoing.works:
+                    work.wait()
             outgoing, progressed = None, True
         if incoming is not None and all(work.is_completed() for work in incoming.works):
             incoming, receiving = self._arrived(incoming, receiving)

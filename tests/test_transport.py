@@ -317,3 +317,20 @@ def test_the_header_is_sent_before_the_courier_waits_on_compute(monkeypatch: pyt
     courier.thread.join(5)
     assert calls == ["header", "stream waits for compute", "isend torch.int64", "isend torch.bfloat16"]
     assert courier.error is None
+
+
+def test_a_polled_send_that_completed_with_an_error_raises_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL's is_completed() is true for a failed work too: the courier waits on completed sends, so
+    their error reaches close() naming the peer instead of the frame being dropped as sent."""
+    import torch.distributed as dist
+
+    class _Failed(_FakeWork):
+        def wait(self, timeout: Any = None) -> bool:
+            raise RuntimeError("NCCL communicator was aborted on rank 0")
+
+    monkeypatch.setattr(dist, "isend", lambda tensor, dst, group: _Failed(lambda: True))
+    outbox = Sender(0, 1, "01", _PassCodec(), torch.device("cpu"), 2, 30.0)  # type: ignore[arg-type]
+    Courier(None, outbox, poll=True).start()
+    outbox.put(((1, 0), [torch.zeros(2)]))
+    with pytest.raises(StageFailure, match="sending to rank 1 failed: RuntimeError: NCCL communicator was aborted"):
+        outbox.close()
