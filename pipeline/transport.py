@@ -220,15 +220,19 @@ class Sender(Link):
         return header
 
     def post(self, frame: Frame, header: torch.Tensor) -> tuple[list[torch.Tensor], list[Work]]:
-        """Start sending ``frame`` after its ``header``, all in flight at once.
+        """Start sending ``frame`` after its ``header``, all in flight at once; returns what must stay
+        referenced until the works complete (the courier keeps it) and the works.
 
-        The buffers must stay referenced until the works complete (the courier keeps them).
+        That is the sent buffers and the frame's own tensors: on a GPU a wire-dtype or layout copy
+        reads them on the link stream, later than the host gets here, and the allocator knows only
+        their compute stream: freed now, the next step could reuse their memory before the copy ran.
         """
         tensors = frame.tensors
         if self.wire_dtype is not None:
             tensors = [t.to(self.wire_dtype) if t.is_floating_point() else t for t in tensors]
         buffers = [header, *(self.on_wire(tensor) for tensor in tensors)]
-        return buffers, [_started(dist.isend(tensor, self.peer, group=self.group)) for tensor in buffers]
+        works = [_started(dist.isend(tensor, self.peer, group=self.group)) for tensor in buffers]
+        return [*buffers, *frame.tensors], works
 
 
 class Receiver(Link):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -263,7 +264,8 @@ def test_channels_last_tensors_cross_a_link_without_a_layout_copy(monkeypatch: p
     features = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
     labels = torch.arange(4)
     frame = Frame((1,), [labels, features])
-    buffers, _ = sender.post(frame, sender.header(frame))
+    buffers, works = sender.post(frame, sender.header(frame))
+    buffers = buffers[:len(works)]  # what was sent; the frame's own tensors follow
     assert all(buffer.is_contiguous() for buffer in buffers)  # what gloo sends
     assert buffers[2].shape == (4, 5, 5, 8)  # the channels_last storage as NHWC
     if wire_dtype is None:
@@ -334,3 +336,31 @@ def test_a_polled_send_that_completed_with_an_error_raises_it(monkeypatch: pytes
     outbox.put(((1, 0), [torch.zeros(2)]))
     with pytest.raises(StageFailure, match="sending to rank 1 failed: RuntimeError: NCCL communicator was aborted"):
         outbox.close()
+
+
+def test_a_frame_s_tensors_live_until_its_send_completes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a bf16 wire the sent buffers are copies made on the link stream: the frame's own tensors
+    must stay referenced until the send completes, or the compute stream could reuse their memory
+    before the copy read it. A weak reference shows when the courier lets go of them."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    sent = threading.Event()
+    monkeypatch.setattr(dist, "isend", lambda tensor, dst, group: _FakeWork(sent.is_set))
+    outbox = Sender(0, 1, "01", _PassCodec(), torch.device("cpu"), 2, 30.0, torch.bfloat16)  # type: ignore[arg-type]
+    courier = Courier(None, outbox, poll=True)
+    courier.start()
+    output = torch.ones(4, 3)
+    alive = weakref.ref(output)
+    outbox.put(((1, 0), [output]))
+    del output
+    time.sleep(0.2)  # the courier has posted the send, which stays pending
+    gc.collect()
+    assert alive() is not None
+    sent.set()
+    outbox.close()
+    courier.thread.join(5)
+    gc.collect()
+    assert alive() is None and courier.error is None
