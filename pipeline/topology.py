@@ -231,6 +231,23 @@ def join_job(device: torch.device, rank: int, size: int, timeout_s: float) -> da
     return timeout
 
 
+def warm_links(topology: Topology) -> None:
+    """One element over each of this process's links, in chain order, before training.
+
+    NCCL creates a 2-rank communicator for a pair's first plain send/recv, lazily, blocking the
+    host: done inside the courier it would take a step's time with no deadline of the link's,
+    and its buffers would appear after the memory figures start. Receiving from module k-1
+    before sending to k+1 cannot deadlock: module 0 only sends, and each link waits on the one
+    before it (docs/design.md, "One communication thread per rank").
+    """
+    stage, replica = topology.stage, topology.replica
+    token = torch.zeros(1, device=topology.device)
+    if stage - 1 in topology.links:
+        dist.recv(token, topology.rank_of(stage - 1, replica), group=topology.links[stage - 1])
+    if stage in topology.links:
+        dist.send(token, topology.rank_of(stage + 1, replica), group=topology.links[stage])
+
+
 @contextlib.contextmanager
 def process_groups(topology: Topology, timeout_s: float) -> Iterator[Topology]:
     """Join the job (NCCL on GPUs, gloo on CPU), make the link and replica groups, leave at the end.
@@ -255,6 +272,7 @@ def process_groups(topology: Topology, timeout_s: float) -> Iterator[Topology]:
             group = dist.new_group(members, timeout=timeout) if stages > 1 else dist.group.WORLD
             if topology.rank in members:
                 topology.replica_group = group
+    warm_links(topology)
     topology.comm = TorchCollectives(topology.size, topology.replica_group, topology.rank_of(topology.stage, 0))
     # Where every process runs: a rank that finds a neighbour stuck can stop it on its own host.
     topology.processes = [tuple(item) for item in topology.comm.gather((socket.gethostname(), os.getpid()))]
