@@ -81,17 +81,24 @@ def stage_activation_bytes(e2e: Config, spec: DatasetSpec, cuts: list[int], batc
     return sizes
 
 
-class _Autocast(nn.Module):
-    """Runs the stage under bf16 autocast, as the other modes do with precision.amp = bf16."""
+class _Precision(nn.Module):
+    """A stage computing and sending as the local pipeline's stages do: under bf16 autocast with
+    precision.amp = bf16, its activations on the wire in pipeline.wire_dtype.
 
-    def __init__(self, inner: nn.Module, device: torch.device) -> None:
+    A bf16 wire arrives as bf16 and is restored to float32 only where the stage computes in
+    float32 (pipeline/transport.py does the same); the last stage's logits are float32 for the loss.
+    """
+
+    def __init__(self, inner: nn.Module, device: torch.device, amp: bool, wire: torch.dtype, last: bool) -> None:
         super().__init__()
-        self.inner, self.device_type = inner, device.type
+        self.inner, self.device_type, self.amp, self.wire, self.last = inner, device.type, amp, wire, last
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+        if not self.amp:
+            inputs = inputs.float()
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
             output: torch.Tensor = self.inner(inputs)
-        return output.float()
+        return output.float() if self.last else output.to(self.wire)
 
 
 class ClassicStage:
@@ -111,13 +118,18 @@ class ClassicStage:
         self.optimizer = make_optimizer(stage, config.train)
         self.lr = learning_rate(config.train, 1)
         set_learning_rate(self.optimizer, self.lr)
-        runs: nn.Module = _Autocast(stage, device) if config.precision.amp == "bf16" else stage
-        # Shapes of one microbatch on the meta device: the stage needs no shape exchange at the start.
-        # requires_grad marks what carries a gradient back: every received input, every output.
+        amp = config.precision.amp == "bf16"
+        wire = torch.bfloat16 if config.pipeline.wire_dtype == "bf16" else torch.float32
+        last = index == stages - 1
+        runs: nn.Module = _Precision(stage, device, amp, wire, last) if amp or wire != torch.float32 else stage
+        # Shapes and dtypes of one microbatch on the meta device: the stage needs no exchange at the
+        # start. requires_grad marks what carries a gradient back: every received input, every output.
         meta = torch.device("meta")
-        pipe_stage = PipelineStage(runs, index, stages, device,
-                                   input_args=torch.empty(input_shape, device=meta, requires_grad=index > 0),
-                                   output_args=torch.empty(output_shape, device=meta, requires_grad=True))
+        received = torch.empty(input_shape, device=meta, dtype=wire if index > 0 else torch.float32,
+                               requires_grad=index > 0)
+        pipe_stage = PipelineStage(runs, index, stages, device, input_args=received,
+                                   output_args=torch.empty(output_shape, device=meta, requires_grad=True,
+                                                           dtype=torch.float32 if last else wire))
         kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
         # scale_grads: each microbatch's mean loss, gradients divided by M = the batch's mean loss.
         self.schedule = kind(pipe_stage, microbatches, loss_fn=F.cross_entropy, scale_grads=True)

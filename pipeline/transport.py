@@ -113,11 +113,14 @@ class Link:
 
     def __init__(self, rank: int, peer: int, group: dist.ProcessGroup, codec: Codec, device: torch.device,
                  depth: int, timeout_s: float, wire_dtype: torch.dtype | None = None,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, keep_wire_dtype: bool = False) -> None:
         self.rank, self.peer, self.group, self.codec, self.device = rank, peer, group, codec, device
         self.header_length = header_length(codec.max_tensors)
-        # Floating tensors travel in wire_dtype (when set) and are restored to float32 on arrival.
+        # Floating tensors travel in wire_dtype (when set) and are restored to float32 on arrival,
+        # unless the receiving module runs under bf16 autocast with a bf16 wire (keep_wire_dtype):
+        # autocast would cast them straight back, a copy and a float32 buffer per tensor for nothing.
         self.wire_dtype = wire_dtype
+        self.keep_wire_dtype = keep_wire_dtype
         # 4-D tensors travel in the layout both modules compute in (precision.channels_last), so neither
         # end converts them: the sender would copy a channels_last output to NCHW and the receiving
         # module copy it back, two full copies per tensor per step.
@@ -272,7 +275,8 @@ class Receiver(Link):
     def deliver(self, frame: Frame) -> bool:
         """Decode an arrived frame into the inbox (room is there: only the courier fills it); True at the end."""
         wire = self.wire_dtype
-        frame.tensors = [t.float() if wire is not None and t.dtype == wire else t for t in frame.tensors]
+        if wire is not None and not self.keep_wire_dtype:
+            frame.tensors = [t.float() if t.dtype == wire else t for t in frame.tensors]
         if self.stream is not None:
             frame.ready = torch.cuda.Event()
             frame.ready.record(self.stream)

@@ -157,3 +157,24 @@ def test_each_rank_joins_on_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(Joined):
         train(None, [*SETS, "train.max_steps=2"], "1f1b", 2)
     assert calls == [("set_device", gpu), ("init", ("nccl", gpu))]
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_a_classic_stage_sends_in_the_local_pipeline_s_wire_dtype(amp: bool) -> None:
+    """Like the local pipeline's links: a bf16 wire leaves a middle stage as bf16, arrives as bf16 and is
+    restored to float32 only where the stage computes in float32; the last stage's logits are float32."""
+    from pipeline.classic_pp import _Precision
+
+    seen: list[torch.dtype] = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            seen.append(inputs.dtype)
+            return torch.nn.functional.linear(inputs, torch.ones(3, 4))
+
+    arriving = torch.randn(2, 4).to(torch.bfloat16)
+    middle = _Precision(Probe(), CPU, amp, torch.bfloat16, last=False)
+    assert middle(arriving).dtype == torch.bfloat16
+    last = _Precision(Probe(), CPU, amp, torch.bfloat16, last=True)
+    assert last(arriving).dtype == torch.float32
+    assert seen == [torch.bfloat16 if amp else torch.float32] * 2

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -364,3 +365,37 @@ def test_a_frame_s_tensors_live_until_its_send_completes(monkeypatch: pytest.Mon
     courier.thread.join(5)
     gc.collect()
     assert alive() is None and courier.error is None
+
+
+@pytest.mark.parametrize("amp, arrives_as", [("none", torch.float32), ("bf16", torch.bfloat16)])
+def test_a_bf16_wire_stays_bf16_for_a_module_under_bf16_autocast(monkeypatch: pytest.MonkeyPatch, amp: str,
+                                                                arrives_as: torch.dtype) -> None:
+    """The receiving end run.wire builds restores a bf16 wire to float32 only where the module computes
+    in float32; under bf16 autocast the tensor stays as it came (autocast would cast it back)."""
+    import pipeline.runners.run as run_module
+    from pipeline.config import load_config
+    from pipeline.model.network import make_layout
+    from pipeline.topology import Topology
+
+    _fake_nccl(monkeypatch)
+    monkeypatch.setattr(run_module, "Courier", lambda inbound, outbound: types.SimpleNamespace(start=lambda: None))
+    config = load_config(None, ["data.name=synthetic", "model.arch=resnet8", "local.modules=2",
+                                "pipeline.wire_dtype=bf16", f"precision.amp={amp}"])
+    from pipeline.data.specs import dataset_spec
+
+    spec = dataset_spec(config)
+    layout = make_layout(config, spec, [2])
+    topology = Topology(1, 2, torch.device("cpu"), 2, 1, (1,), links={0: "01"})  # type: ignore[dict-item]
+    inbox, outbox = run_module.wire(config.pipeline, topology, layout, amp=config.precision.amp)
+    assert isinstance(inbox, Receiver) and outbox is None
+    inbox.codec, inbox.header_length = _PassCodec(), header_length(_PassCodec.max_tensors)  # type: ignore[assignment]
+    sender = Sender(0, 1, "01", _PassCodec(), torch.device("cpu"), 2, 10.0, torch.bfloat16)  # type: ignore[arg-type]
+    frame = Frame((1,), [torch.arange(4), torch.randn(4, 8, 5, 5)])
+    sender.post(frame, sender.header(frame))
+    header, works = inbox.post_header()
+    assert all(work.is_completed() for work in works)
+    arrived, works = inbox.post_tensors(header)
+    assert all(work.is_completed() for work in works)
+    assert arrived.tensors[1].dtype == torch.bfloat16  # what came over the wire
+    inbox.deliver(arrived)
+    assert arrived.tensors[1].dtype == arrives_as and arrived.tensors[0].dtype == torch.int64

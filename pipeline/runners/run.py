@@ -72,7 +72,8 @@ def run(config: Config) -> dict[str, Any] | None:
     # The first stage reads the data before joining the job, so a bad data path exits 2 at once.
     loaders = make_loaders(config, topology.device, processes=topology.replicas) if topology.first else None
     with process_groups(topology, config.pipeline.timeout_s), failures_named(topology):
-        links = functools.partial(wire, config.pipeline, topology, channels_last=config.precision.channels_last)
+        links = functools.partial(wire, config.pipeline, topology, channels_last=config.precision.channels_last,
+                                  amp=config.precision.amp)
         try:
             loop, report, cuts = assemble(config, topology, loaders, started, links)
         except NothingToTrain as done:  # every process sees it at the same point
@@ -164,8 +165,8 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     return StageLoop(inbox, handlers, outbox, report, commit), report, cuts
 
 
-def wire(pipe: PipelineConfig, topology: Topology, layout: Layout,
-         channels_last: bool = False) -> tuple[Inbox | None, Outbox | None]:
+def wire(pipe: PipelineConfig, topology: Topology, layout: Layout, channels_last: bool = False,
+         amp: str = "none") -> tuple[Inbox | None, Outbox | None]:
     """The ends of the two links this stage sits between, served by one courier thread (started)."""
     if len(topology.hosted) != 1:
         return None, None
@@ -175,7 +176,8 @@ def wire(pipe: PipelineConfig, topology: Topology, layout: Layout,
     if module > 0:
         codec = MessageCodec(layout.plan, module, layout.input_shape(module), layout.spec.dense)
         inbox = Receiver(topology.rank, topology.rank_of(module - 1, topology.replica), topology.links[module - 1],
-                         codec, topology.device, pipe.queue_depth, pipe.timeout_s, wire_dtype, channels_last)
+                         codec, topology.device, pipe.queue_depth, pipe.timeout_s, wire_dtype, channels_last,
+                         keep_wire_dtype=amp == "bf16")
     if module < stages - 1:
         codec = MessageCodec(layout.plan, module + 1, layout.input_shape(module + 1), layout.spec.dense)
         outbox = Sender(topology.rank, topology.rank_of(module + 1, topology.replica), topology.links[module],
