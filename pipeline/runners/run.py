@@ -139,7 +139,8 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     commit = None
     if topology.writer and topology.last:
         commit = functools.partial(checkpoint.commit, config.run.out_dir, modules=topology.stages, identity=identity,
-                                   keep=config.run.keep_checkpoints)
+                                   keep=config.run.keep_checkpoints,
+                                   wait_s=config.pipeline.timeout_s if topology.distributed else 0.0)
     inbox, outbox = links(layout)
     if buffered and inbox is not None:
         inbox = BufferedInbox(inbox, topology.stage, pipe.buffer_batches, pipe.max_reuse, pipe.timeout_s,
