@@ -5,7 +5,8 @@
 Cluster users run it first on a new node. On GPUs it checks the sequential run against the CPU
 reference, the pipeline (K = number of GPUs, up to 4) against the sequential run, a DDP smoke
 run, K x R with links, DDP and SyncBatchNorm together against the sequential run, a bf16 wire
-(module 0 unchanged, module 1 close), bf16 autocast with channels_last, that a killed stage ends
+(module 0 unchanged, module 1 close), the streaming loader's batches against the CPU loader's,
+bf16 autocast with channels_last, that a killed stage ends
 the job within pipeline.timeout_s, that a stopped one (hung, not dead: only the project's
 deadline can end it) is named by its neighbour, which ends the job within pipeline.timeout_s +
 5 s, and that neither a bare training step nor one of every rank of a K x R job (DDP,
@@ -355,6 +356,33 @@ def no_host_sync(root: Path) -> Check:
     return Check(name, "pass", "set_sync_debug_mode('error') raised nothing")
 
 
+def streaming_loader_matches(root: Path, device: str) -> Check:
+    """The streaming loader on ``device`` (2 worker processes; on a GPU pinned memory, an
+    asynchronous copy and normalisation on the device) yields the batches the CPU loader with no
+    workers does: an image folder of 48 small JPEG and PNG files, written here."""
+    from pipeline.config import load_config
+    from pipeline.data.loader import make_loaders
+    from pipeline.data.throughput import write_folder
+
+    name = "streaming loader (image folder, 2 workers)" + (" on GPU == CPU" if device == "cuda" else " == 0 workers")
+    folder = root / "images"
+    write_folder(folder, 48, 3, size=(40, 32), png_every=3)
+
+    def epoch(on: str, workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        config = load_config(None, ["data.name=image_folder", f"data.root='{folder}'", "data.image_size=16",
+                                    "data.eval_resize=20", "data.batch_size=8", f"data.workers={workers}",
+                                    f"run.device={on}", "model.arch=resnet18"])
+        train, _ = make_loaders(config, torch.device(on))
+        return [(images.cpu(), labels.cpu()) for images, labels in train.batches(1)]
+
+    streamed, reference = epoch(device, 2), epoch("cpu", 0)
+    if len(streamed) != len(reference) or any(not torch.equal(a[1], b[1]) for a, b in zip(streamed, reference)):
+        return Check(name, "fail", note="the batches' labels or count differ")
+    difference = max(float((a[0] - b[0]).abs().max()) for a, b in zip(streamed, reference))
+    status = "pass" if difference <= 1e-6 else "fail"
+    return Check(name, status, f"{len(streamed)} batches, max image diff {difference:.1e} (tolerance 1e-06)")
+
+
 def soak(root: Path, steps: int, one_connection: bool) -> Check:
     """A long pipeline job for hang hunting: K = 4, R = 2 where 8 GPUs allow (K = min(GPUs, 4), R = 2
     where there are 2K, else 1; 2 x 1 over gloo on CPU), ``steps`` steps with an evaluation and a
@@ -423,6 +451,7 @@ def run_checks(root: Path) -> list[Check]:
     if gpus == 0:
         why = "no CUDA GPU visible"
         for name in ("sequential on GPU ~ CPU reference", "pipeline on the GPUs == sequential", "DDP smoke",
+                     "streaming loader (image folder, 2 workers) on GPU == CPU",
                      "K x R (links, DDP, SyncBN) ~ sequential", "bf16 wire: module 0 == sequential, module 1 close",
                      "bf16 autocast + channels_last + bf16 wire", "killed stage on GPUs (NCCL)",
                      "stopped stage on GPUs (NCCL)", "no host sync in a K x R step",
@@ -439,6 +468,7 @@ def run_checks(root: Path) -> list[Check]:
         for name in ("pipeline on the GPUs == sequential", "DDP smoke", "K x R (links, DDP, SyncBN) ~ sequential",
                      "bf16 wire: module 0 == sequential, module 1 close"):
             skip(name, "needs 2 GPUs, 1 visible")
+    checks.append(streaming_loader_matches(root, "cuda"))
     checks.append(bf16_smoke(root, gpus))
     if gpus >= 2:
         checks.append(killed_stage(root, "cuda"))

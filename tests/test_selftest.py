@@ -30,7 +30,7 @@ def test_cpu_subset_passes_and_lists_what_it_skipped(tmp_path: Path) -> None:
     stopped = status["stopped stage: its neighbour ends the job within timeout_s + 5 s (10 + 5 s)"]
     assert stopped["status"] == "pass" and "rank 1" in stopped["note"], stopped
     skipped = [check for check in record["checks"] if check["status"] == "skipped"]
-    assert len(skipped) == 10 and all(check["note"] == "no CUDA GPU visible" for check in skipped)
+    assert len(skipped) == 11 and all(check["note"] == "no CUDA GPU visible" for check in skipped)
     assert record["failed"] == 0 and "| no host sync in a training step | skipped |" in done.stdout
     assert (tmp_path / "selftest.md").read_text().startswith("# localpipe self-test")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["selftest.json", "selftest.md"]
@@ -105,3 +105,12 @@ def test_one_connection_goes_with_soak(tmp_path: Path) -> None:
 
     with pytest.raises(BadInput, match="--one-connection goes with --soak"):
         main(["--out", str(tmp_path), "--one-connection"])
+
+
+def test_the_streaming_loader_check_compares_worker_batches_with_the_plain_loader(tmp_path: Path) -> None:
+    """On CPU the check's own plumbing: 2 decoding workers against none, bit for bit (on a GPU the same
+    check compares the pinned, asynchronous path with the CPU loader)."""
+    from pipeline.selftest import streaming_loader_matches
+
+    check = streaming_loader_matches(tmp_path, "cpu")
+    assert check.status == "pass" and check.figure == "6 batches, max image diff 0.0e+00 (tolerance 1e-06)", check
