@@ -328,3 +328,28 @@ def test_an_unfinished_newer_set_is_ignored_and_cleared(six_steps, make_config, 
     run(make_config(*RESUME, "train.max_steps=7", f"run.resume='{out}'", out_dir=out))
     assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["step_6", "step_7"]
     assert not [path for path in out.rglob("*") if ".tmp" in path.name]
+
+
+def test_commit_looks_again_for_a_module_file_another_node_wrote(make_config, tmp_path):
+    """On NFS a file written on another node can take a while to show: commit waits up to wait_s for
+    it (here it appears 0.4 s late), and fails naming the module when it never shows."""
+    import threading
+    import time
+
+    config = make_config("local.modules=2")
+    spec = dataset_spec(config)
+    cuts = resolve_cuts(config, spec, CPU)
+    layout = make_layout(config, spec, cuts)
+    identity = checkpoint.identity_of(config, cuts)
+    workers = [make_worker(config, layout, index, CPU) for index in range(2)]
+    checkpoint.save(tmp_path, workers[1], Position(1, 0, 4), identity)
+    late = threading.Timer(0.4, checkpoint.save, (tmp_path, workers[0], Position(1, 0, 4), identity))
+    late.start()
+    checkpoint.commit(tmp_path, Position(1, 0, 4), 2, identity, keep=2, wait_s=10.0)
+    late.join()
+    assert checkpoint.find_set(tmp_path) == tmp_path / "checkpoints" / "step_4"
+    checkpoint.save(tmp_path, workers[1], Position(1, 0, 8), identity)
+    started = time.monotonic()
+    with pytest.raises(StageFailure, match=r"lacks modules \[0\]"):
+        checkpoint.commit(tmp_path, Position(1, 0, 8), 2, identity, keep=2, wait_s=1.0)
+    assert 1.0 <= time.monotonic() - started < 3.0
