@@ -142,7 +142,7 @@ def test_save_then_load_restores_a_worker(make_config, tmp_path, image_batch):
         assert path == tmp_path / "checkpoints" / "step_17" / f"module_{worker.index}.pt"
     with pytest.raises(BadInput, match="no complete checkpoint"):
         checkpoint.find_set(tmp_path)  # not complete until committed
-    checkpoint.commit(tmp_path, Position(3, 1, 17), 2, identity, keep=2)
+    checkpoint.commit(tmp_path, Position(3, 1, 17), 2, identity, keep=2, config={})
     fresh = [make_worker(config, layout, index, CPU) for index in range(2)]
     for worker, original in zip(fresh, workers):
         assert checkpoint.load(checkpoint.find_set(tmp_path), worker, identity) == Position(3, 1, 17)
