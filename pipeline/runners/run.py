@@ -160,7 +160,8 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     if topology.first:
         assert loaders is not None
         agree = topology.comm.sum_over_replicas if topology.replicas > 1 else None
-        requests = SaveRequests(stop or StopFlag(), config.run.checkpoint_minutes, agree, topology.device)
+        requests = SaveRequests(stop if stop is not None else StopFlag(), config.run.checkpoint_minutes, agree,
+                                topology.device)
         inbox = BatchSource(*loaders, position, length, parallel.part, config.run.checkpoint_every, requests)
     assert inbox is not None
     if topology.writer:
