@@ -16,6 +16,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 # torch is imported by train() only: --help and --check answer without it, in a fraction of a second.
 from pipeline.cli import ArgumentParser, add_set_argument, run_main
@@ -118,7 +119,7 @@ def _claim(config: Config, path: Path) -> Config:
     return config
 
 
-def _own_sets(config: Config, path: Path) -> str:
+def _own_sets(config: Config, path: Path) -> Literal["resume", "start", ""]:
     """"resume" where the newest complete set is this config's, "start" where there is none and the folder
     holds no finished run, "" where it cannot tell (a set without a recorded config); BadInput for another
     config."""

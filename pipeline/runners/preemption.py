@@ -4,7 +4,8 @@ Sets every run.checkpoint_every steps are in the run's order itself (loop.py ``e
 construction. A signal or a clock is not: it reaches each process at its own moment. So only the
 first stage asks (``SaveRequests.poll``, before each training step) and its save point travels
 down the chain like an epoch end; the replicas of the first stage agree first with one small
-sum over their group, so all of them save, or stop, before the same step.
+sum over their group every AGREE_EVERY steps, so all of them save, or stop, before the same step
+(each step would cost a device synchronisation on GPUs; a signal waits at most that many steps).
 
 A stop signal (run.stop_signal; SIGTERM is what Slurm, Kubernetes and torchrun send first) lets
 every stage finish its step; the first stage then sends a save point and a preempted stop, and
@@ -27,6 +28,7 @@ import torch
 from pipeline.cli import EXIT_PREEMPTED
 
 EXIT_SIGNALLED_TWICE = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
+AGREE_EVERY = 8  # steps between the first stage's replicas' agreements (R > 1)
 
 
 class StopFlag:
@@ -74,7 +76,10 @@ class SaveRequests:
         """A set was just written (an epoch end, a save point): the clock starts again."""
         self.last = self.clock()
 
-    def poll(self) -> tuple[bool, bool]:
+    def poll(self, step: int) -> tuple[bool, bool]:
+        """Before training ``step`` (1-based)."""
+        if self.agree is not None and step % AGREE_EVERY:
+            return False, False
         stop = bool(self.stop)
         save = stop or bool(self.seconds and self.clock() - self.last >= self.seconds)
         if self.agree is not None:  # replicas of the first stage: any one's request is every one's

@@ -46,7 +46,7 @@ class BatchSource:
                     yield Eval(event.epoch, Packet.from_batch(images, labels))
                 yield event
                 continue
-            save, stop = requests.poll() if requests is not None else (False, False)
+            save, stop = requests.poll(event.step) if requests is not None else (False, False)
             if save and saved < event.step - 1:
                 assert requests is not None
                 saved = event.step - 1

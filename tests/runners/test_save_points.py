@@ -26,7 +26,7 @@ from pipeline.data.loader import make_loaders
 from pipeline.errors import BadInput
 from pipeline.runners.loop import Position, RunLength, SavePoint, TrainStep, events
 from pipeline.runners.messages import Stop, Train
-from pipeline.runners.preemption import SaveRequests, StopFlag
+from pipeline.runners.preemption import AGREE_EVERY, SaveRequests, StopFlag
 from pipeline.runners.run import run
 from pipeline.runners.source import BatchSource
 from pipeline.train import prepare_out_dir
@@ -50,16 +50,17 @@ def test_requests_follow_the_clock_the_flag_and_the_other_replicas() -> None:
     now = [0.0]
     flag = StopFlag()
     alone = SaveRequests(flag, minutes=1.0, agree=None, device=torch.device("cpu"), clock=lambda: now[0])
-    assert alone.poll() == (False, False)
+    assert alone.poll(1) == (False, False)
     now[0] = 61.0
-    assert alone.poll() == (True, False)
+    assert alone.poll(2) == (True, False)
     alone.saved()
-    assert alone.poll() == (False, False)
+    assert alone.poll(3) == (False, False)
     other_replica = torch.tensor([1, 1])  # another replica of the first stage got the signal
     replicated = SaveRequests(flag, 0.0, lambda votes: votes + other_replica, torch.device("cpu"))
-    assert replicated.poll() == (True, True)
+    assert replicated.poll(AGREE_EVERY - 1) == (False, False)  # replicas agree only every AGREE_EVERY steps
+    assert replicated.poll(AGREE_EVERY) == (True, True)
     flag.raised.set()
-    assert alone.poll() == (True, True)
+    assert alone.poll(4) == (True, True)
 
 
 def test_a_stop_request_ends_the_run_after_a_save_point(tmp_path: Path) -> None:
