@@ -1,6 +1,7 @@
 """torchrun --max-restarts: ranks SIGKILLed three times (once in the middle of a save) and the job still ends
-bit for bit where the uninterrupted one does. The costly tests of the suite: one K = 2 and one K x R = 2 x 2
-job, a few dozen tiny steps each."""
+bit for bit where the uninterrupted one does; a SIGTERM ends every stage at one set, exit 3, and the same
+command goes on. The costly tests of the suite: one K = 2 and one K x R = 2 x 2 job killed, one K = 2 job
+stopped, a few dozen tiny steps each."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import functools
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -67,6 +69,15 @@ def workers(agent: psutil.Process) -> list[psutil.Process]:
     return [child for child in agent.children() if "pipeline.train" in " ".join(child.cmdline())]
 
 
+def stop_job(job: subprocess.Popen[str]) -> None:
+    """A job a test gave up on: its workers first (a SIGKILLed agent leaves them running), then the agent."""
+    if job.poll() is None:
+        for worker in workers(psutil.Process(job.pid)):
+            worker.kill()
+        job.kill()
+        job.wait()
+
+
 def wait_for(condition: Callable[[], T | None], what: str, timeout: float = 120.0) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -123,9 +134,7 @@ def killed_job(out: Path, processes: int, overrides: list[str], kills: int = 3,
             restarts.append(Restart(killed_at, resumed_at, training[0] - since, mid_save))
         job.wait(timeout=300)
     finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
+        stop_job(job)
     reader.join(timeout=10)
     output = "".join(line for _, line in console.lines)
     return subprocess.CompletedProcess(command, job.returncode, output, ""), restarts
@@ -162,6 +171,41 @@ def test_a_k_by_r_job_killed_three_times_ends_equal_to_the_straight_job(tmp_path
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert_same_checkpoints(tmp_path / "killed", tmp_path / "straight", 2)
 
+
+
+def test_a_sigterm_to_every_rank_ends_them_at_one_set_and_the_same_command_goes_on(tmp_path: Path,
+                                                                                  single_thread: None) -> None:
+    """A preemption: SIGTERM to every worker (torchrun's agent, signalled itself, passes it on the same way;
+    its own report then names no exit codes, so the workers are signalled here to see theirs)."""
+    out = tmp_path / "preempted"
+    sets = [item for override in [*TINY, *JOB, f"run.out_dir={out}"] for item in ("--set", override)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+               "pipeline.train", *sets]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    console = Console()
+    reader = threading.Thread(target=console.read, args=(job.stdout,), daemon=True)
+    reader.start()
+    try:
+        wait_for(functools.partial(console.after, 0.0, re.compile(r"\[stage 0\] epoch 1 step 6/")), "training")
+        for worker in workers(psutil.Process(job.pid)):
+            worker.send_signal(signal.SIGTERM)
+        job.wait(timeout=60)
+    finally:
+        stop_job(job)
+    reader.join(timeout=10)
+    said = "".join(line for _, line in console.lines)
+    stopped = [int(step) for step in re.findall(r"stopped by SIGTERM after step (\d+)", said)]
+    assert len(stopped) == 2 and stopped[0] == stopped[1] < 80, said[-3000:]  # both stages, at one step
+    assert job.returncode != 0 and "exitcode  : 3" in said, said[-3000:]  # torchrun's report of its workers
+    assert [step for step, _ in checkpoint.complete_sets(out)][-1] == stopped[0]
+    assert not (out / "summary.json").exists()
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'step_{stopped[0]}'}" in again.stdout
+    reference = tiny_config(tmp_path, "reference", *JOB, "run.mode=sequential")
+    run(reference)
+    assert_same_checkpoints(out, Path(reference.run.out_dir), 2)
 
 if __name__ == "__main__":  # the closing note's figures: python tests/runners/test_restarts.py OUT PROCESSES KILLS
     target, processes, kills = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
