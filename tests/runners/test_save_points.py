@@ -135,6 +135,15 @@ def test_a_buffered_pipeline_resumes_by_itself_from_a_save_point(tmp_path: Path,
     assert (killed / "summary.json").is_file()  # it ran to its end
 
 
+def test_timed_sets_are_complete_and_leave_the_result_alone(tmp_path: Path, single_thread: None) -> None:
+    """run.checkpoint_minutes so short that the clock asks before every step: a set at every step."""
+    common = ["local.modules=2", "train.max_steps=4", "run.keep_checkpoints=10"]
+    run(tiny_config(tmp_path, "straight", *common))
+    run(tiny_config(tmp_path, "timed", *common, "run.checkpoint_minutes=1e-9"))
+    assert [step for step, _ in checkpoint.complete_sets(tmp_path / "timed")] == [1, 2, 3, 4]
+    assert_same_checkpoints(tmp_path / "straight", tmp_path / "timed", 2)
+
+
 def test_another_config_in_the_folder_is_refused_with_the_keys_that_differ(tmp_path: Path) -> None:
     first = tiny_config(tmp_path, "run", "local.modules=2", "train.max_steps=3")
     run(first)
