@@ -15,6 +15,11 @@ die() {
     exit 2
 }
 
+# torchrun restarts every worker this many times after a failure; each restart resumes from the newest
+# complete checkpoint set in run.out_dir (docs/failures.md). MAX_RESTARTS=0: a failure ends the job.
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+[[ ${MAX_RESTARTS} =~ ^[0-9]+$ ]] || die "MAX_RESTARTS must be a whole number >= 0 (got '${MAX_RESTARTS}')"
+
 # show_and_run CMD...: print the exact command (shell-quoted, after '+ '), then run it unless --dry-run.
 show_and_run() {
     printf '+'

@@ -8,13 +8,14 @@ usage: NNODES=N NODE_RANK=R MASTER_ADDR=HOST [MASTER_PORT=29500] [NPROC=P] [RDZV
        launch/multi_node.sh [--dry-run] [--mode pipeline|ddp] CONFIG [--set KEY=VALUE ...]
 
 Run it on each of the NNODES nodes (same CONFIG, same --set overrides, NODE_RANK 0..NNODES-1):
-  torchrun --nnodes NNODES --node-rank NODE_RANK --nproc-per-node NPROC \
+  torchrun --nnodes NNODES --node-rank NODE_RANK --nproc-per-node NPROC --max-restarts MAX_RESTARTS \
            --rdzv-backend c10d --rdzv-endpoint MASTER_ADDR:MASTER_PORT --rdzv-id RDZV_ID \
            -m pipeline.train --config CONFIG --set run.mode=pipeline [--set ...]
 
   NNODES, NODE_RANK, MASTER_ADDR   required (MASTER_ADDR: a host every node reaches; it hosts the rendezvous).
   NPROC    processes per node; pipeline default: local.modules / NNODES (must divide evenly).
   RDZV_ID  the job's rendezvous id, the same on every node (default: localpipe-<config name>).
+  MAX_RESTARTS  restarts after a failure, each resuming from the newest checkpoint set (default 3).
   --mode   pipeline (one process per module, default) or ddp (end-to-end baseline; NPROC required).
   --dry-run  check the config, print the command and exit.
   --set KEY=VALUE  goes to pipeline.train.
@@ -81,5 +82,6 @@ rdzv_id=${RDZV_ID:-localpipe-${config_name}}
 
 quiet_torchrun_threads
 show_and_run "${TORCHRUN}" --nnodes "${nnodes}" --node-rank "${node_rank}" --nproc-per-node "${nproc}" \
+    --max-restarts "${MAX_RESTARTS}" \
     --rdzv-backend c10d --rdzv-endpoint "${master_addr}:${master_port}" --rdzv-id "${rdzv_id}" \
     -m pipeline.train --config "${config}" --set "run.mode=${mode}" "${train_args[@]}"

@@ -7,13 +7,15 @@ usage() {
 usage: launch/single_node.sh [--dry-run] [--mode pipeline|ddp] [--nproc N] CONFIG [--set KEY=VALUE ...]
 
 Runs on this node:
-  torchrun --standalone --nproc-per-node K -m pipeline.train --config CONFIG --set run.mode=pipeline [--set ...]
+  torchrun --standalone --nproc-per-node K --max-restarts MAX_RESTARTS -m pipeline.train --config CONFIG \
+           --set run.mode=pipeline [--set ...]
 
   --mode pipeline   one process per module; K = local.modules of CONFIG (after the --set overrides).
   --mode ddp        the end-to-end DistributedDataParallel baseline on --nproc N processes (K=1 configs).
   --nproc N         processes to start (pipeline: must equal K; ddp: required).
   --dry-run         check the config, print the command and exit.
   --set KEY=VALUE   goes to pipeline.train, e.g. --set train.epochs=1 --set pipeline.wire_dtype=bf16.
+  MAX_RESTARTS=N    restarts after a failure, each resuming from the newest checkpoint set (default 3).
 Options may come in any order, before or after CONFIG; after -- everything goes to pipeline.train.
 The config is checked (python -m pipeline.train --check) before torchrun starts.
 One GPU per process where there are enough (NCCL), CPU processes (gloo) otherwise.
@@ -62,5 +64,5 @@ fi
 require_int --nproc "${nproc}"
 
 quiet_torchrun_threads
-show_and_run "${TORCHRUN}" --standalone --nproc-per-node "${nproc}" \
+show_and_run "${TORCHRUN}" --standalone --nproc-per-node "${nproc}" --max-restarts "${MAX_RESTARTS}" \
     -m pipeline.train --config "${config}" --set "run.mode=${mode}" "${train_args[@]}"

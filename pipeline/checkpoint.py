@@ -133,14 +133,16 @@ def save(run_dir: str | Path, worker: ModuleWorker, position: Position, identity
 
 
 def commit(run_dir: str | Path, position: Position, modules: int, identity: dict[str, Any], keep: int,
-           wait_s: float = 0.0) -> Path:
+           config: dict[str, Any], wait_s: float = 0.0) -> Path:
     """Once every module's file of ``position.step`` is written: mark the set complete, drop old ones.
 
     Called by one process, the one that holds the last module of replica 0, when the epoch end
-    reaches it (every module before it saved first); sets older than the newest ``keep``
-    complete ones, and unfinished sets older than this one, are removed. A file another node
-    wrote may not show yet on a shared file system (NFS caches directory attributes for up to a
-    minute): missing files are looked for again for up to ``wait_s`` before the set fails.
+    (or a mid-epoch save point) reaches it: every module before it saved first. The marker records
+    the result-changing config (``config.result_config``), by which a restarted job knows its own
+    sets. Sets older than the newest ``keep`` complete ones, and unfinished sets older than this
+    one, are removed. A file another node wrote may not show yet on a shared file system (NFS
+    caches directory attributes for up to a minute): missing files are looked for again for up to
+    ``wait_s`` before the set fails.
     """
     folder = step_dir(run_dir, position.step)
     deadline = time.monotonic() + wait_s
@@ -152,14 +154,25 @@ def commit(run_dir: str | Path, position: Position, modules: int, identity: dict
         raise StageFailure(f"checkpoint {folder} lacks modules {missing} when the last one saved; "
                            f"its set is left incomplete (resume uses the previous one)")
     marker = {"step": position.step, "position": position.to_dict(), "modules": list(range(modules)),
-              "identity": identity}
+              "identity": identity, "config": config}
     path = folder / MARKER
     _atomic_write(path, lambda temporary: temporary.write_text(json.dumps(marker, indent=2) + "\n"))
     kept = {step for step, _ in complete_sets(run_dir)[-keep:]}
     for step, old in _step_dirs(run_dir):
         if step < position.step and step not in kept:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_set(old)
     return path
+
+
+def _remove_set(folder: Path) -> None:
+    """Rename the folder out of the step_<N> namespace first: a kill halfway through the removal must not
+    leave a set whose marker outlives some of its module files (the rest goes at the next start)."""
+    doomed = folder.with_name(f"{folder.name}{_TEMPORARY}-removed-{os.getpid()}")
+    try:
+        os.replace(folder, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def clear_for_start(run_dir: str | Path, start_step: int) -> list[Path]:
@@ -169,9 +182,12 @@ def clear_for_start(run_dir: str | Path, start_step: int) -> list[Path]:
     older step into the same folder); an unfinished one is what a crash left. Returns what went.
     """
     removed = []
+    root = checkpoints_dir(run_dir)
+    for leftover in root.glob(f"*{_TEMPORARY}*") if root.is_dir() else []:  # a removal a kill cut short
+        shutil.rmtree(leftover, ignore_errors=True)
     for step, path in _step_dirs(run_dir):
         if step > start_step or not _is_complete(step, path):
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_set(path)
             removed.append(path)
             continue
         for stale in path.iterdir():

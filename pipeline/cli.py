@@ -8,9 +8,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.errors import BadInput, StageFailure, first_line
+from pipeline.errors import BadInput, Preempted, StageFailure, first_line
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_PREEMPTED = 3  # stopped by run.stop_signal after a complete checkpoint set: the same command goes on
 
 SET_HELP = (
     "override one config key; repeatable. VALUE is read as TOML (4, 0.1, true, \"text\", [[1, 6]]) and a "
@@ -63,6 +64,9 @@ def run_main(body: Callable[[], None]) -> int:
     except StageFailure as err:
         print(f"error: {first_line(str(err))}", file=sys.stderr, flush=True)
         return EXIT_FAILURE
+    except Preempted as err:
+        print(first_line(str(err)), file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return EXIT_FAILURE

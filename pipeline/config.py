@@ -38,6 +38,7 @@ WireDtype = Literal["fp32", "bf16"]
 Placement = Literal["chain", "stage"]
 Amp = Literal["none", "bf16"]
 PipelineSchedule = Literal["lockstep", "buffered"]
+StopSignal = Literal["SIGTERM", "SIGUSR1", "SIGUSR2"]
 
 MODES: tuple[str, ...] = get_args(Mode)
 DATASETS: tuple[str, ...] = get_args(Dataset)
@@ -65,6 +66,9 @@ class RunConfig:
     device: Device = "auto"
     log_every: int = 50
     tensorboard: bool = False  # also write RUN_DIR/tensorboard/rank_<r> event files (the tensorboard extra)
+    checkpoint_every: int = 0  # also a complete set every N steps; 0: at epoch ends (and the end) only
+    checkpoint_minutes: float = 0.0  # also a complete set once this many minutes passed since the last; 0: never
+    stop_signal: StopSignal = "SIGTERM"  # ends the run with a complete set and exit code 3 (docs/failures.md)
 
 
 @dataclass
@@ -188,6 +192,29 @@ class Config:
         model = self.model
         family = default_family(self.data.name) if model.family == "auto" else model.family
         return resolve_arch(family, model.arch)
+
+
+# Keys that leave a run's result alone: where it writes, how often it reports or saves, how long it
+# waits, where the data lives. Every other key changes the result, so a folder's checkpoints are
+# continued only by a run that agrees on all of them (an unknown new key counts as result-changing).
+NOT_RESULT_KEYS = frozenset({
+    "run.mode",  # every mode ends bit for bit where the sequential reference does
+    "run.out_dir", "run.resume", "run.resume_step", "run.keep_checkpoints", "run.overwrite", "run.log_every",
+    "run.tensorboard", "run.checkpoint_every", "run.checkpoint_minutes", "run.stop_signal",
+    "data.root", "data.download", "data.workers",
+    "pipeline.queue_depth", "pipeline.timeout_s", "pipeline.threads_per_stage", "pipeline.placement",
+})
+
+
+def result_config(config: Config) -> dict[str, Any]:
+    """The keys that change what a run computes, as table.key -> value (recorded with each checkpoint set)."""
+    return {f"{table}.{key}": value for table, values in config.to_dict().items() for key, value in values.items()
+            if f"{table}.{key}" not in NOT_RESULT_KEYS}
+
+
+def differing_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """table.key of every result-changing key two runs disagree on (one missing on a side counts)."""
+    return sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
 
 
 _UNIONS = (Union, types.UnionType)  # typing.Union[...] and the X | Y of builtin types
@@ -388,6 +415,10 @@ def validate(config: Config) -> None:
     _require(run.resume_step >= 0, f"run.resume_step = {run.resume_step} must be >= 0 (0: the newest checkpoint)")
     _require(run.resume_step == 0 or bool(run.resume),
              f"run.resume_step = {run.resume_step} needs run.resume = DIR, the out_dir to resume from")
+    _require(run.checkpoint_every >= 0,
+             f"run.checkpoint_every = {run.checkpoint_every} must be >= 0 (0: epoch ends only)")
+    _require(run.checkpoint_minutes >= 0,
+             f"run.checkpoint_minutes = {run.checkpoint_minutes} must be >= 0 (0: no timed checkpoints)")
 
     _require(data.batch_size >= 2, f"data.batch_size = {data.batch_size} must be >= 2 (batch norm needs two samples)")
     _require(data.image_size >= MIN_IMAGE_SIZE, f"data.image_size = {data.image_size} must be >= {MIN_IMAGE_SIZE} "

@@ -29,6 +29,10 @@ class StuckPeer(StageFailure):
         self.peer = peer
 
 
+class Preempted(Exception):
+    """The run stopped at run.stop_signal after a complete checkpoint set; not a failure (exit code 3)."""
+
+
 def first_line(text: str) -> str:
     """Torch's messages run over many lines: the terminal gets the first that says something."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
@@ -53,6 +57,8 @@ def errors_logged(out_dir: str | Path) -> Iterator[None]:
     """
     try:
         yield
+    except Preempted:
+        raise
     except Exception as err:  # every kind: the log keeps the whole chain, the terminal one line
         where = _write_log(out_dir, err)
         pointer = f" (traceback: {where})" if where is not None else ""

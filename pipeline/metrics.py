@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -56,6 +57,37 @@ class MetricsLog:
     def close(self) -> None:
         if self.sink is not None:
             self.sink.close()
+
+
+def keep_steps_up_to(run_dir: str | Path, step: int) -> None:
+    """Before a run (re)starts in run_dir at ``step``: drop metrics lines past it, all of them at step 0.
+
+    A resumed attempt goes on from its newest complete set; what an earlier attempt logged after that
+    set is trained again, and two attempts' lines for one step must never mix in one metrics.jsonl.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise cannot_write(path, err) from err
+
+    def kept(line: str) -> bool:
+        try:
+            logged = json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            return False  # a line a kill cut short
+        return step > 0 and isinstance(logged, int) and logged <= step
+
+    text = "".join(line for line in lines if line.endswith("\n") and kept(line))
+    temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        raise cannot_write(path, err) from err
 
 
 def _peak_resident_bytes() -> int:

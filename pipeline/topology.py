@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from torch._C import _distributed_c10d as c10d  # the stores' typed home: torch.distributed re-exports them untyped
 
 from pipeline.config import PipelineConfig, RunConfig
 from pipeline.distributed import limit_cpu_threads, resolve_device
@@ -209,6 +210,23 @@ def layout_replicas(size: int, modules: int, replicas: int) -> int:
     return size // modules
 
 
+def attempt_store(timeout: datetime.timedelta) -> c10d.Store | None:
+    """Under torchrun, this attempt's own keys in the agent's store; None elsewhere (torch's env:// store).
+
+    torchrun's agent keeps one TCPStore for the whole job (TORCHELASTIC_USE_AGENT_STORE) and its
+    workers join it at MASTER_ADDR:MASTER_PORT with the same keys on every restart: the new attempt
+    can read what the killed one left (a dead rank's address: "Gloo connectFullMesh failed ...
+    Connection refused"; barrier counters already counted). Each attempt's keys under its
+    TORCHELASTIC_RESTART_COUNT keep the attempts apart; every agent of a job counts its restarts
+    alike, since a failure anywhere restarts every node's workers.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    store = c10d.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    return c10d.PrefixStore(f"localpipe/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 GROUP_MARGIN_S = 60.0
 
 
@@ -226,7 +244,7 @@ def join_job(device: torch.device, rank: int, size: int, timeout_s: float) -> da
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s + GROUP_MARGIN_S)
-    dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout,
+    dist.init_process_group(backend, store=attempt_store(timeout), rank=rank, world_size=size, timeout=timeout,
                             device_id=device if backend == "nccl" else None)
     return timeout
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -15,10 +16,11 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 # torch is imported by train() only: --help and --check answer without it, in a fraction of a second.
 from pipeline.cli import ArgumentParser, add_set_argument, run_main
-from pipeline.config import Config, ineffective_keys, load_config
+from pipeline.config import Config, differing_keys, ineffective_keys, load_config, result_config
 from pipeline.errors import BadInput, errors_logged
 
 
@@ -50,11 +52,12 @@ OUTPUTS = ("summary.json", "metrics.jsonl", "checkpoints", "errors")  # what a r
 
 
 @contextlib.contextmanager
-def prepare_out_dir(config: Config) -> Iterator[None]:
+def prepare_out_dir(config: Config) -> Iterator[Config]:
     """A writable out_dir that this job alone writes to, for as long as the block runs.
 
     Rank 0 (or the one process) holds an flock on OUT_DIR/.lock; a folder with another run's
     outputs is refused unless this run resumes from it or run.overwrite = true (which clears them).
+    Yields the config to run: on rank 0, a job started again on its own folder resumes it (``_claim``).
     """
     path = Path(config.run.out_dir)
     try:
@@ -66,7 +69,7 @@ def prepare_out_dir(config: Config) -> Iterator[None]:
         raise BadInput(f"run.out_dir = {str(path)!r} cannot be written ({err.strerror}); "
                        f"choose a writable folder") from None
     if os.environ.get("RANK", "0") != "0":  # rank 0 speaks for the job
-        yield
+        yield config
         return
     with open(path / ".lock", "a+") as lock:
         try:
@@ -80,17 +83,28 @@ def prepare_out_dir(config: Config) -> Iterator[None]:
         lock.truncate()
         lock.write(f"{os.getpid()}\n")
         lock.flush()
-        _claim(config, path)
-        yield
+        yield _claim(config, path)
 
 
-def _claim(config: Config, path: Path) -> None:
-    """Refuse (or with run.overwrite clear) another run's outputs; resuming from this folder keeps them."""
+def _claim(config: Config, path: Path) -> Config:
+    """Refuse (or with run.overwrite clear) another run's outputs; resuming from this folder keeps them.
+
+    Without run.resume, a folder whose newest complete set was written with this result-changing
+    config (recorded in its marker) is this job's own, started again after a failure or a
+    preemption: it resumes from that set. Only unfinished sets (a crash before the first set): it
+    starts from the beginning. Another config: one line naming the keys that differ.
+    """
     run = config.run
     found = [name for name in ("summary.json", "checkpoints")
              if (path / name).is_file() or ((path / name).is_dir() and any((path / name).iterdir()))]
     if not found or (run.resume and Path(run.resume).resolve() == path.resolve()):
-        return
+        return config
+    if not run.overwrite and not run.resume:
+        own = _own_sets(config, path)
+        if own == "resume":
+            return dataclasses.replace(config, run=dataclasses.replace(run, resume=str(path)))
+        if own == "start":
+            return config
     if not run.overwrite:
         raise BadInput(
             f"run.out_dir = {str(path)!r} holds another run's outputs ({', '.join(found)}); resume it with "
@@ -102,12 +116,39 @@ def _claim(config: Config, path: Path) -> None:
             shutil.rmtree(target)
         else:
             target.unlink(missing_ok=True)
+    return config
+
+
+def _own_sets(config: Config, path: Path) -> Literal["resume", "start", ""]:
+    """"resume" where the newest complete set is this config's, "start" where there is none and the folder
+    holds no finished run, "" where it cannot tell (a set without a recorded config); BadInput for another
+    config."""
+    from pipeline import checkpoint
+
+    sets = checkpoint.complete_sets(path)
+    if not sets:
+        return "" if (path / "summary.json").is_file() else "start"
+    marker = checkpoint.read_marker(sets[-1][1]) or {}
+    saved = marker.get("config")
+    if not isinstance(saved, dict):
+        return ""
+    differ = differing_keys(saved, result_config(config))
+    if not differ:
+        return "resume"
+    mine = result_config(config)
+    shown = "; ".join(f"{key} = {json.dumps(saved.get(key))} there, {json.dumps(mine.get(key))} here"
+                      for key in differ[:4]) + ("; ..." if len(differ) > 4 else "")
+    raise BadInput(
+        f"run.out_dir = {str(path)!r} holds the checkpoints of a run with another config ({shown}); run its "
+        f"config to continue it, resume from it with run.resume = {str(path)!r}, replace it with "
+        f"run.overwrite = true, or choose another run.out_dir"
+    )
 
 
 def train(config: Config) -> None:
     from pipeline.distributed import keep_freed_host_memory
 
-    with prepare_out_dir(config):
+    with prepare_out_dir(config) as config:
         keep_freed_host_memory()
         from pipeline.runners.run import run
 

@@ -142,7 +142,7 @@ def test_save_then_load_restores_a_worker(make_config, tmp_path, image_batch):
         assert path == tmp_path / "checkpoints" / "step_17" / f"module_{worker.index}.pt"
     with pytest.raises(BadInput, match="no complete checkpoint"):
         checkpoint.find_set(tmp_path)  # not complete until committed
-    checkpoint.commit(tmp_path, Position(3, 1, 17), 2, identity, keep=2)
+    checkpoint.commit(tmp_path, Position(3, 1, 17), 2, identity, keep=2, config={})
     fresh = [make_worker(config, layout, index, CPU) for index in range(2)]
     for worker, original in zip(fresh, workers):
         assert checkpoint.load(checkpoint.find_set(tmp_path), worker, identity) == Position(3, 1, 17)
@@ -345,11 +345,11 @@ def test_commit_looks_again_for_a_module_file_another_node_wrote(make_config, tm
     checkpoint.save(tmp_path, workers[1], Position(1, 0, 4), identity)
     late = threading.Timer(0.4, checkpoint.save, (tmp_path, workers[0], Position(1, 0, 4), identity))
     late.start()
-    checkpoint.commit(tmp_path, Position(1, 0, 4), 2, identity, keep=2, wait_s=10.0)
+    checkpoint.commit(tmp_path, Position(1, 0, 4), 2, identity, keep=2, config={}, wait_s=10.0)
     late.join()
     assert checkpoint.find_set(tmp_path) == tmp_path / "checkpoints" / "step_4"
     checkpoint.save(tmp_path, workers[1], Position(1, 0, 8), identity)
     started = time.monotonic()
     with pytest.raises(StageFailure, match=r"lacks modules \[0\]"):
-        checkpoint.commit(tmp_path, Position(1, 0, 8), 2, identity, keep=2, wait_s=1.0)
+        checkpoint.commit(tmp_path, Position(1, 0, 8), 2, identity, keep=2, config={}, wait_s=1.0)
     assert 1.0 <= time.monotonic() - started < 3.0

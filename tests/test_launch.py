@@ -220,9 +220,17 @@ def test_single_node_dry_run(tmp_path: Path, fake_bin: Path) -> None:
     result = run_script("single_node.sh", "--dry-run", "configs/quickstart.toml", "--set", "train.epochs=2",
                         env=path_with(fake_bin))
     assert commands(result) == [[
-        "torchrun", "--standalone", "--nproc-per-node", "4", "-m", "pipeline.train",
+        "torchrun", "--standalone", "--nproc-per-node", "4", "--max-restarts", "3", "-m", "pipeline.train",
         "--config", "configs/quickstart.toml", "--set", "run.mode=pipeline", "--set", "train.epochs=2"]]
     assert not (tmp_path / "torchrun.argv").exists(), "--dry-run must not run anything"
+
+
+def test_max_restarts_is_overridable_and_checked() -> None:
+    result = run_script("single_node.sh", "--dry-run", "configs/quickstart.toml", env={"MAX_RESTARTS": "0"})
+    (argv,) = commands(result)
+    assert argv[argv.index("--max-restarts") + 1] == "0"
+    bad = run_script("single_node.sh", "--dry-run", "configs/quickstart.toml", env={"MAX_RESTARTS": "many"})
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: MAX_RESTARTS must be a whole number >= 0 (got 'many')"
 
 
 def test_single_node_takes_k_from_the_overrides() -> None:
@@ -246,8 +254,9 @@ def test_single_node_checks_k_and_modes() -> None:
     e2e = run_script("single_node.sh", "--dry-run", "configs/fashion_mnist/e2e.toml")
     assert e2e.returncode == 2
     ddp = run_script("single_node.sh", "--dry-run", "--mode", "ddp", "--nproc", "2", "configs/fashion_mnist/e2e.toml")
-    assert commands(ddp) == [["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "pipeline.train",
-                              "--config", "configs/fashion_mnist/e2e.toml", "--set", "run.mode=ddp"]]
+    assert commands(ddp) == [["torchrun", "--standalone", "--nproc-per-node", "2", "--max-restarts", "3",
+                              "-m", "pipeline.train", "--config", "configs/fashion_mnist/e2e.toml",
+                              "--set", "run.mode=ddp"]]
     bad_config = run_script("single_node.sh", "--dry-run", "configs/no_such.toml")
     assert bad_config.returncode == 2 and "does not exist" in bad_config.stderr
     assert "Traceback" not in bad_config.stderr
@@ -258,7 +267,7 @@ def test_multi_node_dry_run() -> None:
     result = run_script("multi_node.sh", "--dry-run", "configs/fashion_mnist/greedy_sl.toml", "--set", "train.epochs=1",
                         env=env)
     assert commands(result) == [[
-        "torchrun", "--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "8",
+        "torchrun", "--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "8", "--max-restarts", "3",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29600", "--rdzv-id", "job7",
         "-m", "pipeline.train", "--config", "configs/fashion_mnist/greedy_sl.toml",
         "--set", "run.mode=pipeline", "--set", "train.epochs=1"]]
@@ -286,14 +295,15 @@ def test_slurm_dry_run_uses_the_first_node_as_rendezvous(tmp_path: Path) -> None
         result = run_script("slurm.sbatch", "--dry-run", "configs/quickstart.toml", env=env, cwd=tmp_path)
         assert commands(result) == [[
             "srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
-            "torchrun", "--nnodes", "2", "--nproc-per-node", "2",
+            "torchrun", "--nnodes", "2", "--nproc-per-node", "2", "--max-restarts", "3",
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{first}:29500", "--rdzv-id", "4242",
             "-m", "pipeline.train", "--config", "configs/quickstart.toml", "--set", "run.mode=pipeline"]]
 
 
 def test_slurm_header() -> None:
     text = (LAUNCH / "slurm.sbatch").read_text()
-    for directive in ("--nodes", "--ntasks-per-node=1", "--gpus-per-node", "--time", "--output"):
+    for directive in ("--nodes", "--ntasks-per-node=1", "--gpus-per-node", "--time", "--output", "--requeue",
+                      "--signal=TERM@120"):
         assert f"#SBATCH {directive}" in text
     outside = run_script("slurm.sbatch", "configs/quickstart.toml", env={"SLURM_JOB_NODELIST": "", "MASTER_ADDR": ""})
     assert outside.returncode == 2 and "sbatch" in outside.stderr and "--dry-run" in outside.stderr
@@ -308,7 +318,8 @@ def test_slurm_dry_run_outside_slurm_previews_with_placeholders(tmp_path: Path, 
     result = run_script("slurm.sbatch", config, "--mode", mode, "--dry-run", env=env, cwd=tmp_path)
     assert commands(result) == [[
         "srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
-        "torchrun", "--nnodes", "2", "--nproc-per-node", nproc,  # the #SBATCH lines: 2 nodes, 2 GPUs each
+        # the #SBATCH lines: 2 nodes, 2 GPUs each
+        "torchrun", "--nnodes", "2", "--nproc-per-node", nproc, "--max-restarts", "3",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "FIRST_NODE:29500", "--rdzv-id", "SLURM_JOB_ID",
         "-m", "pipeline.train", "--config", config, "--set", f"run.mode={mode}"]]
     assert "placeholders" in result.stderr

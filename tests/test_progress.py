@@ -54,4 +54,5 @@ def test_a_resumed_run_says_where_it_resumed(tmp_path: Path, capsys: pytest.Capt
     capsys.readouterr()
     run(load_config(None, [*common, "train.max_steps=5", f"run.out_dir='{tmp_path / 'b'}'",
                            f"run.resume='{tmp_path / 'a'}'"]))
-    assert f"resumed from {tmp_path / 'a'} at epoch 1, batch 3 (step 3)" in capsys.readouterr().out
+    where = tmp_path / "a" / "checkpoints" / "step_3"  # the set itself, whether named by run.resume or found
+    assert f"resumed from {where} at epoch 1, batch 3 (step 3)" in capsys.readouterr().out

@@ -195,10 +195,18 @@ def test_another_runs_outputs_are_refused_unless_resumed_or_overwritten(tmp_path
     out = tmp_path / "run"
     assert tiny_main(out, "train.max_steps=2") == 0
     capsys.readouterr()
-    assert tiny_main(out, "train.max_steps=2") == 2
+    assert tiny_main(out, "train.max_steps=2") == 0  # the same config again: its own folder, resumed (issue 26)
+    assert "nothing to train" in capsys.readouterr().out
+    assert tiny_main(out, "train.max_steps=2", "local.context=E") == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "holds another run's outputs (summary.json, checkpoints)" in error
+    assert error.count("\n") == 1 and "local.context = \"R0\" there, \"E\" here" in error
     assert "run.overwrite = true" in error and "run.resume" in error
+    marker = out / "checkpoints" / "step_2" / "COMPLETE"
+    written = json.loads(marker.read_text())
+    del written["config"]  # a set written before the marker recorded its config: whose it is cannot be told
+    marker.write_text(json.dumps(written))
+    assert tiny_main(out, "train.max_steps=2") == 2
+    assert "holds another run's outputs (summary.json, checkpoints)" in capsys.readouterr().err
     assert tiny_main(out, "train.max_steps=4", f"run.resume='{out}'") == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
     assert tiny_main(out, "train.max_steps=3", "run.overwrite=true") == 0

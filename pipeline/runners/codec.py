@@ -14,10 +14,10 @@ from pipeline.model.context import ContextPlan
 from pipeline.model.resnet import BlockShape
 from pipeline.packet import Packet
 from pipeline.runners.loop import Position
-from pipeline.runners.messages import EpochEnd, Eval, Message, Stop, Train
+from pipeline.runners.messages import EpochEnd, Eval, Message, SavePoint, Stop, Train
 from pipeline.transport import Frame
 
-TRAIN, EVAL, END_EPOCH, STOP = 1, 2, 3, 4
+TRAIN, EVAL, END_EPOCH, STOP, SAVE = 1, 2, 3, 4, 5
 
 
 class MessageCodec:
@@ -45,7 +45,10 @@ class MessageCodec:
         if isinstance(message, EpochEnd):
             at = message.resume_at
             return Frame((END_EPOCH, message.epoch, at.epoch, at.batch, at.step, int(message.final)), [])
-        return Frame((STOP,), [])
+        if isinstance(message, SavePoint):
+            at = message.resume_at
+            return Frame((SAVE, at.epoch, at.batch, at.step), [])
+        return Frame((STOP, int(message.preempted)), [])
 
     def decode(self, frame: Frame) -> Message:
         kind, *values = frame.meta
@@ -57,8 +60,11 @@ class MessageCodec:
         if kind == END_EPOCH:
             epoch, at_epoch, at_batch, at_step, final = values[:5]
             return EpochEnd(epoch, Position(at_epoch, at_batch, at_step), bool(final))
+        if kind == SAVE:
+            at_epoch, at_batch, at_step = values[:3]
+            return SavePoint(Position(at_epoch, at_batch, at_step))
         if kind == STOP:
-            return Stop()
+            return Stop(bool(values[0]))
         raise StageFailure(f"module {self.receiver} got a message of unknown kind {kind}; the stream is corrupt")
 
     def _packet(self, frame: Frame) -> Packet:

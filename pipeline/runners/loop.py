@@ -1,4 +1,4 @@
-"""The order of a run: train steps, epoch ends (evaluate + checkpoint), where to stop.
+"""The order of a run: train steps, epoch ends (evaluate + checkpoint), mid-epoch save points, where to stop.
 
 Every runner walks the same ``events`` so they agree on when the learning rate changes, when
 the test set is evaluated and where a resumed run picks up.
@@ -50,7 +50,18 @@ class EpochEnd:
         return self.epoch if self.resume_at.batch == 0 else self.epoch - 1
 
 
-def events(start: Position, epochs: int, batches: int, max_steps: int) -> Iterator[TrainStep | EpochEnd]:
+@dataclass(frozen=True)
+class SavePoint:
+    """A complete checkpoint set within an epoch, at a step every stage agrees on: it travels down the
+    chain like an epoch end, but nothing is evaluated."""
+
+    resume_at: Position
+
+
+def events(start: Position, epochs: int, batches: int, max_steps: int,
+           every: int = 0) -> Iterator[TrainStep | EpochEnd | SavePoint]:
+    """The run from ``start``; ``every`` > 0 adds a save point after each step that is a multiple of it,
+    unless an epoch end or the run's end saves there anyway."""
     step = start.step
     for epoch in range(start.epoch, epochs + 1):
         first = start.batch if epoch == start.epoch else 0
@@ -60,6 +71,8 @@ def events(start: Position, epochs: int, batches: int, max_steps: int) -> Iterat
                 return
             step += 1
             yield TrainStep(epoch, batch, step)
+            if every and step % every == 0 and batch + 1 < batches and not (max_steps and step >= max_steps):
+                yield SavePoint(Position(epoch, batch + 1, step))
         final = epoch == epochs or bool(max_steps and step >= max_steps)
         yield EpochEnd(epoch, Position(epoch + 1, 0, step), final)
         if final:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.packet import Packet
-from pipeline.runners.loop import EpochEnd
+from pipeline.runners.loop import EpochEnd, SavePoint
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,12 @@ class Eval:
 
 @dataclass(frozen=True)
 class Stop:
-    """The run is over: every stage passes it on, then ends."""
+    """The run is over: every stage passes it on, then ends. ``preempted``: by a stop signal, after a
+    save point, before the run's end (the process exits with EXIT_PREEMPTED)."""
+
+    preempted: bool = False
 
 
-Message = Train | Eval | EpochEnd | Stop
+Message = Train | Eval | EpochEnd | SavePoint | Stop
 
-__all__ = ["EpochEnd", "Eval", "Message", "Stop", "Train"]
+__all__ = ["EpochEnd", "Eval", "Message", "SavePoint", "Stop", "Train"]

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from pipeline.errors import BadInput
 from pipeline.runners.links import Inbox
-from pipeline.runners.loop import EpochEnd, Position, RunLength, TrainStep, events
+from pipeline.runners.loop import EpochEnd, Position, RunLength, SavePoint, TrainStep, events
 from pipeline.runners.messages import Eval, Stop, Train
 from pipeline.runners.replay_buffer import ReplayBuffer, Taken
 from pipeline.runners.report import RunReport
@@ -72,7 +72,7 @@ def seeded_schedule(start: Position, length: RunLength, modules: int, slowdown: 
                 plans[0].append(Trained(event.step, 1))
                 clock[0] += step_time(0)
                 send(0, steps[0])
-            else:
+            elif isinstance(event, EpochEnd):  # (no save points: the schedule is events' without them)
                 plans[0].append(Ended(event.epoch))
                 send(0, Ended(event.epoch), pauses=event.final)
             continue
@@ -137,10 +137,11 @@ class ReplayLoop:
             through(self.stages, message)
             if isinstance(message, EpochEnd):
                 self.report.epoch_end(message)
-                if self.commit is not None:
-                    self.commit(message.resume_at)
+            if isinstance(message, (EpochEnd, SavePoint)) and self.commit is not None:
+                self.commit(message.resume_at)
             self.report.paused(time.perf_counter() - tick, evaluating=isinstance(message, Eval))
             if isinstance(message, Stop):
+                self.report.preempted = message.preempted
                 return
 
     def _catch_up(self) -> None:

@@ -46,6 +46,7 @@ class RunReport:
         self.scores: dict[str, Any] = {}  # the last evaluation's (pipeline/scoring.py)
         self.eval_s = 0.0  # evaluation seconds this epoch, as this process saw them
         self.lines = 0
+        self.preempted = False  # the run ended at a stop signal's save point, before its end
 
     # ---- training ---------------------------------------------------------------------------
 

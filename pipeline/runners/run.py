@@ -22,11 +22,11 @@ from typing import Any
 import torch
 
 from pipeline import checkpoint
-from pipeline.config import Config, PipelineConfig
+from pipeline.config import Config, PipelineConfig, result_config
 from pipeline.data.contract import Loader
 from pipeline.data.loader import make_loaders
-from pipeline.errors import BadInput, StageFailure, StuckPeer
-from pipeline.metrics import say
+from pipeline.errors import BadInput, Preempted, StageFailure, StuckPeer
+from pipeline.metrics import keep_steps_up_to, say
 from pipeline.model.local_module import Layout
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.model.partition import flat_to_cut
@@ -35,6 +35,7 @@ from pipeline.runners.codec import MessageCodec
 from pipeline.runners.data_parallel import DataParallel
 from pipeline.runners.links import Inbox, Outbox
 from pipeline.runners.loop import Position, RunLength, total_steps
+from pipeline.runners.preemption import SaveRequests, StopFlag, stop_signal
 from pipeline.runners.replay import ReplayLoop, seeded_schedule
 from pipeline.runners.report import RunReport
 from pipeline.runners.schedule_trace import StepTrace, read_schedule
@@ -71,18 +72,25 @@ def run(config: Config) -> dict[str, Any] | None:
         )
     # The first stage reads the data before joining the job, so a bad data path exits 2 at once.
     loaders = make_loaders(config, topology.device, processes=topology.replicas) if topology.first else None
-    with process_groups(topology, config.pipeline.timeout_s), failures_named(topology):
+    with (stop_signal(config.run.stop_signal) as stop, process_groups(topology, config.pipeline.timeout_s),
+          failures_named(topology)):
         links = functools.partial(wire, config.pipeline, topology, channels_last=config.precision.channels_last,
                                   amp=config.precision.amp)
         try:
-            loop, report, cuts = assemble(config, topology, loaders, started, links)
+            loop, report, cuts = assemble(config, topology, loaders, started, links, stop)
         except NothingToTrain as done:  # every process sees it at the same point
             if topology.rank == 0:
                 say(str(done))
             return None
         report.stats.memory.start()  # peaks of the training loop, not of the data set or profiling
         loop.run()
-        summary = report.summary(config, cuts)
+        summary = None if report.preempted else report.summary(config, cuts)
+    if report.preempted:  # every process got the preempted stop after the set's save point
+        report.log.close()
+        sets = checkpoint.complete_sets(config.run.out_dir)
+        newest = f"its newest complete checkpoint set is {sets[-1][1]}" if sets else "no checkpoint set yet"
+        raise Preempted(f"[{loop_label(config.run.mode, topology)}] stopped by {config.run.stop_signal} after step "
+                        f"{report.steps}; {newest}: start the same command again to continue from it")
     if summary is not None:
         scored = f"{score_line(summary)}, " if summary["test_accuracy"] is not None else ""
         say(f"[{loop_label(config.run.mode, topology)}] done: {summary['steps']} steps, {scored}"
@@ -92,8 +100,11 @@ def run(config: Config) -> dict[str, Any] | None:
 
 
 def assemble(config: Config, topology: Topology, loaders: Loaders | None, started: float,
-             links: Links) -> tuple[Loop, RunReport, list[int]]:
-    """This process's modules, resumed, with their report, inbox and outbox: a loop ready to run."""
+             links: Links, stop: StopFlag | None = None) -> tuple[Loop, RunReport, list[int]]:
+    """This process's modules, resumed, with their report, inbox and outbox: a loop ready to run.
+
+    ``stop``: set by run.stop_signal; the first stage then ends the run at a checkpoint set.
+    """
     # Facts only the first stage can know (the data's spec and length; profiled cuts) are broadcast so
     # all agree: the other stages never read the data (an image folder may not even be mounted there).
     facts = None
@@ -110,10 +121,12 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     for worker in workers:
         worker.total_steps = run_steps
     identity = checkpoint.identity_of(config, cuts)
-    position = resume(config.run.resume, config.run.resume_step, workers, identity, topology)
-    if config.run.resume and total_steps(position, *length) <= position.step:
+    # Rank 0 alone decides whether a job started again on its own out_dir resumes it (train.py _claim).
+    resume_dir = topology.comm.broadcast(config.run.resume, 0)
+    position = resume(resume_dir, config.run.resume_step, workers, identity, topology)
+    if resume_dir and total_steps(position, *length) <= position.step:
         raise NothingToTrain(
-            f"run.resume: {config.run.resume} is at step {position.step}, where this run ends (train.epochs = "
+            f"run.resume: {resume_dir} is at step {position.step}, where this run ends (train.epochs = "
             f"{config.train.epochs}, train.max_steps = {config.train.max_steps}): nothing to train, no output "
             f"written; raise train.epochs or train.max_steps to train further"
         )
@@ -121,6 +134,7 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     if topology.rank == 0:  # before anything is written: what a crash or a replaced history left goes
         for gone in checkpoint.clear_for_start(config.run.out_dir, position.step):
             say(f"[{label}] removed {gone}: unfinished, or newer than step {position.step} where this run starts")
+        keep_steps_up_to(config.run.out_dir, position.step)  # an attempt's lines past its last set go
     report = RunReport(label, config.run, topology, workers, position, length, parallel.total, started)
     save = functools.partial(checkpoint.save, config.run.out_dir, identity=identity) if topology.writer else None
     adopt = parallel.adopt_replica_0_buffers if topology.replicas > 1 else None
@@ -139,7 +153,7 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     commit = None
     if topology.writer and topology.last:
         commit = functools.partial(checkpoint.commit, config.run.out_dir, modules=topology.stages, identity=identity,
-                                   keep=config.run.keep_checkpoints,
+                                   keep=config.run.keep_checkpoints, config=result_config(config),
                                    wait_s=config.pipeline.timeout_s if topology.distributed else 0.0)
     inbox, outbox = links(layout)
     if buffered and inbox is not None:
@@ -147,7 +161,10 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
                               topology.device)
     if topology.first:
         assert loaders is not None
-        inbox = BatchSource(*loaders, position, length, parallel.part)
+        agree = topology.comm.sum_over_replicas if topology.replicas > 1 else None
+        requests = SaveRequests(stop if stop is not None else StopFlag(), config.run.checkpoint_minutes, agree,
+                                topology.device)
+        inbox = BatchSource(*loaders, position, length, parallel.part, config.run.checkpoint_every, requests)
     assert inbox is not None
     if topology.writer:
         hosted = topology.hosted
@@ -156,9 +173,9 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
         say(f"[{label}] {which} of {config.local.modules}, cut points {points} ([stage, block] after which a "
             f"module ends), {batches} batches/epoch on {topology.device} x {topology.replicas}, "
             f"{torch.get_num_threads()} thread(s)")
-        if config.run.resume:
-            say(f"[{label}] resumed from {config.run.resume} at epoch {position.epoch}, batch {position.batch} "
-                f"(step {position.step})")
+        if resume_dir:
+            say(f"[{label}] resumed from {checkpoint.find_set(resume_dir, config.run.resume_step)} at epoch "
+                f"{position.epoch}, batch {position.batch} (step {position.step})")
     if buffered and config.run.mode == "sequential":
         plans = read_schedule(pipe.replay, len(workers)) if pipe.replay else seeded_schedule(
             position, length, len(workers), pipe.slowdown, pipe.buffer_batches, pipe.max_reuse, config.run.seed)

@@ -17,7 +17,7 @@ from torch import nn
 from pipeline.packet import Packet
 from pipeline.runners.links import Inbox, Outbox
 from pipeline.runners.loop import Position
-from pipeline.runners.messages import EpochEnd, Eval, Message, Stop, Train
+from pipeline.runners.messages import EpochEnd, Eval, Message, SavePoint, Stop, Train
 from pipeline.runners.report import RunReport
 from pipeline.runners.schedule_trace import StepTrace
 from pipeline.worker import ModuleWorker
@@ -66,6 +66,10 @@ class ModuleStage:
             self.counts += result
             self.evaluated += len(message.packet.labels)
             return None
+        if isinstance(message, SavePoint):
+            if self.save is not None:
+                self.save(worker, message.resume_at)
+            return message
         if isinstance(message, EpochEnd):
             if self.trace is not None:
                 self.trace.ended(message)
@@ -94,7 +98,8 @@ class StageLoop:
     def __init__(self, inbox: Inbox, stages: Sequence[Handler], outbox: Outbox | None, report: RunReport,
                  commit: Callable[[Position], object] | None = None) -> None:
         self.inbox, self.stages, self.outbox, self.report = inbox, stages, outbox, report
-        self.commit = commit  # the last stage of replica 0, at each epoch end: mark the checkpoint set complete
+        # The last stage of replica 0, at each epoch end and save point: mark the checkpoint set complete.
+        self.commit = commit
 
     def run(self) -> None:
         """Until STOP has gone through; every wait is bounded by the links' deadlines."""
@@ -118,10 +123,11 @@ class StageLoop:
                 continue
             if isinstance(message, EpochEnd):
                 report.epoch_end(message)
-                if self.commit is not None:  # every module upstream saved before passing the epoch end on
-                    self.commit(message.resume_at)
+            if isinstance(message, (EpochEnd, SavePoint)) and self.commit is not None:
+                self.commit(message.resume_at)  # every module upstream saved before passing it on
             report.paused(time.perf_counter() - tick, evaluating=isinstance(message, Eval))
             if isinstance(message, Stop):
+                report.preempted = message.preempted
                 break
         if self.outbox is not None:
             self.outbox.close()

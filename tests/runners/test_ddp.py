@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from distributed_helpers import load_module_state, max_state_difference, tiny_config, torchrun
+from distributed_helpers import (
+    assert_same_checkpoints,
+    load_module_state,
+    max_state_difference,
+    tiny_config,
+    torchrun,
+)
 
 from pipeline import checkpoint
 from pipeline.data.loader import make_loaders
@@ -21,6 +28,7 @@ from pipeline.topology import Solo, Topology
 from pipeline.worker import make_worker
 
 STEPS, WORLD = 6, 2
+DDP_JOB = ["run.mode=ddp", f"train.max_steps={STEPS}", "run.checkpoint_every=3"]
 
 
 def emulate_ddp(tmp: Path) -> dict[str, object]:
@@ -50,9 +58,9 @@ def emulate_ddp(tmp: Path) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One DDP job of WORLD processes, STEPS steps: both tests below read its outputs."""
+    """One DDP job of WORLD processes, STEPS steps (a set at step 3 too): the tests below read its outputs."""
     out = tmp_path_factory.mktemp("ddp") / "ddp"
-    done = torchrun(WORLD, [f"run.out_dir={out}", "run.mode=ddp", f"train.max_steps={STEPS}"])
+    done = torchrun(WORLD, [f"run.out_dir={out}", *DDP_JOB])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
 
@@ -63,6 +71,18 @@ def test_ddp_matches_single_process(ddp_run: Path, tmp_path: Path, single_thread
     assert saved["position"]["step"] == STEPS
     assert max_state_difference(emulate_ddp(tmp_path), saved["state"]) <= 1e-5
     assert not checkpoint.module_file(checkpoint.find_set(out), 1).exists()
+
+
+def test_a_ddp_job_started_again_resumes_by_itself_mid_epoch(ddp_run: Path, tmp_path: Path) -> None:
+    """As a kill right after the set of step 3 leaves it: the same command goes on from there, bit for bit."""
+    killed = tmp_path / "killed"
+    shutil.copytree(ddp_run, killed)
+    (killed / "summary.json").unlink()
+    shutil.rmtree(checkpoint.step_dir(killed, STEPS))
+    done = torchrun(WORLD, [f"run.out_dir={killed}", *DDP_JOB])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resumed from {checkpoint.step_dir(killed, 3)} at epoch 1, batch 3 (step 3)" in done.stdout
+    assert_same_checkpoints(ddp_run, killed, 1)
 
 
 def test_ddp_refuses_local_modules(tmp_path: Path) -> None:
