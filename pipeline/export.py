@@ -73,10 +73,16 @@ def complete_set(path: Path, step: int) -> Path:
 
 
 def run_config(run_dir: Path, config_path: str | None, overrides: list[str]) -> Config:
-    """The run's config: --config (with --set), else the one its summary.json recorded (with --set)."""
+    """The run's config: --config (with --set); else the one its summary.json recorded (with --set); a run
+    that did not finish has none: then the defaults with --set, as pipeline.train reads them."""
     if config_path is not None:
         return load_config(config_path, overrides)
     summary = run_dir / "summary.json"
+    if not summary.is_file():
+        if overrides:
+            return load_config(None, overrides)
+        raise BadInput(f"{clip(str(run_dir), 200)} has no summary.json (the run did not finish) to read its config "
+                       f"from; pass the config it was trained with: --config FILE [--set ...]")
     try:
         raw = json.loads(summary.read_text())["config"]
         if not isinstance(raw, dict):
