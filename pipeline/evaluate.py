@@ -41,8 +41,8 @@ def load_for_evaluation(path: str | Path, step: int = 0, config_path: str | None
         return net, config, recipe.spec
     net, recipe = read_model(path)
     config = load_config(config_path, overrides) if config_path is not None else recipe.build_config(overrides)
-    recorded = network_identity(recipe.build_config(), recipe.spec, recipe.cuts)
-    given = network_identity(config, recipe.spec, recipe.cuts)
+    recorded = network_identity(recipe.build_config(), recipe.cuts)
+    given = network_identity(config, recipe.cuts)
     given["cuts"] = recorded["cuts"]  # a config's own partition may be profiled: the model's cuts are the ones
     for key, value in recorded.items():
         if given[key] != value:

@@ -238,5 +238,6 @@ def test_onnx_without_its_extra_is_one_line(contsup: TrainedRun, tmp_path: Path,
 def test_the_cli_writes_the_model(contsup: TrainedRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(contsup.out_dir), "--out", str(tmp_path / "model.pt")]) == 0
     assert "wrote" in capsys.readouterr().out
+    model = pipeline.load_model(tmp_path / "model.pt")
     with torch.no_grad():
-        assert torch.equal(pipeline.load_model(tmp_path / "model.pt")(evaluation_batches(contsup)[0]), contsup.logits[0])
+        assert torch.equal(model(evaluation_batches(contsup)[0]), contsup.logits[0])

@@ -69,9 +69,10 @@ def stage_key(module: int, name: str) -> str:
     return f"{STAGES}.{module}.{name}"
 
 
-def network_identity(config: Config, spec: DatasetSpec, cuts: list[int]) -> dict[str, Any]:
-    """What decides the inference network's tensors and what its inputs are: a config used with an export
-    (to evaluate it) must agree on all of it. Training-only settings (heads, decoder, losses, batch) may differ."""
+def network_identity(config: Config, cuts: list[int]) -> dict[str, Any]:
+    """What of a config decides the inference network's tensors and what its inputs are: a config used with an
+    export (to evaluate it) must agree on all of it; the test split's classes are checked against the network
+    where it is read. Training-only settings (heads, decoder, losses, batch) may differ."""
     return {
         "arch": config.model.arch,
         "family": config.arch.family,
@@ -81,6 +82,4 @@ def network_identity(config: Config, spec: DatasetSpec, cuts: list[int]) -> dict
         "context": config.local.context,
         "aux_widen": config.local.aux_widen,  # the width of the E encoders
         "deep_stem": config.model.deep_stem,
-        "channels": spec.channels,
-        "classes": spec.classes,
     }
