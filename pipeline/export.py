@@ -192,10 +192,13 @@ def example_input(spec: DatasetSpec) -> torch.Tensor:
 
 
 def export_program(net: InferenceNet, spec: DatasetSpec) -> torch.export.ExportedProgram:
-    """The network as a torch.export program of ATen operations, its batch dynamic."""
-    batch = torch.export.Dim("batch", min=1)
+    """The network as a torch.export program of ATen operations, its batch dynamic; a segmentation net's
+    height and width too (it evaluates whole images of any size)."""
+    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1)}
+    if spec.dense:
+        dims |= {2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}  # export finds the sizes the net allows
     with torch.no_grad():
-        return torch.export.export(net, (example_input(spec),), dynamic_shapes=({0: batch},))
+        return torch.export.export(net, (example_input(spec),), dynamic_shapes=(dims,))
 
 
 def require_onnx() -> None:

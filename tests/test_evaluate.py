@@ -39,6 +39,7 @@ def test_the_cli_prints_the_scores(tmp_path_factory: pytest.TempPathFactory, tmp
 
 
 def one_line_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str], expected: str) -> None:
+    capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err

@@ -73,6 +73,21 @@ def test_the_torch_export_program_gives_the_same_logits(name: str, request: pyte
         assert program(evaluation_batches(trained)[0][:1]).shape == trained.logits[0][:1].shape  # any batch size
 
 
+def test_a_segmentation_program_takes_whole_images_of_any_size(tmp_path_factory: pytest.TempPathFactory,
+                                                               tmp_path: Path) -> None:
+    trained = trained_run(tmp_path_factory, "deeplab")
+    model = pipeline.load_model(export(trained.out_dir, tmp_path / "model.pt"))
+    program = torch.export.load(str(export(trained.out_dir, tmp_path / "model.pt2", "export"))).module()
+    sizes = set()
+    with torch.no_grad():
+        for images in evaluation_batches(trained):  # padded to each batch's largest image: 40 x 60, 44 x 52
+            logits = model(images)
+            assert logits.shape[-2:] == images.shape[-2:]
+            assert (program(images) - logits).abs().max() <= 1e-6
+            sizes.add(tuple(images.shape[-2:]))
+    assert len(sizes) == 2
+
+
 def test_the_program_runs_where_this_package_is_not_imported(contsup: TrainedRun, tmp_path: Path) -> None:
     written = export(contsup.out_dir, tmp_path / "model.pt2", "export")
     images = evaluation_batches(contsup)[0]
@@ -190,6 +205,7 @@ def test_deeplab_v3_has_no_torchvision_form(seg_config_builder) -> None:
 # ---- bad input -----------------------------------------------------------------------------------------
 
 def one_line_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str], expected: str) -> None:
+    capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
