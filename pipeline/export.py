@@ -210,7 +210,7 @@ def require_onnx() -> None:
 def export_onnx(net: InferenceNet, spec: DatasetSpec, out: Path) -> None:
     program = export_program(net, spec)
     write(out, lambda temporary: torch.onnx.export(program, (example_input(spec),), str(temporary),
-                                                   dynamo=True))
+                                                   dynamo=True, verbose=False))
 
 
 def export(path: str | Path, out: str | Path, fmt: str = "model", step: int = 0, config_path: str | None = None,

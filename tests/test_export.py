@@ -251,6 +251,20 @@ def test_onnx_without_its_extra_is_one_line(contsup: TrainedRun, tmp_path: Path,
                     "--format onnx needs the onnx extra")
 
 
+def test_the_onnx_file_gives_the_same_logits(contsup: TrainedRun, tmp_path: Path) -> None:
+    """Where the onnx extra is installed (setup.cfg's dev extra has it): the file passes onnx's checker and
+    onnx's reference evaluator gives the run's logits."""
+    onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
+    pytest.importorskip("onnxscript", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
+    from onnx.reference import ReferenceEvaluator
+
+    graph = onnx.load(str(export(contsup.out_dir, tmp_path / "model.onnx", "onnx")))
+    onnx.checker.check_model(graph)
+    images = evaluation_batches(contsup)[0]
+    (logits,) = ReferenceEvaluator(graph).run(None, {"images": images.numpy()})
+    assert (torch.from_numpy(logits) - contsup.logits[0]).abs().max() <= 1e-5
+
+
 def test_the_cli_writes_the_model(contsup: TrainedRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(contsup.out_dir), "--out", str(tmp_path / "model.pt")]) == 0
     assert "wrote" in capsys.readouterr().out
