@@ -27,7 +27,7 @@ from pipeline.config import Config, config_from_dict, load_config
 from pipeline.data.image_file import evaluation_preprocess
 from pipeline.data.specs import DatasetSpec, dataset_spec, folder_root, folder_spec
 from pipeline.errors import BadInput, clip
-from pipeline.model.inference import InferenceNet, build_inference_net, stage_key
+from pipeline.model.inference import InferenceNet, build_inference_net, network_identity, stage_key
 from pipeline.model.local_module import LocalModule
 from pipeline.model.partition import module_ranges
 from pipeline.model.pretrained import resnet_key
@@ -36,8 +36,6 @@ from pipeline.model_file import Recipe, save_model, write
 
 FORMATS = ("model", "torchvision", "export", "onnx")
 ONNX_EXTRA = ("onnx", "onnxscript")  # torch's ONNX exporter needs both (setup.cfg's onnx extra)
-# What of a checkpoint's identity decides the network's tensors (the rest: heads, losses, batch, seed).
-_NETWORK_IDENTITY = ("arch", "family", "dataset", "modules", "cuts", "context")
 _EXAMPLE_BATCH = 2  # torch.export traces at a batch of 2 (a batch of 1 would be specialised) and keeps it dynamic
 
 
@@ -118,11 +116,12 @@ def data_spec(config: Config) -> tuple[DatasetSpec, list[str] | None]:
 
 
 def check_identity(folder: Path, identity: dict[str, Any], config: Config, cuts: list[int]) -> None:
-    ours = checkpoint.identity_of(config, cuts)
-    for key in _NETWORK_IDENTITY:
-        if identity.get(key) != ours[key]:
-            raise BadInput(f"the config gives {key} = {ours[key]!r} but {folder} was trained with "
-                           f"{identity.get(key)!r}; pass the config the run was trained with (--config, --set)")
+    """The config must build the network the set was trained as (what of it the marker records)."""
+    ours = network_identity(config, cuts)
+    for key, value in ours.items():
+        if key in identity and identity[key] != value:
+            raise BadInput(f"the config gives {key} = {value!r} but {folder} was trained with "
+                           f"{identity[key]!r}; pass the config the run was trained with (--config, --set)")
 
 
 def read_run(path: str | Path, step: int = 0, config_path: str | None = None,
