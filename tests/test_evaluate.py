@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from trained_runs import TrainedRun, trained_run
+from trained_runs import TrainedRun, exported, trained_run
 
 from pipeline.evaluate import evaluate, load_for_evaluation, main
-from pipeline.export import export
 
 SCORES = ("test_accuracy", "test_miou", "test_iou")
 
@@ -19,7 +18,7 @@ SCORES = ("test_accuracy", "test_miou", "test_iou")
 @pytest.mark.parametrize("name", ["contsup_r1e", "infopro_resnet50", "deeplab"])
 def test_a_runs_scores_equal_its_summary(name: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     trained: TrainedRun = trained_run(tmp_path_factory, name)
-    for source in (trained.out_dir, export(trained.out_dir, tmp_path / "model.pt")):
+    for source in (trained.out_dir, exported(tmp_path_factory, name)):
         scores = evaluate(*load_for_evaluation(source))
         assert scores.keys() <= set(SCORES)
         for key in scores:
@@ -31,7 +30,7 @@ def test_a_runs_scores_equal_its_summary(name: str, tmp_path_factory: pytest.Tem
 def test_the_cli_prints_the_scores(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     trained = trained_run(tmp_path_factory, "deeplab")
-    model = export(trained.out_dir, tmp_path / "model.pt")
+    model = exported(tmp_path_factory, "deeplab")
     assert main([str(model)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "test mIoU" in lines[0] and lines[1].startswith("per-class IoU: ")
@@ -48,8 +47,7 @@ def one_line_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str], expecte
 def test_a_config_that_does_not_match_the_export_is_one_line(tmp_path_factory: pytest.TempPathFactory,
                                                               tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    trained = trained_run(tmp_path_factory, "contsup_r1e")
-    model = str(export(trained.out_dir, tmp_path / "model.pt"))
+    model = str(exported(tmp_path_factory, "contsup_r1e"))
     one_line_exit_2(capsys, [model, "--set", "local.context=R0"], "the config gives context = 'R0' but")
     one_line_exit_2(capsys, [model, "--set", "model.classes=7"],
                     "synthetic's test split has 7 classes of 3-channel images, but the network takes 3 channels and "
@@ -67,8 +65,7 @@ def test_a_folder_test_split_of_other_classes_is_one_line(tmp_path_factory: pyte
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     from pipeline.data.throughput import write_folder
 
-    trained = trained_run(tmp_path_factory, "infopro_resnet50")
-    model = str(export(trained.out_dir, tmp_path / "model.pt"))
+    model = str(exported(tmp_path_factory, "infopro_resnet50"))
     write_folder(tmp_path / "five", 10, 5, size=(40, 36))
     one_line_exit_2(capsys, [model, "--set", f"data.root='{tmp_path / 'five'}'"],
                     "test split has 5 classes of 3-channel images, but the network takes 3 channels and predicts 3")

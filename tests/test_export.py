@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trained_runs import TrainedRun, trained_run
+from trained_runs import TrainedRun, exported, trained_run
 
 import pipeline
 from pipeline import checkpoint
@@ -23,6 +23,7 @@ from pipeline.model.inference import build_inference_net
 from pipeline.model.network import resolve_cuts
 
 CPU = torch.device("cpu")
+RUNS = {"contsup": "contsup_r1e", "infopro": "infopro_resnet50"}  # fixture -> trained_runs' name
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,7 @@ def evaluation_batches(trained: TrainedRun) -> list[torch.Tensor]:
 def test_the_exported_model_gives_the_runs_evaluation_logits_bit_for_bit(name: str, request: pytest.FixtureRequest,
                                                                          tmp_path: Path) -> None:
     trained: TrainedRun = request.getfixturevalue(name)
-    written = export(trained.out_dir, tmp_path / "model.pt")
-    model = pipeline.load_model(written)
+    model = pipeline.load_model(exported(request.getfixturevalue("tmp_path_factory"), RUNS[name]))
     assert not model.training
     with torch.no_grad():
         logits = [model(images) for images in evaluation_batches(trained)]
@@ -65,7 +65,7 @@ def test_the_exported_model_gives_the_runs_evaluation_logits_bit_for_bit(name: s
 def test_the_torch_export_program_gives_the_same_logits(name: str, request: pytest.FixtureRequest,
                                                         tmp_path: Path) -> None:
     trained: TrainedRun = request.getfixturevalue(name)
-    written = export(trained.out_dir, tmp_path / "model.pt2", "export")
+    written = exported(request.getfixturevalue("tmp_path_factory"), RUNS[name], "export")
     program = torch.export.load(str(written)).module()
     with torch.no_grad():
         for images, runs in zip(evaluation_batches(trained), trained.logits):
@@ -76,8 +76,8 @@ def test_the_torch_export_program_gives_the_same_logits(name: str, request: pyte
 def test_a_segmentation_program_takes_whole_images_of_any_size(tmp_path_factory: pytest.TempPathFactory,
                                                                tmp_path: Path) -> None:
     trained = trained_run(tmp_path_factory, "deeplab")
-    model = pipeline.load_model(export(trained.out_dir, tmp_path / "model.pt"))
-    program = torch.export.load(str(export(trained.out_dir, tmp_path / "model.pt2", "export"))).module()
+    model = pipeline.load_model(exported(tmp_path_factory, "deeplab"))
+    program = torch.export.load(str(exported(tmp_path_factory, "deeplab", "export"))).module()
     sizes = set()
     with torch.no_grad():
         for images in evaluation_batches(trained):  # padded to each batch's largest image: 40 x 60, 44 x 52
@@ -88,8 +88,9 @@ def test_a_segmentation_program_takes_whole_images_of_any_size(tmp_path_factory:
     assert len(sizes) == 2
 
 
-def test_the_program_runs_where_this_package_is_not_imported(contsup: TrainedRun, tmp_path: Path) -> None:
-    written = export(contsup.out_dir, tmp_path / "model.pt2", "export")
+def test_the_program_runs_where_this_package_is_not_imported(contsup: TrainedRun, tmp_path: Path,
+                                                            tmp_path_factory: pytest.TempPathFactory) -> None:
+    written = exported(tmp_path_factory, "contsup_r1e", "export")
     images = evaluation_batches(contsup)[0]
     torch.save(images, tmp_path / "images.pt")
     script = ("import sys, torch; program = torch.export.load(sys.argv[1]).module(); "
@@ -171,11 +172,12 @@ def test_the_torchvision_format_has_torchvisions_names_and_shapes(arch: str) -> 
     assert [(key, tuple(tensor.shape)) for key, tensor in state.items()] == list(torchvision_layout(arch, 1000).items())
 
 
-def test_the_resnet50_runs_torchvision_export_holds_its_trained_weights(infopro: TrainedRun, tmp_path: Path) -> None:
+def test_the_resnet50_runs_torchvision_export_holds_its_trained_weights(
+        infopro: TrainedRun, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     written = export(infopro.out_dir, tmp_path / "resnet50.pth", "torchvision")
     state = torch.load(written, weights_only=True)
     assert {key: tuple(value.shape) for key, value in state.items()} == torchvision_layout("resnet50", 3)
-    model = pipeline.load_model(export(infopro.out_dir, tmp_path / "model.pt")).state_dict()
+    model = pipeline.load_model(exported(tmp_path_factory, "infopro_resnet50")).state_dict()
     last_block = max(int(key.split(".")[3]) for key in model if key.startswith("stages.1.body."))
     assert torch.equal(state["fc.weight"], model["stages.1.head.2.weight"])
     assert torch.equal(state["conv1.weight"], model["stages.0.body.0.0.weight"])

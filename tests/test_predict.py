@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from trained_runs import trained_run
+from trained_runs import exported, trained_run
 
 from pipeline.data.image_folder import scan
-from pipeline.export import export
 from pipeline.predict import main, predict
 
 
@@ -18,7 +17,7 @@ def test_predictions_are_the_runs_evaluation_of_the_same_files(tmp_path_factory:
                                                               tmp_path: Path) -> None:
     trained = trained_run(tmp_path_factory, "infopro_resnet50")
     assert trained.images is not None
-    model = export(trained.out_dir, tmp_path / "model.pt")
+    model = exported(tmp_path_factory, "infopro_resnet50")
     files = [path.decode() for path in scan(trained.images).val.files]  # the test split, in the loader's order
     predictions = predict(model, files, top=2)
     probabilities = torch.softmax(torch.cat(trained.logits), dim=1)
@@ -32,8 +31,7 @@ def test_predictions_are_the_runs_evaluation_of_the_same_files(tmp_path_factory:
 
 def test_the_cli_prints_a_line_per_image_and_class(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    trained = trained_run(tmp_path_factory, "contsup_r1e")
-    model = export(trained.out_dir, tmp_path / "model.pt")
+    model = exported(tmp_path_factory, "contsup_r1e")
     from PIL import Image
 
     Image.new("RGB", (45, 30), (200, 30, 30)).save(tmp_path / "red.png")
@@ -56,11 +54,11 @@ def one_line_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str], expecte
 
 def test_bad_images_and_models_are_one_line(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    model = str(export(trained_run(tmp_path_factory, "contsup_r1e").out_dir, tmp_path / "model.pt"))
+    model = str(exported(tmp_path_factory, "contsup_r1e"))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG but not really")
     one_line_exit_2(capsys, [model, "--images", str(tmp_path / "broken.png")], "is not an image this can read")
     one_line_exit_2(capsys, [model, "--images", str(tmp_path / "broken.png"), "--top", "0"], "--top 0")
     one_line_exit_2(capsys, [str(tmp_path / "broken.png"), "--images", str(tmp_path / "broken.png")],
                     "is not readable")
-    segmentation = str(export(trained_run(tmp_path_factory, "deeplab").out_dir, tmp_path / "seg.pt"))
+    segmentation = str(exported(tmp_path_factory, "deeplab"))
     one_line_exit_2(capsys, [segmentation, "--images", str(tmp_path / "broken.png")], "is a segmentation model")

@@ -80,3 +80,17 @@ def trained_run(factory: pytest.TempPathFactory, name: str) -> TrainedRun:
     assert len(recorded) >= batches or name == "deeplab"
     _RUNS[name] = TrainedRun(root / "run", tuple(overrides), summary, recorded[-batches:], images)
     return _RUNS[name]
+
+
+_EXPORTS: dict[tuple[str, str], Path] = {}
+_SUFFIXES = {"model": ".pt", "torchvision": ".pth", "export": ".pt2", "onnx": ".onnx"}
+
+
+def exported(factory: pytest.TempPathFactory, name: str, fmt: str = "model") -> Path:
+    """The run ``name`` exported in ``fmt`` (pipeline.export), once per session: tracing a program costs seconds."""
+    from pipeline.export import export
+
+    if (name, fmt) not in _EXPORTS:
+        out = trained_run(factory, name).out_dir.parent / f"exported_{fmt}{_SUFFIXES[fmt]}"
+        _EXPORTS[name, fmt] = export(trained_run(factory, name).out_dir, out, fmt)
+    return _EXPORTS[name, fmt]
