@@ -47,7 +47,7 @@ def _run_problem(path: Path, problem: str, fix: str = "pass a run's out_dir (it 
 def complete_set(path: Path, step: int) -> Path:
     """The complete checkpoint set that ``path`` names: a set folder, or a run's out_dir (with ``step``: the
     set of that step, else the newest)."""
-    if path.name.startswith("step_") and path.is_dir():
+    if path.is_dir() and ((path / checkpoint.MARKER).exists() or any(path.glob("module_*.pt"))):  # a set folder
         if checkpoint.read_marker(path) is None:
             raise _run_problem(path, f"is an unfinished checkpoint set (no {checkpoint.MARKER} marker: the run "
                                      "stopped while writing it)", "pass the run's out_dir for its newest complete set")
