@@ -208,8 +208,9 @@ def require_onnx() -> None:
 
 def export_onnx(net: InferenceNet, spec: DatasetSpec, out: Path) -> None:
     program = export_program(net, spec)
+    # external_data=False: the weights inside the one file (a side file would be named after the temporary)
     write(out, lambda temporary: torch.onnx.export(program, (example_input(spec),), str(temporary),
-                                                   dynamo=True, verbose=False))
+                                                   dynamo=True, verbose=False, external_data=False))
 
 
 def export(path: str | Path, out: str | Path, fmt: str = "model", step: int = 0, config_path: str | None = None,

@@ -62,7 +62,8 @@ def save_model(path: str | Path, net: InferenceNet, recipe: Recipe) -> Path:
 
 def write(target: Path, save: Callable[[Path], object]) -> None:
     """save(temporary) then rename onto ``target``; an unwritable place is BadInput naming --out."""
-    temporary = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    # The suffix stays last: torch.export.save wants a .pt2 name.
+    temporary = target.with_name(f"{target.stem}.tmp{os.getpid()}{target.suffix}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         save(temporary)

@@ -261,6 +261,7 @@ def test_the_onnx_file_gives_the_same_logits(contsup: TrainedRun, tmp_path: Path
     from onnx.reference import ReferenceEvaluator
 
     graph = onnx.load(str(export(contsup.out_dir, tmp_path / "model.onnx", "onnx")))
+    assert [path.name for path in tmp_path.iterdir()] == ["model.onnx"]  # the weights inside, no side file
     onnx.checker.check_model(graph)
     images = evaluation_batches(contsup)[0]
     (logits,) = ReferenceEvaluator(graph).run(None, {"images": images.numpy()})
