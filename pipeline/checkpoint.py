@@ -227,6 +227,27 @@ def load(set_dir: str | Path, worker: ModuleWorker, identity: dict[str, Any]) ->
     return position
 
 
+def module_weights(set_dir: str | Path, module: int) -> dict[str, torch.Tensor]:
+    """Module ``module``'s parameters and buffers in the complete set ``set_dir``, on the CPU (no optimizer
+    state): what using a trained network needs of its file."""
+    path = module_file(set_dir, module)
+    fix = "export from a complete set written by this trainer (RUN_DIR, or RUN_DIR/checkpoints/step_<N>)"
+    if not path.is_file():
+        raise BadInput(f"{path} is missing although its set is marked complete; {fix}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a corrupt or foreign file
+        raise BadInput(f"{path} is not a readable checkpoint ({type(err).__name__}: {load_error_line(err)}); "
+                       f"{fix}") from err
+    state = payload.get("state") if isinstance(payload, dict) else None
+    weights = state.get("module") if isinstance(state, dict) else None
+    if (not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("module_index") != module
+            or not isinstance(weights, dict)
+            or not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in weights.items())):
+        raise BadInput(f"{path} is not module {module}'s file of this trainer's checkpoint (format {FORMAT}); {fix}")
+    return weights
+
+
 _PAYLOAD_KEYS = frozenset({"format", "identity", "module_index", "position", "state"})  # what save writes
 _POSITION_KEYS = frozenset(field.name for field in fields(Position))
 _LONGEST_DETAIL = 300  # characters of torch's text kept in a message; the full text stays in __cause__

@@ -254,7 +254,13 @@ def parse_context(context: str) -> tuple[int, bool]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a TOML file (or the defaults when path is None), apply overrides, validate."""
-    raw: dict[str, Any] = _read_toml(Path(path)) if path is not None else {}
+    return config_from_dict(_read_toml(Path(path)) if path is not None else {}, overrides)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A config from its tables (a TOML file's, or the ``to_dict`` a run or an export recorded), with
+    ``--set`` overrides applied, validated as a file's."""
+    raw = {table: dict(values) if isinstance(values, dict) else values for table, values in raw.items()}
     for item in overrides:
         key, value = _parse_override(item)
         table, _, name = key.partition(".")

@@ -81,14 +81,19 @@ class Backbone:
         """The file's own name of ``name`` in flat block ``block``, for messages."""
         if self.layout == OWN:
             return f"block {block} {name}"
-        if block == 0:
-            index, _, rest = name.partition(".")
-            stem = _V1C_STEM if self.layout == V1C else _TORCHVISION_STEM
-            prefix = next((key for key, value in stem.items() if value == index), f"stem.{index}")
-            return f"{prefix}.{rest}"
-        stage, within = flat_to_cut(block, self.structure.blocks)
-        inner = "downsample." + name.removeprefix("shortcut.") if name.startswith("shortcut.") else name
-        return f"layer{stage}.{within}.{inner}"
+        return resnet_key(block, name, self.structure.blocks, _V1C_STEM if self.layout == V1C else _TORCHVISION_STEM)
+
+
+def resnet_key(block: int, name: str, blocks: tuple[int, ...], stem: dict[str, str] = _TORCHVISION_STEM) -> str:
+    """The name a ResNet state dict (torchvision's, or with ``stem`` V1c's) gives ``name`` inside flat block
+    ``block`` of a network of ``blocks`` per stage: the inverse of the mapping this module reads."""
+    if block == 0:
+        index, _, rest = name.partition(".")
+        prefix = next((key for key, value in stem.items() if value == index), f"stem.{index}")
+        return f"{prefix}.{rest}"
+    stage, within = flat_to_cut(block, blocks)
+    inner = "downsample." + name.removeprefix("shortcut.") if name.startswith("shortcut.") else name
+    return f"layer{stage}.{within}.{inner}"
 
 
 def _bad(path: str | Path, problem: str, fix: str) -> BadInput:
