@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import math
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from pipeline.config import TrainConfig
+from pipeline.errors import BadInput
+
+# The share of a run's steps that may train at rate 0 before the run is refused. The published
+# per-epoch cosine trains its last epoch at rate 0 (1/160 of a CIFAR run, 1/90 of ImageNet's);
+# a short run loses far more (all of a 1-epoch run, half of a 2-epoch one) and learns nothing then.
+ZERO_RATE_SHARE = 0.05
+
+if TYPE_CHECKING:  # a config's validation reads the schedule below: importing this module loads no torch
+    import torch
+    from torch import nn
 
 
 def make_optimizer(module: nn.Module, train: TrainConfig) -> torch.optim.SGD:
+    import torch
+
     return torch.optim.SGD(
         module.parameters(), lr=train.lr, momentum=train.momentum,
         nesterov=train.nesterov, weight_decay=train.weight_decay,
@@ -40,6 +50,41 @@ def learning_rate(train: TrainConfig, epoch: int, step: int = 1, total_steps: in
     if epoch <= warmup:
         return cosine * (epoch - 1) / warmup + 0.01 * (warmup + 1 - epoch) / warmup
     return cosine
+
+
+def steps_at_rate_zero(train: TrainConfig, batches: int) -> tuple[int, int]:
+    """(steps that train at rate 0, steps in all) of a run of ``batches`` steps an epoch.
+
+    Only the per-epoch cosine reaches 0, in its last epoch; the per-step schedules end above it.
+    """
+    total = train.epochs * batches
+    total = min(total, train.max_steps) if train.max_steps else total
+    if train.schedule != "cosine":
+        return 0, total
+    zero = 0
+    for epoch in range(1, train.epochs + 1):
+        steps = min(batches, total - (epoch - 1) * batches)
+        if steps <= 0:
+            break
+        if learning_rate(train, epoch) == 0.0:
+            zero += steps
+    return zero, total
+
+
+def check_schedule(train: TrainConfig, batches: int | None = None) -> None:
+    """Refuse a run that would spend more than ZERO_RATE_SHARE of its steps at rate 0.
+
+    ``batches``: the steps of an epoch; None where they are not known yet (a config on its own,
+    whose every epoch runs in full: the share is counted in epochs then).
+    """
+    zero, total = steps_at_rate_zero(train, batches or 1)
+    if zero > ZERO_RATE_SHARE * total:
+        unit = "steps" if batches else "epochs"
+        raise BadInput(
+            f"train.schedule = 'cosine' trains the last of train.epochs = {train.epochs} epoch(s) at rate 0 (the "
+            f"published per-epoch rate): {zero} of this run's {total} {unit} would learn nothing; for a short run "
+            f"set train.schedule = 'cosine-step' (per step, never 0), or raise train.epochs"
+        )
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, rate: float) -> None:

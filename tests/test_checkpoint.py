@@ -22,8 +22,9 @@ from pipeline.runners.run import run
 from pipeline.worker import make_worker
 
 CPU = torch.device("cpu")
-# 1024 synthetic samples / 128 = 8 batches per epoch: 6 steps stop inside epoch 1, 12 end in epoch 2.
-RESUME = ("local.modules=2", "local.context=R1", "data.batch_size=128", "train.epochs=2",
+# 1024 synthetic samples / 128 = 8 batches per epoch: 6 steps stop inside epoch 1, 12 end in epoch 2 (of 3: the last
+# epoch, at rate 0 in the per-epoch cosine, is never reached).
+RESUME = ("local.modules=2", "local.context=R1", "data.batch_size=128", "train.epochs=3",
           "train.warmup_epochs=1", "run.log_every=4")
 
 
@@ -303,7 +304,7 @@ def test_a_full_disk_for_metrics_or_summary_is_one_line(make_config, tmp_path, m
 
 def test_the_newest_sets_are_kept_and_resume_step_picks_one(make_config, tmp_path):
     out = tmp_path / "three"
-    long = (*RESUME[:-2], "train.max_steps=20", "train.epochs=3", "train.warmup_epochs=1", "run.log_every=4",
+    long = (*RESUME[:-2], "train.max_steps=20", "train.epochs=4", "train.warmup_epochs=1", "run.log_every=4",
             "run.keep_checkpoints=2")
     run(make_config(*long, out_dir=out))  # sets at steps 8 and 16 (epoch ends) and 20 (max_steps)
     assert [step for step, _ in checkpoint.complete_sets(out)] == [16, 20]

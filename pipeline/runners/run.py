@@ -30,6 +30,7 @@ from pipeline.metrics import reset_peak_memory, say
 from pipeline.model.local_module import Layout
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.model.partition import flat_to_cut
+from pipeline.optim import check_schedule
 from pipeline.runners.buffered_inbox import BufferedInbox
 from pipeline.runners.codec import MessageCodec
 from pipeline.runners.data_parallel import DataParallel
@@ -71,6 +72,8 @@ def run(config: Config) -> dict[str, Any] | None:
         )
     # The first stage reads the data before joining the job, so a bad data path exits 2 at once.
     loaders = make_loaders(config, topology.device, processes=topology.replicas) if topology.first else None
+    if loaders is not None:  # the epoch's length is known now: refuse a schedule that would train at rate 0
+        check_schedule(config.train, len(loaders[0]))
     with process_groups(topology, config.pipeline.timeout_s), failures_named(topology):
         links = functools.partial(wire, config.pipeline, topology, channels_last=config.precision.channels_last)
         try:
