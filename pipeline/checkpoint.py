@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline.errors import BadInput, StageFailure
-from pipeline.metrics import cannot_write
+from pipeline.errors import BadInput, StageFailure, writing
 from pipeline.runners.loop import Position
 
 if TYPE_CHECKING:  # the worker builds modules, whose pretrained weights may come from a checkpoint set
@@ -105,15 +104,22 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """write(temporary) then rename onto path; on failure nothing is left behind."""
     temporary = path.with_name(f"{path.name}{_TEMPORARY}{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(temporary)
-        os.replace(temporary, path)
-    except OSError as err:
-        temporary.unlink(missing_ok=True)
-        raise cannot_write(path, err) from err
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(temporary)
+            os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _save_tensors(payload: dict[str, Any], temporary: Path) -> None:
+    """torch.save through a Python file: a failed write keeps its OSError (reason) in the chain.
+
+    Given a path, torch's zip writer writes natively and reports a full disk as "unexpected pos".
+    """
+    with open(temporary, "wb") as handle:
+        torch.save(payload, handle)
 
 
 def save(run_dir: str | Path, worker: ModuleWorker, position: Position, identity: dict[str, Any]) -> Path:
@@ -126,7 +132,7 @@ def save(run_dir: str | Path, worker: ModuleWorker, position: Position, identity
         "position": position.to_dict(),
         "state": worker.state_dict(),
     }
-    _atomic_write(path, lambda temporary: torch.save(payload, temporary))
+    _atomic_write(path, lambda temporary: _save_tensors(payload, temporary))
     return path
 
 

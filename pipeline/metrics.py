@@ -14,15 +14,8 @@ from typing import Any, Protocol
 import torch
 
 from pipeline.config import Config
-from pipeline.errors import StageFailure
+from pipeline.errors import StageFailure, writing
 from pipeline.model.partition import flat_to_cut
-
-
-def cannot_write(path: Path, err: OSError) -> StageFailure:
-    """A full or read-only disk: one line naming the path and the OS's reason (err.strerror)."""
-    reason = (err.strerror or type(err).__name__).lower()
-    return StageFailure(f"cannot write {path}: {reason}; free space (or fix permissions) there, then resume "
-                        f"from the last complete checkpoint with run.resume")
 
 
 class EventSink(Protocol):
@@ -39,17 +32,15 @@ class MetricsLog:
 
     def __init__(self, run_dir: str | Path, rank: int, sink: EventSink | None = None) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rank = rank
         self.sink = sink
 
     def write(self, **fields: Any) -> None:
         event = {"rank": self.rank, "time": round(time.time(), 3), **fields}
-        try:
-            with open(self.path, "a") as handle:  # one write per line: O_APPEND keeps lines whole
-                handle.write(json.dumps(event) + "\n")
-        except OSError as err:
-            raise cannot_write(self.path, err) from err
+        with writing(self.path), open(self.path, "a") as handle:  # one write per line: O_APPEND keeps lines whole
+            handle.write(json.dumps(event) + "\n")
         if self.sink is not None:
             self.sink.write(event)
 
@@ -185,12 +176,13 @@ def write_summary(run_dir: str | Path, config: Config, world_size: int, cuts: li
     path = Path(run_dir) / "summary.json"
     temporary = path.with_suffix(".tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps(summary, indent=2) + "\n")
-        temporary.replace(path)
-    except OSError as err:
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(json.dumps(summary, indent=2) + "\n")
+            temporary.replace(path)
+    except BaseException:
         temporary.unlink(missing_ok=True)
-        raise cannot_write(path, err) from err
+        raise
     return summary
 
 

@@ -19,6 +19,7 @@ from pipeline.errors import BadInput, StageFailure
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.runners.loop import Position
 from pipeline.runners.run import run
+from pipeline.train import main
 from pipeline.worker import make_worker
 
 CPU = torch.device("cpu")
@@ -237,7 +238,7 @@ def fail_second_save_of(monkeypatch, module: int, error: BaseException) -> list[
     real, names = torch.save, []
 
     def save(obj, f, *args, **kwargs):
-        names.append(Path(f).name)
+        names.append(Path(getattr(f, "name", f)).name)  # checkpoint.save passes an open file
         if sum(name.startswith(f"module_{module}.") for name in names) == 2:
             raise error
         return real(obj, f, *args, **kwargs)
@@ -328,4 +329,21 @@ def test_an_unfinished_newer_set_is_ignored_and_cleared(six_steps, make_config, 
     assert checkpoint.find_set(out) == out / "checkpoints" / "step_6"
     run(make_config(*RESUME, "train.max_steps=7", f"run.resume='{out}'", out_dir=out))
     assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["step_6", "step_7"]
+    assert not [path for path in out.rglob("*") if ".tmp" in path.name]
+
+
+def test_a_checkpoint_write_torch_reports_as_a_runtime_error_names_the_file_and_the_os_reason(tmp_path, capsys,
+                                                                                              file_size_limit):
+    """torch's zip writer reports a failed write as "[enforce fail at inline_container.cc] unexpected pos"."""
+    out = tmp_path / "run"
+    with file_size_limit(64 * 1024):  # the metrics lines and the error log fit, module 0's 137 kB file does not
+        code = main(["--set", "data.name=synthetic", "--set", "model.arch=resnet8", "--set", "data.batch_size=8",
+                     "--set", "train.max_steps=3", "--set", "local.modules=2", "--set", f"run.out_dir={out}"])
+    assert code == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    target = out / "checkpoints" / "step_3" / "module_0.pt"
+    assert line.startswith(f"error: cannot write {target}: file too large; free space"), line
+    assert line.endswith(f"(traceback: {out / 'errors' / 'rank_0.log'})")
+    assert "RuntimeError" in (out / "errors" / "rank_0.log").read_text()  # the whole chain is kept there
+    assert checkpoint.complete_sets(out) == []
     assert not [path for path in out.rglob("*") if ".tmp" in path.name]
