@@ -31,16 +31,36 @@ need_value() {
     [[ $# -ge 2 ]] || die "$1 needs a value"
 }
 
-# config_modules MODE CONFIG [TRAIN ARGS...]: validate the config exactly as the job will read it
-# (pipeline.train --check on the same arguments) and print its local.modules. A bad config ends
-# the script here with pipeline.train's one-line error and exit 2, before torchrun starts
-# processes that would each print it, followed by torchrun's traceback.
-config_modules() {
+# config_layout MODE CONFIG [TRAIN ARGS...]: validate the config exactly as the job will read it
+# (pipeline.train --check on the same arguments) and print "K R": its local.modules and
+# pipeline.replicas (0: WORLD_SIZE / K). A bad config ends the script here with pipeline.train's
+# one-line error and exit 2, before torchrun starts processes that would each print it, followed
+# by torchrun's traceback.
+config_layout() {
     local mode=$1 config=$2 resolved
     shift 2
     resolved=$("${PYTHON}" -m pipeline.train --check --config "${config}" --set "run.mode=${mode}" "$@") || exit $?
-    resolved=$(grep '^local\.modules = ' <<<"${resolved}")
-    echo "${resolved#local.modules = }"
+    echo "$(sed -n 's/^local\.modules = //p' <<<"${resolved}") $(sed -n 's/^pipeline\.replicas = //p' <<<"${resolved}")"
+}
+
+# pipeline_nproc K R NNODES NPROC OPTION: the processes per node of a K x R pipeline job (one process
+# per module of each of R replicas) over NNODES nodes: NPROC where given (checked), else K x R
+# (R = 1 when 0) split evenly over the nodes. A mismatch ends the script naming OPTION.
+pipeline_nproc() {
+    local modules=$1 replicas=$2 nnodes=$3 nproc=$4 option=$5 total
+    if [[ -z ${nproc} ]]; then
+        total=$((modules * (replicas > 0 ? replicas : 1)))
+        ((total % nnodes == 0)) ||
+            die "local.modules x pipeline.replicas = ${total} processes do not split evenly over ${nnodes} nodes; set ${option} per node"
+        nproc=$((total / nnodes))
+    fi
+    require_int "${option}" "${nproc}"
+    total=$((nproc * nnodes))
+    ((total % modules == 0)) ||
+        die "pipeline mode runs one process per module of each replica (K x R): ${total} processes is not a multiple of local.modules = ${modules}; set ${option}"
+    ((replicas == 0 || total == modules * replicas)) ||
+        die "pipeline mode runs one process per module of each replica (K x R): ${total} processes but local.modules x pipeline.replicas = ${modules} x ${replicas}; set ${option}"
+    echo "${nproc}"
 }
 
 # quiet_torchrun_threads: torchrun prints a banner and sets OMP_NUM_THREADS=1 on every launch where it

@@ -13,7 +13,8 @@ Run it on each of the NNODES nodes (same CONFIG, same --set overrides, NODE_RANK
            -m pipeline.train --config CONFIG --set run.mode=pipeline [--set ...]
 
   NNODES, NODE_RANK, MASTER_ADDR   required (MASTER_ADDR: a host every node reaches; it hosts the rendezvous).
-  NPROC    processes per node; pipeline default: local.modules / NNODES (must divide evenly).
+  NPROC    processes per node; pipeline: NPROC x NNODES = K x R (one process per module of each
+           replica), default local.modules x pipeline.replicas (or x 1) / NNODES (must divide evenly).
   RDZV_ID  the job's rendezvous id, the same on every node (default: localpipe-<config name>).
   --mode   pipeline (one process per module, default) or ddp (end-to-end baseline; NPROC required).
   --dry-run  check the config, print the command and exit.
@@ -61,18 +62,10 @@ require_int NNODES "${nnodes}"
 require_int MASTER_PORT "${master_port}"
 
 case ${mode} in pipeline | ddp) ;; *) die "--mode must be pipeline or ddp (got '${mode}')" ;; esac
-modules=$(config_modules "${mode}" "${config}" "${train_args[@]}")
+layout=$(config_layout "${mode}" "${config}" "${train_args[@]}") || exit $?
+read -r modules replicas <<<"${layout}"
 case ${mode} in
-    pipeline)
-        if [[ -z ${nproc} ]]; then
-            ((modules % nnodes == 0)) ||
-                die "local.modules = ${modules} does not split evenly over NNODES=${nnodes}; set NPROC per node"
-            nproc=$((modules / nnodes))
-        fi
-        require_int NPROC "${nproc}"
-        ((nproc * nnodes == modules)) ||
-            die "pipeline mode runs one process per module: NPROC x NNODES = $((nproc * nnodes)) but local.modules = ${modules}"
-        ;;
+    pipeline) nproc=$(pipeline_nproc "${modules}" "${replicas}" "${nnodes}" "${nproc}" NPROC) || exit $? ;;
     ddp) [[ -n ${nproc} ]] || die "--mode ddp needs NPROC (processes per node)" ;;
 esac
 require_int NPROC "${nproc}"

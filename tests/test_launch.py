@@ -499,3 +499,31 @@ def test_reproduce_counts_gpus_as_torch_does(tmp_path: Path) -> None:
                         env={**path_with(folder), "CUDA_VISIBLE_DEVICES": ""})
     assert "0 GPU(s)" in result.stdout
     assert all(argv[0] != "torchrun" for argv in commands(result)), "no GPU visible to torch: sequential rows"
+
+
+def test_single_node_runs_k_by_r_as_the_readme_says() -> None:
+    """--nproc 4 with K = 2: two replicas of the 2-module chain (pipeline.replicas = 0: WORLD_SIZE / K)."""
+    result = run_script("single_node.sh", "--dry-run", "configs/quickstart.toml", "--nproc", "4",
+                        "--set", "local.modules=2")
+    assert result.returncode == 0, result.stderr
+    (argv,) = commands(result)
+    assert argv[argv.index("--nproc-per-node") + 1] == "4"
+    replicas = run_script("single_node.sh", "--dry-run", "configs/quickstart.toml", "--set", "local.modules=2",
+                          "--set", "pipeline.replicas=3")
+    (argv,) = commands(replicas)
+    assert argv[argv.index("--nproc-per-node") + 1] == "6"  # K x R without --nproc
+    wrong = run_script("single_node.sh", "--dry-run", "configs/quickstart.toml", "--nproc", "4",
+                       "--set", "local.modules=2", "--set", "pipeline.replicas=3")
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip() == ("error: pipeline mode runs one process per module of each replica (K x R): 4 "
+                                    "processes but local.modules x pipeline.replicas = 2 x 3; set --nproc")
+
+
+def test_multi_node_splits_k_by_r_over_the_nodes() -> None:
+    env = {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "n0"}
+    result = run_script("multi_node.sh", "--dry-run", "configs/quickstart.toml", "--set", "pipeline.replicas=2",
+                        env=env)
+    (argv,) = commands(result)
+    assert argv[argv.index("--nproc-per-node") + 1] == "4"  # K = 4 x R = 2 over 2 nodes
+    uneven = run_script("multi_node.sh", "--dry-run", "configs/quickstart.toml", env={**env, "NPROC": "3"})
+    assert uneven.returncode == 2 and "6 processes is not a multiple of local.modules = 4" in uneven.stderr
