@@ -20,7 +20,8 @@ Run it on each of the NNODES nodes (same CONFIG, same --set overrides, NODE_RANK
   --dry-run  check the config, print the command and exit.
   --set KEY=VALUE  goes to pipeline.train.
 Options may come in any order, before or after CONFIG; after -- everything goes to pipeline.train.
-The config is checked (python -m pipeline.train --check) before torchrun starts.
+The config is checked (python -m pipeline.train --check) before torchrun starts. When the job fails,
+torchrun's own report goes to OUT_DIR/errors/torchrun_node_NODE_RANK.log and the terminal ends with the cause.
 USAGE
 }
 
@@ -63,7 +64,7 @@ require_int MASTER_PORT "${master_port}"
 
 case ${mode} in pipeline | ddp) ;; *) die "--mode must be pipeline or ddp (got '${mode}')" ;; esac
 layout=$(config_layout "${mode}" "${config}" "${train_args[@]}") || exit $?
-read -r modules replicas <<<"${layout}"
+read -r modules replicas out_dir <<<"${layout}"
 case ${mode} in
     pipeline) nproc=$(pipeline_nproc "${modules}" "${replicas}" "${nnodes}" "${nproc}" NPROC) || exit $? ;;
     ddp) [[ -n ${nproc} ]] || die "--mode ddp needs NPROC (processes per node)" ;;
@@ -73,6 +74,6 @@ config_name=$(basename "${config}" .toml)
 rdzv_id=${RDZV_ID:-localpipe-${config_name}}
 
 quiet_torchrun_threads
-show_and_run "${TORCHRUN}" --nnodes "${nnodes}" --node-rank "${node_rank}" --nproc-per-node "${nproc}" \
+show_and_run_job "${out_dir}/errors/torchrun_node_${node_rank}.log" "${TORCHRUN}" --nnodes "${nnodes}" --node-rank "${node_rank}" --nproc-per-node "${nproc}" \
     --rdzv-backend c10d --rdzv-endpoint "${master_addr}:${master_port}" --rdzv-id "${rdzv_id}" \
     -m pipeline.train --config "${config}" --set "run.mode=${mode}" "${train_args[@]}"

@@ -16,7 +16,8 @@ Runs on this node:
   --dry-run         check the config, print the command and exit.
   --set KEY=VALUE   goes to pipeline.train, e.g. --set train.epochs=1 --set pipeline.wire_dtype=bf16.
 Options may come in any order, before or after CONFIG; after -- everything goes to pipeline.train.
-The config is checked (python -m pipeline.train --check) before torchrun starts.
+The config is checked (python -m pipeline.train --check) before torchrun starts. When the job fails,
+torchrun's own report goes to OUT_DIR/errors/torchrun.log and the terminal ends with the cause.
 One GPU per process where there are enough (NCCL), CPU processes (gloo) otherwise.
 Example: launch/single_node.sh configs/quickstart.toml --dry-run
          launch/single_node.sh configs/quickstart.toml --nproc 8   (K = 4 x R = 2 replicas)
@@ -52,7 +53,7 @@ config=${positional[0]}
 
 case ${mode} in pipeline | ddp) ;; *) die "--mode must be pipeline or ddp (got '${mode}')" ;; esac
 layout=$(config_layout "${mode}" "${config}" "${train_args[@]}") || exit $?
-read -r modules replicas <<<"${layout}"
+read -r modules replicas out_dir <<<"${layout}"
 if [[ ${mode} == pipeline ]]; then
     [[ ${modules} -ge 2 ]] ||
         die "${config} has local.modules = 1: nothing to pipeline; use --mode ddp or python -m pipeline.train"
@@ -63,5 +64,5 @@ fi
 require_int --nproc "${nproc}"
 
 quiet_torchrun_threads
-show_and_run "${TORCHRUN}" --standalone --nproc-per-node "${nproc}" \
+show_and_run_job "${out_dir}/errors/torchrun.log" "${TORCHRUN}" --standalone --nproc-per-node "${nproc}" \
     -m pipeline.train --config "${config}" --set "run.mode=${mode}" "${train_args[@]}"

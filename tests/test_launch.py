@@ -527,3 +527,47 @@ def test_multi_node_splits_k_by_r_over_the_nodes() -> None:
     assert argv[argv.index("--nproc-per-node") + 1] == "4"  # K = 4 x R = 2 over 2 nodes
     uneven = run_script("multi_node.sh", "--dry-run", "configs/quickstart.toml", env={**env, "NPROC": "3"})
     assert uneven.returncode == 2 and "6 processes is not a multiple of local.modules = 4" in uneven.stderr
+
+
+# What torch 2.13's torchrun printed on stderr for a job whose processes failed (abridged: the
+# traceback's middle frames and the second failure are left out).
+TORCHRUN_FAILURE = """\
+error: WORLD_SIZE is 2, not a multiple of local.modules = 4 (traceback: runs/x/errors/rank_0.log)
+W1207 02:22:39.863000 21765 site-packages/torch/distributed/elastic/multiprocessing/api.py:1028] Sending process \
+21817 closing signal SIGTERM
+E1207 02:22:39.896000 21765 site-packages/torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: \
+2) local_rank: 0 (pid: 21816) of binary: /usr/bin/python3
+Traceback (most recent call last):
+  File "/usr/lib/python3/site-packages/torch/distributed/launcher/api.py", line 383, in launch_agent
+    raise ChildFailedError(
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+pipeline.train FAILED
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  exitcode  : 2 (pid: 21816)
+  traceback : error: WORLD_SIZE is 2, not a multiple of local.modules = 4 (traceback: runs/x/errors/rank_0.log)
+============================================================
+"""
+
+
+def test_a_failed_job_ends_with_its_cause_and_keeps_torchruns_report_in_a_file(tmp_path: Path) -> None:
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (tmp_path / "stderr.txt").write_text(TORCHRUN_FAILURE)
+    fake = folder / "torchrun"
+    fake.write_text(f'#!/usr/bin/env bash\necho "[stage 0] module 0 of 4"\ncat "{tmp_path}/stderr.txt" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    out = tmp_path / "run"
+    result = run_script("single_node.sh", "configs/quickstart.toml", "--set", f"run.out_dir={out}",
+                        env=path_with(folder))
+    assert result.returncode == 1
+    assert "[stage 0] module 0 of 4" in result.stdout  # the job's own output passes as it comes
+    report = out / "errors" / "torchrun.log"
+    lines = result.stderr.strip().splitlines()
+    assert lines[-2:] == [f"torchrun's report: {report}",
+                          "error: WORLD_SIZE is 2, not a multiple of local.modules = 4 (traceback: "
+                          "runs/x/errors/rank_0.log)"]
+    assert "Traceback" not in result.stderr and "ChildFailedError" in report.read_text()
+    assert report.read_text().startswith("W1207 ") and "Root Cause" in report.read_text()

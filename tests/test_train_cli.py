@@ -73,6 +73,18 @@ def test_bad_input_in_process_returns_2(tmp_path, capsys):
     assert captured.err.startswith("error: run.mode") and captured.err.count("\n") == 1
 
 
+def test_under_torchrun_the_line_is_also_the_root_cause_of_its_report(tmp_path, capsys, monkeypatch):
+    """torchrun reads TORCHELASTIC_ERROR_FILE of a failed process into its report's "Root Cause"."""
+    error_file = tmp_path / "attempt_0" / "0" / "error.json"
+    error_file.parent.mkdir(parents=True)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    assert main(["--set", "run.mode=nope"]) == 2
+    line = capsys.readouterr().err.strip()
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    assert ProcessFailure(0, 1, 2, str(error_file)).message == line  # what torchrun's report will print
+
+
 def test_parse_config_reads_file_and_sets(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[local]\nmodules = 3\n")
