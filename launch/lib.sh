@@ -35,11 +35,13 @@ need_value() {
 # (pipeline.train --check on the same arguments) and print "K R OUT_DIR": its local.modules,
 # pipeline.replicas (0: WORLD_SIZE / K) and run.out_dir. A bad config ends the script here with
 # pipeline.train's one-line error and exit 2, before torchrun starts processes that would each
-# print it, followed by torchrun's traceback.
+# print it, followed by torchrun's traceback. The data's folder is left to the processes that read
+# it (--no-data-check): a node of a multi-node job may hold none, and they refuse a missing one at once.
 config_layout() {
     local mode=$1 config=$2 resolved out_dir
     shift 2
-    resolved=$("${PYTHON}" -m pipeline.train --check --config "${config}" --set "run.mode=${mode}" "$@") || exit $?
+    resolved=$("${PYTHON}" -m pipeline.train --check --no-data-check --config "${config}" --set "run.mode=${mode}" \
+        "$@") || exit $?
     out_dir=$(sed -n 's/^run\.out_dir = "\(.*\)"$/\1/p' <<<"${resolved}")
     echo "$(sed -n 's/^local\.modules = //p' <<<"${resolved}") $(sed -n 's/^pipeline\.replicas = //p' <<<"${resolved}") ${out_dir}"
 }

@@ -29,8 +29,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="TOML experiment file (see configs/); defaults apply without one")
     add_set_argument(parser)
     parser.add_argument("--check", action="store_true",
-                        help="validate the config and --set overrides, print every resolved key as "
-                             "table.key = value and exit without training")
+                        help="validate the config and --set overrides as a run would (and that the data's "
+                             "folder exists), print its warnings and every resolved key as table.key = value, "
+                             "and exit without training")
+    parser.add_argument("--no-data-check", action="store_true",
+                        help="with --check: leave the data's folder unchecked (the launchers: a node of a "
+                             "multi-node job may hold no data)")
     return parser.parse_args(argv)
 
 
@@ -112,10 +116,25 @@ def train(config: Config) -> None:
         from pipeline.runners.run import run
 
         if os.environ.get("RANK", "0") == "0":  # once per job, not once per process
-            for note in ineffective_keys(config):
-                print(f"warning: {note}", file=sys.stderr, flush=True)
+            warn_ineffective(config)
         with errors_logged(config.run.out_dir):
             run(config)
+
+
+def warn_ineffective(config: Config) -> None:
+    for note in ineffective_keys(config):
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+
+
+def check(config: Config, data: bool = True) -> None:
+    """--check: what a run would say before it trains, short of reading the data: the config's
+    problems (load_config found them), a missing data folder (``data``), the warnings; then every key."""
+    from pipeline.data.specs import require_data_root
+
+    if data:
+        require_data_root(config)
+    warn_ineffective(config)
+    print_resolved(config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         config = load_config(args.config, args.set)
         if args.check:
-            print_resolved(config)
+            check(config, data=not args.no_data_check)
         else:
             train(config)
 

@@ -299,6 +299,25 @@ def test_check_rejects_what_the_run_would_reject(tmp_path):
     assert_one_line_error(done, "run.mode = 'ddp'", "local.modules = 1")
 
 
+def test_check_says_what_the_run_would_say_before_training(tmp_path, capsys):
+    """A missing data folder fails --check as it fails the run (exit 2, one line); warnings print too."""
+    missing = tmp_path / "nowhere"
+    assert main(["--check", "--config", str(REPO / "configs/quickstart.toml"), "--set", f"data.root={missing}"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line == (f"error: fashion_mnist: the folder {str(missing)!r} does not exist (data.root = {str(missing)!r}); "
+                    "install Debian's package: apt-get install dataset-fashion-mnist (or set data.root to a folder "
+                    "with the IDX files)")
+    assert main(["--set", f"data.root={missing}", "--set", f"run.out_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.strip().startswith(line)  # the run's line, before it reads anything
+    assert main(["--check", "--no-data-check", "--set", f"data.root={missing}"]) == 0  # what the launchers run
+    capsys.readouterr()
+    assert main(["--check", "--set", "data.name=synthetic", "--set", "pipeline.queue_depth=4"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ("warning: pipeline.queue_depth has no effect with run.mode = 'sequential' (no links "
+                            "between stages)\n")
+    assert "pipeline.queue_depth = 4" in captured.out.splitlines()
+
+
 def readme_setup() -> str:
     text = (REPO / "README.md").read_text()
     return text[text.index("## Set up and run"):text.index("\n## ", text.index("## Set up and run") + 3)]
