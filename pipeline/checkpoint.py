@@ -136,12 +136,14 @@ def save(run_dir: str | Path, worker: ModuleWorker, position: Position, identity
     return path
 
 
-def commit(run_dir: str | Path, position: Position, modules: int, identity: dict[str, Any], keep: int) -> Path:
+def commit(run_dir: str | Path, position: Position, modules: int, identity: dict[str, Any], keep: int,
+           schedule: dict[str, Any]) -> Path:
     """Once every module's file of ``position.step`` is written: mark the set complete, drop old ones.
 
     Called by one process, the one that holds the last module of replica 0, when the epoch end
     reaches it (every module before it saved first); sets older than the newest ``keep``
-    complete ones, and unfinished sets older than this one, are removed.
+    complete ones, and unfinished sets older than this one, are removed. The marker records the
+    run's ``schedule`` settings (optim.schedule_settings), which a resumed run compares with its own.
     """
     folder = step_dir(run_dir, position.step)
     missing = [module for module in range(modules) if not module_file(folder, module).is_file()]
@@ -149,7 +151,7 @@ def commit(run_dir: str | Path, position: Position, modules: int, identity: dict
         raise StageFailure(f"checkpoint {folder} lacks modules {missing} when the last one saved; "
                            f"its set is left incomplete (resume uses the previous one)")
     marker = {"step": position.step, "position": position.to_dict(), "modules": list(range(modules)),
-              "identity": identity}
+              "identity": identity, "schedule": schedule}
     path = folder / MARKER
     _atomic_write(path, lambda temporary: temporary.write_text(json.dumps(marker, indent=2) + "\n"))
     kept = {step for step, _ in complete_sets(run_dir)[-keep:]}

@@ -6,6 +6,7 @@ import builtins
 import errno
 import io
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -77,11 +78,14 @@ def test_files_load_with_weights_only(six_steps):
     assert files == ["COMPLETE", "module_0.pt", "module_1.pt"]  # the temporary files were renamed away
     marker = json.loads((six_steps / "checkpoints" / "step_6" / "COMPLETE").read_text())
     assert marker["step"] == 6 and marker["modules"] == [0, 1] and marker["identity"]["context"] == "R1"
+    assert marker["schedule"] == {"schedule": "cosine", "lr": 0.1, "epochs": 3, "max_steps": 6, "warmup_epochs": 1,
+                                  "poly_power": 0.9, "min_lr": 0.0}
 
 
-def test_resume_equals_a_straight_run(six_steps, twelve_steps, make_config, tmp_path):
+def test_resume_equals_a_straight_run(six_steps, twelve_steps, make_config, tmp_path, capsys):
     resumed = run(make_config(*RESUME, "train.max_steps=12", f"run.resume='{six_steps}'",
                                          out_dir=tmp_path / "resumed"))
+    assert "warning" not in capsys.readouterr().err  # a larger max_steps leaves the per-epoch rates as they were
     straight_dir, straight = twelve_steps
     assert resumed["steps"] == straight["steps"] == 12
     assert resumed["epochs"] == straight["epochs"] == 1
@@ -144,7 +148,7 @@ def test_save_then_load_restores_a_worker(make_config, tmp_path, image_batch):
         assert path == tmp_path / "checkpoints" / "step_17" / f"module_{worker.index}.pt"
     with pytest.raises(BadInput, match="no complete checkpoint"):
         checkpoint.find_set(tmp_path)  # not complete until committed
-    checkpoint.commit(tmp_path, Position(3, 1, 17), 2, identity, keep=2)
+    checkpoint.commit(tmp_path, Position(3, 1, 17), 2, identity, keep=2, schedule={})
     fresh = [make_worker(config, layout, index, CPU) for index in range(2)]
     for worker, original in zip(fresh, workers):
         assert checkpoint.load(checkpoint.find_set(tmp_path), worker, identity) == Position(3, 1, 17)
@@ -347,3 +351,24 @@ def test_a_checkpoint_write_torch_reports_as_a_runtime_error_names_the_file_and_
     assert "RuntimeError" in (out / "errors" / "rank_0.log").read_text()  # the whole chain is kept there
     assert checkpoint.complete_sets(out) == []
     assert not [path for path in out.rglob("*") if ".tmp" in path.name]
+
+
+def test_resuming_with_another_schedule_says_what_changes(make_config, tmp_path, capsys):
+    """A per-step schedule spans the run: extending it by max_steps sends the rate back up, said in one line."""
+    steps = ("local.modules=2", "data.batch_size=128", "train.schedule=cosine-step", "train.epochs=1")
+    run(make_config(*steps, "train.max_steps=6", out_dir=tmp_path / "six"))
+    capsys.readouterr()
+    run(make_config(*steps, "train.max_steps=8", f"run.resume='{tmp_path / 'six'}'", out_dir=tmp_path / "eight"))
+    trained, after = 0.05 * (1 + math.cos(math.pi * 5 / 6)), 0.05 * (1 + math.cos(math.pi * 6 / 8))
+    assert (f"warning: run.resume changes the learning-rate schedule (train.max_steps = 8 (was 6)): step 6 trained "
+            f"at {trained:.4g}, step 7 will train at {after:.4g}; keep the run's train settings to continue its "
+            f"schedule\n") in capsys.readouterr().err
+    lines = [json.loads(line) for line in (tmp_path / "eight" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["lr"] for line in lines if line.get("step") == 7] == [after, after]  # what the line said
+
+
+def test_changing_train_epochs_on_resume_is_said(six_steps, make_config, tmp_path, capsys):
+    run(make_config(*RESUME, "train.epochs=4", "train.max_steps=7", f"run.resume='{six_steps}'",
+                    out_dir=tmp_path / "longer"))
+    assert ("warning: run.resume changes the learning-rate schedule (train.epochs = 4 (was 3), train.max_steps = 7 "
+            "(was 6)): step 6 trained at 0.01, step 7 will train at 0.01;") in capsys.readouterr().err

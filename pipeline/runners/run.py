@@ -15,6 +15,7 @@ import functools
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,7 +31,7 @@ from pipeline.metrics import reset_peak_memory, say
 from pipeline.model.local_module import Layout
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.model.partition import flat_to_cut
-from pipeline.optim import check_schedule
+from pipeline.optim import check_schedule, schedule_change, schedule_settings
 from pipeline.runners.buffered_inbox import BufferedInbox
 from pipeline.runners.codec import MessageCodec
 from pipeline.runners.data_parallel import DataParallel
@@ -120,6 +121,11 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
             f"written; raise train.epochs or train.max_steps to train further"
         )
     label = loop_label(config.run.mode, topology)
+    if config.run.resume and topology.rank == 0:
+        saved = checkpoint.read_marker(checkpoint.find_set(config.run.resume, position.step))
+        change = schedule_change((saved or {}).get("schedule", {}), config.train, position, batches)
+        if change is not None:
+            print(f"warning: {change}", file=sys.stderr, flush=True)
     if topology.rank == 0:  # before anything is written: what a crash or a replaced history left goes
         for gone in checkpoint.clear_for_start(config.run.out_dir, position.step):
             say(f"[{label}] removed {gone}: unfinished, or newer than step {position.step} where this run starts")
@@ -141,7 +147,7 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     commit = None
     if topology.writer and topology.last:
         commit = functools.partial(checkpoint.commit, config.run.out_dir, modules=topology.stages, identity=identity,
-                                   keep=config.run.keep_checkpoints)
+                                   keep=config.run.keep_checkpoints, schedule=schedule_settings(config.train))
     inbox, outbox = links(layout)
     if buffered and inbox is not None:
         inbox = BufferedInbox(inbox, topology.stage, pipe.buffer_batches, pipe.max_reuse, pipe.timeout_s,
