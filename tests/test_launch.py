@@ -71,7 +71,7 @@ def test_quickstart() -> None:
     assert (local.modules, local.context, local.loss, local.aux) == (4, "R1E", "softmax", "1c2f")
     assert (train.epochs, train.lr, train.schedule) == (1, 0.1, "cosine-step")
     assert ineffective_keys(config) == []  # the first command a user runs prints no warning
-    assert (config.run.mode, config.run.out_dir, config.run.log_every) == ("sequential", "runs/quickstart", 50)
+    assert (config.run.mode, config.run.out_dir, config.run.log_every) == ("sequential", "runs/quickstart", 10)
 
 
 def test_fashion_mnist_set_shares_one_budget() -> None:
