@@ -65,8 +65,8 @@ def run_main(body: Callable[[], None]) -> int:
     except StageFailure as err:
         say_error(f"error: {first_line(str(err))}")
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
+    except KeyboardInterrupt as err:  # its text, where an entry point gave one, says what was saved
+        print(f"interrupted{': ' if str(err) else ''}{err}", file=sys.stderr, flush=True)
         return EXIT_FAILURE
     except BrokenPipeError:
         # The reader went away (... | head): point stdout at nothing so the exit flush cannot raise.

@@ -49,6 +49,31 @@ class MetricsLog:
             self.sink.close()
 
 
+def cut_metrics(run_dir: str | Path, step: int) -> int:
+    """Drop metrics.jsonl's lines after ``step`` (and a line cut short), before a run resumed at
+    ``step`` appends its own: they belong to an attempt whose history this run replaces, and one
+    file holds one history. Returns how many lines went."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    with writing(path):
+        for line in path.read_text().splitlines():
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                item = None
+            if isinstance(item, dict) and int(item.get("step", 0)) <= step:
+                kept.append(line)
+            elif line.strip():
+                dropped += 1
+        if dropped:
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text("".join(f"{line}\n" for line in kept))
+            temporary.replace(path)
+    return dropped
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """GPU: the allocator's peak of allocated bytes; CPU: the process's peak resident set."""
     if device.type == "cuda":

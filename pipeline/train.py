@@ -89,13 +89,20 @@ def prepare_out_dir(config: Config) -> Iterator[None]:
 
 
 def _claim(config: Config, path: Path) -> None:
-    """Refuse (or with run.overwrite clear) another run's outputs; resuming from this folder keeps them."""
+    """Refuse (or with run.overwrite clear) another run's outputs; resuming from this folder keeps them
+    (the run drops what an interrupted attempt logged past its start, pipeline/metrics.py cut_metrics)."""
     run = config.run
-    found = [name for name in ("summary.json", "checkpoints")
+    found = [name for name in ("summary.json", "checkpoints", "metrics.jsonl")
              if (path / name).is_file() or ((path / name).is_dir() and any((path / name).iterdir()))]
     if not found or (run.resume and Path(run.resume).resolve() == path.resolve()):
         return
     if not run.overwrite:
+        if not checkpoint_sets(path) and "summary.json" not in found:  # nothing a run could continue from
+            raise BadInput(
+                f"run.out_dir = {str(path)!r} holds an unfinished attempt's outputs ({', '.join(found)}) and no "
+                f"complete checkpoint to resume from; start over with run.overwrite = true (it clears them), or "
+                f"choose another run.out_dir"
+            )
         raise BadInput(
             f"run.out_dir = {str(path)!r} holds another run's outputs ({', '.join(found)}); resume it with "
             f"run.resume = {str(path)!r}, replace them with run.overwrite = true, or choose another run.out_dir"
@@ -117,8 +124,33 @@ def train(config: Config) -> None:
 
         if os.environ.get("RANK", "0") == "0":  # once per job, not once per process
             warn_ineffective(config)
-        with errors_logged(config.run.out_dir):
-            run(config)
+        try:
+            with errors_logged(config.run.out_dir):
+                run(config)
+        except KeyboardInterrupt:
+            if os.environ.get("RANK", "0") != "0":  # rank 0 speaks for the job
+                raise
+            raise KeyboardInterrupt(what_is_saved(config)) from None
+
+
+def what_is_saved(config: Config) -> str:
+    """After an interrupt: what the out_dir holds to continue from, and the command's next step."""
+    out = config.run.out_dir
+    sets = checkpoint_sets(out)
+    if sets:
+        step, folder = sets[-1]
+        return (f"the last complete checkpoint is step {step} ({folder}); continue from it by adding "
+                f"--set run.resume={out} to the same command")
+    if config.run.resume:
+        return f"no checkpoint written in {out} yet; the same command resumes from {config.run.resume} again"
+    return ("no checkpoint written yet (one is written at each epoch end and when the run stops); start over "
+            "by adding --set run.overwrite=true to the same command")
+
+
+def checkpoint_sets(out_dir: str | Path) -> list[tuple[int, Path]]:
+    from pipeline.checkpoint import complete_sets  # torch: a run's failure paths only
+
+    return complete_sets(out_dir)
 
 
 def warn_ineffective(config: Config) -> None:

@@ -362,6 +362,12 @@ def test_reproduce_skip_done_and_unknown_table(tmp_path: Path) -> None:
                                 "configs/fashion_mnist", env={"GPUS": "0"}))
     resumed = [argv for argv in again if f"run.resume={tmp_path / 'runs' / 'e2e'}" in argv]
     assert len(resumed) == 1 and "configs/fashion_mnist/e2e.toml" in resumed[0]
+    (tmp_path / "runs" / "contsup_e").mkdir()
+    (tmp_path / "runs" / "contsup_e" / "metrics.jsonl").write_text("")  # stopped before its first checkpoint
+    third = commands(run_script("reproduce.sh", "--dry-run", "--skip-done", "--runs-dir", str(tmp_path / "runs"),
+                                "configs/fashion_mnist", env={"GPUS": "0"}))
+    over = [argv for argv in third if "run.overwrite=true" in argv]
+    assert len(over) == 1 and "configs/fashion_mnist/contsup_e.toml" in over[0]
     unknown = run_script("reproduce.sh", "--dry-run", "no_such_table")
     assert unknown.returncode == 2 and "cifar10_resnet32" in unknown.stderr
 

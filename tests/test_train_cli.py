@@ -167,7 +167,8 @@ def test_a_multi_line_message_reaches_the_terminal_as_its_first_line() -> None:
     assert first_line("\n  Weights only load failed.\nIn PyTorch 2.6 ...\n") == "Weights only load failed."
     with pytest.raises(StageFailure) as caught, errors_logged("/proc/definitely/not/writable"):
         raise RuntimeError("CUDA error: an illegal memory access\nCompile with TORCH_USE_CUDA_DSA")
-    assert str(caught.value) == "RuntimeError: CUDA error: an illegal memory access"  # no log: no pointer
+    assert str(caught.value) == ("RuntimeError: CUDA error: an illegal memory access (no traceback saved: cannot "
+                                 "write /proc/definitely/not/writable/errors/rank_0.log: no such file or directory)")
     assert isinstance(caught.value.__cause__, RuntimeError)
 
 
@@ -209,7 +210,7 @@ def test_another_runs_outputs_are_refused_unless_resumed_or_overwritten(tmp_path
     capsys.readouterr()
     assert tiny_main(out, "train.max_steps=2") == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "holds another run's outputs (summary.json, checkpoints)" in error
+    assert error.count("\n") == 1 and "holds another run's outputs (summary.json, checkpoints, metrics.jsonl)" in error
     assert "run.overwrite = true" in error and "run.resume" in error
     assert tiny_main(out, "train.max_steps=4", f"run.resume='{out}'") == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
@@ -316,6 +317,48 @@ def test_check_says_what_the_run_would_say_before_training(tmp_path, capsys):
     assert captured.err == ("warning: pipeline.queue_depth has no effect with run.mode = 'sequential' (no links "
                             "between stages)\n")
     assert "pipeline.queue_depth = 4" in captured.out.splitlines()
+
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    """Ctrl-C during training step ``step`` (1-based), as the terminal's SIGINT raises it."""
+    from pipeline.runners.report import RunReport
+
+    trained = RunReport.trained
+
+    def trained_then_interrupted(report, *args, **kwargs):
+        trained(report, *args, **kwargs)
+        if report.steps == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunReport, "trained", trained_then_interrupted)
+
+
+def test_an_interrupted_run_says_what_was_saved_and_a_rerun_never_mixes_two_attempts(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    command = ["--set", "data.name=synthetic", "--set", "model.arch=resnet8", "--set", "data.batch_size=128",
+               "--set", "train.schedule=constant", "--set", "train.epochs=2", "--set", "train.max_steps=12",
+               "--set", "run.log_every=2", "--set", f"run.out_dir={out}"]  # 8 batches an epoch: a set at step 8
+    interrupt_at(monkeypatch, 3)
+    assert main(command) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "interrupted: no checkpoint written yet (one is written at each epoch end and when the run stops); start "
+        "over by adding --set run.overwrite=true to the same command")
+    assert main(command) == 2  # the same command again: refused, not appended to the attempt's metrics.jsonl
+    assert capsys.readouterr().err.strip() == (
+        f"error: run.out_dir = {str(out)!r} holds an unfinished attempt's outputs (metrics.jsonl) and no complete "
+        f"checkpoint to resume from; start over with run.overwrite = true (it clears them), or choose another "
+        f"run.out_dir")
+    monkeypatch.undo()
+    interrupt_at(monkeypatch, 11)
+    assert main([*command, "--set", "run.overwrite=true"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted: the last complete checkpoint is step 8 ({out / 'checkpoints' / 'step_8'}); continue from it "
+        f"by adding --set run.resume={out} to the same command")
+    monkeypatch.undo()
+    assert main([*command, "--set", f"run.resume={out}"]) == 0
+    assert "removed 1 metrics.jsonl line(s) after step 8" in capsys.readouterr().out  # the attempt's step 10
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert [line["step"] for line in train] == [2, 4, 6, 8, 10, 12]  # one history: each step once
 
 
 def readme_setup() -> str:

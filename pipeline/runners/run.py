@@ -27,7 +27,7 @@ from pipeline.config import Config, PipelineConfig
 from pipeline.data.contract import Loader
 from pipeline.data.loader import make_loaders
 from pipeline.errors import BadInput, StageFailure, StuckPeer
-from pipeline.metrics import reset_peak_memory, say
+from pipeline.metrics import cut_metrics, reset_peak_memory, say
 from pipeline.model.local_module import Layout
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.model.partition import flat_to_cut
@@ -129,6 +129,10 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     if topology.rank == 0:  # before anything is written: what a crash or a replaced history left goes
         for gone in checkpoint.clear_for_start(config.run.out_dir, position.step):
             say(f"[{label}] removed {gone}: unfinished, or newer than step {position.step} where this run starts")
+        lines = cut_metrics(config.run.out_dir, position.step)
+        if lines:
+            say(f"[{label}] removed {lines} metrics.jsonl line(s) after step {position.step}, where this run starts: "
+                f"an interrupted attempt's")
     report = RunReport(label, config.run, topology, workers, position, length, parallel.total, started)
     save = functools.partial(checkpoint.save, config.run.out_dir, identity=identity) if topology.writer else None
     adopt = parallel.adopt_replica_0_buffers if topology.replicas > 1 else None
