@@ -142,7 +142,8 @@ def what_is_saved(config: Config) -> str:
         return (f"the last complete checkpoint is step {step} ({folder}); continue from it by adding "
                 f"--set run.resume={out} to the same command")
     if config.run.resume:
-        return f"no checkpoint written in {out} yet; the same command resumes from {config.run.resume} again"
+        return (f"no checkpoint written in {out} yet; resume from {config.run.resume} again by adding --set "
+                f"run.overwrite=true to the same command")
     return ("no checkpoint written yet (one is written at each epoch end and when the run stops); start over "
             "by adding --set run.overwrite=true to the same command")
 
