@@ -1,6 +1,6 @@
 """Typed experiment configuration: TOML file + ``--set`` overrides, validated in one place.
 
-Every key (the README's "Configs" table) lives in one dataclass below; choices are ``Literal``
+Every key (the "Configs" table of docs/usage.md) lives in one dataclass below; choices are ``Literal``
 types. ``load_config`` is the only way a ``Config`` is built from user input, and every problem
 it finds is a ``BadInput`` naming the key and what is allowed.
 """

@@ -212,7 +212,7 @@ def write_summary(run_dir: str | Path, config: Config, world_size: int, cuts: li
 
 
 def percent(fraction: float) -> str:
-    """Accuracy as people read it, with the same digits on the console, in bench.md and the README."""
+    """Accuracy as people read it, with the same digits on the console, in bench.md and docs/measurements.md."""
     return f"{100.0 * fraction:.2f} %"
 
 

@@ -370,7 +370,7 @@ def test_readme_setup_uses_a_venv_and_installs_torch_before_the_package():
     setup = readme_setup()
     commands = [line.strip() for line in setup.splitlines() if line.strip().startswith(("python3 ", "pip ", "apt-get"))]
     assert "python3 -m venv .venv && . .venv/bin/activate" in commands
-    cpu_torch = commands.index("pip install torch --index-url https://download.pytorch.org/whl/cpu")
+    cpu_torch = commands.index("pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
     package = commands.index("pip install -e .")
     assert commands.index("python3 -m venv .venv && . .venv/bin/activate") < cpu_torch < package
     assert commands.index("pip install torch") < package, "the GPU build, too, comes before the package"
