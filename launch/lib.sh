@@ -61,13 +61,15 @@ show_and_run_job() {
     return "${codes[0]}"
 }
 
-# job_stderr REPORT: pass a job's stderr through to ours until torchrun's own logging starts (its
-# lines look like 'E1207 02:22:39.896000 PID .../torch/distributed/elastic/...'), then keep the
-# rest in REPORT; at the end name REPORT and repeat the first 'error: ' line seen.
+# job_stderr REPORT: pass a job's stderr through to ours until torchrun starts reporting a failed
+# process (a line such as 'W1207 02:22:39.863000 PID .../torch/distributed/elastic/...] Sending
+# process P closing signal SIGTERM' or '... failed (exitcode: 2) ...'), then keep the rest in
+# REPORT; at the end name REPORT and repeat the first 'error: ' line seen.
 job_stderr() {
     local report=$1 line cause="" kept=0
+    local failing='^[WE][0-9]{4} .*torch/distributed/elastic/.*(closing signal|failed \(exitcode)'
     while IFS= read -r line; do
-        if [[ ${kept} == 0 && ${line} =~ ^[DIWEF][0-9]{4}\ .*torch/distributed/ ]]; then
+        if [[ ${kept} == 0 && ${line} =~ ${failing} ]]; then
             mkdir -p "$(dirname "${report}")" && : >"${report}" && kept=1
         fi
         if [[ -z ${cause} && ${line} == "error: "* ]]; then

@@ -577,3 +577,18 @@ def test_a_failed_job_ends_with_its_cause_and_keeps_torchruns_report_in_a_file(t
                           "runs/x/errors/rank_0.log)"]
     assert "Traceback" not in result.stderr and "ChildFailedError" in report.read_text()
     assert report.read_text().startswith("W1207 ") and "Root Cause" in report.read_text()
+
+
+def test_a_job_that_succeeds_keeps_torchruns_warnings_on_the_terminal(tmp_path: Path) -> None:
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    warning = ("W1207 02:22:39.863000 21765 site-packages/torch/distributed/elastic/rendezvous/"
+               "dynamic_rendezvous.py:1000] The node 'n0' has already been assigned")
+    fake = folder / "torchrun"
+    fake.write_text(f'#!/usr/bin/env bash\necho "{warning}" >&2\necho "warning: a key has no effect" >&2\nexit 0\n')
+    fake.chmod(0o755)
+    result = run_script("single_node.sh", "configs/quickstart.toml", "--set", f"run.out_dir={tmp_path / 'run'}",
+                        env=path_with(folder))
+    assert result.returncode == 0
+    assert result.stderr.splitlines() == [warning, "warning: a key has no effect"]
+    assert not (tmp_path / "run" / "errors").exists()
