@@ -134,11 +134,11 @@ def windows(metrics: Path, module: int, window: int) -> dict[int, dict[int, dict
         for owner, lines in owners.items():
             if sum(steps for steps, _ in lines) != window or lines[-1][1]["step"] != end:
                 continue  # a partial window: the run stopped inside it
-            seconds = sum(steps / max(line["samples_per_s"], 1e-9) for steps, line in lines)  # per sample/batch
-            figures = {"samples_per_s": round(window / seconds, 2)}
+            seconds = sum(steps / max(line["samples_per_s"], 1e-9) for steps, line in lines)  # over one batch's samples
+            summed = {"samples_per_s": round(window / seconds, 2)}
             if all("window_compute_s" in line for _, line in lines):
-                figures["window_compute_s"] = sum(line["window_compute_s"] for _, line in lines)
-            found.setdefault(end, {})[owner] = figures
+                summed["window_compute_s"] = sum(line["window_compute_s"] for _, line in lines)
+            found.setdefault(end, {})[owner] = summed
     first = min(found, default=0)
     return {step: lines for step, lines in found.items() if step != first and module in lines}
 
