@@ -456,7 +456,7 @@ def classic_rows(config_path: str | None, sets: list[str], spec: Any, cuts: list
     """The classic pipeline rows: activation memory (into ``results``) and their summary for bench.json."""
     from pipeline.classic_pp import e2e_overrides, stage_activation_bytes
     from pipeline.model.network import make_net
-    from pipeline.traffic import bubble_fraction, classic_pp_bytes
+    from pipeline.traffic import bubble_fraction, classic_pp_bytes, wire_element_bytes
 
     e2e = load_config(config_path, e2e_overrides(sets))
     rows = {}
@@ -470,7 +470,8 @@ def classic_rows(config_path: str | None, sets: list[str], spec: Any, cuts: list
             "samples_per_s_min": result["samples_per_s_min"], "samples_per_s_max": result["samples_per_s_max"],
             "peak_mem_bytes_per_process": result["peak_mem_bytes_per_process"],
             "activation_mem_bytes_per_stage": per_stage,
-            "wire_bytes_per_step": classic_pp_bytes(make_net(e2e, spec), cuts, batch),
+            "wire_bytes_per_step": classic_pp_bytes(make_net(e2e, spec), cuts, batch,
+                                                    wire_element_bytes(e2e.pipeline.wire_dtype)),
             "idle_fraction": round(bubble_fraction(run.modules, run.microbatches), 4),
         }
     return rows
@@ -483,7 +484,7 @@ def wire_bytes_per_step(config_path: str | None, sets: list[str], spec: Any, fla
 
     from pipeline.classic_pp import e2e_overrides
     from pipeline.model.network import build_module, make_layout, make_net
-    from pipeline.traffic import classic_pp_bytes, ddp_bytes, local_pipeline_bytes
+    from pipeline.traffic import classic_pp_bytes, ddp_bytes, local_pipeline_bytes, wire_element_bytes
 
     cpu = torch.device("cpu")
     e2e = load_config(config_path, e2e_overrides(sets))
@@ -491,7 +492,8 @@ def wire_bytes_per_step(config_path: str | None, sets: list[str], spec: Any, fla
     for name, run in results.items():
         modules, processes = run["modules"], run["processes"]
         if run["mode"] == "classic_pp":
-            traffic[name] = classic_pp_bytes(make_net(e2e, spec), flat_cuts[modules], batch)
+            traffic[name] = classic_pp_bytes(make_net(e2e, spec), flat_cuts[modules], batch,
+                                             wire_element_bytes(e2e.pipeline.wire_dtype))
         elif processes == 1:
             traffic[name] = 0
         elif modules == 1:
@@ -499,7 +501,7 @@ def wire_bytes_per_step(config_path: str | None, sets: list[str], spec: Any, fla
         else:
             config = load_config(config_path, [*sets, f"local.modules={modules}", "local.partition=equal"])
             layout = make_layout(config, spec, flat_cuts[modules])
-            element = 2 if config.pipeline.wire_dtype == "bf16" else 4
+            element = wire_element_bytes(config.pipeline.wire_dtype)
             traffic[name] = local_pipeline_bytes(
                 layout.plan, [layout.input_shape(k) for k in range(modules)],
                 [build_module(config, layout, k, cpu) for k in range(modules)], batch, element, processes // modules)

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -33,6 +34,7 @@ FORMAT = 1
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"step_(\d+)")
 _TEMPORARY = ".tmp"  # every temporary file's name holds this; a finished file's never does
+COMMIT_POLL_S = 0.5  # how often commit looks again for a module file not yet visible
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -137,16 +139,23 @@ def save(run_dir: str | Path, worker: ModuleWorker, position: Position, identity
 
 
 def commit(run_dir: str | Path, position: Position, modules: int, identity: dict[str, Any], keep: int,
-           schedule: dict[str, Any]) -> Path:
+           schedule: dict[str, Any], wait_s: float = 0.0) -> Path:
     """Once every module's file of ``position.step`` is written: mark the set complete, drop old ones.
 
     Called by one process, the one that holds the last module of replica 0, when the epoch end
     reaches it (every module before it saved first); sets older than the newest ``keep``
-    complete ones, and unfinished sets older than this one, are removed. The marker records the
-    run's ``schedule`` settings (optim.schedule_settings), which a resumed run compares with its own.
+    complete ones, and unfinished sets older than this one, are removed. A file another node
+    wrote may not show yet on a shared file system (NFS caches directory attributes for up to a
+    minute): missing files are looked for again for up to ``wait_s`` before the set fails. The
+    marker records the run's ``schedule`` settings (optim.schedule_settings), which a resumed run
+    compares with its own.
     """
     folder = step_dir(run_dir, position.step)
+    deadline = time.monotonic() + wait_s
     missing = [module for module in range(modules) if not module_file(folder, module).is_file()]
+    while missing and time.monotonic() < deadline:
+        time.sleep(COMMIT_POLL_S)
+        missing = [module for module in missing if not module_file(folder, module).is_file()]
     if missing:
         raise StageFailure(f"checkpoint {folder} lacks modules {missing} when the last one saved; "
                            f"its set is left incomplete (resume uses the previous one)")

@@ -15,7 +15,6 @@ per run.log_every steps with that window's samples/s, per-process peak memory); 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
 import time
@@ -32,7 +31,7 @@ from pipeline.cli import ArgumentParser, add_set_argument, run_main
 from pipeline.config import Config, load_config
 from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.errors import BadInput, StageFailure, cannot_write, errors_logged
-from pipeline.metrics import MetricsLog, peak_memory_bytes, peak_reserved_bytes, reset_peak_memory, say
+from pipeline.metrics import DeviceMemory, MetricsLog, say
 from pipeline.model.network import build_module, make_layout, resolve_cuts
 from pipeline.model.partition import flat_to_cut, module_ranges
 from pipeline.model.profile import saved_activation_bytes
@@ -82,17 +81,24 @@ def stage_activation_bytes(e2e: Config, spec: DatasetSpec, cuts: list[int], batc
     return sizes
 
 
-class _Autocast(nn.Module):
-    """Runs the stage under bf16 autocast, as the other modes do with precision.amp = bf16."""
+class _Precision(nn.Module):
+    """A stage computing and sending as the local pipeline's stages do: under bf16 autocast with
+    precision.amp = bf16, its activations on the wire in pipeline.wire_dtype.
 
-    def __init__(self, inner: nn.Module, device: torch.device) -> None:
+    A bf16 wire arrives as bf16 and is restored to float32 only where the stage computes in
+    float32 (pipeline/transport.py does the same); the last stage's logits are float32 for the loss.
+    """
+
+    def __init__(self, inner: nn.Module, device: torch.device, amp: bool, wire: torch.dtype, last: bool) -> None:
         super().__init__()
-        self.inner, self.device_type = inner, device.type
+        self.inner, self.device_type, self.amp, self.wire, self.last = inner, device.type, amp, wire, last
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+        if not self.amp:
+            inputs = inputs.float()
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
             output: torch.Tensor = self.inner(inputs)
-        return output.float()
+        return output.float() if self.last else output.to(self.wire)
 
 
 class ClassicStage:
@@ -112,13 +118,18 @@ class ClassicStage:
         self.optimizer = make_optimizer(stage, config.train)
         self.lr = learning_rate(config.train, 1)
         set_learning_rate(self.optimizer, self.lr)
-        runs: nn.Module = _Autocast(stage, device) if config.precision.amp == "bf16" else stage
-        # Shapes of one microbatch on the meta device: the stage needs no shape exchange at the start.
-        # requires_grad marks what carries a gradient back: every received input, every output.
+        amp = config.precision.amp == "bf16"
+        wire = torch.bfloat16 if config.pipeline.wire_dtype == "bf16" else torch.float32
+        last = index == stages - 1
+        runs: nn.Module = _Precision(stage, device, amp, wire, last) if amp or wire != torch.float32 else stage
+        # Shapes and dtypes of one microbatch on the meta device: the stage needs no exchange at the
+        # start. requires_grad marks what carries a gradient back: every received input, every output.
         meta = torch.device("meta")
-        pipe_stage = PipelineStage(runs, index, stages, device,
-                                   input_args=torch.empty(input_shape, device=meta, requires_grad=index > 0),
-                                   output_args=torch.empty(output_shape, device=meta, requires_grad=True))
+        received = torch.empty(input_shape, device=meta, dtype=wire if index > 0 else torch.float32,
+                               requires_grad=index > 0)
+        pipe_stage = PipelineStage(runs, index, stages, device, input_args=received,
+                                   output_args=torch.empty(output_shape, device=meta, requires_grad=True,
+                                                           dtype=torch.float32 if last else wire))
         kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
         # scale_grads: each microbatch's mean loss, gradients divided by M = the batch's mean loss.
         self.schedule = kind(pipe_stage, microbatches, loss_fn=F.cross_entropy, scale_grads=True)
@@ -194,6 +205,7 @@ def full_batches(config: Config, device: torch.device, batch: int) -> Iterator[t
 
 def train(config_path: str | None, sets: list[str], schedule: Schedule, microbatches: int) -> None:
     from pipeline.distributed import keep_freed_host_memory, limit_cpu_threads, resolve_device
+    from pipeline.topology import join_job
 
     config = load_config(config_path, sets)
     e2e = load_config(config_path, e2e_overrides(sets))
@@ -221,8 +233,7 @@ def train(config_path: str | None, sets: list[str], schedule: Schedule, microbat
         raise BadInput("pipeline.classic_pp measures throughput over train.max_steps steps; set train.max_steps > 0")
     out = Path(config.run.out_dir)
     batches = full_batches(config, device, batch) if rank == 0 else None
-    timeout = datetime.timedelta(seconds=config.pipeline.timeout_s)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    join_job(device, rank, size, config.pipeline.timeout_s)
     try:
         cuts = [resolve_cuts(config, spec, device) if rank == 0 else None]
         dist.broadcast_object_list(cuts, 0)
@@ -234,7 +245,8 @@ def train(config_path: str | None, sets: list[str], schedule: Schedule, microbat
             say(f"[classic {schedule}] {size} stages, cut points "
                 f"{[flat_to_cut(cut, config.arch.blocks) for cut in flat]}, {microbatches} microbatches "
                 f"of {micro}, {steps} steps on {device}, {torch.get_num_threads()} thread(s) per stage")
-        reset_peak_memory(device)
+        memory = DeviceMemory(device)
+        memory.start()
         window, losses = config.run.log_every, []
         started = mark = time.perf_counter()
         for step in range(1, steps + 1):
@@ -253,8 +265,7 @@ def train(config_path: str | None, sets: list[str], schedule: Schedule, microbat
                     f"{batch * window / (now - mark):.0f} samples/s")
                 mark, losses = now, []
         train_s = time.perf_counter() - started
-        mine = {"rank": rank, "module": rank, "peak_mem_bytes": peak_memory_bytes(device),
-                "peak_reserved_bytes": peak_reserved_bytes(device),
+        mine = {"rank": rank, "module": rank, **memory.figures(),
                 "samples_per_s": round(steps * batch / max(train_s, 1e-9), 2)}
         every: list[Any] = [None] * size
         dist.all_gather_object(every, mine)

@@ -74,26 +74,39 @@ def cut_metrics(run_dir: str | Path, step: int) -> int:
     return dropped
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """GPU: the allocator's peak of allocated bytes; CPU: the process's peak resident set."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
+def _peak_resident_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def peak_reserved_bytes(device: torch.device) -> int:
-    """GPU: the caching allocator's peak of reserved bytes (what the device really held; allocated
-    plus cached blocks and fragmentation); CPU: the peak resident set, as ``peak_memory_bytes``."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_reserved(device))
-    return peak_memory_bytes(device)
+@dataclass
+class DeviceMemory:
+    """A process's memory figures over its training loop, from ``start`` on.
 
+    GPU: ``peak_mem_bytes`` is the allocator's peak minus what was allocated at ``start`` (the
+    resident data set and the weights held before training do not count: the loop's own
+    activations, gradients and optimizer state do); ``peak_reserved_bytes`` the caching
+    allocator's peak reserved (everything it held, those included); ``device_used_bytes`` what the
+    device holds when asked (``torch.cuda.mem_get_info``: the CUDA context, NCCL's buffers and
+    any other process on the GPU included, none of which the allocator sees). CPU: the process's
+    peak resident set for all three (it cannot be reset).
+    """
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start the GPU peaks here (after set-up: the resident data set and profiling do not count).
-    CPU: the resident-set peak cannot be reset; it stays the process's."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    device: torch.device
+    held_at_start: int = 0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.held_at_start = int(torch.cuda.memory_allocated(self.device))
+
+    def figures(self) -> dict[str, int]:
+        if self.device.type != "cuda":
+            resident = _peak_resident_bytes()
+            return {"peak_mem_bytes": resident, "peak_reserved_bytes": resident, "device_used_bytes": resident}
+        free, total = torch.cuda.mem_get_info(self.device)
+        return {"peak_mem_bytes": int(torch.cuda.max_memory_allocated(self.device)) - self.held_at_start,
+                "peak_reserved_bytes": int(torch.cuda.max_memory_reserved(self.device)),
+                "device_used_bytes": int(total - free)}
 
 
 @dataclass
@@ -115,6 +128,10 @@ class StageStats:
     _logged_compute_s: float = 0.0
     _started: Any = None
     _events: list[Any] = field(default_factory=list)
+    memory: DeviceMemory = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.memory = DeviceMemory(self.device)
 
     def begin_compute(self) -> None:
         if self.device.type == "cuda":
@@ -154,8 +171,7 @@ class StageStats:
             "recv_wait_s": round(self.recv_wait_s, 4),
             "send_wait_s": round(self.send_wait_s, 4),
             "busy_fraction": round(min(1.0, self.compute_s / wall), 4),
-            "peak_mem_bytes": peak_memory_bytes(self.device),  # allocated (kept for compatibility)
-            "peak_reserved_bytes": peak_reserved_bytes(self.device),
+            **self.memory.figures(),
             "samples_per_s": round(self.samples / wall, 2),
         }
 

@@ -209,23 +209,56 @@ def layout_replicas(size: int, modules: int, replicas: int) -> int:
     return size // modules
 
 
+GROUP_MARGIN_S = 60.0
+
+
+def join_job(device: torch.device, rank: int, size: int, timeout_s: float) -> datetime.timedelta:
+    """Join the job's default group on ``device`` (NCCL on a GPU, gloo on CPU); the groups' timeout.
+
+    On a GPU the device is set and bound to the group first: NCCL's object collectives and
+    barriers otherwise run on the current device, GPU 0, on every rank of a node.
+
+    The groups get pipeline.timeout_s plus ``GROUP_MARGIN_S``: the links' own deadline is
+    timeout_s, and at the same figure NCCL's watchdog would often abort the process first,
+    before the failure line names the stuck peer and ``stop_stuck_peer`` stops it.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s + GROUP_MARGIN_S)
+    dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout,
+                            device_id=device if backend == "nccl" else None)
+    return timeout
+
+
+def warm_links(topology: Topology) -> None:
+    """One element over each of this process's links, in chain order, before training.
+
+    NCCL creates a 2-rank communicator for a pair's first plain send/recv, lazily, blocking the
+    host: done inside the courier it would take a step's time with no deadline of the link's,
+    and its buffers would appear after the memory figures start. Receiving from module k-1
+    before sending to k+1 cannot deadlock: module 0 only sends, and each link waits on the one
+    before it (docs/design.md, "One communication thread per rank").
+    """
+    stage, replica = topology.stage, topology.replica
+    token = torch.zeros(1, device=topology.device)
+    if stage - 1 in topology.links:
+        dist.recv(token, topology.rank_of(stage - 1, replica), group=topology.links[stage - 1])
+    if stage in topology.links:
+        dist.send(token, topology.rank_of(stage + 1, replica), group=topology.links[stage])
+
+
 @contextlib.contextmanager
 def process_groups(topology: Topology, timeout_s: float) -> Iterator[Topology]:
     """Join the job (NCCL on GPUs, gloo on CPU), make the link and replica groups, leave at the end.
 
     Every process creates every group in the same order, as torch.distributed requires. The
-    timeout turns a dead peer into an error instead of a hang.
+    timeout (``join_job``) turns a dead peer into an error instead of a hang.
     """
     if not topology.distributed:
         yield topology
         return
-    device = topology.device
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(backend, rank=topology.rank, world_size=topology.size, timeout=timeout,
-                            device_id=device if backend == "nccl" else None)
+    timeout = join_job(topology.device, topology.rank, topology.size, timeout_s)
     stages, replicas = topology.stages, topology.replicas
     for replica in range(replicas):
         for module in range(stages - 1):
@@ -239,6 +272,7 @@ def process_groups(topology: Topology, timeout_s: float) -> Iterator[Topology]:
             group = dist.new_group(members, timeout=timeout) if stages > 1 else dist.group.WORLD
             if topology.rank in members:
                 topology.replica_group = group
+    warm_links(topology)
     topology.comm = TorchCollectives(topology.size, topology.replica_group, topology.rank_of(topology.stage, 0))
     # Where every process runs: a rank that finds a neighbour stuck can stop it on its own host.
     topology.processes = [tuple(item) for item in topology.comm.gather((socket.gethostname(), os.getpid()))]

@@ -69,6 +69,12 @@ def local_pipeline_bytes(plan: ContextPlan, input_shapes: Sequence[BlockShape], 
     return links + sum(ddp_bytes(module, replicas) for module in modules)
 
 
+def wire_element_bytes(wire_dtype: str) -> int:
+    """Bytes of one activation element on a wire of ``pipeline.wire_dtype`` (fp32 or bf16); the
+    classic pipeline sends in it too (pipeline/classic_pp.py)."""
+    return 2 if wire_dtype == "bf16" else 4
+
+
 def classic_pp_bytes(net: BlockNet, cuts: Sequence[int], batch: int, element_bytes: int = 4) -> int:
     """torch.distributed.pipelining: each cut's activation forward and its gradient backward, for
     every sample of the batch (the microbatches add up to it), plus the labels rank 0 sends to

@@ -64,18 +64,19 @@ def header_length(max_tensors: int) -> int:
     return META_LEN + 1 + max_tensors * _SLOT
 
 
-def encode_header(frame: Frame, max_tensors: int) -> torch.Tensor:
-    tensors = frame.tensors
-    if len(frame.meta) > META_LEN:
-        raise ValueError(f"a frame carries at most {META_LEN} integers, got {len(frame.meta)}")
-    if len(tensors) > max_tensors:
-        raise ValueError(f"a frame of this link holds at most {max_tensors} tensors, got {len(tensors)}")
-    values = [*frame.meta, *[0] * (META_LEN - len(frame.meta)), len(tensors)]
-    for tensor in tensors:
-        if tensor.dim() > MAX_NDIM or tensor.dtype not in DTYPE_ID:
-            raise ValueError(f"cannot send a {tensor.dtype} tensor of {tensor.dim()} dims")
-        dims = list(tensor.shape) + [0] * (MAX_NDIM - tensor.dim())
-        values += [DTYPE_ID[tensor.dtype], tensor.dim(), *dims]
+def encode_header(meta: tuple[int, ...], specs: list[tuple[torch.dtype, tuple[int, ...]]],
+                  max_tensors: int) -> torch.Tensor:
+    """The header of a frame of ``meta`` whose tensors have ``specs`` ((dtype, shape) each, as
+    ``decode_header`` returns them): it needs no tensor's data."""
+    if len(meta) > META_LEN:
+        raise ValueError(f"a frame carries at most {META_LEN} integers, got {len(meta)}")
+    if len(specs) > max_tensors:
+        raise ValueError(f"a frame of this link holds at most {max_tensors} tensors, got {len(specs)}")
+    values = [*meta, *[0] * (META_LEN - len(meta)), len(specs)]
+    for dtype, shape in specs:
+        if len(shape) > MAX_NDIM or dtype not in DTYPE_ID:
+            raise ValueError(f"cannot send a {dtype} tensor of {len(shape)} dims")
+        values += [DTYPE_ID[dtype], len(shape), *shape, *[0] * (MAX_NDIM - len(shape))]
     values += [0] * (header_length(max_tensors) - len(values))
     return torch.tensor(values, dtype=torch.int64)
 
@@ -112,11 +113,14 @@ class Link:
 
     def __init__(self, rank: int, peer: int, group: dist.ProcessGroup, codec: Codec, device: torch.device,
                  depth: int, timeout_s: float, wire_dtype: torch.dtype | None = None,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, keep_wire_dtype: bool = False) -> None:
         self.rank, self.peer, self.group, self.codec, self.device = rank, peer, group, codec, device
         self.header_length = header_length(codec.max_tensors)
-        # Floating tensors travel in wire_dtype (when set) and are restored to float32 on arrival.
+        # Floating tensors travel in wire_dtype (when set) and are restored to float32 on arrival,
+        # unless the receiving module runs under bf16 autocast with a bf16 wire (keep_wire_dtype):
+        # autocast would cast them straight back, a copy and a float32 buffer per tensor for nothing.
         self.wire_dtype = wire_dtype
+        self.keep_wire_dtype = keep_wire_dtype
         # 4-D tensors travel in the layout both modules compute in (precision.channels_last), so neither
         # end converts them: the sender would copy a channels_last output to NCHW and the receiving
         # module copy it back, two full copies per tensor per step.
@@ -202,17 +206,36 @@ class Sender(Link):
             raise StuckPeer(f"rank {self.rank}: rank {self.peer} did not take the last messages within "
                                f"{self.timeout_s:.0f} s (pipeline.timeout_s)", self.peer)
 
-    def post(self, frame: Frame) -> tuple[list[torch.Tensor], list[Work]]:
-        """Start sending ``frame``: the header, then its tensors, all in flight at once.
+    def header(self, frame: Frame) -> torch.Tensor:
+        """``frame``'s header where it is sent from, built from the tensors' shapes alone.
 
-        The buffers must stay referenced until the works complete (the courier keeps them).
+        On a GPU the courier uploads it before its link stream waits for the producer's kernels,
+        from pinned memory and without blocking: a copy from pageable memory would hold the
+        courier until the link stream (waiting on compute) reached it, so it could neither post
+        the next receive nor see a deadline pass until this rank's step ended.
+        """
+        wire = self.wire_dtype
+        specs = [(wire if wire is not None and tensor.is_floating_point() else tensor.dtype, tuple(tensor.shape))
+                 for tensor in frame.tensors]
+        header = encode_header(frame.meta, specs, self.codec.max_tensors)
+        if self.device.type == "cuda":
+            return header.pin_memory().to(self.device, non_blocking=True)
+        return header
+
+    def post(self, frame: Frame, header: torch.Tensor) -> tuple[list[torch.Tensor], list[Work]]:
+        """Start sending ``frame`` after its ``header``, all in flight at once; returns what must stay
+        referenced until the works complete (the courier keeps it) and the works.
+
+        That is the sent buffers and the frame's own tensors: on a GPU a wire-dtype or layout copy
+        reads them on the link stream, later than the host gets here, and the allocator knows only
+        their compute stream: freed now, the next step could reuse their memory before the copy ran.
         """
         tensors = frame.tensors
         if self.wire_dtype is not None:
             tensors = [t.to(self.wire_dtype) if t.is_floating_point() else t for t in tensors]
-        header = encode_header(Frame(frame.meta, tensors), self.codec.max_tensors).to(self.device)
         buffers = [header, *(self.on_wire(tensor) for tensor in tensors)]
-        return buffers, [_started(dist.isend(tensor, self.peer, group=self.group)) for tensor in buffers]
+        works = [_started(dist.isend(tensor, self.peer, group=self.group)) for tensor in buffers]
+        return [*buffers, *frame.tensors], works
 
 
 class Receiver(Link):
@@ -252,7 +275,8 @@ class Receiver(Link):
     def deliver(self, frame: Frame) -> bool:
         """Decode an arrived frame into the inbox (room is there: only the courier fills it); True at the end."""
         wire = self.wire_dtype
-        frame.tensors = [t.float() if wire is not None and t.dtype == wire else t for t in frame.tensors]
+        if wire is not None and not self.keep_wire_dtype:
+            frame.tensors = [t.float() if t.dtype == wire else t for t in frame.tensors]
         if self.stream is not None:
             frame.ready = torch.cuda.Event()
             frame.ready.record(self.stream)
@@ -382,10 +406,11 @@ class Courier:
         if not isinstance(frame, Frame):  # close(): everything before it has been sent
             self.drained.set()
             return None, False
-        if link.stream is not None and frame.ready is not None:
-            link.stream.wait_event(frame.ready)
         with self._on(link):
-            buffers, works = link.post(frame)
+            header = link.header(frame)  # first: it needs no data, so no wait for compute
+            if link.stream is not None and frame.ready is not None:
+                link.stream.wait_event(frame.ready)  # the tensors: on the device only, the host goes on
+            buffers, works = link.post(frame, header)
         return _Pending(works, time.perf_counter() + link.timeout_s, link.peer, f"sending to rank {link.peer}",
                         buffers=buffers), True
 
@@ -421,6 +446,11 @@ class Courier:
               receiving: bool) -> tuple[_Pending | None, _Pending | None, bool]:
         progressed = False
         if outgoing is not None and all(work.is_completed() for work in outgoing.works):
+            # NCCL reports a failed work as completed too: wait() raises its error (no host wait: done)
+            assert self.outbound is not None
+            with self._on(self.outbound):
+                for work in outgoing.works:
+                    work.wait()
             outgoing, progressed = None, True
         if incoming is not None and all(work.is_completed() for work in incoming.works):
             incoming, receiving = self._arrived(incoming, receiving)

@@ -372,3 +372,28 @@ def test_changing_train_epochs_on_resume_is_said(six_steps, make_config, tmp_pat
                     out_dir=tmp_path / "longer"))
     assert ("warning: run.resume changes the learning-rate schedule (train.epochs = 4 (was 3), train.max_steps = 7 "
             "(was 6)): step 6 trained at 0.01, step 7 will train at 0.01;") in capsys.readouterr().err
+
+
+def test_commit_looks_again_for_a_module_file_another_node_wrote(make_config, tmp_path):
+    """On NFS a file written on another node can take a while to show: commit waits up to wait_s for
+    it (here it appears 0.4 s late), and fails naming the module when it never shows."""
+    import threading
+    import time
+
+    config = make_config("local.modules=2")
+    spec = dataset_spec(config)
+    cuts = resolve_cuts(config, spec, CPU)
+    layout = make_layout(config, spec, cuts)
+    identity = checkpoint.identity_of(config, cuts)
+    workers = [make_worker(config, layout, index, CPU) for index in range(2)]
+    checkpoint.save(tmp_path, workers[1], Position(1, 0, 4), identity)
+    late = threading.Timer(0.4, checkpoint.save, (tmp_path, workers[0], Position(1, 0, 4), identity))
+    late.start()
+    checkpoint.commit(tmp_path, Position(1, 0, 4), 2, identity, keep=2, schedule={}, wait_s=10.0)
+    late.join()
+    assert checkpoint.find_set(tmp_path) == tmp_path / "checkpoints" / "step_4"
+    checkpoint.save(tmp_path, workers[1], Position(1, 0, 8), identity)
+    started = time.monotonic()
+    with pytest.raises(StageFailure, match=r"lacks modules \[0\]"):
+        checkpoint.commit(tmp_path, Position(1, 0, 8), 2, identity, keep=2, schedule={}, wait_s=1.0)
+    assert 1.0 <= time.monotonic() - started < 3.0

@@ -131,3 +131,50 @@ def test_bad_launches_exit_2_with_one_line(tmp_path: Path, monkeypatch: pytest.M
         assert main([*sets, *args]) == 2
         error = capsys.readouterr().err
         assert needle in error and error.count("\n") == 1 and "Traceback" not in error
+
+
+def test_each_rank_joins_on_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU node rank 1 sets cuda:1 and binds the job's group to it before anything runs on the
+    group (NCCL would otherwise put every rank's object collectives on GPU 0): a mocked torch.cuda."""
+    import pipeline.distributed as distributed
+    from pipeline.classic_pp import train
+
+    calls: list[tuple[str, object]] = []
+
+    class Joined(Exception):
+        pass
+
+    def init(backend: str, **kwargs: object) -> None:
+        calls.append(("init", (backend, kwargs["device_id"])))
+        raise Joined
+
+    gpu = torch.device("cuda", 1)
+    monkeypatch.setattr(distributed, "resolve_device", lambda *args: gpu)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(torch.distributed, "init_process_group", init)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(Joined):
+        train(None, [*SETS, "train.max_steps=2"], "1f1b", 2)
+    assert calls == [("set_device", gpu), ("init", ("nccl", gpu))]
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_a_classic_stage_sends_in_the_local_pipeline_s_wire_dtype(amp: bool) -> None:
+    """Like the local pipeline's links: a bf16 wire leaves a middle stage as bf16, arrives as bf16 and is
+    restored to float32 only where the stage computes in float32; the last stage's logits are float32."""
+    from pipeline.classic_pp import _Precision
+
+    seen: list[torch.dtype] = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            seen.append(inputs.dtype)
+            return torch.nn.functional.linear(inputs, torch.ones(3, 4))
+
+    arriving = torch.randn(2, 4).to(torch.bfloat16)
+    middle = _Precision(Probe(), CPU, amp, torch.bfloat16, last=False)
+    assert middle(arriving).dtype == torch.bfloat16
+    last = _Precision(Probe(), CPU, amp, torch.bfloat16, last=True)
+    assert last(arriving).dtype == torch.float32
+    assert seen == [torch.bfloat16 if amp else torch.float32] * 2

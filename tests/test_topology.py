@@ -108,7 +108,7 @@ def test_bad_gpu_input_exits_2_with_one_line(tmp_path: Path) -> None:
 
 
 def test_every_group_gets_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """process_groups passes pipeline.timeout_s to the job and to every link and replica group."""
+    """process_groups passes pipeline.timeout_s + 60 s to the job and to every link and replica group."""
     calls: list[tuple[str, object]] = []
     monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: calls.append(("init", k["timeout"])))
     monkeypatch.setattr(dist, "new_group", lambda ranks, **k: calls.append((f"group {ranks}", k.get("timeout")))
@@ -116,10 +116,29 @@ def test_every_group_gets_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dist, "barrier", lambda *a, **k: None)
     monkeypatch.setattr(dist, "all_gather_object", lambda every, item, **k: every.__setitem__(slice(None), [item] * 4))
     monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: None)
+    monkeypatch.setattr(dist, "recv", lambda tensor, src, group: None)
     topology = Topology(1, 4, torch.device("cpu"), 2, 2, (1,))
     with process_groups(topology, 37.0) as joined:
         assert set(joined.links) == {0} and joined.replica_group is not None
         assert len(joined.processes) == 4 and joined.processes[1][1] == os.getpid()  # where each rank runs
-    deadline = datetime.timedelta(seconds=37)
+    deadline = datetime.timedelta(seconds=37 + 60)  # the links' deadline fires first, then the groups'
     assert calls == [("init", deadline), ("group [0, 1]", deadline), ("group [2, 3]", deadline),
                      ("group [0, 2]", deadline), ("group [1, 3]", deadline)]
+
+
+def test_each_link_is_warmed_up_once_in_chain_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The middle stage of a 3-stage chain (replica 1, chain placement: ranks 3, 4, 5) first receives
+    from module 0 on link 0, then sends to module 2 on link 1: NCCL's pair communicators exist before
+    the courier starts, and no two ranks wait on each other in a cycle."""
+    calls: list[tuple[str, int, str]] = []
+    monkeypatch.setattr(dist, "recv", lambda tensor, src, group: calls.append(("recv", src, group)))
+    monkeypatch.setattr(dist, "send", lambda tensor, dst, group: calls.append(("send", dst, group)))
+    from pipeline.topology import warm_links
+
+    middle = Topology(4, 6, torch.device("cpu"), 3, 2, (1,), links={0: "link 0", 1: "link 1"})  # type: ignore[dict-item]
+    warm_links(middle)
+    assert calls == [("recv", 3, "link 0"), ("send", 5, "link 1")]
+    calls.clear()
+    warm_links(Topology(0, 6, torch.device("cpu"), 3, 2, (0,), links={0: "link 0"}))  # type: ignore[dict-item]
+    warm_links(Topology(2, 6, torch.device("cpu"), 3, 2, (2,), links={1: "link 1"}))  # type: ignore[dict-item]
+    assert calls == [("send", 1, "link 0"), ("recv", 1, "link 1")]

@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,10 @@ from pipeline.errors import StageFailure
 from pipeline.transport import META_LEN, Courier, Frame, Receiver, Sender, decode_header, encode_header, header_length
 
 
+def _specs(tensors: list[torch.Tensor]) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    return [(tensor.dtype, tuple(tensor.shape)) for tensor in tensors]
+
+
 def test_header_round_trip_for_mixed_tensors() -> None:
     tensors = [
         torch.zeros(7, dtype=torch.int64),  # labels of a partial batch
@@ -24,7 +30,7 @@ def test_header_round_trip_for_mixed_tensors() -> None:
         torch.zeros(7, 1, 32, 32, dtype=torch.bfloat16),
         torch.zeros(7, 32, 16, 16, dtype=torch.float16),
     ]
-    header = encode_header(Frame((2, 5), tensors), max_tensors=6)
+    header = encode_header((2, 5), _specs(tensors), max_tensors=6)
     assert header.dtype == torch.int64 and header.shape == (header_length(6),)
     meta, specs = decode_header(header)
     assert meta == (2, 5) + (0,) * (META_LEN - 2)
@@ -32,24 +38,24 @@ def test_header_round_trip_for_mixed_tensors() -> None:
 
 
 def test_a_frame_without_tensors_keeps_its_integers() -> None:
-    meta, specs = decode_header(encode_header(Frame((3, 1, 2, 0, 17, 1), []), max_tensors=2))
+    meta, specs = decode_header(encode_header((3, 1, 2, 0, 17, 1), _specs([]), max_tensors=2))
     assert meta == (3, 1, 2, 0, 17, 1) and specs == []
 
 
 def test_unsendable_frames_are_refused() -> None:
     with pytest.raises(ValueError, match="at most 2 tensors"):
-        encode_header(Frame((1,), [torch.zeros(1)] * 3), max_tensors=2)
+        encode_header((1,), _specs([torch.zeros(1)] * 3), max_tensors=2)
     with pytest.raises(ValueError, match="at most"):
-        encode_header(Frame(tuple(range(META_LEN + 1)), []), max_tensors=2)
+        encode_header(tuple(range(META_LEN + 1)), _specs([]), max_tensors=2)
     with pytest.raises(ValueError, match="cannot send"):
-        encode_header(Frame((1,), [torch.zeros(1, 1, 1, 1, 1)]), max_tensors=2)
+        encode_header((1,), _specs([torch.zeros(1, 1, 1, 1, 1)]), max_tensors=2)
     with pytest.raises(ValueError, match="cannot send"):
-        encode_header(Frame((1,), [torch.zeros(2, dtype=torch.float64)]), max_tensors=2)
+        encode_header((1,), _specs([torch.zeros(2, dtype=torch.float64)]), max_tensors=2)
 
 
 @pytest.mark.parametrize("slot, value", [(META_LEN, 99), (META_LEN + 1, 42), (META_LEN + 2, 9)])
 def test_corrupt_headers_are_a_stage_failure(slot: int, value: int) -> None:
-    header = encode_header(Frame((1,), [torch.zeros(3, 2)]), max_tensors=2)
+    header = encode_header((1,), _specs([torch.zeros(3, 2)]), max_tensors=2)
     header[slot] = value  # tensor count, dtype id, number of dims
     with pytest.raises(StageFailure, match="corrupt message header"):
         decode_header(header)
@@ -293,7 +299,9 @@ def test_channels_last_tensors_cross_a_link_without_a_layout_copy(monkeypatch: p
     receiver = Receiver(1, 0, "01", _PassCodec(), cpu, 2, 10.0, wire_dtype, channels_last=True)  # type: ignore[arg-type]
     features = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
     labels = torch.arange(4)
-    buffers, _ = sender.post(Frame((1,), [labels, features]))
+    frame = Frame((1,), [labels, features])
+    buffers, works = sender.post(frame, sender.header(frame))
+    buffers = buffers[:len(works)]  # what was sent; the frame's own tensors follow
     assert all(buffer.is_contiguous() for buffer in buffers)  # what gloo sends
     assert buffers[2].shape == (4, 5, 5, 8)  # the channels_last storage as NHWC
     if wire_dtype is None:
@@ -308,3 +316,121 @@ def test_channels_last_tensors_cross_a_link_without_a_layout_copy(monkeypatch: p
     assert torch.equal(arrived[0], labels) and arrived[1].dtype == torch.float32
     assert arrived[1].is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(arrived[1], features if wire_dtype is None else features.to(wire_dtype).float())
+
+
+class _LoggedStream:
+    """A link stream that records when it is made to wait for the producer's kernels."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def wait_event(self, event: Any) -> None:
+        self.calls.append("stream waits for compute")
+
+
+def test_the_header_is_sent_before_the_courier_waits_on_compute(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU order of calls, on fake works: the header (shapes only) is built and uploaded before the link
+    stream waits for the producer's event, and the sends are posted after it; the bf16 wire is in the
+    header from the shapes alone."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(dist, "isend", lambda tensor, dst, group: calls.append(f"isend {tensor.dtype}")
+                        or _FakeWork(lambda: True))
+    outbox = Sender(0, 1, "01", _PassCodec(), torch.device("cpu"), 2, 10.0, torch.bfloat16)  # type: ignore[arg-type]
+    outbox.stream = _LoggedStream(calls)  # type: ignore[assignment]
+    made = outbox.header
+
+    def header(frame: Frame) -> torch.Tensor:
+        calls.append("header")
+        return made(frame)
+    monkeypatch.setattr(outbox, "header", header)
+    courier = Courier(None, outbox, poll=True)
+    courier.start()
+    outbox._enqueue(Frame((1, 0), [torch.ones(3, 2)], ready=object()))  # type: ignore[arg-type]
+    outbox.close()
+    courier.thread.join(5)
+    assert calls == ["header", "stream waits for compute", "isend torch.int64", "isend torch.bfloat16"]
+    assert courier.error is None
+
+
+def test_a_polled_send_that_completed_with_an_error_raises_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL's is_completed() is true for a failed work too: the courier waits on completed sends, so
+    their error reaches close() naming the peer instead of the frame being dropped as sent."""
+    import torch.distributed as dist
+
+    class _Failed(_FakeWork):
+        def wait(self, timeout: Any = None) -> bool:
+            raise RuntimeError("NCCL communicator was aborted on rank 0")
+
+    monkeypatch.setattr(dist, "isend", lambda tensor, dst, group: _Failed(lambda: True))
+    outbox = Sender(0, 1, "01", _PassCodec(), torch.device("cpu"), 2, 30.0)  # type: ignore[arg-type]
+    Courier(None, outbox, poll=True).start()
+    outbox.put(((1, 0), [torch.zeros(2)]))
+    with pytest.raises(StageFailure, match="sending to rank 1 failed: RuntimeError: NCCL communicator was aborted"):
+        outbox.close()
+
+
+def test_a_frame_s_tensors_live_until_its_send_completes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a bf16 wire the sent buffers are copies made on the link stream: the frame's own tensors
+    must stay referenced until the send completes, or the compute stream could reuse their memory
+    before the copy read it. A weak reference shows when the courier lets go of them."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    sent = threading.Event()
+    monkeypatch.setattr(dist, "isend", lambda tensor, dst, group: _FakeWork(sent.is_set))
+    outbox = Sender(0, 1, "01", _PassCodec(), torch.device("cpu"), 2, 30.0, torch.bfloat16)  # type: ignore[arg-type]
+    courier = Courier(None, outbox, poll=True)
+    courier.start()
+    output = torch.ones(4, 3)
+    alive = weakref.ref(output)
+    outbox.put(((1, 0), [output]))
+    del output
+    time.sleep(0.2)  # the courier has posted the send, which stays pending
+    gc.collect()
+    assert alive() is not None
+    sent.set()
+    outbox.close()
+    courier.thread.join(5)
+    gc.collect()
+    assert alive() is None and courier.error is None
+
+
+@pytest.mark.parametrize("amp, arrives_as", [("none", torch.float32), ("bf16", torch.bfloat16)])
+def test_a_bf16_wire_stays_bf16_for_a_module_under_bf16_autocast(monkeypatch: pytest.MonkeyPatch, amp: str,
+                                                                arrives_as: torch.dtype) -> None:
+    """The receiving end run.wire builds restores a bf16 wire to float32 only where the module computes
+    in float32; under bf16 autocast the tensor stays as it came (autocast would cast it back)."""
+    import pipeline.runners.run as run_module
+    from pipeline.config import load_config
+    from pipeline.model.network import make_layout
+    from pipeline.topology import Topology
+
+    _fake_nccl(monkeypatch)
+    monkeypatch.setattr(run_module, "Courier", lambda inbound, outbound: types.SimpleNamespace(start=lambda: None))
+    config = load_config(None, ["data.name=synthetic", "model.arch=resnet8", "local.modules=2",
+                                "pipeline.wire_dtype=bf16", f"precision.amp={amp}"])
+    from pipeline.data.specs import dataset_spec
+
+    spec = dataset_spec(config)
+    layout = make_layout(config, spec, [2])
+    topology = Topology(1, 2, torch.device("cpu"), 2, 1, (1,), links={0: "01"})  # type: ignore[dict-item]
+    inbox, outbox = run_module.wire(config.pipeline, topology, layout, amp=config.precision.amp)
+    assert isinstance(inbox, Receiver) and outbox is None
+    inbox.codec, inbox.header_length = _PassCodec(), header_length(_PassCodec.max_tensors)  # type: ignore[assignment]
+    sender = Sender(0, 1, "01", _PassCodec(), torch.device("cpu"), 2, 10.0, torch.bfloat16)  # type: ignore[arg-type]
+    frame = Frame((1,), [torch.arange(4), torch.randn(4, 8, 5, 5)])
+    sender.post(frame, sender.header(frame))
+    header, works = inbox.post_header()
+    assert all(work.is_completed() for work in works)
+    arrived, works = inbox.post_tensors(header)
+    assert all(work.is_completed() for work in works)
+    assert arrived.tensors[1].dtype == torch.bfloat16  # what came over the wire
+    inbox.deliver(arrived)
+    assert arrived.tensors[1].dtype == arrives_as and arrived.tensors[0].dtype == torch.int64

@@ -27,7 +27,7 @@ from pipeline.config import Config, PipelineConfig
 from pipeline.data.contract import Loader
 from pipeline.data.loader import make_loaders
 from pipeline.errors import BadInput, StageFailure, StuckPeer
-from pipeline.metrics import cut_metrics, reset_peak_memory, say
+from pipeline.metrics import cut_metrics, say
 from pipeline.model.local_module import Layout
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.model.partition import flat_to_cut
@@ -76,14 +76,15 @@ def run(config: Config) -> dict[str, Any] | None:
     if loaders is not None:  # the epoch's length is known now: refuse a schedule that would train at rate 0
         check_schedule(config.train, len(loaders[0]))
     with process_groups(topology, config.pipeline.timeout_s), failures_named(topology):
-        links = functools.partial(wire, config.pipeline, topology, channels_last=config.precision.channels_last)
+        links = functools.partial(wire, config.pipeline, topology, channels_last=config.precision.channels_last,
+                                  amp=config.precision.amp)
         try:
             loop, report, cuts = assemble(config, topology, loaders, started, links)
         except NothingToTrain as done:  # every process sees it at the same point
             if topology.rank == 0:
                 say(str(done))
             return None
-        reset_peak_memory(topology.device)  # peaks of the training loop, not of the data set or profiling
+        report.stats.memory.start()  # peaks of the training loop, not of the data set or profiling
         loop.run()
         summary = report.summary(config, cuts)
     if summary is not None:
@@ -151,7 +152,8 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     commit = None
     if topology.writer and topology.last:
         commit = functools.partial(checkpoint.commit, config.run.out_dir, modules=topology.stages, identity=identity,
-                                   keep=config.run.keep_checkpoints, schedule=schedule_settings(config.train))
+                                   keep=config.run.keep_checkpoints, schedule=schedule_settings(config.train),
+                                   wait_s=config.pipeline.timeout_s if topology.distributed else 0.0)
     inbox, outbox = links(layout)
     if buffered and inbox is not None:
         inbox = BufferedInbox(inbox, topology.stage, pipe.buffer_batches, pipe.max_reuse, pipe.timeout_s,
@@ -177,8 +179,8 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     return StageLoop(inbox, handlers, outbox, report, commit), report, cuts
 
 
-def wire(pipe: PipelineConfig, topology: Topology, layout: Layout,
-         channels_last: bool = False) -> tuple[Inbox | None, Outbox | None]:
+def wire(pipe: PipelineConfig, topology: Topology, layout: Layout, channels_last: bool = False,
+         amp: str = "none") -> tuple[Inbox | None, Outbox | None]:
     """The ends of the two links this stage sits between, served by one courier thread (started)."""
     if len(topology.hosted) != 1:
         return None, None
@@ -188,7 +190,8 @@ def wire(pipe: PipelineConfig, topology: Topology, layout: Layout,
     if module > 0:
         codec = MessageCodec(layout.plan, module, layout.input_shape(module), layout.spec.dense)
         inbox = Receiver(topology.rank, topology.rank_of(module - 1, topology.replica), topology.links[module - 1],
-                         codec, topology.device, pipe.queue_depth, pipe.timeout_s, wire_dtype, channels_last)
+                         codec, topology.device, pipe.queue_depth, pipe.timeout_s, wire_dtype, channels_last,
+                         keep_wire_dtype=amp == "bf16")
     if module < stages - 1:
         codec = MessageCodec(layout.plan, module + 1, layout.input_shape(module + 1), layout.spec.dense)
         outbox = Sender(topology.rank, topology.rank_of(module + 1, topology.replica), topology.links[module],

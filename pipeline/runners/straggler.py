@@ -25,7 +25,11 @@ class Straggler:
         started = time.perf_counter()
         passed = self.inner.handle(message)
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the step's kernels are part of its time
+            # The step's kernels are part of its time: wait for the compute stream only, since a
+            # device-wide sync would also wait for the courier's receive pending on its link stream.
+            ended = torch.cuda.Event()
+            ended.record(torch.cuda.current_stream(self.device))
+            ended.synchronize()
         time.sleep((self.factor - 1.0) * (time.perf_counter() - started))
         return passed
 

@@ -115,24 +115,49 @@ def test_ddp_accuracy_is_replica_0s_model_on_the_whole_test_set(ddp_run: Path, t
 
 
 def test_stage_figures_report_allocated_and_reserved_peaks() -> None:
-    from pipeline.metrics import StageStats, reset_peak_memory
+    from pipeline.metrics import StageStats
 
-    reset_peak_memory(torch.device("cpu"))  # CPU: nothing to reset, the resident-set peak stays
-    report = StageStats(0, 0).report()
+    stats = StageStats(0, 0)
+    stats.memory.start()  # CPU: nothing to reset, the resident-set peak stays
+    report = stats.report()
     assert report["peak_mem_bytes"] > 0 and report["peak_reserved_bytes"] >= report["peak_mem_bytes"]
+    assert report["device_used_bytes"] == report["peak_mem_bytes"]
+
+
+def test_gpu_peak_leaves_out_what_was_allocated_at_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mocked torch.cuda: 3 GiB resident at the start (data set, weights), the allocator's peak 5 GiB
+    later: the loop's peak is 2 GiB; the device's own figure (context, NCCL) comes from mem_get_info."""
+    from pipeline.metrics import DeviceMemory
+
+    gib = 1 << 30
+    state = {"allocated": 3 * gib, "peak": 7 * gib}
+
+    def reset(device: torch.device) -> None:
+        state["peak"] = state["allocated"]
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: state["peak"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 6 * gib)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (70 * gib, 80 * gib))
+    memory = DeviceMemory(torch.device("cuda", 0))
+    memory.start()
+    state["peak"] = 5 * gib
+    assert memory.figures() == {"peak_mem_bytes": 2 * gib, "peak_reserved_bytes": 6 * gib,
+                                "device_used_bytes": 10 * gib}
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 def test_gpu_peaks_start_after_set_up() -> None:
-    from pipeline.metrics import StageStats, reset_peak_memory
+    from pipeline.metrics import StageStats
 
     device = torch.device("cuda")
     resident = torch.empty(64 << 20, dtype=torch.uint8, device=device)  # a resident data set: 64 MiB
-    del resident
-    reset_peak_memory(device)
+    stats = StageStats(0, 0, device)
+    stats.memory.start()
     step = torch.empty(1 << 20, dtype=torch.uint8, device=device)
-    report = StageStats(0, 0, device).report()
-    assert (1 << 20) <= report["peak_mem_bytes"] < (64 << 20) <= report["peak_reserved_bytes"] or \
-        report["peak_reserved_bytes"] >= report["peak_mem_bytes"]
-    del step
+    report = stats.report()
+    assert (1 << 20) <= report["peak_mem_bytes"] < (2 << 20)  # the step's MiB, not the data set's
+    assert report["peak_reserved_bytes"] >= (65 << 20) and report["device_used_bytes"] > report["peak_reserved_bytes"]
+    del step, resident

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from pipeline.packet import Packet
@@ -46,3 +47,23 @@ def test_only_stages_with_a_factor_above_one_are_wrapped() -> None:
     assert slowed(handlers, [], (0, 1), torch.device("cpu")) == handlers
     wrapped = slowed(handlers, [1.0, 1.0, 2.0], (1, 2), torch.device("cpu"))  # this process hosts modules 1 and 2
     assert wrapped[0] is handlers[0] and isinstance(wrapped[1], Straggler) and wrapped[1].factor == 2.0
+
+
+def test_on_a_gpu_the_step_waits_for_the_compute_stream_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mocked torch.cuda: the step's end is an event on the compute stream, never a device-wide
+    synchronize, which would also wait for the courier's pending receive on the link stream."""
+    calls: list[str] = []
+
+    class Event:
+        def record(self, stream: str) -> None:
+            calls.append(f"record on {stream}")
+
+        def synchronize(self) -> None:
+            calls.append("wait for the event")
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: "the compute stream")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("device-wide sync"))
+    straggler = Straggler(Busy(), 2.0, torch.device("cuda", 0))
+    assert 2 * STEP_S <= timed(straggler, Train(1, 1, 2, Packet(torch.zeros(2), torch.zeros(2, 1)))) < 2 * STEP_S + 0.1
+    assert calls == ["record on the compute stream", "wait for the event"]
