@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -106,9 +107,12 @@ def test_a_run_with_run_tensorboard_writes_what_metrics_jsonl_holds(tmp_path: Pa
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # tensorboard's thread dies
 def test_an_event_file_that_cannot_be_written_names_its_folder(tmp_path: Path, file_size_limit) -> None:
     """The event file is written by tensorboard's background thread: its failure surfaces at the next call."""
+    before = set(threading.enumerate())
     sink = TensorBoardSink(tmp_path, 0)
     with file_size_limit(4096), pytest.raises(StageFailure) as caught:
         for step in range(1, 2001):
             sink.write({**EVENTS[0], "step": step})
         sink.flush()
     assert str(caught.value).startswith(f"cannot write {tmp_path / 'tensorboard' / 'rank_0'}: file too large")
+    for thread in set(threading.enumerate()) - before:  # its writer thread ends here, not in a later test
+        thread.join(10)
