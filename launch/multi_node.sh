@@ -13,14 +13,16 @@ Run it on each of the NNODES nodes (same CONFIG, same --set overrides, NODE_RANK
            -m pipeline.train --config CONFIG --set run.mode=pipeline [--set ...]
 
   NNODES, NODE_RANK, MASTER_ADDR   required (MASTER_ADDR: a host every node reaches; it hosts the rendezvous).
-  NPROC    processes per node; pipeline default: local.modules / NNODES (must divide evenly).
+  NPROC    processes per node; pipeline: NPROC x NNODES = K x R (one process per module of each
+           replica), default local.modules x pipeline.replicas (or x 1) / NNODES (must divide evenly).
   RDZV_ID  the job's rendezvous id, the same on every node (default: localpipe-<config name>).
   MAX_RESTARTS  restarts after a failure, each resuming from the newest checkpoint set (default 3).
   --mode   pipeline (one process per module, default) or ddp (end-to-end baseline; NPROC required).
   --dry-run  check the config, print the command and exit.
   --set KEY=VALUE  goes to pipeline.train.
 Options may come in any order, before or after CONFIG; after -- everything goes to pipeline.train.
-The config is checked (python -m pipeline.train --check) before torchrun starts.
+The config is checked (python -m pipeline.train --check) before torchrun starts. When the job fails,
+torchrun's own report goes to OUT_DIR/errors/torchrun_node_NODE_RANK.log and the terminal ends with the cause.
 USAGE
 }
 
@@ -62,18 +64,10 @@ require_int NNODES "${nnodes}"
 require_int MASTER_PORT "${master_port}"
 
 case ${mode} in pipeline | ddp) ;; *) die "--mode must be pipeline or ddp (got '${mode}')" ;; esac
-modules=$(config_modules "${mode}" "${config}" "${train_args[@]}")
+layout=$(config_layout "${mode}" "${config}" "${train_args[@]}") || exit $?
+read -r modules replicas out_dir <<<"${layout}"
 case ${mode} in
-    pipeline)
-        if [[ -z ${nproc} ]]; then
-            ((modules % nnodes == 0)) ||
-                die "local.modules = ${modules} does not split evenly over NNODES=${nnodes}; set NPROC per node"
-            nproc=$((modules / nnodes))
-        fi
-        require_int NPROC "${nproc}"
-        ((nproc * nnodes == modules)) ||
-            die "pipeline mode runs one process per module: NPROC x NNODES = $((nproc * nnodes)) but local.modules = ${modules}"
-        ;;
+    pipeline) nproc=$(pipeline_nproc "${modules}" "${replicas}" "${nnodes}" "${nproc}" NPROC) || exit $? ;;
     ddp) [[ -n ${nproc} ]] || die "--mode ddp needs NPROC (processes per node)" ;;
 esac
 require_int NPROC "${nproc}"
@@ -81,7 +75,7 @@ config_name=$(basename "${config}" .toml)
 rdzv_id=${RDZV_ID:-localpipe-${config_name}}
 
 quiet_torchrun_threads
-show_and_run "${TORCHRUN}" --nnodes "${nnodes}" --node-rank "${node_rank}" --nproc-per-node "${nproc}" \
-    --max-restarts "${MAX_RESTARTS}" \
+show_and_run_job "${out_dir}/errors/torchrun_node_${node_rank}.log" "${TORCHRUN}" --nnodes "${nnodes}" \
+    --node-rank "${node_rank}" --nproc-per-node "${nproc}" --max-restarts "${MAX_RESTARTS}" \
     --rdzv-backend c10d --rdzv-endpoint "${master_addr}:${master_port}" --rdzv-id "${rdzv_id}" \
     -m pipeline.train --config "${config}" --set "run.mode=${mode}" "${train_args[@]}"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The quick start: Fashion-MNIST (the embedded default), ResNet-32 in K=4 modules with ContSup R1E
-# context, one epoch, sequential in this one process. Outputs in runs/quickstart/.
+# The quick start: Fashion-MNIST (the default data set, Debian's dataset-fashion-mnist), ResNet-32
+# in K=4 modules with ContSup R1E context, one epoch, sequential in this one process. Outputs in
+# runs/quickstart/.
 set -euo pipefail
 
 usage() {

@@ -20,8 +20,9 @@ then:
   python -m pipeline.reproduce collect TABLE RUNS --out RUNS/results.md
 
   --runs-dir DIR  where the rows write (default: runs/<TABLE's path below configs/>).
-  --skip-done     skip rows whose RUNS/ROW_NAME/summary.json exists, and resume a row that stopped
-                  after a complete checkpoint (to continue an interrupted table).
+  --skip-done     skip rows whose RUNS/ROW_NAME/summary.json exists, resume a row that stopped
+                  after a complete checkpoint and start over one that stopped before its first
+                  (to continue an interrupted table).
   --dry-run       print every command and exit.
 GPUS=N overrides the GPU count (default: torch.cuda.device_count(), so CUDA_VISIBLE_DEVICES counts). A failing row stops the table.
 --set KEY=VALUE goes to every row, e.g. --set train.epochs=1 for a smoke run (marked † in the table).
@@ -99,17 +100,19 @@ for line in "${rows[@]}"; do
         echo "# ${name}: ${out_dir}/summary.json exists, skipped"
         continue
     fi
-    resume=()
+    again=()
     if [[ ${skip_done} == 1 ]] && compgen -G "${out_dir}/checkpoints/step_*/COMPLETE" >/dev/null; then
-        resume=(--set "run.resume=${out_dir}")  # an interrupted row goes on from its last complete checkpoint
+        again=(--set "run.resume=${out_dir}")  # an interrupted row goes on from its last complete checkpoint
+    elif [[ ${skip_done} == 1 && -e ${out_dir}/metrics.jsonl ]]; then
+        again=(--set run.overwrite=true)  # it stopped before its first checkpoint: it starts over
     fi
     if [[ ${modules} -ge 2 && (${mode} == pipeline || (${mode} == auto && ${gpus} -ge ${modules})) ]]; then
         # quiet_torchrun_threads for this command only: the sequential rows keep every core
         OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} show_and_run "${TORCHRUN}" --standalone --nproc-per-node "${modules}" \
-            -m pipeline.train --config "${config}" --set run.mode=pipeline --set "run.out_dir=${out_dir}" "${resume[@]}" "${train_args[@]}"
+            -m pipeline.train --config "${config}" --set run.mode=pipeline --set "run.out_dir=${out_dir}" "${again[@]}" "${train_args[@]}"
     else
         show_and_run "${PYTHON}" -m pipeline.train --config "${config}" --set run.mode=sequential \
-            --set "run.out_dir=${out_dir}" "${resume[@]}" "${train_args[@]}"
+            --set "run.out_dir=${out_dir}" "${again[@]}" "${train_args[@]}"
     fi
 done
 

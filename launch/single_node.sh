@@ -10,16 +10,19 @@ Runs on this node:
   torchrun --standalone --nproc-per-node K --max-restarts MAX_RESTARTS -m pipeline.train --config CONFIG \
            --set run.mode=pipeline [--set ...]
 
-  --mode pipeline   one process per module; K = local.modules of CONFIG (after the --set overrides).
+  --mode pipeline   one process per module of each replica: K x R processes, K = local.modules of CONFIG
+                    (after the --set overrides), R = pipeline.replicas (0: --nproc / K).
   --mode ddp        the end-to-end DistributedDataParallel baseline on --nproc N processes (K=1 configs).
-  --nproc N         processes to start (pipeline: must equal K; ddp: required).
+  --nproc N         processes to start (pipeline: a multiple of K, default K x R or K; ddp: required).
   --dry-run         check the config, print the command and exit.
   --set KEY=VALUE   goes to pipeline.train, e.g. --set train.epochs=1 --set pipeline.wire_dtype=bf16.
   MAX_RESTARTS=N    restarts after a failure, each resuming from the newest checkpoint set (default 3).
 Options may come in any order, before or after CONFIG; after -- everything goes to pipeline.train.
-The config is checked (python -m pipeline.train --check) before torchrun starts.
+The config is checked (python -m pipeline.train --check) before torchrun starts. When the job fails,
+torchrun's own report goes to OUT_DIR/errors/torchrun.log and the terminal ends with the cause.
 One GPU per process where there are enough (NCCL), CPU processes (gloo) otherwise.
 Example: launch/single_node.sh configs/quickstart.toml --dry-run
+         launch/single_node.sh configs/quickstart.toml --nproc 8   (K = 4 x R = 2 replicas)
 USAGE
 }
 
@@ -51,18 +54,18 @@ done
 config=${positional[0]}
 
 case ${mode} in pipeline | ddp) ;; *) die "--mode must be pipeline or ddp (got '${mode}')" ;; esac
-modules=$(config_modules "${mode}" "${config}" "${train_args[@]}")
+layout=$(config_layout "${mode}" "${config}" "${train_args[@]}") || exit $?
+read -r modules replicas out_dir <<<"${layout}"
 if [[ ${mode} == pipeline ]]; then
-    [[ -n ${nproc} ]] || nproc=${modules}
-    [[ ${nproc} == "${modules}" ]] ||
-        die "pipeline mode runs one process per module: --nproc ${nproc} but local.modules = ${modules}"
     [[ ${modules} -ge 2 ]] ||
         die "${config} has local.modules = 1: nothing to pipeline; use --mode ddp or python -m pipeline.train"
+    nproc=$(pipeline_nproc "${modules}" "${replicas}" 1 "${nproc}" --nproc) || exit $?
 else
     [[ -n ${nproc} ]] || die "--mode ddp needs --nproc N (the number of data-parallel processes)"
 fi
 require_int --nproc "${nproc}"
 
 quiet_torchrun_threads
-show_and_run "${TORCHRUN}" --standalone --nproc-per-node "${nproc}" --max-restarts "${MAX_RESTARTS}" \
+show_and_run_job "${out_dir}/errors/torchrun.log" "${TORCHRUN}" --standalone --nproc-per-node "${nproc}" \
+    --max-restarts "${MAX_RESTARTS}" \
     -m pipeline.train --config "${config}" --set "run.mode=${mode}" "${train_args[@]}"

@@ -113,12 +113,32 @@ def classic_command(run: BenchRun, config_path: str | None, sets: list[str]) -> 
 
 
 def windows(metrics: Path, module: int, window: int) -> dict[int, dict[int, dict[str, Any]]]:
-    """Timed windows: step -> module -> the train line logged there (whole windows only)."""
-    found: dict[int, dict[int, dict[str, Any]]] = {}
+    """Timed windows: last step -> module -> its figures over the window (whole windows after the first).
+
+    A module's train lines come every --window steps and, between them, on a time interval and at
+    epoch ends; each line's rate and window_compute_s cover the steps since the module's previous
+    line. A window's figures are its lines together: compute seconds summed, and samples/s over the
+    window's time (each line's time is its steps over its rate).
+    """
+    parts: dict[int, dict[int, list[tuple[int, dict[str, Any]]]]] = {}  # last step -> module -> (steps, line)
+    previous: dict[int, int] = {}
     for line in metrics.read_text().splitlines():
         item = json.loads(line)
-        if item.get("event") == "train" and item["step"] % window == 0:
-            found.setdefault(item["step"], {})[item["module"]] = item
+        if item.get("event") != "train":
+            continue
+        owner, step = item["module"], item["step"]
+        steps, previous[owner] = step - previous.get(owner, 0), step
+        parts.setdefault(-(-step // window) * window, {}).setdefault(owner, []).append((steps, item))
+    found: dict[int, dict[int, dict[str, Any]]] = {}
+    for end, owners in parts.items():
+        for owner, lines in owners.items():
+            if sum(steps for steps, _ in lines) != window or lines[-1][1]["step"] != end:
+                continue  # a partial window: the run stopped inside it
+            seconds = sum(steps / max(line["samples_per_s"], 1e-9) for steps, line in lines)  # over one batch's samples
+            summed = {"samples_per_s": round(window / seconds, 2)}
+            if all("window_compute_s" in line for _, line in lines):
+                summed["window_compute_s"] = sum(line["window_compute_s"] for _, line in lines)
+            found.setdefault(end, {})[owner] = summed
     first = min(found, default=0)
     return {step: lines for step, lines in found.items() if step != first and module in lines}
 

@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline.errors import BadInput, StageFailure
-from pipeline.metrics import cannot_write
+from pipeline.errors import BadInput, StageFailure, writing
 from pipeline.runners.loop import Position
 
 if TYPE_CHECKING:  # the worker builds modules, whose pretrained weights may come from a checkpoint set
@@ -107,15 +106,22 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """write(temporary) then rename onto path; on failure nothing is left behind."""
     temporary = path.with_name(f"{path.name}{_TEMPORARY}{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(temporary)
-        os.replace(temporary, path)
-    except OSError as err:
-        temporary.unlink(missing_ok=True)
-        raise cannot_write(path, err) from err
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(temporary)
+            os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _save_tensors(payload: dict[str, Any], temporary: Path) -> None:
+    """torch.save through a Python file: a failed write keeps its OSError (reason) in the chain.
+
+    Given a path, torch's zip writer writes natively and reports a full disk as "unexpected pos".
+    """
+    with open(temporary, "wb") as handle:
+        torch.save(payload, handle)
 
 
 def save(run_dir: str | Path, worker: ModuleWorker, position: Position, identity: dict[str, Any]) -> Path:
@@ -128,21 +134,22 @@ def save(run_dir: str | Path, worker: ModuleWorker, position: Position, identity
         "position": position.to_dict(),
         "state": worker.state_dict(),
     }
-    _atomic_write(path, lambda temporary: torch.save(payload, temporary))
+    _atomic_write(path, lambda temporary: _save_tensors(payload, temporary))
     return path
 
 
 def commit(run_dir: str | Path, position: Position, modules: int, identity: dict[str, Any], keep: int,
-           config: dict[str, Any], wait_s: float = 0.0) -> Path:
+           config: dict[str, Any], schedule: dict[str, Any], wait_s: float = 0.0) -> Path:
     """Once every module's file of ``position.step`` is written: mark the set complete, drop old ones.
 
     Called by one process, the one that holds the last module of replica 0, when the epoch end
     (or a mid-epoch save point) reaches it: every module before it saved first. The marker records
     the result-changing config (``config.result_config``), by which a restarted job knows its own
-    sets. Sets older than the newest ``keep`` complete ones, and unfinished sets older than this
-    one, are removed. A file another node wrote may not show yet on a shared file system (NFS
-    caches directory attributes for up to a minute): missing files are looked for again for up to
-    ``wait_s`` before the set fails.
+    sets, and the run's ``schedule`` settings (optim.schedule_settings), which a resumed run
+    compares with its own. Sets older than the newest ``keep`` complete ones, and unfinished sets
+    older than this one, are removed. A file another node wrote may not show yet on a shared file
+    system (NFS caches directory attributes for up to a minute): missing files are looked for again
+    for up to ``wait_s`` before the set fails.
     """
     folder = step_dir(run_dir, position.step)
     deadline = time.monotonic() + wait_s
@@ -154,7 +161,7 @@ def commit(run_dir: str | Path, position: Position, modules: int, identity: dict
         raise StageFailure(f"checkpoint {folder} lacks modules {missing} when the last one saved; "
                            f"its set is left incomplete (resume uses the previous one)")
     marker = {"step": position.step, "position": position.to_dict(), "modules": list(range(modules)),
-              "identity": identity, "config": config}
+              "identity": identity, "config": config, "schedule": schedule}
     path = folder / MARKER
     _atomic_write(path, lambda temporary: temporary.write_text(json.dumps(marker, indent=2) + "\n"))
     kept = {step for step, _ in complete_sets(run_dir)[-keep:]}

@@ -30,8 +30,8 @@ from torch import nn
 from pipeline.cli import ArgumentParser, add_set_argument, run_main
 from pipeline.config import Config, load_config
 from pipeline.data.specs import DatasetSpec, dataset_spec
-from pipeline.errors import BadInput, StageFailure, errors_logged
-from pipeline.metrics import DeviceMemory, MetricsLog, cannot_write, say
+from pipeline.errors import BadInput, StageFailure, cannot_write, errors_logged
+from pipeline.metrics import DeviceMemory, MetricsLog, say
 from pipeline.model.network import build_module, make_layout, resolve_cuts
 from pipeline.model.partition import flat_to_cut, module_ranges
 from pipeline.model.profile import saved_activation_bytes

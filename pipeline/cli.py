@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -59,19 +61,35 @@ def run_main(body: Callable[[], None]) -> int:
     try:
         body()
     except BadInput as err:
-        print(f"error: {first_line(str(err))}", file=sys.stderr, flush=True)
+        say_error(f"error: {first_line(str(err))}")
         return EXIT_BAD_INPUT
     except StageFailure as err:
-        print(f"error: {first_line(str(err))}", file=sys.stderr, flush=True)
+        say_error(f"error: {first_line(str(err))}")
         return EXIT_FAILURE
     except Preempted as err:
         print(first_line(str(err)), file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
+    except KeyboardInterrupt as err:  # its text, where an entry point gave one, says what was saved
+        print(f"interrupted{': ' if str(err) else ''}{err}", file=sys.stderr, flush=True)
         return EXIT_FAILURE
     except BrokenPipeError:
         # The reader went away (... | head): point stdout at nothing so the exit flush cannot raise.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def say_error(line: str) -> None:
+    """The failure's one line, on the terminal and in torchrun's report.
+
+    Under torchrun, TORCHELASTIC_ERROR_FILE names this process's error file: its message becomes
+    the "Root Cause" of torchrun's failure report, in place of a link to torch's documentation.
+    """
+    print(line, file=sys.stderr, flush=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w") as handle:
+                json.dump({"message": line, "timestamp": int(time.time())}, handle)
+        except OSError:
+            pass  # the terminal has the line already; torchrun's report keeps its own text

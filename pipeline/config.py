@@ -1,6 +1,6 @@
 """Typed experiment configuration: TOML file + ``--set`` overrides, validated in one place.
 
-Every key (the README's "Configs" table) lives in one dataclass below; choices are ``Literal``
+Every key (the "Configs" table of docs/usage.md) lives in one dataclass below; choices are ``Literal``
 types. ``load_config`` is the only way a ``Config`` is built from user input, and every problem
 it finds is a ``BadInput`` naming the key and what is allowed.
 """
@@ -504,8 +504,12 @@ def validate(config: Config) -> None:
         _require(
             train.warmup_epochs < train.epochs,
             f"train.warmup_epochs = {train.warmup_epochs} must be < train.epochs = {train.epochs} with the cosine "
-            f"schedule (the run would never leave warm-up); for short runs use train.schedule = 'constant'",
+            f"schedule (the run would never leave warm-up); for short runs use train.schedule = 'cosine-step'",
         )
+        if not train.max_steps:  # every epoch runs in full: the share at rate 0 needs no epoch length
+            from pipeline.optim import check_schedule  # optim reads TrainConfig from here: resolve late
+
+            check_schedule(train)
 
     pipe = config.pipeline
     _require(pipe.queue_depth >= 1, f"pipeline.queue_depth = {pipe.queue_depth} must be >= 1")

@@ -44,6 +44,44 @@ def clip(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def cannot_write(path: Path, err: OSError) -> StageFailure:
+    """A full or read-only disk: one line naming the path and the OS's reason (err.strerror)."""
+    return StageFailure(f"cannot write {path}: {_reason(err)}; free space (or fix permissions) there, then resume "
+                        f"from the last complete checkpoint with run.resume")
+
+
+def _reason(err: OSError) -> str:
+    return (err.strerror or type(err).__name__).lower()
+
+
+def os_error_behind(err: BaseException) -> OSError | None:
+    """The OSError a failed write raised: err itself, or the one in its chain.
+
+    torch's zip writer turns the OSError of the file object it writes to into a RuntimeError
+    ("[enforce fail at inline_container.cc:...] unexpected pos ..."), with the OSError as its context.
+    """
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Any failure of the file system inside the block becomes cannot_write(path, its reason)."""
+    try:
+        yield
+    except StageFailure:
+        raise  # already says what failed
+    except Exception as err:
+        cause = os_error_behind(err)
+        if cause is None:
+            raise
+        raise cannot_write(path, cause) from err
+
+
 def error_log_path(out_dir: str | Path) -> Path:
     return Path(out_dir) / "errors" / f"rank_{os.environ.get('RANK', '0')}.log"
 
@@ -53,15 +91,14 @@ def errors_logged(out_dir: str | Path) -> Iterator[None]:
     """Write the full traceback of any failure (with its causes) to OUT_DIR/errors/rank_<k>.log.
 
     The error that leaves keeps its kind (bad input: exit 2, anything else: exit 1) and becomes
-    one line ending with where the log is. A log that cannot be written is left out of the line.
+    one line ending with where the log is, or why it could not be written.
     """
     try:
         yield
     except Preempted:
         raise
     except Exception as err:  # every kind: the log keeps the whole chain, the terminal one line
-        where = _write_log(out_dir, err)
-        pointer = f" (traceback: {where})" if where is not None else ""
+        pointer = f" ({_write_log(out_dir, err)})"
         if isinstance(err, BadInput):
             raise BadInput(first_line(str(err)) + pointer) from err
         text = first_line(str(err))
@@ -70,12 +107,13 @@ def errors_logged(out_dir: str | Path) -> Iterator[None]:
         raise StageFailure(text + pointer) from err
 
 
-def _write_log(out_dir: str | Path, err: BaseException) -> Path | None:
+def _write_log(out_dir: str | Path, err: BaseException) -> str:
+    """Where the traceback went, or why it could not be written."""
     path = error_log_path(out_dir)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as handle:
             handle.write("".join(traceback.format_exception(err)) + "\n")
-    except OSError:
-        return None
-    return path
+    except OSError as failure:
+        return f"no traceback saved: cannot write {path}: {_reason(failure)}"
+    return f"traceback: {path}"

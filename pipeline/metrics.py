@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -15,15 +14,8 @@ from typing import Any, Protocol
 import torch
 
 from pipeline.config import Config
-from pipeline.errors import StageFailure
+from pipeline.errors import StageFailure, writing
 from pipeline.model.partition import flat_to_cut
-
-
-def cannot_write(path: Path, err: OSError) -> StageFailure:
-    """A full or read-only disk: one line naming the path and the OS's reason (err.strerror)."""
-    reason = (err.strerror or type(err).__name__).lower()
-    return StageFailure(f"cannot write {path}: {reason}; free space (or fix permissions) there, then resume "
-                        f"from the last complete checkpoint with run.resume")
 
 
 class EventSink(Protocol):
@@ -40,17 +32,15 @@ class MetricsLog:
 
     def __init__(self, run_dir: str | Path, rank: int, sink: EventSink | None = None) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rank = rank
         self.sink = sink
 
     def write(self, **fields: Any) -> None:
         event = {"rank": self.rank, "time": round(time.time(), 3), **fields}
-        try:
-            with open(self.path, "a") as handle:  # one write per line: O_APPEND keeps lines whole
-                handle.write(json.dumps(event) + "\n")
-        except OSError as err:
-            raise cannot_write(self.path, err) from err
+        with writing(self.path), open(self.path, "a") as handle:  # one write per line: O_APPEND keeps lines whole
+            handle.write(json.dumps(event) + "\n")
         if self.sink is not None:
             self.sink.write(event)
 
@@ -59,35 +49,31 @@ class MetricsLog:
             self.sink.close()
 
 
-def keep_steps_up_to(run_dir: str | Path, step: int) -> None:
-    """Before a run (re)starts in run_dir at ``step``: drop metrics lines past it, all of them at step 0.
-
-    A resumed attempt goes on from its newest complete set; what an earlier attempt logged after that
-    set is trained again, and two attempts' lines for one step must never mix in one metrics.jsonl.
-    """
+def cut_metrics(run_dir: str | Path, step: int) -> int:
+    """Drop metrics.jsonl's lines after ``step`` (all of them at step 0, and a line cut short), before
+    a run that starts at ``step`` appends its own: they belong to an attempt whose history this run
+    replaces (an interrupted or restarted one), and one file holds one history. Returns how many
+    lines went."""
     path = Path(run_dir) / "metrics.jsonl"
-    try:
-        lines = path.read_text().splitlines(keepends=True)
-    except FileNotFoundError:
-        return
-    except OSError as err:
-        raise cannot_write(path, err) from err
-
-    def kept(line: str) -> bool:
-        try:
-            logged = json.loads(line).get("step", 0)
-        except (ValueError, AttributeError):
-            return False  # a line a kill cut short
-        return step > 0 and isinstance(logged, int) and logged <= step
-
-    text = "".join(line for line in lines if line.endswith("\n") and kept(line))
-    temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    except OSError as err:
-        temporary.unlink(missing_ok=True)
-        raise cannot_write(path, err) from err
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    with writing(path):
+        for line in path.read_text().splitlines():
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                item = None
+            logged = item.get("step", 0) if isinstance(item, dict) else None
+            if step > 0 and isinstance(logged, int) and logged <= step:
+                kept.append(line)
+            elif line.strip():
+                dropped += 1
+        if dropped:
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text("".join(f"{line}\n" for line in kept))
+            temporary.replace(path)
+    return dropped
 
 
 def _peak_resident_bytes() -> int:
@@ -233,17 +219,18 @@ def write_summary(run_dir: str | Path, config: Config, world_size: int, cuts: li
     path = Path(run_dir) / "summary.json"
     temporary = path.with_suffix(".tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps(summary, indent=2) + "\n")
-        temporary.replace(path)
-    except OSError as err:
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(json.dumps(summary, indent=2) + "\n")
+            temporary.replace(path)
+    except BaseException:
         temporary.unlink(missing_ok=True)
-        raise cannot_write(path, err) from err
+        raise
     return summary
 
 
 def percent(fraction: float) -> str:
-    """Accuracy as people read it, with the same digits on the console, in bench.md and the README."""
+    """Accuracy as people read it, with the same digits on the console, in bench.md and docs/measurements.md."""
     return f"{100.0 * fraction:.2f} %"
 
 

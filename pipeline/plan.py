@@ -162,7 +162,7 @@ def recommend(layouts: list[Layout], batch: int, cluster: Cluster) -> tuple[Layo
               else "DDP does not fit (each device would hold the whole network: weights, optimizer state, activations)")
     return best, (f"fastest layout that fits: {speed}, {versus}; its slowest stage takes "
                   f"{max(best.stage_seconds) * 1e3:.1f} ms per step. Local learning trains K modules on local "
-                  "losses: check the accuracy cost for this K (README's tables)")
+                  "losses: check the accuracy cost for this K (docs/measurements.md)")
 
 
 def table(layouts: list[Layout], blocks: tuple[int, ...]) -> str:

@@ -86,7 +86,8 @@ def draw(runs: list[Curves]) -> Figure:
         import matplotlib.pyplot as plt
     except ImportError:
         raise BadInput(f"python -m pipeline.plot needs matplotlib: {INSTALL}") from None
-    figure, axes = plt.subplots(2, 2, figsize=(12, 8))
+    # One step axis for all four panels: a run's one evaluation sits at its end, not alone on an axis of its own.
+    figure, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
     loss_ax, lr_ax, rate_ax, accuracy_ax = axes.flat
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     single = len(runs) == 1
@@ -97,19 +98,23 @@ def draw(runs: list[Curves]) -> Figure:
             steps, values = zip(*series)
             if single:  # one run: a colour per module
                 loss_ax.plot(steps, values, label=f"module {module}")
-            else:  # several: a colour per run, its last module (the classifier's loss) drawn bold
-                loss_ax.plot(steps, values, color=colour, linewidth=2.0 if module == last else 0.7,
-                             alpha=1.0 if module == last else 0.35, label=run.name if module == last else None)
-        for ax, series in ((lr_ax, run.lr), (rate_ax, run.samples_per_s), (accuracy_ax, run.test_accuracy)):
+            else:  # several: a colour per run, its last module (the classifier's loss) solid, the others dashed
+                loss_ax.plot(steps, values, color=colour, linewidth=2.0 if module == last else 1.0,
+                             linestyle="-" if module == last else "--", alpha=1.0 if module == last else 0.7,
+                             label=run.name if module == last else None)
+        accuracy = [(step, 100.0 * value) for step, value in run.test_accuracy]  # in %, as the terminal prints it
+        for ax, series in ((lr_ax, run.lr), (rate_ax, run.samples_per_s), (accuracy_ax, accuracy)):
             if series:
                 steps, values = zip(*series)
                 ax.plot(steps, values, color=colour, marker="o" if ax is accuracy_ax else None, label=run.name)
-    loss_ax.set_title("training loss per module" + ("" if single else " (bold: last module)"))
+    loss_ax.set_title("training loss per module" + ("" if single else " (solid: last module)"))
     lr_ax.set_title("learning rate")
     rate_ax.set_title("samples / s")
-    accuracy_ax.set_title("test accuracy")
+    accuracy_ax.set_title("test accuracy (%)")
+    loss_ax.set_xlim(left=0)
     for ax in axes.flat:
         ax.set_xlabel("step")
+        ax.tick_params(labelbottom=True)  # sharex hides the upper panels' step labels
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     figure.suptitle(", ".join(run.name for run in runs))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, writing
 
 INSTALL = "pip install -e '.[tensorboard]' (or pip install tensorboard)"
 
@@ -60,21 +60,26 @@ class TensorBoardSink:
             except ImportError:
                 raise BadInput(f"run.tensorboard = true needs the tensorboard package: {INSTALL}; "
                                f"or set run.tensorboard = false") from None
-            writer = SummaryWriter(log_dir=str(self.log_dir))
+            with writing(self.log_dir):
+                writer = SummaryWriter(log_dir=str(self.log_dir))
         self.writer = writer
         # A sequential run logs lr and samples/s once per module for the same step: chart them once.
         self._last_step: dict[str, int] = {}
 
+    # The event file is written by a background thread: its failure surfaces at the next call.
     def write(self, fields: dict[str, Any]) -> None:
         for tag, value, step in scalars(fields):
             if tag.startswith("train/"):
                 if self._last_step.get(tag) == step:
                     continue
                 self._last_step[tag] = step
-            self.writer.add_scalar(tag, value, step)
+            with writing(self.log_dir):
+                self.writer.add_scalar(tag, value, step)
 
     def flush(self) -> None:
-        self.writer.flush()
+        with writing(self.log_dir):
+            self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        with writing(self.log_dir):
+            self.writer.close()

@@ -31,8 +31,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="TOML experiment file (see configs/); defaults apply without one")
     add_set_argument(parser)
     parser.add_argument("--check", action="store_true",
-                        help="validate the config and --set overrides, print every resolved key as "
-                             "table.key = value and exit without training")
+                        help="validate the config and --set overrides as a run would (and that the data's "
+                             "folder exists), print its warnings and every resolved key as table.key = value, "
+                             "and exit without training")
+    parser.add_argument("--no-data-check", action="store_true",
+                        help="with --check: leave the data's folder unchecked (the launchers: a node of a "
+                             "multi-node job may hold no data)")
     return parser.parse_args(argv)
 
 
@@ -92,10 +96,11 @@ def _claim(config: Config, path: Path) -> Config:
     Without run.resume, a folder whose newest complete set was written with this result-changing
     config (recorded in its marker) is this job's own, started again after a failure or a
     preemption: it resumes from that set. Only unfinished sets (a crash before the first set): it
-    starts from the beginning. Another config: one line naming the keys that differ.
+    starts from the beginning. Another config: one line naming the keys that differ. The run drops
+    what an interrupted attempt logged past its start (pipeline/metrics.py cut_metrics).
     """
     run = config.run
-    found = [name for name in ("summary.json", "checkpoints")
+    found = [name for name in ("summary.json", "checkpoints", "metrics.jsonl")
              if (path / name).is_file() or ((path / name).is_dir() and any((path / name).iterdir()))]
     if not found or (run.resume and Path(run.resume).resolve() == path.resolve()):
         return config
@@ -106,6 +111,12 @@ def _claim(config: Config, path: Path) -> Config:
         if own == "start":
             return config
     if not run.overwrite:
+        if not checkpoint_sets(path) and "summary.json" not in found:  # nothing a run could continue from
+            raise BadInput(
+                f"run.out_dir = {str(path)!r} holds an unfinished attempt's outputs ({', '.join(found)}) and no "
+                f"complete checkpoint to resume from; start over with run.overwrite = true (it clears them), or "
+                f"choose another run.out_dir"
+            )
         raise BadInput(
             f"run.out_dir = {str(path)!r} holds another run's outputs ({', '.join(found)}); resume it with "
             f"run.resume = {str(path)!r}, replace them with run.overwrite = true, or choose another run.out_dir"
@@ -153,10 +164,52 @@ def train(config: Config) -> None:
         from pipeline.runners.run import run
 
         if os.environ.get("RANK", "0") == "0":  # once per job, not once per process
-            for note in ineffective_keys(config):
-                print(f"warning: {note}", file=sys.stderr, flush=True)
-        with errors_logged(config.run.out_dir):
-            run(config)
+            warn_ineffective(config)
+        try:
+            with errors_logged(config.run.out_dir):
+                run(config)
+        except KeyboardInterrupt:
+            if os.environ.get("RANK", "0") != "0":  # rank 0 speaks for the job
+                raise
+            raise KeyboardInterrupt(what_is_saved(config)) from None
+
+
+def what_is_saved(config: Config) -> str:
+    """After an interrupt: what the out_dir holds to continue from, and the command's next step."""
+    out = config.run.out_dir
+    sets = checkpoint_sets(out)
+    elsewhere = bool(config.run.resume) and Path(config.run.resume).resolve() != Path(out).resolve()
+    if sets:
+        step, folder = sets[-1]
+        how = f"by adding --set run.resume={out} to the same command" if elsewhere else "by running the same command"
+        return f"the last complete checkpoint is step {step} ({folder}); continue from it {how}"
+    if elsewhere:
+        return (f"no checkpoint written in {out} yet; resume from {config.run.resume} again by adding --set "
+                f"run.overwrite=true to the same command")
+    return ("no checkpoint written yet (one is written at each epoch end, every run.checkpoint_every steps and "
+            "when the run is stopped by run.stop_signal); the same command starts over")
+
+
+def checkpoint_sets(out_dir: str | Path) -> list[tuple[int, Path]]:
+    from pipeline.checkpoint import complete_sets  # torch: a run's failure paths only
+
+    return complete_sets(out_dir)
+
+
+def warn_ineffective(config: Config) -> None:
+    for note in ineffective_keys(config):
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+
+
+def check(config: Config, data: bool = True) -> None:
+    """--check: what a run would say before it trains, short of reading the data: the config's
+    problems (load_config found them), a missing data folder (``data``), the warnings; then every key."""
+    from pipeline.data.specs import require_data_root
+
+    if data:
+        require_data_root(config)
+    warn_ineffective(config)
+    print_resolved(config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         config = load_config(args.config, args.set)
         if args.check:
-            print_resolved(config)
+            check(config, data=not args.no_data_check)
         else:
             train(config)
 

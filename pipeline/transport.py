@@ -469,7 +469,12 @@ class Courier:
             try:
                 work.wait(timeout=datetime.timedelta(seconds=left))
             except RuntimeError as err:
-                raise StuckPeer(f"{self._late(pending)} ({describe(err)})", pending.peer) from err
+                if "timed out" in str(err).lower() or time.perf_counter() >= pending.deadline:
+                    raise StuckPeer(f"{self._late(pending)} ({describe(err)})", pending.peer) from err
+                # Failed before its deadline: the peer's end of the connection went (reset or closed).
+                # Not a StuckPeer: the peer may be writing its own error line, and must not be killed.
+                raise StageFailure(f"rank {pending.peer} closed the connection: its process ended (its own "
+                                   f"line says why)") from err
 
     def _late(self, pending: _Pending) -> str:
         return (f"rank {self.rank}: {pending.what} did not complete within {self.timeout_s:.0f} s "
@@ -480,6 +485,7 @@ class Courier:
 
 
 def describe(err: BaseException) -> str:
-    """An exception as one line: its type and the first line of its text."""
+    """An exception as one line: the first line of its text, after its type unless it is ours (it says what failed)."""
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
+    line = text[0] if text else ""
+    return line if isinstance(err, StageFailure) else f"{type(err).__name__}: {line}"

@@ -6,8 +6,12 @@ Everything here is sized for a shared 2-core machine: resnet8/resnet14 by defaul
 
 from __future__ import annotations
 
+import contextlib
+import resource
+import signal
 import sys
 import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -135,3 +139,23 @@ def run_chain():
         return records
 
     return run
+
+
+@pytest.fixture
+def file_size_limit() -> Callable[[int], contextlib.AbstractContextManager[None]]:
+    """limit -> a block in which this process cannot grow a file past ``limit`` bytes (RLIMIT_FSIZE):
+    a write past it fails with EFBIG ("file too large"), a real OS failure at the write layer, as a
+    full disk's ENOSPC, without mounting anything."""
+
+    @contextlib.contextmanager
+    def limited(limit: int) -> Iterator[None]:
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        before = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, before)
+
+    return limited

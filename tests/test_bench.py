@@ -69,6 +69,24 @@ def test_figures_skip_the_warm_up_window_and_take_medians(tmp_path: Path) -> Non
     assert result["stage_s"] == [0.4, 0.3]
 
 
+def test_progress_lines_between_window_ends_are_counted_into_their_windows(tmp_path: Path) -> None:
+    """Progress lines also come on a time interval: each line's compute covers the steps since the
+    previous line, not --window steps (the bench once divided by 10 and reported 0.227 s per batch
+    for stages busy 0.61 s per batch)."""
+    write_run(tmp_path / "p", 2, [], [])
+    steps = [8, 10, 16, 20, 24, 30, 32, 40, 48, 50, 56, 60]  # the issue's lines: every 8 s and every 10 steps
+    per_step = [0.61, 0.63]
+    lines = [{"event": "train", "rank": module, "module": module, "step": step, "samples_per_s": 208.0,
+              "window_compute_s": round(per_step[module] * (step - before), 5)}
+             for module in range(2) for before, step in zip([0, *steps], steps)]
+    (tmp_path / "p" / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = figures(BenchRun("pipeline", "pipeline", 2, 2), tmp_path / "p", WINDOW, BATCH)
+    assert result["windows"] == 5  # steps 20 .. 60; the first window is warm-up
+    assert result["stage_s"] == [0.61, 0.63]
+    assert result["samples_per_s"] == 208.0
+    assert result["bottleneck_samples_per_s"] == round(BATCH / 0.63, 2)
+
+
 def test_too_few_windows_is_bad_input(tmp_path: Path) -> None:
     write_run(tmp_path / "e", 1, [5.0], [[1.0]])
     from pipeline.errors import BadInput

@@ -6,6 +6,7 @@ import builtins
 import errno
 import io
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -19,11 +20,13 @@ from pipeline.errors import BadInput, StageFailure
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.runners.loop import Position
 from pipeline.runners.run import run
+from pipeline.train import main
 from pipeline.worker import make_worker
 
 CPU = torch.device("cpu")
-# 1024 synthetic samples / 128 = 8 batches per epoch: 6 steps stop inside epoch 1, 12 end in epoch 2.
-RESUME = ("local.modules=2", "local.context=R1", "data.batch_size=128", "train.epochs=2",
+# 1024 synthetic samples / 128 = 8 batches per epoch: 6 steps stop inside epoch 1, 12 end in epoch 2 (of 3: the last
+# epoch, at rate 0 in the per-epoch cosine, is never reached).
+RESUME = ("local.modules=2", "local.context=R1", "data.batch_size=128", "train.epochs=3",
           "train.warmup_epochs=1", "run.log_every=4")
 
 
@@ -75,11 +78,14 @@ def test_files_load_with_weights_only(six_steps):
     assert files == ["COMPLETE", "module_0.pt", "module_1.pt"]  # the temporary files were renamed away
     marker = json.loads((six_steps / "checkpoints" / "step_6" / "COMPLETE").read_text())
     assert marker["step"] == 6 and marker["modules"] == [0, 1] and marker["identity"]["context"] == "R1"
+    assert marker["schedule"] == {"schedule": "cosine", "lr": 0.1, "epochs": 3, "max_steps": 6, "warmup_epochs": 1,
+                                  "poly_power": 0.9, "min_lr": 0.0}
 
 
-def test_resume_equals_a_straight_run(six_steps, twelve_steps, make_config, tmp_path):
+def test_resume_equals_a_straight_run(six_steps, twelve_steps, make_config, tmp_path, capsys):
     resumed = run(make_config(*RESUME, "train.max_steps=12", f"run.resume='{six_steps}'",
                                          out_dir=tmp_path / "resumed"))
+    assert "warning" not in capsys.readouterr().err  # a larger max_steps leaves the per-epoch rates as they were
     straight_dir, straight = twelve_steps
     assert resumed["steps"] == straight["steps"] == 12
     assert resumed["epochs"] == straight["epochs"] == 1
@@ -142,7 +148,7 @@ def test_save_then_load_restores_a_worker(make_config, tmp_path, image_batch):
         assert path == tmp_path / "checkpoints" / "step_17" / f"module_{worker.index}.pt"
     with pytest.raises(BadInput, match="no complete checkpoint"):
         checkpoint.find_set(tmp_path)  # not complete until committed
-    checkpoint.commit(tmp_path, Position(3, 1, 17), 2, identity, keep=2, config={})
+    checkpoint.commit(tmp_path, Position(3, 1, 17), 2, identity, keep=2, config={}, schedule={})
     fresh = [make_worker(config, layout, index, CPU) for index in range(2)]
     for worker, original in zip(fresh, workers):
         assert checkpoint.load(checkpoint.find_set(tmp_path), worker, identity) == Position(3, 1, 17)
@@ -236,7 +242,7 @@ def fail_second_save_of(monkeypatch, module: int, error: BaseException) -> list[
     real, names = torch.save, []
 
     def save(obj, f, *args, **kwargs):
-        names.append(Path(f).name)
+        names.append(Path(getattr(f, "name", f)).name)  # checkpoint.save passes an open file
         if sum(name.startswith(f"module_{module}.") for name in names) == 2:
             raise error
         return real(obj, f, *args, **kwargs)
@@ -303,7 +309,7 @@ def test_a_full_disk_for_metrics_or_summary_is_one_line(make_config, tmp_path, m
 
 def test_the_newest_sets_are_kept_and_resume_step_picks_one(make_config, tmp_path):
     out = tmp_path / "three"
-    long = (*RESUME[:-2], "train.max_steps=20", "train.epochs=3", "train.warmup_epochs=1", "run.log_every=4",
+    long = (*RESUME[:-2], "train.max_steps=20", "train.epochs=4", "train.warmup_epochs=1", "run.log_every=4",
             "run.keep_checkpoints=2")
     run(make_config(*long, out_dir=out))  # sets at steps 8 and 16 (epoch ends) and 20 (max_steps)
     assert [step for step, _ in checkpoint.complete_sets(out)] == [16, 20]
@@ -330,6 +336,44 @@ def test_an_unfinished_newer_set_is_ignored_and_cleared(six_steps, make_config, 
     assert not [path for path in out.rglob("*") if ".tmp" in path.name]
 
 
+def test_a_checkpoint_write_torch_reports_as_a_runtime_error_names_the_file_and_the_os_reason(tmp_path, capsys,
+                                                                                              file_size_limit):
+    """torch's zip writer reports a failed write as "[enforce fail at inline_container.cc] unexpected pos"."""
+    out = tmp_path / "run"
+    with file_size_limit(64 * 1024):  # the metrics lines and the error log fit, module 0's 137 kB file does not
+        code = main(["--set", "data.name=synthetic", "--set", "model.arch=resnet8", "--set", "data.batch_size=8",
+                     "--set", "train.max_steps=3", "--set", "local.modules=2", "--set", f"run.out_dir={out}"])
+    assert code == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    target = out / "checkpoints" / "step_3" / "module_0.pt"
+    assert line.startswith(f"error: cannot write {target}: file too large; free space"), line
+    assert line.endswith(f"(traceback: {out / 'errors' / 'rank_0.log'})")
+    assert "RuntimeError" in (out / "errors" / "rank_0.log").read_text()  # the whole chain is kept there
+    assert checkpoint.complete_sets(out) == []
+    assert not [path for path in out.rglob("*") if ".tmp" in path.name]
+
+
+def test_resuming_with_another_schedule_says_what_changes(make_config, tmp_path, capsys):
+    """A per-step schedule spans the run: extending it by max_steps sends the rate back up, said in one line."""
+    steps = ("local.modules=2", "data.batch_size=128", "train.schedule=cosine-step", "train.epochs=1")
+    run(make_config(*steps, "train.max_steps=6", out_dir=tmp_path / "six"))
+    capsys.readouterr()
+    run(make_config(*steps, "train.max_steps=8", f"run.resume='{tmp_path / 'six'}'", out_dir=tmp_path / "eight"))
+    trained, after = 0.05 * (1 + math.cos(math.pi * 5 / 6)), 0.05 * (1 + math.cos(math.pi * 6 / 8))
+    assert (f"warning: run.resume changes the learning-rate schedule (train.max_steps = 8 (was 6)): step 6 trained "
+            f"at {trained:.4g}, step 7 will train at {after:.4g}; keep the run's train settings to continue its "
+            f"schedule\n") in capsys.readouterr().err
+    lines = [json.loads(line) for line in (tmp_path / "eight" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["lr"] for line in lines if line.get("step") == 7] == [after, after]  # what the line said
+
+
+def test_changing_train_epochs_on_resume_is_said(six_steps, make_config, tmp_path, capsys):
+    run(make_config(*RESUME, "train.epochs=4", "train.max_steps=7", f"run.resume='{six_steps}'",
+                    out_dir=tmp_path / "longer"))
+    assert ("warning: run.resume changes the learning-rate schedule (train.epochs = 4 (was 3), train.max_steps = 7 "
+            "(was 6)): step 6 trained at 0.01, step 7 will train at 0.01;") in capsys.readouterr().err
+
+
 def test_commit_looks_again_for_a_module_file_another_node_wrote(make_config, tmp_path):
     """On NFS a file written on another node can take a while to show: commit waits up to wait_s for
     it (here it appears 0.4 s late), and fails naming the module when it never shows."""
@@ -345,11 +389,11 @@ def test_commit_looks_again_for_a_module_file_another_node_wrote(make_config, tm
     checkpoint.save(tmp_path, workers[1], Position(1, 0, 4), identity)
     late = threading.Timer(0.4, checkpoint.save, (tmp_path, workers[0], Position(1, 0, 4), identity))
     late.start()
-    checkpoint.commit(tmp_path, Position(1, 0, 4), 2, identity, keep=2, config={}, wait_s=10.0)
+    checkpoint.commit(tmp_path, Position(1, 0, 4), 2, identity, keep=2, config={}, schedule={}, wait_s=10.0)
     late.join()
     assert checkpoint.find_set(tmp_path) == tmp_path / "checkpoints" / "step_4"
     checkpoint.save(tmp_path, workers[1], Position(1, 0, 8), identity)
     started = time.monotonic()
     with pytest.raises(StageFailure, match=r"lacks modules \[0\]"):
-        checkpoint.commit(tmp_path, Position(1, 0, 8), 2, identity, keep=2, config={}, wait_s=1.0)
+        checkpoint.commit(tmp_path, Position(1, 0, 8), 2, identity, keep=2, config={}, schedule={}, wait_s=1.0)
     assert 1.0 <= time.monotonic() - started < 3.0

@@ -76,14 +76,14 @@ def test_toml_file_then_overrides(tmp_path):
 
 
 def test_base_file_is_merged_per_table(tmp_path):
-    (tmp_path / "base.toml").write_text("[run]\nseed = 5\nlog_every = 7\n[train]\nepochs = 3\nwarmup_epochs = 1\n")
+    (tmp_path / "base.toml").write_text("[run]\nseed = 5\nlog_every = 7\n[train]\nepochs = 30\nwarmup_epochs = 1\n")
     (tmp_path / "sub").mkdir()
     child = tmp_path / "sub" / "child.toml"
     child.write_text("base = \"../base.toml\"\n[run]\nseed = 9\n")
     config = load_config(child)
     assert config.run.seed == 9  # the child's value wins
     assert config.run.log_every == 7  # the base's other keys in the same table stay
-    assert config.train.epochs == 3
+    assert config.train.epochs == 30
 
 
 def test_set_wins_over_file_and_to_dict_round_trips(tmp_path):

@@ -71,7 +71,7 @@ def test_quickstart() -> None:
     assert (local.modules, local.context, local.loss, local.aux) == (4, "R1E", "softmax", "1c2f")
     assert (train.epochs, train.lr, train.schedule) == (1, 0.1, "cosine-step")
     assert ineffective_keys(config) == []  # the first command a user runs prints no warning
-    assert (config.run.mode, config.run.out_dir, config.run.log_every) == ("sequential", "runs/quickstart", 50)
+    assert (config.run.mode, config.run.out_dir, config.run.log_every) == ("sequential", "runs/quickstart", 10)
 
 
 def test_fashion_mnist_set_shares_one_budget() -> None:
@@ -373,6 +373,12 @@ def test_reproduce_skip_done_and_unknown_table(tmp_path: Path) -> None:
                                 "configs/fashion_mnist", env={"GPUS": "0"}))
     resumed = [argv for argv in again if f"run.resume={tmp_path / 'runs' / 'e2e'}" in argv]
     assert len(resumed) == 1 and "configs/fashion_mnist/e2e.toml" in resumed[0]
+    (tmp_path / "runs" / "contsup_e").mkdir()
+    (tmp_path / "runs" / "contsup_e" / "metrics.jsonl").write_text("")  # stopped before its first checkpoint
+    third = commands(run_script("reproduce.sh", "--dry-run", "--skip-done", "--runs-dir", str(tmp_path / "runs"),
+                                "configs/fashion_mnist", env={"GPUS": "0"}))
+    over = [argv for argv in third if "run.overwrite=true" in argv]
+    assert len(over) == 1 and "configs/fashion_mnist/contsup_e.toml" in over[0]
     unknown = run_script("reproduce.sh", "--dry-run", "no_such_table")
     assert unknown.returncode == 2 and "cifar10_resnet32" in unknown.stderr
 
@@ -510,3 +516,90 @@ def test_reproduce_counts_gpus_as_torch_does(tmp_path: Path) -> None:
                         env={**path_with(folder), "CUDA_VISIBLE_DEVICES": ""})
     assert "0 GPU(s)" in result.stdout
     assert all(argv[0] != "torchrun" for argv in commands(result)), "no GPU visible to torch: sequential rows"
+
+
+def test_single_node_runs_k_by_r_as_the_readme_says() -> None:
+    """--nproc 4 with K = 2: two replicas of the 2-module chain (pipeline.replicas = 0: WORLD_SIZE / K)."""
+    result = run_script("single_node.sh", "--dry-run", "configs/quickstart.toml", "--nproc", "4",
+                        "--set", "local.modules=2")
+    assert result.returncode == 0, result.stderr
+    (argv,) = commands(result)
+    assert argv[argv.index("--nproc-per-node") + 1] == "4"
+    replicas = run_script("single_node.sh", "--dry-run", "configs/quickstart.toml", "--set", "local.modules=2",
+                          "--set", "pipeline.replicas=3")
+    (argv,) = commands(replicas)
+    assert argv[argv.index("--nproc-per-node") + 1] == "6"  # K x R without --nproc
+    wrong = run_script("single_node.sh", "--dry-run", "configs/quickstart.toml", "--nproc", "4",
+                       "--set", "local.modules=2", "--set", "pipeline.replicas=3")
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip() == ("error: pipeline mode runs one process per module of each replica (K x R): 4 "
+                                    "processes but local.modules x pipeline.replicas = 2 x 3; set --nproc")
+
+
+def test_multi_node_splits_k_by_r_over_the_nodes() -> None:
+    env = {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "n0"}
+    result = run_script("multi_node.sh", "--dry-run", "configs/quickstart.toml", "--set", "pipeline.replicas=2",
+                        env=env)
+    (argv,) = commands(result)
+    assert argv[argv.index("--nproc-per-node") + 1] == "4"  # K = 4 x R = 2 over 2 nodes
+    uneven = run_script("multi_node.sh", "--dry-run", "configs/quickstart.toml", env={**env, "NPROC": "3"})
+    assert uneven.returncode == 2 and "6 processes is not a multiple of local.modules = 4" in uneven.stderr
+
+
+# What torch 2.13's torchrun printed on stderr for a job whose processes failed (abridged: the
+# traceback's middle frames and the second failure are left out).
+TORCHRUN_FAILURE = """\
+error: WORLD_SIZE is 2, not a multiple of local.modules = 4 (traceback: runs/x/errors/rank_0.log)
+W1207 02:22:39.863000 21765 site-packages/torch/distributed/elastic/multiprocessing/api.py:1028] Sending process \
+21817 closing signal SIGTERM
+E1207 02:22:39.896000 21765 site-packages/torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: \
+2) local_rank: 0 (pid: 21816) of binary: /usr/bin/python3
+Traceback (most recent call last):
+  File "/usr/lib/python3/site-packages/torch/distributed/launcher/api.py", line 383, in launch_agent
+    raise ChildFailedError(
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+pipeline.train FAILED
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  exitcode  : 2 (pid: 21816)
+  traceback : error: WORLD_SIZE is 2, not a multiple of local.modules = 4 (traceback: runs/x/errors/rank_0.log)
+============================================================
+"""
+
+
+def test_a_failed_job_ends_with_its_cause_and_keeps_torchruns_report_in_a_file(tmp_path: Path) -> None:
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (tmp_path / "stderr.txt").write_text(TORCHRUN_FAILURE)
+    fake = folder / "torchrun"
+    fake.write_text(f'#!/usr/bin/env bash\necho "[stage 0] module 0 of 4"\ncat "{tmp_path}/stderr.txt" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    out = tmp_path / "run"
+    result = run_script("single_node.sh", "configs/quickstart.toml", "--set", f"run.out_dir={out}",
+                        env=path_with(folder))
+    assert result.returncode == 1
+    assert "[stage 0] module 0 of 4" in result.stdout  # the job's own output passes as it comes
+    report = out / "errors" / "torchrun.log"
+    lines = result.stderr.strip().splitlines()
+    assert lines[-2:] == [f"torchrun's report: {report}",
+                          "error: WORLD_SIZE is 2, not a multiple of local.modules = 4 (traceback: "
+                          "runs/x/errors/rank_0.log)"]
+    assert "Traceback" not in result.stderr and "ChildFailedError" in report.read_text()
+    assert report.read_text().startswith("W1207 ") and "Root Cause" in report.read_text()
+
+
+def test_a_job_that_succeeds_keeps_torchruns_warnings_on_the_terminal(tmp_path: Path) -> None:
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    warning = ("W1207 02:22:39.863000 21765 site-packages/torch/distributed/elastic/rendezvous/"
+               "dynamic_rendezvous.py:1000] The node 'n0' has already been assigned")
+    fake = folder / "torchrun"
+    fake.write_text(f'#!/usr/bin/env bash\necho "{warning}" >&2\necho "warning: a key has no effect" >&2\nexit 0\n')
+    fake.chmod(0o755)
+    result = run_script("single_node.sh", "configs/quickstart.toml", "--set", f"run.out_dir={tmp_path / 'run'}",
+                        env=path_with(folder))
+    assert result.returncode == 0
+    assert result.stderr.splitlines() == [warning, "warning: a key has no effect"]
+    assert not (tmp_path / "run" / "errors").exists()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from pipeline.config import TrainConfig, load_config
-from pipeline.optim import learning_rate, make_optimizer, set_learning_rate
+from pipeline.errors import BadInput
+from pipeline.optim import check_schedule, learning_rate, make_optimizer, set_learning_rate, steps_at_rate_zero
+from pipeline.train import main
 
 
 def reference_lr(lr0: float, e: int, epochs: int = 160, warmup: int = 10) -> float:
@@ -86,3 +89,64 @@ def test_poly_keys_are_checked():
         load_config(None, ["train.schedule=poly", "train.lr=0.01", "train.min_lr=0.02"])
     with pytest.raises(BadInput, match="train.poly_power"):
         load_config(None, ["train.schedule=poly", "train.poly_power=0"])
+
+
+# ---- a schedule that would train at rate 0 is refused; the published rates stay the authors'
+
+PUBLISHED = sorted((Path(__file__).resolve().parents[1] / "configs" / "published").rglob("*.toml"))
+TRAIN_SAMPLES = {"fashion_mnist": 60_000, "cifar10": 50_000, "svhn": 73_257, "stl10": 5_000,
+                 "image_folder": 1_281_167, "cityscapes": 2_975}
+
+
+@pytest.mark.parametrize("path", PUBLISHED, ids=lambda path: f"{path.parent.name}/{path.name}")
+def test_published_configs_keep_the_authors_rates_and_are_not_refused(path: Path) -> None:
+    config = load_config(path)  # a refusal would raise here (every epoch runs in full)
+    train = config.train
+    batches = -(-TRAIN_SAMPLES[config.data.name] // config.data.batch_size)
+    check_schedule(train, batches)  # nor when the epoch's length is known
+    if train.schedule != "cosine":
+        return
+    for epoch in range(1, train.epochs + 1):
+        assert learning_rate(train, epoch) == reference_lr(train.lr, epoch, train.epochs, train.warmup_epochs)
+    assert learning_rate(train, train.epochs) == 0.0  # the authors' last epoch: a sliver of a long run
+    zero, total = steps_at_rate_zero(train, batches)
+    assert (zero, total) == (batches, train.epochs * batches)
+
+
+@pytest.mark.parametrize("overrides, share", [
+    (["train.epochs=1", "train.warmup_epochs=0"], "1 of this run's 1 epochs"),
+    (["train.epochs=2", "train.warmup_epochs=1"], "1 of this run's 2 epochs"),
+    (["train.epochs=10", "train.warmup_epochs=0"], "1 of this run's 10 epochs"),
+])
+def test_a_short_cosine_run_is_refused_in_one_line(overrides: list[str], share: str) -> None:
+    with pytest.raises(BadInput) as caught:
+        load_config(None, ["data.name=synthetic", *overrides])
+    message = str(caught.value)
+    assert "\n" not in message and share in message
+    assert "train.schedule = 'cosine'" in message and "train.schedule = 'cosine-step'" in message
+
+
+def test_the_share_at_rate_zero_counts_the_steps_the_run_takes() -> None:
+    train = TrainConfig(epochs=3, warmup_epochs=1, schedule="cosine", max_steps=20)
+    assert steps_at_rate_zero(train, 8) == (4, 20)  # steps 17..20 are in epoch 3, at rate 0
+    with pytest.raises(BadInput, match="4 of this run's 20 steps would learn nothing"):
+        check_schedule(train, 8)
+    short = TrainConfig(epochs=3, warmup_epochs=1, schedule="cosine", max_steps=16)
+    assert steps_at_rate_zero(short, 8) == (0, 16)  # the run ends before the last epoch
+    check_schedule(short, 8)
+    for schedule in ("cosine-step", "poly", "constant"):  # the per-step schedules end above 0
+        one_epoch = TrainConfig(epochs=1, warmup_epochs=0, schedule=schedule)
+        assert steps_at_rate_zero(one_epoch, 50) == (0, 50)
+        assert min(learning_rate(one_epoch, 1, step, 50) for step in range(1, 51)) > 0
+
+
+def test_the_issue_command_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Cosine, 1 epoch, max_steps = 6: it logged lr 0.0 on every step and exited 0."""
+    out = tmp_path / "run"
+    code = main(["--set", "data.name=synthetic", "--set", "model.arch=resnet8", "--set", "train.epochs=1",
+                 "--set", "train.warmup_epochs=0", "--set", "train.max_steps=6", "--set", "run.log_every=1",
+                 "--set", f"run.out_dir={out}"])
+    assert code == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: train.schedule = 'cosine'") and "6 of this run's 6 steps" in line
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()

@@ -52,11 +52,29 @@ def test_several_runs_share_the_axes_with_their_names_as_legend(tmp_path: Path) 
     write_metrics(tmp_path / "contsup_r1e", modules=16)
     figure = draw([read_curves(tmp_path / name, name) for name in ("e2e", "contsup_r1e")])
     loss, lr, rate, accuracy = figure.axes
-    assert [ax.get_title() for ax in (lr, rate, accuracy)] == ["learning rate", "samples / s", "test accuracy"]
+    assert [ax.get_title() for ax in (lr, rate, accuracy)] == ["learning rate", "samples / s", "test accuracy (%)"]
     assert len(loss.get_lines()) == 1 + 16
     for ax in figure.axes:
         assert [text.get_text() for text in ax.get_legend().get_texts()] == ["e2e", "contsup_r1e"]
-    assert list(accuracy.get_lines()[1].get_ydata()) == [0.4, 0.8]
+    assert list(accuracy.get_lines()[1].get_ydata()) == pytest.approx([40.0, 80.0])  # %, as the terminal says
+    earlier = [line for line in loss.get_lines() if line.get_linestyle() == "--"]  # contsup_r1e's modules 0-14
+    assert len(earlier) == 15 and all(line.get_alpha() >= 0.7 for line in earlier)
+
+
+def test_a_one_epoch_runs_single_evaluation_sits_at_the_end_of_the_run(tmp_path: Path) -> None:
+    """It was one dot on an axis of its own (445 to 495 for a 469-step run)."""
+    pytest.importorskip("matplotlib")
+    run_dir = tmp_path / "one_epoch"
+    run_dir.mkdir()
+    lines = [{"event": "train", "module": 0, "epoch": 1, "step": step, "loss": 1.0, "lr": 0.1, "samples_per_s": 9.0}
+             for step in range(10, 470, 10)]
+    lines.append({"event": "eval", "module": 0, "epoch": 1, "step": 469, "test_accuracy": 0.8529})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    figure = draw([read_curves(run_dir, "one_epoch")])
+    accuracy = figure.axes[3]
+    low, high = accuracy.get_xlim()
+    assert low <= 0 and 469 <= high < 520
+    assert list(accuracy.get_lines()[0].get_ydata()) == pytest.approx([85.29])
 
 
 def test_one_run_gets_a_line_per_module_and_a_default_output(tmp_path: Path,

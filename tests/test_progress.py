@@ -56,3 +56,18 @@ def test_a_resumed_run_says_where_it_resumed(tmp_path: Path, capsys: pytest.Capt
                            f"run.resume='{tmp_path / 'a'}'"]))
     where = tmp_path / "a" / "checkpoints" / "step_3"  # the set itself, whether named by run.resume or found
     assert f"resumed from {where} at epoch 1, batch 3 (step 3)" in capsys.readouterr().out
+
+
+
+def test_a_slow_run_prints_on_a_time_interval_as_well(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """log_every counts steps: on a slow machine a line still comes every LINE_EVERY_S seconds."""
+    monkeypatch.setattr(RunReport, "FIRST_LINE_S", 0.0)
+    monkeypatch.setattr(RunReport, "LINE_EVERY_S", 0.0)
+    config = load_config(None, ["data.name=synthetic", "model.arch=resnet8", "data.batch_size=8", "run.device=cpu",
+                                "run.log_every=1000", "train.max_steps=4", f"run.out_dir='{tmp_path}'"])
+    run(config)
+    out = capsys.readouterr().out
+    assert [f"step {step}/4 | loss" in out for step in range(1, 5)] == [True] * 4
+    lines = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert len(lines) == 4  # each step's line, its window the one step since the previous line

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, StageFailure
 from pipeline.tensorboard import TensorBoardSink, scalars
 
 # What a K = 2 sequential run logs at steps 10 and 20: a train line per module (same lr and rate),
@@ -101,3 +102,17 @@ def test_a_run_with_run_tensorboard_writes_what_metrics_jsonl_holds(tmp_path: Pa
     assert {"loss/module_0", "loss/module_1", "train/lr", "eval/test_accuracy",
             "stage/busy_fraction/module_0"} <= set(accumulator.Tags()["scalars"])
     assert [e.step for e in accumulator.Scalars("loss/module_1")] == [2, 4]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # tensorboard's thread dies
+def test_an_event_file_that_cannot_be_written_names_its_folder(tmp_path: Path, file_size_limit) -> None:
+    """The event file is written by tensorboard's background thread: its failure surfaces at the next call."""
+    before = set(threading.enumerate())
+    sink = TensorBoardSink(tmp_path, 0)
+    with file_size_limit(4096), pytest.raises(StageFailure) as caught:
+        for step in range(1, 2001):
+            sink.write({**EVENTS[0], "step": step})
+        sink.flush()
+    assert str(caught.value).startswith(f"cannot write {tmp_path / 'tensorboard' / 'rank_0'}: file too large")
+    for thread in set(threading.enumerate()) - before:  # its writer thread ends here, not in a later test
+        thread.join(10)

@@ -73,6 +73,18 @@ def test_bad_input_in_process_returns_2(tmp_path, capsys):
     assert captured.err.startswith("error: run.mode") and captured.err.count("\n") == 1
 
 
+def test_under_torchrun_the_line_is_also_the_root_cause_of_its_report(tmp_path, capsys, monkeypatch):
+    """torchrun reads TORCHELASTIC_ERROR_FILE of a failed process into its report's "Root Cause"."""
+    error_file = tmp_path / "attempt_0" / "0" / "error.json"
+    error_file.parent.mkdir(parents=True)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    assert main(["--set", "run.mode=nope"]) == 2
+    line = capsys.readouterr().err.strip()
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    assert ProcessFailure(0, 1, 2, str(error_file)).message == line  # what torchrun's report will print
+
+
 def test_parse_config_reads_file_and_sets(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[local]\nmodules = 3\n")
@@ -155,7 +167,8 @@ def test_a_multi_line_message_reaches_the_terminal_as_its_first_line() -> None:
     assert first_line("\n  Weights only load failed.\nIn PyTorch 2.6 ...\n") == "Weights only load failed."
     with pytest.raises(StageFailure) as caught, errors_logged("/proc/definitely/not/writable"):
         raise RuntimeError("CUDA error: an illegal memory access\nCompile with TORCH_USE_CUDA_DSA")
-    assert str(caught.value) == "RuntimeError: CUDA error: an illegal memory access"  # no log: no pointer
+    assert str(caught.value) == ("RuntimeError: CUDA error: an illegal memory access (no traceback saved: cannot "
+                                 "write /proc/definitely/not/writable/errors/rank_0.log: no such file or directory)")
     assert isinstance(caught.value.__cause__, RuntimeError)
 
 
@@ -206,7 +219,7 @@ def test_another_runs_outputs_are_refused_unless_resumed_or_overwritten(tmp_path
     del written["config"]  # a set written before the marker recorded its config: whose it is cannot be told
     marker.write_text(json.dumps(written))
     assert tiny_main(out, "train.max_steps=2") == 2
-    assert "holds another run's outputs (summary.json, checkpoints)" in capsys.readouterr().err
+    assert "holds another run's outputs (summary.json, checkpoints, metrics.jsonl)" in capsys.readouterr().err
     assert tiny_main(out, "train.max_steps=4", f"run.resume='{out}'") == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
     assert tiny_main(out, "train.max_steps=3", "run.overwrite=true") == 0
@@ -295,6 +308,62 @@ def test_check_rejects_what_the_run_would_reject(tmp_path):
     assert_one_line_error(done, "run.mode = 'ddp'", "local.modules = 1")
 
 
+def test_check_says_what_the_run_would_say_before_training(tmp_path, capsys):
+    """A missing data folder fails --check as it fails the run (exit 2, one line); warnings print too."""
+    missing = tmp_path / "nowhere"
+    assert main(["--check", "--config", str(REPO / "configs/quickstart.toml"), "--set", f"data.root={missing}"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line == (f"error: fashion_mnist: the folder {str(missing)!r} does not exist (data.root = {str(missing)!r}); "
+                    "install Debian's package: apt-get install dataset-fashion-mnist (or set data.root to a folder "
+                    "with the IDX files)")
+    assert main(["--set", f"data.root={missing}", "--set", f"run.out_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.strip().startswith(line)  # the run's line, before it reads anything
+    assert main(["--check", "--no-data-check", "--set", f"data.root={missing}"]) == 0  # what the launchers run
+    capsys.readouterr()
+    assert main(["--check", "--set", "data.name=synthetic", "--set", "pipeline.queue_depth=4"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ("warning: pipeline.queue_depth has no effect with run.mode = 'sequential' (no links "
+                            "between stages)\n")
+    assert "pipeline.queue_depth = 4" in captured.out.splitlines()
+
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    """Ctrl-C during training step ``step`` (1-based), as the terminal's SIGINT raises it."""
+    from pipeline.runners.report import RunReport
+
+    trained = RunReport.trained
+
+    def trained_then_interrupted(report, *args, **kwargs):
+        trained(report, *args, **kwargs)
+        if report.steps == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunReport, "trained", trained_then_interrupted)
+
+
+def test_an_interrupted_run_says_what_was_saved_and_a_rerun_never_mixes_two_attempts(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    command = ["--set", "data.name=synthetic", "--set", "model.arch=resnet8", "--set", "data.batch_size=128",
+               "--set", "train.schedule=constant", "--set", "train.epochs=2", "--set", "train.max_steps=12",
+               "--set", "run.log_every=2", "--set", f"run.out_dir={out}"]  # 8 batches an epoch: a set at step 8
+    interrupt_at(monkeypatch, 3)
+    assert main(command) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "interrupted: no checkpoint written yet (one is written at each epoch end, every run.checkpoint_every "
+        "steps and when the run is stopped by run.stop_signal); the same command starts over")
+    monkeypatch.undo()
+    interrupt_at(monkeypatch, 11)
+    assert main(command) == 1  # the same command started over: the first attempt's lines went
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted: the last complete checkpoint is step 8 ({out / 'checkpoints' / 'step_8'}); continue from it "
+        f"by running the same command")
+    monkeypatch.undo()
+    assert main(command) == 0
+    assert "removed 1 metrics.jsonl line(s) after step 8" in capsys.readouterr().out  # the attempt's step 10
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert [line["step"] for line in train] == [2, 4, 6, 8, 10, 12]  # one history: each step once
+
+
 def readme_setup() -> str:
     text = (REPO / "README.md").read_text()
     return text[text.index("## Set up and run"):text.index("\n## ", text.index("## Set up and run") + 3)]
@@ -304,7 +373,7 @@ def test_readme_setup_uses_a_venv_and_installs_torch_before_the_package():
     setup = readme_setup()
     commands = [line.strip() for line in setup.splitlines() if line.strip().startswith(("python3 ", "pip ", "apt-get"))]
     assert "python3 -m venv .venv && . .venv/bin/activate" in commands
-    cpu_torch = commands.index("pip install torch --index-url https://download.pytorch.org/whl/cpu")
+    cpu_torch = commands.index("pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
     package = commands.index("pip install -e .")
     assert commands.index("python3 -m venv .venv && . .venv/bin/activate") < cpu_torch < package
     assert commands.index("pip install torch") < package, "the GPU build, too, comes before the package"

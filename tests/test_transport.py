@@ -143,6 +143,41 @@ def test_a_receiver_whose_peer_never_sends_fails_at_the_deadline(tmp_path: Path)
     assert "rank 0" in receiver["get"]
 
 
+class _BrokenWork:
+    """A gloo work whose peer's process ended: wait fails at once, long before its deadline."""
+
+    def wait(self, timeout: Any = None) -> bool:
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:41234: "
+                           "Connection reset by peer")
+
+
+@pytest.mark.parametrize("direction", ["send", "receive"])
+def test_a_peer_whose_process_ended_is_named_at_once_not_called_a_timeout(
+        monkeypatch: pytest.MonkeyPatch, direction: str) -> None:
+    """gloo reports a killed peer as a reset connection: one short line says the peer closed it."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "isend", lambda *args, **kwargs: _BrokenWork())
+    monkeypatch.setattr(dist, "irecv", lambda *args, **kwargs: _BrokenWork())
+    cpu, started = torch.device("cpu"), time.monotonic()
+    with pytest.raises(StageFailure) as caught:
+        if direction == "send":
+            outbox = Sender(0, 1, "01", _PassCodec(), cpu, 2, 300.0)  # type: ignore[arg-type]
+            Courier(None, outbox, poll=False).start()  # gloo's path: wait(timeout) on each work
+            outbox.put(((1, 0), [torch.zeros(2)]))
+            outbox.close()
+        else:
+            inbox = Receiver(1, 0, "01", _PassCodec(), cpu, 2, 300.0)  # type: ignore[arg-type]
+            Courier(inbox, None, poll=False).start()
+            inbox.get()
+    assert time.monotonic() - started < 10
+    what = "sending to rank 1" if direction == "send" else "receiving from rank 0"
+    peer = 1 if direction == "send" else 0
+    rank = 1 - peer
+    assert str(caught.value) == (f"rank {rank}: {what} failed: rank {peer} closed the connection: its process "
+                                 f"ended (its own line says why)")
+
+
 class _FakeWork:
     """A work handle as NCCL gives it: is_completed polls, wait only orders streams."""
 

@@ -30,7 +30,7 @@ from pipeline.data.contract import (
     normalise,
 )
 from pipeline.data.readers import READERS, RawDataset, Split, make_synthetic
-from pipeline.data.specs import DatasetSpec, dataset_root, dataset_spec
+from pipeline.data.specs import DatasetSpec, dataset_root, dataset_spec, require_data_root
 from pipeline.errors import BadInput
 from pipeline.metrics import say
 from pipeline.model.arch import SEGMENTATION_DATASETS
@@ -161,6 +161,7 @@ def make_loaders(config: Config, device: torch.device, processes: int = 1) -> tu
     A data.batch_size larger than a split is clamped to the split, so each loader's
     ``batch_size`` is the batch it really yields (what samples/s must be computed from).
     """
+    require_data_root(config)
     if config.data.name == "image_folder":
         from pipeline.data.streaming import make_folder_loaders  # Pillow and worker processes: folders only
 

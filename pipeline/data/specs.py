@@ -136,6 +136,19 @@ def folder_root(config: Config) -> Path:
     return dataset_root(config, FOLDER_DEFAULT_ROOT)
 
 
+def require_data_root(config: Config) -> None:
+    """The dataset's folder exists: what can be said of the data without reading it (--check, and a
+    run before it reads). data.download fetches a missing one; synthetic data has none."""
+    name = config.data.name
+    if name == "synthetic" or (config.data.download and name in SPECS):
+        return
+    spec = folder_spec(config, config.model.classes) if name == "image_folder" else dataset_spec(config)
+    root = dataset_root(config, spec.default_root)
+    if not root.is_dir():
+        raise BadInput(f"{name}: the folder {str(root)!r} does not exist (data.root = {config.data.root!r}); "
+                       f"{spec.how_to_get}")
+
+
 def check_model_fits(config: Config) -> None:
     """What a config load checks of model against data, on every process and without reading an
     image folder (a process that does not read it may not see it; its scan checks the classes)."""

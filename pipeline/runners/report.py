@@ -24,6 +24,8 @@ from pipeline.worker import ModuleWorker
 
 class RunReport:
     FIRST_LINE_S = 10.0  # a person should see the run move within this many seconds
+    LINE_EVERY_S = 30.0  # and a line at least this often after it, however slow the steps (log_every counts steps)
+
     def __init__(self, label: str, run: RunConfig, topology: Topology, workers: list[ModuleWorker],
                  start: Position, length: RunLength, total: Callable[[torch.Tensor], torch.Tensor],
                  started: float) -> None:
@@ -63,9 +65,10 @@ class RunReport:
         self.progress.advance(message.samples)
         # This process's own steps: the data's steps in lockstep, fewer or more for a buffered module.
         self.steps += 1
-        # A first line within seconds of the start, then every log_every steps.
-        early = not self.lines and self.progress.seconds_since_line() >= self.FIRST_LINE_S
-        if self.steps % self.log_every == 0 or early:
+        # A first line within seconds of the start, then every log_every steps or LINE_EVERY_S, whichever comes first.
+        since = self.progress.seconds_since_line()
+        due = since >= (self.LINE_EVERY_S if self.lines else self.FIRST_LINE_S)
+        if self.steps % self.log_every == 0 or due:
             self._log_losses(message.epoch, self.steps)
 
     def paused(self, seconds: float, evaluating: bool) -> None:

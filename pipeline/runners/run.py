@@ -15,6 +15,7 @@ import functools
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,10 +27,11 @@ from pipeline.config import Config, PipelineConfig, result_config
 from pipeline.data.contract import Loader
 from pipeline.data.loader import make_loaders
 from pipeline.errors import BadInput, Preempted, StageFailure, StuckPeer
-from pipeline.metrics import keep_steps_up_to, say
+from pipeline.metrics import cut_metrics, say
 from pipeline.model.local_module import Layout
 from pipeline.model.network import make_layout, resolve_cuts
 from pipeline.model.partition import flat_to_cut
+from pipeline.optim import check_schedule, schedule_change, schedule_settings
 from pipeline.runners.buffered_inbox import BufferedInbox
 from pipeline.runners.codec import MessageCodec
 from pipeline.runners.data_parallel import DataParallel
@@ -72,6 +74,8 @@ def run(config: Config) -> dict[str, Any] | None:
         )
     # The first stage reads the data before joining the job, so a bad data path exits 2 at once.
     loaders = make_loaders(config, topology.device, processes=topology.replicas) if topology.first else None
+    if loaders is not None:  # the epoch's length is known now: refuse a schedule that would train at rate 0
+        check_schedule(config.train, len(loaders[0]))
     with (stop_signal(config.run.stop_signal) as stop, process_groups(topology, config.pipeline.timeout_s),
           failures_named(topology)):
         links = functools.partial(wire, config.pipeline, topology, channels_last=config.precision.channels_last,
@@ -131,10 +135,18 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
             f"written; raise train.epochs or train.max_steps to train further"
         )
     label = loop_label(config.run.mode, topology)
+    if config.run.resume and topology.rank == 0:
+        saved = checkpoint.read_marker(checkpoint.find_set(config.run.resume, position.step))
+        change = schedule_change((saved or {}).get("schedule", {}), config.train, position, batches)
+        if change is not None:
+            print(f"warning: {change}", file=sys.stderr, flush=True)
     if topology.rank == 0:  # before anything is written: what a crash or a replaced history left goes
         for gone in checkpoint.clear_for_start(config.run.out_dir, position.step):
             say(f"[{label}] removed {gone}: unfinished, or newer than step {position.step} where this run starts")
-        keep_steps_up_to(config.run.out_dir, position.step)  # an attempt's lines past its last set go
+        lines = cut_metrics(config.run.out_dir, position.step)
+        if lines:
+            say(f"[{label}] removed {lines} metrics.jsonl line(s) after step {position.step}, where this run starts: "
+                f"an interrupted attempt's")
     report = RunReport(label, config.run, topology, workers, position, length, parallel.total, started)
     save = functools.partial(checkpoint.save, config.run.out_dir, identity=identity) if topology.writer else None
     adopt = parallel.adopt_replica_0_buffers if topology.replicas > 1 else None
@@ -154,6 +166,7 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     if topology.writer and topology.last:
         commit = functools.partial(checkpoint.commit, config.run.out_dir, modules=topology.stages, identity=identity,
                                    keep=config.run.keep_checkpoints, config=result_config(config),
+                                   schedule=schedule_settings(config.train),
                                    wait_s=config.pipeline.timeout_s if topology.distributed else 0.0)
     inbox, outbox = links(layout)
     if buffered and inbox is not None:

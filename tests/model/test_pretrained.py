@@ -187,7 +187,7 @@ def checkpoint_run(tmp_path_factory, config_builder):
                 assert layer.running_mean is not None
                 layer.running_mean.normal_()
         checkpoint.save(out, worker, position, identity)
-    checkpoint.commit(out, position, 2, identity, keep=2, config={})
+    checkpoint.commit(out, position, 2, identity, keep=2, config={}, schedule={})
     return out
 
 

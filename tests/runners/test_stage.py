@@ -172,6 +172,9 @@ def test_a_killed_peer_is_named_by_the_survivor(tmp_path: Path) -> None:
     assert agents[0].returncode != 0
     ours = [line for line in survivor.splitlines() if line.startswith("error: stage on rank 0 (module 0) failed")]
     assert len(ours) == 1 and "rank 1" in ours[0].split("failed", 1)[1], survivor[-3000:]
+    # named as what happened, at once, not as a deadline that passed; and short
+    assert "rank 1 closed the connection" in ours[0] and "did not complete" not in ours[0], ours[0]
+    assert len(ours[0]) < 300, ours[0]
     assert (tmp_path / "errors" / "rank_0.log").read_text().count("Traceback") >= 1
 
 

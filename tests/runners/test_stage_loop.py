@@ -235,7 +235,7 @@ def test_a_stage_dying_between_two_modules_saves_leaves_the_last_complete_set(tm
     real, names = torch.save, []
 
     def save(obj, f, *args, **kwargs):
-        names.append(Path(f).name)
+        names.append(Path(getattr(f, "name", f)).name)  # checkpoint.save passes an open file
         if sum(name.startswith("module_1.") for name in names) == 2:
             raise OSError(28, "No space left on device")
         return real(obj, f, *args, **kwargs)
@@ -250,3 +250,17 @@ def test_a_stage_dying_between_two_modules_saves_leaves_the_last_complete_set(tm
     assert errors == [None, None]
     run(tiny_config(tmp_path, "straight", *overrides[:-1]))
     assert_same_checkpoints(tmp_path / "straight", tmp_path / "crashed", 2)
+
+
+def test_a_pipeline_stage_that_cannot_write_its_checkpoint_names_the_file(tmp_path, single_thread, file_size_limit):
+    """Module 1's 600 kB file passes the limit, module 0's 137 kB one does not: stage 1 names its file
+    and the OS's reason (torch's zip writer reports it as a RuntimeError), nothing is half-written."""
+    out = tmp_path / "limited"
+    with file_size_limit(300 * 1024):
+        _, errors = run_threaded(tiny_config(tmp_path, "limited", "local.modules=2", "data.batch_size=8",
+                                             "train.max_steps=3", "run.mode=pipeline"))
+    assert isinstance(errors[1], StageFailure)
+    assert str(errors[1]).startswith(f"cannot write {out / 'checkpoints' / 'step_3' / 'module_1.pt'}: file too large")
+    assert errors[0] is not None  # stage 0 waited for the set and learnt it failed
+    assert checkpoint.complete_sets(out) == []
+    assert not [path for path in out.rglob("*") if ".tmp" in path.name]
