@@ -82,6 +82,7 @@ def test_files_load_with_weights_only(six_steps):
                                   "poly_power": 0.9, "min_lr": 0.0}
 
 
+@pytest.mark.slow
 def test_resume_equals_a_straight_run(six_steps, twelve_steps, make_config, tmp_path, capsys):
     resumed = run(make_config(*RESUME, "train.max_steps=12", f"run.resume='{six_steps}'",
                                          out_dir=tmp_path / "resumed"))
@@ -259,6 +260,7 @@ def assert_equal_runs(a, b) -> None:
         tensors_equal(x["state"], y["state"], f"module {module}")
 
 
+@pytest.mark.slow
 def test_a_crash_between_two_modules_saves_resumes_from_the_last_complete_set(twelve_steps, make_config, tmp_path,
                                                                              monkeypatch):
     """Module 0 saved step 12, module 1's save died: the step-8 set is intact and the resume equals a straight run."""
@@ -276,6 +278,7 @@ def test_a_crash_between_two_modules_saves_resumes_from_the_last_complete_set(tw
     assert [step for step, _ in checkpoint.complete_sets(out)] == [8, 12]
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_set(make_config, tmp_path, monkeypatch):
     out = tmp_path / "full"
     fail_second_save_of(monkeypatch, 1, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
@@ -307,6 +310,7 @@ def test_a_full_disk_for_metrics_or_summary_is_one_line(make_config, tmp_path, m
     assert not [path for path in out.rglob("*") if ".tmp" in path.name]
 
 
+@pytest.mark.slow
 def test_the_newest_sets_are_kept_and_resume_step_picks_one(make_config, tmp_path):
     out = tmp_path / "three"
     long = (*RESUME[:-2], "train.max_steps=20", "train.epochs=4", "train.warmup_epochs=1", "run.log_every=4",

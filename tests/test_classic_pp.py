@@ -83,6 +83,7 @@ def reference_steps(sets: list[str], microbatches: int, steps: int) -> list[torc
     return [tensor.detach() for tensor in [*whole.body.state_dict().values(), *whole.head.state_dict().values()]]
 
 
+@pytest.mark.slow
 def test_gpipe_steps_equal_end_to_end_with_accumulated_microbatches(tmp_path: Path) -> None:
     schedule, microbatches, steps = "gpipe", 2, 2
     sets = [item for override in SETS for item in ("--set", override)]

@@ -61,6 +61,7 @@ def test_the_exported_model_gives_the_runs_evaluation_logits_bit_for_bit(name: s
     assert any(".input_encoders." in key for key in names) == (name == "contsup")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["contsup", "infopro"])
 def test_the_torch_export_program_gives_the_same_logits(name: str, request: pytest.FixtureRequest,
                                                         tmp_path: Path) -> None:
@@ -73,6 +74,7 @@ def test_the_torch_export_program_gives_the_same_logits(name: str, request: pyte
         assert program(evaluation_batches(trained)[0][:1]).shape == trained.logits[0][:1].shape  # any batch size
 
 
+@pytest.mark.slow
 def test_a_segmentation_program_takes_whole_images_of_any_size(tmp_path_factory: pytest.TempPathFactory,
                                                                tmp_path: Path) -> None:
     trained = trained_run(tmp_path_factory, "deeplab")
@@ -88,6 +90,7 @@ def test_a_segmentation_program_takes_whole_images_of_any_size(tmp_path_factory:
     assert len(sizes) == 2
 
 
+@pytest.mark.slow
 def test_the_program_runs_where_this_package_is_not_imported(contsup: TrainedRun, tmp_path: Path,
                                                             tmp_path_factory: pytest.TempPathFactory) -> None:
     written = exported(tmp_path_factory, "contsup_r1e", "export")
@@ -253,6 +256,7 @@ def test_onnx_without_its_extra_is_one_line(contsup: TrainedRun, tmp_path: Path,
                     "--format onnx needs the onnx extra")
 
 
+@pytest.mark.slow
 def test_the_onnx_file_gives_the_same_logits(contsup: TrainedRun, tmp_path: Path) -> None:
     """Where the onnx extra is installed (setup.cfg's dev extra has it): the file passes onnx's checker and
     onnx's reference evaluator gives the run's logits."""

@@ -20,6 +20,7 @@ def _selftest(out: Path, **env: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=240, env=full)
 
 
+@pytest.mark.slow
 def test_cpu_subset_passes_and_lists_what_it_skipped(tmp_path: Path) -> None:
     done = _selftest(tmp_path, CUDA_VISIBLE_DEVICES="")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -53,6 +54,7 @@ def test_gpu_checks_pass(tmp_path: Path) -> None:
     assert {check["name"]: check["status"] for check in record["checks"]}["no host sync in a training step"] == "pass"
 
 
+@pytest.mark.slow
 def test_the_stopped_stage_check_fails_without_the_deadline(tmp_path: Path) -> None:
     """The check proves the project's deadline, not torchrun's: with the job's pipeline.timeout_s far
     beyond what the check allows (the deadline as good as disabled) the stopped rank hangs the job
@@ -89,6 +91,7 @@ def test_differences_count_relative_to_the_update() -> None:
         pytest.approx(1e-4 / 0.03, rel=1e-3)  # float32 weights
 
 
+@pytest.mark.slow
 def test_a_cpu_soak_runs_only_the_soak_and_passes(tmp_path: Path) -> None:
     full = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-m", "pipeline.selftest", "--out", str(tmp_path), "--soak", "8"],

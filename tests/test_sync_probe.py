@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipeline.sync_probe import from_sync_batchnorm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,6 +18,7 @@ SETS = ["data.name=synthetic", "model.arch=resnet8", "data.batch_size=16", "loca
         "pipeline.threads_per_stage=1", "local.context=R1", "precision.channels_last=true"]
 
 
+@pytest.mark.slow
 def test_every_rank_of_a_2_x_2_job_trains_its_module_under_ddp(tmp_path: Path) -> None:
     sets = [item for override in [*SETS, f"run.out_dir={tmp_path}"] for item in ("--set", override)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

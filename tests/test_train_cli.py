@@ -92,6 +92,7 @@ def test_parse_config_reads_file_and_sets(tmp_path):
     assert config.local.modules == 3 and config.run.seed == 4 and config.local.context == "R1"
 
 
+@pytest.mark.slow
 def test_a_tiny_sequential_run(tmp_path):
     out = tmp_path / "run"
     path = tmp_path / "tiny.toml"
@@ -182,6 +183,7 @@ def tiny_main(out: Path, *sets: str) -> int:
     return main([*TINY_RUN, "--set", f"run.out_dir='{out}'", *(arg for item in sets for arg in ("--set", item))])
 
 
+@pytest.mark.slow
 def test_a_second_job_on_the_same_out_dir_is_refused(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -341,6 +343,7 @@ def interrupt_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(RunReport, "trained", trained_then_interrupted)
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_says_what_was_saved_and_a_rerun_never_mixes_two_attempts(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     command = ["--set", "data.name=synthetic", "--set", "model.arch=resnet8", "--set", "data.batch_size=128",

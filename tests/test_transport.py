@@ -126,6 +126,7 @@ def _spawn(tmp_path: Path, world: int, scenario: str, timeout_s: float) -> list[
     return [json.loads((tmp_path / f"rank_{rank}.json").read_text()) for rank in range(1, world)]
 
 
+@pytest.mark.slow
 def test_one_courier_per_rank_passes_frames_down_a_chain(tmp_path: Path) -> None:
     """Rank 1 receives from 0 and sends to 2 from one thread: every frame arrives whole, in order."""
     middle, last = _spawn(tmp_path, 3, "chain", 30.0)
@@ -134,6 +135,7 @@ def test_one_courier_per_rank_passes_frames_down_a_chain(tmp_path: Path) -> None
     assert last["seen"][20][0] == [4, 0, 0, 0, 0, 0]
 
 
+@pytest.mark.slow
 def test_a_receiver_whose_peer_never_sends_fails_at_the_deadline(tmp_path: Path) -> None:
     """gloo: the courier waits on its irecv with wait(timeout) and fails naming the peer, in time."""
     (receiver,) = _spawn(tmp_path, 2, "silent", 2.0)

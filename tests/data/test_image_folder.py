@@ -256,6 +256,7 @@ def test_a_corrupt_image_stops_the_loader_with_its_path(folder: Path) -> None:
     assert message.startswith(str(victim)) and "\n" not in message and "replace it" in message
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_ends_the_cli_with_one_line_and_exit_2(folder: Path, tmp_path: Path) -> None:
     victim = sorted((folder / "train" / "class_000").iterdir())[1]
     victim.write_bytes(b"this is not an image")

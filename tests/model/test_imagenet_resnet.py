@@ -202,6 +202,7 @@ def test_make_net_follows_the_family(make_config):
     assert len(make_net(make_config("model.arch=resnet50"), spec)) == 1 + 3 * 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,context", [("resnet18", "R0"), ("resnet50", "R1E")])
 def test_a_tiny_sequential_run_trains(arch, context, make_config, tmp_path):
     """K = 2 with InfoPro's ImageNet head and decoder (and a ContSup context) on 32x32 synthetic images."""

@@ -59,6 +59,7 @@ def assert_replay_equal(tmp_path: Path, recorded: str, modules: int, overrides: 
     assert steps(recorded) == steps("replayed")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modules, extra, reuses, skips", CASES, ids=["K2-E-decoder", "K3-R1E-decoder-reuse4"])
 def test_threaded_buffered_run_replays_to_the_same_parameters(tmp_path: Path, single_thread: None, modules: int,
                                                               extra: list[str], reuses: int,
@@ -82,6 +83,7 @@ def test_threaded_buffered_run_replays_to_the_same_parameters(tmp_path: Path, si
     assert_replay_equal(tmp_path, "threads", modules, overrides, summary["test_accuracy"])
 
 
+@pytest.mark.slow
 def test_torchrun_buffered_run_replays_to_the_same_parameters(tmp_path: Path) -> None:
     overrides = ["local.modules=2", *BUFFERED, "local.context=R1E", "pipeline.slowdown=[1.0, 2.0]",
                  "run.mode=pipeline", f"run.out_dir={tmp_path / 'torchrun'}"]
@@ -95,6 +97,7 @@ def test_torchrun_buffered_run_replays_to_the_same_parameters(tmp_path: Path) ->
                         summary["test_accuracy"])
 
 
+@pytest.mark.slow
 def test_a_buffered_run_resumes_at_an_epoch_end(tmp_path: Path, single_thread: None) -> None:
     """The buffers are not saved: the resumed run starts them empty, each module counting from the step."""
     overrides = ["local.modules=2", *BUFFERED, "local.context=R1", "run.mode=pipeline"]
@@ -112,6 +115,7 @@ def test_a_buffered_run_resumes_at_an_epoch_end(tmp_path: Path, single_thread: N
     assert first == 17 and all(line["entry"] >= 17 for line in lines if "entry" in line)  # nothing from before
 
 
+@pytest.mark.slow
 def test_the_seeded_order_is_reproducible_and_replays(tmp_path: Path, single_thread: None) -> None:
     overrides = ["local.modules=3", *BUFFERED, "local.context=R1", "pipeline.slowdown=[1.0, 1.5, 1.0]"]
     first = run(tiny_config(tmp_path, "seeded", *overrides))

@@ -65,6 +65,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_ddp_matches_single_process(ddp_run: Path, tmp_path: Path, single_thread: None) -> None:
     out = ddp_run
     saved = load_module_state(out, 0)
@@ -73,6 +74,7 @@ def test_ddp_matches_single_process(ddp_run: Path, tmp_path: Path, single_thread
     assert not checkpoint.module_file(checkpoint.find_set(out), 1).exists()
 
 
+@pytest.mark.slow
 def test_a_ddp_job_started_again_resumes_by_itself_mid_epoch(ddp_run: Path, tmp_path: Path) -> None:
     """As a kill right after the set of step 3 leaves it: the same command goes on from there, bit for bit."""
     killed = tmp_path / "killed"
@@ -85,6 +87,7 @@ def test_a_ddp_job_started_again_resumes_by_itself_mid_epoch(ddp_run: Path, tmp_
     assert_same_checkpoints(ddp_run, killed, 1)
 
 
+@pytest.mark.slow
 def test_ddp_refuses_local_modules(tmp_path: Path) -> None:
     done = torchrun(WORLD, [f"run.out_dir={tmp_path}", "run.mode=ddp", "local.modules=2"], timeout=60)
     assert done.returncode != 0

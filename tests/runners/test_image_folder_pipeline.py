@@ -51,6 +51,7 @@ def test_threaded_pipeline_on_an_image_folder_equals_sequential(tmp_path: Path, 
 
 
 
+@pytest.mark.slow
 def test_resnet50_on_an_image_folder_pipeline_equals_sequential(tmp_path: Path, single_thread: None) -> None:
     """torchvision's ResNet-50 (model.family = imagenet, bottleneck blocks) at K = 2 on 64-pixel crops with
     InfoPro's ImageNet head and decoder, weighted as its ImageNet commands: the threaded pipeline ends with
@@ -71,16 +72,16 @@ def test_resnet50_on_an_image_folder_pipeline_equals_sequential(tmp_path: Path, 
     assert summary["cut_points"] == reference["cut_points"] and len(summary["cut_points"]) == 1
 
 class SaidByRank0:
-    """A later stage's collectives once rank 0 has spoken: broadcasts return rank 0's facts."""
+    """A later stage's collectives once rank 0 has spoken: broadcasts return what rank 0 said, in order."""
 
-    def __init__(self, facts: Any) -> None:
-        self.facts = facts
+    def __init__(self, *said: Any) -> None:
+        self.said = list(said)
 
     def gather(self, item: Any) -> list[Any]:
         return [item, item]
 
     def broadcast(self, item: Any, source: int) -> Any:
-        return self.facts
+        return self.said.pop(0)
 
     def sum_over_replicas(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
@@ -100,7 +101,7 @@ def test_a_later_stage_builds_its_module_from_rank_0s_spec_without_the_folder(tm
     train, _ = make_loaders(config, CPU)
     facts = (train.spec, resolve_cuts(config, train.spec, CPU), len(train))
     shutil.rmtree(root)
-    topology = Topology(1, 2, CPU, 2, 1, (1,), comm=SaidByRank0(facts))
+    topology = Topology(1, 2, CPU, 2, 1, (1,), comm=SaidByRank0(facts, config.run.resume))
     inbox = MemoryLink(0, 1, 2, 5.0)
     loop, _, cuts = assemble(config, topology, None, time.perf_counter(), lambda layout: (inbox, None))
     assert cuts == facts[1]

@@ -73,6 +73,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_k_by_r_equals_the_averaged_reference(tmp_path: Path, single_thread: None,
                                               pipeline_job: Callable[[int, list[str]], Path], case: str) -> None:
@@ -91,6 +92,7 @@ def test_k_by_r_equals_the_averaged_reference(tmp_path: Path, single_thread: Non
     assert summary["world_size"] == modules * replicas and 0 <= summary["test_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_a_replica_that_fails_ends_the_job_with_stage_and_replica_named(tmp_path: Path) -> None:
     started = time.monotonic()
     done = torchrun(4, [f"run.out_dir={tmp_path}", "run.mode=pipeline", "local.modules=2", "train.lr=1e30",

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import psutil
+import pytest
 from distributed_helpers import TINY, assert_same_checkpoints, tiny_config
 
 from pipeline import checkpoint
@@ -150,6 +151,7 @@ def check_restarts(done: subprocess.CompletedProcess[str], restarts: list[Restar
         assert restart.killed_at_step - restart.resumed_at_step <= 2 * 4 + 2 * 2, restart
 
 
+@pytest.mark.slow
 def test_a_pipeline_killed_three_times_ends_equal_to_the_straight_run(tmp_path: Path, single_thread: None) -> None:
     done, restarts = killed_job(tmp_path / "killed", 2, JOB)
     check_restarts(done, restarts)
@@ -159,6 +161,7 @@ def test_a_pipeline_killed_three_times_ends_equal_to_the_straight_run(tmp_path: 
     assert [step for step, _ in checkpoint.complete_sets(tmp_path / "killed")][-1] == 80
 
 
+@pytest.mark.slow
 def test_a_k_by_r_job_killed_three_times_ends_equal_to_the_straight_job(tmp_path: Path) -> None:
     overrides = [*JOB, "train.max_steps=40"]
     done, restarts = killed_job(tmp_path / "killed", 4, overrides, seed=1)
@@ -173,6 +176,7 @@ def test_a_k_by_r_job_killed_three_times_ends_equal_to_the_straight_job(tmp_path
 
 
 
+@pytest.mark.slow
 def test_a_sigterm_to_every_rank_ends_them_at_one_set_and_the_same_command_goes_on(tmp_path: Path,
                                                                                   single_thread: None) -> None:
     """A preemption: SIGTERM to every worker (torchrun's agent, signalled itself, passes it on the same way;

@@ -106,6 +106,7 @@ def no_step_twice(run_dir: Path) -> None:
     assert keys and len(keys) == len(set(keys))
 
 
+@pytest.mark.slow
 def test_a_sequential_run_resumed_mid_epoch_by_itself_equals_the_straight_run(tmp_path: Path,
                                                                                single_thread: None) -> None:
     straight, killed = straight_and_killed(tmp_path, "seq", ["local.modules=2", *MID_EPOCH], run, killed_after=6)
@@ -119,6 +120,7 @@ def threaded(config: Config) -> None:
     assert errors == [None] * config.local.modules, errors
 
 
+@pytest.mark.slow
 def test_a_pipeline_resumed_mid_epoch_by_itself_equals_the_straight_run(tmp_path: Path, single_thread: None) -> None:
     overrides = ["local.modules=3", "local.context=R1", "run.mode=pipeline", *MID_EPOCH]
     straight, killed = straight_and_killed(tmp_path, "pipe", overrides, threaded, killed_after=9)
@@ -126,6 +128,7 @@ def test_a_pipeline_resumed_mid_epoch_by_itself_equals_the_straight_run(tmp_path
     no_step_twice(killed)
 
 
+@pytest.mark.slow
 def test_a_buffered_pipeline_resumes_by_itself_from_a_save_point(tmp_path: Path, single_thread: None) -> None:
     """Buffered modules each run at their own pace: a set is a consistent snapshot, not a replayable one."""
     overrides = ["local.modules=2", "run.mode=pipeline", "pipeline.schedule=buffered", "pipeline.buffer_batches=3",
@@ -180,6 +183,7 @@ def wait_for_training(process: subprocess.Popen[str], out: Path) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_stop_signal_leaves_a_set_and_exit_3_and_the_restart_ends_equal(tmp_path: Path, single_thread: None) -> None:
     stopped = start(train_command(tmp_path / "stopped"))
     wait_for_training(stopped, tmp_path / "stopped")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from distributed_helpers import assert_same_checkpoints, load_module_state, tiny_config
 from threaded import run_threaded
@@ -30,6 +31,7 @@ def segmentation_overrides(root: Path) -> list[str]:
             "train.schedule=poly", "train.lr=0.01", "train.max_steps=3", "train.epochs=2"]
 
 
+@pytest.mark.slow
 def test_threaded_segmentation_pipeline_equals_sequential(tmp_path: Path, single_thread: None) -> None:
     root = write_segmentation_folder(tmp_path / "seg", classes=CLASSES, train=6, val=3, size=(40, 56),
                                      val_sizes=((40, 56), (36, 60), (44, 52)))

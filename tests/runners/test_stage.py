@@ -45,6 +45,7 @@ def _assert_same_modules(first: Path, second: Path, modules: int) -> None:
         assert max_state_difference(a["state"], b["state"]) <= 1e-5, f"module {module} differs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modules, extra", EQUIVALENCE_CASES, ids=EQUIVALENCE_IDS)
 def test_pipeline_equals_sequential(single_thread: None, pipeline_job: Callable[[int, list[str]], Path],
                                     sequential_reference: Callable[[list[str]], tuple[Path, dict[str, Any]]],
@@ -63,6 +64,7 @@ def test_pipeline_equals_sequential(single_thread: None, pipeline_job: Callable[
     assert {line["rank"] for line in logged if line["event"] == "train"} == set(range(modules))
 
 
+@pytest.mark.slow
 def test_bf16_wire_trains_close_to_the_reference(tmp_path: Path, single_thread: None) -> None:
     """bf16 on the wire rounds activations: not equal to sequential, but close after a few steps."""
     overrides = ["local.modules=2", "local.context=R1E", "train.max_steps=6"]
@@ -75,6 +77,7 @@ def test_bf16_wire_trains_close_to_the_reference(tmp_path: Path, single_thread: 
                                 load_module_state(out, 0)["state"]) <= 1e-5  # module 0 receives nothing
 
 
+@pytest.mark.slow
 def test_two_nodes_through_c10d_rendezvous(tmp_path: Path, single_thread: None) -> None:
     """Two torchrun agents (one process each) meet at a c10d endpoint: the same result as one node.
     The links carry channels_last tensors as they are (no layout copy at either end): still equal."""
@@ -97,6 +100,7 @@ def test_two_nodes_through_c10d_rendezvous(tmp_path: Path, single_thread: None) 
     _assert_same_modules(tmp_path / "sequential", out, 2)
 
 
+@pytest.mark.slow
 def test_world_size_must_be_k_times_r(tmp_path: Path) -> None:
     done = torchrun(2, [f"run.out_dir={tmp_path}", "run.mode=pipeline", "local.modules=3"], timeout=60)
     assert done.returncode != 0
@@ -105,6 +109,7 @@ def test_world_size_must_be_k_times_r(tmp_path: Path) -> None:
     assert "/pipeline/" not in done.stderr
 
 
+@pytest.mark.slow
 def test_raising_stage_ends_the_job(tmp_path: Path) -> None:
     """A diverging loss on a stage: the job ends non-zero, in time, with the stage named."""
     started = time.monotonic()
@@ -124,6 +129,7 @@ def rank_once_training(job: subprocess.Popen[str], metrics: Path, rank: int) -> 
     return next(p for p in psutil.Process(job.pid).children(recursive=True) if p.environ().get("RANK") == str(rank))
 
 
+@pytest.mark.slow
 def test_killed_stage_ends_the_job(tmp_path: Path) -> None:
     """SIGKILL one stage mid-run: the rest of the job ends non-zero within 30 s, the rank named."""
     command = torchrun_command(2, [f"run.out_dir={tmp_path}", "run.mode=pipeline", "local.modules=2",
@@ -141,6 +147,7 @@ def test_killed_stage_ends_the_job(tmp_path: Path) -> None:
     assert job.returncode != 0
 
 
+@pytest.mark.slow
 def test_a_killed_peer_is_named_by_the_survivor(tmp_path: Path) -> None:
     """Each rank under its own torchrun agent, so no launcher tears the survivor down: rank 0 itself
     must notice that rank 1 died and say so in its one error line."""
@@ -178,6 +185,7 @@ def test_a_killed_peer_is_named_by_the_survivor(tmp_path: Path) -> None:
     assert (tmp_path / "errors" / "rank_0.log").read_text().count("Traceback") >= 1
 
 
+@pytest.mark.slow
 def test_a_stopped_stage_ends_the_job_within_the_deadline(tmp_path: Path) -> None:
     """SIGSTOP one stage: its neighbour names it at the deadline and SIGKILLs it (same host), so the job
     ends within timeout_s + 5 s instead of waiting out torchrun's 30 s SIGTERM-to-SIGKILL grace, which a

@@ -61,6 +61,7 @@ def test_threaded_pipeline_equals_sequential(tmp_path: Path, single_thread: None
 
 
 
+@pytest.mark.slow
 def test_resume_crosses_modes(tmp_path: Path, single_thread: None) -> None:
     """Sequential 5 steps -> pipeline to 9 -> sequential to 14 equals 14 straight steps."""
     common = ["local.modules=2", "local.context=R1", "local.reconstruct=true"]
@@ -202,6 +203,7 @@ def test_a_failing_stage_ends_its_neighbours_with_its_cause() -> None:
     assert stages[2].seen[-1] == ("train", 1, 2, 101.0)  # nothing after the failure got through
 
 
+@pytest.mark.slow
 def test_a_stalled_consumer_trips_the_producers_deadline() -> None:
     stages = [Recorder(), Recorder(stall_at=2, stall_s=3.0)]
     _, errors, _ = _chain(stages, RunLength(epochs=1, batches=20, max_steps=0), depth=1, timeout_s=0.5)
@@ -209,6 +211,7 @@ def test_a_stalled_consumer_trips_the_producers_deadline() -> None:
     assert "stage 1 took no message for 0.5 s (pipeline.timeout_s)" in str(errors[0])
 
 
+@pytest.mark.slow
 def test_a_stalled_producer_trips_the_consumers_deadline() -> None:
     stages = [Recorder(stall_at=2, stall_s=3.0), Recorder()]
     _, errors, _ = _chain(stages, RunLength(epochs=1, batches=20, max_steps=0), timeout_s=0.5)
@@ -228,6 +231,7 @@ def test_the_queue_is_bounded() -> None:
     assert isinstance(link.get(), Stop)
 
 
+@pytest.mark.slow
 def test_a_stage_dying_between_two_modules_saves_leaves_the_last_complete_set(tmp_path, single_thread, monkeypatch):
     """Stage 0 saved step 12, stage 1 died saving it: no set at 12, and the resume equals a straight run."""
     overrides = ["local.modules=2", "data.batch_size=128", "train.epochs=2", f"train.max_steps={STEPS}",
