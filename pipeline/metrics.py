@@ -15,6 +15,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.errors import StageFailure, writing
+from pipeline.metrics_files import metrics_file, metrics_files
 from pipeline.model.partition import flat_to_cut
 
 
@@ -25,15 +26,14 @@ class EventSink(Protocol):
 
 
 class MetricsLog:
-    """Appends one JSON object per line; every rank appends whole lines to the same file.
+    """Appends one JSON object per line; the ranks of one host append whole lines to the same file.
 
     A sink (TensorBoard, pipeline/tensorboard.py) gets the same events as they are written.
     """
 
-    def __init__(self, run_dir: str | Path, rank: int, sink: EventSink | None = None) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
-        with writing(self.path):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, run_dir: str | Path, rank: int, sink: EventSink | None = None, node: int = 0) -> None:
+        self.path = metrics_file(run_dir, node)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rank = rank
         self.sink = sink
 
@@ -50,13 +50,14 @@ class MetricsLog:
 
 
 def cut_metrics(run_dir: str | Path, step: int) -> int:
-    """Drop metrics.jsonl's lines after ``step`` (all of them at step 0, and a line cut short), before
-    a run that starts at ``step`` appends its own: they belong to an attempt whose history this run
-    replaces (an interrupted or restarted one), and one file holds one history. Returns how many
-    lines went."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return 0
+    """Drop the metrics lines after ``step`` (all of them at step 0, and a line cut short), in every
+    host's file, before a run that starts at ``step`` appends its own: they belong to an attempt
+    whose history this run replaces (an interrupted or restarted one), and one file holds one
+    history. Returns how many lines went."""
+    return sum(_cut_file(path, step) for path in metrics_files(run_dir))
+
+
+def _cut_file(path: Path, step: int) -> int:
     kept, dropped = [], 0
     with writing(path):
         for line in path.read_text().splitlines():

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.cli import ArgumentParser, run_main
 from pipeline.errors import BadInput
+from pipeline.metrics_files import METRICS, metrics_files
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -35,26 +37,33 @@ class Curves:
     test_accuracy: list[tuple[int, float]] = field(default_factory=list)
 
 
+def _lines(paths: list[Path]) -> Iterator[dict[str, Any]]:
+    for path in paths:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                item = None
+            if not isinstance(item, dict):
+                raise BadInput(f"{path}:{number} is not a JSON object line; was the file cut short? Remove that line")
+            yield item
+
+
 def read_curves(run_dir: Path, name: str) -> Curves:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.is_file():
         raise BadInput(f"{str(path)!r} does not exist: pass the run.out_dir of a run, the folder that holds "
                        f"metrics.jsonl")
     curves = Curves(name)
     train: list[dict[str, Any]] = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError:
-            item = None
-        if not isinstance(item, dict):
-            raise BadInput(f"{path}:{number} is not a JSON object line; was the file cut short? Remove that line")
+    for item in _lines(metrics_files(run_dir)):  # a job over several hosts: one file per host
         if item.get("event") == "train" and "loss" in item:
             train.append(item)
         elif item.get("event") == "eval" and "test_accuracy" in item:
             curves.test_accuracy.append((int(item["step"]), float(item["test_accuracy"])))
+    train.sort(key=lambda item: int(item.get("step", 0)))
     if not train and not curves.test_accuracy:
         raise BadInput(f"{path} holds no train or eval lines yet; plot once the run has logged (run.log_every)")
     last = max((int(item["module"]) for item in train), default=0)

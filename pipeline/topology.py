@@ -154,6 +154,12 @@ class Topology:
         """The rank that holds the last module in replica 0: its figures are the run's."""
         return self.rank_of(self.stages - 1, 0)
 
+    @property
+    def node(self) -> int:
+        """This process's host among the job's hosts, numbered in rank order (rank 0's is 0)."""
+        hosts = list(dict.fromkeys(host for host, _ in self.processes))
+        return hosts.index(self.processes[self.rank][0]) if hosts else 0
+
     def describe(self) -> str:
         """How the failure line names this process."""
         if self.stages == 1:

@@ -22,6 +22,7 @@ from typing import Literal
 from pipeline.cli import ArgumentParser, add_set_argument, run_main
 from pipeline.config import Config, differing_keys, ineffective_keys, load_config, result_config
 from pipeline.errors import BadInput, errors_logged
+from pipeline.metrics_files import metrics_files
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,7 +53,7 @@ def print_resolved(config: Config) -> None:
             print(f"{table}.{key} = {json.dumps(value)}")
 
 
-OUTPUTS = ("summary.json", "metrics.jsonl", "checkpoints", "errors")  # what a run writes under out_dir
+OUTPUTS = ("summary.json", "checkpoints", "errors")  # what a run writes under out_dir, beside its metrics files
 
 
 @contextlib.contextmanager
@@ -121,8 +122,7 @@ def _claim(config: Config, path: Path) -> Config:
             f"run.out_dir = {str(path)!r} holds another run's outputs ({', '.join(found)}); resume it with "
             f"run.resume = {str(path)!r}, replace them with run.overwrite = true, or choose another run.out_dir"
         )
-    for name in OUTPUTS:
-        target = path / name
+    for target in [*(path / name for name in OUTPUTS), *metrics_files(path)]:
         if target.is_dir():
             shutil.rmtree(target)
         else:

@@ -41,6 +41,19 @@ def test_read_curves_takes_every_module_and_the_last_modules_rate(tmp_path: Path
     assert curves.test_accuracy == [(2, 0.4), (4, 0.8)]
 
 
+def test_a_job_over_two_hosts_is_read_from_both_files(tmp_path: Path) -> None:
+    """The last module ran on the second host: its lines (and the accuracy) are in metrics.node1.jsonl."""
+    write_metrics(tmp_path / "run", modules=2)
+    path = tmp_path / "run" / "metrics.jsonl"
+    items = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(item) + "\n" for item in items if item["module"] == 0))
+    (tmp_path / "run" / "metrics.node1.jsonl").write_text(
+        "".join(json.dumps(item) + "\n" for item in items if item["module"] == 1))
+    curves = read_curves(tmp_path / "run", "run")
+    assert sorted(curves.loss) == [0, 1] and curves.loss[1] == [(1, 2.9), (2, 2.8), (3, 2.7), (4, 2.6)]
+    assert curves.test_accuracy == [(2, 0.4), (4, 0.8)]
+
+
 def test_run_names_are_folders_unless_two_share_one() -> None:
     assert run_names(["runs/fm/e2e", "runs/fm/greedy_sl/"]) == ["e2e", "greedy_sl"]
     assert run_names(["a/x", "b/x", "c/y"]) == ["a/x", "b/x", "y"]

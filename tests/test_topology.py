@@ -33,6 +33,14 @@ def test_rank_to_stage_and_replica(placement: str, expected: list[tuple[int, int
     assert topologies[0].last_rank == expected.index((2, 0))
 
 
+def test_hosts_are_numbered_in_rank_order() -> None:
+    """Which metrics file a process appends to (pipeline/metrics_files.py): rank 0's host is 0."""
+    processes = [("b", 10), ("b", 11), ("a", 12), ("a", 13), ("c", 14)]
+    nodes = [Topology(rank, 5, torch.device("cpu"), 5, 1, (rank,), processes=processes).node for rank in range(5)]
+    assert nodes == [0, 0, 1, 1, 2]
+    assert Topology(0, 1, torch.device("cpu"), 2, 1, (0, 1)).node == 0  # one process: no host list
+
+
 def test_replicas_are_derived_or_checked() -> None:
     assert layout_replicas(8, 2, 0) == 4 and layout_replicas(8, 2, 4) == 4 and layout_replicas(3, 3, 0) == 1
     with pytest.raises(BadInput, match="WORLD_SIZE is 6, not a multiple of local.modules = 4"):

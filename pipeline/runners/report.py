@@ -40,7 +40,7 @@ class RunReport:
             from pipeline.tensorboard import TensorBoardSink
 
             sink = TensorBoardSink(run.out_dir, topology.rank)
-        self.log = MetricsLog(run.out_dir, topology.rank, sink)
+        self.log = MetricsLog(run.out_dir, topology.rank, sink, node=topology.node)
         whole = len(topology.hosted) == topology.stages
         self.stats = StageStats(rank=topology.rank, module="all" if whole else topology.stage, device=topology.device)
         self.progress = Progress(label, start.step, total_steps(start, *length))

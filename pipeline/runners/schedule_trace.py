@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline.errors import BadInput
 from pipeline.metrics import MetricsLog
+from pipeline.metrics_files import METRICS, metrics_files
 from pipeline.runners.loop import EpochEnd
 from pipeline.runners.messages import Train
 
@@ -59,14 +60,18 @@ class StepTrace:
 def read_schedule(path: str | Path, modules: int) -> list[list[Item]]:
     """Each module's steps and epoch ends, in order, from a run's metrics.jsonl."""
     where = f"pipeline.replay: {path}"
+    path = Path(path)
+    # A job over several hosts logged one file per host; each module's lines are all in one of them.
+    paths = metrics_files(path.parent) if path.name == METRICS and path.is_file() else [path]
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = [(f"pipeline.replay: {part}", number, line) for part in paths
+                 for number, line in enumerate(part.read_text().splitlines(), 1)]
     except OSError as err:
         raise BadInput(f"{where} cannot be read ({err.strerror or type(err).__name__}); name the metrics.jsonl "
                        f"of a run with pipeline.schedule = 'buffered'") from err
     plans: list[list[Item]] = [[] for _ in range(modules)]
     steps = [-1] * modules
-    for number, line in enumerate(lines, 1):
+    for where, number, line in lines:
         try:
             event = json.loads(line)
             if event.get("event") != EVENT:
@@ -87,6 +92,6 @@ def read_schedule(path: str | Path, modules: int) -> list[list[Item]]:
             steps[module] = step
         plans[module].append(item)
     if not any(plans):
-        raise BadInput(f"{where} holds no schedule records; name the metrics.jsonl of a run with "
+        raise BadInput(f"pipeline.replay: {path} holds no schedule records; name the metrics.jsonl of a run with "
                        f"pipeline.schedule = 'buffered'")
     return plans

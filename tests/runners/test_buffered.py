@@ -155,6 +155,21 @@ def test_a_record_of_another_config_is_refused(tmp_path: Path) -> None:
         read_schedule(record, 2)
 
 
+def test_a_record_over_two_hosts_is_read_from_both_files(tmp_path: Path) -> None:
+    """Module 1 ran on the second host: naming the run's metrics.jsonl replays both modules."""
+    def record(module: int) -> str:
+        return "".join(json.dumps({"event": "schedule", "module": module, "step": step, "entry": step, "use": 1}) + "\n"
+                       for step in (1, 2))
+
+    (tmp_path / "metrics.jsonl").write_text(record(0))
+    (tmp_path / "metrics.node1.jsonl").write_text(record(1))
+    plans = read_schedule(tmp_path / "metrics.jsonl", 2)
+    assert plans == [[Trained(1, 1), Trained(2, 1)]] * 2
+    (tmp_path / "metrics.node1.jsonl").write_text(record(1).replace('"step": 2', '"step": 3'))
+    with pytest.raises(BadInput, match=r"metrics\.node1\.jsonl line 2: module 1 step 3 does not follow step 1"):
+        read_schedule(tmp_path / "metrics.jsonl", 2)
+
+
 def test_data_replicas_are_refused_with_the_buffered_schedule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """WORLD_SIZE = 2K gives R = 2 by default: one line, before any data is read or any group formed."""
     def four_processes(*args: object, **kwargs: object) -> Topology:
