@@ -263,6 +263,25 @@ def _training_job(out: Path, device: str, timeout_s: float, log: Path) -> tuple[
     return job, next(p for p in psutil.Process(job.pid).children(recursive=True) if p.environ().get("RANK") == "1")
 
 
+def _seconds_to_end(job: subprocess.Popen[bytes], victim: Any, act: str, limit_s: float) -> float | str:
+    """Kill or stop (SIGSTOP) ``victim``: the seconds until the job ended, or why the check fails."""
+    try:
+        if victim is None:
+            return "the job never started training"
+        if act == "kill":
+            victim.kill()
+        else:
+            victim.suspend()
+        acted = time.monotonic()
+        try:
+            job.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            return f"still running {limit_s:g} s after the {act}"
+        return time.monotonic() - acted
+    finally:
+        _end(job)
+
+
 def _end(job: subprocess.Popen[bytes]) -> None:
     """Kill what is left of a job: its processes first (a stopped one included), then torchrun."""
     if job.poll() is None:
@@ -281,18 +300,9 @@ def killed_stage(root: Path, device: str) -> Check:
     name = f"killed stage ends the job within timeout_s ({KILL_TIMEOUT_S} s)"
     name += " on GPUs (NCCL)" if device == "cuda" else ""
     job, victim = _training_job(root / "killed", device, KILL_TIMEOUT_S, root / "killed.log")
-    try:
-        if victim is None:
-            return Check(name, "fail", note="the job never started training")
-        victim.kill()
-        killed = time.monotonic()
-        try:
-            job.wait(timeout=KILL_TIMEOUT_S + 15)
-        except subprocess.TimeoutExpired:
-            return Check(name, "fail", note=f"still running {KILL_TIMEOUT_S + 15} s after the kill")
-        took = time.monotonic() - killed
-    finally:
-        _end(job)
+    took = _seconds_to_end(job, victim, "kill", KILL_TIMEOUT_S + 15)
+    if isinstance(took, str):
+        return Check(name, "fail", note=took)
     status = "pass" if job.returncode != 0 and took <= KILL_TIMEOUT_S else "fail"
     return Check(name, status, f"ended {took:.1f} s after the kill, exit {job.returncode}")
 
@@ -306,18 +316,9 @@ def stopped_stage(root: Path, device: str, timeout_s: float = STOP_TIMEOUT_S, de
     name += " on GPUs (NCCL)" if device == "cuda" else ""
     log = root / f"stopped_{device}.log"
     job, victim = _training_job(root / f"stopped_{device}", device, deadline_s or timeout_s, log)
-    try:
-        if victim is None:
-            return Check(name, "fail", note="the job never started training")
-        victim.suspend()
-        stopped = time.monotonic()
-        try:
-            job.wait(timeout=timeout_s + 5)
-        except subprocess.TimeoutExpired:
-            return Check(name, "fail", note=f"still running {timeout_s + 5:g} s after the stop")
-        took = time.monotonic() - stopped
-    finally:
-        _end(job)
+    took = _seconds_to_end(job, victim, "stop", timeout_s + 5)
+    if isinstance(took, str):
+        return Check(name, "fail", note=took)
     lines = log.read_text(errors="replace").splitlines()
     named = [line for line in lines if "stage on rank 0 (module 0) failed" in line
              and "rank 1" in line.split("failed", 1)[1]]
