@@ -94,9 +94,10 @@ def prepare_out_dir(config: Config) -> Iterator[Config]:
 def _claim(config: Config, path: Path) -> Config:
     """Refuse (or with run.overwrite clear) another run's outputs; resuming from this folder keeps them.
 
-    Without run.resume, a folder whose newest complete set was written with this result-changing
-    config (recorded in its marker) is this job's own, started again after a failure or a
-    preemption: it resumes from that set. Only unfinished sets (a crash before the first set): it
+    Without run.resume or run.overwrite (or with either, in an attempt a launcher restarted), a
+    folder whose newest complete set was written with this result-changing config (recorded in
+    its marker) is this job's own, started again after a failure or a preemption: it resumes from
+    that set. Only unfinished sets (a crash before the first set): it
     starts from the beginning. Another config: one line naming the keys that differ. The run drops
     what an interrupted attempt logged past its start (pipeline/metrics.py cut_metrics).
     """
@@ -105,7 +106,10 @@ def _claim(config: Config, path: Path) -> Config:
              if (path / name).is_file() or ((path / name).is_dir() and any((path / name).iterdir()))]
     if not found or (run.resume and Path(run.resume).resolve() == path.resolve()):
         return config
-    if not run.overwrite and not run.resume:
+    restarted = restart_count() > 0
+    # A restart (torchrun's, a Slurm requeue) of a job that overwrote a folder or resumed from another
+    # must go on from its own sets too, not clear them again or be refused by them.
+    if restarted or not (run.overwrite or run.resume):
         own = _own_sets(config, path)
         if own == "resume":
             return dataclasses.replace(config, run=dataclasses.replace(run, resume=str(path)))
@@ -128,6 +132,12 @@ def _claim(config: Config, path: Path) -> Config:
         else:
             target.unlink(missing_ok=True)
     return config
+
+
+def restart_count() -> int:
+    """How many times the launcher started this job before (torchrun's restarts, Slurm's requeues)."""
+    counts = [os.environ.get(name, "") for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")]
+    return sum(int(count) for count in counts if count.isdigit())
 
 
 def _own_sets(config: Config, path: Path) -> Literal["resume", "start", ""]:

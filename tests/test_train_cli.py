@@ -229,6 +229,29 @@ def test_another_runs_outputs_are_refused_unless_resumed_or_overwritten(tmp_path
     assert [step for step, _ in checkpoint.complete_sets(out)] == [3]  # the replaced run's sets are gone
 
 
+@pytest.mark.parametrize("launcher", ["TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"])
+def test_a_restarted_attempt_goes_on_from_its_own_sets_whatever_its_first_attempt_was_told(
+        tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, launcher: str) -> None:
+    """run.overwrite cleared the folder once, and run.resume named another: a restart continues this job."""
+    out, other = tmp_path / "run", tmp_path / "other"
+    assert tiny_main(other, "train.max_steps=2") == 0
+    assert tiny_main(out, "train.max_steps=2") == 0
+    assert tiny_main(out, "train.max_steps=4", "run.overwrite=true") == 0  # cleared, then 4 steps of its own
+    monkeypatch.setenv(launcher, "1")
+    capsys.readouterr()
+    assert tiny_main(out, "train.max_steps=4", "run.overwrite=true") == 0
+    assert "nothing to train" in capsys.readouterr().out  # its own sets were kept, not cleared again
+    assert [step for step, _ in checkpoint.complete_sets(out)] == [4]
+    monkeypatch.delenv(launcher)
+    resumed = tmp_path / "resumed"
+    assert tiny_main(resumed, "train.max_steps=3", f"run.resume='{other}'") == 0  # 1 step on from other's 2
+    assert tiny_main(resumed, "train.max_steps=3", f"run.resume='{other}'") == 2  # by hand: which one is meant?
+    monkeypatch.setenv(launcher, "1")
+    capsys.readouterr()
+    assert tiny_main(resumed, "train.max_steps=3", f"run.resume='{other}'") == 0
+    assert f"{resumed} is at step 3, where this run ends" in capsys.readouterr().out  # its own set, not other's
+
+
 def test_resuming_a_finished_run_leaves_its_summary(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert tiny_main(out, "train.max_steps=3") == 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol, cast
 
@@ -162,7 +163,8 @@ class FolderLoader:
         files = cast("Dataset[Any]", self.files)
         stream: DataLoader[Any] = DataLoader(files, batch_sampler=_Plan(self, epoch, start, part),
                                              num_workers=self.workers, collate_fn=self.collate, pin_memory=gpu,
-                                             prefetch_factor=PREFETCH_BATCHES if self.workers else None)
+                                             prefetch_factor=PREFETCH_BATCHES if self.workers else None,
+                                             worker_init_fn=ignore_stop_signals if self.workers else None)
         for images, labels, failure, sizes in stream:
             if failure is not None:
                 raise BadInput(failure)
@@ -211,3 +213,16 @@ def make_folder_loaders(config: Config, device: torch.device, processes: int = 1
                        device, config.run.seed, False, data.workers)
     return train, val
 
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # every run.stop_signal, and Ctrl-C
+
+
+def ignore_stop_signals(worker: int) -> None:
+    """In a decoding worker: a stop signal is the training process's to handle.
+
+    torchrun's agent signals a worker's whole process group, and Slurm every process of the step:
+    a worker the signal ended would fail the step (or the checkpoint set) that the stop lets the
+    training process finish. The workers still end with their parent.
+    """
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)

@@ -9,7 +9,8 @@ sum over their group every AGREE_EVERY steps, so all of them save, or stop, befo
 
 A stop signal (run.stop_signal; SIGTERM is what Slurm, Kubernetes and torchrun send first) lets
 every stage finish its step; the first stage then sends a save point and a preempted stop, and
-the process exits with EXIT_PREEMPTED. A second signal ends the process at once.
+the process exits with EXIT_PREEMPTED. A second signal, sent StopFlag.REPEAT_AFTER_S or more
+after the first, ends the process at once.
 """
 
 from __future__ import annotations
@@ -32,20 +33,33 @@ AGREE_EVERY = 8  # steps between the first stage's replicas' agreements (R > 1)
 
 
 class StopFlag:
-    """Set by the first stop signal; the second ends the process."""
+    """Set by the first stop signal; a second one, sent at least REPEAT_AFTER_S later, ends the process.
 
-    def __init__(self) -> None:
+    One stop often arrives twice within milliseconds: Slurm signals every process of the step,
+    torchrun's agent among them, and the agent passes the signal on to its workers. Only a repeat
+    that comes later is someone insisting.
+    """
+
+    REPEAT_AFTER_S = 5.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.raised = threading.Event()
+        self.clock = clock
+        self.first = 0.0
 
     def __bool__(self) -> bool:
         return self.raised.is_set()
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.raised.is_set():
-            os._exit(EXIT_SIGNALLED_TWICE)  # the person (or the scheduler) means it: no set, no teardown
+            if self.clock() - self.first >= self.REPEAT_AFTER_S:
+                os._exit(EXIT_SIGNALLED_TWICE)  # the person (or the scheduler) means it: no set, no teardown
+            return
+        self.first = self.clock()
         self.raised.set()
         print(f"{signal.Signals(signum).name}: finishing this step, then a checkpoint set and exit "
-              f"{EXIT_PREEMPTED} (send it again to stop at once)", file=sys.stderr, flush=True)
+              f"{EXIT_PREEMPTED} (send it again after {self.REPEAT_AFTER_S:g} s to stop at once)",
+              file=sys.stderr, flush=True)
 
 
 @contextmanager

@@ -132,7 +132,8 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
         raise NothingToTrain(
             f"run.resume: {resume_dir} is at step {position.step}, where this run ends (train.epochs = "
             f"{config.train.epochs}, train.max_steps = {config.train.max_steps}): nothing to train, no output "
-            f"written; raise train.epochs or train.max_steps to train further"
+            f"written; to train further, add --set run.resume={resume_dir} with a larger train.epochs or "
+            f"train.max_steps (the same command alone refuses another length)"
         )
     label = loop_label(config.run.mode, topology)
     if config.run.resume and topology.rank == 0:

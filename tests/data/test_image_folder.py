@@ -5,11 +5,14 @@ Every folder is written on the fly: real JPEG and PNG files of 40 x 32 pixels in
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -127,6 +130,20 @@ def test_the_default_root_and_sizes_that_do_not_fit(tmp_path: Path, monkeypatch:
         load_config(None, ["data.name=image_folder", "data.root=x", "data.eval_resize=100"])
     with pytest.raises(BadInput, match="model.in_channels = 1"):
         load_config(None, ["data.name=image_folder", "data.root=x", "model.arch=resnet50", "model.in_channels=1"])
+
+
+def test_decoding_workers_outlive_a_stop_signal(folder: Path) -> None:
+    """torchrun and Slurm signal every process: the stage that finishes its step must keep its workers."""
+    train, _ = loaders(folder, "data.workers=2")
+    batches = train.batches(1)
+    next(batches)
+    workers = psutil.Process().children()
+    assert len(workers) == 2
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert all(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
+    assert len(list(batches)) == len(train) - 1  # the rest of the epoch decodes as if nothing happened
 
 
 # ---- order, parts, resume -------------------------------------------------------------------------

@@ -203,14 +203,18 @@ def test_a_stop_signal_leaves_a_set_and_exit_3_and_the_restart_ends_equal(tmp_pa
     assert_same_checkpoints(tmp_path / "straight", tmp_path / "stopped", 2)
 
 
-def test_a_second_signal_ends_the_process_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_second_signal_ends_the_process_unless_it_is_the_same_stop_again(monkeypatch: pytest.MonkeyPatch) -> None:
     def leave(code: int) -> None:
         raise SystemExit(code)
 
     monkeypatch.setattr(os, "_exit", leave)
-    flag = StopFlag()
+    now = [100.0]
+    flag = StopFlag(clock=lambda: now[0])
     flag.handle(signal.SIGTERM, None)
     assert flag
+    now[0] += 0.01  # the same stop again: Slurm signalled torchrun's agent too, which passes it on
+    flag.handle(signal.SIGTERM, None)
+    now[0] += StopFlag.REPEAT_AFTER_S
     with pytest.raises(SystemExit) as left:
         flag.handle(signal.SIGTERM, None)
     assert left.value.code == 128 + signal.SIGTERM
