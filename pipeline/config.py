@@ -252,12 +252,15 @@ def parse_context(context: str) -> tuple[int, bool]:
 # Loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a TOML file (or the defaults when path is None), apply overrides, validate."""
-    return config_from_dict(_read_toml(Path(path)) if path is not None else {}, overrides)
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                training: bool = True) -> Config:
+    """Read a TOML file (or the defaults when path is None), apply overrides, validate (``training``:
+    for a run; a trained model's readers skip what only training needs)."""
+    return config_from_dict(_read_toml(Path(path)) if path is not None else {}, overrides, training)
 
 
-def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
+                     training: bool = True) -> Config:
     """A config from its tables (a TOML file's, or the ``to_dict`` a run or an export recorded), with
     ``--set`` overrides applied, validated as a file's."""
     raw = {table: dict(values) if isinstance(values, dict) else values for table, values in raw.items()}
@@ -271,7 +274,7 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
             raise BadInput(f"--set {item!r}: {table!r} is not a table")
         section[name] = value
     config = _build(raw)
-    validate(config)
+    validate(config, training)
     from pipeline.data.specs import check_model_fits  # specs import this module: resolve late
 
     check_model_fits(config)
@@ -412,7 +415,7 @@ def _require(ok: bool, message: str) -> None:
         raise BadInput(message)
 
 
-def validate(config: Config) -> None:
+def validate(config: Config, training: bool = True) -> None:
     run, data, model, local, train = config.run, config.data, config.model, config.local, config.train
     _require(0 <= run.seed < 2**32, f"run.seed = {run.seed} must be in [0, 2**32)")
     _require(run.log_every >= 1, f"run.log_every = {run.log_every} must be >= 1")
@@ -506,7 +509,9 @@ def validate(config: Config) -> None:
             f"train.warmup_epochs = {train.warmup_epochs} must be < train.epochs = {train.epochs} with the cosine "
             f"schedule (the run would never leave warm-up); for short runs use train.schedule = 'cosine-step'",
         )
-        if not train.max_steps:  # every epoch runs in full: the share at rate 0 needs no epoch length
+        # Every epoch runs in full: the share at rate 0 needs no epoch length. Readers of a trained
+        # model (export, evaluate) train nothing, so a run trained before this rule stays readable.
+        if training and not train.max_steps:
             from pipeline.optim import check_schedule  # optim reads TrainConfig from here: resolve late
 
             check_schedule(train)

@@ -40,7 +40,10 @@ def load_for_evaluation(path: str | Path, step: int = 0, config_path: str | None
         net, recipe, config = read_run(path, step, config_path, overrides)
         return net, config, recipe.spec
     net, recipe = read_model(path)
-    config = load_config(config_path, overrides) if config_path is not None else recipe.build_config(overrides)
+    if config_path is not None:
+        config = load_config(config_path, overrides, training=False)
+    else:
+        config = recipe.build_config(overrides)
     recorded = network_identity(recipe.build_config(), recipe.cuts)
     given = network_identity(config, recipe.cuts)
     given["cuts"] = recorded["cuts"]  # a config's own partition may be profiled: the model's cuts are the ones

@@ -74,11 +74,11 @@ def run_config(run_dir: Path, config_path: str | None, overrides: list[str]) -> 
     """The run's config: --config (with --set); else the one its summary.json recorded (with --set); a run
     that did not finish has none: then the defaults with --set, as pipeline.train reads them."""
     if config_path is not None:
-        return load_config(config_path, overrides)
+        return load_config(config_path, overrides, training=False)
     summary = run_dir / "summary.json"
     if not summary.is_file():
         if overrides:
-            return load_config(None, overrides)
+            return load_config(None, overrides, training=False)
         raise BadInput(f"{clip(str(run_dir), 200)} has no summary.json (the run did not finish) to read its config "
                        f"from; pass the config it was trained with: --config FILE [--set ...]")
     try:
@@ -89,7 +89,7 @@ def run_config(run_dir: Path, config_path: str | None, overrides: list[str]) -> 
         raise BadInput(f"{clip(str(summary), 200)} cannot give the run's config ({type(err).__name__}: "
                        f"{clip(str(err), 80)}); pass the config it was trained with: --config FILE "
                        f"[--set ...]") from None
-    return config_from_dict(trained_config(raw), overrides)
+    return config_from_dict(trained_config(raw), overrides, training=False)
 
 
 def trained_config(raw: dict[str, Any]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ class Recipe:
     preprocess: Preprocess
 
     def build_config(self, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-        return config_from_dict(self.config, overrides)
+        return config_from_dict(self.config, overrides, training=False)
 
 
 def save_model(path: str | Path, net: InferenceNet, recipe: Recipe) -> Path:

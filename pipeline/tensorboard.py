@@ -52,7 +52,7 @@ def scalars(fields: dict[str, Any]) -> list[tuple[str, float, int]]:
 class TensorBoardSink:
     """Takes the fields of each metrics.jsonl line (write(fields)) and adds them as TensorBoard scalars."""
 
-    def __init__(self, run_dir: str | Path, rank: int, writer: ScalarWriter | None = None) -> None:
+    def __init__(self, run_dir: str | Path, rank: int, writer: ScalarWriter | None = None, start_step: int = 0) -> None:
         self.log_dir = Path(run_dir) / "tensorboard" / f"rank_{rank}"
         if writer is None:
             try:
@@ -61,7 +61,9 @@ class TensorBoardSink:
                 raise BadInput(f"run.tensorboard = true needs the tensorboard package: {INSTALL}; "
                                f"or set run.tensorboard = false") from None
             with writing(self.log_dir):
-                writer = SummaryWriter(log_dir=str(self.log_dir))
+                # An earlier attempt's points past where this run starts are trained again: hidden, as
+                # metrics.jsonl drops those lines (metrics.cut_metrics), so each step shows once.
+                writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=start_step + 1)
         self.writer = writer
         # A sequential run logs lr and samples/s once per module for the same step: chart them once.
         self._last_step: dict[str, int] = {}

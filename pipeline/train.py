@@ -53,7 +53,8 @@ def print_resolved(config: Config) -> None:
             print(f"{table}.{key} = {json.dumps(value)}")
 
 
-OUTPUTS = ("summary.json", "checkpoints", "errors")  # what a run writes under out_dir, beside its metrics files
+# what a run writes under out_dir, beside its metrics files
+OUTPUTS = ("summary.json", "checkpoints", "errors", "tensorboard")
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@ run's own evaluation; torchvision's names and shapes; the torch.export program; 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -14,11 +15,11 @@ from trained_runs import TrainedRun, exported, trained_run
 
 import pipeline
 from pipeline import checkpoint
-from pipeline.config import load_config
+from pipeline.config import config_from_dict, load_config
 from pipeline.data.loader import make_loaders
 from pipeline.data.specs import folder_spec
 from pipeline.errors import BadInput
-from pipeline.export import export, main, read_run, torchvision_state_dict
+from pipeline.export import export, main, read_run, run_config, torchvision_state_dict
 from pipeline.model.inference import build_inference_net
 from pipeline.model.network import resolve_cuts
 
@@ -278,3 +279,11 @@ def test_the_cli_writes_the_model(contsup: TrainedRun, tmp_path: Path, capsys: p
     model = pipeline.load_model(tmp_path / "model.pt")
     with torch.no_grad():
         assert torch.equal(model(evaluation_batches(contsup)[0]), contsup.logits[0])
+
+
+def test_a_run_trained_before_the_rate_0_rule_stays_readable(tmp_path: Path) -> None:
+    """The cosine rate-0 refusal guards training: a recorded 15-epoch cosine config still reads for export."""
+    with pytest.raises(BadInput, match="cosine-step"):
+        config_from_dict({"train": {"epochs": 15}})
+    (tmp_path / "summary.json").write_text(json.dumps({"config": {"train": {"epochs": 15, "schedule": "cosine"}}}))
+    assert run_config(tmp_path, None, []).train.epochs == 15

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,23 @@ def test_lr_and_rate_are_charted_once_per_step(tmp_path: Path) -> None:
     assert tags.count("train/lr") == 2 and tags.count("train/samples_per_s") == 2
     assert tags.count("loss/module_0") == 2 and tags.count("loss/module_1") == 2
     assert writer.closed and sink.log_dir == tmp_path / "tensorboard" / "rank_0"
+
+
+def test_a_resumed_run_hides_the_earlier_attempts_points_past_its_start(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = TensorBoardSink(tmp_path, 0)
+    for step in (10, 20, 30):
+        first.write({"event": "train", "module": 0, "step": step, "loss": float(step)})
+    first.close()
+    time.sleep(1.1)  # event files are named by the second they were opened in
+    resumed = TensorBoardSink(tmp_path, 0, start_step=20)
+    resumed.write({"event": "train", "module": 0, "step": 30, "loss": -1.0})
+    resumed.close()
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard" / "rank_0"))
+    accumulator.Reload()
+    assert [(e.step, e.value) for e in accumulator.Scalars("loss/module_0")] == [(10, 10.0), (20, 20.0), (30, -1.0)]
 
 
 def test_event_files_read_back_with_tensorboard(tmp_path: Path) -> None:

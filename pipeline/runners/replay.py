@@ -130,7 +130,7 @@ class ReplayLoop:
             if isinstance(message, EpochEnd):
                 for module in range(len(self.stages)):
                     self._expect(module, Ended(message.epoch))
-            elif isinstance(message, Stop):
+            elif isinstance(message, Stop) and not message.preempted:  # a stop signal ends a record early
                 left = [module for module, plan in enumerate(self.plans) if plan]
                 if left:
                     raise BadInput(self._mismatch(left[0], "steps left after the run's end"))

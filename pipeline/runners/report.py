@@ -39,7 +39,7 @@ class RunReport:
         if run.tensorboard:
             from pipeline.tensorboard import TensorBoardSink
 
-            sink = TensorBoardSink(run.out_dir, topology.rank)
+            sink = TensorBoardSink(run.out_dir, topology.rank, start_step=start.step)
         self.log = MetricsLog(run.out_dir, topology.rank, sink, node=topology.node)
         whole = len(topology.hosted) == topology.stages
         self.stats = StageStats(rank=topology.rank, module="all" if whole else topology.stage, device=topology.device)

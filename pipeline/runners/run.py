@@ -191,6 +191,9 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
             say(f"[{label}] resumed from {checkpoint.find_set(resume_dir, config.run.resume_step)} at epoch "
                 f"{position.epoch}, batch {position.batch} (step {position.step})")
     if buffered and config.run.mode == "sequential":
+        if pipe.replay and position.step > 0:
+            raise BadInput(f"pipeline.replay replays a record from its first step, but this run resumes at step "
+                           f"{position.step} ({resume_dir}); replay into a fresh run.out_dir")
         plans = read_schedule(pipe.replay, len(workers)) if pipe.replay else seeded_schedule(
             position, length, len(workers), pipe.slowdown, pipe.buffer_batches, pipe.max_reuse, config.run.seed)
         return ReplayLoop(inbox, handlers, plans, report, commit), report, cuts

@@ -8,7 +8,9 @@ the record interesting: modules downstream of a slow one reuse batches, the slow
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,11 @@ import torch
 from distributed_helpers import load_module_state, max_state_difference, tiny_config, torchrun
 from threaded import run_threaded
 
-from pipeline.errors import BadInput
+from pipeline import checkpoint
+from pipeline.errors import BadInput, Preempted
 from pipeline.runners import run as run_module
 from pipeline.runners.loop import Position, RunLength
+from pipeline.runners.preemption import StopFlag
 from pipeline.runners.replay import seeded_schedule
 from pipeline.runners.run import run
 from pipeline.runners.schedule_trace import Ended, Trained, read_schedule
@@ -179,3 +183,29 @@ def test_data_replicas_are_refused_with_the_buffered_schedule(tmp_path: Path, mo
     config = tiny_config(tmp_path, "replicas", "local.modules=2", *BUFFERED, "run.mode=pipeline")
     with pytest.raises(BadInput, match="runs one chain, but there are 2 replicas"):
         run(config)
+
+
+class StopsAfter(StopFlag):
+    """A stop signal that arrives once the first stage has asked ``polls`` times."""
+
+    def __init__(self, polls: int) -> None:
+        super().__init__()
+        self.polls = polls
+
+    def __bool__(self) -> bool:
+        self.polls -= 1
+        return self.polls < 0
+
+
+def test_a_stop_signal_ends_a_replayed_run_at_a_set_not_as_a_record_mismatch(tmp_path: Path, single_thread: None,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    @contextlib.contextmanager
+    def signalled(name: str) -> Iterator[StopFlag]:
+        yield StopsAfter(4)
+
+    monkeypatch.setattr(run_module, "stop_signal", signalled)
+    config = tiny_config(tmp_path, "stopped", *BUFFERED, "local.modules=2")
+    with pytest.raises(Preempted, match="stopped by SIGTERM after step"):
+        run(config)
+    steps = [step for step, _ in checkpoint.complete_sets(tmp_path / "stopped")]
+    assert len(steps) == 1 and 0 < steps[0] < 20
