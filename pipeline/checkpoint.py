@@ -115,7 +115,7 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         raise
 
 
-def _save_tensors(payload: dict[str, Any], temporary: Path) -> None:
+def save_tensors(payload: Any, temporary: Path) -> None:
     """torch.save through a Python file: a failed write keeps its OSError (reason) in the chain.
 
     Given a path, torch's zip writer writes natively and reports a full disk as "unexpected pos".
@@ -134,7 +134,7 @@ def save(run_dir: str | Path, worker: ModuleWorker, position: Position, identity
         "position": position.to_dict(),
         "state": worker.state_dict(),
     }
-    _atomic_write(path, lambda temporary: _save_tensors(payload, temporary))
+    _atomic_write(path, lambda temporary: save_tensors(payload, temporary))
     return path
 
 

@@ -46,11 +46,11 @@ def clip(text: str, limit: int = 60) -> str:
 
 def cannot_write(path: Path, err: OSError) -> StageFailure:
     """A full or read-only disk: one line naming the path and the OS's reason (err.strerror)."""
-    return StageFailure(f"cannot write {path}: {_reason(err)}; free space (or fix permissions) there, then resume "
-                        f"from the last complete checkpoint with run.resume")
+    return StageFailure(f"cannot write {path}: {os_reason(err)}; free space (or fix permissions) there, then run the "
+                        f"same command again: it resumes from the last complete checkpoint")
 
 
-def _reason(err: OSError) -> str:
+def os_reason(err: OSError) -> str:
     return (err.strerror or type(err).__name__).lower()
 
 
@@ -115,5 +115,5 @@ def _write_log(out_dir: str | Path, err: BaseException) -> str:
         with open(path, "a") as handle:
             handle.write("".join(traceback.format_exception(err)) + "\n")
     except OSError as failure:
-        return f"no traceback saved: cannot write {path}: {_reason(failure)}"
+        return f"no traceback saved: cannot write {path}: {os_reason(failure)}"
     return f"traceback: {path}"

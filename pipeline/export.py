@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import sys
 import time
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from pipeline import checkpoint
+from pipeline.checkpoint import save_tensors
 from pipeline.cli import ArgumentParser, add_set_argument, run_main
 from pipeline.config import Config, config_from_dict, load_config
 from pipeline.data.image_file import evaluation_preprocess
@@ -226,10 +228,10 @@ def export(path: str | Path, out: str | Path, fmt: str = "model", step: int = 0,
         return save_model(target, net, recipe)
     if fmt == "torchvision":
         state = torchvision_state_dict(net, config, recipe.cuts)
-        write(target, lambda temporary: torch.save(state, temporary))
+        write(target, lambda temporary: save_tensors(state, temporary))
     elif fmt == "export":
         program = export_program(net, recipe.spec)
-        write(target, lambda temporary: torch.export.save(program, temporary))
+        write(target, lambda temporary: _save_program(program, temporary))
     else:
         export_onnx(net, recipe.spec, target)
     return target
@@ -261,3 +263,12 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _save_program(program: Any, temporary: Path) -> None:
+    """torch.export.save into memory, then one Python write: on a full disk torch's writer, given a
+    file, throws from its destructor and aborts the process (torch 2.13); a Python write raises the
+    OSError."""
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    temporary.write_bytes(buffer.getvalue())

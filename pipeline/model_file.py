@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoint import load_error_line
+from pipeline.checkpoint import load_error_line, save_tensors
 from pipeline.config import Config, config_from_dict
 from pipeline.data.image_file import Preprocess
 from pipeline.data.specs import DatasetSpec
-from pipeline.errors import BadInput, clip
+from pipeline.errors import BadInput, clip, os_error_behind, os_reason
 from pipeline.model.inference import InferenceNet, build_inference_net
 
 FORMAT = "localpipe-model/1"
@@ -56,7 +56,7 @@ def save_model(path: str | Path, net: InferenceNet, recipe: Recipe) -> Path:
                        for key, value in recipe.preprocess.to_dict().items()},
         "state": net.state_dict(),
     }
-    write(target, lambda temporary: torch.save(payload, temporary))
+    write(target, lambda temporary: save_tensors(payload, temporary))
     return target
 
 
@@ -68,10 +68,13 @@ def write(target: Path, save: Callable[[Path], object]) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         save(temporary)
         os.replace(temporary, target)
-    except OSError as err:
+    except Exception as err:
         temporary.unlink(missing_ok=True)
-        raise BadInput(f"--out {clip(str(target), 200)!r} cannot be written ({err.strerror or err}); choose a "
-                       f"writable path") from None
+        cause = os_error_behind(err)  # torch's zip writer reports a full disk as a RuntimeError around it
+        if cause is None:
+            raise
+        raise BadInput(f"--out {clip(str(target), 200)!r} cannot be written ({os_reason(cause)}); choose a "
+                       f"writable path with room") from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

@@ -287,3 +287,15 @@ def test_a_run_trained_before_the_rate_0_rule_stays_readable(tmp_path: Path) -> 
         config_from_dict({"train": {"epochs": 15}})
     (tmp_path / "summary.json").write_text(json.dumps({"config": {"train": {"epochs": 15, "schedule": "cosine"}}}))
     assert run_config(tmp_path, None, []).train.epochs == 15
+
+
+@pytest.mark.parametrize("form", ["model", "torchvision", "export"])
+def test_a_full_disk_is_one_line_naming_out_and_leaves_nothing(infopro: TrainedRun, tmp_path: Path, form: str,
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               file_size_limit) -> None:
+    """torch's zip writer reports a full disk as "unexpected pos": the line still names --out and the reason."""
+    target = tmp_path / ("m.pt2" if form == "export" else "m.pt")
+    with file_size_limit(16 * 1024):
+        one_line_exit_2(capsys, [str(infopro.out_dir), "--format", form, "--out", str(target)],
+                        f"--out {str(target)!r} cannot be written (file too large)")
+    assert list(tmp_path.iterdir()) == []
