@@ -54,7 +54,7 @@ config_layout() {
 # show_and_run_job REPORT CMD...: show_and_run for a torchrun (or srun) job. When the job fails,
 # torchrun prints its own report (a traceback and a summary, about 30 lines) after the processes'
 # one-line errors: it goes to the file REPORT instead, and the terminal ends with where it is and
-# the first process's 'error: ' line, the cause. Returns the job's exit status.
+# the last process's 'error: ' line, the cause. Returns the job's exit status.
 show_and_run_job() {
     local report=$1 codes
     shift
@@ -69,16 +69,21 @@ show_and_run_job() {
 # job_stderr REPORT: pass a job's stderr through to ours until torchrun starts reporting a failed
 # process (a line such as 'W1207 02:22:39.863000 PID .../torch/distributed/elastic/...] Sending
 # process P closing signal SIGTERM' or '... failed (exitcode: 2) ...'), then keep the rest in
-# REPORT; at the end name REPORT and repeat the first 'error: ' line seen.
+# REPORT. A job that failed in the end (torchrun's ChildFailedError) ends with REPORT's name and the
+# last 'error: ' line seen, the attempt that ended it; one that torchrun restarted and that then
+# succeeded says so and names REPORT (its later attempts' stderr is there too).
 job_stderr() {
-    local report=$1 line cause="" kept=0
+    local report=$1 line cause="" kept=0 failed=0
     local failing='^[WE][0-9]{4} .*torch/distributed/elastic/.*(closing signal|failed \(exitcode)'
     while IFS= read -r line; do
         if [[ ${kept} == 0 && ${line} =~ ${failing} ]]; then
             mkdir -p "$(dirname "${report}")" && : >"${report}" && kept=1
         fi
-        if [[ -z ${cause} && ${line} == "error: "* ]]; then
+        if [[ ${line} == "error: "* ]]; then
             cause=${line}
+        fi
+        if [[ ${line} == *ChildFailedError* ]]; then
+            failed=1
         fi
         if [[ ${kept} == 1 ]]; then
             printf '%s\n' "${line}" >>"${report}"
@@ -86,11 +91,13 @@ job_stderr() {
             printf '%s\n' "${line}" >&2
         fi
     done
-    if [[ ${kept} == 1 ]]; then
+    if [[ ${kept} == 1 && ${failed} == 1 ]]; then
         printf "torchrun's report: %s\n" "${report}" >&2
         if [[ -n ${cause} ]]; then
             printf '%s\n' "${cause}" >&2
         fi
+    elif [[ ${kept} == 1 ]]; then
+        printf "torchrun restarted the job after a failure; its report: %s\n" "${report}" >&2
     fi
     return 0
 }

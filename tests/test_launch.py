@@ -590,6 +590,25 @@ def test_a_failed_job_ends_with_its_cause_and_keeps_torchruns_report_in_a_file(t
     assert report.read_text().startswith("W1207 ") and "Root Cause" in report.read_text()
 
 
+def test_a_job_restarted_after_a_failure_that_then_succeeds_names_no_stale_cause(tmp_path: Path) -> None:
+    """torchrun's failure lines come on every failed attempt; only its ChildFailedError ends the job."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    first_attempt = TORCHRUN_FAILURE.split("Traceback")[0]  # what a restarted attempt leaves: no final report
+    (tmp_path / "stderr.txt").write_text(first_attempt)
+    fake = folder / "torchrun"
+    fake.write_text(f'#!/usr/bin/env bash\ncat "{tmp_path}/stderr.txt" >&2\necho "[stage 0] done" \nexit 0\n')
+    fake.chmod(0o755)
+    out = tmp_path / "run"
+    result = run_script("single_node.sh", "configs/quickstart.toml", "--set", f"run.out_dir={out}",
+                        env=path_with(folder))
+    assert result.returncode == 0
+    report = out / "errors" / "torchrun.log"
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"torchrun restarted the job after a failure; its report: {report}")
+    assert "failed (exitcode: 2)" in report.read_text()
+
+
 def test_a_job_that_succeeds_keeps_torchruns_warnings_on_the_terminal(tmp_path: Path) -> None:
     folder = tmp_path / "bin"
     folder.mkdir()
