@@ -93,7 +93,21 @@ def prepare_out_dir(config: Config) -> Iterator[Config]:
 
 
 def _claim(config: Config, path: Path) -> Config:
-    """Refuse (or with run.overwrite clear) another run's outputs; resuming from this folder keeps them.
+    """Refuse (or with run.overwrite clear) another run's outputs; resuming from this folder keeps them."""
+    claimed, clear = claim_verdict(config, path)
+    if clear:
+        for target in [*(path / name for name in OUTPUTS), *metrics_files(path)]:
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    return claimed
+
+
+def claim_verdict(config: Config, path: Path) -> tuple[Config, bool]:
+    """What a run of ``config`` does with the folder ``path``, deciding only (--check asks it too):
+    the config it runs (run.resume set where it resumes by itself) and whether to clear the
+    folder's outputs first; BadInput where it must refuse them.
 
     Without run.resume or run.overwrite (or with either, in an attempt a launcher restarted), a
     folder whose newest complete set was written with this result-changing config (recorded in
@@ -106,16 +120,16 @@ def _claim(config: Config, path: Path) -> Config:
     found = [name for name in ("summary.json", "checkpoints", "metrics.jsonl")
              if (path / name).is_file() or ((path / name).is_dir() and any((path / name).iterdir()))]
     if not found or (run.resume and Path(run.resume).resolve() == path.resolve()):
-        return config
+        return config, False
     restarted = restart_count() > 0
     # A restart (torchrun's, a Slurm requeue) of a job that overwrote a folder or resumed from another
     # must go on from its own sets too, not clear them again or be refused by them.
     if restarted or not (run.overwrite or run.resume):
         own = _own_sets(config, path)
         if own == "resume":
-            return dataclasses.replace(config, run=dataclasses.replace(run, resume=str(path)))
+            return dataclasses.replace(config, run=dataclasses.replace(run, resume=str(path))), False
         if own == "start":
-            return config
+            return config, False
     if not run.overwrite:
         if not checkpoint_sets(path) and "summary.json" not in found:  # nothing a run could continue from
             raise BadInput(
@@ -127,12 +141,7 @@ def _claim(config: Config, path: Path) -> Config:
             f"run.out_dir = {str(path)!r} holds another run's outputs ({', '.join(found)}); resume it with "
             f"run.resume = {str(path)!r}, replace them with run.overwrite = true, or choose another run.out_dir"
         )
-    for target in [*(path / name for name in OUTPUTS), *metrics_files(path)]:
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink(missing_ok=True)
-    return config
+    return config, True
 
 
 def restart_count() -> int:
@@ -214,11 +223,14 @@ def warn_ineffective(config: Config) -> None:
 
 def check(config: Config, data: bool = True) -> None:
     """--check: what a run would say before it trains, short of reading the data: the config's
-    problems (load_config found them), a missing data folder (``data``), the warnings; then every key."""
+    problems (load_config found them), a missing data folder (``data``), an out_dir it would refuse
+    (so a launcher stops before torchrun, which would retry it), the warnings; then every key."""
     from pipeline.data.specs import require_data_root
 
     if data:
         require_data_root(config)
+    if Path(config.run.out_dir).is_dir():
+        claim_verdict(config, Path(config.run.out_dir))
     warn_ineffective(config)
     print_resolved(config)
 

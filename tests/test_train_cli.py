@@ -252,6 +252,19 @@ def test_a_restarted_attempt_goes_on_from_its_own_sets_whatever_its_first_attemp
     assert f"{resumed} is at step 3, where this run ends" in capsys.readouterr().out  # its own set, not other's
 
 
+def test_check_refuses_an_out_dir_the_run_would_refuse(tmp_path: Path, capsys) -> None:
+    """The launchers run --check before torchrun: a refusal there is not retried --max-restarts times."""
+    out = tmp_path / "run"
+    assert tiny_main(out, "train.max_steps=2") == 0
+    capsys.readouterr()
+    check = [*TINY_RUN, "--set", f"run.out_dir='{out}'", "--set", "train.max_steps=2", "--check"]
+    assert main(check) == 0  # its own folder: the run would resume it
+    assert main([*check, "--set", "local.context=E"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "local.context = \"R0\" there, \"E\" here" in error
+    assert [step for step, _ in checkpoint.complete_sets(out)] == [2]  # --check changed nothing
+
+
 def test_resuming_a_finished_run_leaves_its_summary(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert tiny_main(out, "train.max_steps=3") == 0
