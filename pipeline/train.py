@@ -179,19 +179,19 @@ def _own_sets(config: Config, path: Path) -> Literal["resume", "start", ""]:
 def train(config: Config) -> None:
     from pipeline.distributed import keep_freed_host_memory
 
-    with prepare_out_dir(config) as config:
+    with prepare_out_dir(config) as claimed:
         keep_freed_host_memory()
         from pipeline.runners.run import run
 
         if os.environ.get("RANK", "0") == "0":  # once per job, not once per process
-            warn_ineffective(config)
+            warn_ineffective(config)  # the keys as given: a restart resuming by itself set none of them
         try:
-            with errors_logged(config.run.out_dir):
-                run(config)
+            with errors_logged(claimed.run.out_dir):
+                run(claimed)
         except KeyboardInterrupt:
             if os.environ.get("RANK", "0") != "0":  # rank 0 speaks for the job
                 raise
-            raise KeyboardInterrupt(what_is_saved(config)) from None
+            raise KeyboardInterrupt(what_is_saved(claimed)) from None
 
 
 def what_is_saved(config: Config) -> str:
