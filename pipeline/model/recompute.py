@@ -20,12 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.model.partition import even_cuts, module_ranges
-
-
-def segment_ranges(blocks: int, segments: int) -> list[tuple[int, int]]:
-    """[start, end) of each of the S segments of ``blocks`` blocks."""
-    return module_ranges(even_cuts(blocks, segments), blocks)
+from pipeline.model.partition import segment_ranges
 
 
 @contextlib.contextmanager
