@@ -58,8 +58,9 @@ def gloo_group(store: dist.Store, rank: int) -> dist.ProcessGroup:
     return group
 
 
-def _ddp_states(segments: int) -> list[dict[str, torch.Tensor]]:
-    """WORLD replicas of the tiny E2E network under real DDP (gloo, one thread each), STEPS steps."""
+def _ddp_states(segments: int) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
+    """WORLD replicas of the tiny E2E network under real DDP (gloo, one thread each), STEPS steps: their
+    states, and how often each ran its first block."""
     config = tiny_config("run.mode=ddp", f"precision.checkpoint_segments={segments}")
     spec = dataset_spec(config)
     layout = make_layout(config, spec, [])
@@ -67,22 +68,26 @@ def _ddp_states(segments: int) -> list[dict[str, torch.Tensor]]:
     batches = [random_batch(spec, config.data.batch_size, generator) for _ in range(STEPS)]
     store = dist.HashStore()
 
-    def replica(rank: int) -> dict[str, torch.Tensor]:
+    def replica(rank: int) -> tuple[dict[str, torch.Tensor], int]:
         group = gloo_group(dist.PrefixStore(f"seg{segments}", store), rank)
         module = build_module(config, layout, 0, torch.device("cpu")).train()
+        runs = [0]
+        module.body[0].register_forward_pre_hook(lambda *_: runs.__setitem__(0, runs[0] + 1))
         worker = ModuleWorker(module, config.train, config.precision, torch.device("cpu"),
                               lambda m: DistributedDataParallel(m, process_group=group))
         for images, labels in batches:
             x, y = images.tensor_split(WORLD)[rank], labels.tensor_split(WORLD)[rank]
             worker.train_step(Packet.from_batch(x, y))
-        return {name: value.clone() for name, value in module.state_dict().items()}
+        return {name: value.clone() for name, value in module.state_dict().items()}, runs[0]
 
     with ThreadPoolExecutor(WORLD) as pool:
-        return [future.result(timeout=120) for future in [pool.submit(replica, rank) for rank in range(WORLD)]]
+        done = [future.result(timeout=120) for future in [pool.submit(replica, rank) for rank in range(WORLD)]]
+    return [state for state, _ in done], [runs for _, runs in done]
 
 
 def test_checkpointed_ddp_ends_where_plain_ddp_does() -> None:
-    plain, recomputed = _ddp_states(0), _ddp_states(3)
+    (plain, plain_runs), (recomputed, recomputed_runs) = _ddp_states(0), _ddp_states(3)
+    assert plain_runs == [STEPS] * WORLD and recomputed_runs == [2 * STEPS] * WORLD  # recomputed in backward
     for rank in range(WORLD):
         for name, value in plain[rank].items():
             other = recomputed[rank][name]
