@@ -1,4 +1,4 @@
-"""python -m pipeline.plan --config FILE --devices N [--memory-gib M] [--link-gbps B]
+"""python -m pipeline.plan --config FILE --devices N [--memory-gib M] [--link-gbps B] [--checkpoint-segments S]
 
 Profiles the config's network on this device (each piece's step seconds, activation bytes,
 parameter bytes; pipeline/model/profile.py, pipeline/model/cost.py) and predicts, for every layout K x R = N the
@@ -7,7 +7,8 @@ the largest batch per device that fits M GiB, samples/s, memory per device and t
 step moves over the links and in all-reduces, then recommends one. Where DDP does not fit M,
 DDP with activation checkpointing (the fewest segments of blocks that fit; pipeline/model/recompute.py)
 is one more layout, priced with the forward it recomputes; the recommendation weighs it against
-the pipelines and says why it picked one. On a CPU each of the N
+the pipelines and says why it picked one; --checkpoint-segments S adds it over S segments whether
+or not DDP fits (the row to hold against the benchmark's ddp_checkpointed_s{S}). On a CPU each of the N
 processes gets its share of the cores, so the profile runs with that many threads.
 """
 
@@ -144,9 +145,10 @@ def plan_layout(profile: NetworkProfile, plan: ContextPlan, replicas: int, batch
     )
 
 
-def plan_checkpointed(profile: NetworkProfile, replicas: int, batch: int, cluster: Cluster) -> Layout:
-    """DDP over ``replicas`` devices with activation checkpointing: the fewest segments that fit M (each more
-    recomputes more), or where none does, the count that takes the least memory."""
+def plan_checkpointed(profile: NetworkProfile, replicas: int, batch: int, cluster: Cluster,
+                      segments: int = 0) -> Layout:
+    """DDP over ``replicas`` devices with activation checkpointing over ``segments`` segments, by default the
+    fewest that fit M (each more recomputes more), or where none does, the count that takes the least memory."""
     plan = ContextPlan(1, 0, False, False)
     per_replica, link = -(-batch // replicas), cluster.link_bytes_per_s
     parameters = stage_parameter_bytes(profile, plan, 0, 0, len(profile))
@@ -155,7 +157,7 @@ def plan_checkpointed(profile: NetworkProfile, replicas: int, batch: int, cluste
     def memory(segments: int, at: int) -> int:
         return state + checkpointed_activation_bytes(profile, segments, at)
 
-    counts = range(2, len(profile) + 1)
+    counts = range(2, len(profile) + 1) if not segments else [segments]
     fitting = [count for count in counts if memory(count, per_replica) <= cluster.memory_bytes]
     segments = fitting[0] if fitting else min(counts, key=lambda count: memory(count, per_replica))
     recompute = recompute_seconds(profile, segments, per_replica)
@@ -174,9 +176,9 @@ def plan_checkpointed(profile: NetworkProfile, replicas: int, batch: int, cluste
 
 
 def plan_layouts(profile: NetworkProfile, depth: int, image: bool, reconstruct: bool, batch: int,
-                 cluster: Cluster) -> list[Layout]:
+                 cluster: Cluster, checkpoint_segments: int = 0) -> list[Layout]:
     """Every K x R = N the network allows (K divides N, K <= its blocks, Rn looks back fewer than K), and
-    where DDP does not fit M, DDP with activation checkpointing."""
+    where DDP does not fit M (or ``checkpoint_segments`` is given), DDP with activation checkpointing."""
     layouts = []
     for modules in range(1, cluster.devices + 1):
         if cluster.devices % modules or modules > len(profile) or (modules > 1 and depth >= modules):
@@ -184,8 +186,9 @@ def plan_layouts(profile: NetworkProfile, depth: int, image: bool, reconstruct: 
         plan = (ContextPlan(1, 0, False, False) if modules == 1
                 else ContextPlan(modules, depth, image, reconstruct))
         layouts.append(plan_layout(profile, plan, cluster.devices // modules, batch, cluster))
-        if modules == 1 and not layouts[0].fits and len(profile) >= 2:  # what saves memory before local learning
-            layouts.append(plan_checkpointed(profile, cluster.devices, batch, cluster))
+        if modules == 1 and (checkpoint_segments or (not layouts[0].fits and len(profile) >= 2)):
+            # what saves memory before local learning does
+            layouts.append(plan_checkpointed(profile, cluster.devices, batch, cluster, checkpoint_segments))
     return layouts
 
 
@@ -261,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--memory-gib", type=float, help="memory per device in GiB; without it memory is unbounded")
         parser.add_argument("--link-gbps", type=float,
                             help="link bandwidth in Gbit/s; without it, this device's measured memory copy bandwidth")
+        parser.add_argument("--checkpoint-segments", type=int, default=0,
+                            help="also plan DDP with activation checkpointing over this many segments of blocks")
         add_set_argument(parser)
         args = parser.parse_args(argv)
         if args.devices < 1:
@@ -271,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
             raise BadInput(f"--link-gbps = {args.link_gbps} must be > 0")
         config = load_config(args.config, args.set)  # its local.modules plays no part: every K is planned
         local = config.local
+        units = config.arch.units
+        if args.checkpoint_segments and not 2 <= args.checkpoint_segments <= units:
+            raise BadInput(f"--checkpoint-segments = {args.checkpoint_segments} must be between 2 and the {units} "
+                           f"blocks of {config.model.arch}")
         import torch
 
         from pipeline.data.specs import dataset_spec
@@ -288,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             queue_depth=config.pipeline.queue_depth,
         )
         batch = config.data.batch_size
-        layouts = plan_layouts(profile, local.context_depth, local.context_image, local.reconstruct, batch, cluster)
+        layouts = plan_layouts(profile, local.context_depth, local.context_image, local.reconstruct, batch, cluster,
+                               args.checkpoint_segments)
         best, why = recommend(layouts, batch, cluster)
         link = f"{cluster.link_bytes_per_s * 8 / 1e9:.0f} Gbit/s" + ("" if args.link_gbps else " (measured copy)")
         memory = "unbounded memory" if args.memory_gib is None else f"{args.memory_gib:g} GiB"

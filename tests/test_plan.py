@@ -149,8 +149,19 @@ def test_cli_prints_a_table_and_a_recommendation(capsys):
     assert "recommended: " in out
 
 
+def test_checkpointed_row_on_request_whether_or_not_ddp_fits(capsys):
+    layouts = plan_layouts(PROFILE, 0, False, False, 10, cluster(2), checkpoint_segments=4)
+    assert [lay.name for lay in layouts] == ["DDP", "DDP checkpointed over 4 segments", "2 x 1"]
+    assert layouts[1].recompute_s == 0.0 and layouts[1].fits  # the synthetic blocks' forward is free
+    code = main(["--set", "data.name=synthetic", "--set", "model.arch=resnet8", "--set", "data.batch_size=8",
+                 "--devices", "2", "--link-gbps", "10", "--checkpoint-segments", "3"])
+    assert code == 0 and "| 1 x 2 (DDP, checkpointed over 3 segments) | - | 4 (-) |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--devices", "0"], "--devices = 0 must be >= 1"),
+    (["--devices", "2", "--checkpoint-segments", "1"],
+     "--checkpoint-segments = 1 must be between 2 and the 16 blocks of resnet32"),
     (["--devices", "2", "--memory-gib", "0"], "--memory-gib = 0.0 must be > 0"),
     (["--devices", "2", "--link-gbps", "-1"], "--link-gbps = -1.0 must be > 0"),
 ])
