@@ -143,10 +143,9 @@ class _Profiler:
               grad: bool, losses: Sequence[Loss] = (), forward: bool = False) -> Piece:
         """Forward + backward + SGD step of the layers ``build`` makes, all reading one input of ``shape``.
 
-        ``forward``: also time the forward alone (a block's: what recomputing it costs).
-
         ``grad``: the input needs its gradient (blocks inside a module, heads on a block output).
         ``losses``: what each layer's output is scored with (what they save counts); by default its sum.
+        ``forward``: also time the forward alone (a block's: what recomputing it costs).
         """
         if key in self.measured:
             return self.measured[key]
@@ -172,6 +171,7 @@ class _Profiler:
         ends = {inputs.untyped_storage().data_ptr(), *shared}
         own = sum(size for address, size in saved.items() if address not in ends)
         keeps_output = any(address in saved for address in shared)
+
         def recorded_forward() -> None:
             scored(inputs)
 
