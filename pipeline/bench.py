@@ -1,10 +1,12 @@
 """python -m pipeline.bench --config FILE --nproc N [--steps S] [--window W] [--rounds R] [--out DIR]
-                          [--classic-microbatches 2,4,8]
+                          [--classic-microbatches 2,4,8] [--checkpoint-segments 3,4]
    python -m pipeline.bench --config FILE --memory-only [--batch B] [--out DIR]
 
 Runs on this machine and the same data: E2E in one process (all cores), DDP over N processes,
-sequential local learning (one process, K = N), the pipeline over N processes (K = N) and the
-classic pipeline (the E2E network at the pipeline's cuts under torch.distributed.pipelining's
+sequential local learning (one process, K = N), the pipeline over N processes (K = N), DDP with
+activation checkpointing (pipeline/model/recompute.py; one row per --checkpoint-segments count,
+by default the counts whose activation memory per process brackets the pipeline's largest
+stage's) and the classic pipeline (the E2E network at the pipeline's cuts under torch.distributed.pipelining's
 GPipe and 1F1B, one row per --classic-microbatches count; pipeline/classic_pp.py). The
 local runs share one set of cuts (balanced-time unless the config gives an explicit list or
 balanced-memory). The runs alternate: each of --rounds rounds runs every mode once, in that
@@ -12,7 +14,8 @@ order, so that whatever else the machine does hits every mode alike. A run's thr
 median of its timed windows of --window steps after the first (warm-up) window; a mode's figure
 is the median over rounds, reported with its min and max. The 1-minute load average is recorded
 before and during the runs, with a warning when the machine was busy before starting.
-Activation memory is what autograd keeps for backward, counted exactly; bytes on the wire per
+Activation memory is what autograd keeps for backward, counted exactly (with checkpointing, or
+what is alive while a segment is recomputed, whichever is more); bytes on the wire per
 step are computed from the layout (pipeline/traffic.py). Writes DIR/bench.json,
 DIR/bench.md and, with matplotlib, DIR/bench.png.
 
@@ -55,6 +58,7 @@ class BenchRun:
     modules: int
     schedule: str = ""  # classic_pp rows: the torch.distributed.pipelining schedule (gpipe, 1f1b)
     microbatches: int = 0  # classic_pp rows: microbatches per batch
+    segments: int = 0  # ddp_checkpointed rows: precision.checkpoint_segments
 
 
 def plan_runs(nproc: int) -> list[BenchRun]:
@@ -73,6 +77,21 @@ def plan_runs(nproc: int) -> list[BenchRun]:
 CLASSIC_MICROBATCHES = (2, 4, 8)
 
 
+def checkpointed_runs(nproc: int, segments: Sequence[int]) -> list[BenchRun]:
+    """DDP over the same N processes with the E2E network's blocks recomputed over S segments, each S."""
+    return [BenchRun(f"ddp_checkpointed_s{count}", "ddp", nproc, 1, segments=count) for count in segments]
+
+
+def bracketing_segments(memory: dict[int, int], target: int) -> list[int]:
+    """The segment counts whose activation memory brackets ``target``: the fewest segments that fit under it
+    and the count below, which does not; with none fitting, the count that takes the least."""
+    fitting = [count for count in sorted(memory) if memory[count] <= target]
+    if not fitting:
+        return [min(memory, key=lambda count: memory[count])]
+    first = fitting[0]
+    return [first - 1, first] if first - 1 in memory else [first]
+
+
 def classic_runs(nproc: int, microbatches: Sequence[int]) -> list[BenchRun]:
     """The same network end to end under torch.distributed.pipelining: GPipe and 1F1B, each M."""
     return [BenchRun(f"classic_{kind}_m{count}", "classic_pp", nproc, nproc, kind, count)
@@ -83,7 +102,7 @@ def layouts(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Every K x R = N layout that ran, side by side (DDP is K = 1, the pipeline row K = N)."""
     rows = []
     for name, run in runs.items():
-        if run["processes"] < 2 or run.get("mode") == "classic_pp":
+        if run["processes"] < 2 or run.get("mode") == "classic_pp" or run.get("checkpoint_segments"):
             continue
         modules = run["modules"]
         bound = run.get("bottleneck_samples_per_s")
@@ -166,6 +185,8 @@ def figures(run: BenchRun, out: Path, window: int, batch: int) -> dict[str, Any]
     }
     if run.mode == "classic_pp":
         result["schedule"], result["microbatches"] = run.schedule, run.microbatches
+    if run.segments:
+        result["checkpoint_segments"] = run.segments
     if run.mode == "pipeline":
         # Each stage's step: its compute seconds per batch (a window's median), what the profile predicts.
         result["stage_s"] = [round(statistics.median(lines[module]["window_compute_s"] / window
@@ -178,9 +199,10 @@ def figures(run: BenchRun, out: Path, window: int, batch: int) -> dict[str, Any]
     return result
 
 
-def schedule(nproc: int, rounds: int, microbatches: Sequence[int] = ()) -> list[tuple[int, BenchRun]]:
+def schedule(nproc: int, rounds: int, microbatches: Sequence[int] = (),
+             segments: Sequence[int] = ()) -> list[tuple[int, BenchRun]]:
     """(round, run) in the order they run: round 1 runs every mode, then round 2, ... (ABAB)."""
-    runs = plan_runs(nproc) + classic_runs(nproc, microbatches)
+    runs = plan_runs(nproc) + checkpointed_runs(nproc, segments) + classic_runs(nproc, microbatches)
     return [(number, run) for number in range(1, rounds + 1) for run in runs]
 
 
@@ -266,7 +288,8 @@ def machine(device: str) -> str:
 
 def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, window: int, out_dir: Path,
               rounds: int = 3, launcher: Launcher = launch,
-              classic_microbatches: Sequence[int] = CLASSIC_MICROBATCHES) -> dict[str, Any]:
+              classic_microbatches: Sequence[int] = CLASSIC_MICROBATCHES,
+              checkpoint_segments: Sequence[int] | None = None) -> dict[str, Any]:
     if nproc < 2:
         raise BadInput(f"--nproc = {nproc}: the benchmark compares N processes; use --nproc 2 or more")
     if steps < 2 * window:
@@ -279,7 +302,7 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
     from pipeline.distributed import keep_freed_host_memory
     from pipeline.model.cost import context_plan, predicted_stage_seconds
     from pipeline.model.partition import flat_to_cut
-    from pipeline.model.profile import module_activation_bytes
+    from pipeline.model.profile import checkpointed_activation_bytes, module_activation_bytes
 
     cores = os.cpu_count() or 1
     load_before = os.getloadavg()
@@ -301,6 +324,11 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
         if count < 1 or base.data.batch_size % count:
             raise BadInput(f"--classic-microbatches: {count} does not divide data.batch_size = "
                            f"{base.data.batch_size}; give counts that do (e.g. 2,4,8)")
+    units = base.arch.units
+    for count in checkpoint_segments or ():
+        if not 2 <= count <= units:
+            raise BadInput(f"--checkpoint-segments: {count} segments of {base.model.arch}'s {units} blocks; give "
+                           f"counts between 2 and {units}")
     profile = _profile(local, spec, nproc)
     cuts = _cuts(local, spec, profile)
     # The cuts of every K the layouts use: K = N's for the sequential and pipeline rows.
@@ -315,6 +343,13 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
     e2e_activation = module_activation_bytes(base, spec, [], batch)[0]
     ddp_activation = module_activation_bytes(base, spec, [], -(-batch // nproc))[0]
     local_activation = module_activation_bytes(local, spec, cuts, batch)
+    # Checkpointed DDP holds a process's share of the batch, as DDP does; by default the counts that
+    # bracket the pipeline's largest stage, the memory it is compared at.
+    candidates = (range(2, units + 1) if checkpoint_segments is None else checkpoint_segments)
+    checkpointed = {count: checkpointed_activation_bytes(base, spec, -(-batch // nproc), count)
+                    for count in candidates}
+    segments = (bracketing_segments(checkpointed, max(local_activation)) if checkpoint_segments is None
+                else list(checkpoint_segments))
 
     def command_of(run: BenchRun, out: Path) -> list[str]:
         # classic_pp reads the pipeline's settings (threads per stage, timeout) as a pipeline run would
@@ -328,14 +363,18 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
                      else [f"local.partition={explicit[run.modules]}"])
         if run.processes > 1:
             run_sets.append(f"pipeline.threads_per_stage={max(1, cores // run.processes)}")
+        if run.segments:
+            run_sets.append(f"precision.checkpoint_segments={run.segments}")
         if run.mode == "classic_pp":
             return classic_command(run, config_path, run_sets)
         return command_for(run, config_path, run_sets)
 
-    results, load_during = run_rounds(schedule(nproc, rounds, classic_microbatches), out_dir, command_of, window,
-                                      batch, launcher)
+    results, load_during = run_rounds(schedule(nproc, rounds, classic_microbatches, segments), out_dir, command_of,
+                                      window, batch, launcher)
     results["e2e"]["activation_mem_bytes"] = e2e_activation
     results["ddp"]["activation_mem_bytes"] = ddp_activation
+    for run in checkpointed_runs(nproc, segments):
+        results[run.name]["activation_mem_bytes"] = checkpointed[run.segments]
     for name in ("sequential", "pipeline"):
         results[name]["activation_mem_bytes"] = max(local_activation)
         results[name]["module_activation_mem_bytes"] = local_activation
@@ -355,6 +394,10 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
     traffic = wire_bytes_per_step(config_path, sets, spec, flat_cuts, batch, nproc, results)
     idle = idle_fractions(results)
     best_classic = max(classic, key=lambda name: classic[name]["samples_per_s"], default=None)
+    # the fastest checkpointed row that keeps no more activation memory per process than the pipeline's largest stage
+    within = [run.name for run in checkpointed_runs(nproc, segments)
+              if checkpointed[run.segments] <= max(local_activation)]
+    best_checkpointed = max(within, key=lambda name: results[name]["samples_per_s"], default=None)
     pipe, ddp = results["pipeline"], results["ddp"]
     device = "cuda" if torch.cuda.is_available() and base.run.device != "cpu" else "cpu"
     report = {
@@ -383,6 +426,11 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
         "best_classic_pp": best_classic,
         "pipeline_over_classic_pp": (round(pipe["samples_per_s"] / classic[best_classic]["samples_per_s"], 3)
                                      if best_classic else None),
+        "checkpoint_segments": segments,
+        "best_ddp_checkpointed": best_checkpointed,
+        "pipeline_over_ddp_checkpointed": (
+            round(pipe["samples_per_s"] / results[best_checkpointed]["samples_per_s"], 3) if best_checkpointed
+            else None),
         "wire_bytes_per_step": traffic,
         "idle_fraction": idle,
         "partition": local.local.partition,
@@ -594,6 +642,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {row['run']} | {row['K']} | {row['R']} | {row['samples_per_s']:.1f} | {efficiency} | "
                      f"{row['peak_mem_bytes_per_process'] / mib:.0f} |")
     lines += traffic_lines(report)
+    lines += frontier_lines(report)
     lines += [
         "",
         f"- pipeline / DDP samples/s: {ratio_line(report, 'pipeline_over_ddp')}",
@@ -606,10 +655,35 @@ def markdown(report: dict[str, Any]) -> str:
         + ", ".join(f"{measured:.3f} / {predicted:.3f}"
                     for measured, predicted in zip(pipe["stage_s"], pipe["predicted_stage_s"])),
     ]
+    lines.append(checkpointed_line(report))
     if report["best_classic_pp"]:
         lines.append(f"- pipeline / best classic pipeline ({report['best_classic_pp']}) samples/s: "
                      f"{report['pipeline_over_classic_pp']:.3f}")
     return "\n".join([*lines, ""])
+
+
+def checkpointed_line(report: dict[str, Any]) -> str:
+    """The pipeline against DDP with activation checkpointing at equal activation memory per process."""
+    best, largest = report["best_ddp_checkpointed"], max(report["runs"]["pipeline"]["module_activation_mem_bytes"])
+    if best is None:
+        return (f"- pipeline / DDP with activation checkpointing at equal activation memory: none of the "
+                f"checkpointed rows (segments {report['checkpoint_segments']}) fits in the pipeline's largest stage "
+                f"({largest / (1 << 20):.0f} MiB)")
+    return (f"- pipeline / DDP with activation checkpointing at equal activation memory ({best}, no more than the "
+            f"pipeline's largest stage, {largest / (1 << 20):.0f} MiB): {report['pipeline_over_ddp_checkpointed']:.3f}")
+
+
+def frontier(report: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(run, activation MiB per process, samples/s) of every row, least memory first: the memory-speed frontier."""
+    runs = report["runs"]
+    return sorted(((name, run["activation_mem_bytes"] / (1 << 20), run["samples_per_s"]) for name, run in runs.items()),
+                  key=lambda row: (row[1], -row[2]))
+
+
+def frontier_lines(report: dict[str, Any]) -> list[str]:
+    lines = ["", "Samples/s against activation memory per process (the largest stage's for the pipelines), least "
+             "memory first:", "", "| run | activation mem / process (MiB) | samples/s |", "|---|---|---|"]
+    return lines + [f"| {name} | {memory:.0f} | {rate:.1f} |" for name, memory, rate in frontier(report)]
 
 
 def traffic_lines(report: dict[str, Any]) -> list[str]:
@@ -638,7 +712,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     rates = [runs[n]["samples_per_s"] for n in names]
     below = [runs[n]["samples_per_s"] - runs[n]["samples_per_s_min"] for n in names]
     above = [runs[n]["samples_per_s_max"] - runs[n]["samples_per_s"] for n in names]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.8))
+    figure, (left, right, memory_speed) = plt.subplots(1, 3, figsize=(16, 4.8))
     left.bar(names, rates, yerr=[below, above], capsize=4, color="tab:blue")
     for index, name in enumerate(names):  # above the error bar, which would cross a label on the bar
         run = runs[name]
@@ -652,8 +726,17 @@ def plot(report: dict[str, Any], path: Path) -> None:
     right.bar_label(bars, fmt="%.0f")
     right.set_ylabel("MiB")
     right.set_title("activation memory (largest module / rank)")
+    for name, mib, rate in frontier(report):
+        memory_speed.scatter(mib, rate, color="tab:green")
+        memory_speed.annotate(name, (mib, rate), xytext=(3, 3), textcoords="offset points", fontsize=7)
+    memory_speed.set_xlabel("activation memory per process (MiB)")
+    memory_speed.set_ylabel("samples / s")
+    memory_speed.set_title("speed against memory: every row")
     classic = (f", pipeline / best classic PP {report['pipeline_over_classic_pp']:.3f}"
                if report["best_classic_pp"] else "")
+    if report["best_ddp_checkpointed"]:
+        classic += (f", pipeline / {report['best_ddp_checkpointed']} at equal memory "
+                    f"{report['pipeline_over_ddp_checkpointed']:.3f}")
     figure.suptitle(
         f"{title(report)}\npipeline / DDP {ratio_line(report, 'pipeline_over_ddp')}, "
         f"pipeline efficiency {ratio_line(report, 'pipeline_efficiency')}{classic}", fontsize=10)
@@ -662,12 +745,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def microbatch_counts(text: str) -> list[int]:
+def whole_numbers(flag: str, text: str) -> list[int]:
     try:
         return [int(item) for item in text.split(",") if item.strip()]
     except ValueError:
-        raise BadInput(f"--classic-microbatches {text!r}: give whole numbers separated by commas, "
-                       f"e.g. 2,4,8") from None
+        raise BadInput(f"{flag} {text!r}: give whole numbers separated by commas, e.g. 2,4,8") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -683,6 +765,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--window", type=int, default=10, help="steps per timed window")
         parser.add_argument("--rounds", type=int, default=3, help="rounds, each running every mode once")
         parser.add_argument("--out", default="runs/bench", help="output folder")
+        parser.add_argument("--checkpoint-segments",
+                            help="segment counts of the DDP rows with activation checkpointing, comma-separated; "
+                                 "default: the counts that bracket the pipeline's largest stage's activation memory")
         parser.add_argument("--classic-microbatches", default=",".join(map(str, CLASSIC_MICROBATCHES)),
                             help="microbatch counts of the classic pipeline rows (GPipe and 1F1B each), "
                                  "comma-separated; empty for none")
@@ -696,7 +781,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.window < 1:
             raise BadInput(f"--window = {args.window} must be >= 1")
         run_bench(args.config, args.set, args.nproc, args.steps, args.window, Path(args.out), args.rounds,
-                  classic_microbatches=microbatch_counts(args.classic_microbatches))
+                  classic_microbatches=whole_numbers("--classic-microbatches", args.classic_microbatches),
+                  checkpoint_segments=(None if args.checkpoint_segments is None
+                                       else whole_numbers("--checkpoint-segments", args.checkpoint_segments)))
 
     return run_main(body)
 

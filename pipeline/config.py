@@ -171,6 +171,9 @@ class PipelineConfig:
 class PrecisionConfig:
     amp: Amp = "none"
     channels_last: bool = False
+    # E2E (local.modules = 1): the blocks in S segments, the first S - 1 recomputed in backward
+    # (activation checkpointing, pipeline/model/recompute.py); 0: off
+    checkpoint_segments: int = 0
 
 
 @dataclass
@@ -539,6 +542,15 @@ def validate(config: Config, training: bool = True) -> None:
     _require(not pipe.replay or (pipe.schedule == "buffered" and run.mode == "sequential"),
              "pipeline.replay replays a buffered run in one process; set pipeline.schedule = 'buffered' and "
              "run.mode = 'sequential' with it")
+
+    segments = config.precision.checkpoint_segments
+    if segments:
+        _require(2 <= segments <= blocks, f"precision.checkpoint_segments = {segments} must be between 2 and the "
+                                          f"{blocks} blocks of {model.arch} (0: no recomputation)")
+        _require(local.modules == 1, f"precision.checkpoint_segments recomputes the end-to-end network's blocks; "
+                                     f"set local.modules = 1 (it is {local.modules}) or checkpoint_segments = 0")
+        _require(arch.family != "segmentation", "precision.checkpoint_segments covers classification networks; "
+                                                "set it to 0 for segmentation")
 
     if run.mode == "ddp":
         _require(local.modules == 1, "run.mode = 'ddp' trains end to end; set local.modules = 1 (it is "

@@ -14,6 +14,7 @@ import pytest
 from pipeline.bench import (
     CLASSIC_MICROBATCHES,
     BenchRun,
+    bracketing_segments,
     busy_warning,
     classic_command,
     classic_runs,
@@ -124,13 +125,18 @@ RATES.update({run.name: [(200.0 if run.schedule == "1f1b" else 150.0) + 50 * run
               for run in classic_runs(2, CLASSIC_MICROBATCHES)})
 
 
+# every checkpointed DDP row: slower than DDP, as recomputation costs a forward
+CHECKPOINTED_RATES = [150.0, 75.0, 160.0]
+
+
 def fake_launcher(ran: list[tuple[int, str]], batch: int = BATCH) -> object:
     def launch(command: list[str], log: Path, load: list[float]) -> int:
         out = out_dir_of(command)
         number, name = int(out.parent.name.split("-")[1]), out.name
         ran.append((number, name))
-        run = {r.name: r for r in plan_runs(2) + classic_runs(2, CLASSIC_MICROBATCHES)}[name]
-        rate = RATES[name][number - 1]
+        run = {r.name: r for r in plan_runs(2) + classic_runs(2, CLASSIC_MICROBATCHES)}.get(
+            name, BenchRun(name, "ddp", 2, 1))
+        rate = RATES.get(name, CHECKPOINTED_RATES)[number - 1]
         # compute seconds per window such that the pipeline's bound is 1.25 x its rate
         write_run(out, run.modules, [rate] * 3, [[batch * WINDOW / (1.25 * rate)] * run.modules] * 3,
                   timed=run.mode != "classic_pp")
@@ -250,6 +256,8 @@ def test_plot_has_a_title_and_labelled_bars(bench_report: tuple[dict[str, object
     (["--nproc", "2", "--round", "2"], "unrecognized arguments: --round"),
     (["--nproc", "2", "--classic-microbatches", "3"], "--classic-microbatches: 3 does not divide data.batch_size"),
     (["--nproc", "2", "--classic-microbatches", "2,four"], "--classic-microbatches '2,four': give whole numbers"),
+    (["--nproc", "2", "--checkpoint-segments", "1"], "--checkpoint-segments: 1 segments of resnet32's"),
+    (["--nproc", "2", "--checkpoint-segments", "x"], "--checkpoint-segments 'x': give whole numbers"),
     ([], "--nproc is required"),
     (["--memory-only"], "--memory-only compares local modules with E2E, but local.modules = 1"),
     (["--memory-only", "--batch", "0", "--set", "local.modules=2"], "--batch = 0 must be >= 1"),
@@ -329,3 +337,52 @@ def test_memory_only_counts_e2e_and_every_module_without_running(tmp_path: Path)
     assert report["cut_points"] == [[2, 0]] and report["batch_per_device"] == 3
     assert json.loads((tmp_path / "bench.json").read_text()) == report
     assert f"{report['largest_stage_activation_over_e2e']:.3f} |" in (tmp_path / "bench.md").read_text()
+
+
+def test_default_segment_counts_bracket_the_pipelines_largest_stage() -> None:
+    memory = {2: 900, 3: 700, 4: 500, 5: 450, 6: 480}
+    assert bracketing_segments(memory, 600) == [3, 4]  # 3 does not fit, 4 is the fewest that does
+    assert bracketing_segments(memory, 1000) == [2]  # plain halving fits already
+    assert bracketing_segments(memory, 100) == [5]  # none fits: the least memory
+
+
+def test_checkpointed_ddp_rows_are_run_counted_and_compared_at_equal_memory(
+        bench_report: tuple[dict[str, object], Path]) -> None:
+    out = bench_report[1]
+    saved = json.loads((out / "bench.json").read_text())
+    segments = saved["checkpoint_segments"]
+    names = [f"ddp_checkpointed_s{count}" for count in segments]
+    assert all(name in saved["runs"] for name in names)
+    pipeline_largest = max(saved["runs"]["pipeline"]["module_activation_mem_bytes"])
+    for name in names:
+        row = saved["runs"][name]
+        assert row["mode"] == "ddp" and row["checkpoint_segments"] == int(name.rsplit("s", 1)[1])
+        assert 0 < row["activation_mem_bytes"] < saved["runs"]["ddp"]["activation_mem_bytes"]
+    # at batch 4 per process even plain DDP keeps less than the pipeline's largest stage: 2 segments bracket it
+    assert segments == [2] and saved["runs"]["ddp_checkpointed_s2"]["activation_mem_bytes"] <= pipeline_largest
+    assert saved["best_ddp_checkpointed"] == "ddp_checkpointed_s2"
+    assert saved["pipeline_over_ddp_checkpointed"] == round(300 / 150, 3)
+    assert all(row["run"] not in names for row in saved["layouts"])  # the K x R table keeps plain layouts
+    text = (out / "bench.md").read_text()
+    frontier = text.split("least memory first:")[1].split("\n\n")[1].splitlines()[2:]
+    memories = [float(line.split(" | ")[1]) for line in frontier]
+    assert len(frontier) == len(saved["runs"]) and memories == sorted(memories)
+    assert "pipeline / DDP with activation checkpointing at equal activation memory" in text
+
+
+def test_checkpoint_segments_given_run_as_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ran: list[tuple[int, str]] = []
+    report = run_bench(None, TINY_BENCH, 2, 20, WINDOW, tmp_path, rounds=1, launcher=fake_launcher(ran, batch=8),  # type: ignore[arg-type]
+                       classic_microbatches=(), checkpoint_segments=[2, 4])
+    assert [name for _, name in ran] == ["e2e", "ddp", "sequential", "pipeline", "ddp_checkpointed_s2",
+                                         "ddp_checkpointed_s4"]
+    (printed,) = [line for line in capsys.readouterr().out.splitlines() if "round 1/1 ddp_checkpointed_s4: " in line
+                  and "python" in line]
+    command = shlex.split(printed.split(": ", 1)[1])
+    assert "precision.checkpoint_segments=4" in command and "run.mode=ddp" in command
+    assert "--nproc-per-node=2" in command and report["checkpoint_segments"] == [2, 4]
+
+
+def test_no_checkpointed_row_within_the_pipelines_memory_is_said(bench_report: tuple[dict[str, object], Path]) -> None:
+    report = {**bench_report[0], "best_ddp_checkpointed": None, "pipeline_over_ddp_checkpointed": None}
+    assert "none of the checkpointed rows (segments [2]) fits in the pipeline's largest stage" in markdown(report)

@@ -13,9 +13,11 @@ from pipeline.plan import (
     allreduce_bytes,
     device_memory_bytes,
     main,
+    plan_checkpointed,
     plan_layout,
     plan_layouts,
     recommend,
+    table,
 )
 from pipeline.traffic import LABEL_BYTES
 from tests.profiles import synthetic_profile
@@ -96,6 +98,48 @@ def test_recommendation_is_the_fastest_layout_that_fits():
     assert why.startswith("no layout holds batch 10")
 
 
+def test_checkpointed_ddp_by_hand():
+    """Blocks of 0.3 s forward: the fewest segments that fit, their memory, and the recompute in the step."""
+    profile = synthetic_profile([1.0] * 4, [1000] * 4, parameter_bytes=100, output_bytes=100, image_bytes=30,
+                                forward_s=0.3)
+    state = 400 * (OPTIMIZER_COPIES + 1)
+    plain = plan_layout(profile, ContextPlan(1, 0, False, False), 2, 10, cluster(2))
+    assert plain.memory_bytes == [state + 4150]
+    tight = cluster(2, memory=5000)
+    layout = plan_checkpointed(profile, 2, 10, tight)
+    # 2 segments at batch 5: the image held for segment 0, then segment 1 (blocks 2-3) as without recomputation:
+    # its input and two outputs (5 x 300) and its own 1000; recomputing segment 0 needs less (150 + 1500)
+    assert layout.checkpoint_segments == 2 and layout.fits
+    assert layout.memory_bytes == [state + 150 + 1500 + 1000]
+    assert layout.recompute_s == pytest.approx(2 * 0.3 * 0.5)  # blocks 0-1's forward at half the batch
+    assert layout.stage_seconds == [pytest.approx(2.0 + 0.3 + allreduce_bytes(400, 2) / LINK)]
+    assert layout.max_batch_per_replica == (5000 - state) // 530  # 150 + 1500 + 1000 bytes at 5: 530 a sample
+    # the planner offers it where DDP does not fit; no pipeline fits 5000 either, so it is the recommendation
+    layouts = plan_layouts(profile, 0, False, False, 10, tight)
+    assert [lay.name for lay in layouts] == ["DDP", "DDP checkpointed over 2 segments", "2 x 1"]
+    best, why = recommend(layouts, 10, tight)
+    assert best is layouts[1] and "with activation checkpointing it does" in why and "no pipeline fits" in why
+    assert "recomputes 300.0 ms of forward per step" in why
+    row = table(layouts, (4,)).splitlines()[3]
+    assert row.startswith("| 1 x 2 (DDP, checkpointed over 2 segments) | - | 5 (") and row.endswith("| 300.0 |")
+
+
+def test_a_faster_pipeline_is_recommended_over_checkpointed_ddp_and_says_so():
+    heavy = synthetic_profile([1.0] * 4, [1000] * 4, parameter_bytes=2000, output_bytes=100, image_bytes=30,
+                              forward_s=0.3)
+    limit = cluster(2, memory=35000)  # DDP needs 36150; checkpointed over 2 segments 34650; the stages less
+    ddp, checkpointed, pipe = plan_layouts(heavy, 0, False, False, 10, limit)
+    assert not ddp.fits and checkpointed.fits and pipe.fits
+    best, why = recommend([ddp, checkpointed, pipe], 10, limit)
+    assert best is pipe and pipe.samples_per_s > checkpointed.samples_per_s
+    assert "DDP checkpointed over 2 segments fits but is slower" in why
+    # with less memory not even checkpointing fits DDP: the recommendation says so
+    tighter = cluster(2, memory=30000)
+    ddp, checkpointed, pipe = plan_layouts(heavy, 0, False, False, 10, tighter)
+    assert not checkpointed.fits and pipe.fits
+    assert "not even with activation checkpointing" in recommend([ddp, checkpointed, pipe], 10, tighter)[1]
+
+
 def test_cli_prints_a_table_and_a_recommendation(capsys):
     code = main(["--set", "data.name=synthetic", "--set", "model.arch=resnet8", "--set", "data.batch_size=8",
                  "--devices", "2", "--memory-gib", "1", "--link-gbps", "10"])
@@ -105,8 +149,19 @@ def test_cli_prints_a_table_and_a_recommendation(capsys):
     assert "recommended: " in out
 
 
+def test_checkpointed_row_on_request_whether_or_not_ddp_fits(capsys):
+    layouts = plan_layouts(PROFILE, 0, False, False, 10, cluster(2), checkpoint_segments=4)
+    assert [lay.name for lay in layouts] == ["DDP", "DDP checkpointed over 4 segments", "2 x 1"]
+    assert layouts[1].recompute_s == 0.0 and layouts[1].fits  # the synthetic blocks' forward is free
+    code = main(["--set", "data.name=synthetic", "--set", "model.arch=resnet8", "--set", "data.batch_size=8",
+                 "--devices", "2", "--link-gbps", "10", "--checkpoint-segments", "3"])
+    assert code == 0 and "| 1 x 2 (DDP, checkpointed over 3 segments) | - | 4 (-) |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--devices", "0"], "--devices = 0 must be >= 1"),
+    (["--devices", "2", "--checkpoint-segments", "1"],
+     "--checkpoint-segments = 1 must be between 2 and the 16 blocks of resnet32"),
     (["--devices", "2", "--memory-gib", "0"], "--memory-gib = 0.0 must be > 0"),
     (["--devices", "2", "--link-gbps", "-1"], "--link-gbps = -1.0 must be > 0"),
 ])

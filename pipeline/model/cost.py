@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pipeline.config import Config, parse_size
 from pipeline.errors import BadInput
 from pipeline.model.context import ContextPlan
-from pipeline.model.partition import NoPartitionFits, min_max_partition, module_ranges
+from pipeline.model.partition import NoPartitionFits, min_max_partition, module_ranges, segment_ranges
 from pipeline.traffic import LABEL_BYTES
 
 MIB = 1 << 20
@@ -36,6 +36,10 @@ class Piece:
     parameter_bytes: int
     keeps_input: bool = True  # saves its input for backward (a conv does)
     keeps_output: bool = False  # saves its output (a ReLU does, a max pool does not)
+    forward_s: float = 0.0  # forward alone (with autograd recording): what recomputing it costs
+
+    def forward_seconds(self, batch_scale: float) -> float:
+        return self.forward_s * batch_scale
 
     def seconds(self, batch_scale: float) -> float:
         return self.compute_s * batch_scale + self.update_s
@@ -140,6 +144,37 @@ def stage_parameter_bytes(profile: NetworkProfile, plan: ContextPlan, index: int
 
 def end_to_end_activation_bytes(profile: NetworkProfile, batch: int) -> int:
     return stage_activation_bytes(profile, ContextPlan(1, 0, False, False), 0, 0, len(profile), batch)
+
+
+def _segment_bytes(profile: NetworkProfile, start: int, end: int, batch: int) -> int:
+    """What blocks [start, end) of the E2E network save for backward when their forward is recomputed, their
+    input left out (the checkpoint holds it): their own tensors and their outputs, the last one only where its
+    block saves it (what reads it next is not recomputed with them)."""
+    outputs = sum(profile.output_bytes[block] for block in range(start, end)
+                  if profile.blocks[block].keeps_output or (block + 1 < end and profile.blocks[block + 1].keeps_input))
+    own = sum(piece.activation_bytes for piece in profile.blocks[start:end])
+    return batch * outputs + round(own * batch / profile.batch)
+
+
+def checkpointed_activation_bytes(profile: NetworkProfile, segments: int, batch: int) -> int:
+    """E2E's activation memory at ``batch`` with its blocks in ``segments`` segments, the first S - 1 recomputed
+    in backward (pipeline/model/recompute.py): the larger of what autograd keeps after the forward (each
+    recomputed segment's input, the last segment and the classifier as without recomputation) and what is alive
+    while a segment is recomputed (its input and those of the segments before it, and all it saves)."""
+    ranges = segment_ranges(len(profile), segments)
+    last_start, last_end = ranges[-1]
+    inputs = [batch * profile.input_bytes(start) for start, _ in ranges[:-1]]
+    kept = sum(inputs) + stage_activation_bytes(profile, ContextPlan(1, 0, False, False), 0, last_start, last_end,
+                                                batch)
+    recomputing = [sum(inputs[:index + 1]) + _segment_bytes(profile, start, end, batch)
+                   for index, (start, end) in enumerate(ranges[:-1])]
+    return max(kept, *recomputing)
+
+
+def recompute_seconds(profile: NetworkProfile, segments: int, batch: int) -> float:
+    """What one step spends recomputing the first S - 1 segments' forward at ``batch``."""
+    recomputed = segment_ranges(len(profile), segments)[-1][0]
+    return sum(piece.forward_seconds(batch / profile.batch) for piece in profile.blocks[:recomputed])
 
 
 def context_plan(config: Config) -> ContextPlan:

@@ -21,6 +21,7 @@ from pipeline.model.context import ContextPlan, ImageEncoder, InputEncoder
 from pipeline.model.decoder import build_decoder, reconstruction_loss
 from pipeline.model.heads import build_head
 from pipeline.model.losses import dense_cross_entropy, head_loss, upsample_to
+from pipeline.model.recompute import checkpointed_body
 from pipeline.model.resnet import BlockNet, BlockShape, Classifier, ResidualBlock, init_weights
 from pipeline.model.segmentation_heads import AUX_WEIGHT, ASPPHead, FCNHead, SeededDropout2d, reset_classifier
 from pipeline.packet import Packet
@@ -71,6 +72,7 @@ class LocalModule(nn.Module):
             InputEncoder(layout.input_shape(source).channels, target) for source in self.plan.register_sources(index)
         )
         self.body = nn.Sequential(*(layout.net.build(block) for block in range(start, end)))
+        self.checkpoint_segments = config.precision.checkpoint_segments  # 0: no recomputation
         out = layout.output_shape(index)
         classes, family = layout.spec.classes, config.arch.family
         self.dense = family == "segmentation"
@@ -130,6 +132,8 @@ class LocalModule(nn.Module):
     def tapped_body(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The body's output, and the output of the block the FCN auxiliary head reads (None without it)."""
         if self.aux_tap is None:
+            if self.checkpoint_segments and torch.is_grad_enabled():
+                return checkpointed_body(self.body, inputs, self.checkpoint_segments), None
             return self.body(inputs), None
         out, tapped = inputs, None
         for position, block in enumerate(self.body):

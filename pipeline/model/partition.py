@@ -89,6 +89,12 @@ def module_ranges(cuts: Sequence[int], blocks: int) -> list[tuple[int, int]]:
     return list(zip(starts, ends))
 
 
+def segment_ranges(blocks: int, segments: int) -> list[tuple[int, int]]:
+    """[start, end) of the segments of whole blocks that activation checkpointing recomputes
+    (pipeline/model/recompute.py): sizes differing by at most one, as the even cuts."""
+    return module_ranges(even_cuts(blocks, segments), blocks)
+
+
 # (module index, first block, end block) -> a cost of that module: seconds, bytes, ...
 StageCost = Callable[[int, int, int], float]
 

@@ -38,12 +38,17 @@ from pipeline.model.decoder import build_decoder, reconstruction_loss
 from pipeline.model.heads import build_head
 from pipeline.model.losses import head_loss
 from pipeline.model.network import make_net
-from pipeline.model.partition import flat_to_cut
+from pipeline.model.partition import flat_to_cut, segment_ranges
 from pipeline.model.resnet import BlockShape, Classifier
 from pipeline.optim import make_optimizer
 
 Loss = Callable[[torch.Tensor], torch.Tensor]
 MIB = 1 << 20
+
+
+def _held_storages(module: nn.Module) -> set[int]:
+    """Addresses of the module's own parameters and buffers: memory it holds anyway, not activations."""
+    return {tensor.untyped_storage().data_ptr() for tensor in [*module.parameters(), *module.buffers()]}
 
 
 def saved_storages(module: nn.Module, *inputs: Any) -> tuple[dict[int, int], Any]:
@@ -54,7 +59,7 @@ def saved_storages(module: nn.Module, *inputs: Any) -> tuple[dict[int, int], Any
     batch norm's running statistics): those are memory the module holds anyway, not activations,
     so they are left out.
     """
-    held = {tensor.untyped_storage().data_ptr() for tensor in [*module.parameters(), *module.buffers()]}
+    held = _held_storages(module)
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -135,11 +140,12 @@ class _Profiler:
         return tensor.contiguous(memory_format=self.memory_format).requires_grad_(grad)
 
     def piece(self, key: tuple[object, ...], build: Callable[[], list[nn.Module]], shape: BlockShape,
-              grad: bool, losses: Sequence[Loss] = ()) -> Piece:
+              grad: bool, losses: Sequence[Loss] = (), forward: bool = False) -> Piece:
         """Forward + backward + SGD step of the layers ``build`` makes, all reading one input of ``shape``.
 
         ``grad``: the input needs its gradient (blocks inside a module, heads on a block output).
         ``losses``: what each layer's output is scored with (what they save counts); by default its sum.
+        ``forward``: also time the forward alone (a block's: what recomputing it costs).
         """
         if key in self.measured:
             return self.measured[key]
@@ -165,16 +171,22 @@ class _Profiler:
         ends = {inputs.untyped_storage().data_ptr(), *shared}
         own = sum(size for address, size in saved.items() if address not in ends)
         keeps_output = any(address in saved for address in shared)
+
+        def recorded_forward() -> None:
+            scored(inputs)
+
         backward()
         result = Piece(step_seconds(backward, self.device), step_seconds(update, self.device), own,
                        sum(p.numel() * p.element_size() for p in scored.parameters()),
-                       keeps_input=inputs.untyped_storage().data_ptr() in saved, keeps_output=keeps_output)
+                       keeps_input=inputs.untyped_storage().data_ptr() in saved, keeps_output=keeps_output,
+                       forward_s=step_seconds(recorded_forward, self.device) if forward else 0.0)
         self.measured[key] = result
         return result
 
     def block(self, index: int) -> Piece:
         shape, out = self.net.shape(index - 1), self.net.shape(index)
-        return self.piece(("block", index == 0, shape, out), lambda: [self.net.build(index)], shape, index > 0)
+        return self.piece(("block", index == 0, shape, out), lambda: [self.net.build(index)], shape, index > 0,
+                          forward=True)
 
     def head(self, index: int) -> Piece:
         local, shape = self.config.local, self.net.shape(index)
@@ -266,6 +278,58 @@ def random_batch(spec: DatasetSpec, batch: int, generator: torch.Generator) -> t
     images = torch.randn(batch, spec.channels, *spec.image_shape, generator=generator)
     label_shape = (batch, *spec.image_shape) if spec.dense else (batch,)
     return images, torch.randint(0, spec.classes, label_shape, generator=generator)
+
+
+def checkpointed_activation_bytes(config: Config, spec: DatasetSpec, batch: int, segments: int) -> int:
+    """E2E's activation memory at ``batch`` with its blocks in ``segments`` segments, the first S - 1
+    recomputed in backward (pipeline/model/recompute.py), counted exactly: the larger of what autograd
+    keeps after the forward (each recomputed segment's input, which its checkpoint holds, and every
+    tensor the last segment and the classifier save) and what is alive while a segment is recomputed
+    (its input and those of the segments before it, whose backward has not run, and all it saves).
+
+    The plain forward runs once, each saved storage traced to the segment whose blocks saved it.
+    """
+    from pipeline.model.network import build_module, make_layout  # network imports this module lazily
+    from pipeline.packet import Packet
+
+    layout = make_layout(config, spec, [])
+    module = build_module(config, layout, 0, torch.device("cpu")).train()
+    module.checkpoint_segments = 0  # the plain forward: the hooks below see every saved tensor
+    ranges = segment_ranges(len(module.body), segments)
+    kept_tag = len(ranges) - 1  # the last segment and what runs outside the blocks keep what they save
+    current = [kept_tag]
+    inputs: list[tuple[int, int]] = []  # each recomputed segment's input: (address, bytes)
+
+    def entering(segment: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
+            current[0] = segment
+            if segment != kept_tag:
+                storage = args[0].untyped_storage()
+                inputs.append((storage.data_ptr(), storage.nbytes()))
+        return hook
+
+    handles = [module.body[start].register_forward_pre_hook(entering(index))
+               for index, (start, _) in enumerate(ranges)]
+    handles.append(module.head.register_forward_pre_hook(entering(kept_tag)))
+    tagged: list[dict[int, int]] = [{} for _ in ranges]
+    held = _held_storages(module)
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in held:
+            tagged[current[0]][storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    generator = torch.Generator().manual_seed(0)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            module(Packet.from_batch(*random_batch(spec, batch, generator)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    kept = {**tagged[kept_tag], **dict(inputs)}
+    recomputing = [{**tagged[index], **dict(inputs[:index + 1])} for index in range(kept_tag)]
+    return max(sum(alive.values()) for alive in [kept, *recomputing])
 
 
 def module_activation_bytes(config: Config, spec: DatasetSpec, cuts: list[int], batch: int) -> list[int]:

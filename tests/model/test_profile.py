@@ -9,9 +9,15 @@ from torch import nn
 from pipeline.data.specs import dataset_spec
 from pipeline.errors import BadInput
 from pipeline.model.context import ContextPlan
-from pipeline.model.cost import end_to_end_activation_bytes, predicted_stage_activation_bytes
+from pipeline.model.cost import checkpointed_activation_bytes as checkpointed_activation_bytes_predicted
+from pipeline.model.cost import end_to_end_activation_bytes, predicted_stage_activation_bytes, recompute_seconds
 from pipeline.model.network import resolve_cuts
-from pipeline.model.profile import module_activation_bytes, profile_network, saved_activation_bytes
+from pipeline.model.profile import (
+    checkpointed_activation_bytes,
+    module_activation_bytes,
+    profile_network,
+    saved_activation_bytes,
+)
 
 
 def test_weights_saved_for_backward_are_not_activations():
@@ -89,3 +95,16 @@ def test_segmentation_is_not_profiled(make_config):
     dense = dataclasses.replace(dataset_spec(config), dense=True)
     with pytest.raises(BadInput, match="profiling .* covers classification networks.*local.partition = 'equal'"):
         profile_network(config, dense, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("segments", [2, 3, 7])
+def test_recomputed_segments_keep_less_and_the_profile_predicts_it(make_config, segments):
+    """Checkpointed E2E keeps less than plain E2E, and the profile's pieces predict the exact count."""
+    e2e = make_config("model.arch=resnet14", "data.batch_size=8")
+    spec = dataset_spec(e2e)
+    plain = module_activation_bytes(e2e, spec, [], 8)[0]
+    exact = checkpointed_activation_bytes(e2e, spec, 8, segments)
+    assert exact < plain
+    profile = profile_network(e2e, spec, torch.device("cpu"))
+    assert checkpointed_activation_bytes_predicted(profile, segments, 8) == pytest.approx(exact, rel=0.01)
+    assert recompute_seconds(profile, segments, 8) > 0
