@@ -248,6 +248,7 @@ def test_plot_has_a_title_and_labelled_bars(bench_report: tuple[dict[str, object
     assert "300\n(120-310)" in labels and "200\n(90-220)" in labels and "5" in labels, labels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--nproc", "1"], "--nproc = 1"),
     (["--nproc", "2", "--steps", "5"], "--steps = 5 must be at least two windows"),

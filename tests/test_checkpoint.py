@@ -61,6 +61,7 @@ def twelve_steps(tmp_path_factory, config_builder):
     return out, run(config_builder(*RESUME, "train.max_steps=12", out_dir=out))
 
 
+@pytest.mark.slow
 def test_files_load_with_weights_only(six_steps):
     for module in range(2):
         payload = torch.load(checkpoint.newest_module_file(six_steps, module), weights_only=True)
@@ -357,6 +358,7 @@ def test_a_checkpoint_write_torch_reports_as_a_runtime_error_names_the_file_and_
     assert not [path for path in out.rglob("*") if ".tmp" in path.name]
 
 
+@pytest.mark.slow
 def test_resuming_with_another_schedule_says_what_changes(make_config, tmp_path, capsys):
     """A per-step schedule spans the run: extending it by max_steps sends the rate back up, said in one line."""
     steps = ("local.modules=2", "data.batch_size=128", "train.schedule=cosine-step", "train.epochs=1")

@@ -113,6 +113,7 @@ def classic_pp_cli(tmp_path: Path, world: int, *args: str) -> subprocess.Complet
                           text=True, timeout=60, env=env, check=False)
 
 
+@pytest.mark.slow
 def test_bad_launches_exit_2_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     alone = classic_pp_cli(tmp_path, 1)  # the real command: exit status 2, no traceback

@@ -37,6 +37,7 @@ def test_cpu_subset_passes_and_lists_what_it_skipped(tmp_path: Path) -> None:
     assert sorted(path.name for path in tmp_path.iterdir()) == ["selftest.json", "selftest.md"]
 
 
+@pytest.mark.slow
 def test_an_unwritable_out_is_bad_input(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -105,6 +105,7 @@ def test_cuda_with_every_gpu_hidden_is_bad_input(monkeypatch: pytest.MonkeyPatch
     assert resolve_device("auto") == torch.device("cpu")
 
 
+@pytest.mark.slow
 def test_bad_gpu_input_exits_2_with_one_line(tmp_path: Path) -> None:
     """run.device = cuda with CUDA_VISIBLE_DEVICES empty, through the command line: one line, exit 2."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
