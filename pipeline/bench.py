@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.cli import ArgumentParser, add_set_argument, run_main
 from pipeline.config import Config, load_config
 from pipeline.errors import BadInput, StageFailure
+from pipeline.plot import optional_pyplot
 
 if TYPE_CHECKING:
     from pipeline.data.specs import DatasetSpec
@@ -699,13 +700,8 @@ def traffic_lines(report: dict[str, Any]) -> list[str]:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("[bench] matplotlib not installed: no bench.png (pip install -e '.[plot]')", flush=True)
+    plt = optional_pyplot("bench", "bench.png")
+    if plt is None:
         return
     runs = report["runs"]
     names = list(runs)

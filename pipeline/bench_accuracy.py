@@ -29,6 +29,7 @@ from pipeline.bench import BenchRun, command_for
 from pipeline.cli import ArgumentParser, add_set_argument, run_main
 from pipeline.config import load_config
 from pipeline.errors import BadInput, StageFailure
+from pipeline.plot import optional_pyplot
 
 STOP_GRACE_S = 120.0  # for the workers to finish their step and write the last set after SIGTERM
 
@@ -157,13 +158,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("[accuracy] matplotlib not installed: no accuracy.png (pip install -e '.[plot]')", flush=True)
+    plt = optional_pyplot("accuracy", "accuracy.png")
+    if plt is None:
         return
     figure, axes = plt.subplots(figsize=(7, 4.8))
     for name, run in report["runs"].items():

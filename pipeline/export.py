@@ -237,6 +237,15 @@ def export(path: str | Path, out: str | Path, fmt: str = "model", step: int = 0,
     return target
 
 
+def _save_program(program: Any, temporary: Path) -> None:
+    """torch.export.save into memory, then one Python write: on a full disk torch's writer, given a
+    file, throws from its destructor and aborts the process (torch 2.13); a Python write raises the
+    OSError."""
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    temporary.write_bytes(buffer.getvalue())
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m pipeline.export", description=__doc__.split("\n\n")[1])
     parser.add_argument("run", metavar="RUN_DIR", help="a run's out_dir (its newest complete checkpoint set) or a "
@@ -263,12 +272,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _save_program(program: Any, temporary: Path) -> None:
-    """torch.export.save into memory, then one Python write: on a full disk torch's writer, given a
-    file, throws from its destructor and aborts the process (torch 2.13); a Python write raises the
-    OSError."""
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    temporary.write_bytes(buffer.getvalue())

@@ -87,14 +87,31 @@ def run_names(run_dirs: list[str]) -> list[str]:
     return [name if names.count(name) == 1 else run_dir for name, run_dir in zip(names, run_dirs)]
 
 
-def draw(runs: list[Curves]) -> Figure:
+def pyplot() -> Any | None:
+    """matplotlib's pyplot drawing to files (no display needed); None where matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise BadInput(f"python -m pipeline.plot needs matplotlib: {INSTALL}") from None
+        return None
+    return plt
+
+
+def optional_pyplot(tool: str, picture: str) -> Any | None:
+    """pyplot for a tool whose picture is a bonus: without matplotlib it says so and draws nothing."""
+    plt = pyplot()
+    if plt is None:
+        print(f"[{tool}] matplotlib not installed: no {picture} ({INSTALL})", flush=True)
+    return plt
+
+
+def draw(runs: list[Curves]) -> Figure:
+    plt = pyplot()
+    if plt is None:
+        raise BadInput(f"python -m pipeline.plot needs matplotlib: {INSTALL}")
+    figure: Figure
     # One step axis for all four panels: a run's one evaluation sits at its end, not alone on an axis of its own.
     figure, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
     loss_ax, lr_ax, rate_ax, accuracy_ax = axes.flat

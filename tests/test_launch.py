@@ -198,6 +198,18 @@ def path_with(folder: Path) -> dict[str, str]:
     return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
 
 
+def scripted_torchrun(tmp_path: Path, stdout: str, stderr: str, code: int) -> dict[str, str]:
+    """The environment of a launcher whose torchrun prints ``stdout`` and ``stderr`` and exits ``code``."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (tmp_path / "stdout.txt").write_text(stdout)
+    (tmp_path / "stderr.txt").write_text(stderr)
+    fake = folder / "torchrun"
+    fake.write_text(f'#!/usr/bin/env bash\ncat "{tmp_path}/stdout.txt"\ncat "{tmp_path}/stderr.txt" >&2\nexit {code}\n')
+    fake.chmod(0o755)
+    return path_with(folder)
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_scripts_are_strict_executable_and_explain_themselves(name: str) -> None:
     path = LAUNCH / name
@@ -570,15 +582,9 @@ Root Cause (first observed failure):
 
 
 def test_a_failed_job_ends_with_its_cause_and_keeps_torchruns_report_in_a_file(tmp_path: Path) -> None:
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    (tmp_path / "stderr.txt").write_text(TORCHRUN_FAILURE)
-    fake = folder / "torchrun"
-    fake.write_text(f'#!/usr/bin/env bash\necho "[stage 0] module 0 of 4"\ncat "{tmp_path}/stderr.txt" >&2\nexit 1\n')
-    fake.chmod(0o755)
+    env = scripted_torchrun(tmp_path, "[stage 0] module 0 of 4\n", TORCHRUN_FAILURE, 1)
     out = tmp_path / "run"
-    result = run_script("single_node.sh", "configs/quickstart.toml", "--set", f"run.out_dir={out}",
-                        env=path_with(folder))
+    result = run_script("single_node.sh", "configs/quickstart.toml", "--set", f"run.out_dir={out}", env=env)
     assert result.returncode == 1
     assert "[stage 0] module 0 of 4" in result.stdout  # the job's own output passes as it comes
     report = out / "errors" / "torchrun.log"
@@ -592,16 +598,10 @@ def test_a_failed_job_ends_with_its_cause_and_keeps_torchruns_report_in_a_file(t
 
 def test_a_job_restarted_after_a_failure_that_then_succeeds_names_no_stale_cause(tmp_path: Path) -> None:
     """torchrun's failure lines come on every failed attempt; only its ChildFailedError ends the job."""
-    folder = tmp_path / "bin"
-    folder.mkdir()
     first_attempt = TORCHRUN_FAILURE.split("Traceback")[0]  # what a restarted attempt leaves: no final report
-    (tmp_path / "stderr.txt").write_text(first_attempt)
-    fake = folder / "torchrun"
-    fake.write_text(f'#!/usr/bin/env bash\ncat "{tmp_path}/stderr.txt" >&2\necho "[stage 0] done" \nexit 0\n')
-    fake.chmod(0o755)
+    env = scripted_torchrun(tmp_path, "[stage 0] done\n", first_attempt, 0)
     out = tmp_path / "run"
-    result = run_script("single_node.sh", "configs/quickstart.toml", "--set", f"run.out_dir={out}",
-                        env=path_with(folder))
+    result = run_script("single_node.sh", "configs/quickstart.toml", "--set", f"run.out_dir={out}", env=env)
     assert result.returncode == 0
     report = out / "errors" / "torchrun.log"
     assert result.stderr.strip().splitlines()[-1] == (
@@ -610,15 +610,11 @@ def test_a_job_restarted_after_a_failure_that_then_succeeds_names_no_stale_cause
 
 
 def test_a_job_that_succeeds_keeps_torchruns_warnings_on_the_terminal(tmp_path: Path) -> None:
-    folder = tmp_path / "bin"
-    folder.mkdir()
     warning = ("W1207 02:22:39.863000 21765 site-packages/torch/distributed/elastic/rendezvous/"
                "dynamic_rendezvous.py:1000] The node 'n0' has already been assigned")
-    fake = folder / "torchrun"
-    fake.write_text(f'#!/usr/bin/env bash\necho "{warning}" >&2\necho "warning: a key has no effect" >&2\nexit 0\n')
-    fake.chmod(0o755)
+    env = scripted_torchrun(tmp_path, "", f"{warning}\nwarning: a key has no effect\n", 0)
     result = run_script("single_node.sh", "configs/quickstart.toml", "--set", f"run.out_dir={tmp_path / 'run'}",
-                        env=path_with(folder))
+                        env=env)
     assert result.returncode == 0
     assert result.stderr.splitlines() == [warning, "warning: a key has no effect"]
     assert not (tmp_path / "run" / "errors").exists()
