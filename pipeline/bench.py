@@ -443,13 +443,19 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
             "pipeline_efficiency": spread(pipe["efficiency_rounds"]),
         },
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    (out_dir / "bench.md").write_text(table)
-    print(table, flush=True)
-    plot(report, out_dir / "bench.png")
+    write_report(out_dir, "bench", report, markdown, plot)
     return report
+
+
+def write_report(out_dir: Path, name: str, report: dict[str, Any], table: Callable[[dict[str, Any]], str],
+                 picture: Callable[[dict[str, Any], Path], None]) -> None:
+    """OUT/NAME.json, OUT/NAME.md (also printed) and OUT/NAME.png of a tool's ``report``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = table(report)
+    (out_dir / f"{name}.md").write_text(text)
+    print(text, flush=True)
+    picture(report, out_dir / f"{name}.png")
 
 
 def memory_report(config_path: str | None, sets: list[str], batch: int | None, out_dir: Path) -> dict[str, Any]:

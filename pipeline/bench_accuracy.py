@@ -14,7 +14,6 @@ DIR/accuracy.json, DIR/accuracy.md and, with matplotlib, DIR/accuracy.png.
 
 from __future__ import annotations
 
-import json
 import shlex
 import signal
 import subprocess
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench import BenchRun, command_for
+from pipeline.bench import BenchRun, command_for, write_report
 from pipeline.cli import ArgumentParser, add_set_argument, run_main
 from pipeline.config import load_config
 from pipeline.errors import BadInput, StageFailure
@@ -139,12 +138,7 @@ def run_accuracy(config_path: str | None, sets: list[str], minutes: float, eval_
         print(f"[accuracy] {run.name}: {len(points)} sets, last test accuracy {final}", flush=True)
     report = {"config": config_path, "overrides": sets, "minutes": minutes, "eval_every": eval_every,
               "runs": results}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    (out_dir / "accuracy.md").write_text(table)
-    print(table, flush=True)
-    plot(report, out_dir / "accuracy.png")
+    write_report(out_dir, "accuracy", report, markdown, plot)
     return report
 
 
