@@ -71,7 +71,7 @@ def stage_activation_bytes(e2e: Config, spec: DatasetSpec, cuts: list[int], batc
     (the loss's own few bytes per sample left out)."""
     micro = batch // microbatches
     generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(micro, spec.channels, spec.image_size, spec.image_size, generator=generator)
+    inputs = torch.randn(micro, spec.channels, *spec.image_shape, generator=generator)
     stages = stage_modules(e2e, spec, cuts)
     sizes = []
     for index, stage in enumerate(stages):
@@ -178,9 +178,9 @@ def build_stage(config: Config, e2e: Config, spec: DatasetSpec, cuts: list[int],
     start, end = module_ranges(cuts, len(net))[rank]
     micro = config.data.batch_size // microbatches
     shape_in, shape_out = net.shape(start - 1), net.shape(end - 1)
-    output = (micro, spec.classes) if rank == size - 1 else (micro, shape_out.channels, shape_out.size, shape_out.size)
+    output = (micro, spec.classes) if rank == size - 1 else (micro, *shape_out)
     return ClassicStage(config, stage_modules(e2e, spec, cuts)[rank], rank, size,
-                        (micro, shape_in.channels, shape_in.size, shape_in.size), output, schedule, microbatches,
+                        (micro, *shape_in), output, schedule, microbatches,
                         device)
 
 

@@ -16,20 +16,13 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from pipeline.errors import BadInput, clip
-from pipeline.model.arch import (
-    SEGMENTATION_ARCHS,
-    SEGMENTATION_DATASETS,
-    ArchSpec,
-    aux_block,
-    default_family,
-    resolve_arch,
-)
+from pipeline.model.arch import SEGMENTATION_ARCHS, SEGMENTATION_DATASETS, aux_block
+from pipeline.model.networks.registry import NetworkSpec, resolve_network
 
 Mode = Literal["sequential", "pipeline", "ddp"]
 Device = Literal["auto", "cpu", "cuda"]
 Dataset = Literal["fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "synthetic", "image_folder", "cityscapes",
                   "segmentation_folder"]
-ModelFamily = Literal["auto", "cifar", "imagenet", "segmentation"]
 Partition = Literal["equal", "balanced-memory", "balanced-time", "balanced"]
 Loss = Literal["softmax", "contrast"]
 AuxHead = Literal["0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"]
@@ -50,8 +43,9 @@ MAX_CONTEXT_DEPTH = 21
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MIN_IMAGE_SIZE = 8
 
-# Cut points are [stage, block] pairs (stage 0 = the stem), as in docs/reference.md's tables.
-Cut = list[int]
+# Cut points: [stage, block] pairs (stage 0 = the stem) for the ResNets, as in docs/reference.md's
+# tables; flat block indices for every other network.
+Cut = int | list[int]
 
 
 @dataclass
@@ -96,9 +90,10 @@ class ModelConfig:
     # 0 means "take it from the dataset"; a non-zero value must agree with the dataset.
     in_channels: int = 0
     classes: int = 0
-    # Which ResNets model.arch names (resnet50 is both a CIFAR depth and torchvision's):
-    # auto = imagenet for image folders, segmentation for label-map datasets, cifar for the resident ones.
-    family: ModelFamily = "auto"
+    # Which registered family model.arch is (resnet50 is both a CIFAR depth and torchvision's): auto = the
+    # one that knows the name, the dataset's first (imagenet for image folders, segmentation for label-map
+    # datasets, cifar for the resident ones); cifar, imagenet, segmentation, vit, vgg or a registered one.
+    family: str = "auto"
     zero_init_residual: bool = False  # the last batch norm of each residual block starts at 0
     deep_stem: bool = False  # segmentation: ResNet-V1c's stem of three 3x3 convs instead of the 7x7 conv
     # An ImageNet checkpoint whose backbone replaces the initial weights: torchvision's or
@@ -190,11 +185,14 @@ class Config:
         return dataclasses.asdict(self)
 
     @property
-    def arch(self) -> ArchSpec:
-        """The network model.arch names in the family model.family (or the dataset's) picks."""
-        model = self.model
-        family = default_family(self.data.name) if model.family == "auto" else model.family
-        return resolve_arch(family, model.arch)
+    def arch(self) -> NetworkSpec:
+        """The network model.arch names (in the family model.family, or the dataset's, picks)."""
+        return resolve_network(self.model.arch, self.model.family, self.data.name, self._data_shape)
+
+    def _data_shape(self) -> Any:
+        from pipeline.data.specs import dataset_spec  # the specs read this module
+
+        return dataset_spec(self)
 
 
 # Keys that leave a run's result alone: where it writes, how often it reports or saves, how long it
@@ -479,7 +477,7 @@ def validate(config: Config, training: bool = True) -> None:
     )
     _require(depth <= MAX_CONTEXT_DEPTH, f"local.context = {local.context!r}: n in Rn must be <= {MAX_CONTEXT_DEPTH}")
     if not isinstance(local.partition, str):
-        validate_cuts(local.partition, local.modules, arch.blocks)
+        validate_cuts(local.partition, local.modules, arch.blocks, arch.units)
     if arch.family == "segmentation":
         validate_segmentation(config, arch)
     if isinstance(local.memory_cap, str):
@@ -557,31 +555,37 @@ def validate(config: Config, training: bool = True) -> None:
                                      f"{local.modules})")
 
 
-def validate_cuts(cuts: list[Cut], modules: int, blocks: tuple[int, ...]) -> None:
-    """An explicit cut list: K-1 increasing [stage, block] pairs, none after the last block."""
+def validate_cuts(cuts: list[Cut], modules: int, blocks: tuple[int, ...] | None, units: int) -> None:
+    """An explicit cut list: K-1 increasing cuts, none after the last block ([stage, block] pairs for the
+    ResNets, ``blocks`` per stage; flat block indices otherwise)."""
     _require(
         len(cuts) == modules - 1,
         f"local.partition lists {len(cuts)} cuts but local.modules = {modules} needs {modules - 1}",
     )
-    stages = len(blocks)
-    last = sum(blocks)  # flat index of the final residual block: no cut may follow it
     previous = -1
     for cut in cuts:
-        in_stage = len(cut) == 2 and 1 <= cut[0] <= stages and 0 <= cut[1] < blocks[cut[0] - 1]
-        _require(
-            in_stage or cut == [0, 0],
-            f"local.partition cut {cut} is out of range; cuts are [stage, block] with [0, 0] (after the stem) or "
-            + ", ".join(f"[{stage + 1}, 0..{count - 1}]" for stage, count in enumerate(blocks)),
-        )
+        if blocks is None:
+            _require(isinstance(cut, int) and 0 <= cut < units - 1,
+                     f"local.partition cut {cut} is out of range; cuts are block indices 0..{units - 2} (a cut "
+                     f"follows that block; the last of the {units} blocks ends the last module)")
+        else:
+            stages = len(blocks)
+            in_stage = (isinstance(cut, list) and len(cut) == 2 and 1 <= cut[0] <= stages
+                        and 0 <= cut[1] < blocks[cut[0] - 1])
+            _require(
+                in_stage or cut == [0, 0],
+                f"local.partition cut {cut} is out of range; cuts are [stage, block] with [0, 0] (after the stem) "
+                "or " + ", ".join(f"[{stage + 1}, 0..{count - 1}]" for stage, count in enumerate(blocks)),
+            )
+            _require(cut_to_flat(cut, blocks) < units - 1, f"local.partition cut {cut} leaves the last module "
+                                                           f"empty; cut before [{stages}, {blocks[-1] - 1}]")
         flat = cut_to_flat(cut, blocks)
-        _require(flat < last, f"local.partition cut {cut} leaves the last module empty; cut before [{stages}, "
-                              f"{blocks[-1] - 1}]")
         _require(flat > previous, f"local.partition cuts must be strictly increasing; {cut} is not after the "
                                   "one before")
         previous = flat
 
 
-def validate_segmentation(config: Config, arch: ArchSpec) -> None:
+def validate_segmentation(config: Config, arch: NetworkSpec) -> None:
     """What a DeepLab-V3 network trained as local modules needs of local.*."""
     local = config.local
     if local.modules == 1:
@@ -598,13 +602,13 @@ def validate_segmentation(config: Config, arch: ArchSpec) -> None:
              "profiler does not model the segmentation heads); use 'equal' or list the cuts, e.g. [[3, 12]]")
     from pipeline.model.partition import default_cuts, flat_to_cut  # partition imports this module
 
-    tap = aux_block(arch)
+    tap = aux_block(arch.layout)
     last = flat_to_cut(tap, arch.blocks)
     if isinstance(local.partition, list):
         late = [cut for cut in local.partition if cut_to_flat(cut, arch.blocks) >= tap]
         how = "cut before it"
     else:
-        late = [flat_to_cut(cut, arch.blocks) for cut in default_cuts(arch, local.modules) if cut >= tap]
+        late = [flat_to_cut(cut, arch.blocks) for cut in default_cuts(arch.layout, local.modules) if cut >= tap]
         how = f"use fewer modules than {local.modules} or list cuts before it in local.partition"
     if late:
         raise BadInput(f"local.partition cut {late[0]} is at or after layer3's last block {last}: the last "
@@ -612,8 +616,12 @@ def validate_segmentation(config: Config, arch: ArchSpec) -> None:
                        f"module; {how} (InfoPro's cut is [3, 12])")
 
 
-def cut_to_flat(cut: Cut, blocks: tuple[int, ...]) -> int:
-    """[stage, block] -> index in the flat block list (0 = stem, then residual blocks)."""
+def cut_to_flat(cut: Cut, blocks: tuple[int, ...] | None) -> int:
+    """A cut as config writes it -> index in the flat block list: [stage, block] of a ResNet (``blocks`` per
+    stage; [0, 0] is the stem), or already a flat index (``blocks`` None)."""
+    if isinstance(cut, int):
+        return cut
+    assert blocks is not None, "validate_cuts refuses a [stage, block] pair for a flat-indexed network"
     stage, block = cut
     return 0 if stage == 0 else 1 + sum(blocks[: stage - 1]) + block
 

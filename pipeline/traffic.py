@@ -7,23 +7,24 @@ all processes (a link's bytes are counted once, at the sender).
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 
 from torch import nn
 
 from pipeline.model.context import ContextPlan
-from pipeline.model.resnet import BlockNet, BlockShape
+from pipeline.model.networks.base import BlockNet, Shape
 from pipeline.transport import header_length
 
 LABEL_BYTES = 8  # int64
 
 
-def _elements(shape: BlockShape) -> int:
-    return shape.channels * shape.size * shape.size
+def _elements(shape: Shape) -> int:
+    return math.prod(shape)
 
 
-def packet_bytes(plan: ContextPlan, input_shapes: Sequence[BlockShape], receiver: int, batch: int,
+def packet_bytes(plan: ContextPlan, input_shapes: Sequence[Shape], receiver: int, batch: int,
                  element_bytes: int) -> int:
     """One training message into module ``receiver``: header, labels, features, image, register.
 
@@ -57,7 +58,7 @@ def ddp_bytes(module: nn.Module, processes: int) -> int:
     return all_reduce_bytes(parameter_bytes(module), processes) + (processes - 1) * buffer_bytes(module)
 
 
-def local_pipeline_bytes(plan: ContextPlan, input_shapes: Sequence[BlockShape], modules: Sequence[nn.Module],
+def local_pipeline_bytes(plan: ContextPlan, input_shapes: Sequence[Shape], modules: Sequence[nn.Module],
                          batch: int, element_bytes: int, replicas: int = 1) -> int:
     """K x R local pipeline: each replica's chain carries its share of the batch forward only; each
     stage's R replicas all-reduce that module's gradients and broadcast its buffers."""

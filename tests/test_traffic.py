@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 
 from pipeline.model.context import ContextPlan
-from pipeline.model.resnet import BlockShape, CifarResNet
+from pipeline.model.resnet import CifarResNet
 from pipeline.traffic import (
     all_reduce_bytes,
     bubble_fraction,
@@ -18,7 +18,7 @@ from pipeline.traffic import (
 )
 from pipeline.transport import header_length
 
-IMAGE, H1, H2 = BlockShape(3, 32), BlockShape(16, 32), BlockShape(32, 16)
+IMAGE, H1, H2 = (3, 32, 32), (16, 32, 32), (32, 16, 16)
 
 
 def test_an_r0_packet_is_header_labels_and_features() -> None:
@@ -54,7 +54,7 @@ def test_local_pipeline_replicas_split_the_batch_and_all_reduce_each_module() ->
 
 
 def test_classic_pipeline_sends_activations_forward_and_gradients_back() -> None:
-    net = CifarResNet(5, 3, 32)  # ResNet-32: block 5 ends stage 0 (16 x 32 x 32), block 10 stage 1 (32 x 16 x 16)
+    net = CifarResNet(5, 3, (32, 32))  # ResNet-32: block 5 ends stage 0 (16 x 32 x 32), block 10 stage 1 (32 x 16 x 16)
     assert classic_pp_bytes(net, [], 128) == 0
     assert classic_pp_bytes(net, [5], 128) == 128 * (2 * 16 * 32 * 32 * 4 + 8)
     assert classic_pp_bytes(net, [5, 10], 2) == 2 * (2 * (16 * 32 * 32 + 32 * 16 * 16) * 4 + 8)

@@ -27,7 +27,7 @@ def workers_for(config):
 def reference_resnet(config) -> nn.Sequential:
     """The whole network by hand from resnet's blocks, seeded as module 0 (run.seed + 0)."""
     spec = dataset_spec(config)
-    net = CifarResNet(config.arch.blocks[0], spec.channels, spec.image_size)
+    net = CifarResNet(config.arch.blocks[0], spec.channels, spec.image_shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.run.seed + 0)
         model = nn.Sequential(*(net.build(index) for index in range(len(net))), Classifier(64, spec.classes))

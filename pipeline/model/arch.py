@@ -20,6 +20,8 @@ from pipeline.errors import BadInput, clip
 Family = Literal["cifar", "imagenet", "segmentation"]
 BlockKind = Literal["basic", "bottleneck"]
 
+# Datasets held in memory, of CIFAR size, whose networks are the CIFAR ones by default.
+RESIDENT_DATASETS = ("fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "synthetic")
 # Datasets of whole-image-folder size, whose networks are the ImageNet ones by default.
 IMAGENET_DATASETS = ("image_folder",)
 # Datasets of per-pixel label maps (pipeline/data/segmentation.py streams them), whose networks are the
@@ -79,12 +81,6 @@ MAX_CIFAR_DEPTH = 1202
 _CIFAR_RE = re.compile(r"^resnet(\d+)$")
 
 
-def default_family(data_name: str) -> Family:
-    if data_name in SEGMENTATION_DATASETS:
-        return "segmentation"
-    return "imagenet" if data_name in IMAGENET_DATASETS else "cifar"
-
-
 def aux_block(arch: ArchSpec) -> int:
     """Flat index of the block whose output the FCN auxiliary head reads: the last of stage 3."""
     return sum(arch.blocks[:AUX_STAGE])
@@ -104,7 +100,7 @@ def resolve_arch(family: Family, arch: str) -> ArchSpec:
                        "'segmentation' (the default for cityscapes and segmentation_folder)")
     if family == "imagenet":
         if arch not in _IMAGENET:
-            other = " (a CIFAR depth: set model.family = 'cifar')" if _cifar_depth(arch) else ""
+            other = " (a CIFAR depth: set model.family = 'cifar')" if is_cifar_depth(arch) else ""
             raise BadInput(f"model.arch = {clip(arch)!r} is not an ImageNet ResNet{other}; allowed with "
                            f"model.family = 'imagenet': {', '.join(IMAGENET_ARCHS)}")
         block, blocks, groups, width_per_group = _IMAGENET[arch]
@@ -125,7 +121,7 @@ def cifar_blocks_per_stage(arch: str) -> int:
             f"model.arch = {clip(arch)!r} is deeper than resnet{MAX_CIFAR_DEPTH}, the deepest CIFAR ResNet "
             f"published; use a depth 6n+2 of at most {MAX_CIFAR_DEPTH}"
         )
-    if not _cifar_depth(arch):
+    if not is_cifar_depth(arch):
         other = " (an ImageNet network: set model.family = 'imagenet')" if arch in _IMAGENET else ""
         raise BadInput(
             f"model.arch = {clip(arch)!r} is not a CIFAR ResNet{other}; allowed: resnet<6n+2> with n >= 1 "
@@ -135,7 +131,8 @@ def cifar_blocks_per_stage(arch: str) -> int:
     return (int(digits) - 2) // 6
 
 
-def _cifar_depth(arch: str) -> bool:
+def is_cifar_depth(arch: str) -> bool:
+    """Does ``arch`` name a CIFAR ResNet: resnet<6n+2>, n >= 1, at most MAX_CIFAR_DEPTH?"""
     match = _CIFAR_RE.match(arch)
     if match is None or len(match.group(1)) > len(str(MAX_CIFAR_DEPTH)):
         return False

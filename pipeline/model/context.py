@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.resnet import BlockShape
+from pipeline.model.networks.base import Shape
 
 
 @dataclass(frozen=True)
@@ -44,16 +44,16 @@ class ContextPlan:
 class ImageEncoder(nn.Module):
     """E_k: conv3x3 -> BN -> ReLU -> conv3x3 -> BN -> ReLU -> pool to the target size."""
 
-    def __init__(self, image_channels: int, target: BlockShape, widen: int) -> None:
+    def __init__(self, image_channels: int, target: Shape, widen: int) -> None:
         super().__init__()
         hidden = 12 * widen
-        self.size = target.size
+        self.size = (target[1], target[2])
         self.layers = nn.Sequential(
             nn.Conv2d(image_channels, hidden, 3, padding=1),
             nn.BatchNorm2d(hidden),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, target.channels, 3, padding=1),
-            nn.BatchNorm2d(target.channels),
+            nn.Conv2d(hidden, target[0], 3, padding=1),
+            nn.BatchNorm2d(target[0]),
             nn.ReLU(inplace=True),
         )
 
@@ -64,12 +64,12 @@ class ImageEncoder(nn.Module):
 class InputEncoder(nn.Module):
     """R_k: conv1x1 -> BN -> ReLU -> pool, from an earlier module's input to the target size."""
 
-    def __init__(self, source_channels: int, target: BlockShape) -> None:
+    def __init__(self, source_channels: int, target: Shape) -> None:
         super().__init__()
-        self.size = target.size
+        self.size = (target[1], target[2])
         self.layers = nn.Sequential(
-            nn.Conv2d(source_channels, target.channels, 1),
-            nn.BatchNorm2d(target.channels),
+            nn.Conv2d(source_channels, target[0], 1),
+            nn.BatchNorm2d(target[0]),
             nn.ReLU(inplace=True),
         )
 

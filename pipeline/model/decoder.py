@@ -7,8 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data.specs import DatasetSpec
-from pipeline.model.arch import Family
 
 
 class ImageDecoder(nn.Module):
@@ -86,13 +84,6 @@ class ImageNetDecoder(ImageDecoder):
             out = step(F.interpolate(out, size=(height // divisor, width // divisor), mode="bilinear",
                                      align_corners=True))
         return out
-
-
-def build_decoder(family: Family, channels: int, spec: DatasetSpec, widen: int) -> ImageDecoder:
-    """The reconstruction decoder on a module output of ``channels``: the family's published one."""
-    if family in ("imagenet", "segmentation"):
-        return ImageNetDecoder(channels, spec.channels, spec.image_size, spec.mean, spec.std)
-    return Decoder(channels, spec.channels, spec.image_size, widen, spec.mean, spec.std)
 
 
 def reconstruction_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,6 @@ parameter names). MMSegmentation's "d8" layout (docs/reference.md): strides (1, 
 dilations (1, 1, 2, 4) per stage; with its contract_dilation the first block of a dilated stage
 uses half the stage's dilation (layer3[0]: 1, layer4[0]: 2); every 3x3 conv pads by its dilation.
 The stem is torchvision's 7x7 conv, or with ``deep_stem`` the "v1c" stem of three 3x3 convs.
-
-Shapes are nominal: ``image_size`` is the crop's height, and a rectangular crop keeps its aspect
-ratio through every block; the channel counts are exact.
 """
 
 from __future__ import annotations
@@ -44,8 +41,8 @@ class DilatedResNet(ImageNetResNet):
 
     STRIDES = SEGMENTATION_STRIDES
 
-    def __init__(self, arch: ArchSpec, in_channels: int, image_size: int, deep_stem: bool) -> None:
-        super().__init__(arch, in_channels, image_size)
+    def __init__(self, arch: ArchSpec, in_channels: int, image_shape: tuple[int, int], deep_stem: bool) -> None:
+        super().__init__(arch, in_channels, image_shape)
         self.deep_stem = deep_stem
 
     def stem(self) -> nn.Module:

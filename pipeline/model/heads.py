@@ -5,10 +5,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from pipeline.config import LocalConfig
-from pipeline.model.arch import Family
-from pipeline.model.segmentation_heads import build_infopro_segmentation_head
-
 
 def _head_conv_width(channels: int, widen: int) -> tuple[int, int]:
     """(out channels, stride) of a head's first conv for a module output of ``channels``."""
@@ -60,12 +56,3 @@ def build_imagenet_head(channels: int, out: int) -> nn.Sequential:
         *_conv_bn_relu(512, 2048, 1),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, out),
     )
-
-
-def build_head(family: Family, local: LocalConfig, channels: int, out: int) -> nn.Sequential:
-    """The auxiliary head of a module whose output has ``channels``: the family's published one."""
-    if family == "imagenet":
-        return build_imagenet_head(channels, out)
-    if family == "segmentation":
-        return build_infopro_segmentation_head(channels, out)
-    return build_aux_head(local.aux, channels, out, local.aux_widen, local.aux_hidden)

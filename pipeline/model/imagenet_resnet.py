@@ -14,17 +14,13 @@ import torch
 from torch import nn
 
 from pipeline.model.arch import BOTTLENECK_EXPANSION, ArchSpec
+from pipeline.model.networks.base import BlockNet
 from pipeline.model.partition import flat_to_cut
-from pipeline.model.resnet import BasicBlock, BlockShape, ResidualBlock, conv3x3, shortcut
+from pipeline.model.resnet import BasicBlock, Classifier, ResidualBlock, conv3x3, shortcut
 
 
 def conv1x1(cin: int, cout: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, bias=False)
-
-
-def halved(size: int) -> int:
-    """Side after a stride-2 conv or pool with 'same' padding (3x3 p1, 7x7 p3, 1x1 p0): ceil(size / 2)."""
-    return (size + 1) // 2
 
 
 class ImageNetStem(nn.Sequential):
@@ -64,7 +60,7 @@ class Bottleneck(ResidualBlock):
         return self.bn3
 
 
-class ImageNetResNet:
+class ImageNetResNet(BlockNet):
     """The block layout of an ImageNet ResNet / ResNeXt; builds any single block on demand.
 
     Subclasses change what differs per stage (its stride, its blocks' dilation) and the stem.
@@ -72,10 +68,10 @@ class ImageNetResNet:
 
     STRIDES = (1, 2, 2, 2)  # of each stage's first block
 
-    def __init__(self, arch: ArchSpec, in_channels: int, image_size: int) -> None:
+    def __init__(self, arch: ArchSpec, in_channels: int, image_shape: tuple[int, int]) -> None:
+        super().__init__(arch.name, (in_channels, *image_shape))
         self.arch = arch
         self.in_channels = in_channels
-        self.image_size = image_size
 
     def __len__(self) -> int:
         return self.arch.units
@@ -84,22 +80,6 @@ class ImageNetResNet:
         """Flat residual-block index (>= 1) -> (stage 0..3, block within the stage)."""
         stage, block = flat_to_cut(index, self.arch.blocks)
         return stage - 1, block
-
-    def _stage_size(self, stage: int) -> int:
-        size = halved(halved(self.image_size))  # the stem: conv stride 2, then max pool stride 2
-        for later in range(1, stage + 1):  # a stage of stride 2 halves on entry
-            if self.STRIDES[later] == 2:
-                size = halved(size)
-        return size
-
-    def shape(self, index: int) -> BlockShape:
-        """Output shape of block ``index``; index -1 means the input image."""
-        if index < 0:
-            return BlockShape(self.in_channels, self.image_size)
-        if index == 0:
-            return BlockShape(self.arch.stem_width, self._stage_size(0))
-        stage, _ = self._stage_of(index)
-        return BlockShape(self.arch.widths[stage], self._stage_size(stage))
 
     def stem(self) -> nn.Module:
         return ImageNetStem(self.in_channels, self.arch.stem_width)
@@ -113,9 +93,12 @@ class ImageNetResNet:
         if index == 0:
             return self.stem()
         stage, block = self._stage_of(index)
-        cin = self.shape(index - 1).channels
+        cin = self.shape(index - 1)[0]
         stride = self.STRIDES[stage] if block == 0 else 1
         if arch.block == "basic":
             return BasicBlock(cin, arch.widths[stage], stride)
         planes = arch.widths[stage] // BOTTLENECK_EXPANSION
         return Bottleneck(cin, planes, stride, arch.groups, arch.width_per_group, self.dilation(stage, block))
+
+    def classifier(self, classes: int) -> nn.Module:
+        return Classifier(self.arch.widths[-1], classes)

@@ -17,12 +17,13 @@ from pipeline.config import Config
 from pipeline.data.contract import mix_seed
 from pipeline.data.specs import DatasetSpec
 from pipeline.model.arch import aux_block
-from pipeline.model.context import ContextPlan, ImageEncoder, InputEncoder
-from pipeline.model.decoder import build_decoder, reconstruction_loss
-from pipeline.model.heads import build_head
+from pipeline.model.context import ContextPlan
+from pipeline.model.decoder import reconstruction_loss
+from pipeline.model.local_parts import LocalParts
 from pipeline.model.losses import dense_cross_entropy, head_loss, upsample_to
+from pipeline.model.networks.base import BlockNet, Shape
 from pipeline.model.recompute import checkpointed_body
-from pipeline.model.resnet import BlockNet, BlockShape, Classifier, ResidualBlock, init_weights
+from pipeline.model.resnet import ResidualBlock, init_weights
 from pipeline.model.segmentation_heads import AUX_WEIGHT, ASPPHead, FCNHead, SeededDropout2d, reset_classifier
 from pipeline.packet import Packet
 
@@ -45,11 +46,12 @@ class Layout:
     ranges: list[tuple[int, int]]
     plan: ContextPlan
     spec: DatasetSpec
+    parts: LocalParts  # the heads, decoder and context encoders that fit the network's features
 
-    def input_shape(self, module: int) -> BlockShape:
+    def input_shape(self, module: int) -> Shape:
         return self.net.shape(self.ranges[module][0] - 1)
 
-    def output_shape(self, module: int) -> BlockShape:
+    def output_shape(self, module: int) -> Shape:
         return self.net.shape(self.ranges[module][1] - 1)
 
 
@@ -63,39 +65,36 @@ class LocalModule(nn.Module):
         self.loss_kind = local.loss
         self.ixx, self.ixy = loss_weights(config, index)
         start, end = layout.ranges[index]
-        target = layout.input_shape(index)
+        target, parts = layout.input_shape(index), layout.parts
 
         self.image_encoder = (
-            ImageEncoder(layout.spec.channels, target, local.aux_widen) if self.plan.image and index >= 1 else None
+            parts.image_encoder(layout.net.shape(-1), target, local.aux_widen)
+            if self.plan.image and index >= 1 else None
         )
         self.input_encoders = nn.ModuleList(
-            InputEncoder(layout.input_shape(source).channels, target) for source in self.plan.register_sources(index)
+            parts.input_encoder(layout.input_shape(source), target) for source in self.plan.register_sources(index)
         )
         self.body = nn.Sequential(*(layout.net.build(block) for block in range(start, end)))
         self.checkpoint_segments = config.precision.checkpoint_segments  # 0: no recomputation
         out = layout.output_shape(index)
-        classes, family = layout.spec.classes, config.arch.family
-        self.dense = family == "segmentation"
+        classes = layout.spec.classes
+        self.dense = config.arch.family == "segmentation"
         # The body's position of the block the FCN auxiliary head reads (the last module only).
         self.aux_tap: int | None = None
         self.aux_head: FCNHead | None = None
         self.head: nn.Module
         if self.last and self.dense:
-            tap = aux_block(config.arch)
+            tap = aux_block(config.arch.layout)
             assert start <= tap < end, "config validation keeps layer3's last block in the last module"
             self.aux_tap = tap - start
-            self.head = ASPPHead(out.channels, classes)
-            self.aux_head = FCNHead(layout.net.shape(tap).channels, classes)
+            self.head = ASPPHead(out[0], classes)
+            self.aux_head = FCNHead(layout.net.shape(tap)[0], classes)
         elif self.last:
-            self.head = Classifier(out.channels, classes)
+            self.head = layout.net.classifier(classes)
         else:
             head_out = classes if local.loss == "softmax" else local.aux_feature_dim
-            self.head = build_head(family, local, out.channels, head_out)
-        self.decoder = (
-            build_decoder(family, out.channels, layout.spec, local.aux_widen)
-            if local.reconstruct and not self.last
-            else None
-        )
+            self.head = parts.aux_head(out, head_out, local)
+        self.decoder = parts.decoder(out, layout.spec, local.aux_widen) if local.reconstruct and not self.last else None
         # Dropout (the segmentation heads) draws at every training step, from seeds the worker sets.
         self.dropouts = [layer for layer in self.modules() if isinstance(layer, SeededDropout2d)]
         init_weights(self)

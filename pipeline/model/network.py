@@ -9,30 +9,26 @@ import torch
 from pipeline.config import Config, cut_to_flat
 from pipeline.data.specs import DatasetSpec
 from pipeline.model.context import ContextPlan
-from pipeline.model.dilated_resnet import DilatedResNet
-from pipeline.model.imagenet_resnet import ImageNetResNet
 from pipeline.model.local_module import Layout, LocalModule
-from pipeline.model.partition import default_cuts, module_ranges
+from pipeline.model.networks.base import BlockNet
+from pipeline.model.networks.registry import family_named
+from pipeline.model.partition import module_ranges
 from pipeline.model.pretrained import load_pretrained
-from pipeline.model.resnet import BlockNet, CifarResNet
 
 
 def make_net(config: Config, spec: DatasetSpec) -> BlockNet:
+    """The network config.model.arch names, for ``spec``'s images and classes."""
     arch = config.arch
-    if arch.family == "imagenet":
-        return ImageNetResNet(arch, spec.channels, spec.image_size)
-    if arch.family == "segmentation":
-        return DilatedResNet(arch, spec.channels, spec.image_size, config.model.deep_stem)
-    return CifarResNet(arch.blocks[0], spec.channels, spec.image_size)
+    return family_named(arch.family).net(arch, spec, config.model.deep_stem)
 
 
 def resolve_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> list[int]:
     """Flat cut indices for config.local.partition (profiling on ``device`` when balanced)."""
-    local, blocks = config.local, config.arch.blocks
+    local, arch = config.local, config.arch
     if isinstance(local.partition, list):
-        return [cut_to_flat(cut, blocks) for cut in local.partition]
+        return [cut_to_flat(cut, arch.blocks) for cut in local.partition]
     if local.partition == "equal" or local.modules == 1:
-        return default_cuts(config.arch, local.modules)
+        return family_named(arch.family).default_cuts(arch, local.modules)
     from pipeline.model.profile import (
         balanced_cuts,  # profiling pulls in timing machinery
     )
@@ -44,7 +40,7 @@ def make_layout(config: Config, spec: DatasetSpec, cuts: list[int]) -> Layout:
     net = make_net(config, spec)
     local = config.local
     plan = ContextPlan(local.modules, local.context_depth, local.context_image, local.reconstruct)
-    return Layout(net, module_ranges(cuts, len(net)), plan, spec)
+    return Layout(net, module_ranges(cuts, len(net)), plan, spec, family_named(config.arch.family).parts())
 
 
 # Construction draws from the process-wide RNG: threads that build modules at once (stage loops

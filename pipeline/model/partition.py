@@ -39,8 +39,11 @@ SEGMENTATION_TABLES: dict[tuple[int, ...], dict[int, list[Cut]]] = {
 }
 
 
-def flat_to_cut(flat: int, blocks: tuple[int, ...]) -> Cut:
-    """Index in the flat block list -> [stage, block] (the inverse of config.cut_to_flat)."""
+def flat_to_cut(flat: int, blocks: tuple[int, ...] | None) -> Cut:
+    """Index in the flat block list -> the cut as config writes it: [stage, block] of a ResNet (``blocks`` per
+    stage), the index itself for a flat-indexed network (the inverse of config.cut_to_flat)."""
+    if blocks is None:
+        return flat
     if flat == 0:
         return [0, 0]
     block = flat - 1

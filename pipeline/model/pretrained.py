@@ -271,7 +271,7 @@ def load_pretrained(body: nn.Sequential, config: Config, start: int, end: int) -
     """
     backbone = read_backbone(config.model.pretrained)
     arch = config.arch
-    wanted = structure_of(arch)
+    wanted = structure_of(arch.layout)
     if backbone.structure != wanted:
         have, need = backbone.structure.describe(), wanted.describe()
         suggestion = config.model.arch.replace(need, have) if need in config.model.arch else have

@@ -11,6 +11,7 @@ once. What the profile predicts for a module, and the balanced cuts, are pipelin
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,6 @@ from pipeline.config import Config
 from pipeline.data.specs import DatasetSpec
 from pipeline.errors import BadInput
 from pipeline.metrics import say
-from pipeline.model.context import ImageEncoder, InputEncoder
 from pipeline.model.cost import (
     NOTHING,
     NetworkProfile,
@@ -34,12 +34,12 @@ from pipeline.model.cost import (
     predicted_stage_activation_bytes,
     predicted_stage_seconds,
 )
-from pipeline.model.decoder import build_decoder, reconstruction_loss
-from pipeline.model.heads import build_head
+from pipeline.model.decoder import reconstruction_loss
 from pipeline.model.losses import head_loss
 from pipeline.model.network import make_net
+from pipeline.model.networks.base import Shape
+from pipeline.model.networks.registry import family_named
 from pipeline.model.partition import flat_to_cut, segment_ranges
-from pipeline.model.resnet import BlockShape, Classifier
 from pipeline.optim import make_optimizer
 
 Loss = Callable[[torch.Tensor], torch.Tensor]
@@ -131,15 +131,18 @@ class _Profiler:
         self.config, self.spec, self.device = config, spec, device
         self.batch = config.data.batch_size
         self.net = make_net(config, spec)
+        self.parts = family_named(config.arch.family).parts()
         self.memory_format = torch.channels_last if config.precision.channels_last else torch.contiguous_format
         self.amp = config.precision.amp == "bf16"  # time is measured under the precision training uses
         self.measured: dict[tuple[object, ...], Piece] = {}
 
-    def _input(self, shape: BlockShape, grad: bool) -> torch.Tensor:
-        tensor = torch.randn(self.batch, shape.channels, shape.size, shape.size, device=self.device)
-        return tensor.contiguous(memory_format=self.memory_format).requires_grad_(grad)
+    def _input(self, shape: Shape, grad: bool) -> torch.Tensor:
+        tensor = torch.randn(self.batch, *shape, device=self.device)
+        if tensor.dim() == 4:  # channels_last is a layout of maps only
+            tensor = tensor.contiguous(memory_format=self.memory_format)
+        return tensor.requires_grad_(grad)
 
-    def piece(self, key: tuple[object, ...], build: Callable[[], list[nn.Module]], shape: BlockShape,
+    def piece(self, key: tuple[object, ...], build: Callable[[], list[nn.Module]], shape: Shape,
               grad: bool, losses: Sequence[Loss] = (), forward: bool = False) -> Piece:
         """Forward + backward + SGD step of the layers ``build`` makes, all reading one input of ``shape``.
 
@@ -192,17 +195,15 @@ class _Profiler:
         local, shape = self.config.local, self.net.shape(index)
         out = self.spec.classes if local.loss == "softmax" else local.aux_feature_dim
 
-        family = self.config.arch.family
-
         def build() -> list[nn.Module]:
-            head = build_head(family, local, shape.channels, out)
+            head = self.parts.aux_head(shape, out, local)
             if not local.reconstruct:
                 return [head]
-            return [head, build_decoder(family, shape.channels, self.spec, local.aux_widen)]
+            return [head, self.parts.decoder(shape, self.spec, local.aux_widen)]
 
         labels = torch.randint(0, self.spec.classes, (self.batch,), device=self.device)
         image = self.net.shape(-1)
-        images = torch.rand(self.batch, image.channels, image.size, image.size, device=self.device)
+        images = torch.rand(self.batch, *image, device=self.device)
 
         def classify(output: torch.Tensor) -> torch.Tensor:
             return head_loss(local.loss, output, labels)
@@ -219,20 +220,20 @@ class _Profiler:
         def classify(output: torch.Tensor) -> torch.Tensor:
             return head_loss("softmax", output, labels)
 
-        return self.piece(("classifier", shape), lambda: [Classifier(shape.channels, self.spec.classes)], shape, True,
+        return self.piece(("classifier", shape), lambda: [self.net.classifier(self.spec.classes)], shape, True,
                           [classify])
 
     def image_encoder(self, start: int) -> Piece:
         if not self.config.local.context_image or start == 0:
             return NOTHING
         image, target, widen = self.net.shape(-1), self.net.shape(start - 1), self.config.local.aux_widen
-        return self.piece(("image", target), lambda: [ImageEncoder(image.channels, target, widen)], image, False)
+        return self.piece(("image", target), lambda: [self.parts.image_encoder(image, target, widen)], image, False)
 
     def input_encoder(self, source: int, start: int) -> Piece:
         if not self.config.local.context_depth or start == 0:
             return NOTHING
         shape, target = self.net.shape(source - 1), self.net.shape(start - 1)
-        return self.piece(("input", shape, target), lambda: [InputEncoder(shape.channels, target)], shape, False)
+        return self.piece(("input", shape, target), lambda: [self.parts.input_encoder(shape, target)], shape, False)
 
     def profile(self) -> NetworkProfile:
         blocks = range(len(self.net))
@@ -246,8 +247,8 @@ class _Profiler:
                 classifier=self.classifier(),
                 image_encoders=[self.image_encoder(start) for start in blocks],
                 input_encoders=[[self.input_encoder(source, start) for start in blocks] for source in blocks],
-                output_bytes=[4 * shape.channels * shape.size**2 for shape in map(self.net.shape, blocks)],
-                image_bytes=4 * image.channels * image.size**2,
+                output_bytes=[4 * math.prod(shape) for shape in map(self.net.shape, blocks)],
+                image_bytes=4 * math.prod(image),
                 copy_bytes_per_s=copy_bytes_per_s(self.device),
             )
 

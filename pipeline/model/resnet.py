@@ -8,32 +8,13 @@ module builds only its own blocks, from its own seed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import nn
 
+from pipeline.model.networks.base import BlockNet
+
 STAGE_WIDTHS = (16, 32, 64)
-
-
-@dataclass(frozen=True)
-class BlockShape:
-    """What a block produces for a given input image size."""
-
-    channels: int
-    size: int  # spatial side
-
-
-class BlockNet(Protocol):
-    """A network as a flat list of blocks (0 = the stem): what cuts, layouts and profiles see."""
-
-    def __len__(self) -> int: ...
-
-    def shape(self, index: int) -> BlockShape:
-        """Output shape of block ``index``; index -1 means the input image."""
-
-    def build(self, index: int) -> nn.Module: ...
 
 
 class ResidualBlock(nn.Module):
@@ -87,13 +68,13 @@ class Classifier(nn.Sequential):
         super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes))
 
 
-class CifarResNet:
+class CifarResNet(BlockNet):
     """The block layout of a ResNet-(6n+2); builds any single block on demand."""
 
-    def __init__(self, blocks_per_stage: int, in_channels: int, image_size: int) -> None:
+    def __init__(self, blocks_per_stage: int, in_channels: int, image_shape: tuple[int, int]) -> None:
+        super().__init__(f"resnet{6 * blocks_per_stage + 2}", (in_channels, *image_shape))
         self.n = blocks_per_stage
         self.in_channels = in_channels
-        self.image_size = image_size
 
     def __len__(self) -> int:
         return 1 + 3 * self.n
@@ -102,15 +83,6 @@ class CifarResNet:
         """Flat residual-block index (>= 1) -> (stage 0..2, block within the stage)."""
         return divmod(index - 1, self.n)
 
-    def shape(self, index: int) -> BlockShape:
-        """Output shape of block ``index``; index -1 means the input image."""
-        if index < 0:
-            return BlockShape(self.in_channels, self.image_size)
-        if index == 0:
-            return BlockShape(STAGE_WIDTHS[0], self.image_size)
-        stage, _ = self._stage_of(index)
-        return BlockShape(STAGE_WIDTHS[stage], self.image_size // (2**stage))
-
     def build(self, index: int) -> nn.Module:
         if index == 0:
             return Stem(self.in_channels)
@@ -118,6 +90,9 @@ class CifarResNet:
         cin = STAGE_WIDTHS[stage - 1] if block == 0 and stage > 0 else STAGE_WIDTHS[stage]
         stride = 2 if block == 0 and stage > 0 else 1
         return BasicBlock(cin, STAGE_WIDTHS[stage], stride)
+
+    def classifier(self, classes: int) -> nn.Module:
+        return Classifier(STAGE_WIDTHS[-1], classes)
 
 
 def init_weights(module: nn.Module) -> None:

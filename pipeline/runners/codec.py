@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pipeline.errors import StageFailure
 from pipeline.model.context import ContextPlan
-from pipeline.model.resnet import BlockShape
+from pipeline.model.networks.base import Shape
 from pipeline.packet import Packet
 from pipeline.runners.loop import Position
 from pipeline.runners.messages import EpochEnd, Eval, Message, SavePoint, Stop, Train
@@ -23,13 +23,13 @@ TRAIN, EVAL, END_EPOCH, STOP, SAVE = 1, 2, 3, 4, 5
 class MessageCodec:
     """Encodes what module ``receiver - 1`` sends and decodes what module ``receiver`` gets."""
 
-    def __init__(self, plan: ContextPlan, receiver: int, input_shape: BlockShape, dense: bool = False) -> None:
+    def __init__(self, plan: ContextPlan, receiver: int, input_shape: Shape, dense: bool = False) -> None:
         self.receiver = receiver
         self.has_image = plan.carries_image(receiver)
         self.tensors = 2 + int(self.has_image) + len(plan.register_sources(receiver))
+        self.rank = 1 + len(input_shape)
         # Segmentation evaluates whole images of any size: only the channels are fixed there.
-        self.feature_shape: tuple[int, ...] = (
-            (input_shape.channels,) if dense else (input_shape.channels, input_shape.size, input_shape.size))
+        self.feature_shape: Shape = input_shape[:1] if dense else input_shape
 
     @property
     def max_tensors(self) -> int:
@@ -72,9 +72,10 @@ class MessageCodec:
         tensors = frame.tensors
         features = tensors[1] if len(tensors) > 1 else None
         fixed = None if features is None else tuple(features.shape[1 : 1 + len(self.feature_shape)])
-        if len(tensors) != self.tensors or features is None or features.dim() != 4 or fixed != self.feature_shape:
+        if (len(tensors) != self.tensors or features is None or features.dim() != self.rank
+                or fixed != self.feature_shape):
             got = "none" if features is None else list(features.shape)
-            spatial = ", height, width" if len(self.feature_shape) == 1 else ""
+            spatial = ", height, width" if len(self.feature_shape) < self.rank - 1 else ""
             wanted = ", ".join(map(str, self.feature_shape)) + spatial
             raise StageFailure(
                 f"module {self.receiver} got {len(tensors)} tensors with features {got} from module "

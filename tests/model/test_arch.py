@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import ineffective_keys, load_config
 from pipeline.errors import BadInput
-from pipeline.model.arch import IMAGENET_ARCHS, SEGMENTATION_ARCHS, aux_block, default_family, resolve_arch
+from pipeline.model.arch import IMAGENET_ARCHS, SEGMENTATION_ARCHS, aux_block, resolve_arch
 from pipeline.model.partition import flat_to_cut
 
 # torchvision's layouts (its resnet.py builders), written out independently of the code's table:
@@ -51,9 +51,9 @@ def test_cifar_depths(arch, n):
 
 
 def test_default_family_follows_the_dataset():
-    assert default_family("image_folder") == "imagenet"
+    assert load_config(None, ["data.name=image_folder", "model.arch=resnet18", "model.classes=5"]).arch.family == "imagenet"
     for name in ("fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "synthetic"):
-        assert default_family(name) == "cifar"
+        assert load_config(None, [f"data.name={name}"]).arch.family == "cifar"
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "resnet152"])
@@ -87,7 +87,7 @@ def test_config_errors_name_the_key():
         load_config(None, ["model.arch=resnet51"])
     with pytest.raises(BadInput, match=r"model.arch = 'resnet32' is not an ImageNet ResNet"):
         load_config(None, ["data.name=image_folder", "model.arch=resnet32"])
-    with pytest.raises(BadInput, match=r"model.family = 'resnet' is not allowed; allowed: auto, cifar, imagenet"):
+    with pytest.raises(BadInput, match=r"model.family = 'resnet' is not a registered network family; allowed: auto, cifar, imagenet"):
         load_config(None, ["model.family=resnet"])
 
 
@@ -135,8 +135,9 @@ def test_segmentation_layouts(arch, blocks):
 
 
 def test_segmentation_datasets_default_to_the_segmentation_family():
-    assert default_family("cityscapes") == "segmentation"
-    assert default_family("segmentation_folder") == "segmentation"
+    for name in ("cityscapes", "segmentation_folder"):
+        config = load_config(None, [f"data.name={name}", "model.arch=deeplabv3_resnet50", "model.classes=19"])
+        assert config.arch.family == "segmentation"
     assert SEGMENTATION_ARCHS == ("deeplabv3_resnet50", "deeplabv3_resnet101")
 
 

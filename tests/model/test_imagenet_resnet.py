@@ -14,11 +14,11 @@ from torch import nn
 from pipeline.config import load_config
 from pipeline.data.specs import dataset_spec
 from pipeline.model.arch import resolve_arch
-from pipeline.model.decoder import ImageNetDecoder, build_decoder
-from pipeline.model.heads import build_head
+from pipeline.model.decoder import ImageNetDecoder
+from pipeline.model.networks.registry import family_named
 from pipeline.model.imagenet_resnet import Bottleneck, ImageNetResNet, ImageNetStem
 from pipeline.model.network import build_module, make_layout, make_net, resolve_cuts
-from pipeline.model.resnet import BasicBlock, BlockShape, Classifier
+from pipeline.model.resnet import BasicBlock, Classifier
 from pipeline.packet import Packet
 from pipeline.runners.run import run
 
@@ -38,14 +38,14 @@ TORCHVISION_PARAMETERS = {
 
 
 def imagenet_net(arch: str, size: int = 224) -> ImageNetResNet:
-    return ImageNetResNet(resolve_arch("imagenet", arch), 3, size)
+    return ImageNetResNet(resolve_arch("imagenet", arch), 3, (size, size))
 
 
 @pytest.mark.parametrize("arch", sorted(TORCHVISION_PARAMETERS))
 def test_parameter_counts_equal_torchvisions(arch):
     net = imagenet_net(arch)
     blocks = sum(p.numel() for index in range(len(net)) for p in net.build(index).parameters())
-    classifier = sum(p.numel() for p in Classifier(net.shape(len(net) - 1).channels, 1000).parameters())
+    classifier = sum(p.numel() for p in Classifier(net.shape(len(net) - 1)[0], 1000).parameters())
     assert blocks + classifier == TORCHVISION_PARAMETERS[arch]
 
 
@@ -61,12 +61,12 @@ def test_every_block_produces_its_declared_shape_at_64(arch):
         for _ in range(count):
             expected[index] = (64 * 2**stage * expansion, 16 >> stage)
             index += 1
-    assert len(net) == len(expected) and net.shape(-1) == BlockShape(3, 64)
+    assert len(net) == len(expected) and net.shape(-1) == (3, 64, 64)
     with torch.no_grad():
         for index in range(len(net)):
             x = net.build(index).eval()(x)
             channels, size = expected[index]
-            assert net.shape(index) == BlockShape(channels, size)
+            assert net.shape(index) == (channels, size, size)
             assert tuple(x.shape) == (1, channels, size, size)
 
 
@@ -76,8 +76,8 @@ def test_odd_sizes_round_up_like_torchvision():
         x = torch.randn(1, 3, 57, 57)
         for index in range(len(net)):
             x = net.build(index).eval()(x)
-            assert x.shape[-1] == net.shape(index).size
-    assert [net.shape(i).size for i in (0, 2, 4, 6, 8)] == [15, 15, 8, 4, 2]
+            assert x.shape[-1] == net.shape(index)[-1]
+    assert [net.shape(i)[-1] for i in (0, 2, 4, 6, 8)] == [15, 15, 8, 4, 2]
 
 
 def test_resnext101_block_layout():
@@ -114,12 +114,12 @@ def test_infopro_cuts_end_module_0_at_the_28x28_feature(arch, cut, flat):
     assert cuts == [flat]
     layout = make_layout(config, spec, cuts)
     assert layout.ranges == [(0, flat + 1), (flat + 1, resolve_arch("imagenet", arch).units)]
-    assert layout.output_shape(0) == BlockShape(512, 28)
-    assert layout.output_shape(1) == BlockShape(2048, 7)
+    assert layout.output_shape(0) == (512, 28, 28)
+    assert layout.output_shape(1) == (2048, 7, 7)
 
 
 def test_imagenet_head_is_infopros():
-    head = build_head("imagenet", load_config(None).local, 512, 1000)
+    head = family_named("imagenet").parts().aux_head((512, 8, 8), 1000, load_config(None).local)
     convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs] == [
         (512, 128, 1, 1), (128, 256, 3, 2), (256, 512, 3, 2), (512, 2048, 1, 1)]
@@ -128,15 +128,15 @@ def test_imagenet_head_is_infopros():
     (linear,) = [m for m in head.modules() if isinstance(m, nn.Linear)]
     assert (linear.in_features, linear.out_features) == (2048, 1000)
     assert head(torch.randn(2, 512, 28, 28)).shape == (2, 1000)
-    assert build_head("imagenet", load_config(None).local, 1024, 10)(torch.randn(2, 1024, 4, 4)).shape == (2, 10)
+    assert family_named("imagenet").parts().aux_head((1024, 8, 8), 10, load_config(None).local)(torch.randn(2, 1024, 4, 4)).shape == (2, 10)
     # the CIFAR family keeps local.aux
-    cifar = build_head("cifar", load_config(None, ["local.aux=0c1f"]).local, 64, 10)
+    cifar = family_named("cifar").parts().aux_head((64, 8, 8), 10, load_config(None, ["local.aux=0c1f"]).local)
     assert [type(m) for m in cifar] == [nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear]
 
 
 def test_imagenet_decoder_is_infopros():
     spec = dataset_spec(load_config(None, ["data.name=image_folder", "model.arch=resnet50", "model.classes=1000"]))
-    decoder = build_decoder("imagenet", 512, spec, widen=1)
+    decoder = family_named("imagenet").parts().decoder((512, 8, 8), spec, 1)
     assert isinstance(decoder, ImageNetDecoder)
     convs = [m for m in decoder.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size[0]) for c in convs] == [

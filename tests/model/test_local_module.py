@@ -90,7 +90,7 @@ def check_chain(config, cuts, layout, modules, records, images, labels):
         for encoder, source in zip(module.input_encoders, sources):
             assert isinstance(encoder, InputEncoder)
             assert encoder.layers[0].in_channels == block_shape(ranges[source][0] - 1, n, channels)[0]
-            assert encoder.layers[0].out_channels == in_channels and encoder.size == in_side
+            assert encoder.layers[0].out_channels == in_channels and encoder.size == (in_side, in_side)
         if module.image_encoder is not None:
             assert isinstance(module.image_encoder, ImageEncoder)
             assert module.image_encoder.layers[3].out_channels == in_channels

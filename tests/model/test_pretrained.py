@@ -36,7 +36,7 @@ def backbone_blocks(arch: str, seed: int = 1, fill: bool = True) -> list[dict[st
 
     The blocks are built on the meta device: only their names and shapes are taken.
     """
-    net = ImageNetResNet(resolve_arch("imagenet", arch), 3, 32)
+    net = ImageNetResNet(resolve_arch("imagenet", arch), 3, (32, 32))
     generator = torch.Generator().manual_seed(seed)
     blocks = []
     for index in range(len(net)):

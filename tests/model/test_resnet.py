@@ -10,7 +10,6 @@ from torch import nn
 
 from pipeline.model.resnet import (
     BasicBlock,
-    BlockShape,
     CifarResNet,
     Classifier,
     Stem,
@@ -30,9 +29,9 @@ def expected_shape(index: int, n: int, in_channels: int = 3, size: int = 32) -> 
 
 @pytest.mark.parametrize("n", [1, 2, 5])
 def test_block_shapes_and_chained_forward(n):
-    net = CifarResNet(n, 3, 32)
+    net = CifarResNet(n, 3, (32, 32))
     assert len(net) == 1 + 3 * n
-    assert net.shape(-1) == BlockShape(3, 32)
+    assert net.shape(-1) == (3, 32, 32)
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -40,12 +39,12 @@ def test_block_shapes_and_chained_forward(n):
             block = net.build(index).eval()
             x = block(x)
             channels, size = expected_shape(index, n)
-            assert net.shape(index) == BlockShape(channels, size)
+            assert net.shape(index) == (channels, size, size)
             assert tuple(x.shape) == (2, channels, size, size)
 
 
 def test_stride_and_shortcut_placement_resnet32():
-    net = CifarResNet(5, 3, 32)
+    net = CifarResNet(5, 3, (32, 32))
     assert isinstance(net.build(0), Stem)
     for index in range(1, len(net)):
         block = net.build(index)
@@ -73,18 +72,18 @@ def test_resnet32_parameter_count():
     plain = {c: 2 * conv(c, c) + 2 * bn(c) for c in (16, 32, 64)}
     down = {c: conv(c // 2, c) + conv(c, c) + 2 * bn(c) + conv(c // 2, c, 1) + bn(c) for c in (32, 64)}
     expected = stem + 5 * plain[16] + down[32] + 4 * plain[32] + down[64] + 4 * plain[64] + 64 * 10 + 10
-    net = CifarResNet(5, 3, 32)
+    net = CifarResNet(5, 3, (32, 32))
     model = nn.Sequential(*(net.build(i) for i in range(len(net))), Classifier(64, 10))
     assert sum(p.numel() for p in model.parameters()) == expected
     assert 0.46e6 < expected < 0.48e6  # the ~0.47M of a ResNet-32
 
 
 def test_single_channel_stem_and_other_image_sizes():
-    net = CifarResNet(1, 1, 96)
+    net = CifarResNet(1, 1, (96, 96))
     with torch.no_grad():
         out = net.build(0).eval()(torch.randn(2, 1, 96, 96))
     assert out.shape == (2, 16, 96, 96)
-    assert net.shape(3) == BlockShape(64, 24)
+    assert net.shape(3) == (64, 24, 24)
 
 
 def test_init_weights_follows_reference():
@@ -116,7 +115,7 @@ def test_conv_bias_keeps_pytorchs_default_draw():
 
 
 def test_build_is_deterministic_under_a_seed():
-    net = CifarResNet(2, 3, 32)
+    net = CifarResNet(2, 3, (32, 32))
     torch.manual_seed(11)
     a = net.build(3)
     torch.manual_seed(11)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from pipeline.data.specs import DatasetSpec
-from pipeline.model.decoder import ImageNetDecoder, build_decoder
-from pipeline.model.heads import build_head
+from pipeline.model.decoder import ImageNetDecoder
+from pipeline.model.networks.registry import family_named
 from pipeline.model.segmentation_heads import (
     AUX_WEIGHT,
     ASPPHead,
@@ -78,11 +78,11 @@ def test_infopro_head_is_theirs():
     assert head[3].p == 0.1
     from pipeline.config import LocalConfig
 
-    assert convs(build_head("segmentation", LocalConfig(), 1024, 19)) == convs(head)
+    assert convs(family_named("segmentation").parts().aux_head((1024, 8, 8), 19, LocalConfig())) == convs(head)
 
 
 def test_the_segmentation_decoder_rebuilds_the_crop_at_its_size():
-    decoder = build_decoder("segmentation", 1024, SPEC, widen=1)
+    decoder = family_named("segmentation").parts().decoder((1024, 8, 8), SPEC, 1)
     assert type(decoder) is ImageNetDecoder  # InfoPro's segmentation decoder is the ImageNet one, layer for layer
     assert convs(decoder) == [(1024, 128, 1, 1, 0, True), (128, 32, 3, 1, 1, True), (32, 12, 3, 1, 1, True),
                               (12, 3, 3, 1, 1, True)]

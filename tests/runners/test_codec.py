@@ -7,14 +7,13 @@ import torch
 
 from pipeline.errors import StageFailure
 from pipeline.model.context import ContextPlan
-from pipeline.model.resnet import BlockShape
 from pipeline.packet import Packet
 from pipeline.runners.codec import MessageCodec
 from pipeline.runners.loop import Position
 from pipeline.runners.messages import EpochEnd, Eval, Stop, Train
 from pipeline.transport import Frame
 
-SHAPE = BlockShape(16, 8)
+SHAPE = (16, 8, 8)
 
 
 def _packet(batch: int, register: int, image: bool) -> Packet:

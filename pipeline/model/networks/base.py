@@ -58,7 +58,7 @@ class BlockNet(ABC):
         """Block ``index``'s output shape, from a forward of one sample on the meta device."""
         inputs = self.shape(index - 1)
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            block = self.build(index)
+            block = self.build(index).eval()  # eval: batch norm takes a single 1x1 sample
             try:
                 output = block(torch.empty(1, *inputs))
             except Exception as err:  # any layer's refusal of the shape it is given

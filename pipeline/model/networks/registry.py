@@ -17,6 +17,7 @@ from pipeline.errors import BadInput, clip
 
 if TYPE_CHECKING:
     from pipeline.data.specs import DatasetSpec
+    from pipeline.model.local_parts import LocalParts
     from pipeline.model.networks.base import BlockNet
 
 
@@ -65,6 +66,12 @@ class NetworkFamily(ABC):
 
         return even_cuts(spec.units, modules)
 
+    def parts(self) -> LocalParts:
+        """The heads, decoders and context encoders its modules train with: the generic ones by default."""
+        from pipeline.model.local_parts import LocalParts  # they import the model, which imports this module
+
+        return LocalParts()
+
     def identity(self, spec: NetworkSpec) -> dict[str, Any]:
         """What a checkpoint records to refuse another network's weights."""
         return {"arch": spec.name, "family": spec.family}
@@ -102,13 +109,20 @@ def resolve_network(arch: str, family: str, dataset: str, data: DataShape) -> Ne
         return family_named(FACTORY_FAMILY).resolve(arch, data)
     if family != "auto":
         return family_named(family).resolve(arch, data)
-    default = next((f for f in _FAMILIES.values() if dataset in f.datasets), _FAMILIES["cifar"])
+    default = next(f for f in _FAMILIES.values() if dataset in f.datasets)
     if default.knows(arch):
         return default.resolve(arch, data)
-    others = [f for f in _FAMILIES.values() if f is not default and f.knows(arch)]
-    if len(others) == 1:
-        return others[0].resolve(arch, data)
-    return default.resolve(arch, data)  # its one-line refusal, naming what it allows
+    # Families that are no dataset's default (ViT, VGG, a user's) own their names outright; a ResNet name
+    # of another dataset's family stays refused with how to ask for it (model.family).
+    free = [f for f in _FAMILIES.values() if not f.datasets and f.knows(arch)]
+    if free:
+        return free[0].resolve(arch, data)
+    try:
+        return default.resolve(arch, data)
+    except BadInput as err:
+        names = [name for f in _FAMILIES.values() if not f.datasets for name in f.names()]
+        raise BadInput(f"{err}; or {', '.join([*names, repr('package.module:factory') + ' (your own network)'])}"
+                       ) from None
 
 
 def all_names() -> str:
@@ -119,4 +133,4 @@ def all_names() -> str:
 
 def _load_builtins() -> None:
     """Import the built-in families, which register themselves (late: they import torch and the model)."""
-    import pipeline.model.networks  # noqa: F401
+    import pipeline.model.networks.builtin  # noqa: F401

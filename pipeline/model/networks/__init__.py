@@ -1,0 +1,1 @@
+"""Network families: the registry (registry.py), the block-list base (base.py), the built-ins."""
