@@ -74,7 +74,7 @@ class LocalModule(nn.Module):
         self.input_encoders = nn.ModuleList(
             parts.input_encoder(layout.input_shape(source), target) for source in self.plan.register_sources(index)
         )
-        self.body = nn.Sequential(*(layout.net.build(block) for block in range(start, end)))
+        self.body = nn.Sequential(*layout.net.build_range(start, end))
         self.checkpoint_segments = config.precision.checkpoint_segments  # 0: no recomputation
         out = layout.output_shape(index)
         classes = layout.spec.classes
@@ -97,7 +97,12 @@ class LocalModule(nn.Module):
         self.decoder = parts.decoder(out, layout.spec, local.aux_widen) if local.reconstruct and not self.last else None
         # Dropout (the segmentation heads) draws at every training step, from seeds the worker sets.
         self.dropouts = [layer for layer in self.modules() if isinstance(layer, SeededDropout2d)]
-        init_weights(self)
+        if layout.net.own_init:  # a user's blocks keep their own initialisation; what the trainer adds does not
+            for part in self.children():
+                if part is not self.body:
+                    init_weights(part)
+        else:
+            init_weights(self)
         if isinstance(self.head, ASPPHead) and self.aux_head is not None:
             reset_classifier(self.head.classifier)
             reset_classifier(self.aux_head.classifier)

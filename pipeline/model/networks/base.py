@@ -28,6 +28,10 @@ def describe_shape(shape: Shape) -> str:
 class BlockNet(ABC):
     """A network as a flat list of blocks (a cut follows any of them but the last) and a classifier."""
 
+    # False: LocalModule initialises every conv and batch norm of the module (resnet.init_weights), as the
+    # papers' networks are; True: the blocks keep the initialisation they were built with.
+    own_init = False
+
     def __init__(self, name: str, input_shape: Shape) -> None:
         self.name = name
         self.input_shape = input_shape
@@ -39,6 +43,10 @@ class BlockNet(ABC):
     @abstractmethod
     def build(self, index: int) -> nn.Module:
         """Block ``index``, freshly built (its parameters drawn from the process-wide generator)."""
+
+    def build_range(self, start: int, end: int) -> list[nn.Module]:
+        """Blocks [start, end) in order: what one module holds."""
+        return [self.build(index) for index in range(start, end)]
 
     @abstractmethod
     def classifier(self, classes: int) -> nn.Module:
@@ -56,20 +64,25 @@ class BlockNet(ABC):
 
     def _probe(self, index: int) -> Shape:
         """Block ``index``'s output shape, from a forward of one sample on the meta device."""
-        inputs = self.shape(index - 1)
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            block = self.build(index).eval()  # eval: batch norm takes a single 1x1 sample
-            try:
-                output = block(torch.empty(1, *inputs))
-            except Exception as err:  # any layer's refusal of the shape it is given
-                raise BadInput(
-                    f"{self.name}: block {index} ({type(block).__name__}) does not take the output of "
-                    f"{'the image' if index == 0 else f'block {index - 1}'} ({describe_shape(inputs)}): "
-                    f"{clip(str(err).splitlines()[0] if str(err) else type(err).__name__, 200)}; each block must "
-                    "feed the next"
-                ) from err
-        if not isinstance(output, torch.Tensor) or output.dim() not in (2, 3, 4) or output.shape[0] != 1:
-            got = type(output).__name__ if not isinstance(output, torch.Tensor) else f"a tensor of {list(output.shape)}"
-            raise BadInput(f"{self.name}: block {index} ({type(block).__name__}) returns {got}; a block must return "
-                           "one tensor of (batch, channels, height, width), (batch, tokens, width) or (batch, width)")
-        return tuple(output.shape[1:])
+            return output_shape(self.name, index, self.build(index), self.shape(index - 1))
+
+
+def output_shape(name: str, index: int, block: nn.Module, inputs: Shape) -> Shape:
+    """What block ``index`` of network ``name`` makes of one sample of ``inputs``, on the meta device;
+    BadInput naming the block where it does not take them or returns no single feature tensor."""
+    block.eval()  # batch norm takes a single 1x1 sample only in evaluation
+    try:
+        output = block(torch.empty(1, *inputs, device="meta"))
+    except Exception as err:  # any layer's refusal of the shape it is given
+        raise BadInput(
+            f"{name}: block {index} ({type(block).__name__}) does not take the output of "
+            f"{'the image' if index == 0 else f'block {index - 1}'} ({describe_shape(inputs)}): "
+            f"{clip(str(err).splitlines()[0] if str(err) else type(err).__name__, 200)}; each block must "
+            "feed the next"
+        ) from err
+    if not isinstance(output, torch.Tensor) or output.dim() not in (2, 3, 4) or output.shape[0] != 1:
+        got = type(output).__name__ if not isinstance(output, torch.Tensor) else f"a tensor of {list(output.shape)}"
+        raise BadInput(f"{name}: block {index} ({type(block).__name__}) returns {got}; a block must return "
+                       "one tensor of (batch, channels, height, width), (batch, tokens, width) or (batch, width)")
+    return tuple(output.shape[1:])
