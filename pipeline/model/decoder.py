@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 class ImageDecoder(nn.Module):
     """What every decoder shares: the image size it rebuilds and the target it is scored against."""
 

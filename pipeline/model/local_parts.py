@@ -3,8 +3,9 @@
 The generic choice goes by the feature's rank: 4-D maps get the published CIFAR heads (0c1f ...
 2c2f), decoder and ContSup encoders; 3-D token sequences the token forms (pipeline/model/tokens.py:
 LayerNorm + mean-pool + MLP head, a per-token linear reconstruction of its patch, a patch embedding
-of the image for E, a per-token projection for Rn); 2-D vectors an MLP head. A family whose papers publish their own parts (InfoPro's ImageNet and
-segmentation heads) subclasses ``LocalParts``; anything that cannot fit a feature says so in one line.
+of the image for E, a per-token projection for Rn); 2-D vectors an MLP head. A family whose papers
+publish their own parts (InfoPro's ImageNet and segmentation heads) subclasses ``LocalParts``;
+anything that cannot fit a feature says so in one line.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ from pipeline.config import load_config
 from pipeline.data.specs import dataset_spec
 from pipeline.model.arch import resolve_arch
 from pipeline.model.decoder import ImageNetDecoder
-from pipeline.model.networks.registry import family_named
 from pipeline.model.imagenet_resnet import Bottleneck, ImageNetResNet, ImageNetStem
 from pipeline.model.network import build_module, make_layout, make_net, resolve_cuts
+from pipeline.model.networks.registry import family_named
 from pipeline.model.resnet import BasicBlock, Classifier
 from pipeline.packet import Packet
 from pipeline.runners.run import run
@@ -128,7 +128,8 @@ def test_imagenet_head_is_infopros():
     (linear,) = [m for m in head.modules() if isinstance(m, nn.Linear)]
     assert (linear.in_features, linear.out_features) == (2048, 1000)
     assert head(torch.randn(2, 512, 28, 28)).shape == (2, 1000)
-    assert family_named("imagenet").parts().aux_head((1024, 8, 8), 10, load_config(None).local)(torch.randn(2, 1024, 4, 4)).shape == (2, 10)
+    other = family_named("imagenet").parts().aux_head((1024, 8, 8), 10, load_config(None).local)
+    assert other(torch.randn(2, 1024, 4, 4)).shape == (2, 10)
     # the CIFAR family keeps local.aux
     cifar = family_named("cifar").parts().aux_head((64, 8, 8), 10, load_config(None, ["local.aux=0c1f"]).local)
     assert [type(m) for m in cifar] == [nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear]

@@ -20,9 +20,8 @@ from pipeline.model.arch import (
     is_cifar_depth,
     resolve_arch,
 )
-from pipeline.model.networks.registry import DataShape, NetworkFamily, NetworkSpec, register_network
-
 from pipeline.model.local_parts import ImageNetParts, LocalParts, SegmentationParts
+from pipeline.model.networks.registry import DataShape, NetworkFamily, NetworkSpec, register_network
 
 if TYPE_CHECKING:
     from pipeline.data.specs import DatasetSpec
