@@ -88,7 +88,7 @@ def test_config_errors_name_the_key():
         load_config(None, ["model.arch=resnet51"])
     with pytest.raises(BadInput, match=r"model.arch = 'resnet32' is not an ImageNet ResNet"):
         load_config(None, ["data.name=image_folder", "model.arch=resnet32"])
-    with pytest.raises(BadInput, match=r"model.family = 'resnet' is not a registered network family; allowed: auto, cifar, "):
+    with pytest.raises(BadInput, match=r"model.family = 'resnet' is not a registered network family; allowed: auto, "):
         load_config(None, ["model.family=resnet"])
 
 
