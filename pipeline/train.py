@@ -16,7 +16,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 # torch is imported by train() only: --help and --check answer without it, in a fraction of a second.
 from pipeline.cli import ArgumentParser, add_set_argument, run_main
@@ -176,7 +176,9 @@ def _own_sets(config: Config, path: Path) -> Literal["resume", "start", ""]:
     )
 
 
-def train(config: Config) -> None:
+def train(config: Config) -> dict[str, Any] | None:
+    """Claim config.run.out_dir and train: this process's part of the job (every mode; under torchrun,
+    each process runs its stage or replica). The run's summary where this process writes it (rank 0)."""
     from pipeline.distributed import keep_freed_host_memory
 
     with prepare_out_dir(config) as claimed:
@@ -187,7 +189,7 @@ def train(config: Config) -> None:
             warn_ineffective(config)  # the keys as given: a restart resuming by itself set none of them
         try:
             with errors_logged(claimed.run.out_dir):
-                run(claimed)
+                return run(claimed)
         except KeyboardInterrupt:
             if os.environ.get("RANK", "0") != "0":  # rank 0 speaks for the job
                 raise
