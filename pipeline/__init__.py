@@ -23,10 +23,10 @@ __version__ = "0.1.0"
 
 
 def run(config: Config | str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any] | None:
-    """Train ``config`` (a Config, or a TOML file or None for the defaults, read with ``overrides``, each
-    ``table.key=value``) in this
-    process, in its run.mode: the whole run sequentially, or this process's stage or replica under torchrun.
-    Returns the run's summary where this process writes it (rank 0). Bad input raises BadInput."""
+    """Train ``config`` in this process, in its run.mode: the whole run sequentially, or this process's stage
+    or replica under torchrun. ``config``: a Config, or a TOML file (None: the defaults) read with
+    ``overrides`` (``table.key=value`` each). Returns the run's summary where this process writes it (rank 0);
+    bad input raises BadInput."""
     from pipeline.config import Config, load_config
     from pipeline.train import train
 

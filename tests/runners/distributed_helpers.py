@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from pipeline import checkpoint
 from pipeline.config import Config, load_config
@@ -28,6 +29,18 @@ EQUIVALENCE_CASES = [
 ]
 EQUIVALENCE_IDS = ["K2-R0", "K2-E-decoder", "K4-R1-decoder-contrast", "K4-R1E-cosine-step", "K4-R2E-decoder"]
 EQUIVALENCE_STEPS = 12
+
+# A network of the user's own, named by model.arch in every process (each imports this module).
+FACTORY = "distributed_helpers:small_convnet"
+
+
+def small_convnet(in_channels: int, classes: int, image_size: tuple[int, int]) -> nn.Sequential:
+    """Five conv units and a pooled linear classifier: six blocks, cut anywhere."""
+    def unit(cin: int, cout: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+    return nn.Sequential(unit(in_channels, 8, 1), unit(8, 8, 1), unit(8, 16, 2), unit(16, 16, 1), unit(16, 32, 2),
+                         nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, classes)))
 
 
 def equivalence_overrides(modules: int, extra: list[str]) -> list[str]:
@@ -55,7 +68,9 @@ def torchrun_command(nproc: int, overrides: list[str]) -> list[str]:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
+    # the repository, and this folder: configs name small_convnet below as distributed_helpers:small_convnet
+    here = Path(__file__).resolve().parent
+    env["PYTHONPATH"] = os.pathsep.join([str(here.parents[1]), str(here), env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
