@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipeline.errors import BadInput, StageFailure, writing
+from pipeline.model.methods.registry import method_named
 from pipeline.runners.loop import Position
 
 if TYPE_CHECKING:  # the worker builds modules, whose pretrained weights may come from a checkpoint set
@@ -324,6 +325,7 @@ def identity_of(config: Any, cuts: list[int]) -> dict[str, Any]:
         "cuts": list(cuts),
         "context": local.context,
         "loss": local.loss,
+        **{key: getattr(local, key) for key in method_named(local.loss).identity_keys},
         "aux": local.aux,
         "reconstruct": local.reconstruct,
         "batch_size": config.data.batch_size,

@@ -18,23 +18,15 @@ from pipeline.data.contract import mix_seed
 from pipeline.data.specs import DatasetSpec
 from pipeline.model.arch import aux_block
 from pipeline.model.context import ContextPlan, ImageEncoder, InputEncoder
-from pipeline.model.decoder import build_decoder, reconstruction_loss
+from pipeline.model.decoder import build_decoder
 from pipeline.model.heads import build_head
-from pipeline.model.losses import dense_cross_entropy, head_loss, upsample_to
+from pipeline.model.losses import cross_entropy, dense_cross_entropy, upsample_to
+from pipeline.model.methods.infopro import loss_weights, with_reconstruction
+from pipeline.model.methods.registry import method_named
 from pipeline.model.recompute import checkpointed_body
 from pipeline.model.resnet import BlockNet, BlockShape, Classifier, ResidualBlock, init_weights
 from pipeline.model.segmentation_heads import AUX_WEIGHT, ASPPHead, FCNHead, SeededDropout2d, reset_classifier
 from pipeline.packet import Packet
-
-
-def loss_weights(config: Config, index: int) -> tuple[float, float]:
-    """(ixx, ixy) of local module ``index``: linear from (ixx_1, ixy_1) to (ixx_2, ixy_2)."""
-    local = config.local
-    if not local.reconstruct:
-        return 0.0, 1.0
-    ratio = index / (local.modules - 2) if local.modules > 2 else 0.0
-    return (local.ixx_1 + ratio * (local.ixx_2 - local.ixx_1),
-            local.ixy_1 + ratio * (local.ixy_2 - local.ixy_1))
 
 
 @dataclass(frozen=True)
@@ -89,7 +81,7 @@ class LocalModule(nn.Module):
         elif self.last:
             self.head = Classifier(out.channels, classes)
         else:
-            head_out = classes if local.loss == "softmax" else local.aux_feature_dim
+            head_out = method_named(local.loss).head_width(classes, local)
             self.head = build_head(family, local, out.channels, head_out)
         self.decoder = (
             build_decoder(family, out.channels, layout.spec, local.aux_widen)
@@ -158,17 +150,15 @@ class LocalModule(nn.Module):
             return (dense_cross_entropy(self.head(output), labels)
                     + AUX_WEIGHT * dense_cross_entropy(self.aux_head(tapped), labels))
         if self.last:
-            return head_loss("softmax", self.head(output), labels)
+            return cross_entropy(self.head(output), labels)
         if self.dense:  # InfoPro's module-0 head: align_corners, torch's mean over the pixels not ignored
             loss = dense_cross_entropy(self.head(output), labels, align_corners=True, per_valid_pixel=True)
         else:
-            loss = head_loss(self.loss_kind, self.head(output), labels)
+            loss = method_named(self.loss_kind).loss(output, self.head(output), labels)
         if self.decoder is None:
             return loss
         assert packet.image is not None
-        image = packet.image.detach()
-        size = (image.shape[-2], image.shape[-1])
-        return self.ixx * reconstruction_loss(self.decoder(output, size), self.decoder.target(image)) + self.ixy * loss
+        return with_reconstruction(loss, self.decoder, output, packet.image.detach(), (self.ixx, self.ixy))
 
     def next_packet(self, packet: Packet, inputs: torch.Tensor, output: torch.Tensor) -> Packet:
         """What module k+1 receives: h detached, the image if still needed, the register."""
