@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipeline.errors import BadInput, StageFailure, writing
+from pipeline.model.methods.registry import method_named
 from pipeline.runners.loop import Position
 
 if TYPE_CHECKING:  # the worker builds modules, whose pretrained weights may come from a checkpoint set
@@ -222,7 +223,9 @@ def load(set_dir: str | Path, worker: ModuleWorker, identity: dict[str, Any]) ->
     position = _check_structure(path, payload, worker)
     saved = payload["identity"]
     for key, value in identity.items():
-        if saved.get(key) != value:
+        # A key the file lacks was not recorded by the version that wrote it (a method's own keys, such as
+        # contrast's aux_feature_dim, came later): the tensors' shapes, checked above, still guard it.
+        if key in saved and saved[key] != value:
             raise BadInput(
                 f"run.resume: {path} was written with {key} = {saved.get(key)!r} but this run has "
                 f"{value!r}; resume with the config that wrote it"
@@ -324,6 +327,7 @@ def identity_of(config: Any, cuts: list[int]) -> dict[str, Any]:
         "cuts": list(cuts),
         "context": local.context,
         "loss": local.loss,
+        **{key: getattr(local, key) for key in method_named(local.loss).identity_keys},
         "aux": local.aux,
         "reconstruct": local.reconstruct,
         "batch_size": config.data.batch_size,

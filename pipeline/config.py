@@ -18,13 +18,13 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from pipeline.errors import BadInput, clip
 from pipeline.model.arch import SEGMENTATION_ARCHS, SEGMENTATION_DATASETS, aux_block
 from pipeline.model.networks.registry import NetworkSpec, resolve_network
+from pipeline.model.methods.registry import method_named, method_names
 
 Mode = Literal["sequential", "pipeline", "ddp"]
 Device = Literal["auto", "cpu", "cuda"]
 Dataset = Literal["fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "synthetic", "image_folder", "cityscapes",
                   "segmentation_folder"]
 Partition = Literal["equal", "balanced-memory", "balanced-time", "balanced"]
-Loss = Literal["softmax", "contrast"]
 AuxHead = Literal["0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"]
 Schedule = Literal["cosine", "cosine-step", "poly", "constant"]
 WireDtype = Literal["fp32", "bf16"]
@@ -109,7 +109,7 @@ class LocalConfig:
     # such as "2GiB"; 0: no cap
     memory_cap: float | str = 0.0
     context: str = "R0"
-    loss: Loss = "softmax"
+    loss: str = "softmax"  # a registered local method: softmax, contrast, predsim (pipeline/model/methods/)
     aux: AuxHead = "1c2f"
     aux_widen: int = 1
     aux_hidden: int = 128  # width of the head's hidden linear layers (times aux_widen)
@@ -478,6 +478,7 @@ def validate(config: Config, training: bool = True) -> None:
     _require(depth <= MAX_CONTEXT_DEPTH, f"local.context = {local.context!r}: n in Rn must be <= {MAX_CONTEXT_DEPTH}")
     if not isinstance(local.partition, str):
         validate_cuts(local.partition, local.modules, arch.blocks, arch.units)
+    method_named(local.loss)  # an unknown name is refused, the registered ones listed
     if arch.family == "segmentation":
         validate_segmentation(config, arch)
     if isinstance(local.memory_cap, str):
@@ -595,7 +596,7 @@ def validate_segmentation(config: Config, arch: NetworkSpec) -> None:
              "context encoders pool to a fixed square size, while segmentation crops are rectangular and "
              "evaluation runs on whole images; use local.context = 'R0' (InfoPro's setting)")
     _require(local.loss == "softmax",
-             "local.loss = 'contrast' needs one label per image, but segmentation labels are per-pixel maps; "
+             f"local.loss = {local.loss!r} needs one label per image, but segmentation labels are per-pixel maps; "
              "use local.loss = 'softmax' (per-pixel cross-entropy, InfoPro's setting)")
     _require(isinstance(local.partition, list) or local.partition == "equal",
              f"local.partition = {local.partition!r} is not supported with model.family = 'segmentation' (the "
@@ -690,8 +691,13 @@ def ineffective_keys(config: Config) -> list[str]:
     if config.arch.family == "segmentation":
         ignored("local", ("aux", "aux_hidden", "aux_widen"),
                 "with a segmentation network (its heads and decoder are InfoPro's segmentation ones)")
-    if local.loss == "softmax":
-        ignored("local", ("aux_feature_dim",), "with local.loss = 'softmax' (heads output class scores)")
+    readers: dict[str, list[str]] = {}  # a method's own keys, and which methods read each
+    for method in method_names():
+        for key in method_named(method).identity_keys:
+            readers.setdefault(key, []).append(method)
+    for key, names in sorted(readers.items()):
+        if key not in method_named(local.loss).identity_keys:
+            ignored("local", (key,), f"with local.loss = {local.loss!r} (read only by {', '.join(names)})")
     if not local.reconstruct:
         ignored("local", ("ixx_1", "ixy_1", "ixx_2", "ixy_2"), "with local.reconstruct = false (no decoder to weigh)")
     return notes

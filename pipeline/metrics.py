@@ -16,6 +16,7 @@ import torch
 from pipeline.config import Config
 from pipeline.errors import StageFailure, writing
 from pipeline.metrics_files import metrics_file, metrics_files
+from pipeline.model.methods.registry import method_named
 from pipeline.model.partition import flat_to_cut
 
 
@@ -187,6 +188,9 @@ def method_name(config: Config) -> str:
         return "contsup"
     if local.reconstruct:
         return "infopro"
+    method = method_named(local.loss)
+    if method.standalone:
+        return method.summary_name
     return "greedy_sl" if local.aux.startswith("0c") else "dgl"
 
 
@@ -199,7 +203,7 @@ def write_summary(run_dir: str | Path, config: Config, world_size: int, cuts: li
         "modules": config.local.modules,
         "method": method_name(config),
         "context": config.local.context,
-        "loss": config.local.loss,
+        "loss": method_named(config.local.loss).summary_name,
         "aux": config.local.aux,
         "reconstruct": config.local.reconstruct,
         "arch": config.model.arch,

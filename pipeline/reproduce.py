@@ -27,6 +27,7 @@ from typing import Any
 from pipeline.cli import ArgumentParser, run_main
 from pipeline.config import Config, load_config
 from pipeline.errors import BadInput
+from pipeline.model.methods.registry import method_named
 
 # docs/reference.md, "Published results" (test error %, mean of 5 runs; InfoPro paper, Table 2)
 # and "Published memory" (GB on one GPU, minimum needed; Table 3): table -> method -> K -> value.
@@ -285,7 +286,8 @@ def _recipe(config: Config) -> str:
     else:
         family = config.arch.family
         aux = {"imagenet": "ImageNet head", "segmentation": "segmentation head"}.get(family, local.aux)
-        head = f"{local.loss}, {aux}, " + ("decoder" if local.reconstruct else "no decoder")
+        loss = method_named(local.loss).summary_name
+        head = f"{loss}, {aux}, " + ("decoder" if local.reconstruct else "no decoder")
     return f"{head}; batch {config.data.batch_size}, lr {train.lr:g}, {train.epochs} epochs"
 
 

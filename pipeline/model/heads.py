@@ -23,8 +23,8 @@ def _linears(count: int, width: int, hidden: int, out: int) -> list[nn.Module]:
 def build_aux_head(name: str, channels: int, out: int, widen: int, hidden: int) -> nn.Sequential:
     """A head named by its conv count and linear count, e.g. '1c2f'.
 
-    ``out`` is the class count for the softmax loss or the feature dimension for the
-    contrastive loss.
+    ``out`` is the local method's head width (``LocalMethod.head_width``): the class count, or
+    local.aux_feature_dim for the contrastive loss.
     """
     convs, linears = int(name[0]), int(name[2])
     layers: list[nn.Module] = []

@@ -20,22 +20,14 @@ from pipeline.model.arch import aux_block
 from pipeline.model.context import ContextPlan
 from pipeline.model.decoder import reconstruction_loss
 from pipeline.model.local_parts import LocalParts
-from pipeline.model.losses import dense_cross_entropy, head_loss, upsample_to
+from pipeline.model.losses import cross_entropy, dense_cross_entropy, upsample_to
+from pipeline.model.methods.infopro import loss_weights, with_reconstruction
+from pipeline.model.methods.registry import method_named
 from pipeline.model.networks.base import BlockNet, Shape
 from pipeline.model.recompute import checkpointed_body
 from pipeline.model.resnet import ResidualBlock, init_weights
 from pipeline.model.segmentation_heads import AUX_WEIGHT, ASPPHead, FCNHead, SeededDropout2d, reset_classifier
 from pipeline.packet import Packet
-
-
-def loss_weights(config: Config, index: int) -> tuple[float, float]:
-    """(ixx, ixy) of local module ``index``: linear from (ixx_1, ixy_1) to (ixx_2, ixy_2)."""
-    local = config.local
-    if not local.reconstruct:
-        return 0.0, 1.0
-    ratio = index / (local.modules - 2) if local.modules > 2 else 0.0
-    return (local.ixx_1 + ratio * (local.ixx_2 - local.ixx_1),
-            local.ixy_1 + ratio * (local.ixy_2 - local.ixy_1))
 
 
 @dataclass(frozen=True)
@@ -62,7 +54,7 @@ class LocalModule(nn.Module):
         self.index = index
         self.last = index == len(layout.ranges) - 1
         self.plan = layout.plan
-        self.loss_kind = local.loss
+        self.method = method_named(local.loss)
         self.ixx, self.ixy = loss_weights(config, index)
         start, end = layout.ranges[index]
         target, parts = layout.input_shape(index), layout.parts
@@ -92,7 +84,7 @@ class LocalModule(nn.Module):
         elif self.last:
             self.head = layout.net.classifier(classes)
         else:
-            head_out = classes if local.loss == "softmax" else local.aux_feature_dim
+            head_out = self.method.head_width(classes, local)
             self.head = parts.aux_head(out, head_out, local)
         self.decoder = parts.decoder(out, layout.spec, local.aux_widen) if local.reconstruct and not self.last else None
         # Dropout (the segmentation heads) draws at every training step, from seeds the worker sets.
@@ -162,17 +154,15 @@ class LocalModule(nn.Module):
             return (dense_cross_entropy(self.head(output), labels)
                     + AUX_WEIGHT * dense_cross_entropy(self.aux_head(tapped), labels))
         if self.last:
-            return head_loss("softmax", self.head(output), labels)
+            return cross_entropy(self.head(output), labels)
         if self.dense:  # InfoPro's module-0 head: align_corners, torch's mean over the pixels not ignored
             loss = dense_cross_entropy(self.head(output), labels, align_corners=True, per_valid_pixel=True)
         else:
-            loss = head_loss(self.loss_kind, self.head(output), labels)
+            loss = self.method.loss(output, self.head(output), labels)
         if self.decoder is None:
             return loss
         assert packet.image is not None
-        image = packet.image.detach()
-        size = (image.shape[-2], image.shape[-1])
-        return self.ixx * reconstruction_loss(self.decoder(output, size), self.decoder.target(image)) + self.ixy * loss
+        return with_reconstruction(loss, self.decoder, output, packet.image.detach(), (self.ixx, self.ixy))
 
     def next_packet(self, packet: Packet, inputs: torch.Tensor, output: torch.Tensor) -> Packet:
         """What module k+1 receives: h detached, the image if still needed, the register."""

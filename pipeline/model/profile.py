@@ -35,14 +35,15 @@ from pipeline.model.cost import (
     predicted_stage_seconds,
 )
 from pipeline.model.decoder import reconstruction_loss
-from pipeline.model.losses import head_loss
+from pipeline.model.losses import cross_entropy
+from pipeline.model.methods.registry import method_named
 from pipeline.model.network import make_net
 from pipeline.model.networks.base import Shape
 from pipeline.model.networks.registry import family_named
 from pipeline.model.partition import flat_to_cut, segment_ranges
 from pipeline.optim import make_optimizer
 
-Loss = Callable[[torch.Tensor], torch.Tensor]
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (the piece's input, a layer's output) -> its loss
 MIB = 1 << 20
 
 
@@ -79,7 +80,7 @@ def saved_activation_bytes(module: nn.Module, *inputs: Any) -> tuple[int, Any]:
     return sum(storages.values()), result
 
 
-def _summed(output: torch.Tensor) -> torch.Tensor:
+def _summed(_: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     return output.float().sum()
 
 
@@ -93,7 +94,7 @@ class _Scored(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=self.amp):
             self.outputs = [layer(inputs) for layer in self.layers]  # kept: which of them backward keeps
-            return sum((loss(output) for output, loss in zip(self.outputs, self.losses)),
+            return sum((loss(inputs, output) for output, loss in zip(self.outputs, self.losses)),
                        torch.zeros((), device=inputs.device))
 
 
@@ -147,7 +148,8 @@ class _Profiler:
         """Forward + backward + SGD step of the layers ``build`` makes, all reading one input of ``shape``.
 
         ``grad``: the input needs its gradient (blocks inside a module, heads on a block output).
-        ``losses``: what each layer's output is scored with (what they save counts); by default its sum.
+        ``losses``: what each layer's output is scored with, given the input too (a method such as PredSim scores
+        the module's output the head reads); what they save counts. By default the output's sum.
         ``forward``: also time the forward alone (a block's: what recomputing it costs).
         """
         if key in self.measured:
@@ -193,7 +195,8 @@ class _Profiler:
 
     def head(self, index: int) -> Piece:
         local, shape = self.config.local, self.net.shape(index)
-        out = self.spec.classes if local.loss == "softmax" else local.aux_feature_dim
+        method = method_named(local.loss)
+        out = method.head_width(self.spec.classes, local)
 
         def build() -> list[nn.Module]:
             head = self.parts.aux_head(shape, out, local)
@@ -205,10 +208,11 @@ class _Profiler:
         image = self.net.shape(-1)
         images = torch.rand(self.batch, *image, device=self.device)
 
-        def classify(output: torch.Tensor) -> torch.Tensor:
-            return head_loss(local.loss, output, labels)
+        def classify(features: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+            return method.loss(features, output, labels)
 
-        def reconstruct(output: torch.Tensor) -> torch.Tensor:  # the target is made in the step, as there
+        def reconstruct(_: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+            # the target is made in the step, as there
             return reconstruction_loss(output, images.clamp(0.0, 1.0))
 
         return self.piece(("head", shape), build, shape, True, [classify, reconstruct])
@@ -217,8 +221,8 @@ class _Profiler:
         shape = self.net.shape(len(self.net) - 1)
         labels = torch.randint(0, self.spec.classes, (self.batch,), device=self.device)
 
-        def classify(output: torch.Tensor) -> torch.Tensor:
-            return head_loss("softmax", output, labels)
+        def classify(_: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+            return cross_entropy(output, labels)
 
         return self.piece(("classifier", shape), lambda: [self.net.classifier(self.spec.classes)], shape, True,
                           [classify])

@@ -58,8 +58,8 @@ IMAGENET18 = ("model.family=imagenet", "model.arch=resnet18")
 
 @pytest.mark.parametrize("net, method", [
     (CIFAR14, ("local.context=R0",)), (CIFAR14, ("local.context=R1E",)), (CIFAR14, ("local.reconstruct=true",)),
-    (IMAGENET18, ("local.reconstruct=true",)),
-], ids=["cifar-R0", "cifar-R1E", "cifar-decoder", "imagenet-decoder"])
+    (IMAGENET18, ("local.reconstruct=true",)), (CIFAR14, ("local.loss=predsim",)),
+], ids=["cifar-R0", "cifar-R1E", "cifar-decoder", "imagenet-decoder", "cifar-predsim"])
 def test_profiled_bytes_predict_the_exact_count(make_config, net, method):
     """The profile's per-piece bytes add up to what a real module's step keeps (counted exactly)."""
     config = make_config(*net, "local.modules=3", "data.batch_size=8", *method)
