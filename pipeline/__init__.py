@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # importing the package imports no torch: a config is read wi
     from torch import nn
 
     from pipeline.config import Config
+    from pipeline.model.methods.registry import LocalMethod
     from pipeline.model.networks.registry import NetworkFamily
 
 __version__ = "0.1.0"
@@ -50,6 +51,15 @@ def register_network(family: NetworkFamily | str, factory: Callable[..., object]
             raise TypeError("register_network(name, factory): give the factory that builds the network")
         family = NamedFactory(family, factory)
     register(family)
+
+
+def register_method(method: LocalMethod) -> None:
+    """Make a local loss nameable by local.loss: a ``LocalMethod`` (pipeline/model/methods/registry.py) that says
+    what its head outputs and how the module's output and the head's are scored. Register it in every process
+    that trains it, before its config is loaded."""
+    from pipeline.model.methods.registry import register_method as register
+
+    register(method)
 
 
 def load_model(path: str | Path) -> nn.Module:

@@ -1,3 +1,3 @@
-"""The built-in network families: importing this module registers them."""
+"""The built-in network families beyond the ResNets (resnets.py): importing this module registers them."""
 
 from pipeline.model.networks import factory, resnets, vgg, vit  # noqa: F401

@@ -89,12 +89,12 @@ def register_network(family: NetworkFamily) -> NetworkFamily:
 
 
 def families() -> dict[str, NetworkFamily]:
-    _load_builtins()
+    _load_builtins(everything=True)
     return dict(_FAMILIES)
 
 
 def family_named(name: str) -> NetworkFamily:
-    _load_builtins()
+    _load_builtins(everything=name not in _FAMILIES)
     if name not in _FAMILIES:
         raise BadInput(f"model.family = {clip(name)!r} is not a registered network family; allowed: auto, "
                        f"{', '.join(sorted(_FAMILIES))}")
@@ -112,6 +112,7 @@ def resolve_network(arch: str, family: str, dataset: str, data: DataShape) -> Ne
     default = next(f for f in _FAMILIES.values() if dataset in f.datasets)
     if default.knows(arch):
         return default.resolve(arch, data)
+    _load_builtins(everything=True)
     # Families that are no dataset's default (ViT, VGG, a user's) own their names outright; a ResNet name
     # of another dataset's family stays refused with how to ask for it (model.family).
     free = [f for f in _FAMILIES.values() if not f.datasets and f.knows(arch)]
@@ -125,12 +126,10 @@ def resolve_network(arch: str, family: str, dataset: str, data: DataShape) -> Ne
                        ) from None
 
 
-def all_names() -> str:
-    """Every family's names, for an error that lists what model.arch may be."""
-    return "; ".join(f"{name}: {', '.join(f.names())}" for name, f in sorted(families().items())
-                     if name != FACTORY_FAMILY)
+def _load_builtins(everything: bool = False) -> None:
+    """Import the built-in families, which register themselves: the ResNets', which import no torch (the
+    launchers read the shipped configs many times), or ``everything`` (the others import torch and the model)."""
+    import pipeline.model.networks.resnets  # noqa: F401
 
-
-def _load_builtins() -> None:
-    """Import the built-in families, which register themselves (late: they import torch and the model)."""
-    import pipeline.model.networks.builtin  # noqa: F401
+    if everything:
+        import pipeline.model.networks.builtin  # noqa: F401

@@ -2,7 +2,9 @@
 
 Their names and layouts are pipeline/model/arch.py's (``resnet50`` is both a CIFAR depth and
 torchvision's network: model.family, or the dataset's default family, decides). Cuts are
-[stage, block] pairs ([0, 0]: after the stem) and 'equal' follows the published tables.
+[stage, block] pairs ([0, 0]: after the stem) and 'equal' follows the published tables. This module
+imports no torch (the launchers read the shipped configs many times): ``net`` and ``parts`` import
+what builds the networks.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from pipeline.model.arch import (
     is_cifar_depth,
     resolve_arch,
 )
-from pipeline.model.local_parts import ImageNetParts, LocalParts, SegmentationParts
 from pipeline.model.networks.registry import DataShape, NetworkFamily, NetworkSpec, register_network
 
 if TYPE_CHECKING:
     from pipeline.data.specs import DatasetSpec
+    from pipeline.model.local_parts import LocalParts
     from pipeline.model.networks.base import BlockNet
 
 
@@ -71,6 +73,8 @@ class ImageNetResNets(ResNetFamily):
         return ImageNetResNet(spec.layout, data.channels, data.image_shape)
 
     def parts(self) -> LocalParts:
+        from pipeline.model.local_parts import ImageNetParts  # torch: a config is read without it
+
         return ImageNetParts()
 
 
@@ -87,6 +91,8 @@ class DeepLabV3(ResNetFamily):
         return DilatedResNet(spec.layout, data.channels, data.image_shape, deep_stem)
 
     def parts(self) -> LocalParts:
+        from pipeline.model.local_parts import SegmentationParts  # torch: a config is read without it
+
         return SegmentationParts()
 
 
