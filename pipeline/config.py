@@ -17,8 +17,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from pipeline.errors import BadInput, clip
 from pipeline.model.arch import SEGMENTATION_ARCHS, SEGMENTATION_DATASETS, aux_block
-from pipeline.model.networks.registry import NetworkSpec, resolve_network
 from pipeline.model.methods.registry import method_named, method_names
+from pipeline.model.networks.registry import NetworkSpec, resolve_network
 
 Mode = Literal["sequential", "pipeline", "ddp"]
 Device = Literal["auto", "cpu", "cuda"]

@@ -15,7 +15,7 @@ from torch import nn
 
 from pipeline.model.arch import BOTTLENECK_EXPANSION, ArchSpec
 from pipeline.model.networks.base import BlockNet
-from pipeline.model.partition import flat_to_cut
+from pipeline.model.partition import stage_and_block
 from pipeline.model.resnet import BasicBlock, Classifier, ResidualBlock, conv3x3, shortcut
 
 
@@ -78,7 +78,7 @@ class ImageNetResNet(BlockNet):
 
     def _stage_of(self, index: int) -> tuple[int, int]:
         """Flat residual-block index (>= 1) -> (stage 0..3, block within the stage)."""
-        stage, block = flat_to_cut(index, self.arch.blocks)
+        stage, block = stage_and_block(index, self.arch.blocks)
         return stage - 1, block
 
     def stem(self) -> nn.Module:

@@ -18,7 +18,6 @@ from pipeline.data.contract import mix_seed
 from pipeline.data.specs import DatasetSpec
 from pipeline.model.arch import aux_block
 from pipeline.model.context import ContextPlan
-from pipeline.model.decoder import reconstruction_loss
 from pipeline.model.local_parts import LocalParts
 from pipeline.model.losses import cross_entropy, dense_cross_entropy, upsample_to
 from pipeline.model.methods.infopro import loss_weights, with_reconstruction

@@ -42,14 +42,17 @@ SEGMENTATION_TABLES: dict[tuple[int, ...], dict[int, list[Cut]]] = {
 def flat_to_cut(flat: int, blocks: tuple[int, ...] | None) -> Cut:
     """Index in the flat block list -> the cut as config writes it: [stage, block] of a ResNet (``blocks`` per
     stage), the index itself for a flat-indexed network (the inverse of config.cut_to_flat)."""
-    if blocks is None:
-        return flat
+    return flat if blocks is None else list(stage_and_block(flat, blocks))
+
+
+def stage_and_block(flat: int, blocks: tuple[int, ...]) -> tuple[int, int]:
+    """A ResNet's flat block index -> (stage, block within it); (0, 0) is the stem."""
     if flat == 0:
-        return [0, 0]
+        return 0, 0
     block = flat - 1
     for stage, count in enumerate(blocks, start=1):
         if block < count:
-            return [stage, block]
+            return stage, block
         block -= count
     raise ValueError(f"block {flat} is past the last of {blocks}")
 

@@ -30,7 +30,7 @@ from pipeline import checkpoint
 from pipeline.config import Config, cut_to_flat
 from pipeline.errors import BadInput, clip
 from pipeline.model.arch import IMAGENET_ARCHS, ArchSpec, Family, resolve_arch
-from pipeline.model.partition import flat_to_cut, module_ranges
+from pipeline.model.partition import module_ranges, stage_and_block
 
 TORCHVISION = "torchvision's ResNet layout"
 V1C = "MMSegmentation's ResNet-V1c layout"
@@ -91,7 +91,7 @@ def resnet_key(block: int, name: str, blocks: tuple[int, ...], stem: dict[str, s
         index, _, rest = name.partition(".")
         prefix = next((key for key, value in stem.items() if value == index), f"stem.{index}")
         return f"{prefix}.{rest}"
-    stage, within = flat_to_cut(block, blocks)
+    stage, within = stage_and_block(block, blocks)
     inner = "downsample." + name.removeprefix("shortcut.") if name.startswith("shortcut.") else name
     return f"layer{stage}.{within}.{inner}"
 

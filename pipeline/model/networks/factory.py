@@ -49,7 +49,7 @@ def import_factory(arch: str) -> Factory:
         raise BadInput(f"model.arch = {clip(arch)!r}: module {module_name!r} does not import ({type(err).__name__}: "
                        f"{clip(str(err), 200)}); put its folder on PYTHONPATH on every node, or fix the module"
                        ) from err
-    factory = getattr(module, name, None)
+    factory: Factory | None = getattr(module, name, None)
     if not callable(factory):
         raise BadInput(f"model.arch = {clip(arch)!r}: module {module_name!r} has no callable {name!r}; name the "
                        "function that builds your network")

@@ -129,7 +129,7 @@ def resolve_network(arch: str, family: str, dataset: str, data: DataShape) -> Ne
 def _load_builtins(everything: bool = False) -> None:
     """Import the built-in families, which register themselves: the ResNets', which import no torch (the
     launchers read the shipped configs many times), or ``everything`` (the others import torch and the model)."""
-    import pipeline.model.networks.resnets  # noqa: F401
+    import pipeline.model.networks.resnets
 
     if everything:
         import pipeline.model.networks.builtin  # noqa: F401

@@ -15,8 +15,8 @@ from pipeline.config import Config, load_config
 from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.errors import BadInput
 from pipeline.model.network import build_module, make_layout, resolve_cuts
-from pipeline.model.networks.base import BlockNet
 from pipeline.model.networks import registry
+from pipeline.model.networks.base import BlockNet
 from pipeline.model.networks.registry import DataShape, NetworkFamily, NetworkSpec, register_network
 
 REPO = Path(__file__).resolve().parents[3]
