@@ -18,6 +18,7 @@ from pipeline.model.network import build_module, make_layout, resolve_cuts
 from pipeline.model.networks import registry
 from pipeline.model.networks.base import BlockNet
 from pipeline.model.networks.registry import DataShape, NetworkFamily, NetworkSpec, register_network
+from pipeline.packet import Packet
 
 REPO = Path(__file__).resolve().parents[3]
 # sha256 of every module's state dict for each shipped config, computed with the code before the network
@@ -118,6 +119,13 @@ def test_a_family_registered_in_one_file_trains(build_modules, request: pytest.F
     assert config.arch.family == "mlp"
     _, cuts, layout, modules = build_modules(config)
     assert cuts == [0, 1] and [layout.output_shape(k) for k in range(3)] == [(3072,), (64,), (64,)]
+    packet = Packet.from_batch(torch.randn(4, 3, 32, 32), torch.arange(4))
+    for module in modules:
+        inputs, output, loss = module(packet)
+        loss.backward()
+        if not module.last:
+            packet = module.next_packet(packet, inputs, output)
+    assert modules[-1].logits(output, packet.labels).shape == (4, 10)
     assert tiny_config("model.arch=mlp3", "model.family=mlp").arch == config.arch
     with pytest.raises(BadInput, match="is not an mlp; allowed: mlp3"):
         tiny_config("model.arch=resnet8", "model.family=mlp")
@@ -127,7 +135,8 @@ def test_auto_picks_the_one_family_that_knows_the_name() -> None:
     assert tiny_config("model.arch=vit_tiny").arch.family == "vit"
     assert tiny_config("model.arch=vgg16_bn").arch.family == "vgg"
     assert load_config(None, ["data.name=cifar10", "model.arch=resnet50"]).arch.family == "cifar"  # the dataset's
-    with pytest.raises(BadInput, match=r"is not a CIFAR ResNet.*; or .*vgg11_bn, vgg16_bn, vit_tiny, vit_small, 'package.module:factory'"):
+    others = r"is not a CIFAR ResNet.*; or .*vgg11_bn, vgg16_bn, vit_tiny, vit_small, 'package.module:factory'"
+    with pytest.raises(BadInput, match=others):
         tiny_config("model.arch=resnet7")
     with pytest.raises(BadInput, match=r"model.family = 'nets' is not a registered network family"):
         tiny_config("model.family=nets")
