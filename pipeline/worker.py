@@ -70,8 +70,8 @@ class ModuleWorker:
     def _prepare(self, packet: Packet) -> Packet:
         if not self.channels_last:
             return packet
-        def fmt(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.contiguous(memory_format=torch.channels_last)
+        def fmt(tensor: torch.Tensor) -> torch.Tensor:  # a layout of maps: token sequences and vectors stay
+            return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
         image = None if packet.image is None else fmt(packet.image)
         return Packet(packet.labels, fmt(packet.features), image, [fmt(t) for t in packet.register])
 

@@ -24,7 +24,7 @@ from pipeline.runners.run import run
 STEPS = 6
 CASES = {
     "factory-K3-R1E": (3, [f"model.arch={FACTORY}", "local.context=R1E"]),
-    "vit_tiny-K4-R1E": (4, ["model.arch=vit_tiny", "local.context=R1E"]),
+    "vit_tiny-K4-R1E-channels_last": (4, ["model.arch=vit_tiny", "local.context=R1E", "precision.channels_last=true"]),
     "vgg11_bn-K3-R1-decoder": (3, ["model.arch=vgg11_bn", "local.context=R1", "local.reconstruct=true"]),
 }
 
@@ -35,7 +35,8 @@ def overrides(case: str) -> tuple[int, list[str]]:
                      *extra]
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [pytest.param(case, marks=[pytest.mark.slow] if "factory" not in case else [])
+                                  for case in CASES])  # the ViT and the VGG train for seconds
 def test_threaded_pipeline_equals_sequential(tmp_path: Path, single_thread: None,
                                              sequential_reference: Callable[[list[str]], tuple[Path, dict[str, Any]]],
                                              case: str) -> None:
