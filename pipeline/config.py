@@ -691,6 +691,8 @@ def ineffective_keys(config: Config) -> list[str]:
     if config.arch.family == "segmentation":
         ignored("local", ("aux", "aux_hidden", "aux_widen"),
                 "with a segmentation network (its heads and decoder are InfoPro's segmentation ones)")
+    if config.arch.family == "vit":
+        ignored("local", ("aux",), "with a ViT (a token feature's head is LayerNorm, mean pool and two linear layers)")
     readers: dict[str, list[str]] = {}  # a method's own keys, and which methods read each
     for method in method_names():
         for key in method_named(method).identity_keys:

@@ -114,3 +114,11 @@ def test_image_sides_not_divisible_by_the_patch_are_one_line_bad_input():
         vit(image_width=30)
     assert "\n" not in str(err.value)
 
+
+
+def test_local_aux_is_said_to_have_no_effect_on_a_vit() -> None:
+    from pipeline.config import ineffective_keys, load_config
+
+    config = load_config(None, ["model.arch=vit_tiny", "local.modules=2", "local.aux=0c1f"])
+    assert ineffective_keys(config) == ["local.aux has no effect with a ViT (a token feature's head is LayerNorm, "
+                                        "mean pool and two linear layers)"]
