@@ -1,4 +1,4 @@
-"""The wire between neighbouring stages: a bounded queue at each end, a thread per direction.
+"""The wire between neighbouring stages: a bounded queue at each end, one courier thread per rank.
 
 Each rank has one communication thread, its ``Courier``: it drains the outbox towards rank k+1
 and fills the inbox from rank k-1 with isend/irecv, every work waited on with a deadline.

@@ -1,6 +1,6 @@
 """One module with its optimizer: the training and evaluation step every runner calls.
 
-The sequential runner calls these steps module after module; a pipeline stage calls the
+In sequential mode one process calls these steps module after module; a pipeline stage calls the
 same steps on what its inbox delivers. That sharing is what makes the two equal.
 """
 

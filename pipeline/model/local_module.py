@@ -1,6 +1,6 @@
 """One gradient-isolated module: context encoders + blocks + head (+ decoder) and its local loss.
 
-The same class serves the sequential runner, a pipeline stage and the end-to-end baselines
+The same class serves sequential mode, a pipeline stage and the end-to-end baselines
 (K = 1: one module whose head is the real classifier). For segmentation the last module's head
 is DeepLab-V3's ASPP head, with the FCN auxiliary head on the output of layer3's last block
 (which config validation keeps inside the last module); labels are per-pixel maps.
