@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 # torch and the model code load inside run_bench only, so that --help answers at once.
 from pipeline.cli import ArgumentParser, add_set_argument, run_main
-from pipeline.config import Config, load_config
+from pipeline.config import Config, Cut, load_config
 from pipeline.errors import BadInput, StageFailure
 from pipeline.plot import optional_pyplot
 
@@ -302,7 +302,7 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
     from pipeline.data.specs import dataset_spec
     from pipeline.distributed import keep_freed_host_memory
     from pipeline.model.cost import context_plan, predicted_stage_seconds
-    from pipeline.model.partition import flat_to_cut
+    from pipeline.model.partition import written_cuts
     from pipeline.model.profile import checkpointed_activation_bytes, module_activation_bytes
 
     cores = os.cpu_count() or 1
@@ -338,8 +338,7 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
         if run.modules not in flat_cuts and run.modules > 1:
             fewer = load_config(config_path, [*sets, f"local.modules={run.modules}", "local.partition=balanced-time"])
             flat_cuts[run.modules], plans[run.modules] = _cuts(fewer, spec, profile), context_plan(fewer)
-    explicit = {k: json.dumps([flat_to_cut(cut, local.arch.blocks) for cut in flat])
-                for k, flat in flat_cuts.items()}
+    explicit = {k: json.dumps(written_cuts(flat, local.arch)) for k, flat in flat_cuts.items()}
     batch = base.data.batch_size
     e2e_activation = module_activation_bytes(base, spec, [], batch)[0]
     ddp_activation = module_activation_bytes(base, spec, [], -(-batch // nproc))[0]
@@ -464,7 +463,7 @@ def memory_report(config_path: str | None, sets: list[str], batch: int | None, o
 
     from pipeline.data.specs import dataset_spec
     from pipeline.model.network import resolve_cuts
-    from pipeline.model.partition import flat_to_cut
+    from pipeline.model.partition import cut_notation, written_cuts
     from pipeline.model.profile import module_activation_bytes
 
     local = load_config(config_path, sets)
@@ -483,7 +482,7 @@ def memory_report(config_path: str | None, sets: list[str], batch: int | None, o
     report = {
         "config": config_path, "overrides": sets, "memory_only": True, "arch": local.model.arch,
         "dataset": local.data.name, "image": [height, width], "batch_per_device": batch,
-        "modules": local.local.modules, "cut_points": [flat_to_cut(cut, local.arch.blocks) for cut in cuts],
+        "modules": local.local.modules, "cut_points": written_cuts(cuts, local.arch),
         "e2e_activation_mem_bytes": e2e, "module_activation_mem_bytes": modules,
         "largest_stage_activation_over_e2e": round(max(modules) / e2e, 3),
     }
@@ -492,7 +491,7 @@ def memory_report(config_path: str | None, sets: list[str], batch: int | None, o
         f"{local.model.arch} on {local.data.name}, {height} x {width} images, batch {batch} per device: "
         "activation memory (what autograd keeps for backward)",
         "",
-        "| run | cut points | activation mem per module (MiB) | largest / E2E |",
+        f"| run | cut points ({cut_notation(local.arch)}) | activation mem per module (MiB) | largest / E2E |",
         "|---|---|---|---|",
         f"| e2e | - | {e2e / mib:.0f} | 1.000 |",
         f"| K = {local.local.modules} | {report['cut_points']} | {' / '.join(f'{m / mib:.0f}' for m in modules)} | "
@@ -573,7 +572,7 @@ def idle_fractions(results: dict[str, dict[str, Any]]) -> dict[str, float]:
             for name, run in results.items()}
 
 
-def _partition(chosen: str | list[list[int]]) -> list[str]:
+def _partition(chosen: str | list[Cut]) -> list[str]:
     """The cuts the local runs use: the config's explicit list, balanced-memory or balanced, else balanced-time."""
     keep = isinstance(chosen, list) or chosen in ("balanced-memory", "balanced")
     return [] if keep else ["local.partition=balanced-time"]

@@ -26,6 +26,7 @@ import torch
 
 from pipeline.errors import BadInput, StageFailure, writing
 from pipeline.model.methods.registry import method_named
+from pipeline.model.networks.registry import family_named
 from pipeline.runners.loop import Position
 
 if TYPE_CHECKING:  # the worker builds modules, whose pretrained weights may come from a checkpoint set
@@ -320,8 +321,9 @@ def identity_of(config: Any, cuts: list[int]) -> dict[str, Any]:
     """What must agree between the run that wrote a checkpoint and the run resuming it."""
     local = config.local
     return {
-        "arch": config.model.arch,
-        "family": config.arch.family,  # resnet50 names a CIFAR and an ImageNet network
+        # the network as its family records it: model.arch and the family (resnet50 names a CIFAR and an
+        # ImageNet network; a factory is its "package.module:factory")
+        **family_named(config.arch.family).identity(config.arch),
         "dataset": config.data.name,
         "modules": local.modules,
         "cuts": list(cuts),

@@ -33,7 +33,7 @@ from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.errors import BadInput, StageFailure, cannot_write, errors_logged
 from pipeline.metrics import DeviceMemory, MetricsLog, say
 from pipeline.model.network import build_module, make_layout, resolve_cuts
-from pipeline.model.partition import flat_to_cut, module_ranges
+from pipeline.model.partition import describe_cuts, module_ranges, written_cuts
 from pipeline.model.profile import saved_activation_bytes
 from pipeline.optim import learning_rate, make_optimizer, set_learning_rate
 
@@ -83,10 +83,12 @@ def stage_activation_bytes(e2e: Config, spec: DatasetSpec, cuts: list[int], batc
 
 class _Precision(nn.Module):
     """A stage computing and sending as the local pipeline's stages do: under bf16 autocast with
-    precision.amp = bf16, its activations on the wire in pipeline.wire_dtype.
+    precision.amp = bf16, its activations on the wire in pipeline.wire_dtype, dense.
 
     A bf16 wire arrives as bf16 and is restored to float32 only where the stage computes in
     float32 (pipeline/transport.py does the same); the last stage's logits are float32 for the loss.
+    A feature may leave its blocks strided (a ViT's tokens keep the transposed strides of its patch
+    embedding), and the links send dense tensors only.
     """
 
     def __init__(self, inner: nn.Module, device: torch.device, amp: bool, wire: torch.dtype, last: bool) -> None:
@@ -98,7 +100,7 @@ class _Precision(nn.Module):
             inputs = inputs.float()
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
             output: torch.Tensor = self.inner(inputs)
-        return output.float() if self.last else output.to(self.wire)
+        return output.float() if self.last else output.to(self.wire).contiguous()
 
 
 class ClassicStage:
@@ -121,7 +123,7 @@ class ClassicStage:
         amp = config.precision.amp == "bf16"
         wire = torch.bfloat16 if config.pipeline.wire_dtype == "bf16" else torch.float32
         last = index == stages - 1
-        runs: nn.Module = _Precision(stage, device, amp, wire, last) if amp or wire != torch.float32 else stage
+        runs = _Precision(stage, device, amp, wire, last)
         # Shapes and dtypes of one microbatch on the meta device: the stage needs no exchange at the
         # start. requires_grad marks what carries a gradient back: every received input, every output.
         meta = torch.device("meta")
@@ -242,9 +244,8 @@ def train(config_path: str | None, sets: list[str], schedule: Schedule, microbat
         micro = batch // microbatches
         log = MetricsLog(out, rank)
         if rank == 0:
-            say(f"[classic {schedule}] {size} stages, cut points "
-                f"{[flat_to_cut(cut, config.arch.blocks) for cut in flat]}, {microbatches} microbatches "
-                f"of {micro}, {steps} steps on {device}, {torch.get_num_threads()} thread(s) per stage")
+            say(f"[classic {schedule}] {size} stages, cut points {describe_cuts(flat, config.arch)}, {microbatches} "
+                f"microbatches of {micro}, {steps} steps on {device}, {torch.get_num_threads()} thread(s) per stage")
         memory = DeviceMemory(device)
         memory.start()
         window, losses = config.run.log_every, []
@@ -283,7 +284,7 @@ def write_summary(out: Path, config: Config, schedule: Schedule, microbatches: i
         "microbatches": microbatches, "arch": config.model.arch, "dataset": config.data.name,
         "batch_size": config.data.batch_size, "steps": steps, "test_accuracy": None,
         "train_samples_per_s": round(steps * config.data.batch_size / max(train_s, 1e-9), 2),
-        "cut_points": [flat_to_cut(cut, config.arch.blocks) for cut in cuts], "stages": stages,
+        "cut_points": written_cuts(cuts, config.arch), "stages": stages,
     }
     path = out / "summary.json"
     try:

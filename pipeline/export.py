@@ -161,9 +161,10 @@ def read_run(path: str | Path, step: int = 0, config_path: str | None = None,
 def torchvision_state_dict(net: InferenceNet, config: Config, cuts: list[int]) -> dict[str, torch.Tensor]:
     """The network under torchvision's resnet / resnext keys (conv1, bn1, layer<s>.<b>..., fc)."""
     arch = config.arch
-    if arch.family == "cifar":
-        raise BadInput(f"--format torchvision: {config.model.arch} is a CIFAR ResNet, which torchvision does not "
-                       f"define; use --format model or export")
+    if arch.family not in ("imagenet", "segmentation"):
+        what = "a CIFAR ResNet" if arch.family == "cifar" else f"a network of model.family = {arch.family!r}"
+        raise BadInput(f"--format torchvision writes torchvision's resnet / resnext only, and {config.model.arch} is "
+                       f"{what}; use --format model or export")
     if arch.family == "segmentation":
         raise BadInput(f"--format torchvision: {config.model.arch}'s decode head is MMSegmentation's (ASPP of 512 "
                        f"channels and a 3x3 bottleneck), torchvision's deeplabv3 has a 256-channel head with a 1x1 "
@@ -173,12 +174,13 @@ def torchvision_state_dict(net: InferenceNet, config: Config, cuts: list[int]) -
         raise BadInput(f"--format torchvision: local.context = {config.local.context!r} adds context encoders "
                        f"that feed later modules at inference, and torchvision's resnet has no place for them; use "
                        f"--format model or export")
-    ranges = module_ranges(cuts, arch.units)
+    ranges, blocks = module_ranges(cuts, arch.units), arch.blocks
+    assert blocks is not None, "an ImageNet ResNet's cuts are [stage, block]"
     state: dict[str, torch.Tensor] = {}
     for (start, _), module in zip(ranges, stages):
         for name, tensor in module.body.state_dict().items():
             position, _, inner = name.partition(".")
-            state[resnet_key(start + int(position), inner, arch.blocks)] = tensor
+            state[resnet_key(start + int(position), inner, blocks)] = tensor
     head = stages[-1].head
     assert isinstance(head, Classifier)
     linear = head[-1]  # pool, flatten, linear: torchvision's fc

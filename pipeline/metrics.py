@@ -17,7 +17,7 @@ from pipeline.config import Config
 from pipeline.errors import StageFailure, writing
 from pipeline.metrics_files import metrics_file, metrics_files
 from pipeline.model.methods.registry import method_named
-from pipeline.model.partition import flat_to_cut
+from pipeline.model.partition import written_cuts
 
 
 class EventSink(Protocol):
@@ -217,7 +217,7 @@ def write_summary(run_dir: str | Path, config: Config, world_size: int, cuts: li
         **scores,
         "train_samples_per_s": round(train_samples / max(train_s, 1e-9), 2),
         "wall_s": round(wall_s, 3),
-        "cut_points": [flat_to_cut(cut, config.arch.blocks) for cut in cuts],
+        "cut_points": written_cuts(cuts, config.arch),
         "stages": stages,
         "config": config.to_dict(),
     }

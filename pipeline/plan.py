@@ -26,6 +26,7 @@ from pipeline.model.context import ContextPlan
 from pipeline.model.cost import (
     NetworkProfile,
     Starts,
+    buildable,
     checkpointed_activation_bytes,
     received_bytes,
     recompute_seconds,
@@ -34,7 +35,15 @@ from pipeline.model.cost import (
     stage_parameter_bytes,
     stage_seconds,
 )
-from pipeline.model.partition import NoPartitionFits, flat_to_cut, min_max_partition, module_ranges
+from pipeline.model.networks.registry import NetworkSpec
+from pipeline.model.partition import (
+    NoPartitionBuilds,
+    NoPartitionFits,
+    cut_notation,
+    min_max_partition,
+    module_ranges,
+    written_cuts,
+)
 from pipeline.traffic import all_reduce_bytes
 
 GIB = 1 << 30
@@ -126,10 +135,11 @@ def plan_layout(profile: NetworkProfile, plan: ContextPlan, replicas: int, batch
         return float(device_memory_bytes(profile, plan, index, start, end, per_replica, replicas,
                                          cluster.queue_depth, starts))
 
+    fastest, smallest = buildable(profile, plan, seconds), buildable(profile, plan, memory)
     try:
-        cuts, fits = min_max_partition(len(profile), modules, seconds, memory, cluster.memory_bytes), True
+        cuts, fits = min_max_partition(len(profile), modules, fastest, smallest, cluster.memory_bytes), True
     except NoPartitionFits:
-        cuts, fits = min_max_partition(len(profile), modules, memory), False  # the least memory it can take
+        cuts, fits = min_max_partition(len(profile), modules, smallest), False  # the least memory it can take
     ranges = module_ranges(cuts, len(profile))
     starts = [start for start, _ in ranges]  # the cuts known: the register's true sources
     return Layout(
@@ -177,15 +187,19 @@ def plan_checkpointed(profile: NetworkProfile, replicas: int, batch: int, cluste
 
 def plan_layouts(profile: NetworkProfile, depth: int, image: bool, reconstruct: bool, batch: int,
                  cluster: Cluster, checkpoint_segments: int = 0) -> list[Layout]:
-    """Every K x R = N the network allows (K divides N, K <= its blocks, Rn looks back fewer than K), and
-    where DDP does not fit M (or ``checkpoint_segments`` is given), DDP with activation checkpointing."""
+    """Every K x R = N the network allows (K divides N, K <= its blocks, Rn looks back fewer than K, some cut
+    builds every module), and where DDP does not fit M (or ``checkpoint_segments`` is given), DDP with
+    activation checkpointing."""
     layouts = []
     for modules in range(1, cluster.devices + 1):
         if cluster.devices % modules or modules > len(profile) or (modules > 1 and depth >= modules):
             continue
         plan = (ContextPlan(1, 0, False, False) if modules == 1
                 else ContextPlan(modules, depth, image, reconstruct))
-        layouts.append(plan_layout(profile, plan, cluster.devices // modules, batch, cluster))
+        try:
+            layouts.append(plan_layout(profile, plan, cluster.devices // modules, batch, cluster))
+        except NoPartitionBuilds:  # the context or decoder does not fit wherever K modules could be cut
+            continue
         if modules == 1 and (checkpoint_segments or (not layouts[0].fits and len(profile) >= 2)):
             # what saves memory before local learning does
             layouts.append(plan_checkpointed(profile, cluster.devices, batch, cluster, checkpoint_segments))
@@ -239,12 +253,12 @@ def _checkpointed_clause(best: Layout, layouts: list[Layout]) -> str:
             f"{checkpointed.recompute_s * 1e3:.1f} ms of forward per step")
 
 
-def table(layouts: list[Layout], blocks: tuple[int, ...]) -> str:
-    lines = ["| layout K x R | cuts | batch / device (max in M) | samples/s | memory / device (GiB) "
-             "| link MiB / step | all-reduce MiB / step / device | recompute ms / step |",
+def table(layouts: list[Layout], arch: NetworkSpec) -> str:
+    lines = [f"| layout K x R | cuts ({cut_notation(arch)}) | batch / device (max in M) | samples/s "
+             "| memory / device (GiB) | link MiB / step | all-reduce MiB / step / device | recompute ms / step |",
              "|---|---|---|---|---|---|---|---|"]
     for layout in layouts:
-        cuts = " ".join(str(flat_to_cut(cut, blocks)) for cut in layout.cuts) or "-"
+        cuts = " ".join(map(str, written_cuts(layout.cuts, arch))) or "-"
         largest = "-" if layout.max_batch_per_replica is None else str(layout.max_batch_per_replica)
         memory = f"{max(layout.memory_bytes) / GIB:.2f}" + ("" if layout.fits else " (does not fit)")
         kind = (f" (DDP, checkpointed over {layout.checkpoint_segments} segments)" if layout.checkpoint_segments
@@ -305,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{config.model.arch} on {config.data.name}, {local.context} context, batch {batch}, "
               f"{args.devices} devices of {memory}, links {link}; profiled on {device.type} "
               f"({threads} thread{'s' if threads > 1 else ''})\n")
-        print(table(layouts, config.arch.blocks))
+        print(table(layouts, config.arch))
         print(f"\nrecommended: {best.name}: {why}")
 
     return run_main(body)

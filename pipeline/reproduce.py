@@ -16,18 +16,24 @@ launch/reproduce.sh.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.cli import ArgumentParser, run_main
 from pipeline.config import Config, load_config
 from pipeline.errors import BadInput
 from pipeline.model.methods.registry import method_named
+
+if TYPE_CHECKING:
+    from pipeline.data.specs import DatasetSpec
+    from pipeline.model.networks.base import BlockNet
+    from pipeline.model.networks.registry import NetworkSpec
 
 # docs/reference.md, "Published results" (test error %, mean of 5 runs; InfoPro paper, Table 2)
 # and "Published memory" (GB on one GPU, minimum needed; Table 3): table -> method -> K -> value.
@@ -284,11 +290,35 @@ def _recipe(config: Config) -> str:
     if local.modules == 1:
         head = "end to end"
     else:
-        family = config.arch.family
-        aux = {"imagenet": "ImageNet head", "segmentation": "segmentation head"}.get(family, local.aux)
         loss = method_named(local.loss).summary_name
-        head = f"{loss}, {aux}, " + ("decoder" if local.reconstruct else "no decoder")
+        head = f"{loss}, {_aux_heads(config)}, " + ("decoder" if local.reconstruct else "no decoder")
     return f"{head}; batch {config.data.batch_size}, lr {train.lr:g}, {train.epochs} epochs"
+
+
+def _aux_heads(config: Config) -> str:
+    """The auxiliary heads a row's modules train with, as its family's parts name them (a token head for a
+    ViT, local.aux on a map): those at its cuts, or at every block a balanced partition may cut after."""
+    import torch  # the rows and their configs are read without it
+
+    from pipeline.data.specs import dataset_spec
+    from pipeline.model.network import resolve_cuts
+    from pipeline.model.networks.registry import family_named
+
+    spec = dataset_spec(config)
+    net = _network(config.arch, spec, config.model.deep_stem)
+    local = config.local
+    ends = (resolve_cuts(config, spec, torch.device("cpu")) if isinstance(local.partition, list)
+            or local.partition == "equal" else range(len(net) - 1))
+    parts = family_named(config.arch.family).parts()
+    return " / ".join(parts.aux_head_names((net.shape(end) for end in ends), local))
+
+
+@functools.lru_cache(maxsize=16)
+def _network(arch: NetworkSpec, spec: DatasetSpec, deep_stem: bool) -> BlockNet:
+    """The row's network, one per table (its rows share it, and the shapes it probed)."""
+    from pipeline.model.networks.registry import family_named
+
+    return family_named(arch.family).net(arch, spec, deep_stem)
 
 
 def _method_recipe(rows: list[Row]) -> str:

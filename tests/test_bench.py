@@ -29,6 +29,7 @@ from pipeline.bench import (
     schedule,
 )
 from pipeline.errors import StageFailure
+from tests.model.networks.user_networks import MAPS_THEN_VECTORS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -338,6 +339,31 @@ def test_memory_only_counts_e2e_and_every_module_without_running(tmp_path: Path)
     assert report["cut_points"] == [[2, 0]] and report["batch_per_device"] == 3
     assert json.loads((tmp_path / "bench.json").read_text()) == report
     assert f"{report['largest_stage_activation_over_e2e']:.3f} |" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("config, arch, modules, context", [
+    ("configs/fashion_mnist/base.toml", "vit_tiny", 4, "R1E"),  # the closing note's: a ViT on Fashion-MNIST
+    (None, "vgg11_bn", 3, "R0"),
+    (None, MAPS_THEN_VECTORS, 3, "R0"),  # its equal cuts start module 2 at vectors, which ContSup cannot reach
+])
+def test_memory_only_counts_any_network_at_its_block_index_cuts(config: str | None, arch: str, modules: int,
+                                                                 context: str, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.bench import main
+
+    data = [] if config else ["--set", "data.name=synthetic"]
+    sets = [*data, "--set", f"model.arch={arch}", "--set", f"local.modules={modules}", "--set",
+            f"local.context={context}"]
+    assert main([*(["--config", str(REPO / config)] if config else []), *sets, "--memory-only", "--batch", "2",
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    cuts = report["cut_points"]
+    assert len(cuts) == modules - 1 and all(isinstance(cut, int) for cut in cuts) and cuts == sorted(set(cuts))
+    per_module, e2e = report["module_activation_mem_bytes"], report["e2e_activation_mem_bytes"]
+    assert len(per_module) == modules and min(per_module) > 0 and e2e > 0
+    assert report["largest_stage_activation_over_e2e"] == round(max(per_module) / e2e, 3)  # the closing note's figure
+    text = capsys.readouterr().out
+    assert "| run | cut points (block index) |" in text and f"| K = {modules} | {cuts} |" in text
 
 
 def test_default_segment_counts_bracket_the_pipelines_largest_stage() -> None:

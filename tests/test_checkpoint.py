@@ -22,6 +22,7 @@ from pipeline.runners.loop import Position
 from pipeline.runners.run import run
 from pipeline.train import main
 from pipeline.worker import make_worker
+from tests.model.networks.user_networks import MAPS_THEN_VECTORS
 
 CPU = torch.device("cpu")
 # 1024 synthetic samples / 128 = 8 batches per epoch: 6 steps stop inside epoch 1, 12 end in epoch 2 (of 3: the last
@@ -403,3 +404,14 @@ def test_commit_looks_again_for_a_module_file_another_node_wrote(make_config, tm
     with pytest.raises(StageFailure, match=r"lacks modules \[0\]"):
         checkpoint.commit(tmp_path, Position(1, 0, 8), 2, identity, keep=2, config={}, schedule={}, wait_s=1.0)
     assert 1.0 <= time.monotonic() - started < 3.0
+
+
+@pytest.mark.parametrize("overrides, network", [
+    ((f"model.arch={MAPS_THEN_VECTORS}",), {"arch": MAPS_THEN_VECTORS, "family": "factory"}),  # its module:factory
+    (("model.arch=vit_tiny",), {"arch": "vit_tiny", "family": "vit"}),
+    (("model.arch=resnet50",), {"arch": "resnet50", "family": "cifar"}),
+    (("model.arch=resnet50", "model.family=imagenet"), {"arch": "resnet50", "family": "imagenet"}),
+])
+def test_the_identity_records_the_network_and_its_family(make_config, overrides, network):
+    identity = checkpoint.identity_of(make_config(*overrides, "local.modules=2"), [3])
+    assert {key: identity[key] for key in ("arch", "family")} == network and identity["cuts"] == [3]

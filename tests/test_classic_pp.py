@@ -24,6 +24,7 @@ from pipeline.data.specs import dataset_spec
 from pipeline.model.network import build_module, make_layout, resolve_cuts
 from pipeline.model.profile import module_activation_bytes
 from pipeline.optim import learning_rate, make_optimizer, set_learning_rate
+from tests.model.networks.user_networks import MAPS_THEN_VECTORS
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -46,6 +47,22 @@ def test_the_stages_are_the_end_to_end_network_cut_at_the_local_cuts() -> None:
     with torch.no_grad():
         split = stages[1](stages[0](inputs))
         assert torch.equal(split, whole.head(whole.body(inputs)))
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny", "vgg11_bn", MAPS_THEN_VECTORS])
+def test_any_network_is_cut_into_stages_at_its_block_index_cuts(arch: str) -> None:
+    sets = ["data.name=synthetic", f"model.arch={arch}", "data.batch_size=2", "run.device=cpu", "local.modules=2"]
+    config, e2e = load_config(None, sets), load_config(None, e2e_overrides(sets))
+    spec = dataset_spec(config)
+    cuts = resolve_cuts(config, spec, CPU)
+    stages = stage_modules(e2e, spec, cuts)
+    whole = e2e_network(sets)
+    inputs = torch.randn(2, spec.channels, *spec.image_shape)
+    with torch.no_grad():
+        sent = stages[0](inputs)
+        # what build_stage declares the link carries: the layout's shape of the cut block's output, a tuple
+        assert tuple(sent.shape[1:]) == make_layout(e2e, spec, cuts).net.shape(cuts[0])
+        assert torch.equal(stages[1](sent), whole.head(whole.body(inputs)))
 
 
 def test_microbatches_in_flight() -> None:
@@ -180,3 +197,19 @@ def test_a_classic_stage_sends_in_the_local_pipeline_s_wire_dtype(amp: bool) -> 
     last = _Precision(Probe(), CPU, amp, torch.bfloat16, last=True)
     assert last(arriving).dtype == torch.float32
     assert seen == [torch.bfloat16 if amp else torch.float32] * 2
+
+
+def test_a_classic_stage_sends_dense_tensors() -> None:
+    """A ViT's tokens keep the transposed strides of its patch embedding through every block; the links (gloo,
+    NCCL) send dense tensors only, so a middle stage's output leaves dense, the same values."""
+    from pipeline.classic_pp import _Precision
+
+    sets = ["data.name=synthetic", "model.arch=vit_tiny", "data.batch_size=2", "run.device=cpu", "local.modules=2"]
+    config, e2e = load_config(None, sets), load_config(None, e2e_overrides(sets))
+    spec = dataset_spec(config)
+    first = stage_modules(e2e, spec, resolve_cuts(config, spec, CPU))[0]
+    inputs = torch.randn(2, spec.channels, *spec.image_shape)
+    with torch.no_grad():
+        tokens = first(inputs)
+        sent = _Precision(first, CPU, False, torch.float32, last=False)(inputs)
+    assert not tokens.is_contiguous() and sent.is_contiguous() and torch.equal(sent, tokens)

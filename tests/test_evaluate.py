@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trained_runs import TrainedRun, exported, trained_run
+from trained_runs import NETWORKS, TrainedRun, exported, small_synthetic, trained_run
 
 from pipeline.evaluate import evaluate, load_for_evaluation, main
 
@@ -26,6 +26,17 @@ def test_a_runs_scores_equal_its_summary(name: str, tmp_path_factory: pytest.Tem
             assert scores[key] == trained.summary[key], (source, key)
     if name == "deeplab":
         assert len(scores["test_iou"]) == 3 and scores["test_miou"] is not None
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_any_networks_scores_equal_its_summary(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    trained = trained_run(tmp_path_factory, name)
+    expected = {"test_accuracy": trained.summary["test_accuracy"]}
+    with small_synthetic():
+        for source in (trained.out_dir, exported(tmp_path_factory, name)):
+            assert evaluate(*load_for_evaluation(source)) == expected, source
+        # channels_last is a layout of the image and of maps: the tokens and vectors stay as they are
+        assert evaluate(*load_for_evaluation(trained.out_dir, overrides=["precision.channels_last=true"])) == expected
 
 
 def test_the_cli_prints_the_scores(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trained_runs import TrainedRun, exported, trained_run
+from trained_runs import NETWORKS, TrainedRun, exported, small_synthetic, trained_run
 
 import pipeline
 from pipeline import checkpoint
@@ -22,6 +22,7 @@ from pipeline.errors import BadInput
 from pipeline.export import export, main, read_run, run_config, torchvision_state_dict
 from pipeline.model.inference import build_inference_net
 from pipeline.model.network import resolve_cuts
+from tests.model.networks.user_networks import MAPS_THEN_VECTORS
 
 CPU = torch.device("cpu")
 RUNS = {"contsup": "contsup_r1e", "infopro": "infopro_resnet50"}  # fixture -> trained_runs' name
@@ -104,6 +105,77 @@ def test_the_program_runs_where_this_package_is_not_imported(contsup: TrainedRun
                            str(tmp_path / "logits.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (torch.load(tmp_path / "logits.pt") - contsup.logits[0]).abs().max() <= 1e-6
+
+
+# ---- the other network families -----------------------------------------------------------------------
+
+def network_batches(trained: TrainedRun) -> list[torch.Tensor]:
+    with small_synthetic():
+        return evaluation_batches(trained)
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_any_networks_model_file_gives_the_runs_evaluation_logits_bit_for_bit(
+        name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    trained = trained_run(tmp_path_factory, name)
+    model = pipeline.load_model(exported(tmp_path_factory, name))
+    with torch.no_grad():
+        logits = [model(images) for images in network_batches(trained)]
+    assert len(logits) == len(trained.logits) > 0
+    for ours, runs in zip(logits, trained.logits):
+        assert torch.equal(ours, runs)
+    names = model.state_dict().keys()
+    assert any(".image_encoder." in key for key in names) == (name == "vit_tiny")  # R1E: the patch encoder
+    assert any(".input_encoders." in key for key in names) == (name == "factory")  # K = 3, R1: module 1's input
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_any_networks_program_gives_the_same_logits(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    trained = trained_run(tmp_path_factory, name)
+    program = torch.export.load(str(exported(tmp_path_factory, name, "export"))).module()
+    with torch.no_grad():
+        for images, runs in zip(network_batches(trained), trained.logits):
+            assert (program(images) - runs).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_any_networks_onnx_file_gives_the_same_logits(name: str, tmp_path_factory: pytest.TempPathFactory,
+                                                      tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
+    pytest.importorskip("onnxscript", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
+    from onnx.reference import ReferenceEvaluator
+
+    trained = trained_run(tmp_path_factory, name)
+    graph = onnx.load(str(export(trained.out_dir, tmp_path / "model.onnx", "onnx")))
+    onnx.checker.check_model(graph)
+    evaluator = ReferenceEvaluator(graph)
+    for images, runs in zip(network_batches(trained), trained.logits):
+        (logits,) = evaluator.run(None, {"images": images.numpy()})
+        assert (torch.from_numpy(logits) - runs).abs().max() <= 1e-4  # numpy's float32 sums in its own order
+
+
+@pytest.mark.parametrize("name, family", [("vit_tiny", "vit"), ("vgg11_bn", "vgg"), ("factory", "factory")])
+def test_torchvision_refuses_any_network_but_its_resnets_in_one_line(
+        name: str, family: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    trained = trained_run(tmp_path_factory, name)
+    arch = trained.summary["config"]["model"]["arch"]
+    one_line_exit_2(capsys, [str(trained.out_dir), "--format", "torchvision", "--out", str(tmp_path / "tv.pth")],
+                    f"--format torchvision writes torchvision's resnet / resnext only, and {arch} is a network of "
+                    f"model.family = {family!r}; use --format model or export")
+    assert not (tmp_path / "tv.pth").exists()
+
+
+def test_a_factory_run_is_known_by_its_factory(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    trained = trained_run(tmp_path_factory, "factory")
+    ((_, folder),) = checkpoint.complete_sets(trained.out_dir)[-1:]
+    marker = checkpoint.read_marker(folder)
+    assert marker is not None
+    assert (marker["identity"]["arch"], marker["identity"]["family"]) == (MAPS_THEN_VECTORS, "factory")
+    one_line_exit_2(capsys, [str(trained.out_dir), "--set", "model.arch=vgg11_bn", "--out", str(tmp_path / "m.pt")],
+                    f"the config gives arch = 'vgg11_bn' but {folder} was trained with {MAPS_THEN_VECTORS!r}")
 
 
 # ---- torchvision's layout -----------------------------------------------------------------------------

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
 from pipeline.model.context import ContextPlan
+from pipeline.model.networks.registry import NetworkSpec
 from pipeline.plan import (
     OPTIMIZER_COPIES,
     Cluster,
@@ -20,6 +22,7 @@ from pipeline.plan import (
     table,
 )
 from pipeline.traffic import LABEL_BYTES
+from tests.model.networks.user_networks import MAPS_THEN_VECTORS
 from tests.profiles import synthetic_profile
 
 # 4 blocks of 1 s each at batch 10, 1000 saved bytes each, 100 parameter bytes each; outputs of 100 bytes
@@ -120,7 +123,7 @@ def test_checkpointed_ddp_by_hand():
     best, why = recommend(layouts, 10, tight)
     assert best is layouts[1] and "with activation checkpointing it does" in why and "no pipeline fits" in why
     assert "recomputes 300.0 ms of forward per step" in why
-    row = table(layouts, (4,)).splitlines()[3]
+    row = table(layouts, NetworkSpec("resnet8", "cifar", 4, (1, 1, 1))).splitlines()[3]
     assert row.startswith("| 1 x 2 (DDP, checkpointed over 2 segments) | - | 5 (") and row.endswith("| 300.0 |")
 
 
@@ -140,12 +143,33 @@ def test_a_faster_pipeline_is_recommended_over_checkpointed_ddp_and_says_so():
     assert "not even with activation checkpointing" in recommend([ddp, checkpointed, pipe], 10, tighter)[1]
 
 
+def test_a_k_whose_modules_cannot_be_built_is_not_planned():
+    from dataclasses import replace
+
+    from pipeline.model.cost import UNFIT
+
+    no_e = replace(PROFILE, image_encoders=[UNFIT] * 4)  # no ContSup E encoder reaches any block's output
+    assert [lay.modules for lay in plan_layouts(no_e, 0, True, False, 10, cluster(4))] == [1]
+    assert [lay.modules for lay in plan_layouts(no_e, 0, False, False, 10, cluster(4))] == [1, 2, 4]
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny", "vgg11_bn", MAPS_THEN_VECTORS])
+def test_other_networks_are_planned_with_block_index_cuts(arch, capsys):
+    code = main(["--set", "data.name=synthetic", "--set", f"model.arch={arch}", "--set", "data.batch_size=2",
+                 "--set", "run.device=cpu", "--devices", "2", "--link-gbps", "10"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| layout K x R | cuts (block index) |" in out and "| 1 x 2 (DDP) | - |" in out
+    assert re.search(r"\| 2 x 1 \| \d+ \|", out), out  # one flat block index, not a [stage, block] pair
+
+
 def test_cli_prints_a_table_and_a_recommendation(capsys):
     code = main(["--set", "data.name=synthetic", "--set", "model.arch=resnet8", "--set", "data.batch_size=8",
                  "--devices", "2", "--memory-gib", "1", "--link-gbps", "10"])
     out = capsys.readouterr().out
     assert code == 0
     assert "| 1 x 2 (DDP) |" in out and "| 2 x 1 |" in out
+    assert "| layout K x R | cuts ([stage, block]) |" in out and re.search(r"\| 2 x 1 \| \[\d, \d\] \|", out), out
     assert "recommended: " in out
 
 

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from trained_runs import exported, trained_run
+from trained_runs import NETWORKS, exported, trained_run
 
 from pipeline.data.image_folder import scan
+from pipeline.export import read_run
+from pipeline.model_file import read_model
 from pipeline.predict import main, predict
 
 
@@ -27,6 +29,27 @@ def test_predictions_are_the_runs_evaluation_of_the_same_files(tmp_path_factory:
         assert prediction.classes == best.indices.tolist()
         assert prediction.probabilities == pytest.approx(best.values.tolist(), abs=1e-6)
         assert prediction.names == [f"class_{index:03d}" for index in prediction.classes]  # the class folders
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_any_network_predicts_what_its_checkpoints_compute(name: str, tmp_path_factory: pytest.TempPathFactory,
+                                                            tmp_path: Path) -> None:
+    from PIL import Image
+
+    trained = trained_run(tmp_path_factory, name)
+    model = exported(tmp_path_factory, name)
+    files = [str(tmp_path / "red.png"), str(tmp_path / "grey.png")]
+    Image.new("RGB", (45, 30), (200, 30, 30)).save(files[0])
+    Image.new("L", (32, 32), 80).save(files[1])
+    predictions = predict(model, files, top=3)
+    net = read_run(trained.out_dir)[0]  # the network as the checkpoint set gives it, not the model file
+    prepare = read_model(model)[1].preprocess
+    with torch.no_grad():
+        expected = torch.softmax(net(torch.stack([prepare(path) for path in files])), dim=1).topk(3)
+    assert [prediction.image for prediction in predictions] == files
+    for prediction, values, classes in zip(predictions, expected.values, expected.indices):
+        assert prediction.classes == classes.tolist() and prediction.names is None
+        assert prediction.probabilities == pytest.approx(values.tolist(), abs=1e-6)
 
 
 def test_the_cli_prints_a_line_per_image_and_class(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,

@@ -13,6 +13,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.errors import BadInput
 from pipeline.reproduce import PUBLISHED, TABLE_METRIC, collect, main, table_rows
+from tests.model.networks.user_networks import MAPS_THEN_VECTORS
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED_DIR = REPO / "configs" / "published"
@@ -141,6 +142,27 @@ def test_collect_builds_the_table_from_summaries(tmp_path: Path) -> None:
                                              "InfoPro paper and code"]
     assert cells["Greedy SL"][0] == "softmax, 0c1f, no decoder; batch 1024, lr 0.8, 160 epochs"
     assert cells["E2E"][0] == "end to end; batch 1024, lr 0.8, 160 epochs"
+
+
+def test_the_recipe_names_the_heads_each_network_trains_with(tmp_path: Path) -> None:
+    """A ViT's modules end in tokens (token heads), a VGG's in maps (local.aux); a factory's balanced cuts may end a
+    module at any block but the last: its maps (local.aux) or its vectors (a vector head)."""
+    table, runs = tmp_path / "table", tmp_path / "runs"
+    table.mkdir()
+    (table / "base.toml").write_text((FASHION / "base.toml").read_text())
+    rows = {"vit_k4": ("vit_tiny", 4, 'context = "R1E"'), "vgg_k2": ("vgg11_bn", 2, ""),
+            "factory_k3": (MAPS_THEN_VECTORS, 3, 'partition = "balanced-time"')}
+    for name, (arch, modules, local) in rows.items():
+        (table / f"{name}.toml").write_text(f'base = "base.toml"\n[model]\narch = "{arch}"\n[local]\n'
+                                           f"modules = {modules}\n{local}\n")
+        write_summary(runs / name, table / f"{name}.toml", 0.5)
+    text, warnings = collect(table, runs)
+    assert warnings == []
+    recipe = "; batch 128, lr 0.1, 1 epochs"
+    cells = table_cells(text)
+    assert cells["vit"][0] == "softmax, token head, no decoder" + recipe
+    assert cells["vgg"][0] == "softmax, 1c2f, no decoder" + recipe
+    assert cells["factory"][0] == "softmax, 1c2f / vector head, no decoder" + recipe
 
 
 def test_collect_marks_contsup_rows_without_an_authors_command(tmp_path: Path) -> None:

@@ -172,3 +172,20 @@ def test_dropout_draws_come_from_seed_module_and_step_not_the_process(seg_config
     assert not torch.equal(loss, other_loss)  # another step, other masks
     cifar = make_config("local.modules=2")
     assert not any(worker.module.dropouts for worker in workers_for(cifar))  # nothing to seed: unchanged
+
+
+def test_channels_last_leaves_token_features_as_they_are(make_config, image_batch):
+    """precision.channels_last lays out the image and maps; a ViT's tokens and its token register stay (B, N, D)."""
+    losses = {}
+    for layout in ("false", "true"):
+        config = make_config("model.arch=vit_tiny", "local.modules=3", "local.context=R1E", "data.batch_size=2",
+                             f"precision.channels_last={layout}")
+        images, labels = image_batch(dataset_spec(config), 2)
+        packet: Packet | None = Packet.from_batch(images, labels)
+        losses[layout] = []
+        for worker in workers_for(config):
+            assert packet is not None
+            packet, loss = worker.train_step(packet)
+            losses[layout].append(float(loss))
+            assert packet is None or packet.features.dim() == 3
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)

@@ -3,6 +3,8 @@ with the logits of the last module at the run's own final evaluation recorded as
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,9 +14,11 @@ import torch
 
 from pipeline import scoring
 from pipeline.config import load_config
+from pipeline.data import readers
 from pipeline.data.throughput import write_folder
 from pipeline.runners.run import run
 from tests.data.segmentation_files import write_segmentation_folder
+from tests.model.networks.user_networks import MAPS_THEN_VECTORS
 
 TINY = ("run.device=cpu", "run.log_every=1", "train.epochs=1", "train.schedule=cosine-step")
 
@@ -30,6 +34,23 @@ INFOPRO_RESNET50 = ("data.name=image_folder", "model.family=imagenet", "model.ar
                     "data.eval_resize=36", "data.batch_size=4", "data.workers=0", "local.modules=2",
                     "local.reconstruct=true", "local.ixx_1=5", "local.ixy_1=0.75", "train.max_steps=2",
                     "train.lr=0.01")
+# The other network families, each at K >= 2 on a synthetic set of SMALL_SYNTHETIC images (train, test): a ViT
+# with ContSup R1E (token encoders), a VGG, a factory's network with R1 (a map encoder: modules start at maps).
+NETWORKS = {
+    "vit_tiny": ("model.arch=vit_tiny", "local.modules=2", "local.context=R1E"),
+    "vgg11_bn": ("model.arch=vgg11_bn", "local.modules=2"),
+    "factory": (f"model.arch={MAPS_THEN_VECTORS}", "local.modules=3", "local.partition=[0, 1]", "local.context=R1"),
+}
+SMALL_SYNTHETIC = (8, 8)
+
+
+@contextlib.contextmanager
+def small_synthetic() -> Iterator[None]:
+    """The synthetic set of SMALL_SYNTHETIC images: what the NETWORKS runs train and evaluate on."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(readers, "SYNTHETIC_TRAIN", SMALL_SYNTHETIC[0])
+        patch.setattr(readers, "SYNTHETIC_TEST", SMALL_SYNTHETIC[1])
+        yield
 
 
 @dataclass(frozen=True)
@@ -45,15 +66,18 @@ _RUNS: dict[str, TrainedRun] = {}
 
 
 def trained_run(factory: pytest.TempPathFactory, name: str) -> TrainedRun:
-    """The run ``name`` (contsup_r1e, infopro_resnet50 or deeplab), trained on its first use in this session
-    (a segmentation run records no logits: its scores are what the tests compare)."""
+    """The run ``name`` (contsup_r1e, infopro_resnet50, deeplab or one of NETWORKS), trained on its first use in
+    this session (a segmentation run records no logits: its scores are what the tests compare)."""
     if name in _RUNS:
         return _RUNS[name]
     root = factory.mktemp(name)
     images = None
     overrides = list(TINY) + [f"run.out_dir='{root / 'run'}'"]
+    small = name in NETWORKS
     if name == "contsup_r1e":
         overrides += CONTSUP_R1E
+    elif small:
+        overrides += ["data.name=synthetic", "data.batch_size=4", "train.max_steps=2", *NETWORKS[name]]
     elif name == "deeplab":
         images = write_segmentation_folder(root / "images", classes=3, train=4, val=3, size=(40, 56),
                                            val_sizes=((40, 56), (36, 60), (44, 52)))
@@ -69,13 +93,14 @@ def trained_run(factory: pytest.TempPathFactory, name: str) -> TrainedRun:
         recorded.append(logits.detach().clone())
         return counting(self, logits, labels)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(scoring.Accuracy, "count", record)
-        summary = run(load_config(None, overrides))
-    assert summary is not None
     from pipeline.data.loader import make_loaders
 
-    _, test = make_loaders(load_config(None, overrides), torch.device("cpu"))
+    sized = small_synthetic() if small else contextlib.nullcontext()
+    with pytest.MonkeyPatch.context() as patch, sized:
+        patch.setattr(scoring.Accuracy, "count", record)
+        summary = run(load_config(None, overrides))
+        _, test = make_loaders(load_config(None, overrides), torch.device("cpu"))
+    assert summary is not None
     batches = len(test)
     assert len(recorded) >= batches or name == "deeplab"
     _RUNS[name] = TrainedRun(root / "run", tuple(overrides), summary, recorded[-batches:], images)

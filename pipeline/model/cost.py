@@ -9,18 +9,28 @@ of K over blocks [start, end), transfers priced at a link bandwidth; nothing her
 it is tested on synthetic profiles. Under Rn a module's register holds the inputs of earlier
 modules, whose shapes depend on earlier cuts: given the modules' ``starts`` the composition is
 exact; without them (while the cuts are being chosen) each source is taken at its earliest
-possible block, the largest it can be, so a chosen cut never exceeds a memory cap.
+possible block, the largest it can be, so a chosen cut never exceeds a memory cap. A piece the
+network's parts have no form of for the feature it reads or writes (a ContSup encoder into vectors, a
+decoder from them) is unfit: a module that needs one cannot be, and the balancer never cuts there.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline.config import Config, parse_size
 from pipeline.errors import BadInput
 from pipeline.model.context import ContextPlan
-from pipeline.model.partition import NoPartitionFits, min_max_partition, module_ranges, segment_ranges
+from pipeline.model.partition import (
+    NoPartitionBuilds,
+    NoPartitionFits,
+    StageCost,
+    min_max_partition,
+    module_ranges,
+    segment_ranges,
+)
 from pipeline.traffic import LABEL_BYTES
 
 MIB = 1 << 20
@@ -37,6 +47,7 @@ class Piece:
     keeps_input: bool = True  # saves its input for backward (a conv does)
     keeps_output: bool = False  # saves its output (a ReLU does, a max pool does not)
     forward_s: float = 0.0  # forward alone (with autograd recording): what recomputing it costs
+    fits: bool = True  # False: the parts have none for this feature, so no module may need it
 
     def forward_seconds(self, batch_scale: float) -> float:
         return self.forward_s * batch_scale
@@ -46,6 +57,7 @@ class Piece:
 
 
 NOTHING = Piece(0.0, 0.0, 0, 0)
+UNFIT = Piece(0.0, 0.0, 0, 0, fits=False)
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,20 @@ def _pieces(profile: NetworkProfile, plan: ContextPlan, index: int, start: int, 
             pieces.append(profile.image_encoders[start])
         pieces += [profile.input_encoders[source][start] for source in _sources(plan, index, starts)]
     return pieces
+
+
+def stage_fits(profile: NetworkProfile, plan: ContextPlan, index: int, start: int, end: int,
+               starts: Starts = None) -> bool:
+    """Whether module ``index`` over blocks [start, end) can be built: its head, decoder and encoders fit."""
+    return all(piece.fits for piece in _pieces(profile, plan, index, start, end, starts))
+
+
+def buildable(profile: NetworkProfile, plan: ContextPlan, cost: StageCost) -> StageCost:
+    """``cost`` of a module, infinite where it cannot be built: what min_max_partition never picks."""
+    def guarded(index: int, start: int, end: int) -> float:
+        return cost(index, start, end) if stage_fits(profile, plan, index, start, end) else math.inf
+
+    return guarded
 
 
 def received_bytes(profile: NetworkProfile, plan: ContextPlan, index: int, start: int, batch: int,
@@ -211,20 +237,28 @@ def partition_cuts(config: Config, profile: NetworkProfile) -> list[int]:
     plan, kind = context_plan(config), config.local.partition
     blocks, modules = len(profile), config.local.modules
 
-    def seconds(index: int, start: int, end: int) -> float:
+    def step(index: int, start: int, end: int) -> float:
         return stage_seconds(profile, plan, index, start, end, profile.batch, profile.copy_bytes_per_s)
 
-    def memory(index: int, start: int, end: int) -> float:
+    def activation(index: int, start: int, end: int) -> float:
         return float(stage_activation_bytes(profile, plan, index, start, end, profile.batch))
 
-    if kind == "balanced-memory":
-        return min_max_partition(blocks, modules, memory)
-    if kind == "balanced-time":
-        return min_max_partition(blocks, modules, seconds)
-    limit = memory_cap_bytes(config, profile)
+    seconds, memory = buildable(profile, plan, step), buildable(profile, plan, activation)
     try:
-        return min_max_partition(blocks, modules, seconds, memory, limit)
+        if kind == "balanced-memory":
+            return min_max_partition(blocks, modules, memory)
+        if kind == "balanced-time":
+            return min_max_partition(blocks, modules, seconds)
+        return min_max_partition(blocks, modules, seconds, memory, memory_cap_bytes(config, profile))
+    except NoPartitionBuilds:
+        local = config.local
+        raise BadInput(
+            f"local.partition = {kind!r}: every cut of {config.model.arch} into {modules} modules has a module whose "
+            f"local head, decoder or context encoders (local.context = {local.context!r}, local.reconstruct = "
+            f"{str(local.reconstruct).lower()}) do not fit the features it reads or writes; use fewer modules, "
+            "local.context = 'R0' or local.reconstruct = false") from None
     except NoPartitionFits as err:
+        limit = memory_cap_bytes(config, profile)
         e2e = end_to_end_activation_bytes(profile, profile.batch)
         raise BadInput(
             f"local.memory_cap = {config.local.memory_cap!r} ({limit / MIB:.0f} MiB): no cut of {config.model.arch} "

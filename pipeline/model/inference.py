@@ -18,6 +18,7 @@ from pipeline.config import Config
 from pipeline.data.specs import DatasetSpec
 from pipeline.model.local_module import LocalModule
 from pipeline.model.network import make_layout
+from pipeline.model.networks.registry import family_named
 from pipeline.packet import Packet
 
 STAGES = "stages"  # the state dict's prefix of module k: stages.<k>.
@@ -74,8 +75,7 @@ def network_identity(config: Config, cuts: list[int]) -> dict[str, Any]:
     export (to evaluate it) must agree on all of it; the test split's classes are checked against the network
     where it is read. Training-only settings (heads, decoder, losses, batch) may differ."""
     return {
-        "arch": config.model.arch,
-        "family": config.arch.family,
+        **family_named(config.arch.family).identity(config.arch),  # the network as its family records it
         "dataset": config.data.name,
         "modules": config.local.modules,
         "cuts": list(cuts),

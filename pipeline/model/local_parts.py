@@ -10,6 +10,8 @@ anything that cannot fit a feature says so in one line.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from torch import nn
 
 from pipeline.config import LocalConfig
@@ -37,6 +39,12 @@ class LocalParts:
             return VectorHead(shape, out, hidden)
         raise BadInput(f"no auxiliary head fits a module output of {describe_shape(shape)}; cut after a block "
                        "whose output is a map, a token sequence or a vector")
+
+    def aux_head_names(self, shapes: Iterable[Shape], local: LocalConfig) -> list[str]:
+        """What ``aux_head`` builds for features of ``shapes``, as a recipe names them (each once); parts with
+        one head for every feature name it without reading them (a shape may cost a probe of the network)."""
+        return list(dict.fromkeys({3: local.aux, 2: "token head", 1: "vector head"}.get(len(shape), "no head")
+                                  for shape in shapes))
 
     def decoder(self, shape: Shape, spec: DatasetSpec, widen: int) -> ImageDecoder:
         """InfoPro's reconstruction of the image from a feature of ``shape``."""
@@ -66,6 +74,9 @@ class ImageNetParts(LocalParts):
     def aux_head(self, shape: Shape, out: int, local: LocalConfig) -> nn.Module:
         return build_imagenet_head(shape[0], out)
 
+    def aux_head_names(self, shapes: Iterable[Shape], local: LocalConfig) -> list[str]:
+        return ["ImageNet head"]
+
     def decoder(self, shape: Shape, spec: DatasetSpec, widen: int) -> ImageDecoder:
         return ImageNetDecoder(shape[0], spec.channels, spec.image_size, spec.mean, spec.std)
 
@@ -75,3 +86,6 @@ class SegmentationParts(ImageNetParts):
 
     def aux_head(self, shape: Shape, out: int, local: LocalConfig) -> nn.Module:
         return build_infopro_segmentation_head(shape[0], out)
+
+    def aux_head_names(self, shapes: Iterable[Shape], local: LocalConfig) -> list[str]:
+        return ["segmentation head"]

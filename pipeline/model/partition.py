@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 from pipeline.config import Cut, cut_to_flat
 from pipeline.model.arch import ArchSpec
+from pipeline.model.networks.registry import NetworkSpec
 
 # docs/reference.md, equal-layer tables, keyed by blocks per stage (ResNet-32: 5, ResNet-110: 18).
 EQUAL_TABLES: dict[tuple[int, ...], dict[int, list[Cut]]] = {
@@ -55,6 +56,21 @@ def stage_and_block(flat: int, blocks: tuple[int, ...]) -> tuple[int, int]:
             return stage, block
         block -= count
     raise ValueError(f"block {flat} is past the last of {blocks}")
+
+
+def written_cuts(cuts: Sequence[int], arch: NetworkSpec) -> list[Cut]:
+    """Flat cut indices as local.partition writes them for ``arch``: what summaries record and tools print."""
+    return [flat_to_cut(cut, arch.blocks) for cut in cuts]
+
+
+def cut_notation(arch: NetworkSpec) -> str:
+    """What one written cut of ``arch`` names: the block after which a module ends."""
+    return "[stage, block]" if arch.blocks is not None else "block index"
+
+
+def describe_cuts(cuts: Sequence[int], arch: NetworkSpec) -> str:
+    """The cuts for a message: written as local.partition takes them, with what they name."""
+    return f"{written_cuts(cuts, arch)} ({cut_notation(arch)} after which a module ends)"
 
 
 def even_cuts(blocks: int, modules: int) -> list[int]:
@@ -113,12 +129,20 @@ class NoPartitionFits(ValueError):
         self.limit, self.smallest = limit, smallest
 
 
+class NoPartitionBuilds(ValueError):
+    """Every cut list has a module of infinite cost: one that cannot be built where it starts or ends."""
+
+    def __init__(self) -> None:
+        super().__init__("every partition has a module that cannot be built")
+
+
 def min_max_partition(blocks: int, modules: int, cost: StageCost, size: StageCost | None = None,
                       limit: float = math.inf) -> list[int]:
     """Cuts minimising the largest module ``cost`` among those whose every module has ``size`` <= ``limit``.
 
     Exact, by dynamic programming over (modules so far, blocks so far); a module's cost may
-    depend on its index (the first has no context encoders, the last carries the classifier).
+    depend on its index (the first has no context encoders, the last carries the classifier), and is
+    infinite for a module that cannot be built (cost.py: a head or context encoder that does not fit).
     """
     best: list[list[float]] = [[math.inf] * (blocks + 1) for _ in range(modules + 1)]
     choice = [[0] * (blocks + 1) for _ in range(modules + 1)]
@@ -135,9 +159,14 @@ def min_max_partition(blocks: int, modules: int, cost: StageCost, size: StageCos
                 if value < best[count][end]:
                     best[count][end], choice[count][end] = value, start
     if best[modules][blocks] == math.inf:
-        assert size is not None
+        if size is None or limit == math.inf:
+            raise NoPartitionBuilds()
+
+        def buildable_size(index: int, start: int, end: int) -> float:
+            return size(index, start, end) if cost(index, start, end) < math.inf else math.inf
+
         smallest = max(size(i, a, b) for i, (a, b) in enumerate(
-            module_ranges(min_max_partition(blocks, modules, size), blocks)))
+            module_ranges(min_max_partition(blocks, modules, buildable_size), blocks)))
         raise NoPartitionFits(limit, smallest)
     cuts, end = [], blocks
     for count in range(modules, 1, -1):

@@ -26,6 +26,7 @@ from pipeline.errors import BadInput
 from pipeline.metrics import say
 from pipeline.model.cost import (
     NOTHING,
+    UNFIT,
     NetworkProfile,
     Piece,
     context_plan,
@@ -40,7 +41,7 @@ from pipeline.model.methods.registry import method_named
 from pipeline.model.network import make_net
 from pipeline.model.networks.base import Shape
 from pipeline.model.networks.registry import family_named
-from pipeline.model.partition import flat_to_cut, segment_ranges
+from pipeline.model.partition import describe_cuts, segment_ranges
 from pipeline.optim import make_optimizer
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (the piece's input, a layer's output) -> its loss
@@ -144,27 +145,36 @@ class _Profiler:
         return tensor.requires_grad_(grad)
 
     def piece(self, key: tuple[object, ...], build: Callable[[], list[nn.Module]], shape: Shape,
-              grad: bool, losses: Sequence[Loss] = (), forward: bool = False) -> Piece:
+              grad: bool, losses: Sequence[Loss] = (), forward: bool = False, fitted: bool = False) -> Piece:
         """Forward + backward + SGD step of the layers ``build`` makes, all reading one input of ``shape``.
 
         ``grad``: the input needs its gradient (blocks inside a module, heads on a block output).
         ``losses``: what each layer's output is scored with, given the input too (a method such as PredSim scores
         the module's output the head reads); what they save counts. By default the output's sum.
         ``forward``: also time the forward alone (a block's: what recomputing it costs).
+        ``fitted``: the parts choose the layers by the feature and may have none for it: the piece is UNFIT.
         """
         if key in self.measured:
             return self.measured[key]
-        layers = build()
+        try:
+            layers = build()
+        except BadInput:
+            if not fitted:
+                raise
+            self.measured[key] = UNFIT
+            return UNFIT
         scored = _Scored(layers, list(losses) or [_summed] * len(layers), self.amp)
         # Module.to takes memory_format at run time; torch's stubs leave it out
         scored = scored.to(self.device, memory_format=self.memory_format).train()  # type: ignore[call-overload]
-        optimizer = make_optimizer(scored, self.config.train)
+        # A piece without parameters (a factory's classifier is its last block) has no step to take.
+        optimizer = make_optimizer(scored, self.config.train) if list(scored.parameters()) else None
         inputs = self._input(shape, grad)
 
         def backward() -> None:
             scored(inputs).backward()
 
         def update() -> None:
+            assert optimizer is not None
             optimizer.step()
             optimizer.zero_grad(set_to_none=False)
 
@@ -181,7 +191,8 @@ class _Profiler:
             scored(inputs)
 
         backward()
-        result = Piece(step_seconds(backward, self.device), step_seconds(update, self.device), own,
+        result = Piece(step_seconds(backward, self.device),
+                       step_seconds(update, self.device) if optimizer is not None else 0.0, own,
                        sum(p.numel() * p.element_size() for p in scored.parameters()),
                        keeps_input=inputs.untyped_storage().data_ptr() in saved, keeps_output=keeps_output,
                        forward_s=step_seconds(recorded_forward, self.device) if forward else 0.0)
@@ -215,7 +226,7 @@ class _Profiler:
             # the target is made in the step, as there
             return reconstruction_loss(output, images.clamp(0.0, 1.0))
 
-        return self.piece(("head", shape), build, shape, True, [classify, reconstruct])
+        return self.piece(("head", shape), build, shape, True, [classify, reconstruct], fitted=True)
 
     def classifier(self) -> Piece:
         shape = self.net.shape(len(self.net) - 1)
@@ -231,13 +242,15 @@ class _Profiler:
         if not self.config.local.context_image or start == 0:
             return NOTHING
         image, target, widen = self.net.shape(-1), self.net.shape(start - 1), self.config.local.aux_widen
-        return self.piece(("image", target), lambda: [self.parts.image_encoder(image, target, widen)], image, False)
+        return self.piece(("image", target), lambda: [self.parts.image_encoder(image, target, widen)], image, False,
+                          fitted=True)
 
     def input_encoder(self, source: int, start: int) -> Piece:
         if not self.config.local.context_depth or start == 0:
             return NOTHING
         shape, target = self.net.shape(source - 1), self.net.shape(start - 1)
-        return self.piece(("input", shape, target), lambda: [self.parts.input_encoder(shape, target)], shape, False)
+        return self.piece(("input", shape, target), lambda: [self.parts.input_encoder(shape, target)], shape, False,
+                          fitted=True)
 
     def profile(self) -> NetworkProfile:
         blocks = range(len(self.net))
@@ -268,11 +281,11 @@ def profile_network(config: Config, spec: DatasetSpec, device: torch.device) -> 
 def balanced_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> list[int]:
     profile = profile_network(config, spec, device)
     cuts = partition_cuts(config, profile)
-    plan, blocks = context_plan(config), config.arch.blocks
+    plan = context_plan(config)
     seconds = predicted_stage_seconds(profile, plan, cuts)
     memory = predicted_stage_activation_bytes(profile, plan, cuts)
     e2e = end_to_end_activation_bytes(profile, profile.batch)
-    say(f"[partition] {config.local.partition}: cuts after blocks {[flat_to_cut(c, blocks) for c in cuts]}; "
+    say(f"[partition] {config.local.partition}: cut points {describe_cuts(cuts, config.arch)}; "
         f"predicted step seconds per module {[round(s, 4) for s in seconds]}, activation memory over E2E "
         f"{[round(m / e2e, 3) for m in memory]}")
     return cuts

@@ -30,7 +30,7 @@ from pipeline.errors import BadInput, Preempted, StageFailure, StuckPeer
 from pipeline.metrics import cut_metrics, say
 from pipeline.model.local_module import Layout
 from pipeline.model.network import make_layout, resolve_cuts
-from pipeline.model.partition import flat_to_cut
+from pipeline.model.partition import describe_cuts
 from pipeline.optim import check_schedule, schedule_change, schedule_settings
 from pipeline.runners.buffered_inbox import BufferedInbox
 from pipeline.runners.codec import MessageCodec
@@ -183,9 +183,8 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
     if topology.writer:
         hosted = topology.hosted
         which = f"module {hosted[0]}" if len(hosted) == 1 else f"modules {hosted[0]}-{hosted[-1]}"
-        points = [flat_to_cut(cut, config.arch.blocks) for cut in cuts]
-        say(f"[{label}] {which} of {config.local.modules}, cut points {points} ([stage, block] after which a "
-            f"module ends), {batches} batches/epoch on {topology.device} x {topology.replicas}, "
+        say(f"[{label}] {which} of {config.local.modules}, cut points {describe_cuts(cuts, config.arch)}, "
+            f"{batches} batches/epoch on {topology.device} x {topology.replicas}, "
             f"{torch.get_num_threads()} thread(s)")
         if resume_dir:
             say(f"[{label}] resumed from {checkpoint.find_set(resume_dir, config.run.resume_step)} at epoch "

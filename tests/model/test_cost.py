@@ -10,6 +10,7 @@ from pipeline.errors import BadInput
 from pipeline.model.context import ContextPlan
 from pipeline.model.cost import (
     LABEL_BYTES,
+    UNFIT,
     NetworkProfile,
     Piece,
     end_to_end_activation_bytes,
@@ -101,6 +102,28 @@ def test_balanced_is_the_fastest_cut_under_the_memory_cap(make_config):
     assert cuts("local.partition=balanced", "local.memory_cap='7499B'") == [0]
     assert cuts("local.partition=balanced", "local.memory_cap=0.6") == [0]
     assert cuts("local.partition=balanced", "local.memory_cap=0") == [2]  # no cap: balanced-time
+
+
+def test_balanced_cuts_leave_out_modules_that_cannot_be_built(make_config):
+    # Cuts [0] | [1] | [2] | [3]: seconds 1|5, 2|4, 3|3, 5|1; the best starts module 1 at block 3, where (say) the
+    # block before outputs vectors that no ContSup E encoder reaches: the next best cut builds
+    profile = synthetic_profile([1.0, 1.0, 1.0, 2.0, 1.0], [1000] * 5, output_bytes=0, image_bytes=0)
+    no_e_at_3 = replace(profile, image_encoders=[UNFIT if start == 3 else piece
+                                                 for start, piece in enumerate(profile.image_encoders)])
+
+    def cuts(profile, *overrides):
+        return partition_cuts(make_config("local.modules=2", *overrides), profile)
+
+    assert cuts(profile, "local.partition=balanced-time", "local.context=E") == [2]
+    assert cuts(no_e_at_3, "local.partition=balanced-time", "local.context=E") == [1]
+    assert cuts(no_e_at_3, "local.partition=balanced-time", "local.context=R0") == [2]  # no E: it builds
+    assert cuts(no_e_at_3, "local.partition=balanced", "local.memory_cap=0.9", "local.context=E") == [1]
+    nowhere = replace(profile, image_encoders=[UNFIT] * 5)
+    with pytest.raises(BadInput, match=r"^local.partition = 'balanced-memory': every cut of resnet8 into 2 modules "
+                                       r"has a module whose local head, decoder or context encoders \(local.context = "
+                                       r"'E', local.reconstruct = false\) do not fit .* local.context = 'R0' or "
+                                       r"local.reconstruct = false$"):
+        cuts(nowhere, "local.partition=balanced-memory", "local.context=E")
 
 
 def test_balanced_names_the_smallest_cap_that_fits(make_config):

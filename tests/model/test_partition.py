@@ -15,14 +15,18 @@ from pipeline.model.arch import resolve_arch
 from pipeline.model.network import resolve_cuts
 from pipeline.model.partition import (
     EQUAL_TABLES,
+    NoPartitionBuilds,
     NoPartitionFits,
     default_cuts,
+    describe_cuts,
     equal_cuts,
     even_cuts,
     flat_to_cut,
     min_max_partition,
     module_ranges,
+    written_cuts,
 )
+from tests.model.networks.user_networks import MAPS_THEN_VECTORS
 
 # Copied from docs/reference.md ("Equal-layer tables"), independently of the code's own table.
 REFERENCE_TABLES = {
@@ -164,6 +168,40 @@ def test_min_max_partition_matches_brute_force(seed):
         with pytest.raises(NoPartitionFits) as caught:
             min_max_partition(blocks, modules, cost, size, least * 0.99)
         assert caught.value.smallest == pytest.approx(least)
+
+
+def test_a_module_that_cannot_be_built_is_never_picked():
+    flat = additive([1, 1, 1, 1, 4], [0] * 5, [0] * 5, 2)
+    assert min_max_partition(5, 2, flat) == [3]
+
+    def no_start_at_4(index, start, end):  # e.g. a context encoder that does not fit block 3's output
+        return math.inf if index and start == 4 else flat(index, start, end)
+
+    assert min_max_partition(5, 2, no_start_at_4) == [2]
+    memory = additive([1, 1, 1, 2, 0], [0] * 5, [0] * 5, 2)
+    assert min_max_partition(5, 2, no_start_at_4, memory, limit=3) == [2]
+    with pytest.raises(NoPartitionFits) as caught:  # the smallest limit among the cuts that build
+        min_max_partition(5, 2, no_start_at_4, memory, limit=2)
+    assert caught.value.smallest == 3
+    with pytest.raises(NoPartitionBuilds):
+        min_max_partition(5, 2, lambda index, start, end: math.inf if index else 1.0)
+    with pytest.raises(NoPartitionBuilds):
+        min_max_partition(5, 2, lambda index, start, end: math.inf if index else 1.0, memory, limit=10)
+
+
+@pytest.mark.parametrize("arch, modules, written", [
+    ("resnet32", 4, "[[1, 2], [2, 1], [3, 0]] ([stage, block] after which a module ends)"),
+    ("vit_tiny", 4, "[2, 5, 8] (block index after which a module ends)"),  # 13 blocks: 3, 3, 3, 4
+    ("vgg11_bn", 2, "[3] (block index after which a module ends)"),
+    (MAPS_THEN_VECTORS, 2, "[1] (block index after which a module ends)"),
+])
+def test_cuts_are_written_as_the_network_takes_them(make_config, arch, modules, written):
+    config = make_config(f"model.arch={arch}", f"local.modules={modules}")
+    cuts = resolve_cuts(config, dataset_spec(config), torch.device("cpu"))
+    assert describe_cuts(cuts, config.arch) == written
+    again = make_config(f"model.arch={arch}", f"local.modules={modules}",
+                        f"local.partition={written_cuts(cuts, config.arch)}")
+    assert resolve_cuts(again, dataset_spec(again), torch.device("cpu")) == cuts  # what is printed is taken back
 
 
 def test_resolve_cuts_explicit_and_equal(make_config):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +12,12 @@ from pipeline.data.specs import dataset_spec
 from pipeline.errors import BadInput
 from pipeline.model.context import ContextPlan
 from pipeline.model.cost import checkpointed_activation_bytes as checkpointed_activation_bytes_predicted
-from pipeline.model.cost import end_to_end_activation_bytes, predicted_stage_activation_bytes, recompute_seconds
+from pipeline.model.cost import (
+    end_to_end_activation_bytes,
+    partition_cuts,
+    predicted_stage_activation_bytes,
+    recompute_seconds,
+)
 from pipeline.model.network import resolve_cuts
 from pipeline.model.profile import (
     checkpointed_activation_bytes,
@@ -18,6 +25,7 @@ from pipeline.model.profile import (
     profile_network,
     saved_activation_bytes,
 )
+from tests.model.networks.user_networks import MAPS_THEN_VECTORS
 
 
 def test_weights_saved_for_backward_are_not_activations():
@@ -72,6 +80,37 @@ def test_profiled_bytes_predict_the_exact_count(make_config, net, method):
     e2e = make_config(*net, "data.batch_size=8")
     assert end_to_end_activation_bytes(profile, 8) == pytest.approx(
         module_activation_bytes(e2e, spec, [], 8)[0], rel=0.01)
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny", "vgg11_bn", MAPS_THEN_VECTORS])
+def test_other_networks_are_profiled_from_their_own_shapes(make_config, arch):
+    """Token, map and vector features alike: balanced-time cuts of the profile, whose bytes predict the exact count
+    of those modules' steps (ContSup R1E: image and input encoders into every module after the first)."""
+    config = make_config(f"model.arch={arch}", "local.modules=3", "local.context=R1E", "data.batch_size=2",
+                         "local.partition=balanced-time")
+    spec = dataset_spec(config)
+    profile = profile_network(config, spec, torch.device("cpu"))
+    assert len(profile) == config.arch.units
+    cuts = partition_cuts(config, profile)
+    assert len(cuts) == 2 and 0 <= cuts[0] < cuts[1] < config.arch.units - 1
+    plan = ContextPlan(3, 1, True, False)
+    assert predicted_stage_activation_bytes(profile, plan, cuts) == pytest.approx(
+        module_activation_bytes(config, spec, cuts, 2), rel=0.01)
+
+
+def test_balanced_cuts_never_start_a_module_where_its_context_cannot_reach(make_config, capsys):
+    """The factory's blocks 2 and 3 output vectors, which no ContSup encoder reaches: with R1E the one cut of its
+    five blocks into three modules that builds starts none after them; four modules cannot be built at all."""
+    config = make_config(f"model.arch={MAPS_THEN_VECTORS}", "local.modules=3", "local.context=R1E",
+                         "data.batch_size=2", "local.partition=balanced-time")
+    spec = dataset_spec(config)
+    assert resolve_cuts(config, spec, torch.device("cpu")) == [0, 1]
+    assert "cut points [0, 1] (block index after which a module ends)" in capsys.readouterr().out
+    config.local.modules = 4
+    refusal = (rf"^local.partition = 'balanced-time': every cut of {re.escape(MAPS_THEN_VECTORS)} into 4 modules "
+               r"has a module whose .* do not fit")
+    with pytest.raises(BadInput, match=refusal):
+        resolve_cuts(config, spec, torch.device("cpu"))
 
 
 def test_balanced_cuts_keep_every_module_under_the_cap(make_config):

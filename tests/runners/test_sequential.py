@@ -15,6 +15,7 @@ from pipeline.packet import Packet
 from pipeline.runners.loop import EpochEnd, Position, TrainStep, events, total_steps
 from pipeline.runners.run import run
 from pipeline.worker import make_worker
+from tests.model.networks.user_networks import MAPS_THEN_VECTORS
 
 CPU = torch.device("cpu")
 
@@ -98,6 +99,14 @@ def test_run_equals_stepping_the_workers_by_hand(make_config, tmp_path):
             result = worker.eval_step(result)
         correct += int(result)
     assert summary["test_accuracy"] == pytest.approx(correct / 256)
+
+
+def test_a_flat_indexed_networks_cuts_are_printed_and_recorded_as_block_indices(make_config, tmp_path, capsys):
+    config = make_config(f"model.arch={MAPS_THEN_VECTORS}", "local.modules=3", "train.max_steps=1",
+                         out_dir=tmp_path / "out")
+    summary = run(config)
+    assert summary is not None and summary["cut_points"] == [0, 2]  # five blocks: 1 | 2 | 2
+    assert "modules 0-2 of 3, cut points [0, 2] (block index after which a module ends)" in capsys.readouterr().out
 
 
 def test_outputs_of_a_run(make_config, tmp_path):

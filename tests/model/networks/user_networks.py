@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
+# maps_then_vectors as the tests outside this folder name it (from the repository root, as any module path)
+MAPS_THEN_VECTORS = "tests.model.networks.user_networks:maps_then_vectors"
+
 
 def unit(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
