@@ -31,8 +31,10 @@ from pipeline.errors import BadInput
 from pipeline.model.methods.registry import method_named
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from pipeline.data.specs import DatasetSpec
-    from pipeline.model.networks.base import BlockNet
+    from pipeline.model.networks.base import BlockNet, Shape
     from pipeline.model.networks.registry import NetworkSpec
 
 # docs/reference.md, "Published results" (test error %, mean of 5 runs; InfoPro paper, Table 2)
@@ -304,13 +306,18 @@ def _aux_heads(config: Config) -> str:
     from pipeline.model.network import resolve_cuts
     from pipeline.model.networks.registry import family_named
 
-    spec = dataset_spec(config)
-    net = _network(config.arch, spec, config.model.deep_stem)
     local = config.local
-    ends = (resolve_cuts(config, spec, torch.device("cpu")) if isinstance(local.partition, list)
-            or local.partition == "equal" else range(len(net) - 1))
-    parts = family_named(config.arch.family).parts()
-    return " / ".join(parts.aux_head_names((net.shape(end) for end in ends), local))
+
+    def shapes() -> Iterator[Shape]:
+        # read only by parts that name their heads by the feature: an image folder's spec may read the folder
+        spec = dataset_spec(config)
+        net = _network(config.arch, spec, config.model.deep_stem)
+        ends = (resolve_cuts(config, spec, torch.device("cpu")) if isinstance(local.partition, list)
+                or local.partition == "equal" else range(len(net) - 1))
+        for end in ends:
+            yield net.shape(end)
+
+    return " / ".join(family_named(config.arch.family).parts().aux_head_names(shapes(), local))
 
 
 @functools.lru_cache(maxsize=16)
