@@ -21,7 +21,7 @@ from threaded import run_threaded
 
 from pipeline.runners.run import run
 
-STEPS = 6
+STEPS = 4
 CASES = {
     "factory-K3-R1E": (3, [f"model.arch={FACTORY}", "local.context=R1E"]),
     "vit_tiny-K4-R1E-channels_last": (4, ["model.arch=vit_tiny", "local.context=R1E", "precision.channels_last=true"]),
@@ -77,12 +77,12 @@ def test_a_factory_network_with_replicas_equals_the_averaged_reference(
 
 @pytest.mark.slow
 def test_vgg_resume_crosses_modes(tmp_path: Path, single_thread: None) -> None:
-    """vgg11_bn K = 3: sequential 3 steps -> pipeline to 5 -> sequential to 7 equals 7 straight steps."""
+    """vgg11_bn K = 3: sequential 2 steps -> pipeline to 3 -> sequential to 4 equals 4 straight steps."""
     common = ["model.arch=vgg11_bn", "local.modules=3", "local.context=R1", "train.epochs=1"]
-    run(tiny_config(tmp_path, "straight", *common, "train.max_steps=7"))
-    run(tiny_config(tmp_path, "part1", *common, "train.max_steps=3"))
-    _, errors = run_threaded(tiny_config(tmp_path, "part2", *common, "train.max_steps=5", "run.mode=pipeline",
+    run(tiny_config(tmp_path, "straight", *common, "train.max_steps=4"))
+    run(tiny_config(tmp_path, "part1", *common, "train.max_steps=2"))
+    _, errors = run_threaded(tiny_config(tmp_path, "part2", *common, "train.max_steps=3", "run.mode=pipeline",
                                          f"run.resume={tmp_path / 'part1'}"))
     assert errors == [None] * 3
-    run(tiny_config(tmp_path, "part3", *common, "train.max_steps=7", f"run.resume={tmp_path / 'part2'}"))
+    run(tiny_config(tmp_path, "part3", *common, "train.max_steps=4", f"run.resume={tmp_path / 'part2'}"))
     assert_same_checkpoints(tmp_path / "straight", tmp_path / "part3", 3)

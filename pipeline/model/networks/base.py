@@ -3,8 +3,8 @@
 A family (a ResNet, a ViT, a VGG, a network a user's factory returns) subclasses ``BlockNet``
 and says how to build block i and its classifier. Everything else — each block's output shape,
 what a module carries over a link, the heads, decoders and context encoders that fit a feature —
-is read off the blocks themselves: ``shape`` runs them forward on the meta device (no storage, no
-random draws), so no family states a formula of its own. A feature is 4-D (B, C, H, W), 3-D token
+is read off the blocks themselves: ``shape`` builds each on the meta device (no random draws), gives it
+uninitialised storage and runs one sample through it, so no family states a formula of its own. A feature is 4-D (B, C, H, W), 3-D token
 sequences (B, N, D) or 2-D vectors (B, D); a ``Shape`` is one sample's, batch left out.
 """
 
@@ -63,17 +63,23 @@ class BlockNet(ABC):
         return self._shapes[index]
 
     def _probe(self, index: int) -> Shape:
-        """Block ``index``'s output shape, from a forward of one sample on the meta device."""
+        """Block ``index``'s output shape, from a forward of one sample."""
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            return output_shape(self.name, index, self.build(index), self.shape(index - 1))
+            block = self.build(index)
+        return output_shape(self.name, index, block, self.shape(index - 1))
 
 
 def output_shape(name: str, index: int, block: nn.Module, inputs: Shape) -> Shape:
-    """What block ``index`` of network ``name`` makes of one sample of ``inputs``, on the meta device;
-    BadInput naming the block where it does not take them or returns no single feature tensor."""
-    block.eval()  # batch norm takes a single 1x1 sample only in evaluation
+    """What block ``index`` of network ``name``, built on the meta device, makes of one sample of ``inputs``;
+    BadInput naming the block where it does not take them or returns no single feature tensor.
+
+    The block runs on uninitialised CPU storage, not on the meta device: the values mean nothing, and
+    the first meta-device forward of a process costs seconds of imports, which every process would pay.
+    """
     try:
-        output = block(torch.empty(1, *inputs, device="meta"))
+        block = block.to_empty(device="cpu").eval()  # eval: batch norm takes a single 1x1 sample
+        with torch.no_grad(), torch.device("cpu"):  # even where the caller builds on the meta device
+            output = block(torch.zeros(1, *inputs))
     except Exception as err:  # any layer's refusal of the shape it is given
         raise BadInput(
             f"{name}: block {index} ({type(block).__name__}) does not take the output of "
