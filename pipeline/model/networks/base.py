@@ -4,8 +4,9 @@ A family (a ResNet, a ViT, a VGG, a network a user's factory returns) subclasses
 and says how to build block i and its classifier. Everything else — each block's output shape,
 what a module carries over a link, the heads, decoders and context encoders that fit a feature —
 is read off the blocks themselves: ``shape`` builds each on the meta device (no random draws), gives it
-uninitialised storage and runs one sample through it, so no family states a formula of its own. A feature is 4-D (B, C, H, W), 3-D token
-sequences (B, N, D) or 2-D vectors (B, D); a ``Shape`` is one sample's, batch left out.
+uninitialised storage and runs one sample through it, so no family states a formula of its own. A
+feature is 4-D (B, C, H, W), 3-D token sequences (B, N, D) or 2-D vectors (B, D); a ``Shape`` is one
+sample's, batch left out.
 """
 
 from __future__ import annotations
