@@ -18,7 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from pipeline.errors import BadInput, clip
 from pipeline.model.arch import SEGMENTATION_ARCHS, SEGMENTATION_DATASETS, aux_block
 from pipeline.model.methods.registry import method_named, method_names
-from pipeline.model.networks.registry import NetworkSpec, resolve_network
+from pipeline.model.networks.registry import NetworkSpec, family_named, resolve_network
 
 Mode = Literal["sequential", "pipeline", "ddp"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -454,8 +454,10 @@ def validate(config: Config, training: bool = True) -> None:
     _require(model.classes == 0 or model.classes >= 2, f"model.classes = {model.classes} must be >= 2 (or 0: "
                                                        "from the dataset)")
     if model.pretrained:
-        _require(arch.family != "cifar", f"model.pretrained loads ImageNet ResNets, not the CIFAR {model.arch}; set "
-                                         "model.family = 'imagenet' or leave model.pretrained empty")
+        _require(family_named(arch.family).pretrained,
+                 f"model.pretrained loads ImageNet ResNets, not the "
+                 f"{'CIFAR' if arch.family == 'cifar' else arch.family + '-family'} {model.arch}; set "
+                 "model.family = 'imagenet' or leave model.pretrained empty")
         _require(Path(model.pretrained).exists(),
                  f"model.pretrained = {clip(model.pretrained, 200)!r} does not exist; give an ImageNet checkpoint: a "
                  "torchvision or MMSegmentation ResNet .pth file, or a checkpoint folder or out_dir of this trainer "

@@ -76,6 +76,18 @@ def test_a_factory_network_with_replicas_equals_the_averaged_reference(
 
 
 @pytest.mark.slow
+def test_vgg_under_ddp_equals_the_averaged_reference(tmp_path: Path, single_thread: None,
+                                                     pipeline_job: Callable[[int, list[str]], Path]) -> None:
+    """run.mode = ddp (E2E on 2 processes) for vgg11_bn: one process averaging the two shards' gradients."""
+    sets = ["model.arch=vgg11_bn", "local.modules=1", "train.max_steps=3", "train.epochs=1"]
+    out = pipeline_job(2, [*sets, "run.mode=ddp"])
+    saved = load_module_state(out, 0)
+    assert saved["position"]["step"] == 3
+    assert max_state_difference(emulate_replicas(tiny_config(tmp_path, "reference", *sets), 2)[0],
+                                saved["state"]) <= 1e-5
+
+
+@pytest.mark.slow
 def test_vgg_resume_crosses_modes(tmp_path: Path, single_thread: None) -> None:
     """vgg11_bn K = 3: sequential 2 steps -> pipeline to 3 -> sequential to 4 equals 4 straight steps."""
     common = ["model.arch=vgg11_bn", "local.modules=3", "local.context=R1", "train.epochs=1"]

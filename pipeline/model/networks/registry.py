@@ -44,6 +44,7 @@ class NetworkFamily(ABC):
 
     name: ClassVar[str]
     datasets: ClassVar[tuple[str, ...]] = ()  # datasets whose networks are this family's by default
+    pretrained: ClassVar[bool] = False  # model.pretrained can load an ImageNet ResNet backbone into it
 
     @abstractmethod
     def names(self) -> tuple[str, ...]:

@@ -63,6 +63,7 @@ class CifarResNets(ResNetFamily):
 class ImageNetResNets(ResNetFamily):
     name = family = "imagenet"
     datasets = IMAGENET_DATASETS
+    pretrained = True
 
     def names(self) -> tuple[str, ...]:
         return IMAGENET_ARCHS
@@ -81,6 +82,7 @@ class ImageNetResNets(ResNetFamily):
 class DeepLabV3(ResNetFamily):
     name = family = "segmentation"
     datasets = SEGMENTATION_DATASETS
+    pretrained = True
 
     def names(self) -> tuple[str, ...]:
         return SEGMENTATION_ARCHS

@@ -122,3 +122,11 @@ def test_local_aux_is_said_to_have_no_effect_on_a_vit() -> None:
     config = load_config(None, ["model.arch=vit_tiny", "local.modules=2", "local.aux=0c1f"])
     assert ineffective_keys(config) == ["local.aux has no effect with a ViT (a token feature's head is LayerNorm, "
                                         "mean pool and two linear layers)"]
+
+
+def test_model_pretrained_is_refused_for_a_vit() -> None:
+    from pipeline.config import load_config
+    from pipeline.errors import BadInput
+
+    with pytest.raises(BadInput, match="model.pretrained loads ImageNet ResNets, not the vit-family vit_tiny"):
+        load_config(None, ["model.arch=vit_tiny", "model.pretrained=/no/such/file.pth"])
