@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # importing the package imports no torch: a config is read without it
     from torch import nn
 
-    from pipeline.config import Config
+    from pipeline.config.schema import Config
     from pipeline.model.methods.registry import LocalMethod
     from pipeline.model.networks.registry import NetworkFamily
 
@@ -28,7 +28,8 @@ def run(config: Config | str | Path | None, overrides: Sequence[str] = ()) -> di
     or replica under torchrun. ``config``: a Config, or a TOML file (None: the defaults) read with
     ``overrides`` (``table.key=value`` each). Returns the run's summary where this process writes it (rank 0);
     bad input raises BadInput."""
-    from pipeline.config import Config, load_config
+    from pipeline.config.loading import load_config
+    from pipeline.config.schema import Config
     from pipeline.train import train
 
     if not isinstance(config, Config):
@@ -64,6 +65,6 @@ def register_method(method: LocalMethod) -> None:
 
 def load_model(path: str | Path) -> nn.Module:
     """A model file written by python -m pipeline.export as an nn.Module in eval mode, on the CPU."""
-    from pipeline.model_file import load_model as load
+    from pipeline.tools.model_file import load_model as load
 
     return load(path)

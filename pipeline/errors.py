@@ -39,6 +39,12 @@ def first_line(text: str) -> str:
     return lines[0] if lines else ""
 
 
+def require(ok: bool, message: str) -> None:
+    """A rule about user input: BadInput with ``message`` (the problem and the fix) where it does not hold."""
+    if not ok:
+        raise BadInput(message)
+
+
 def clip(text: str, limit: int = 60) -> str:
     """User text quoted in a message, cut short so a pasted megabyte stays a readable line."""
     return text if len(text) <= limit else text[: limit - 3] + "..."

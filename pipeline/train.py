@@ -20,9 +20,11 @@ from typing import Any, Literal
 
 # torch is imported by train() only: --help and --check answer without it, in a fraction of a second.
 from pipeline.cli import ArgumentParser, add_set_argument, run_main
-from pipeline.config import Config, differing_keys, ineffective_keys, load_config, result_config
+from pipeline.config.loading import load_config
+from pipeline.config.schema import Config, differing_keys, result_config
+from pipeline.config.validation import ineffective_keys
 from pipeline.errors import BadInput, errors_logged
-from pipeline.metrics_files import metrics_files
+from pipeline.runtime.metrics_files import metrics_files
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -114,7 +116,7 @@ def claim_verdict(config: Config, path: Path) -> tuple[Config, bool]:
     its marker) is this job's own, started again after a failure or a preemption: it resumes from
     that set. Only unfinished sets (a crash before the first set): it
     starts from the beginning. Another config: one line naming the keys that differ. The run drops
-    what an interrupted attempt logged past its start (pipeline/metrics.py cut_metrics).
+    what an interrupted attempt logged past its start (pipeline/runtime/metrics.py cut_metrics).
     """
     run = config.run
     found = [name for name in ("summary.json", "checkpoints", "metrics.jsonl")
@@ -154,7 +156,7 @@ def _own_sets(config: Config, path: Path) -> Literal["resume", "start", ""]:
     """"resume" where the newest complete set is this config's, "start" where there is none and the folder
     holds no finished run, "" where it cannot tell (a set without a recorded config); BadInput for another
     config."""
-    from pipeline import checkpoint
+    from pipeline.runtime import checkpoint
 
     sets = checkpoint.complete_sets(path)
     if not sets:
@@ -179,11 +181,11 @@ def _own_sets(config: Config, path: Path) -> Literal["resume", "start", ""]:
 def train(config: Config) -> dict[str, Any] | None:
     """Claim config.run.out_dir and train: this process's part of the job (every mode; under torchrun,
     each process runs its stage or replica). The run's summary where this process writes it (rank 0)."""
-    from pipeline.distributed import keep_freed_host_memory
+    from pipeline.runtime.host import keep_freed_host_memory
 
     with prepare_out_dir(config) as claimed:
         keep_freed_host_memory()
-        from pipeline.runners.run import run
+        from pipeline.runtime.assemble import run
 
         if os.environ.get("RANK", "0") == "0":  # once per job, not once per process
             warn_ineffective(config)  # the keys as given: a restart resuming by itself set none of them
@@ -213,7 +215,7 @@ def what_is_saved(config: Config) -> str:
 
 
 def checkpoint_sets(out_dir: str | Path) -> list[tuple[int, Path]]:
-    from pipeline.checkpoint import complete_sets  # torch: a run's failure paths only
+    from pipeline.runtime.checkpoint import complete_sets  # torch: a run's failure paths only
 
     return complete_sets(out_dir)
 

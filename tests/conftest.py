@@ -21,10 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipeline.config import Config, DataConfig, ModelConfig, RunConfig, load_config, validate  # noqa: E402
+from pipeline.config.loading import load_config  # noqa: E402
+from pipeline.config.schema import Config, DataConfig, ModelConfig, RunConfig  # noqa: E402
+from pipeline.config.validation import validate  # noqa: E402
 from pipeline.data.specs import dataset_spec  # noqa: E402
 from pipeline.model.network import build_module, make_layout, resolve_cuts  # noqa: E402
-from pipeline.packet import Packet  # noqa: E402
+from pipeline.runtime.packet import Packet  # noqa: E402
 
 torch.set_num_threads(1)
 

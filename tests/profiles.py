@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.model.cost import NOTHING, NetworkProfile, Piece
+from pipeline.performance.cost import NOTHING, NetworkProfile, Piece
 
 
 def synthetic_profile(block_s: list[float], block_bytes: list[int], *, batch: int = 10, head_s: float = 0.0,

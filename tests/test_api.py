@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import pipeline
-from pipeline.config import load_config
+from pipeline.config.loading import load_config
 from pipeline.errors import BadInput
 from pipeline.model.methods import registry as methods
 from pipeline.model.methods.softmax import Softmax

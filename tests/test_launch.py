@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ineffective_keys, load_config
+from pipeline.config.loading import load_config
+from pipeline.config.validation import ineffective_keys
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

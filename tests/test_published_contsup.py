@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config.loading import load_config
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "configs" / "published"
 MAIN, ABLATION = "cifar10_resnet32", "contsup_ablation_cifar10_resnet32"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint
+from pipeline.runtime import checkpoint
 from pipeline.train import main, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -367,7 +367,7 @@ def test_check_says_what_the_run_would_say_before_training(tmp_path, capsys):
 
 def interrupt_at(monkeypatch, step: int) -> None:
     """Ctrl-C during training step ``step`` (1-based), as the terminal's SIGINT raises it."""
-    from pipeline.runners.report import RunReport
+    from pipeline.runtime.report import RunReport
 
     trained = RunReport.trained
 

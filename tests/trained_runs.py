@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline import scoring
-from pipeline.config import load_config
+from pipeline.config.loading import load_config
 from pipeline.data import readers
 from pipeline.data.throughput import write_folder
-from pipeline.runners.run import run
+from pipeline.runtime import scoring
+from pipeline.runtime.assemble import run
 from tests.data.segmentation_files import write_segmentation_folder
 from tests.model.networks.user_networks import MAPS_THEN_VECTORS
 
@@ -113,7 +113,7 @@ _SUFFIXES = {"model": ".pt", "torchvision": ".pth", "export": ".pt2", "onnx": ".
 
 def exported(factory: pytest.TempPathFactory, name: str, fmt: str = "model") -> Path:
     """The run ``name`` exported in ``fmt`` (pipeline.export), once per session: tracing a program costs seconds."""
-    from pipeline.export import export
+    from pipeline.tools.export import export
 
     if (name, fmt) not in _EXPORTS:
         out = trained_run(factory, name).out_dir.parent / f"exported_{fmt}{_SUFFIXES[fmt]}"

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from pipeline.data.specs import DatasetSpec
+from pipeline.errors import BadInput
+from pipeline.runtime.metrics import say
+
+if TYPE_CHECKING:
+    from pipeline.config.schema import Config
 
 
 @dataclass(frozen=True)
@@ -96,3 +101,20 @@ def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 def channel_constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     """A spec's per-channel mean or std, shaped to broadcast over [N, C, H, W]."""
     return torch.tensor(values, device=device).view(1, len(values), 1, 1)
+
+
+def training_batch(config: Config, name: str, samples: int, processes: int) -> tuple[int, int]:
+    """(the training batch, the smallest final batch kept) for ``samples`` shared by ``processes``."""
+    smallest = 2 * processes  # batch norm needs two samples on every process
+    if samples < smallest:
+        raise BadInput(
+            f"{name}: the train split holds {samples} sample(s), fewer than one batch of {smallest} "
+            f"(2 per process, as batch norm needs, for {processes} process(es)); use a larger data set or fewer "
+            "processes"
+        )
+    batch = config.data.batch_size
+    if batch > samples:
+        say(f"note: data.batch_size = {batch} is more than the {samples} training samples of {name}; "
+            f"training on batches of {samples}")
+        batch = samples
+    return batch, smallest

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.config import Config
+from pipeline.config.schema import Config
 from pipeline.data.contract import channel_constants, normalise
 from pipeline.data.readers import FASHION_MNIST_SIDE
 from pipeline.data.specs import DatasetSpec

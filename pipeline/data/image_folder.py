@@ -14,8 +14,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.data.specs import FOLDER_LAYOUT
 from pipeline.errors import BadInput
+
+FOLDER_LAYOUT = "train/<class>/ and val/<class>/ folders of .jpg, .jpeg or .png images (ImageNet's layout)"
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 SPLITS = ("train", "val")

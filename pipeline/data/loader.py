@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import Config
+from pipeline.config.schema import Config
 from pipeline.data.contract import (
     WHOLE,
     Loader,
@@ -28,11 +28,13 @@ from pipeline.data.contract import (
     epoch_order,
     mix_seed,
     normalise,
+    training_batch,
 )
 from pipeline.data.readers import READERS, RawDataset, Split, make_synthetic
+from pipeline.data.segmentation import make_segmentation_loaders
 from pipeline.data.specs import DatasetSpec, dataset_root, dataset_spec, require_data_root
+from pipeline.data.streaming import make_folder_loaders
 from pipeline.errors import BadInput
-from pipeline.metrics import say
 from pipeline.model.arch import SEGMENTATION_DATASETS
 
 
@@ -163,12 +165,8 @@ def make_loaders(config: Config, device: torch.device, processes: int = 1) -> tu
     """
     require_data_root(config)
     if config.data.name == "image_folder":
-        from pipeline.data.streaming import make_folder_loaders  # Pillow and worker processes: folders only
-
         return make_folder_loaders(config, device, processes)
     if config.data.name in SEGMENTATION_DATASETS:
-        from pipeline.data.segmentation import make_segmentation_loaders  # it builds on this module
-
         return make_segmentation_loaders(config, device, processes)
     spec, raw = load_raw(config)
     data = config.data
@@ -177,20 +175,3 @@ def make_loaders(config: Config, device: torch.device, processes: int = 1) -> tu
     test = BatchLoader(raw.test, spec, min(data.batch_size, len(raw.test.labels)), device, config.run.seed,
                        False, False)
     return train, test
-
-
-def training_batch(config: Config, name: str, samples: int, processes: int) -> tuple[int, int]:
-    """(the training batch, the smallest final batch kept) for ``samples`` shared by ``processes``."""
-    smallest = 2 * processes  # batch norm needs two samples on every process
-    if samples < smallest:
-        raise BadInput(
-            f"{name}: the train split holds {samples} sample(s), fewer than one batch of {smallest} "
-            f"(2 per process, as batch norm needs, for {processes} process(es)); use a larger data set or fewer "
-            "processes"
-        )
-    batch = config.data.batch_size
-    if batch > samples:
-        say(f"note: data.batch_size = {batch} is more than the {samples} training samples of {name}; "
-            f"training on batches of {samples}")
-        batch = samples
-    return batch, smallest

@@ -27,9 +27,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pipeline.config import Config
+from pipeline.config.schema import Config
+from pipeline.data.contract import training_batch
 from pipeline.data.joint_transforms import JointTransform, SegmentEvalTransform, SegmentTrainTransform
-from pipeline.data.loader import training_batch
 from pipeline.data.segmentation_folder import MAKE_TRAIN_IDS, PairSplit, scan_pairs
 from pipeline.data.specs import IGNORE_INDEX, dataset_root, segmentation_spec
 from pipeline.data.streaming import UNREADABLE, Decoded, FolderLoader, Sample, unreadable

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.config import Config
+from pipeline.data.image_folder import FOLDER_LAYOUT, class_names
 from pipeline.errors import BadInput
 from pipeline.model.arch import SEGMENTATION_DATASETS
+
+if TYPE_CHECKING:  # the schema reads a dataset's spec from here
+    from pipeline.config.schema import Config
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,6 @@ _CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 # The ImageNet statistics every torchvision-style ImageNet network is trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-FOLDER_LAYOUT = "train/<class>/ and val/<class>/ folders of .jpg, .jpeg or .png images (ImageNet's layout)"
 FOLDER_DEFAULT_ROOT = "data/imagenet"
 CITYSCAPES_CLASSES = 19  # the trainIds 0..18 of cityscapesScripts' labels.py
 CITYSCAPES_LAYOUT = ("leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/"
@@ -88,8 +91,6 @@ def dataset_spec(config: Config) -> DatasetSpec:
     if config.data.name in SEGMENTATION_DATASETS:
         return segmentation_spec(config)
     if spec is None:  # image_folder
-        from pipeline.data.image_folder import class_names  # it builds on this module
-
         return folder_spec(config, model.classes or len(class_names(folder_root(config))))
     if spec.name == "synthetic":
         channels = model.in_channels or spec.channels

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.config import Config
+from pipeline.config.schema import Config
 from pipeline.data.contract import (
     WHOLE,
     Part,
@@ -40,9 +40,9 @@ from pipeline.data.contract import (
     epoch_order,
     mix_seed,
     normalise,
+    training_batch,
 )
 from pipeline.data.image_folder import FolderSplit, scan
-from pipeline.data.loader import training_batch
 from pipeline.data.specs import DatasetSpec, folder_root, folder_spec
 from pipeline.data.transforms import EvalTransform, TrainTransform, Transform
 from pipeline.errors import BadInput

@@ -42,7 +42,7 @@ def measure(root: Path, workers: int, batch: int, image_size: int, batches: int)
     """(training images per second, images timed) after one warm-up batch (the workers' start)."""
     import torch
 
-    from pipeline.config import load_config
+    from pipeline.config.loading import load_config
     from pipeline.data.streaming import make_folder_loaders
 
     # model.arch: any network valid for the folder (no network is built); resnet50 is one in every family

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.config.cuts import stage_and_block
 from pipeline.model.arch import BOTTLENECK_EXPANSION, ArchSpec
 from pipeline.model.networks.base import BlockNet
-from pipeline.model.partition import stage_and_block
 from pipeline.model.resnet import BasicBlock, Classifier, ResidualBlock, conv3x3, shortcut
 
 

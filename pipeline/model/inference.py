@@ -14,12 +14,12 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from pipeline.config import Config
+from pipeline.config.schema import Config
 from pipeline.data.specs import DatasetSpec
 from pipeline.model.local_module import LocalModule
 from pipeline.model.network import make_layout
 from pipeline.model.networks.registry import family_named
-from pipeline.packet import Packet
+from pipeline.runtime.packet import Packet
 
 STAGES = "stages"  # the state dict's prefix of module k: stages.<k>.
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.config import Config
+from pipeline.config.schema import Config
 from pipeline.data.contract import mix_seed
 from pipeline.data.specs import DatasetSpec
 from pipeline.model.arch import aux_block
@@ -26,7 +26,7 @@ from pipeline.model.networks.base import BlockNet, Shape
 from pipeline.model.recompute import checkpointed_body
 from pipeline.model.resnet import ResidualBlock, init_weights
 from pipeline.model.segmentation_heads import AUX_WEIGHT, ASPPHead, FCNHead, SeededDropout2d, reset_classifier
-from pipeline.packet import Packet
+from pipeline.runtime.packet import Packet
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from pipeline.config import LocalConfig
+from pipeline.config.schema import LocalConfig
 from pipeline.data.specs import DatasetSpec
 from pipeline.errors import BadInput
 from pipeline.model.context import ImageEncoder, InputEncoder

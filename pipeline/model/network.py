@@ -6,7 +6,8 @@ import threading
 
 import torch
 
-from pipeline.config import Config, cut_to_flat
+from pipeline.config.cuts import cut_to_flat
+from pipeline.config.schema import Config
 from pipeline.data.specs import DatasetSpec
 from pipeline.model.context import ContextPlan
 from pipeline.model.local_module import Layout, LocalModule
@@ -29,7 +30,7 @@ def resolve_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> lis
         return [cut_to_flat(cut, arch.blocks) for cut in local.partition]
     if local.partition == "equal" or local.modules == 1:
         return family_named(arch.family).default_cuts(arch, local.modules)
-    from pipeline.model.profile import (
+    from pipeline.performance.profile import (
         balanced_cuts,  # profiling pulls in timing machinery
     )
 

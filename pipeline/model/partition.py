@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from pipeline.config import Cut, cut_to_flat
+from pipeline.config.cuts import cut_to_flat
+from pipeline.config.schema import Cut
 from pipeline.model.arch import ArchSpec
-from pipeline.model.networks.registry import NetworkSpec
 
 # docs/reference.md, equal-layer tables, keyed by blocks per stage (ResNet-32: 5, ResNet-110: 18).
 EQUAL_TABLES: dict[tuple[int, ...], dict[int, list[Cut]]] = {
@@ -38,39 +38,6 @@ EQUAL_TABLES: dict[tuple[int, ...], dict[int, list[Cut]]] = {
 SEGMENTATION_TABLES: dict[tuple[int, ...], dict[int, list[Cut]]] = {
     (3, 4, 23, 3): {2: [[3, 12]]},
 }
-
-
-def flat_to_cut(flat: int, blocks: tuple[int, ...] | None) -> Cut:
-    """Index in the flat block list -> the cut as config writes it: [stage, block] of a ResNet (``blocks`` per
-    stage), the index itself for a flat-indexed network (the inverse of config.cut_to_flat)."""
-    return flat if blocks is None else list(stage_and_block(flat, blocks))
-
-
-def stage_and_block(flat: int, blocks: tuple[int, ...]) -> tuple[int, int]:
-    """A ResNet's flat block index -> (stage, block within it); (0, 0) is the stem."""
-    if flat == 0:
-        return 0, 0
-    block = flat - 1
-    for stage, count in enumerate(blocks, start=1):
-        if block < count:
-            return stage, block
-        block -= count
-    raise ValueError(f"block {flat} is past the last of {blocks}")
-
-
-def written_cuts(cuts: Sequence[int], arch: NetworkSpec) -> list[Cut]:
-    """Flat cut indices as local.partition writes them for ``arch``: what summaries record and tools print."""
-    return [flat_to_cut(cut, arch.blocks) for cut in cuts]
-
-
-def cut_notation(arch: NetworkSpec) -> str:
-    """What one written cut of ``arch`` names: the block after which a module ends."""
-    return "[stage, block]" if arch.blocks is not None else "block index"
-
-
-def describe_cuts(cuts: Sequence[int], arch: NetworkSpec) -> str:
-    """The cuts for a message: written as local.partition takes them, with what they name."""
-    return f"{written_cuts(cuts, arch)} ({cut_notation(arch)} after which a module ends)"
 
 
 def even_cuts(blocks: int, modules: int) -> list[int]:

@@ -26,11 +26,12 @@ from typing import Any, cast, get_args
 import torch
 from torch import nn
 
-from pipeline import checkpoint
-from pipeline.config import Config, cut_to_flat
+from pipeline.config.cuts import cut_to_flat, stage_and_block
+from pipeline.config.schema import Config
 from pipeline.errors import BadInput, clip
 from pipeline.model.arch import IMAGENET_ARCHS, ArchSpec, Family, resolve_arch
-from pipeline.model.partition import module_ranges, stage_and_block
+from pipeline.model.partition import module_ranges
+from pipeline.runtime import checkpoint
 
 TORCHVISION = "torchvision's ResNet layout"
 V1C = "MMSegmentation's ResNet-V1c layout"

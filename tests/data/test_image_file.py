@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import load_config
+from pipeline.config.loading import load_config
 from pipeline.data.image_file import Preprocess, evaluation_preprocess
 from pipeline.data.image_folder import scan
 from pipeline.data.loader import BatchLoader, make_loaders

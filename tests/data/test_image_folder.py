@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import load_config
+from pipeline.config.loading import load_config
 from pipeline.data.contract import WHOLE, Part
 from pipeline.data.image_folder import scan
 from pipeline.data.loader import make_loaders

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import load_config
+from pipeline.config.loading import load_config
 from pipeline.data.loader import BatchLoader, make_loaders
 from pipeline.data.readers import Split
 from pipeline.data.specs import SPECS, DatasetSpec, dataset_spec

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.config.loading import load_config
 from pipeline.data.loader import load_raw
 from pipeline.data.readers import READERS, make_synthetic, read_idx
 from pipeline.data.specs import SPECS, dataset_spec

@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import Config, ineffective_keys, load_config
+from pipeline.config.loading import load_config
+from pipeline.config.schema import Config
+from pipeline.config.validation import ineffective_keys
 from pipeline.data.contract import WHOLE, Part, channel_constants, normalise
 from pipeline.data.loader import make_loaders
 from pipeline.data.segmentation import collate_pairs

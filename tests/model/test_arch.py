@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import ineffective_keys, load_config
+from pipeline.config.cuts import flat_to_cut
+from pipeline.config.loading import load_config
+from pipeline.config.validation import ineffective_keys
 from pipeline.errors import BadInput
 from pipeline.model.arch import IMAGENET_ARCHS, SEGMENTATION_ARCHS, aux_block, resolve_arch
-from pipeline.model.partition import flat_to_cut
 
 # torchvision's layouts (its resnet.py builders), written out independently of the code's table:
 # (block, blocks per stage, groups, width per group).

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import load_config
+from pipeline.config.loading import load_config
 from pipeline.data.specs import dataset_spec
 from pipeline.model.arch import resolve_arch
 from pipeline.model.decoder import ImageNetDecoder
@@ -19,8 +19,8 @@ from pipeline.model.imagenet_resnet import Bottleneck, ImageNetResNet, ImageNetS
 from pipeline.model.network import build_module, make_layout, make_net, resolve_cuts
 from pipeline.model.networks.registry import family_named
 from pipeline.model.resnet import BasicBlock, Classifier
-from pipeline.packet import Packet
-from pipeline.runners.run import run
+from pipeline.runtime.assemble import run
+from pipeline.runtime.packet import Packet
 
 CPU = torch.device("cpu")
 PUBLISHED = Path(__file__).resolve().parents[2] / "configs" / "published" / "imagenet"

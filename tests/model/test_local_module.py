@@ -19,7 +19,7 @@ from pipeline.model.network import build_module, make_layout, resolve_cuts
 from pipeline.model.partition import equal_cuts, even_cuts, module_ranges
 from pipeline.model.resnet import Classifier
 from pipeline.model.segmentation_heads import ASPPHead, FCNHead
-from pipeline.packet import Packet
+from pipeline.runtime.packet import Packet
 
 CONTEXTS = ("R0", "E", "R1", "R1E", "R2", "R2E")
 

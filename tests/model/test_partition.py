@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from pipeline.config import cut_to_flat
+from pipeline.config.cuts import cut_to_flat, describe_cuts, flat_to_cut, written_cuts
 from pipeline.data.specs import dataset_spec
 from pipeline.model.arch import resolve_arch
 from pipeline.model.network import resolve_cuts
@@ -18,13 +18,10 @@ from pipeline.model.partition import (
     NoPartitionBuilds,
     NoPartitionFits,
     default_cuts,
-    describe_cuts,
     equal_cuts,
     even_cuts,
-    flat_to_cut,
     min_max_partition,
     module_ranges,
-    written_cuts,
 )
 from tests.model.networks.user_networks import MAPS_THEN_VECTORS
 

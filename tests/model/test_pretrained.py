@@ -12,18 +12,19 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import checkpoint
-from pipeline.config import ineffective_keys, load_config
+from pipeline.config.cuts import flat_to_cut
+from pipeline.config.loading import load_config
+from pipeline.config.validation import ineffective_keys
 from pipeline.data.specs import dataset_spec
 from pipeline.errors import BadInput
 from pipeline.model.arch import resolve_arch
 from pipeline.model.imagenet_resnet import ImageNetResNet
 from pipeline.model.network import make_layout, resolve_cuts
-from pipeline.model.partition import flat_to_cut
 from pipeline.model.pretrained import TORCHVISION, V1C, load_pretrained, read_backbone
-from pipeline.runners.loop import Position
+from pipeline.runtime import checkpoint
+from pipeline.runtime.run_order import Position
+from pipeline.runtime.worker import make_worker
 from pipeline.train import main
-from pipeline.worker import make_worker
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")

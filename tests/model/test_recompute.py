@@ -18,11 +18,11 @@ from pipeline.data.specs import dataset_spec
 from pipeline.errors import BadInput
 from pipeline.model.network import build_module, make_layout
 from pipeline.model.partition import segment_ranges
-from pipeline.model.profile import random_batch
 from pipeline.model.recompute import checkpointed_body
-from pipeline.optim import make_optimizer
-from pipeline.packet import Packet
-from pipeline.worker import ModuleWorker
+from pipeline.performance.profile import random_batch
+from pipeline.runtime.optim import make_optimizer
+from pipeline.runtime.packet import Packet
+from pipeline.runtime.worker import ModuleWorker
 
 STEPS, WORLD = 3, 2
 

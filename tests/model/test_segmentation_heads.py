@@ -76,7 +76,7 @@ def test_infopro_head_is_theirs():
     assert convs(head) == [(1024, 512, 3, 1, 1, True), (512, 19, 1, 1, 0, True)]
     assert [type(layer) for layer in head] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, SeededDropout2d, nn.Conv2d]
     assert head[3].p == 0.1
-    from pipeline.config import LocalConfig
+    from pipeline.config.schema import LocalConfig
 
     assert convs(family_named("segmentation").parts().aux_head((1024, 8, 8), 19, LocalConfig())) == convs(head)
 

@@ -12,7 +12,7 @@ from pipeline.model.methods.registry import LocalMethod, register_method
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from pipeline.config import LocalConfig
+    from pipeline.config.schema import LocalConfig
 
 CONTRAST_TEMPERATURE = 0.07
 

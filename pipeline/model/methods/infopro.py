@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from pipeline.config import Config
+from pipeline.config.schema import Config
 from pipeline.model.decoder import ImageDecoder, reconstruction_loss
 
 

@@ -20,7 +20,7 @@ from pipeline.model.methods.registry import LocalMethod, register_method
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from pipeline.config import LocalConfig
+    from pipeline.config.schema import LocalConfig
 
 BETA = 0.99
 NORM_EPS = 1e-8

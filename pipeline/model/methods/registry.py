@@ -19,7 +19,7 @@ from pipeline.errors import BadInput, clip
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from pipeline.config import LocalConfig
+    from pipeline.config.schema import LocalConfig
 
 
 class LocalMethod(ABC):

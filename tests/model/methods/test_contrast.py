@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.config import LocalConfig
+from pipeline.config.schema import LocalConfig
 from pipeline.model.methods.contrast import CONTRAST_TEMPERATURE, supervised_contrastive
 from pipeline.model.methods.registry import method_named
 

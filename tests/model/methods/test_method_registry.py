@@ -10,13 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import checkpoint
-from pipeline.config import LocalConfig, ineffective_keys, load_config
+from pipeline.config.loading import load_config
+from pipeline.config.schema import LocalConfig
+from pipeline.config.validation import ineffective_keys
 from pipeline.errors import BadInput
-from pipeline.metrics import method_name
 from pipeline.model.methods import registry
 from pipeline.model.methods.registry import LocalMethod, method_named, method_names, register_method
-from pipeline.runners.run import run
+from pipeline.runtime import checkpoint
+from pipeline.runtime.assemble import run
+from pipeline.runtime.metrics import method_name
 
 SHIFT = 100.0  # far above any cross-entropy of the tiny run: a loss this method made is recognisable
 

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import LocalConfig
+from pipeline.config.schema import LocalConfig
 from pipeline.model.methods.predsim import BETA, predsim_loss
 from pipeline.model.methods.registry import method_named
-from pipeline.packet import Packet
+from pipeline.runtime.packet import Packet
 
 
 def flatten(nested: object) -> list[float]:

@@ -15,7 +15,7 @@ from pipeline.errors import BadInput
 from pipeline.model.network import build_module, make_layout
 from pipeline.model.networks.factory import FactoryNet
 from pipeline.model.tokens import VectorHead
-from pipeline.packet import Packet
+from pipeline.runtime.packet import Packet
 from pipeline.train import main
 
 NET = "model.arch=user_networks:maps_then_vectors"

@@ -11,14 +11,15 @@ import torch
 from conftest import CPU, tiny_config
 from torch import nn
 
-from pipeline.config import Config, load_config
+from pipeline.config.loading import load_config
+from pipeline.config.schema import Config
 from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.errors import BadInput
 from pipeline.model.network import build_module, make_layout, resolve_cuts
 from pipeline.model.networks import registry
 from pipeline.model.networks.base import BlockNet
 from pipeline.model.networks.registry import DataShape, NetworkFamily, NetworkSpec, register_network
-from pipeline.packet import Packet
+from pipeline.runtime.packet import Packet
 
 REPO = Path(__file__).resolve().parents[3]
 # sha256 of every module's state dict for each shipped config, computed with the code before the network

@@ -117,7 +117,8 @@ def test_image_sides_not_divisible_by_the_patch_are_one_line_bad_input():
 
 
 def test_local_aux_is_said_to_have_no_effect_on_a_vit() -> None:
-    from pipeline.config import ineffective_keys, load_config
+    from pipeline.config.loading import load_config
+    from pipeline.config.validation import ineffective_keys
 
     config = load_config(None, ["model.arch=vit_tiny", "local.modules=2", "local.aux=0c1f"])
     assert ineffective_keys(config) == ["local.aux has no effect with a ViT (a token feature's head is LayerNorm, "
@@ -125,7 +126,7 @@ def test_local_aux_is_said_to_have_no_effect_on_a_vit() -> None:
 
 
 def test_model_pretrained_is_refused_for_a_vit() -> None:
-    from pipeline.config import load_config
+    from pipeline.config.loading import load_config
     from pipeline.errors import BadInput
 
     with pytest.raises(BadInput, match="model.pretrained loads ImageNet ResNets, not the vit-family vit_tiny"):

@@ -1,0 +1,96 @@
+"""Bytes each mode puts on the wire per training step, and the share of a step a process idles.
+
+What a step sends is fixed by the layout (shapes, parameter counts), so it is computed here from
+the layout, not measured. Every figure is bytes sent per step of one global batch, summed over
+all processes (a link's bytes are counted once, at the sender).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+from torch import nn
+
+from pipeline.model.context import ContextPlan
+from pipeline.model.networks.base import BlockNet, Shape
+from pipeline.runtime.transport import header_length
+
+LABEL_BYTES = 8  # int64
+
+
+def _elements(shape: Shape) -> int:
+    return math.prod(shape)
+
+
+def packet_bytes(plan: ContextPlan, input_shapes: Sequence[Shape], receiver: int, batch: int,
+                 element_bytes: int) -> int:
+    """One training message into module ``receiver``: header, labels, features, image, register.
+
+    ``input_shapes[k]`` is module k's input (the image for module 0); floating tensors travel in
+    ``element_bytes`` (4: fp32, 2: pipeline.wire_dtype = bf16).
+    """
+    register = plan.register_sources(receiver)
+    tensors = 2 + int(plan.carries_image(receiver)) + len(register)
+    floats = _elements(input_shapes[receiver]) + sum(_elements(input_shapes[source]) for source in register)
+    if plan.carries_image(receiver):
+        floats += _elements(input_shapes[0])
+    return LABEL_BYTES * header_length(tensors) + batch * (LABEL_BYTES + floats * element_bytes)
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def buffer_bytes(module: nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in module.buffers())
+
+
+def all_reduce_bytes(nbytes: int, processes: int) -> int:
+    """A ring all-reduce of ``nbytes`` over ``processes``: each sends 2 (N - 1) / N x nbytes."""
+    return 2 * (processes - 1) * nbytes
+
+
+def ddp_bytes(module: nn.Module, processes: int) -> int:
+    """DDP: the gradients' all-reduce, plus rank 0's buffers (batch-norm statistics) broadcast to
+    every other rank before each forward (DistributedDataParallel's broadcast_buffers)."""
+    return all_reduce_bytes(parameter_bytes(module), processes) + (processes - 1) * buffer_bytes(module)
+
+
+def local_pipeline_bytes(plan: ContextPlan, input_shapes: Sequence[Shape], modules: Sequence[nn.Module],
+                         batch: int, element_bytes: int, replicas: int = 1) -> int:
+    """K x R local pipeline: each replica's chain carries its share of the batch forward only; each
+    stage's R replicas all-reduce that module's gradients and broadcast its buffers."""
+    shares = [batch // replicas + (1 if r < batch % replicas else 0) for r in range(replicas)]
+    links = sum(packet_bytes(plan, input_shapes, receiver, share, element_bytes)
+                for share in shares for receiver in range(1, len(modules)))
+    if replicas == 1:
+        return links
+    return links + sum(ddp_bytes(module, replicas) for module in modules)
+
+
+def wire_element_bytes(wire_dtype: str) -> int:
+    """Bytes of one activation element on a wire of ``pipeline.wire_dtype`` (fp32 or bf16); the
+    classic pipeline sends in it too (pipeline/tools/classic_pp.py)."""
+    return 2 if wire_dtype == "bf16" else 4
+
+
+def classic_pp_bytes(net: BlockNet, cuts: Sequence[int], batch: int, element_bytes: int = 4) -> int:
+    """torch.distributed.pipelining: each cut's activation forward and its gradient backward, for
+    every sample of the batch (the microbatches add up to it), plus the labels rank 0 sends to
+    the last stage."""
+    if not cuts:
+        return 0
+    crossing = sum(_elements(net.shape(cut)) for cut in cuts)
+    return batch * (2 * crossing * element_bytes + LABEL_BYTES)
+
+
+def bubble_fraction(stages: int, microbatches: int) -> float:
+    """Idle share of each stage's step under GPipe and 1F1B alike: (K - 1) / (M + K - 1)."""
+    return (stages - 1) / (microbatches + stages - 1)
+
+
+def measured_idle_fraction(busy_fractions: Sequence[float]) -> float:
+    """1 - the processes' mean busy fraction (their compute seconds over their training seconds)."""
+    return round(1.0 - statistics.fmean(busy_fractions), 4) if busy_fractions else 0.0

@@ -1,0 +1,324 @@
+"""torchrun --nproc-per-node K -m pipeline.classic_pp --config FILE --schedule gpipe|1f1b --microbatches M
+
+Classic pipeline parallelism, what users who cannot fit a network on one device pick: the
+end-to-end network (local.modules = 1's, with its weights from the same seed) cut at the local
+pipeline's cut points (local.partition with local.modules = K = WORLD_SIZE) and trained end to
+end by torch.distributed.pipelining's GPipe or 1F1B schedule over M microbatches per batch,
+with the config's SGD recipe. Gradients flow back over the links, so every stage waits for the
+ones after it: the benchmark runs this beside the local pipeline on the same cores and cuts.
+
+Rank 0 reads the data and sends each batch's labels to the last rank, where the loss is. Writes
+OUT_DIR/summary.json and OUT_DIR/metrics.jsonl in the shape the benchmark reads (one train line
+per run.log_every steps with that window's samples/s, per-process peak memory); no evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.cli import ArgumentParser, add_set_argument, run_main
+from pipeline.config.cuts import describe_cuts, written_cuts
+from pipeline.config.loading import load_config
+from pipeline.config.schema import Config
+from pipeline.data.specs import DatasetSpec, dataset_spec
+from pipeline.errors import BadInput, StageFailure, cannot_write, errors_logged
+from pipeline.model.network import build_module, make_layout, resolve_cuts
+from pipeline.model.partition import module_ranges
+from pipeline.performance.profile import saved_activation_bytes
+from pipeline.runtime.metrics import DeviceMemory, MetricsLog, say
+from pipeline.runtime.optim import learning_rate, make_optimizer, set_learning_rate
+
+Schedule = Literal["gpipe", "1f1b"]
+SCHEDULES: tuple[Schedule, ...] = ("gpipe", "1f1b")
+LABELS_TAG = 7  # the labels' send from rank 0 to the last rank, apart from the schedule's own traffic
+
+
+def e2e_overrides(sets: list[str]) -> list[str]:
+    """The end-to-end network of a config: one module, the real classifier, no local context."""
+    return [*sets, "local.modules=1", "local.partition=equal", "local.context=R0", "local.reconstruct=false"]
+
+
+def stage_modules(e2e: Config, spec: DatasetSpec, cuts: list[int]) -> list[nn.Sequential]:
+    """The end-to-end network's blocks split at ``cuts``; the last stage ends with the classifier.
+
+    The whole network is built from its seed and then split, so the stages hold exactly the
+    weights the end-to-end run starts from.
+    """
+    whole = build_module(e2e, make_layout(e2e, spec, []), 0, torch.device("cpu"))
+    stages = [nn.Sequential(*list(whole.body)[start:end]) for start, end in module_ranges(cuts, len(whole.body))]
+    stages[-1].append(whole.head)
+    return stages
+
+
+def in_flight(schedule: Schedule, stage: int, stages: int, microbatches: int) -> int:
+    """Microbatches whose activations stage ``stage`` holds at once: GPipe runs every forward
+    before any backward; 1F1B starts backward once the pipe is full (stages - stage deep)."""
+    return microbatches if schedule == "gpipe" else min(microbatches, stages - stage)
+
+
+def stage_activation_bytes(e2e: Config, spec: DatasetSpec, cuts: list[int], batch: int, schedule: Schedule,
+                           microbatches: int) -> list[int]:
+    """Each stage's activation memory: one microbatch's saved tensors x the microbatches in flight
+    (the loss's own few bytes per sample left out)."""
+    micro = batch // microbatches
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(micro, spec.channels, *spec.image_shape, generator=generator)
+    stages = stage_modules(e2e, spec, cuts)
+    sizes = []
+    for index, stage in enumerate(stages):
+        size, output = saved_activation_bytes(stage, inputs)
+        sizes.append(size * in_flight(schedule, index, len(stages), microbatches))
+        inputs = output.detach()
+    return sizes
+
+
+class _Precision(nn.Module):
+    """A stage computing and sending as the local pipeline's stages do: under bf16 autocast with
+    precision.amp = bf16, its activations on the wire in pipeline.wire_dtype, dense.
+
+    A bf16 wire arrives as bf16 and is restored to float32 only where the stage computes in
+    float32 (pipeline/runtime/transport.py does the same); the last stage's logits are float32 for the loss.
+    A feature may leave its blocks strided (a ViT's tokens keep the transposed strides of its patch
+    embedding), and the links send dense tensors only.
+    """
+
+    def __init__(self, inner: nn.Module, device: torch.device, amp: bool, wire: torch.dtype, last: bool) -> None:
+        super().__init__()
+        self.inner, self.device_type, self.amp, self.wire, self.last = inner, device.type, amp, wire, last
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if not self.amp:
+            inputs = inputs.float()
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
+            output: torch.Tensor = self.inner(inputs)
+        return output.float() if self.last else output.to(self.wire).contiguous()
+
+
+class ClassicStage:
+    """This rank's stage: its blocks, the schedule that drives them, its optimizer."""
+
+    def __init__(self, config: Config, stage: nn.Sequential, index: int, stages: int, input_shape: tuple[int, ...],
+                 output_shape: tuple[int, ...], schedule: Schedule, microbatches: int,
+                 device: torch.device) -> None:
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        self.index, self.stages, self.device = index, stages, device
+        self.train_config = config.train
+        self.memory_format = torch.channels_last if config.precision.channels_last else torch.contiguous_format
+        # Module.to takes memory_format at run time; torch's stubs leave it out
+        stage = stage.to(device, memory_format=self.memory_format).train()  # type: ignore[call-overload]
+        self.module = stage
+        self.optimizer = make_optimizer(stage, config.train)
+        self.lr = learning_rate(config.train, 1)
+        set_learning_rate(self.optimizer, self.lr)
+        amp = config.precision.amp == "bf16"
+        wire = torch.bfloat16 if config.pipeline.wire_dtype == "bf16" else torch.float32
+        last = index == stages - 1
+        runs = _Precision(stage, device, amp, wire, last)
+        # Shapes and dtypes of one microbatch on the meta device: the stage needs no exchange at the
+        # start. requires_grad marks what carries a gradient back: every received input, every output.
+        meta = torch.device("meta")
+        received = torch.empty(input_shape, device=meta, dtype=wire if index > 0 else torch.float32,
+                               requires_grad=index > 0)
+        pipe_stage = PipelineStage(runs, index, stages, device, input_args=received,
+                                   output_args=torch.empty(output_shape, device=meta, requires_grad=True,
+                                                           dtype=torch.float32 if last else wire))
+        kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+        # scale_grads: each microbatch's mean loss, gradients divided by M = the batch's mean loss.
+        self.schedule = kind(pipe_stage, microbatches, loss_fn=F.cross_entropy, scale_grads=True)
+        self.batch = input_shape[0] * microbatches
+        self.labels = torch.empty(self.batch, dtype=torch.int64, device=device)
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.stages - 1
+
+    def step(self, epoch: int, step: int, total_steps: int, images: torch.Tensor | None = None,
+             labels: torch.Tensor | None = None) -> torch.Tensor | None:
+        """One training step; rank 0 passes the batch. The last stage returns the batch's mean loss."""
+        rate = learning_rate(self.train_config, epoch, step, total_steps)
+        if rate != self.lr:
+            self.lr = rate
+            set_learning_rate(self.optimizer, rate)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.first:
+            assert images is not None and labels is not None
+            if not self.last:
+                dist.send(labels.contiguous(), self.stages - 1, tag=LABELS_TAG)
+            inputs = images.contiguous(memory_format=self.memory_format)
+        if self.last and not self.first:
+            dist.recv(self.labels, 0, tag=LABELS_TAG)
+            labels = self.labels
+        losses: list[torch.Tensor] = []
+        if self.first:
+            self.schedule.step(inputs, target=labels if self.last else None, losses=losses)
+        elif self.last:
+            self.schedule.step(target=labels, losses=losses)
+        else:
+            self.schedule.step()
+        self.optimizer.step()
+        return torch.stack(losses).mean().detach() if losses else None
+
+
+def build_stage(config: Config, e2e: Config, spec: DatasetSpec, cuts: list[int], rank: int, size: int,
+                schedule: Schedule, microbatches: int, device: torch.device) -> ClassicStage:
+    """Stage ``rank`` of ``size`` (an initialised process group), its microbatch shapes from the layout."""
+    net = make_layout(e2e, spec, cuts).net
+    start, end = module_ranges(cuts, len(net))[rank]
+    micro = config.data.batch_size // microbatches
+    shape_in, shape_out = net.shape(start - 1), net.shape(end - 1)
+    output = (micro, spec.classes) if rank == size - 1 else (micro, *shape_out)
+    return ClassicStage(config, stage_modules(e2e, spec, cuts)[rank], rank, size,
+                        (micro, *shape_in), output, schedule, microbatches,
+                        device)
+
+
+def full_batches(config: Config, device: torch.device, batch: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(epoch, images, labels) of every full batch, epoch after epoch (a short last batch cannot be
+    split into equal microbatches, so it is left out). The data is read at once, so a bad path
+    ends the run before any process group exists."""
+    from pipeline.data.loader import make_loaders
+
+    train, _ = make_loaders(config, device)
+
+    def walk() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        epoch = 1
+        while True:
+            for images, labels in train.batches(epoch):
+                if len(labels) == batch:
+                    yield epoch, images, labels
+            epoch += 1
+
+    return walk()
+
+
+def train(config_path: str | None, sets: list[str], schedule: Schedule, microbatches: int) -> None:
+    from pipeline.runtime.host import keep_freed_host_memory, limit_cpu_threads, resolve_device
+    from pipeline.runtime.topology import join_job
+
+    config = load_config(config_path, sets)
+    e2e = load_config(config_path, e2e_overrides(sets))
+    rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if size < 2:
+        raise BadInput(f"pipeline.classic_pp runs one stage per process: launch it with torchrun --nproc-per-node K "
+                       f"(K >= 2), not {size} process")
+    if config.local.modules != size:
+        raise BadInput(f"local.modules = {config.local.modules} but torchrun started {size} processes; the classic "
+                       f"pipeline runs one stage per process: set local.modules={size}")
+    batch = config.data.batch_size
+    if microbatches < 1 or batch % microbatches:
+        raise BadInput(f"--microbatches = {microbatches} must divide data.batch_size = {batch} (equal microbatches)")
+    local_rank, local_size = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    device = resolve_device(config.run.device, local_rank, local_size, config.precision.amp)
+    if device.type == "cpu":
+        limit_cpu_threads(local_rank, local_size, config.pipeline.threads_per_stage)
+    keep_freed_host_memory()
+    spec = dataset_spec(config)
+    if spec.dense:
+        raise BadInput(f"pipeline.classic_pp times classification networks, and {config.data.name} is segmentation; "
+                       "compare a segmentation network's memory with python -m pipeline.bench --memory-only")
+    steps = config.train.max_steps
+    if steps < 1:
+        raise BadInput("pipeline.classic_pp measures throughput over train.max_steps steps; set train.max_steps > 0")
+    out = Path(config.run.out_dir)
+    batches = full_batches(config, device, batch) if rank == 0 else None
+    join_job(device, rank, size, config.pipeline.timeout_s)
+    try:
+        cuts = [resolve_cuts(config, spec, device) if rank == 0 else None]
+        dist.broadcast_object_list(cuts, 0)
+        flat: list[int] = cuts[0]  # type: ignore[assignment]
+        stage = build_stage(config, e2e, spec, flat, rank, size, schedule, microbatches, device)
+        micro = batch // microbatches
+        log = MetricsLog(out, rank)
+        if rank == 0:
+            say(f"[classic {schedule}] {size} stages, cut points {describe_cuts(flat, config.arch)}, {microbatches} "
+                f"microbatches of {micro}, {steps} steps on {device}, {torch.get_num_threads()} thread(s) per stage")
+        memory = DeviceMemory(device)
+        memory.start()
+        window, losses = config.run.log_every, []
+        started = mark = time.perf_counter()
+        for step in range(1, steps + 1):
+            epoch, images, labels = next(batches) if batches is not None else (1, None, None)
+            loss = stage.step(epoch, step, steps, images, labels)
+            if loss is not None:
+                losses.append(loss)
+            if step % window == 0 and stage.last:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                now = time.perf_counter()
+                mean = float(torch.stack(losses).mean())
+                log.write(event="train", module=size - 1, epoch=epoch, step=step, loss=mean, lr=stage.lr,
+                          samples_per_s=round(batch * window / (now - mark), 2))
+                say(f"[classic {schedule}] step {step}/{steps} | loss {mean:.3f} | "
+                    f"{batch * window / (now - mark):.0f} samples/s")
+                mark, losses = now, []
+        train_s = time.perf_counter() - started
+        mine = {"rank": rank, "module": rank, **memory.figures(),
+                "samples_per_s": round(steps * batch / max(train_s, 1e-9), 2)}
+        every: list[Any] = [None] * size
+        dist.all_gather_object(every, mine)
+        if rank == 0:
+            write_summary(out, config, schedule, microbatches, flat, steps, every, train_s)
+    finally:
+        with contextlib.suppress(Exception):  # a failed peer may already be gone
+            dist.destroy_process_group()
+
+
+def write_summary(out: Path, config: Config, schedule: Schedule, microbatches: int, cuts: list[int], steps: int,
+                  stages: list[dict[str, Any]], train_s: float) -> None:
+    summary = {
+        "mode": f"classic-{schedule}", "world_size": len(stages), "modules": len(stages),
+        "microbatches": microbatches, "arch": config.model.arch, "dataset": config.data.name,
+        "batch_size": config.data.batch_size, "steps": steps, "test_accuracy": None,
+        "train_samples_per_s": round(steps * config.data.batch_size / max(train_s, 1e-9), 2),
+        "cut_points": written_cuts(cuts, config.arch), "stages": stages,
+    }
+    path = out / "summary.json"
+    try:
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError as err:
+        raise cannot_write(path, err) from err
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> None:
+        parser = ArgumentParser(prog="python -m pipeline.classic_pp", description=__doc__.split("\n\n")[1])
+        parser.add_argument("--config", help="TOML experiment file; the built-in defaults without one")
+        parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b",
+                            help="the torch.distributed.pipelining schedule")
+        parser.add_argument("--microbatches", type=int, default=4, help="microbatches per batch (M)")
+        add_set_argument(parser)
+        args = parser.parse_args(argv)
+        config = load_config(args.config, args.set)
+        Path(config.run.out_dir).mkdir(parents=True, exist_ok=True)
+        with errors_logged(config.run.out_dir):
+            try:
+                train(args.config, args.set, args.schedule, args.microbatches)
+            except (BadInput, StageFailure):
+                raise
+            except Exception as err:  # the job must end with this rank named, as the other modes do
+                raise StageFailure(f"classic pipeline rank {os.environ.get('RANK', '0')} failed: "
+                                   f"{type(err).__name__}: {err}") from err
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    from pipeline.train import exit_process
+
+    exit_process(main())

@@ -1,0 +1,59 @@
+"""Fixtures of the runner tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from distributed_helpers import tiny_config, torchrun
+
+from pipeline.runtime.assemble import run
+
+
+@pytest.fixture
+def single_thread():
+    """Sequential references run with one thread, as each pipeline stage does here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def pipeline_job(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int, list[str]], Path]:
+    """(processes, overrides) -> the out_dir of that torchrun pipeline job, run once per session:
+    tests that check different facts of the same job (test_stage, test_replicas) share its launch."""
+    done_jobs: dict[tuple[int, tuple[str, ...]], Path] = {}
+
+    def job(processes: int, overrides: list[str]) -> Path:
+        key = (processes, tuple(overrides))
+        if key not in done_jobs:
+            out = tmp_path_factory.mktemp("pipeline") / "out"
+            done = torchrun(processes, [f"run.out_dir={out}", "run.mode=pipeline", *overrides], timeout=240)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            done_jobs[key] = out
+        return done_jobs[key]
+
+    return job
+
+
+@pytest.fixture(scope="session")
+def sequential_reference(
+        tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[str]], tuple[Path, dict[str, Any]]]:
+    """overrides -> (out_dir, summary) of that sequential run, run once per session (call it under
+    single_thread): the threaded and the torchrun equivalence tests compare with the same run."""
+    done_runs: dict[tuple[str, ...], tuple[Path, dict[str, Any]]] = {}
+
+    def reference(overrides: list[str]) -> tuple[Path, dict[str, Any]]:
+        key = tuple(overrides)
+        if key not in done_runs:
+            root = tmp_path_factory.mktemp("reference")
+            summary = run(tiny_config(root, "sequential", *overrides))
+            assert summary is not None
+            done_runs[key] = (root / "sequential", summary)
+        return done_runs[key]
+
+    return reference
