@@ -35,10 +35,10 @@ def validate_cuts(cuts: list[Cut], modules: int, blocks: tuple[int, ...] | None,
                 "or " + ", ".join(f"[{stage + 1}, 0..{count - 1}]" for stage, count in enumerate(blocks)),
             )
             require(cut_to_flat(cut, blocks) < units - 1, f"local.partition cut {cut} leaves the last module "
-                                                           f"empty; cut before [{stages}, {blocks[-1] - 1}]")
+                                                          f"empty; cut before [{stages}, {blocks[-1] - 1}]")
         flat = cut_to_flat(cut, blocks)
         require(flat > previous, f"local.partition cuts must be strictly increasing; {cut} is not after the "
-                                  "one before")
+                                 "one before")
         previous = flat
 
 

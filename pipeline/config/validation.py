@@ -15,7 +15,23 @@ from pipeline.runtime.optim import check_schedule
 
 
 def validate(config: Config, training: bool = True) -> None:
-    run, data, model, local, train = config.run, config.data, config.model, config.local, config.train
+    """Every rule about values, table by table (``training``: for a run; a trained model's readers skip
+    what only training needs)."""
+    _validate_run(config)
+    _validate_data(config)
+    arch = config.arch  # after the tables it may read (a factory network is called with the data's shape)
+    _validate_model(config, arch)
+    _validate_local(config, arch)
+    _validate_train(config, training)
+    _validate_pipeline(config)
+    _validate_precision(config, arch)
+    if config.run.mode == "ddp":
+        require(config.local.modules == 1, "run.mode = 'ddp' trains end to end; set local.modules = 1 (it is "
+                                           f"{config.local.modules})")
+
+
+def _validate_run(config: Config) -> None:
+    run = config.run
     require(0 <= run.seed < 2**32, f"run.seed = {run.seed} must be in [0, 2**32)")
     require(run.log_every >= 1, f"run.log_every = {run.log_every} must be >= 1")
     require(bool(run.out_dir), "run.out_dir must name a directory for the outputs")
@@ -28,18 +44,22 @@ def validate(config: Config, training: bool = True) -> None:
     require(run.checkpoint_minutes >= 0,
             f"run.checkpoint_minutes = {run.checkpoint_minutes} must be >= 0 (0: no timed checkpoints)")
 
+
+def _validate_data(config: Config) -> None:
+    data = config.data
     require(data.batch_size >= 2, f"data.batch_size = {data.batch_size} must be >= 2 (batch norm needs two samples)")
     require(data.image_size >= MIN_IMAGE_SIZE, f"data.image_size = {data.image_size} must be >= {MIN_IMAGE_SIZE} "
-                                               "(the networks halve it several times)")
+                                              "(the networks halve it several times)")
     require(data.eval_resize >= data.image_size, f"data.eval_resize = {data.eval_resize} must be >= data.image_size "
-                                                  f"= {data.image_size} (evaluation crops image_size out of it)")
+                                                 f"= {data.image_size} (evaluation crops image_size out of it)")
     require(len(data.crop) == 2 and min(data.crop) >= MIN_IMAGE_SIZE,
             f"data.crop = {data.crop} must be [height, width], two whole numbers >= {MIN_IMAGE_SIZE} (the networks "
             "halve them several times)")
     require(data.workers >= 0, f"data.workers = {data.workers} must be >= 0 (0: decode in the training process)")
 
-    arch = config.arch
-    blocks = arch.units
+
+def _validate_model(config: Config, arch: NetworkSpec) -> None:
+    data, model = config.data, config.model
     if arch.family == "segmentation" and data.name not in SEGMENTATION_DATASETS:
         raise BadInput(f"model.family = 'segmentation' needs per-pixel labels, but data.name = {data.name!r} has one "
                        f"label per image; use data.name = {' or '.join(map(repr, SEGMENTATION_DATASETS))}")
@@ -48,9 +68,9 @@ def validate(config: Config, training: bool = True) -> None:
                        f"{arch.family} classifier (one label per image); use model.arch = "
                        f"{' or '.join(map(repr, SEGMENTATION_ARCHS))} (model.family = 'segmentation')")
     require(model.in_channels in (0, 1, 3), f"model.in_channels = {model.in_channels} must be 1 or 3 (or 0: "
-                                             "from the dataset)")
+                                            "from the dataset)")
     require(model.classes == 0 or model.classes >= 2, f"model.classes = {model.classes} must be >= 2 (or 0: "
-                                                       "from the dataset)")
+                                                      "from the dataset)")
     if model.pretrained:
         require(family_named(arch.family).pretrained,
                 f"model.pretrained loads ImageNet ResNets, not the "
@@ -61,6 +81,10 @@ def validate(config: Config, training: bool = True) -> None:
                 "torchvision or MMSegmentation ResNet .pth file, or a checkpoint folder or out_dir of this trainer "
                 "(docs/segmentation.md)")
 
+
+def _validate_local(config: Config, arch: NetworkSpec) -> None:
+    model, local = config.model, config.local
+    blocks = arch.units
     require(
         1 <= local.modules <= blocks,
         f"local.modules = {local.modules} is out of range; {model.arch} has {blocks} blocks "
@@ -69,7 +93,7 @@ def validate(config: Config, training: bool = True) -> None:
     depth, _ = parse_context(local.context)
     if local.modules == 1:
         require(local.context == "R0", f"local.context = {local.context!r} needs local.modules >= 2; use R0 "
-                                        "for end-to-end training")
+                                       "for end-to-end training")
     require(
         depth < local.modules,
         f"local.context = {local.context!r} looks back {depth} modules but there are only "
@@ -96,6 +120,9 @@ def validate(config: Config, training: bool = True) -> None:
     for key in ("ixx_1", "ixy_1", "ixx_2", "ixy_2"):
         require(getattr(local, key) >= 0, f"local.{key} = {getattr(local, key)} must be >= 0")
 
+
+def _validate_train(config: Config, training: bool) -> None:
+    train = config.train
     require(train.epochs >= 1, f"train.epochs = {train.epochs} must be >= 1")
     require(train.max_steps >= 0, f"train.max_steps = {train.max_steps} must be >= 0 (0: no cap)")
     require(train.lr > 0, f"train.lr = {train.lr} must be > 0")
@@ -116,13 +143,15 @@ def validate(config: Config, training: bool = True) -> None:
         if training and not train.max_steps:
             check_schedule(train)
 
-    pipe = config.pipeline
+
+def _validate_pipeline(config: Config) -> None:
+    run, local, pipe = config.run, config.local, config.pipeline
     require(pipe.queue_depth >= 1, f"pipeline.queue_depth = {pipe.queue_depth} must be >= 1")
     require(0 < pipe.timeout_s <= MAX_TIMEOUT_S, f"pipeline.timeout_s = {pipe.timeout_s} must be in (0, "
-                                                  f"{MAX_TIMEOUT_S:.0f}]")
+                                                 f"{MAX_TIMEOUT_S:.0f}]")
     require(pipe.replicas >= 0, f"pipeline.replicas = {pipe.replicas} must be >= 0 (0: WORLD_SIZE / local.modules)")
     require(pipe.threads_per_stage >= 0, f"pipeline.threads_per_stage = {pipe.threads_per_stage} must be >= 0 "
-                                          "(0: automatic)")
+                                         "(0: automatic)")
 
     require(pipe.buffer_batches >= 1, f"pipeline.buffer_batches = {pipe.buffer_batches} must be >= 1")
     require(pipe.max_reuse >= 0, f"pipeline.max_reuse = {pipe.max_reuse} must be >= 0 (0: unlimited)")
@@ -133,27 +162,25 @@ def validate(config: Config, training: bool = True) -> None:
     )
     if pipe.schedule == "buffered":
         require(local.modules >= 2, "pipeline.schedule = 'buffered' buffers batches between modules; it needs "
-                                     f"local.modules >= 2 (it is {local.modules})")
+                                    f"local.modules >= 2 (it is {local.modules})")
         require(pipe.replicas <= 1, f"pipeline.schedule = 'buffered' runs one chain; set pipeline.replicas = 1 "
-                                     f"(it is {pipe.replicas}) or use the lockstep schedule")
+                                    f"(it is {pipe.replicas}) or use the lockstep schedule")
     require(not pipe.replay or (pipe.schedule == "buffered" and run.mode == "sequential"),
             "pipeline.replay replays a buffered run in one process; set pipeline.schedule = 'buffered' and "
             "run.mode = 'sequential' with it")
 
+
+def _validate_precision(config: Config, arch: NetworkSpec) -> None:
+    model, local = config.model, config.local
+    blocks = arch.units
     segments = config.precision.checkpoint_segments
     if segments:
         require(2 <= segments <= blocks, f"precision.checkpoint_segments = {segments} must be between 2 and the "
-                                          f"{blocks} blocks of {model.arch} (0: no recomputation)")
+                                         f"{blocks} blocks of {model.arch} (0: no recomputation)")
         require(local.modules == 1, f"precision.checkpoint_segments recomputes the end-to-end network's blocks; "
-                                     f"set local.modules = 1 (it is {local.modules}) or checkpoint_segments = 0")
+                                    f"set local.modules = 1 (it is {local.modules}) or checkpoint_segments = 0")
         require(arch.family != "segmentation", "precision.checkpoint_segments covers classification networks; "
-                                                "set it to 0 for segmentation")
-
-    if run.mode == "ddp":
-        require(local.modules == 1, "run.mode = 'ddp' trains end to end; set local.modules = 1 (it is "
-                                     f"{local.modules})")
-
-
+                                               "set it to 0 for segmentation")
 
 
 def validate_segmentation(config: Config, arch: NetworkSpec) -> None:
@@ -181,8 +208,8 @@ def validate_segmentation(config: Config, arch: NetworkSpec) -> None:
         how = f"use fewer modules than {local.modules} or list cuts before it in local.partition"
     if late:
         raise BadInput(f"local.partition cut {late[0]} is at or after layer3's last block {last}: the last "
-                       "module's FCN auxiliary head reads layer3's output, so that block must be in the last "
-                       f"module; {how} (InfoPro's cut is [3, 12])")
+                      "module's FCN auxiliary head reads layer3's output, so that block must be in the last "
+                      f"module; {how} (InfoPro's cut is [3, 12])")
 
 
 
@@ -197,7 +224,7 @@ def ineffective_keys(config: Config) -> list[str]:
     def ignored(section: str, keys: tuple[str, ...], because: str) -> None:
         for key in keys:
             if getattr(getattr(config, section), key) != getattr(getattr(defaults, section), key):
-                notes.append(f"{section}.{key} has no effect {because}")
+               notes.append(f"{section}.{key} has no effect {because}")
 
     run, local = config.run, config.local
     if run.resume:
@@ -210,37 +237,37 @@ def ineffective_keys(config: Config) -> list[str]:
         ignored("data", ("download",), f"with data.name = {name!r} (the folder is read as it is)")
     else:
         ignored("data", ("workers",), f"with data.name = {name!r} (streamed datasets only: image_folder, "
-                                      f"{', '.join(SEGMENTATION_DATASETS)})")
+                                     f"{', '.join(SEGMENTATION_DATASETS)})")
     if name != "image_folder":
         ignored("data", ("image_size", "eval_resize"), f"with data.name = {name!r} (image folders only)")
     if name not in SEGMENTATION_DATASETS:
         ignored("data", ("crop",), f"with data.name = {name!r} (segmentation datasets only: "
-                                   f"{', '.join(SEGMENTATION_DATASETS)})")
+                                  f"{', '.join(SEGMENTATION_DATASETS)})")
     if config.arch.family != "segmentation":
         ignored("model", ("deep_stem",), "unless model.family = 'segmentation' (the stem of DeepLab-V3's backbone)")
     if config.train.schedule != "cosine":
         ignored("train", ("warmup_epochs",), f"with train.schedule = {config.train.schedule!r} (only 'cosine' "
-                                             "warms up)")
+                                            "warms up)")
     if config.train.schedule != "poly":
         ignored("train", ("poly_power", "min_lr"), f"with train.schedule = {config.train.schedule!r} (only 'poly' "
-                                                   "uses them)")
+                                                  "uses them)")
     if run.mode != "pipeline":
         ignored("pipeline", ("queue_depth", "wire_dtype"), f"with run.mode = {run.mode!r} (no links between stages)")
     if run.mode == "sequential":
         ignored("pipeline", ("timeout_s", "threads_per_stage", "replicas", "placement", "sync_batchnorm"),
-                "with run.mode = 'sequential' (one process)")
+               "with run.mode = 'sequential' (one process)")
     if config.pipeline.schedule == "lockstep":
         ignored("pipeline", ("buffer_batches", "max_reuse"), "with pipeline.schedule = 'lockstep' (no buffers)")
     elif config.pipeline.replay:
         ignored("pipeline", ("buffer_batches", "max_reuse", "slowdown"),
-                "with pipeline.replay set (the record fixes what each module trained on)")
+               "with pipeline.replay set (the record fixes what each module trained on)")
     if run.mode == "sequential" and config.pipeline.schedule == "lockstep":
         ignored("pipeline", ("slowdown",), "with run.mode = 'sequential' and the lockstep schedule (one process "
-                                           "runs every module in turn)")
+                                          "runs every module in turn)")
     if local.modules == 1:
         ignored("local", ("partition", "memory_cap", "context", "loss", "aux", "aux_widen", "aux_hidden",
-                          "aux_feature_dim", "reconstruct", "ixx_1", "ixy_1", "ixx_2", "ixy_2"),
-                "with local.modules = 1 (end-to-end training has no local heads)")
+                         "aux_feature_dim", "reconstruct", "ixx_1", "ixy_1", "ixx_2", "ixy_2"),
+               "with local.modules = 1 (end-to-end training has no local heads)")
         return notes
     if local.partition != "balanced":
         ignored("local", ("memory_cap",), "unless local.partition = 'balanced'")
@@ -248,7 +275,7 @@ def ineffective_keys(config: Config) -> list[str]:
         ignored("local", ("aux", "aux_hidden"), "with an ImageNet network (its heads are InfoPro's ImageNet head)")
     if config.arch.family == "segmentation":
         ignored("local", ("aux", "aux_hidden", "aux_widen"),
-                "with a segmentation network (its heads and decoder are InfoPro's segmentation ones)")
+               "with a segmentation network (its heads and decoder are InfoPro's segmentation ones)")
     if config.arch.family == "vit":
         ignored("local", ("aux",), "with a ViT (a token feature's head is LayerNorm, mean pool and two linear layers)")
     readers: dict[str, list[str]] = {}  # a method's own keys, and which methods read each

@@ -26,6 +26,7 @@ from pipeline.cli import ArgumentParser, add_set_argument, run_main
 from pipeline.config.loading import config_from_dict, load_config
 from pipeline.config.schema import Config
 from pipeline.data.image_file import evaluation_preprocess
+from pipeline.data.image_folder import class_names
 from pipeline.data.specs import DatasetSpec, dataset_spec, folder_root, folder_spec
 from pipeline.errors import BadInput, clip
 from pipeline.model.inference import InferenceNet, build_inference_net, network_identity, stage_key
@@ -109,8 +110,6 @@ def data_spec(config: Config) -> tuple[DatasetSpec, list[str] | None]:
     folder's class folders; without the folder, model.classes alone)."""
     if config.data.name != "image_folder":
         return dataset_spec(config), None
-    from pipeline.data.image_folder import class_names
-
     root = folder_root(config)
     if config.model.classes and not root.is_dir():
         return folder_spec(config, config.model.classes), None

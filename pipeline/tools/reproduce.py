@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING, Any
 from pipeline.cli import ArgumentParser, run_main
 from pipeline.config.loading import load_config
 from pipeline.config.schema import Config
+from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.errors import BadInput
 from pipeline.model.methods.registry import method_named
+from pipeline.model.networks.registry import NetworkSpec, family_named
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from pipeline.data.specs import DatasetSpec
     from pipeline.model.networks.base import BlockNet, Shape
-    from pipeline.model.networks.registry import NetworkSpec
 
 # docs/reference.md, "Published results" (test error %, mean of 5 runs; InfoPro paper, Table 2)
 # and "Published memory" (GB on one GPU, minimum needed; Table 3): table -> method -> K -> value.
@@ -303,9 +303,7 @@ def _aux_heads(config: Config) -> str:
     ViT, local.aux on a map): those at its cuts, or at every block a balanced partition may cut after."""
     import torch  # the rows and their configs are read without it
 
-    from pipeline.data.specs import dataset_spec
-    from pipeline.model.network import resolve_cuts
-    from pipeline.model.networks.registry import family_named
+    from pipeline.model.network import resolve_cuts  # torch, as above
 
     local = config.local
 
@@ -324,8 +322,6 @@ def _aux_heads(config: Config) -> str:
 @functools.lru_cache(maxsize=16)
 def _network(arch: NetworkSpec, spec: DatasetSpec, deep_stem: bool) -> BlockNet:
     """The row's network, one per table (its rows share it, and the shapes it probed)."""
-    from pipeline.model.networks.registry import family_named
-
     return family_named(arch.family).net(arch, spec, deep_stem)
 
 
