@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config.cuts import cut_to_flat, flat_to_cut, validate_cuts
@@ -224,9 +225,18 @@ def ineffective_keys(config: Config) -> list[str]:
     def ignored(section: str, keys: tuple[str, ...], because: str) -> None:
         for key in keys:
             if getattr(getattr(config, section), key) != getattr(getattr(defaults, section), key):
-               notes.append(f"{section}.{key} has no effect {because}")
+                notes.append(f"{section}.{key} has no effect {because}")
 
-    run, local = config.run, config.local
+    _unread_by_data_and_mode(config, ignored)
+    _unread_by_method(config, ignored)
+    return notes
+
+
+_Ignored = Callable[[str, tuple[str, ...], str], None]
+
+
+def _unread_by_data_and_mode(config: Config, ignored: _Ignored) -> None:
+    run = config.run
     if run.resume:
         ignored("model", ("pretrained",), "with run.resume set (the checkpoint restores every weight)")
     if config.data.name == "synthetic":
@@ -264,11 +274,15 @@ def ineffective_keys(config: Config) -> list[str]:
     if run.mode == "sequential" and config.pipeline.schedule == "lockstep":
         ignored("pipeline", ("slowdown",), "with run.mode = 'sequential' and the lockstep schedule (one process "
                                           "runs every module in turn)")
+
+
+def _unread_by_method(config: Config, ignored: _Ignored) -> None:
+    local = config.local
     if local.modules == 1:
         ignored("local", ("partition", "memory_cap", "context", "loss", "aux", "aux_widen", "aux_hidden",
                          "aux_feature_dim", "reconstruct", "ixx_1", "ixy_1", "ixx_2", "ixy_2"),
                "with local.modules = 1 (end-to-end training has no local heads)")
-        return notes
+        return
     if local.partition != "balanced":
         ignored("local", ("memory_cap",), "unless local.partition = 'balanced'")
     if config.arch.family == "imagenet":
@@ -287,5 +301,3 @@ def ineffective_keys(config: Config) -> list[str]:
             ignored("local", (key,), f"with local.loss = {local.loss!r} (read only by {', '.join(names)})")
     if not local.reconstruct:
         ignored("local", ("ixx_1", "ixy_1", "ixx_2", "ixy_2"), "with local.reconstruct = false (no decoder to weigh)")
-    return notes
-
