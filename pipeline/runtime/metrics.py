@@ -78,7 +78,16 @@ def _cut_file(path: Path, step: int) -> int:
     return dropped
 
 
-def _peak_resident_bytes() -> int:
+def peak_resident_bytes(status: Path = Path("/proc/self/status")) -> int:
+    """This program's peak resident memory. Linux keeps getrusage's ru_maxrss across execve, so a run
+    launched by a large parent (the benchmark, which profiles the network first) would report the parent's
+    peak; VmHWM belongs to the address space exec made. ru_maxrss where there is no /proc."""
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
@@ -105,7 +114,7 @@ class DeviceMemory:
 
     def figures(self) -> dict[str, int]:
         if self.device.type != "cuda":
-            resident = _peak_resident_bytes()
+            resident = peak_resident_bytes()
             return {"peak_mem_bytes": resident, "peak_reserved_bytes": resident, "device_used_bytes": resident}
         free, total = torch.cuda.mem_get_info(self.device)
         return {"peak_mem_bytes": int(torch.cuda.max_memory_allocated(self.device)) - self.held_at_start,
