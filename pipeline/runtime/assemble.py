@@ -5,7 +5,7 @@ pipeline:   torchrun, one process per module; the first reads the data, the othe
 ddp:        torchrun, the whole network (K = 1) on every rank, each training its batch shard.
 All three run the same ``StageLoop`` over the same ``ModuleStage``s (pipeline/runtime/stage_loop.py).
 The buffered schedule puts a replay buffer in front of each pipeline stage (buffered_inbox.py);
-in sequential mode it runs the same ``ModuleStage``s on a recorded or seeded schedule (replay.py).
+in sequential mode the ``ModuleStage``s take their steps from a schedule: lockstep, seeded or recorded (replay.py).
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ from pipeline.runtime.links import Inbox, Outbox
 from pipeline.runtime.metrics import cut_metrics, say
 from pipeline.runtime.optim import check_schedule, schedule_change, schedule_settings
 from pipeline.runtime.preemption import SaveRequests, StopFlag, stop_signal
-from pipeline.runtime.replay import ReplayLoop, seeded_schedule
+from pipeline.runtime.replay import Replay, one_process_schedule
 from pipeline.runtime.report import RunReport
 from pipeline.runtime.run_order import Position, RunLength, total_steps
-from pipeline.runtime.schedule_trace import StepTrace, read_schedule
+from pipeline.runtime.schedule_trace import StepTrace
 from pipeline.runtime.scoring import score_line
 from pipeline.runtime.source import BatchSource
-from pipeline.runtime.stage_loop import Handler, Loop, ModuleStage, StageLoop
+from pipeline.runtime.stage_loop import Handler, ModuleStage, StageLoop
 from pipeline.runtime.straggler import slowed
 from pipeline.runtime.topology import Topology, from_env, process_groups, single_process
 from pipeline.runtime.transport import Courier, Receiver, Sender
@@ -104,7 +104,7 @@ def run(config: Config) -> dict[str, Any] | None:
 
 
 def assemble(config: Config, topology: Topology, loaders: Loaders | None, started: float,
-             links: Links, stop: StopFlag | None = None) -> tuple[Loop, RunReport, list[int]]:
+             links: Links, stop: StopFlag | None = None) -> tuple[StageLoop, RunReport, list[int]]:
     """This process's modules, resumed, with their report, inbox and outbox: a loop ready to run.
 
     ``stop``: set by run.stop_signal; the first stage then ends the run at a checkpoint set.
@@ -158,7 +158,7 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
                           StepTrace(worker.index, position.step, log) if buffered else None)
               for slot, worker in enumerate(workers)]
     handlers: list[Handler] = list(stages)
-    if config.run.mode == "pipeline":  # in one process the factors are the simulator's speed ratios
+    if config.run.mode == "pipeline":  # in one process the factors are the seeded schedule's speed ratios
         handlers = slowed(handlers, pipe.slowdown, topology.hosted, topology.device)
     # The last module of replica 0 marks each set complete, with no collective: every stage saves
     # before it passes the epoch end on, so all have saved when it arrives here (a collective would
@@ -189,13 +189,11 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
         if resume_dir:
             say(f"[{label}] resumed from {checkpoint.find_set(resume_dir, config.run.resume_step)} at epoch "
                 f"{position.epoch}, batch {position.batch} (step {position.step})")
-    if buffered and config.run.mode == "sequential":
-        if pipe.replay and position.step > 0:
+    if config.run.mode == "sequential":  # one handler deals every module its steps from the schedule
+        if buffered and pipe.replay and position.step > 0:
             raise BadInput(f"pipeline.replay replays a record from its first step, but this run resumes at step "
                            f"{position.step} ({resume_dir}); replay into a fresh run.out_dir")
-        plans = read_schedule(pipe.replay, len(workers)) if pipe.replay else seeded_schedule(
-            position, length, len(workers), pipe.slowdown, pipe.buffer_batches, pipe.max_reuse, config.run.seed)
-        return ReplayLoop(inbox, handlers, plans, report, commit), report, cuts
+        handlers = [Replay(handlers, one_process_schedule(pipe, position, length, len(workers), config.run.seed))]
     return StageLoop(inbox, handlers, outbox, report, commit), report, cuts
 
 

@@ -13,7 +13,7 @@ its epoch end, the final epoch end, the stop): then only controls are taken unti
 not pause.
 
 Pure data structure: no threads, no tensors, no torch.distributed. The pipeline's inbox
-(buffered_inbox.py) and the seeded simulator (replay.py) share it.
+(buffered_inbox.py) and the buffered schedule on a virtual clock (schedules.py) share it.
 """
 
 from __future__ import annotations

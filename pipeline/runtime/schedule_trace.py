@@ -2,14 +2,13 @@
 
 Each module writes one ``schedule`` line to metrics.jsonl per training step (``module``, its own
 ``step``, the batch's ``entry`` id on its link and its ``use`` count) and one per epoch end
-(``epoch_end``: where in its own steps it took the epoch end). That is all the single-process
-simulator (replay.py) needs to recompute the run: this file owns writing and reading them.
+(``epoch_end``: where in its own steps it took the epoch end). Read back, they are the recorded
+schedule (schedules.py), which one process replays (replay.py): this file owns writing and reading them.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import BadInput
@@ -17,26 +16,9 @@ from pipeline.runtime.messages import Train
 from pipeline.runtime.metrics import MetricsLog
 from pipeline.runtime.metrics_files import METRICS, metrics_files
 from pipeline.runtime.run_order import EpochEnd
+from pipeline.runtime.schedules import Ended, Schedule, Step, Trained
 
 EVENT = "schedule"
-
-
-@dataclass(frozen=True)
-class Trained:
-    """One step: the module trained on batch ``entry`` of its link for the ``use``-th time."""
-
-    entry: int
-    use: int
-
-
-@dataclass(frozen=True)
-class Ended:
-    """The module took the end of ``epoch`` here (after its steps before it, before those after)."""
-
-    epoch: int
-
-
-Item = Trained | Ended
 
 
 class StepTrace:
@@ -57,7 +39,7 @@ class StepTrace:
             self.log.write(event=EVENT, module=self.module, step=self.steps, epoch_end=message.epoch)
 
 
-def read_schedule(path: str | Path, modules: int) -> list[list[Item]]:
+def read_schedule(path: str | Path, modules: int) -> Schedule:
     """Each module's steps and epoch ends, in order, from a run's metrics.jsonl."""
     where = f"pipeline.replay: {path}"
     path = Path(path)
@@ -69,7 +51,7 @@ def read_schedule(path: str | Path, modules: int) -> list[list[Item]]:
     except OSError as err:
         raise BadInput(f"{where} cannot be read ({err.strerror or type(err).__name__}); name the metrics.jsonl "
                        f"of a run with pipeline.schedule = 'buffered'") from err
-    plans: list[list[Item]] = [[] for _ in range(modules)]
+    schedule: Schedule = [[] for _ in range(modules)]
     steps = [-1] * modules
     for where, number, line in lines:
         try:
@@ -77,7 +59,7 @@ def read_schedule(path: str | Path, modules: int) -> list[list[Item]]:
             if event.get("event") != EVENT:
                 continue
             module, step = int(event["module"]), int(event["step"])
-            item: Item = Ended(int(event["epoch_end"])) if "epoch_end" in event else \
+            recorded: Step = Ended(int(event["epoch_end"])) if "epoch_end" in event else \
                 Trained(int(event["entry"]), int(event["use"]))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise BadInput(f"{where} line {number} is not a schedule record ({type(err).__name__}: {err}); "
@@ -85,13 +67,13 @@ def read_schedule(path: str | Path, modules: int) -> list[list[Item]]:
         if not 0 <= module < modules:
             raise BadInput(f"{where} line {number} names module {module}, but local.modules = {modules}; replay "
                            f"with the config of the run that wrote it")
-        if isinstance(item, Trained):
+        if isinstance(recorded, Trained):
             if steps[module] >= 0 and step != steps[module] + 1:
                 raise BadInput(f"{where} line {number}: module {module} step {step} does not follow step "
                                f"{steps[module]}; a resumed or merged run cannot be replayed, only one from its start")
             steps[module] = step
-        plans[module].append(item)
-    if not any(plans):
+        schedule[module].append(recorded)
+    if not any(schedule):
         raise BadInput(f"pipeline.replay: {path} holds no schedule records; name the metrics.jsonl of a run with "
                        f"pipeline.schedule = 'buffered'")
-    return plans
+    return schedule

@@ -1,9 +1,11 @@
-"""A stage loop: take a message from the inbox, run it through this process's modules, pass it on.
+"""The stage loop: take a message from the inbox, run it through this process's modules, pass it on.
 
 The loop knows no communication: its inbox and outbox are whatever the bootstrap gives it
 (the wire under torchrun, the data for the first stage, in-memory links in a test). The same
-loop is the sequential reference (one process, every module, no outbox), a pipeline stage (one
-module) and a DDP rank (one module with replicas): that sharing is what makes them equal.
+loop is the sequential reference (one process, every module, no outbox: its one handler deals
+each module its steps from a schedule, replay.py), a pipeline stage (one module) and a DDP rank
+(one module with replicas): that sharing is what makes them equal. It alone books what a run
+reports and commits at each epoch end, save point and stop, whatever the schedule.
 """
 
 from __future__ import annotations
@@ -21,12 +23,6 @@ from pipeline.runtime.report import RunReport
 from pipeline.runtime.run_order import Position
 from pipeline.runtime.schedule_trace import StepTrace
 from pipeline.runtime.worker import ModuleWorker
-
-
-class Loop(Protocol):
-    def run(self) -> None:
-        """Train until the stop has gone through."""
-        ...
 
 
 class Handler(Protocol):

@@ -23,9 +23,9 @@ from pipeline.errors import BadInput, Preempted
 from pipeline.runtime import assemble, checkpoint
 from pipeline.runtime.assemble import run
 from pipeline.runtime.preemption import StopFlag
-from pipeline.runtime.replay import seeded_schedule
 from pipeline.runtime.run_order import Position, RunLength
-from pipeline.runtime.schedule_trace import Ended, Trained, read_schedule
+from pipeline.runtime.schedule_trace import read_schedule
+from pipeline.runtime.schedules import Ended, Trained, seeded_schedule
 from pipeline.runtime.topology import Topology
 
 # 16 batches of 64 per epoch: an epoch end with evaluation at step 16, the run's end at 20.
