@@ -107,7 +107,8 @@ def test_gpipe_steps_equal_end_to_end_with_accumulated_microbatches(tmp_path: Pa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(REPO / "tests" / "tools" / "classic_pp_worker.py"), str(tmp_path), schedule, str(microbatches), str(steps), *sets],
+         str(REPO / "tests" / "tools" / "classic_pp_worker.py"), str(tmp_path), schedule, str(microbatches),
+         str(steps), *sets],
         capture_output=True, text=True, timeout=180, env=env, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     stages = [torch.load(tmp_path / f"stage_{rank}.pt", weights_only=True) for rank in range(2)]
@@ -155,7 +156,7 @@ def test_bad_launches_exit_2_with_one_line(tmp_path: Path, monkeypatch: pytest.M
 def test_each_rank_joins_on_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU node rank 1 sets cuda:1 and binds the job's group to it before anything runs on the
     group (NCCL would otherwise put every rank's object collectives on GPU 0): a mocked torch.cuda."""
-    import pipeline.runtime.host as distributed
+    import pipeline.runtime.topology as topology
     from pipeline.tools.classic_pp import train
 
     calls: list[tuple[str, object]] = []
@@ -168,7 +169,7 @@ def test_each_rank_joins_on_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None
         raise Joined
 
     gpu = torch.device("cuda", 1)
-    monkeypatch.setattr(distributed, "resolve_device", lambda *args: gpu)
+    monkeypatch.setattr(topology, "resolve_device", lambda *args: gpu)  # from_env picks the device
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
     monkeypatch.setattr(torch.distributed, "init_process_group", init)
     for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
