@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.model.layers import conv_bn_relu
 from pipeline.model.networks.base import Shape
 
 
@@ -48,14 +49,8 @@ class ImageEncoder(nn.Module):
         super().__init__()
         hidden = 12 * widen
         self.size = (target[1], target[2])
-        self.layers = nn.Sequential(
-            nn.Conv2d(image_channels, hidden, 3, padding=1),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, target[0], 3, padding=1),
-            nn.BatchNorm2d(target[0]),
-            nn.ReLU(inplace=True),
-        )
+        self.layers = nn.Sequential(*conv_bn_relu(image_channels, hidden, 3, bias=True),
+                                    *conv_bn_relu(hidden, target[0], 3, bias=True))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(self.layers(image), self.size)
@@ -67,11 +62,7 @@ class InputEncoder(nn.Module):
     def __init__(self, source_channels: int, target: Shape) -> None:
         super().__init__()
         self.size = (target[1], target[2])
-        self.layers = nn.Sequential(
-            nn.Conv2d(source_channels, target[0], 1),
-            nn.BatchNorm2d(target[0]),
-            nn.ReLU(inplace=True),
-        )
+        self.layers = conv_bn_relu(source_channels, target[0], 1, bias=True)
 
     def forward(self, source: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(self.layers(source), self.size)
