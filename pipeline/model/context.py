@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config.schema import LocalConfig
 from pipeline.model.layers import conv_bn_relu
 from pipeline.model.networks.base import Shape
 
@@ -27,6 +28,11 @@ class ContextPlan:
     depth: int  # n of Rn
     image: bool  # E or RnE
     reconstruct: bool
+
+    @classmethod
+    def of(cls, local: LocalConfig) -> ContextPlan:
+        """The plan local.modules, local.context and local.reconstruct make."""
+        return cls(local.modules, local.context_depth, local.context_image, local.reconstruct)
 
     def needs_image(self, module: int) -> bool:
         """Does module ``module`` itself use the image (E encoder or reconstruction target)?"""
