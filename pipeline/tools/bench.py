@@ -319,9 +319,7 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
                        f"{len(chosen) + 1} modules; use --nproc {len(chosen) + 1}")
     local = load_config(config_path, [*sets, f"local.modules={nproc}", *_partition(chosen)])
     spec = dataset_spec(local)
-    if spec.dense:
-        raise BadInput(f"the timed benchmark compares classification networks, and {local.data.name} is "
-                       "segmentation; count its activation memory with --memory-only")
+    spec.refuse_segmentation("the timed benchmark compares", "count its activation memory with --memory-only")
     for count in classic_microbatches:
         if count < 1 or base.data.batch_size % count:
             raise BadInput(f"--classic-microbatches: {count} does not divide data.batch_size = "
