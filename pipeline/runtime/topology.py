@@ -9,7 +9,9 @@ Placement (``pipeline.placement``) fixes which rank holds which (stage, replica)
   links stay on NVLink/PCIe and only the per-stage gradient all-reduce crosses nodes;
 - "stage": rank r holds stage r // R of replica r % R, so a stage's R replicas are neighbours —
   for nodes with fewer devices than K, where the all-reduce is the heavier traffic.
-Runners get a Topology and never call torch.distributed themselves.
+The modes get a Topology and never call torch.distributed themselves (the links send on the groups
+made here); the classic pipeline (tools/classic_pp.py) joins through ``joined`` and its
+torch.distributed.pipelining schedule sends on the default group.
 """
 
 from __future__ import annotations
