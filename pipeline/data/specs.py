@@ -35,6 +35,14 @@ class DatasetSpec:
         """(height, width) of a training image as the network sees it."""
         return self.image_size, self.image_width or self.image_size
 
+    def refuse_segmentation(self, tool: str, instead: str) -> None:
+        """A tool for classification networks refuses this data set, in one line, where it is segmentation.
+
+        ``tool`` says what the tool does to them ("pipeline.classic_pp times"), ``instead`` what to do.
+        """
+        if self.dense:
+            raise BadInput(f"{tool} classification networks, and {self.name} is segmentation; {instead}")
+
 
 # The label of a pixel that no loss or metric counts (MMSegmentation's and Cityscapes' convention).
 IGNORE_INDEX = 255

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config.schema import LocalConfig
+from pipeline.model.layers import conv_bn_relu
 from pipeline.model.networks.base import Shape
 
 
@@ -26,6 +28,11 @@ class ContextPlan:
     depth: int  # n of Rn
     image: bool  # E or RnE
     reconstruct: bool
+
+    @classmethod
+    def of(cls, local: LocalConfig) -> ContextPlan:
+        """The plan local.modules, local.context and local.reconstruct make."""
+        return cls(local.modules, local.context_depth, local.context_image, local.reconstruct)
 
     def needs_image(self, module: int) -> bool:
         """Does module ``module`` itself use the image (E encoder or reconstruction target)?"""
@@ -48,14 +55,8 @@ class ImageEncoder(nn.Module):
         super().__init__()
         hidden = 12 * widen
         self.size = (target[1], target[2])
-        self.layers = nn.Sequential(
-            nn.Conv2d(image_channels, hidden, 3, padding=1),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, target[0], 3, padding=1),
-            nn.BatchNorm2d(target[0]),
-            nn.ReLU(inplace=True),
-        )
+        self.layers = nn.Sequential(*conv_bn_relu(image_channels, hidden, 3, bias=True),
+                                    *conv_bn_relu(hidden, target[0], 3, bias=True))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(self.layers(image), self.size)
@@ -67,11 +68,7 @@ class InputEncoder(nn.Module):
     def __init__(self, source_channels: int, target: Shape) -> None:
         super().__init__()
         self.size = (target[1], target[2])
-        self.layers = nn.Sequential(
-            nn.Conv2d(source_channels, target[0], 1),
-            nn.BatchNorm2d(target[0]),
-            nn.ReLU(inplace=True),
-        )
+        self.layers = conv_bn_relu(source_channels, target[0], 1, bias=True)
 
     def forward(self, source: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(self.layers(source), self.size)

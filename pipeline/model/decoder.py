@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.model.layers import conv_bn_relu
+
 
 class ImageDecoder(nn.Module):
     """What every decoder shares: the image size it rebuilds and the target it is scored against."""
@@ -39,12 +41,8 @@ class Decoder(ImageDecoder):
                  mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,)) -> None:
         super().__init__(image_size, mean, std)
         hidden = 12 * widen
-        self.layers = nn.Sequential(
-            nn.Conv2d(channels, hidden, 3, padding=1),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, image_channels, 3, padding=1),
-        )
+        self.layers = nn.Sequential(*conv_bn_relu(channels, hidden, 3, bias=True),
+                                    nn.Conv2d(hidden, image_channels, 3, padding=1))
 
     def forward(self, features: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Logits of the reconstructed pixels at ``size`` (default: the spec's square image); the
@@ -53,10 +51,6 @@ class Decoder(ImageDecoder):
         upsampled = F.interpolate(features, size=size, mode="bilinear", align_corners=True)
         logits: torch.Tensor = self.layers(upsampled)
         return logits
-
-
-def _conv_bn_relu(cin: int, cout: int, kernel: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
 class ImageNetDecoder(ImageDecoder):
@@ -70,8 +64,8 @@ class ImageNetDecoder(ImageDecoder):
     def __init__(self, channels: int, image_channels: int, image_size: int,
                  mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,)) -> None:
         super().__init__(image_size, mean, std)
-        self.reduce = nn.Sequential(*_conv_bn_relu(channels, 128, 1))
-        self.steps = nn.ModuleList([nn.Sequential(*_conv_bn_relu(128, 32, 3)), nn.Sequential(*_conv_bn_relu(32, 12, 3)),
+        self.reduce = conv_bn_relu(channels, 128, 1, bias=True)
+        self.steps = nn.ModuleList([conv_bn_relu(128, 32, 3, bias=True), conv_bn_relu(32, 12, 3, bias=True),
                                     nn.Conv2d(12, image_channels, 3, padding=1)])
 
     def forward(self, features: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from pipeline.model.layers import conv_bn_relu
+
 
 def _head_conv_width(channels: int, widen: int) -> tuple[int, int]:
     """(out channels, stride) of a head's first conv for a module output of ``channels``."""
@@ -32,27 +34,18 @@ def build_aux_head(name: str, channels: int, out: int, widen: int, hidden: int) 
     if convs:
         conv_width, stride = _head_conv_width(channels, widen)
         for index in range(convs):
-            layers += [
-                nn.Conv2d(width, conv_width, 3, stride=stride if index == 0 else 1, padding=1, bias=False),
-                nn.BatchNorm2d(conv_width),
-                nn.ReLU(inplace=True),
-            ]
+            layers += conv_bn_relu(width, conv_width, 3, stride=stride if index == 0 else 1)
             width = conv_width
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers, *_linears(linears, width, hidden * widen, out))
 
 
-def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True)]
-
-
 def build_imagenet_head(channels: int, out: int) -> nn.Sequential:
     """InfoPro's ImageNet head: 1x1 to 128, two 3x3/2 convs to 256 and 512, 1x1 to 2048, pool, linear."""
     return nn.Sequential(
-        *_conv_bn_relu(channels, 128, 1),
-        *_conv_bn_relu(128, 256, 3, stride=2),
-        *_conv_bn_relu(256, 512, 3, stride=2),
-        *_conv_bn_relu(512, 2048, 1),
+        *conv_bn_relu(channels, 128, 1),
+        *conv_bn_relu(128, 256, 3, stride=2),
+        *conv_bn_relu(256, 512, 3, stride=2),
+        *conv_bn_relu(512, 2048, 1),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, out),
     )

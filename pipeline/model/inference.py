@@ -3,7 +3,7 @@ the last module's classifier; every local head, decoder and FCN auxiliary head l
 
 It is built of the very ``LocalModule``s the run trained, stripped of what serves training only, and
 its forward calls their own evaluation steps (``features``, ``next_packet``, ``logits``) in the order
-the runners do: that is what makes its logits the run's evaluation logits bit for bit. Its state dict
+the stage loop does: that is what makes its logits the run's evaluation logits bit for bit. Its state dict
 is ``stages.<k>.<name>`` with ``<name>`` module k's own key in the run's checkpoint.
 """
 

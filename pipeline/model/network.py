@@ -39,9 +39,8 @@ def resolve_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> lis
 
 def make_layout(config: Config, spec: DatasetSpec, cuts: list[int]) -> Layout:
     net = make_net(config, spec)
-    local = config.local
-    plan = ContextPlan(local.modules, local.context_depth, local.context_image, local.reconstruct)
-    return Layout(net, module_ranges(cuts, len(net)), plan, spec, family_named(config.arch.family).parts())
+    return Layout(net, module_ranges(cuts, len(net)), ContextPlan.of(config.local), spec,
+                  family_named(config.arch.family).parts())
 
 
 # Construction draws from the process-wide RNG: threads that build modules at once (stage loops

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.model.layers import conv_bn_relu
+
 ASPP_DILATIONS = (12, 24, 36)  # the 3x3 branches; a 1x1 branch and the image pooling come with them
 ASPP_CHANNELS = 512
 FCN_CHANNELS = 256
@@ -42,12 +44,6 @@ class SeededDropout2d(nn.Module):
         return features * keep.div_(1 - self.p)
 
 
-def conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
-    """MMSegmentation's ConvModule with batch norm: conv without bias, BN, ReLU; 'same' padding."""
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
 def reset_classifier(conv: nn.Conv2d) -> None:
     """Draw a decode head's last conv as MMSegmentation does: N(0, 0.01), bias 0.
 
@@ -68,7 +64,7 @@ class ASPPHead(nn.Module):
         super().__init__()
         self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(channels, ASPP_CHANNELS, 1))
         self.branches = nn.ModuleList([conv_bn_relu(channels, ASPP_CHANNELS, 1)] + [
-            conv_bn_relu(channels, ASPP_CHANNELS, 3, dilation) for dilation in ASPP_DILATIONS])
+            conv_bn_relu(channels, ASPP_CHANNELS, 3, dilation=dilation) for dilation in ASPP_DILATIONS])
         self.bottleneck = conv_bn_relu((len(self.branches) + 1) * ASPP_CHANNELS, ASPP_CHANNELS, 3)
         self.dropout = SeededDropout2d(DROPOUT)
         self.classifier = nn.Conv2d(ASPP_CHANNELS, classes, 1)
@@ -99,6 +95,6 @@ def build_infopro_segmentation_head(channels: int, classes: int) -> nn.Sequentia
     """InfoPro's head of module 0: conv3x3 C -> 512 (with bias, as theirs) + BN + ReLU + Dropout2d(0.1)
     + conv1x1 512 -> classes."""
     return nn.Sequential(
-        nn.Conv2d(channels, INFOPRO_CHANNELS, 3, padding=1), nn.BatchNorm2d(INFOPRO_CHANNELS), nn.ReLU(inplace=True),
-        SeededDropout2d(DROPOUT), nn.Conv2d(INFOPRO_CHANNELS, classes, 1),
+        *conv_bn_relu(channels, INFOPRO_CHANNELS, 3, bias=True), SeededDropout2d(DROPOUT),
+        nn.Conv2d(INFOPRO_CHANNELS, classes, 1),
     )

@@ -204,8 +204,7 @@ def recompute_seconds(profile: NetworkProfile, segments: int, batch: int) -> flo
 
 
 def context_plan(config: Config) -> ContextPlan:
-    local = config.local
-    return ContextPlan(local.modules, local.context_depth, local.context_image, local.reconstruct)
+    return ContextPlan.of(config.local)
 
 
 def predicted_stage_seconds(profile: NetworkProfile, plan: ContextPlan, cuts: list[int],

@@ -272,10 +272,10 @@ class _Profiler:
 
 
 def profile_network(config: Config, spec: DatasetSpec, device: torch.device) -> NetworkProfile:
-    if spec.dense:  # its pieces are classification heads and square images
-        raise BadInput(f"profiling (balanced partitions, python -m pipeline.plan) covers classification networks, "
-                       f"and {spec.name} is segmentation; cut it with local.partition = 'equal' (InfoPro's cut) or "
-                       "an explicit list of [stage, block] cuts")
+    # its pieces are classification heads and square images
+    spec.refuse_segmentation("profiling (balanced partitions, python -m pipeline.plan) covers",
+                             "cut it with local.partition = 'equal' (InfoPro's cut) or an explicit list of [stage, "
+                             "block] cuts")
     return _Profiler(config, spec, device).profile()
 
 

@@ -57,6 +57,13 @@ def resolve_device(wanted: str, local_rank: int = 0, local_size: int = 1, amp: s
     return torch.device("cuda", local_rank % count)
 
 
+def profiling_device(wanted: str) -> torch.device:
+    """run.device -> where a tool profiles a network in its own process (the planner, the bench): a GPU
+    where torch sees one and run.device allows it, else the CPU. Unlike ``resolve_device`` it refuses
+    nothing: it starts no run, and a run.device = 'cuda' config may be planned on a host without GPUs."""
+    return torch.device("cuda" if wanted != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 def limit_cpu_threads(local_rank: int, local_size: int, threads: int) -> int:
     """Hold this process to its share of the cores, pinned to them where the OS allows."""
     cores = _available_cores()

@@ -230,6 +230,11 @@ def write_summary(run_dir: str | Path, config: Config, world_size: int, cuts: li
         "stages": stages,
         "config": config.to_dict(),
     }
+    return save_summary(run_dir, summary)
+
+
+def save_summary(run_dir: str | Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """RUN_DIR/summary.json, whole or not at all: a reader never sees half a file."""
     path = Path(run_dir) / "summary.json"
     temporary = path.with_suffix(".tmp")
     try:

@@ -126,3 +126,20 @@ def schedule_change(saved: dict[str, Any], train: TrainConfig, resume_at: Positi
 def set_learning_rate(optimizer: torch.optim.Optimizer, rate: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = rate
+
+
+class LearningRate:
+    """The rate ``optimizer`` trains at under ``train``'s schedule: epoch 1's from the start (an
+    optimizer asked before the first step already holds it), then each step's."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, train: TrainConfig) -> None:
+        self.optimizer, self.train = optimizer, train
+        self.value = learning_rate(train, 1)
+        set_learning_rate(optimizer, self.value)
+
+    def at_step(self, epoch: int, step: int, total_steps: int) -> None:
+        """Set the rate of 1-based ``step`` in 1-based ``epoch`` of a run of ``total_steps``."""
+        rate = learning_rate(self.train, epoch, step, total_steps)
+        if rate != self.value:  # the parameter groups are written on a change only
+            self.value = rate
+            set_learning_rate(self.optimizer, rate)

@@ -9,7 +9,9 @@ Placement (``pipeline.placement``) fixes which rank holds which (stage, replica)
   links stay on NVLink/PCIe and only the per-stage gradient all-reduce crosses nodes;
 - "stage": rank r holds stage r // R of replica r % R, so a stage's R replicas are neighbours —
   for nodes with fewer devices than K, where the all-reduce is the heavier traffic.
-Runners get a Topology and never call torch.distributed themselves.
+The modes get a Topology and never call torch.distributed themselves (the links send on the groups
+made here); the classic pipeline (tools/classic_pp.py) joins through ``joined`` and its
+torch.distributed.pipelining schedule sends on the default group.
 """
 
 from __future__ import annotations
@@ -50,8 +52,6 @@ class Collectives(Protocol):
         """Replica 0's ``tensor`` in place on every replica of this process's module."""
         ...
 
-    def barrier(self) -> None: ...
-
 
 class Solo:
     """One process: every collective is the identity."""
@@ -66,9 +66,6 @@ class Solo:
         return tensor
 
     def broadcast_over_replicas(self, tensor: torch.Tensor) -> None:
-        pass
-
-    def barrier(self) -> None:
         pass
 
 
@@ -96,9 +93,6 @@ class TorchCollectives:
     def broadcast_over_replicas(self, tensor: torch.Tensor) -> None:
         if self.replica_group is not None:
             dist.broadcast(tensor, self.replica_0, group=self.replica_group)
-
-    def barrier(self) -> None:
-        dist.barrier()
 
 
 @dataclass
@@ -273,8 +267,24 @@ def warm_links(topology: Topology) -> None:
 
 
 @contextlib.contextmanager
+def joined(topology: Topology, timeout_s: float) -> Iterator[datetime.timedelta]:
+    """Join the job's default group (``join_job``: yields the groups' timeout), its collectives in
+    ``topology.comm``, and leave it at the end. All the classic pipeline needs: its schedule sends on it.
+
+    Left only after a clean run: on a failure the process leaves at once, without tearing the
+    group down, since peers may be blocked talking to it. DDP's reducer must see every rank
+    finish first.
+    """
+    timeout = join_job(topology.device, topology.rank, topology.size, timeout_s)
+    topology.comm = TorchCollectives(topology.size, None, topology.rank)
+    yield timeout
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@contextlib.contextmanager
 def process_groups(topology: Topology, timeout_s: float) -> Iterator[Topology]:
-    """Join the job (NCCL on GPUs, gloo on CPU), make the link and replica groups, leave at the end.
+    """Join the job (``joined``: NCCL on GPUs, gloo on CPU), make the link and replica groups.
 
     Every process creates every group in the same order, as torch.distributed requires. The
     timeout (``join_job``) turns a dead peer into an error instead of a hang.
@@ -282,7 +292,17 @@ def process_groups(topology: Topology, timeout_s: float) -> Iterator[Topology]:
     if not topology.distributed:
         yield topology
         return
-    timeout = join_job(topology.device, topology.rank, topology.size, timeout_s)
+    with joined(topology, timeout_s) as timeout:
+        make_groups(topology, timeout)
+        warm_links(topology)
+        topology.comm = TorchCollectives(topology.size, topology.replica_group, topology.rank_of(topology.stage, 0))
+        # Where every process runs: a rank that finds a neighbour stuck can stop it on its own host.
+        topology.processes = [tuple(item) for item in topology.comm.gather((socket.gethostname(), os.getpid()))]
+        yield topology
+
+
+def make_groups(topology: Topology, timeout: datetime.timedelta) -> None:
+    """The link group of each pair of neighbouring stages and, with replicas, the replica group of each stage."""
     stages, replicas = topology.stages, topology.replicas
     for replica in range(replicas):
         for module in range(stages - 1):
@@ -296,12 +316,3 @@ def process_groups(topology: Topology, timeout_s: float) -> Iterator[Topology]:
             group = dist.new_group(members, timeout=timeout) if stages > 1 else dist.group.WORLD
             if topology.rank in members:
                 topology.replica_group = group
-    warm_links(topology)
-    topology.comm = TorchCollectives(topology.size, topology.replica_group, topology.rank_of(topology.stage, 0))
-    # Where every process runs: a rank that finds a neighbour stuck can stop it on its own host.
-    topology.processes = [tuple(item) for item in topology.comm.gather((socket.gethostname(), os.getpid()))]
-    yield topology
-    # Only after a clean run: on a failure the process leaves at once, without tearing the group
-    # down, since peers may be blocked talking to it. DDP's reducer must see every rank finish first.
-    dist.barrier()
-    dist.destroy_process_group()

@@ -108,7 +108,7 @@ class Link:
     """Common parts of both ends: the peer, the group, the codec, the bounded queue, the deadline.
 
     A link end does no I/O itself: this rank's ``Courier`` thread moves its frames (one thread for
-    both of a rank's links, see ``Courier``). ``start`` gives a lone end a courier of its own.
+    both of a rank's links, see ``Courier``).
     """
 
     def __init__(self, rank: int, peer: int, group: dist.ProcessGroup, codec: Codec, device: torch.device,
@@ -131,10 +131,6 @@ class Link:
         self.timeout_s = timeout_s
         self.error: BaseException | None = None
         self.courier: Courier | None = None
-
-    def start(self) -> None:
-        """Start a courier that serves this end alone (``Courier`` serves both of a rank's ends)."""
-        Courier(self if isinstance(self, Receiver) else None, self if isinstance(self, Sender) else None).start()
 
     @property
     def thread(self) -> threading.Thread:

@@ -1,4 +1,4 @@
-"""One module with its optimizer: the training and evaluation step every runner calls.
+"""One module with its optimizer: the training and evaluation step of every mode (the stage loop calls them).
 
 In sequential mode one process calls these steps module after module; a pipeline stage calls the
 same steps on what its inbox delivers. That sharing is what makes the two equal.
@@ -17,7 +17,7 @@ from pipeline.config.schema import Config, PrecisionConfig, TrainConfig
 from pipeline.data.contract import mix_seed
 from pipeline.model.local_module import Layout, LocalModule
 from pipeline.model.network import build_module
-from pipeline.runtime.optim import learning_rate, make_optimizer, set_learning_rate
+from pipeline.runtime.optim import LearningRate, make_optimizer
 from pipeline.runtime.packet import Packet
 from pipeline.runtime.scoring import Accuracy, Scoring, scoring_for
 
@@ -38,17 +38,19 @@ class ModuleWorker:
         self.seed = seed
         self.step = 1  # the training step about to run: set by at_step
         self.device = device
-        self.train_config = train
         self.module = module
         # What the training step calls: the module itself, or a wrapper such as DDP around it.
         self.trainable = wrap(module) if wrap is not None else module
         self.optimizer = make_optimizer(module, train)
         self.channels_last = precision.channels_last
         self.amp = precision.amp == "bf16"
-        self.total_steps = 1  # the run's length in steps, for per-step schedules: set by the runner
+        self.total_steps = 1  # the run's length in steps, for per-step schedules: set by assemble
         self.scoring = scoring or Accuracy()  # how the last module's test predictions count
-        self.lr = learning_rate(train, 1)
-        set_learning_rate(self.optimizer, self.lr)
+        self.rate = LearningRate(self.optimizer, train)
+
+    @property
+    def lr(self) -> float:
+        return self.rate.value
 
     @property
     def last(self) -> bool:
@@ -57,10 +59,7 @@ class ModuleWorker:
     def at_step(self, epoch: int, step: int) -> None:
         """Set the rate for the step about to run (1-based, counted from the start of training)."""
         self.step = step
-        rate = learning_rate(self.train_config, epoch, step, self.total_steps)
-        if rate != self.lr:
-            self.lr = rate
-            set_learning_rate(self.optimizer, rate)
+        self.rate.at_step(epoch, step, self.total_steps)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if not self.amp:

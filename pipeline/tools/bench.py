@@ -298,13 +298,11 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
         raise BadInput(f"--steps = {steps} must be at least two windows (2 x --window = {2 * window})")
     if rounds < 1:
         raise BadInput(f"--rounds = {rounds} must be >= 1 (3 or more to see the spread)")
-    import torch
-
     from pipeline.config.cuts import written_cuts
     from pipeline.data.specs import dataset_spec
     from pipeline.performance.cost import context_plan, predicted_stage_seconds
     from pipeline.performance.profile import checkpointed_activation_bytes, module_activation_bytes
-    from pipeline.runtime.host import keep_freed_host_memory
+    from pipeline.runtime.host import keep_freed_host_memory, profiling_device
 
     cores = os.cpu_count() or 1
     load_before = os.getloadavg()
@@ -319,9 +317,7 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
                        f"{len(chosen) + 1} modules; use --nproc {len(chosen) + 1}")
     local = load_config(config_path, [*sets, f"local.modules={nproc}", *_partition(chosen)])
     spec = dataset_spec(local)
-    if spec.dense:
-        raise BadInput(f"the timed benchmark compares classification networks, and {local.data.name} is "
-                       "segmentation; count its activation memory with --memory-only")
+    spec.refuse_segmentation("the timed benchmark compares", "count its activation memory with --memory-only")
     for count in classic_microbatches:
         if count < 1 or base.data.batch_size % count:
             raise BadInput(f"--classic-microbatches: {count} does not divide data.batch_size = "
@@ -400,7 +396,7 @@ def run_bench(config_path: str | None, sets: list[str], nproc: int, steps: int, 
               if checkpointed[run.segments] <= max(local_activation)]
     best_checkpointed = max(within, key=lambda name: results[name]["samples_per_s"], default=None)
     pipe, ddp = results["pipeline"], results["ddp"]
-    device = "cuda" if torch.cuda.is_available() and base.run.device != "cpu" else "cpu"
+    device = profiling_device(base.run.device).type
     report = {
         "config": config_path,
         "overrides": sets,
@@ -584,12 +580,12 @@ def _profile(config: Config, spec: DatasetSpec, nproc: int) -> NetworkProfile:
     import torch
 
     from pipeline.performance.profile import profile_network
+    from pipeline.runtime.host import profiling_device
 
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
     try:
-        device = torch.device("cuda" if torch.cuda.is_available() and config.run.device != "cpu" else "cpu")
-        return profile_network(config, spec, device)
+        return profile_network(config, spec, profiling_device(config.run.device))
     finally:
         torch.set_num_threads(before)
 

@@ -14,8 +14,6 @@ per run.log_every steps with that window's samples/s, per-process peak memory); 
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -32,12 +30,14 @@ from pipeline.config.cuts import describe_cuts, written_cuts
 from pipeline.config.loading import load_config
 from pipeline.config.schema import Config
 from pipeline.data.specs import DatasetSpec, dataset_spec
-from pipeline.errors import BadInput, StageFailure, cannot_write, errors_logged
+from pipeline.errors import BadInput, StageFailure, errors_logged
 from pipeline.model.network import build_module, make_layout, resolve_cuts
 from pipeline.model.partition import module_ranges
 from pipeline.performance.profile import saved_activation_bytes
-from pipeline.runtime.metrics import DeviceMemory, MetricsLog, say
-from pipeline.runtime.optim import learning_rate, make_optimizer, set_learning_rate
+from pipeline.runtime.host import keep_freed_host_memory
+from pipeline.runtime.metrics import DeviceMemory, MetricsLog, save_summary, say
+from pipeline.runtime.optim import LearningRate, make_optimizer
+from pipeline.runtime.topology import from_env, joined
 
 Schedule = Literal["gpipe", "1f1b"]
 SCHEDULES: tuple[Schedule, ...] = ("gpipe", "1f1b")
@@ -114,14 +114,12 @@ class ClassicStage:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         self.index, self.stages, self.device = index, stages, device
-        self.train_config = config.train
         self.memory_format = torch.channels_last if config.precision.channels_last else torch.contiguous_format
         # Module.to takes memory_format at run time; torch's stubs leave it out
         stage = stage.to(device, memory_format=self.memory_format).train()  # type: ignore[call-overload]
         self.module = stage
         self.optimizer = make_optimizer(stage, config.train)
-        self.lr = learning_rate(config.train, 1)
-        set_learning_rate(self.optimizer, self.lr)
+        self.rate = LearningRate(self.optimizer, config.train)
         amp = config.precision.amp == "bf16"
         wire = torch.bfloat16 if config.pipeline.wire_dtype == "bf16" else torch.float32
         last = index == stages - 1
@@ -151,10 +149,7 @@ class ClassicStage:
     def step(self, epoch: int, step: int, total_steps: int, images: torch.Tensor | None = None,
              labels: torch.Tensor | None = None) -> torch.Tensor | None:
         """One training step; rank 0 passes the batch. The last stage returns the batch's mean loss."""
-        rate = learning_rate(self.train_config, epoch, step, total_steps)
-        if rate != self.lr:
-            self.lr = rate
-            set_learning_rate(self.optimizer, rate)
+        self.rate.at_step(epoch, step, total_steps)
         self.optimizer.zero_grad(set_to_none=True)
         if self.first:
             assert images is not None and labels is not None
@@ -207,13 +202,8 @@ def full_batches(config: Config, device: torch.device, batch: int) -> Iterator[t
     return walk()
 
 
-def train(config_path: str | None, sets: list[str], schedule: Schedule, microbatches: int) -> None:
-    from pipeline.runtime.host import keep_freed_host_memory, limit_cpu_threads, resolve_device
-    from pipeline.runtime.topology import join_job
-
-    config = load_config(config_path, sets)
-    e2e = load_config(config_path, e2e_overrides(sets))
-    rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+def refuse_launch(config: Config, spec: DatasetSpec, microbatches: int, size: int) -> None:
+    """What a classic pipeline of ``size`` processes cannot run, in one line, before any process group exists."""
     if size < 2:
         raise BadInput(f"pipeline.classic_pp runs one stage per process: launch it with torchrun --nproc-per-node K "
                        f"(K >= 2), not {size} process")
@@ -223,76 +213,70 @@ def train(config_path: str | None, sets: list[str], schedule: Schedule, microbat
     batch = config.data.batch_size
     if microbatches < 1 or batch % microbatches:
         raise BadInput(f"--microbatches = {microbatches} must divide data.batch_size = {batch} (equal microbatches)")
-    local_rank, local_size = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    device = resolve_device(config.run.device, local_rank, local_size, config.precision.amp)
-    if device.type == "cpu":
-        limit_cpu_threads(local_rank, local_size, config.pipeline.threads_per_stage)
-    keep_freed_host_memory()
-    spec = dataset_spec(config)
-    if spec.dense:
-        raise BadInput(f"pipeline.classic_pp times classification networks, and {config.data.name} is segmentation; "
-                       "compare a segmentation network's memory with python -m pipeline.bench --memory-only")
-    steps = config.train.max_steps
-    if steps < 1:
+    spec.refuse_segmentation("pipeline.classic_pp times", "compare a segmentation network's memory with "
+                             "python -m pipeline.bench --memory-only")
+    if config.train.max_steps < 1:
         raise BadInput("pipeline.classic_pp measures throughput over train.max_steps steps; set train.max_steps > 0")
-    out = Path(config.run.out_dir)
-    batches = full_batches(config, device, batch) if rank == 0 else None
-    join_job(device, rank, size, config.pipeline.timeout_s)
-    try:
-        cuts = [resolve_cuts(config, spec, device) if rank == 0 else None]
-        dist.broadcast_object_list(cuts, 0)
-        flat: list[int] = cuts[0]  # type: ignore[assignment]
-        stage = build_stage(config, e2e, spec, flat, rank, size, schedule, microbatches, device)
-        micro = batch // microbatches
-        log = MetricsLog(out, rank)
-        if rank == 0:
-            say(f"[classic {schedule}] {size} stages, cut points {describe_cuts(flat, config.arch)}, {microbatches} "
-                f"microbatches of {micro}, {steps} steps on {device}, {torch.get_num_threads()} thread(s) per stage")
-        memory = DeviceMemory(device)
-        memory.start()
-        window, losses = config.run.log_every, []
-        started = mark = time.perf_counter()
-        for step in range(1, steps + 1):
-            epoch, images, labels = next(batches) if batches is not None else (1, None, None)
-            loss = stage.step(epoch, step, steps, images, labels)
-            if loss is not None:
-                losses.append(loss)
-            if step % window == 0 and stage.last:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                now = time.perf_counter()
-                mean = float(torch.stack(losses).mean())
-                log.write(event="train", module=size - 1, epoch=epoch, step=step, loss=mean, lr=stage.lr,
-                          samples_per_s=round(batch * window / (now - mark), 2))
-                say(f"[classic {schedule}] step {step}/{steps} | loss {mean:.3f} | "
-                    f"{batch * window / (now - mark):.0f} samples/s")
-                mark, losses = now, []
-        train_s = time.perf_counter() - started
-        mine = {"rank": rank, "module": rank, **memory.figures(),
-                "samples_per_s": round(steps * batch / max(train_s, 1e-9), 2)}
-        every: list[Any] = [None] * size
-        dist.all_gather_object(every, mine)
-        if rank == 0:
-            write_summary(out, config, schedule, microbatches, flat, steps, every, train_s)
-    finally:
-        with contextlib.suppress(Exception):  # a failed peer may already be gone
-            dist.destroy_process_group()
 
 
-def write_summary(out: Path, config: Config, schedule: Schedule, microbatches: int, cuts: list[int], steps: int,
-                  stages: list[dict[str, Any]], train_s: float) -> None:
-    summary = {
+def train(config_path: str | None, sets: list[str], schedule: Schedule, microbatches: int) -> None:
+    config, e2e = load_config(config_path, sets), load_config(config_path, e2e_overrides(sets))
+    spec = dataset_spec(config)
+    refuse_launch(config, spec, microbatches, int(os.environ.get("WORLD_SIZE", "1")))
+    topology = from_env("pipeline", config.run, config.pipeline, config.local.modules, config.precision.amp)
+    device, first = topology.device, topology.rank == 0
+    keep_freed_host_memory()
+    batches = full_batches(config, device, config.data.batch_size) if first else None
+    with joined(topology, config.pipeline.timeout_s):
+        cuts = topology.comm.broadcast(resolve_cuts(config, spec, device) if first else None, 0)
+        stage = build_stage(config, e2e, spec, cuts, topology.rank, topology.size, schedule, microbatches, device)
+        if first:
+            say(f"[classic {schedule}] {topology.size} stages, cut points {describe_cuts(cuts, config.arch)}, "
+                f"{microbatches} microbatches of {config.data.batch_size // microbatches}, {config.train.max_steps} "
+                f"steps on {device}, {torch.get_num_threads()} thread(s) per stage")
+        every = topology.comm.gather(timed_steps(stage, batches, config, f"classic {schedule}"))
+        if first:
+            save_summary(config.run.out_dir, classic_summary(config, schedule, microbatches, cuts, every))
+
+
+def timed_steps(stage: ClassicStage, batches: Iterator[tuple[int, torch.Tensor, torch.Tensor]] | None,
+                config: Config, label: str) -> dict[str, Any]:
+    """train.max_steps steps, the last stage logging every run.log_every; this process's figures."""
+    steps, window, batch = config.train.max_steps, config.run.log_every, config.data.batch_size
+    log = MetricsLog(config.run.out_dir, stage.index)
+    memory = DeviceMemory(stage.device)
+    memory.start()
+    losses: list[torch.Tensor] = []
+    started = mark = time.perf_counter()
+    for step in range(1, steps + 1):
+        epoch, images, labels = next(batches) if batches is not None else (1, None, None)
+        loss = stage.step(epoch, step, steps, images, labels)
+        if loss is not None:
+            losses.append(loss)
+        if step % window == 0 and stage.last:
+            if stage.device.type == "cuda":
+                torch.cuda.synchronize(stage.device)
+            now = time.perf_counter()
+            mean, rate = float(torch.stack(losses).mean()), batch * window / (now - mark)
+            log.write(event="train", module=stage.index, epoch=epoch, step=step, loss=mean, lr=stage.rate.value,
+                      samples_per_s=round(rate, 2))
+            say(f"[{label}] step {step}/{steps} | loss {mean:.3f} | {rate:.0f} samples/s")
+            mark, losses = now, []
+    train_s = time.perf_counter() - started
+    return {"rank": stage.index, "module": stage.index, **memory.figures(),
+            "samples_per_s": round(steps * batch / max(train_s, 1e-9), 2)}
+
+
+def classic_summary(config: Config, schedule: Schedule, microbatches: int, cuts: list[int],
+                    stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json of a classic run: ``stages``, every process's figures in rank order (rank 0's rate is the run's)."""
+    return {
         "mode": f"classic-{schedule}", "world_size": len(stages), "modules": len(stages),
         "microbatches": microbatches, "arch": config.model.arch, "dataset": config.data.name,
-        "batch_size": config.data.batch_size, "steps": steps, "test_accuracy": None,
-        "train_samples_per_s": round(steps * config.data.batch_size / max(train_s, 1e-9), 2),
+        "batch_size": config.data.batch_size, "steps": config.train.max_steps, "test_accuracy": None,
+        "train_samples_per_s": stages[0]["samples_per_s"],
         "cut_points": written_cuts(cuts, config.arch), "stages": stages,
     }
-    path = out / "summary.json"
-    try:
-        path.write_text(json.dumps(summary, indent=2) + "\n")
-    except OSError as err:
-        raise cannot_write(path, err) from err
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -292,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
 
         from pipeline.data.specs import dataset_spec
         from pipeline.performance.profile import profile_network
+        from pipeline.runtime.host import profiling_device
 
-        device = torch.device("cuda" if torch.cuda.is_available() and config.run.device != "cpu" else "cpu")
+        device = profiling_device(config.run.device)
         if device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.devices))
         profile = profile_network(config, dataset_spec(config), device)

@@ -72,7 +72,6 @@ def probe(out: Path, sets: list[str]) -> None:
         record = {"rank": topology.rank, "stage": topology.stage, "replica": topology.replica,
                   "loss": float(loss), "syncs": syncs, "sync_batchnorm_layers": sync_bn}
         (out / f"sync_rank{topology.rank}.json").write_text(json.dumps(record) + "\n")
-        topology.comm.barrier()
 
 
 def from_sync_batchnorm(site: str) -> bool:

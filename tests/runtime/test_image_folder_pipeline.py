@@ -89,9 +89,6 @@ class SaidByRank0:
     def broadcast_over_replicas(self, tensor: torch.Tensor) -> None:
         pass
 
-    def barrier(self) -> None:
-        pass
-
 
 def test_a_later_stage_builds_its_module_from_rank_0s_spec_without_the_folder(tmp_path: Path) -> None:
     """Only the first stage reads the folder; on another node it may not even be mounted."""

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from pipeline.config.loading import load_config
 from pipeline.errors import BadInput
-from pipeline.runtime.host import resolve_device
+from pipeline.runtime.host import profiling_device, resolve_device
 from pipeline.runtime.topology import Topology, from_env, layout_replicas, place, process_groups, single_process
 
 
@@ -103,6 +103,15 @@ def test_cuda_with_every_gpu_hidden_is_bad_input(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(BadInput, match="no CUDA GPU is visible"):
         resolve_device("cuda")
     assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_a_tool_profiles_on_a_gpu_where_there_is_one_and_refuses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner and the bench profile in their own process: a run.device = 'cuda' config is planned
+    on the CPU of a host without GPUs (a run of it, resolve_device, is refused), 'cpu' stays on the CPU."""
+    _gpus(monkeypatch, 0)
+    assert [profiling_device(wanted).type for wanted in ("auto", "cuda", "cpu")] == ["cpu", "cpu", "cpu"]
+    _gpus(monkeypatch, 2)
+    assert [profiling_device(wanted).type for wanted in ("auto", "cuda", "cpu")] == ["cuda", "cuda", "cpu"]
 
 
 @pytest.mark.slow

@@ -50,9 +50,6 @@ class ThreadCollectives:
     def broadcast_over_replicas(self, tensor: torch.Tensor) -> None:
         pass  # one replica
 
-    def barrier(self) -> None:
-        self.exchange.barrier.wait()
-
 
 def run_threaded(config: Config,
                  timeout_s: float = 60.0) -> tuple[list[dict[str, Any] | None], list[BaseException | None]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -107,7 +109,8 @@ def test_gpipe_steps_equal_end_to_end_with_accumulated_microbatches(tmp_path: Pa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(REPO / "tests" / "tools" / "classic_pp_worker.py"), str(tmp_path), schedule, str(microbatches), str(steps), *sets],
+         str(REPO / "tests" / "tools" / "classic_pp_worker.py"), str(tmp_path), schedule, str(microbatches),
+         str(steps), *sets],
         capture_output=True, text=True, timeout=180, env=env, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     stages = [torch.load(tmp_path / f"stage_{rank}.pt", weights_only=True) for rank in range(2)]
@@ -120,6 +123,32 @@ def test_gpipe_steps_equal_end_to_end_with_accumulated_microbatches(tmp_path: Pa
     # and the weights moved: the comparison is not between two untrained networks
     untrained = [*e2e_network(SETS).body.state_dict().values(), *e2e_network(SETS).head.state_dict().values()]
     assert any(not torch.equal(got, before) for got, before in zip(pipelined, untrained))
+
+
+@pytest.mark.slow
+def test_a_classic_run_writes_the_summary_and_lines_the_bench_reads(tmp_path: Path) -> None:
+    """Under torchrun: summary.json with its keys and one figure per process, rank 0's rate the run's; a train
+    line from the last stage every run.log_every steps (the bench times its windows from them)."""
+    sets = [item for override in [*SETS, f"run.out_dir={tmp_path}", "train.max_steps=6", "run.log_every=2"]
+            for item in ("--set", override)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "pipeline.classic_pp", "--schedule", "1f1b", "--microbatches", "2", *sets],
+                          capture_output=True, text=True, timeout=180, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary) == ["mode", "world_size", "modules", "microbatches", "arch", "dataset", "batch_size", "steps",
+                             "test_accuracy", "train_samples_per_s", "cut_points", "stages"]
+    assert [summary[key] for key in ("mode", "world_size", "microbatches", "steps")] == ["classic-1f1b", 2, 2, 6]
+    assert [(stage["rank"], stage["module"]) for stage in summary["stages"]] == [(0, 0), (1, 1)]
+    assert all(set(stage) == {"rank", "module", "peak_mem_bytes", "peak_reserved_bytes", "device_used_bytes",
+                              "samples_per_s"} for stage in summary["stages"])
+    assert summary["train_samples_per_s"] == summary["stages"][0]["samples_per_s"] > 0
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["event"], line["module"], line["step"]) for line in lines] == [("train", 1, 2), ("train", 1, 4),
+                                                                                ("train", 1, 6)]
+    assert all(set(line) == {"rank", "time", "event", "module", "epoch", "step", "loss", "lr", "samples_per_s"}
+               and line["lr"] == 0.05 and line["samples_per_s"] > 0 and math.isfinite(line["loss"]) for line in lines)
 
 
 def classic_pp_cli(tmp_path: Path, world: int, *args: str) -> subprocess.CompletedProcess[str]:
@@ -155,7 +184,7 @@ def test_bad_launches_exit_2_with_one_line(tmp_path: Path, monkeypatch: pytest.M
 def test_each_rank_joins_on_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU node rank 1 sets cuda:1 and binds the job's group to it before anything runs on the
     group (NCCL would otherwise put every rank's object collectives on GPU 0): a mocked torch.cuda."""
-    import pipeline.runtime.host as distributed
+    import pipeline.runtime.topology as topology
     from pipeline.tools.classic_pp import train
 
     calls: list[tuple[str, object]] = []
@@ -168,7 +197,7 @@ def test_each_rank_joins_on_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None
         raise Joined
 
     gpu = torch.device("cuda", 1)
-    monkeypatch.setattr(distributed, "resolve_device", lambda *args: gpu)
+    monkeypatch.setattr(topology, "resolve_device", lambda *args: gpu)  # from_env picks the device
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
     monkeypatch.setattr(torch.distributed, "init_process_group", init)
     for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
