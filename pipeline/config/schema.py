@@ -154,7 +154,7 @@ class PipelineConfig:
     buffer_batches: int = 30  # M, the batches each receiving module keeps (DGL's buffer experiments: 30)
     max_reuse: int = 0  # times one buffered batch may be trained on; 0 = unlimited (DGL's default)
     slowdown: list[float] = field(default_factory=list)  # per stage, >= 1: a straggler for experiments; [] = none
-    replay: str = ""  # sequential + buffered: a recorded metrics.jsonl whose schedule the simulator replays
+    replay: str = ""  # sequential + buffered: a recorded metrics.jsonl whose schedule one process replays
 
 
 @dataclass

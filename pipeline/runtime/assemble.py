@@ -26,6 +26,7 @@ from pipeline.config.cuts import describe_cuts
 from pipeline.config.schema import Config, PipelineConfig, result_config
 from pipeline.data.contract import Loader
 from pipeline.data.loader import make_loaders
+from pipeline.data.specs import DatasetSpec
 from pipeline.errors import BadInput, Preempted, StageFailure, StuckPeer
 from pipeline.model.local_module import Layout
 from pipeline.model.network import make_layout, resolve_cuts
@@ -109,14 +110,7 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
 
     ``stop``: set by run.stop_signal; the first stage then ends the run at a checkpoint set.
     """
-    # Facts only the first stage can know (the data's spec and length; profiled cuts) are broadcast so
-    # all agree: the other stages never read the data (an image folder may not even be mounted there).
-    facts = None
-    if topology.rank == 0:
-        assert loaders is not None
-        spec = loaders[0].spec
-        facts = (spec, resolve_cuts(config, spec, topology.device), len(loaders[0]))
-    spec, cuts, batches = topology.comm.broadcast(facts, 0)
+    spec, cuts, batches = _agreed_facts(config, topology, loaders)
     layout = make_layout(config, spec, cuts)
     parallel = DataParallel(topology, config.pipeline.sync_batchnorm)
     workers = [make_worker(config, layout, index, topology.device, wrap=parallel.wrap) for index in topology.hosted]
@@ -136,41 +130,13 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
             f"train.max_steps (the same command alone refuses another length)"
         )
     label = loop_label(config.run.mode, topology)
-    if config.run.resume and topology.rank == 0:
-        saved = checkpoint.read_marker(checkpoint.find_set(config.run.resume, position.step))
-        change = schedule_change((saved or {}).get("schedule", {}), config.train, position, batches)
-        if change is not None:
-            print(f"warning: {change}", file=sys.stderr, flush=True)
-    if topology.rank == 0:  # before anything is written: what a crash or a replaced history left goes
-        for gone in checkpoint.clear_for_start(config.run.out_dir, position.step):
-            say(f"[{label}] removed {gone}: unfinished, or newer than step {position.step} where this run starts")
-        lines = cut_metrics(config.run.out_dir, position.step)
-        if lines:
-            say(f"[{label}] removed {lines} metrics.jsonl line(s) after step {position.step}, where this run starts: "
-                f"an interrupted attempt's")
+    if topology.rank == 0:
+        _clear_for_start(config, position, batches, label)
     report = RunReport(label, config.run, topology, workers, position, length, parallel.total, started)
-    save = functools.partial(checkpoint.save, config.run.out_dir, identity=identity) if topology.writer else None
-    adopt = parallel.adopt_replica_0_buffers if topology.replicas > 1 else None
-    pipe = config.pipeline
-    buffered = pipe.schedule == "buffered"
-    log = report.log if topology.writer else None
-    stages = [ModuleStage(worker, slot, report, save, adopt,
-                          StepTrace(worker.index, position.step, log) if buffered else None)
-              for slot, worker in enumerate(workers)]
-    handlers: list[Handler] = list(stages)
-    if config.run.mode == "pipeline":  # in one process the factors are the seeded schedule's speed ratios
-        handlers = slowed(handlers, pipe.slowdown, topology.hosted, topology.device)
-    # The last module of replica 0 marks each set complete, with no collective: every stage saves
-    # before it passes the epoch end on, so all have saved when it arrives here (a collective would
-    # hold rank 0 at the epoch end while a middle rank's courier may be waiting for rank 0).
-    commit = None
-    if topology.writer and topology.last:
-        commit = functools.partial(checkpoint.commit, config.run.out_dir, modules=topology.stages, identity=identity,
-                                   keep=config.run.keep_checkpoints, config=result_config(config),
-                                   schedule=schedule_settings(config.train),
-                                   wait_s=config.pipeline.timeout_s if topology.distributed else 0.0)
+    handlers = _handlers(config, topology, workers, report, parallel, identity, position)
     inbox, outbox = links(layout)
-    if buffered and inbox is not None:
+    pipe = config.pipeline
+    if pipe.schedule == "buffered" and inbox is not None:
         inbox = BufferedInbox(inbox, topology.stage, pipe.buffer_batches, pipe.max_reuse, pipe.timeout_s,
                               topology.device)
     if topology.first:
@@ -190,11 +156,69 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
             say(f"[{label}] resumed from {checkpoint.find_set(resume_dir, config.run.resume_step)} at epoch "
                 f"{position.epoch}, batch {position.batch} (step {position.step})")
     if config.run.mode == "sequential":  # one handler deals every module its steps from the schedule
-        if buffered and pipe.replay and position.step > 0:
+        if pipe.schedule == "buffered" and pipe.replay and position.step > 0:
             raise BadInput(f"pipeline.replay replays a record from its first step, but this run resumes at step "
                            f"{position.step} ({resume_dir}); replay into a fresh run.out_dir")
         handlers = [Replay(handlers, one_process_schedule(pipe, position, length, len(workers), config.run.seed))]
-    return StageLoop(inbox, handlers, outbox, report, commit), report, cuts
+    return StageLoop(inbox, handlers, outbox, report, _commit(config, topology, identity)), report, cuts
+
+
+def _agreed_facts(config: Config, topology: Topology,
+                  loaders: Loaders | None) -> tuple[DatasetSpec, list[int], int]:
+    """The data's spec, the cuts and the batches per epoch. Only the first stage can know them (it reads the
+    data; balanced cuts are profiled there), so it broadcasts them and all agree: the other stages never read
+    the data (an image folder may not even be mounted there)."""
+    facts = None
+    if topology.rank == 0:
+        assert loaders is not None
+        spec = loaders[0].spec
+        facts = (spec, resolve_cuts(config, spec, topology.device), len(loaders[0]))
+    spec, cuts, batches = topology.comm.broadcast(facts, 0)
+    return spec, cuts, batches
+
+
+def _clear_for_start(config: Config, position: Position, batches: int, label: str) -> None:
+    """Rank 0, before anything is written: a changed learning-rate schedule is warned of, and what a crash
+    or a replaced history left after ``position`` goes."""
+    if config.run.resume:
+        saved = checkpoint.read_marker(checkpoint.find_set(config.run.resume, position.step))
+        change = schedule_change((saved or {}).get("schedule", {}), config.train, position, batches)
+        if change is not None:
+            print(f"warning: {change}", file=sys.stderr, flush=True)
+    for gone in checkpoint.clear_for_start(config.run.out_dir, position.step):
+        say(f"[{label}] removed {gone}: unfinished, or newer than step {position.step} where this run starts")
+    lines = cut_metrics(config.run.out_dir, position.step)
+    if lines:
+        say(f"[{label}] removed {lines} metrics.jsonl line(s) after step {position.step}, where this run starts: "
+            f"an interrupted attempt's")
+
+
+def _handlers(config: Config, topology: Topology, workers: list[ModuleWorker], report: RunReport,
+              parallel: DataParallel, identity: dict[str, Any], position: Position) -> list[Handler]:
+    """One stage per hosted module: it trains, saves (the writer) and, under the buffered schedule,
+    records what it trained on; a pipeline's stragglers slowed."""
+    save = functools.partial(checkpoint.save, config.run.out_dir, identity=identity) if topology.writer else None
+    adopt = parallel.adopt_replica_0_buffers if topology.replicas > 1 else None
+    buffered = config.pipeline.schedule == "buffered"
+    log = report.log if topology.writer else None
+    handlers: list[Handler] = [ModuleStage(worker, slot, report, save, adopt,
+                                           StepTrace(worker.index, position.step, log) if buffered else None)
+                               for slot, worker in enumerate(workers)]
+    if config.run.mode == "pipeline":  # in one process the factors are the seeded schedule's speed ratios
+        handlers = slowed(handlers, config.pipeline.slowdown, topology.hosted, topology.device)
+    return handlers
+
+
+def _commit(config: Config, topology: Topology, identity: dict[str, Any]) -> Callable[[Position], object] | None:
+    """The last module of replica 0 marks each set complete, with no collective: every stage saves before it
+    passes the epoch end on, so all have saved when it arrives here (a collective would hold rank 0 at the
+    epoch end while a middle rank's courier may be waiting for rank 0)."""
+    if not (topology.writer and topology.last):
+        return None
+    return functools.partial(checkpoint.commit, config.run.out_dir, modules=topology.stages, identity=identity,
+                             keep=config.run.keep_checkpoints, config=result_config(config),
+                             schedule=schedule_settings(config.train),
+                             wait_s=config.pipeline.timeout_s if topology.distributed else 0.0)
 
 
 def wire(pipe: PipelineConfig, topology: Topology, layout: Layout, channels_last: bool = False,
