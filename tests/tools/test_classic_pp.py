@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pipeline.config.loading import load_config
 from pipeline.data.specs import dataset_spec
 from pipeline.model.network import build_module, make_layout, resolve_cuts
-from pipeline.performance.profile import module_activation_bytes
+from pipeline.performance.activations import module_activation_bytes
 from pipeline.runtime.optim import learning_rate, make_optimizer, set_learning_rate
 from pipeline.tools.classic_pp import (
     e2e_overrides,
@@ -107,7 +107,8 @@ def test_gpipe_steps_equal_end_to_end_with_accumulated_microbatches(tmp_path: Pa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(REPO / "tests" / "tools" / "classic_pp_worker.py"), str(tmp_path), schedule, str(microbatches), str(steps), *sets],
+         str(REPO / "tests" / "tools" / "classic_pp_worker.py"), str(tmp_path), schedule, str(microbatches),
+         str(steps), *sets],
         capture_output=True, text=True, timeout=180, env=env, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     stages = [torch.load(tmp_path / f"stage_{rank}.pt", weights_only=True) for rank in range(2)]
