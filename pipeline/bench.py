@@ -1,4 +1,4 @@
-"""``python -m pipeline.bench``: the command is pipeline/tools/bench.py, run as the main module."""
+"""``python -m pipeline.bench``: the command is the package pipeline/tools/bench/, run as the main module."""
 
 import runpy
 

@@ -5,7 +5,8 @@ each block, the auxiliary head (and decoder) a module ending at a block carries,
 the context encoders a module starting at a block runs, each with its forward + backward
 seconds, optimizer-step seconds, saved-activation bytes and parameter bytes at the profile
 batch. ``stage_seconds`` and ``stage_activation_bytes`` compose the pieces of module ``index``
-of K over blocks [start, end), transfers priced at a link bandwidth; nothing here measures, so
+of K over blocks [start, end), transfers priced at a link bandwidth (the packets' bytes are
+pipeline/performance/traffic.py's, on the wire the profile was taken for); nothing here measures, so
 it is tested on synthetic profiles. Under Rn a module's register holds the inputs of earlier
 modules, whose shapes depend on earlier cuts: given the modules' ``starts`` the composition is
 exact; without them (while the cuts are being chosen) each source is taken at its earliest
@@ -31,9 +32,10 @@ from pipeline.model.partition import (
     module_ranges,
     segment_ranges,
 )
-from pipeline.performance.traffic import LABEL_BYTES
+from pipeline.performance.traffic import FP32_BYTES, payload_bytes
 
 MIB = 1 << 20
+END_TO_END = ContextPlan(1, 0, False, False)  # one module, no context: the whole network
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class NetworkProfile:
     output_bytes: list[int]  # [i]: what block i outputs, per sample (fp32)
     image_bytes: int  # per sample
     copy_bytes_per_s: float  # local memory copy: the price of a transfer on this machine
+    wire_element_bytes: int = FP32_BYTES  # a float on the links (pipeline.wire_dtype): what a packet is sent in
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -83,9 +86,14 @@ class NetworkProfile:
 Starts = Sequence[int] | None  # the first block of every module, where the cuts are known
 
 
+def _first_block(module: int, starts: Starts) -> int:
+    """Where module ``module`` starts: known from ``starts``, else its earliest possible block (the largest input)."""
+    return module if starts is None else starts[module]
+
+
 def _sources(plan: ContextPlan, index: int, starts: Starts) -> list[int]:
     """First blocks of the modules whose inputs make up module ``index``'s register."""
-    return [source if starts is None else starts[source] for source in plan.register_sources(index)]
+    return [_first_block(source, starts) for source in plan.register_sources(index)]
 
 
 def _pieces(profile: NetworkProfile, plan: ContextPlan, index: int, start: int, end: int,
@@ -115,15 +123,18 @@ def buildable(profile: NetworkProfile, plan: ContextPlan, cost: StageCost) -> St
 
 def received_bytes(profile: NetworkProfile, plan: ContextPlan, index: int, start: int, batch: int,
                    starts: Starts = None) -> int:
-    """Bytes of the packet module ``index`` receives per step: labels, features, image, register.
+    """Bytes of the packet module ``index`` receives per step: labels, features, image, register, on the
+    profile's wire (pipeline/performance/traffic.py; its fixed header of a few int64 left out).
 
     Module 0 reads its batch on its own device.
     """
     if index == 0:
         return 0
-    image = profile.image_bytes if plan.carries_image(index) else 0
-    register = sum(profile.input_bytes(source) for source in _sources(plan, index, starts))
-    return batch * (LABEL_BYTES + profile.input_bytes(start) + image + register)
+
+    def input_bytes(module: int) -> int:
+        return profile.input_bytes(start if module == index else _first_block(module, starts))
+
+    return payload_bytes(plan, index, input_bytes, batch, profile.wire_element_bytes)
 
 
 def sent_bytes(profile: NetworkProfile, plan: ContextPlan, index: int, end: int, batch: int,
@@ -169,7 +180,7 @@ def stage_parameter_bytes(profile: NetworkProfile, plan: ContextPlan, index: int
 
 
 def end_to_end_activation_bytes(profile: NetworkProfile, batch: int) -> int:
-    return stage_activation_bytes(profile, ContextPlan(1, 0, False, False), 0, 0, len(profile), batch)
+    return stage_activation_bytes(profile, END_TO_END, 0, 0, len(profile), batch)
 
 
 def _segment_bytes(profile: NetworkProfile, start: int, end: int, batch: int) -> int:
@@ -190,8 +201,7 @@ def checkpointed_activation_bytes(profile: NetworkProfile, segments: int, batch:
     ranges = segment_ranges(len(profile), segments)
     last_start, last_end = ranges[-1]
     inputs = [batch * profile.input_bytes(start) for start, _ in ranges[:-1]]
-    kept = sum(inputs) + stage_activation_bytes(profile, ContextPlan(1, 0, False, False), 0, last_start, last_end,
-                                                batch)
+    kept = sum(inputs) + stage_activation_bytes(profile, END_TO_END, 0, last_start, last_end, batch)
     recomputing = [sum(inputs[:index + 1]) + _segment_bytes(profile, start, end, batch)
                    for index, (start, end) in enumerate(ranges[:-1])]
     return max(kept, *recomputing)

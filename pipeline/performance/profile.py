@@ -1,21 +1,25 @@
-"""Measuring a network's pieces as a stage runs them, and counting activation bytes exactly.
+"""Measuring a network's pieces as a stage runs them.
 
 A stage's training step receives its packet, runs its context encoders, blocks and head (the
 auxiliary head and decoder, or the classifier on the last module) forward and backward, takes
 its SGD step and sends its packet on. ``profile_network`` measures every piece a module can
 hold that way (forward, backward and optimizer step, under the training precision, on the
-training device at the training batch size), counts the bytes it saves for backward exactly,
-and measures the local copy bandwidth that prices a transfer. Pieces of one shape are measured
-once. What the profile predicts for a module, and the balanced cuts, are pipeline/performance/cost.py's.
+training device at the training batch size), counts the bytes it saves for backward exactly
+(pipeline/performance/activations.py), and measures the local copy bandwidth that prices a transfer; the
+profile records the wire's element width too (pipeline.wire_dtype), which sizes every packet. Pieces of
+one shape are measured once. What the profile predicts for a module, and the balanced cuts, are
+pipeline/performance/cost.py's.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,7 +34,7 @@ from pipeline.model.methods.registry import method_named
 from pipeline.model.network import make_net
 from pipeline.model.networks.base import Shape
 from pipeline.model.networks.registry import family_named
-from pipeline.model.partition import segment_ranges
+from pipeline.performance.activations import saved_storages
 from pipeline.performance.cost import (
     NOTHING,
     UNFIT,
@@ -42,44 +46,13 @@ from pipeline.performance.cost import (
     predicted_stage_activation_bytes,
     predicted_stage_seconds,
 )
+from pipeline.performance.traffic import wire_element_bytes
+from pipeline.runtime.host import profiling_device
 from pipeline.runtime.metrics import say
 from pipeline.runtime.optim import make_optimizer
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (the piece's input, a layer's output) -> its loss
 MIB = 1 << 20
-
-
-def _held_storages(module: nn.Module) -> set[int]:
-    """Addresses of the module's own parameters and buffers: memory it holds anyway, not activations."""
-    return {tensor.untyped_storage().data_ptr() for tensor in [*module.parameters(), *module.buffers()]}
-
-
-def saved_storages(module: nn.Module, *inputs: Any) -> tuple[dict[int, int], Any]:
-    """The distinct storages autograd keeps for backward during ``module(*inputs)`` (address -> bytes),
-    and its output.
-
-    Autograd also keeps references to the module's own parameters and buffers (a conv's weight,
-    batch norm's running statistics): those are memory the module holds anyway, not activations,
-    so they are left out.
-    """
-    held = _held_storages(module)
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in held:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        result = module(*inputs)
-    return storages, result
-
-
-def saved_activation_bytes(module: nn.Module, *inputs: Any) -> tuple[int, Any]:
-    """Bytes of the distinct tensors autograd keeps for backward during ``module(*inputs)``, and its output."""
-    storages, result = saved_storages(module, *inputs)
-    return sum(storages.values()), result
 
 
 def _summed(_: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -98,10 +71,6 @@ class _Scored(nn.Module):
             self.outputs = [layer(inputs) for layer in self.layers]  # kept: which of them backward keeps
             return sum((loss(inputs, output) for output, loss in zip(self.outputs, self.losses)),
                        torch.zeros((), device=inputs.device))
-
-
-# ---------------------------------------------------------------------------------------------
-# Measuring
 
 
 def step_seconds(run: Callable[[], None], device: torch.device, repeats: int = 3) -> float:
@@ -268,6 +237,7 @@ class _Profiler:
                 output_bytes=[4 * math.prod(shape) for shape in map(self.net.shape, blocks)],
                 image_bytes=4 * math.prod(image),
                 copy_bytes_per_s=copy_bytes_per_s(self.device),
+                wire_element_bytes=wire_element_bytes(self.config.pipeline.wire_dtype),
             )
 
 
@@ -277,6 +247,31 @@ def profile_network(config: Config, spec: DatasetSpec, device: torch.device) -> 
                              "cut it with local.partition = 'equal' (InfoPro's cut) or an explicit list of [stage, "
                              "block] cuts")
     return _Profiler(config, spec, device).profile()
+
+
+class Profiled(NamedTuple):
+    profile: NetworkProfile
+    device: torch.device
+    threads: int  # torch's CPU threads while it was measured
+
+
+def profile_as_a_stage(config: Config, spec: DatasetSpec, processes: int) -> Profiled:
+    """The profile as a stage of ``processes`` processes runs: on the device the config trains on (its GPU
+    unless run.device = 'cpu'), on a CPU with the stage's share of the cores (torch's threads restored after)."""
+    device = profiling_device(config.run.device)
+    with _cpu_share(device, processes) as threads:
+        return Profiled(profile_network(config, spec, device), device, threads)
+
+
+@contextmanager
+def _cpu_share(device: torch.device, processes: int) -> Iterator[int]:
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def balanced_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> list[int]:
@@ -290,85 +285,3 @@ def balanced_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> li
         f"predicted step seconds per module {[round(s, 4) for s in seconds]}, activation memory over E2E "
         f"{[round(m / e2e, 3) for m in memory]}")
     return cuts
-
-
-def random_batch(spec: DatasetSpec, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised-looking images and labels of the dataset's shapes (label maps for segmentation)."""
-    images = torch.randn(batch, spec.channels, *spec.image_shape, generator=generator)
-    label_shape = (batch, *spec.image_shape) if spec.dense else (batch,)
-    return images, torch.randint(0, spec.classes, label_shape, generator=generator)
-
-
-def checkpointed_activation_bytes(config: Config, spec: DatasetSpec, batch: int, segments: int) -> int:
-    """E2E's activation memory at ``batch`` with its blocks in ``segments`` segments, the first S - 1
-    recomputed in backward (pipeline/model/recompute.py), counted exactly: the larger of what autograd
-    keeps after the forward (each recomputed segment's input, which its checkpoint holds, and every
-    tensor the last segment and the classifier save) and what is alive while a segment is recomputed
-    (its input and those of the segments before it, whose backward has not run, and all it saves).
-
-    The plain forward runs once, each saved storage traced to the segment whose blocks saved it.
-    """
-    from pipeline.model.network import build_module, make_layout  # network imports this module lazily
-    from pipeline.runtime.packet import Packet
-
-    layout = make_layout(config, spec, [])
-    module = build_module(config, layout, 0, torch.device("cpu")).train()
-    module.checkpoint_segments = 0  # the plain forward: the hooks below see every saved tensor
-    ranges = segment_ranges(len(module.body), segments)
-    kept_tag = len(ranges) - 1  # the last segment and what runs outside the blocks keep what they save
-    current = [kept_tag]
-    inputs: list[tuple[int, int]] = []  # each recomputed segment's input: (address, bytes)
-
-    def entering(segment: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
-            current[0] = segment
-            if segment != kept_tag:
-                storage = args[0].untyped_storage()
-                inputs.append((storage.data_ptr(), storage.nbytes()))
-        return hook
-
-    handles = [module.body[start].register_forward_pre_hook(entering(index))
-               for index, (start, _) in enumerate(ranges)]
-    handles.append(module.head.register_forward_pre_hook(entering(kept_tag)))
-    tagged: list[dict[int, int]] = [{} for _ in ranges]
-    held = _held_storages(module)
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in held:
-            tagged[current[0]][storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    generator = torch.Generator().manual_seed(0)
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            module(Packet.from_batch(*random_batch(spec, batch, generator)))
-    finally:
-        for handle in handles:
-            handle.remove()
-    kept = {**tagged[kept_tag], **dict(inputs)}
-    recomputing = [{**tagged[index], **dict(inputs[:index + 1])} for index in range(kept_tag)]
-    return max(sum(alive.values()) for alive in [kept, *recomputing])
-
-
-def module_activation_bytes(config: Config, spec: DatasetSpec, cuts: list[int], batch: int) -> list[int]:
-    """Activation memory of each module's training step (body, encoders, head, decoder) at ``batch``: what
-    autograd keeps for backward, parameters left out."""
-    from pipeline.model.network import (  # network imports this module lazily
-        build_module,
-        make_layout,
-    )
-    from pipeline.runtime.packet import Packet
-
-    layout = make_layout(config, spec, cuts)
-    generator = torch.Generator().manual_seed(0)
-    packet: Packet | None = Packet.from_batch(*random_batch(spec, batch, generator))
-    sizes = []
-    for index in range(config.local.modules):
-        module = build_module(config, layout, index, torch.device("cpu")).train()
-        assert packet is not None
-        current = packet
-        size, (inputs, output, _) = saved_activation_bytes(module, current)
-        sizes.append(size)
-        packet = None if module.last else module.next_packet(current, inputs, output)
-    return sizes

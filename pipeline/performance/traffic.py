@@ -1,27 +1,57 @@
-"""Bytes each mode puts on the wire per training step, and the share of a step a process idles.
+"""Bytes on the wire: one packet between modules (the one owner of that figure), each mode's per step, and the
+share of a step a process idles.
 
-What a step sends is fixed by the layout (shapes, parameter counts), so it is computed here from
-the layout, not measured. Every figure is bytes sent per step of one global batch, summed over
-all processes (a link's bytes are counted once, at the sender).
+A packet is what the codec (pipeline/runtime/codec.py) puts in a frame: its header, sized by the codec for the
+link's tensors, then the labels, the features and the context the ContextPlan sends (image, register), the
+floating tensors in the wire's element width (pipeline.wire_dtype). What a step sends is fixed by the layout
+(shapes, parameter counts), so it is computed here, not measured: the predictions from a profile
+(pipeline/performance/cost.py) and the benchmark's figures from a layout both ask this module. Every per-step
+figure is bytes sent per step of one global batch, summed over all processes (a link's bytes are counted
+once, at the sender).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
 from pipeline.model.context import ContextPlan
 from pipeline.model.networks.base import BlockNet, Shape
+from pipeline.runtime.codec import MessageCodec
 from pipeline.runtime.transport import header_length
 
-LABEL_BYTES = 8  # int64
+LABEL_BYTES = 8  # int64: one label, and one value of a frame's header
+FP32_BYTES = 4  # what a profile counts a feature's element in
+
+# module k -> the bytes of one sample of module k's input (module 0's is the image) in fp32
+InputBytes = Callable[[int], int]
 
 
-def _elements(shape: Shape) -> int:
-    return math.prod(shape)
+def wire_element_bytes(wire_dtype: str) -> int:
+    """Bytes of one activation element on a wire of ``pipeline.wire_dtype`` (fp32 or bf16); the
+    classic pipeline sends in it too (pipeline/tools/classic_pp.py)."""
+    return 2 if wire_dtype == "bf16" else FP32_BYTES
+
+
+def carried_inputs(plan: ContextPlan, receiver: int) -> list[int]:
+    """The modules whose input a packet into ``receiver`` carries after the labels, in wire order: the
+    receiver's own (its features), module 0's (the image) where the plan sends it, then the register's."""
+    return [receiver, *([0] if plan.carries_image(receiver) else []), *plan.register_sources(receiver)]
+
+
+def header_bytes(plan: ContextPlan, receiver: int) -> int:
+    """The header in front of every packet into ``receiver``: as long as the codec makes it for that link."""
+    return LABEL_BYTES * header_length(MessageCodec(plan, receiver, ()).max_tensors)
+
+
+def payload_bytes(plan: ContextPlan, receiver: int, input_bytes: InputBytes, batch: int, element_bytes: int) -> int:
+    """One packet of ``batch`` samples into ``receiver`` without its header: labels, features, image, register,
+    the floats in ``element_bytes`` (4: fp32, 2: bf16)."""
+    floats = sum(input_bytes(module) for module in carried_inputs(plan, receiver))
+    return batch * (LABEL_BYTES + floats * element_bytes // FP32_BYTES)
 
 
 def packet_bytes(plan: ContextPlan, input_shapes: Sequence[Shape], receiver: int, batch: int,
@@ -31,12 +61,10 @@ def packet_bytes(plan: ContextPlan, input_shapes: Sequence[Shape], receiver: int
     ``input_shapes[k]`` is module k's input (the image for module 0); floating tensors travel in
     ``element_bytes`` (4: fp32, 2: pipeline.wire_dtype = bf16).
     """
-    register = plan.register_sources(receiver)
-    tensors = 2 + int(plan.carries_image(receiver)) + len(register)
-    floats = _elements(input_shapes[receiver]) + sum(_elements(input_shapes[source]) for source in register)
-    if plan.carries_image(receiver):
-        floats += _elements(input_shapes[0])
-    return LABEL_BYTES * header_length(tensors) + batch * (LABEL_BYTES + floats * element_bytes)
+    def input_bytes(module: int) -> int:
+        return FP32_BYTES * math.prod(input_shapes[module])
+
+    return header_bytes(plan, receiver) + payload_bytes(plan, receiver, input_bytes, batch, element_bytes)
 
 
 def parameter_bytes(module: nn.Module) -> int:
@@ -70,19 +98,13 @@ def local_pipeline_bytes(plan: ContextPlan, input_shapes: Sequence[Shape], modul
     return links + sum(ddp_bytes(module, replicas) for module in modules)
 
 
-def wire_element_bytes(wire_dtype: str) -> int:
-    """Bytes of one activation element on a wire of ``pipeline.wire_dtype`` (fp32 or bf16); the
-    classic pipeline sends in it too (pipeline/tools/classic_pp.py)."""
-    return 2 if wire_dtype == "bf16" else 4
-
-
-def classic_pp_bytes(net: BlockNet, cuts: Sequence[int], batch: int, element_bytes: int = 4) -> int:
+def classic_pp_bytes(net: BlockNet, cuts: Sequence[int], batch: int, element_bytes: int = FP32_BYTES) -> int:
     """torch.distributed.pipelining: each cut's activation forward and its gradient backward, for
     every sample of the batch (the microbatches add up to it), plus the labels rank 0 sends to
     the last stage."""
     if not cuts:
         return 0
-    crossing = sum(_elements(net.shape(cut)) for cut in cuts)
+    crossing = sum(math.prod(net.shape(cut)) for cut in cuts)
     return batch * (2 * crossing * element_bytes + LABEL_BYTES)
 
 

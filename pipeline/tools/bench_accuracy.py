@@ -27,8 +27,9 @@ from typing import Any
 from pipeline.cli import ArgumentParser, add_set_argument, run_main
 from pipeline.config.loading import load_config
 from pipeline.errors import BadInput, StageFailure
-from pipeline.tools.bench import BenchRun, command_for, write_report
+from pipeline.tools.bench.report import write_report
 from pipeline.tools.plot import optional_pyplot
+from pipeline.tools.torchrun import config_arguments, module_command
 
 STOP_GRACE_S = 120.0  # for the workers to finish their step and write the last set after SIGTERM
 
@@ -124,7 +125,7 @@ def run_accuracy(config_path: str | None, sets: list[str], minutes: float, eval_
         run_sets = [*sets, *run.sets, f"run.out_dir={out}", "run.overwrite=true", "run.resume=\"\"",
                     "train.max_steps=0", f"run.checkpoint_every={eval_every}", f"run.log_every={eval_every}",
                     "run.keep_checkpoints=1000000", "run.stop_signal=SIGTERM"]
-        command = command_for(BenchRun(run.name, run.mode, run.processes, 1), config_path, run_sets)
+        command = module_command(run.processes, "pipeline.train", config_arguments(config_path, run_sets))
         print(f"[accuracy] {run.name} for {minutes:g} min: {shlex.join(command)}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         log_path = out_dir / f"{run.name}.log"

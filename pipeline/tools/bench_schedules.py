@@ -22,16 +22,10 @@ from pipeline.cli import ArgumentParser, add_set_argument, run_main
 from pipeline.config.loading import load_config
 from pipeline.errors import BadInput, StageFailure
 from pipeline.runtime.metrics import percent
-from pipeline.tools.bench import launch
+from pipeline.tools.bench.launch import launch
+from pipeline.tools.torchrun import config_arguments, torchrun_command
 
 SCHEDULES = ("lockstep", "buffered")
-
-
-def command_for(config_path: str | None, sets: list[str], modules: int) -> list[str]:
-    args = ["-m", "pipeline.train"] + (["--config", config_path] if config_path else [])
-    for item in sets:
-        args += ["--set", item]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={modules}", *args]
 
 
 def stage_steps(metrics: Path) -> dict[int, int]:
@@ -104,9 +98,9 @@ def run_schedules(config_path: str | None, sets: list[str], slow: int, factor: f
         out = out_dir / name
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
-        command = command_for(config_path, [*sets, "run.mode=pipeline", f"run.out_dir={out}", "run.overwrite=true",
-                                            f"pipeline.schedule={name}", f"pipeline.slowdown={slowdown}",
-                                            f"train.max_steps={stage0_steps}", "pipeline.replicas=1"], modules)
+        run_sets = [*sets, "run.mode=pipeline", f"run.out_dir={out}", "run.overwrite=true", f"pipeline.schedule={name}",
+                    f"pipeline.slowdown={slowdown}", f"train.max_steps={stage0_steps}", "pipeline.replicas=1"]
+        command = torchrun_command(modules, "pipeline.train", config_arguments(config_path, run_sets))
         print(f"[bench_schedules] {name}: {shlex.join(command)}", flush=True)
         code = launch(command, out_dir / f"{name}.log", [])
         if code != 0:

@@ -33,7 +33,7 @@ from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.errors import BadInput, StageFailure, errors_logged
 from pipeline.model.network import build_module, make_layout, resolve_cuts
 from pipeline.model.partition import module_ranges
-from pipeline.performance.profile import saved_activation_bytes
+from pipeline.performance.activations import microbatched_activation_bytes
 from pipeline.runtime.host import keep_freed_host_memory
 from pipeline.runtime.metrics import DeviceMemory, MetricsLog, save_summary, say
 from pipeline.runtime.optim import LearningRate, make_optimizer
@@ -70,17 +70,10 @@ def in_flight(schedule: Schedule, stage: int, stages: int, microbatches: int) ->
 def stage_activation_bytes(e2e: Config, spec: DatasetSpec, cuts: list[int], batch: int, schedule: Schedule,
                            microbatches: int) -> list[int]:
     """Each stage's activation memory: one microbatch's saved tensors x the microbatches in flight
-    (the loss's own few bytes per sample left out)."""
-    micro = batch // microbatches
-    generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(micro, spec.channels, *spec.image_shape, generator=generator)
+    (pipeline/performance/activations.py counts them)."""
     stages = stage_modules(e2e, spec, cuts)
-    sizes = []
-    for index, stage in enumerate(stages):
-        size, output = saved_activation_bytes(stage, inputs)
-        sizes.append(size * in_flight(schedule, index, len(stages), microbatches))
-        inputs = output.detach()
-    return sizes
+    held = [in_flight(schedule, index, len(stages), microbatches) for index in range(len(stages))]
+    return microbatched_activation_bytes(stages, spec, batch // microbatches, held)
 
 
 class _Precision(nn.Module):

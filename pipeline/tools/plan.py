@@ -15,7 +15,6 @@ processes gets its share of the cores, so the profile runs with that many thread
 from __future__ import annotations
 
 import math
-import os
 import sys
 from dataclasses import dataclass
 
@@ -27,22 +26,26 @@ from pipeline.model.context import ContextPlan
 from pipeline.model.networks.registry import NetworkSpec
 from pipeline.model.partition import NoPartitionBuilds, NoPartitionFits, min_max_partition, module_ranges
 from pipeline.performance.cost import (
+    END_TO_END,
     NetworkProfile,
     Starts,
     buildable,
-    checkpointed_activation_bytes,
-    received_bytes,
     recompute_seconds,
     sent_bytes,
-    stage_activation_bytes,
     stage_parameter_bytes,
-    stage_seconds,
 )
-from pipeline.performance.traffic import all_reduce_bytes
+from pipeline.performance.device import (
+    allreduce_bytes,
+    checkpointed_memory_bytes,
+    checkpointed_seconds,
+    device_memory_bytes,
+    device_seconds,
+    largest_batch,
+)
 
 GIB = 1 << 30
 MIB = 1 << 20
-OPTIMIZER_COPIES = 3  # weights, gradients, SGD momentum
+BATCH_BOUND = 1 << 26  # the largest batch per replica a layout reports
 
 
 @dataclass(frozen=True)
@@ -79,40 +82,18 @@ class Layout:
         return "DDP" if self.modules == 1 else f"{self.modules} x {self.replicas}"
 
 
-def allreduce_bytes(parameter_bytes: int, replicas: int) -> int:
-    """What each device sends in the gradients' ring all-reduce (pipeline/performance/traffic.py counts all devices)."""
-    return all_reduce_bytes(parameter_bytes, replicas) // replicas
-
-
-def state_bytes(parameter_bytes: int, replicas: int) -> int:
-    """Weights, gradients and momentum, and DDP's gradient buckets where replicas share the module."""
-    return parameter_bytes * (OPTIMIZER_COPIES + (1 if replicas > 1 else 0))
-
-
-def device_memory_bytes(profile: NetworkProfile, plan: ContextPlan, index: int, start: int, end: int,
-                        batch: int, replicas: int, queue_depth: int, starts: Starts = None) -> int:
-    """A stage's device: weights, gradients and momentum (and DDP's gradient buckets), the
-    activations of one batch, and the packets its links may hold."""
-    state = state_bytes(stage_parameter_bytes(profile, plan, index, start, end, starts), replicas)
-    queued = queue_depth * (received_bytes(profile, plan, index, start, batch, starts)
-                            + sent_bytes(profile, plan, index, end, batch, starts))
-    return state + stage_activation_bytes(profile, plan, index, start, end, batch, starts) + queued
-
-
-def largest_batch(profile: NetworkProfile, plan: ContextPlan, ranges: list[tuple[int, int]], replicas: int,
-                  cluster: Cluster) -> int | None:
-    """The largest batch per replica every stage's device holds (memory is affine in the batch)."""
+def largest_batch_per_replica(profile: NetworkProfile, plan: ContextPlan, ranges: list[tuple[int, int]],
+                              replicas: int, cluster: Cluster) -> int | None:
+    """The largest batch per replica every stage's device holds; None where memory is unbounded."""
     if math.isinf(cluster.memory_bytes):
         return None
-    probe = 1 << 16
-    largest = probe * 1024
     starts = [start for start, _ in ranges]
-    for index, (start, end) in enumerate(ranges):
-        fixed, at_probe = (device_memory_bytes(profile, plan, index, start, end, batch, replicas, cluster.queue_depth,
-                                               starts) for batch in (0, probe))
-        per_sample = (at_probe - fixed) / probe
-        largest = min(largest, max(0, math.floor((cluster.memory_bytes - fixed) / per_sample)))
-    return largest
+
+    def stage(index: int, start: int, end: int) -> int:
+        return largest_batch(lambda batch: device_memory_bytes(profile, plan, index, start, end, batch, replicas,
+                                                               cluster.queue_depth, starts), cluster.memory_bytes)
+
+    return min([BATCH_BOUND, *(stage(index, start, end) for index, (start, end) in enumerate(ranges))])
 
 
 def plan_layout(profile: NetworkProfile, plan: ContextPlan, replicas: int, batch: int, cluster: Cluster) -> Layout:
@@ -121,9 +102,7 @@ def plan_layout(profile: NetworkProfile, plan: ContextPlan, replicas: int, batch
     per_replica = -(-batch // replicas)
 
     def seconds(index: int, start: int, end: int, starts: Starts = None) -> float:
-        parameters = stage_parameter_bytes(profile, plan, index, start, end, starts)
-        return (stage_seconds(profile, plan, index, start, end, per_replica, link, starts)
-                + allreduce_bytes(parameters, replicas) / link)
+        return device_seconds(profile, plan, index, start, end, per_replica, replicas, link, starts)
 
     def memory(index: int, start: int, end: int, starts: Starts = None) -> float:
         return float(device_memory_bytes(profile, plan, index, start, end, per_replica, replicas,
@@ -144,7 +123,7 @@ def plan_layout(profile: NetworkProfile, plan: ContextPlan, replicas: int, batch
                        for index, (_, end) in enumerate(ranges)),
         allreduce_bytes=max(allreduce_bytes(stage_parameter_bytes(profile, plan, index, start, end, starts), replicas)
                             for index, (start, end) in enumerate(ranges)),
-        max_batch_per_replica=largest_batch(profile, plan, ranges, replicas, cluster),
+        max_batch_per_replica=largest_batch_per_replica(profile, plan, ranges, replicas, cluster),
         fits=fits,
     )
 
@@ -153,30 +132,23 @@ def plan_checkpointed(profile: NetworkProfile, replicas: int, batch: int, cluste
                       segments: int = 0) -> Layout:
     """DDP over ``replicas`` devices with activation checkpointing over ``segments`` segments, by default the
     fewest that fit M (each more recomputes more), or where none does, the count that takes the least memory."""
-    plan = ContextPlan(1, 0, False, False)
-    per_replica, link = -(-batch // replicas), cluster.link_bytes_per_s
-    parameters = stage_parameter_bytes(profile, plan, 0, 0, len(profile))
-    state = state_bytes(parameters, replicas)
+    per_replica = -(-batch // replicas)
 
-    def memory(segments: int, at: int) -> int:
-        return state + checkpointed_activation_bytes(profile, segments, at)
+    def memory(count: int, at: int = per_replica) -> int:
+        return checkpointed_memory_bytes(profile, count, at, replicas)
 
     counts = range(2, len(profile) + 1) if not segments else [segments]
-    fitting = [count for count in counts if memory(count, per_replica) <= cluster.memory_bytes]
-    segments = fitting[0] if fitting else min(counts, key=lambda count: memory(count, per_replica))
-    recompute = recompute_seconds(profile, segments, per_replica)
-    seconds = (stage_seconds(profile, plan, 0, 0, len(profile), per_replica, link) + recompute
-               + allreduce_bytes(parameters, replicas) / link)
-    largest = None
-    if not math.isinf(cluster.memory_bytes):
-        probe = 1 << 16  # activation memory is linear in the batch
-        per_sample = (memory(segments, probe) - state) / probe
-        largest = max(0, math.floor((cluster.memory_bytes - state) / per_sample))
+    fitting = [count for count in counts if memory(count) <= cluster.memory_bytes]
+    segments = fitting[0] if fitting else min(counts, key=memory)
+    largest = None if math.isinf(cluster.memory_bytes) else largest_batch(
+        lambda at: memory(segments, at), cluster.memory_bytes)
     return Layout(
-        modules=1, replicas=replicas, cuts=[], batch_per_replica=per_replica, stage_seconds=[seconds],
-        memory_bytes=[memory(segments, per_replica)], link_bytes=0,
-        allreduce_bytes=allreduce_bytes(parameters, replicas), max_batch_per_replica=largest, fits=bool(fitting),
-        checkpoint_segments=segments, recompute_s=recompute)
+        modules=1, replicas=replicas, cuts=[], batch_per_replica=per_replica,
+        stage_seconds=[checkpointed_seconds(profile, segments, per_replica, replicas, cluster.link_bytes_per_s)],
+        memory_bytes=[memory(segments)], link_bytes=0,
+        allreduce_bytes=allreduce_bytes(stage_parameter_bytes(profile, END_TO_END, 0, 0, len(profile)), replicas),
+        max_batch_per_replica=largest, fits=bool(fitting), checkpoint_segments=segments,
+        recompute_s=recompute_seconds(profile, segments, per_replica))
 
 
 def plan_layouts(profile: NetworkProfile, depth: int, image: bool, reconstruct: bool, batch: int,
@@ -188,8 +160,7 @@ def plan_layouts(profile: NetworkProfile, depth: int, image: bool, reconstruct: 
     for modules in range(1, cluster.devices + 1):
         if cluster.devices % modules or modules > len(profile) or (modules > 1 and depth >= modules):
             continue
-        plan = (ContextPlan(1, 0, False, False) if modules == 1
-                else ContextPlan(modules, depth, image, reconstruct))
+        plan = END_TO_END if modules == 1 else ContextPlan(modules, depth, image, reconstruct)
         try:
             layouts.append(plan_layout(profile, plan, cluster.devices // modules, batch, cluster))
         except NoPartitionBuilds:  # the context or decoder does not fit wherever K modules could be cut
@@ -288,17 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint_segments and not 2 <= args.checkpoint_segments <= units:
             raise BadInput(f"--checkpoint-segments = {args.checkpoint_segments} must be between 2 and the {units} "
                            f"blocks of {config.model.arch}")
-        import torch
+        from pipeline.data.specs import dataset_spec  # torch: after the arguments are checked
+        from pipeline.performance.profile import profile_as_a_stage
 
-        from pipeline.data.specs import dataset_spec
-        from pipeline.performance.profile import profile_network
-        from pipeline.runtime.host import profiling_device
-
-        device = profiling_device(config.run.device)
-        if device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.devices))
-        profile = profile_network(config, dataset_spec(config), device)
-        threads = torch.get_num_threads()
+        profile, device, threads = profile_as_a_stage(config, dataset_spec(config), args.devices)
         cluster = Cluster(
             devices=args.devices,
             memory_bytes=math.inf if args.memory_gib is None else args.memory_gib * GIB,

@@ -41,6 +41,7 @@ import psutil
 import torch
 
 from pipeline.errors import BadInput
+from pipeline.tools.torchrun import module_command, set_arguments, torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.name=synthetic", "model.arch=resnet8", "data.batch_size=16", "run.log_every=4",
@@ -74,16 +75,15 @@ def _env() -> dict[str, str]:
 
 
 def _sets(overrides: list[str]) -> list[str]:
-    return [item for override in [*TINY, *overrides] for item in ("--set", override)]
+    return set_arguments([*TINY, *overrides])
 
 
 def _torchrun(nproc: int, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "pipeline.selftest", EXACT, *_sets(overrides)]
+    return torchrun_command(nproc, "pipeline.selftest", [EXACT, *_sets(overrides)])
 
 
 def _sequential(out: Path, overrides: list[str]) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "pipeline.selftest", EXACT, *_sets([f"run.out_dir={out}", *overrides])]
+    command = module_command(1, "pipeline.selftest", [EXACT, *_sets([f"run.out_dir={out}", *overrides])])
     return subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=_env())
 
 
@@ -431,8 +431,7 @@ def no_host_sync_k_by_r(root: Path, gpus: int) -> Check:
     out.mkdir()
     overrides = [f"run.out_dir={out}", f"local.modules={stages}", "run.device=cuda", "pipeline.sync_batchnorm=true",
                  f"precision.amp={amp}", "precision.channels_last=true"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={stages * replicas}",
-               "-m", "pipeline.sync_probe", "--out", str(out), *_sets(overrides)]
+    command = torchrun_command(stages * replicas, "pipeline.sync_probe", ["--out", str(out), *_sets(overrides)])
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=_env())
     if done.returncode != 0:
         return Check(name, "fail", note=_failed(done))

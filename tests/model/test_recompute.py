@@ -19,7 +19,7 @@ from pipeline.errors import BadInput
 from pipeline.model.network import build_module, make_layout
 from pipeline.model.partition import segment_ranges
 from pipeline.model.recompute import checkpointed_body
-from pipeline.performance.profile import random_batch
+from pipeline.performance.activations import random_batch
 from pipeline.runtime.optim import make_optimizer
 from pipeline.runtime.packet import Packet
 from pipeline.runtime.worker import ModuleWorker

@@ -9,7 +9,6 @@ import pytest
 from pipeline.errors import BadInput
 from pipeline.model.context import ContextPlan
 from pipeline.performance.cost import (
-    LABEL_BYTES,
     UNFIT,
     NetworkProfile,
     Piece,
@@ -19,6 +18,7 @@ from pipeline.performance.cost import (
     stage_activation_bytes,
     stage_seconds,
 )
+from pipeline.performance.traffic import LABEL_BYTES
 from tests.profiles import synthetic_profile
 
 R0 = ContextPlan(2, 0, False, False)

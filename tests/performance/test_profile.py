@@ -12,6 +12,11 @@ from pipeline.data.specs import dataset_spec
 from pipeline.errors import BadInput
 from pipeline.model.context import ContextPlan
 from pipeline.model.network import resolve_cuts
+from pipeline.performance.activations import (
+    checkpointed_activation_bytes,
+    module_activation_bytes,
+    saved_activation_bytes,
+)
 from pipeline.performance.cost import checkpointed_activation_bytes as checkpointed_activation_bytes_predicted
 from pipeline.performance.cost import (
     end_to_end_activation_bytes,
@@ -19,12 +24,7 @@ from pipeline.performance.cost import (
     predicted_stage_activation_bytes,
     recompute_seconds,
 )
-from pipeline.performance.profile import (
-    checkpointed_activation_bytes,
-    module_activation_bytes,
-    profile_network,
-    saved_activation_bytes,
-)
+from pipeline.performance.profile import profile_network
 from tests.model.networks.user_networks import MAPS_THEN_VECTORS
 
 

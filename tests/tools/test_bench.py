@@ -12,23 +12,20 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import StageFailure
-from pipeline.tools.bench import (
+from pipeline.tools.bench.launch import busy_warning, classic_command, command_for, run_rounds
+from pipeline.tools.bench.memory_only import memory_report
+from pipeline.tools.bench.picture import plot
+from pipeline.tools.bench.report import markdown
+from pipeline.tools.bench.results import figures
+from pipeline.tools.bench.runs import (
     CLASSIC_MICROBATCHES,
     BenchRun,
     bracketing_segments,
-    busy_warning,
-    classic_command,
     classic_runs,
-    command_for,
-    figures,
-    markdown,
-    memory_report,
     plan_runs,
-    plot,
-    run_bench,
-    run_rounds,
     schedule,
 )
+from pipeline.tools.bench.timed import run_bench
 from tests.model.networks.user_networks import MAPS_THEN_VECTORS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -272,7 +269,7 @@ def test_bad_arguments_exit_2(args: list[str], message: str, tmp_path: Path) -> 
 
 
 def test_every_k_by_r_layout_of_n_processes_is_planned_and_reported() -> None:
-    from pipeline.tools.bench import layouts
+    from pipeline.tools.bench.report import layouts
 
     runs = {run.name: run for run in plan_runs(8)}
     assert {(run.modules, run.processes // run.modules) for run in runs.values() if run.processes == 8} == {
@@ -326,7 +323,7 @@ def test_bench_reports_the_classic_pipeline_beside_the_others(bench_report: tupl
 def test_memory_only_counts_e2e_and_every_module_without_running(tmp_path: Path) -> None:
     from pipeline.config.loading import load_config
     from pipeline.data.specs import dataset_spec
-    from pipeline.performance.profile import module_activation_bytes
+    from pipeline.performance.activations import module_activation_bytes
 
     sets = [*TINY_BENCH, "local.modules=2", "local.partition=[[2, 0]]"]
     report = memory_report(None, sets, 3, tmp_path)
@@ -349,7 +346,7 @@ def test_memory_only_counts_e2e_and_every_module_without_running(tmp_path: Path)
 def test_memory_only_counts_any_network_at_its_block_index_cuts(config: str | None, arch: str, modules: int,
                                                                  context: str, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline.tools.bench import main
+    from pipeline.tools.bench.cli import main
 
     data = [] if config else ["--set", "data.name=synthetic"]
     sets = [*data, "--set", f"model.arch={arch}", "--set", f"local.modules={modules}", "--set",
@@ -413,3 +410,38 @@ def test_checkpoint_segments_given_run_as_given(tmp_path: Path, capsys: pytest.C
 def test_no_checkpointed_row_within_the_pipelines_memory_is_said(bench_report: tuple[dict[str, object], Path]) -> None:
     report = {**bench_report[0], "best_ddp_checkpointed": None, "pipeline_over_ddp_checkpointed": None}
     assert "none of the checkpointed rows (segments [2]) fits in the pipeline's largest stage" in markdown(report)
+
+
+def test_plan_and_bench_agree_under_a_bf16_wire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One model sizes a packet: from one profile, the planner's K = N x 1 layout predicts the bench's pipeline
+    row (its stage seconds, its cuts, the bytes its link carries, the codec's header aside), both on a bf16 wire."""
+    import math
+    from dataclasses import replace
+
+    import torch
+
+    from pipeline.config.loading import load_config
+    from pipeline.data.specs import dataset_spec
+    from pipeline.performance import profile as profiling
+    from pipeline.performance.cost import context_plan, sent_bytes
+    from pipeline.performance.traffic import LABEL_BYTES, header_bytes
+    from pipeline.tools.plan import Cluster, plan_layouts
+
+    sets = [*TINY_BENCH, "local.modules=2", "local.context=R1E", "pipeline.wire_dtype=bf16"]
+    config = load_config(None, sets)
+    measured = profiling.profile_network(config, dataset_spec(config), torch.device("cpu"))
+    assert measured.wire_element_bytes == 2
+    monkeypatch.setattr(profiling, "profile_network", lambda *_: measured)  # the bench profiles no second time
+    report = run_bench(None, sets, 2, 20, WINDOW, tmp_path, rounds=1, launcher=fake_launcher([], batch=8),  # type: ignore[arg-type]
+                       classic_microbatches=(), checkpoint_segments=[2])
+    local, plan = config.local, context_plan(config)
+    cluster = Cluster(devices=2, memory_bytes=math.inf, link_bytes_per_s=measured.copy_bytes_per_s,
+                      queue_depth=config.pipeline.queue_depth)
+    (pipe,) = [layout for layout in plan_layouts(measured, local.context_depth, local.context_image, local.reconstruct,
+                                                 8, cluster) if layout.modules == 2]
+    assert report["runs"]["pipeline"]["predicted_stage_s"] == [round(seconds, 4) for seconds in pipe.stage_seconds]
+    assert report["wire_bytes_per_step"]["pipeline"] == header_bytes(plan, 1) + pipe.link_bytes
+    # the floats (features, image, register) travel in bf16: half the bytes an fp32 wire sends at the same cut
+    labels = 8 * LABEL_BYTES
+    fp32 = sent_bytes(replace(measured, wire_element_bytes=4), plan, 0, pipe.cuts[0] + 1, 8)
+    assert fp32 - labels == 2 * (pipe.link_bytes - labels) > 0

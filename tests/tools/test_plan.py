@@ -9,12 +9,10 @@ import pytest
 
 from pipeline.model.context import ContextPlan
 from pipeline.model.networks.registry import NetworkSpec
+from pipeline.performance.device import OPTIMIZER_COPIES, allreduce_bytes, device_memory_bytes
 from pipeline.performance.traffic import LABEL_BYTES
 from pipeline.tools.plan import (
-    OPTIMIZER_COPIES,
     Cluster,
-    allreduce_bytes,
-    device_memory_bytes,
     main,
     plan_checkpointed,
     plan_layout,
