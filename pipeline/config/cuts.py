@@ -6,10 +6,15 @@ checking and writing them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from pipeline.config.schema import Cut
 from pipeline.errors import require
-from pipeline.model.networks.registry import NetworkSpec
+
+if TYPE_CHECKING:  # the schema and the registry read cuts from here
+    from pipeline.model.networks.registry import NetworkSpec
+
+# One cut as local.partition writes it: [stage, block] or a flat block index.
+Cut = int | list[int]
 
 
 def validate_cuts(cuts: list[Cut], modules: int, blocks: tuple[int, ...] | None, units: int) -> None:

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from pipeline.config.cuts import Cut
 from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.errors import BadInput, clip
 from pipeline.model.networks.registry import NetworkSpec, resolve_network
@@ -38,9 +39,6 @@ MAX_CONTEXT_DEPTH = 21
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MIN_IMAGE_SIZE = 8
 
-# Cut points: [stage, block] pairs (stage 0 = the stem) for the ResNets, as in docs/reference.md's
-# tables; flat block indices for every other network.
-Cut = int | list[int]
 
 
 @dataclass

@@ -10,14 +10,17 @@ Module 0 receives the image itself and adds nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config.schema import LocalConfig
 from pipeline.model.layers import conv_bn_relu
 from pipeline.model.networks.base import Shape
+
+if TYPE_CHECKING:  # annotations only: reading a config builds no torch module
+    from pipeline.config.schema import LocalConfig
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ anything that cannot fit a feature says so in one line.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from pipeline.config.schema import LocalConfig
 from pipeline.data.specs import DatasetSpec
 from pipeline.errors import BadInput
 from pipeline.model.context import ImageEncoder, InputEncoder
@@ -23,6 +23,9 @@ from pipeline.model.heads import build_aux_head, build_imagenet_head
 from pipeline.model.networks.base import Shape, describe_shape
 from pipeline.model.segmentation_heads import build_infopro_segmentation_head
 from pipeline.model.tokens import TokenDecoder, TokenHead, VectorHead, token_context_encoder
+
+if TYPE_CHECKING:  # annotations only: reading a config builds no torch module
+    from pipeline.config.schema import LocalConfig
 
 
 class LocalParts:

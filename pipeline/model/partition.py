@@ -10,8 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from pipeline.config.cuts import cut_to_flat
-from pipeline.config.schema import Cut
+from pipeline.config.cuts import Cut, cut_to_flat
 from pipeline.model.arch import ArchSpec
 
 # docs/reference.md, equal-layer tables, keyed by blocks per stage (ResNet-32: 5, ResNet-110: 18).

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.errors import BadInput, clip
+from pipeline.model.partition import even_cuts
 
 if TYPE_CHECKING:
     from pipeline.data.specs import DatasetSpec
@@ -63,8 +64,6 @@ class NetworkFamily(ABC):
 
     def default_cuts(self, spec: NetworkSpec, modules: int) -> list[int]:
         """The cuts of local.partition = 'equal': K groups of consecutive blocks of sizes within one."""
-        from pipeline.model.partition import even_cuts
-
         return even_cuts(spec.units, modules)
 
     def parts(self) -> LocalParts:

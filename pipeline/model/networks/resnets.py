@@ -23,6 +23,7 @@ from pipeline.model.arch import (
     resolve_arch,
 )
 from pipeline.model.networks.registry import DataShape, NetworkFamily, NetworkSpec, register_network
+from pipeline.model.partition import default_cuts
 
 if TYPE_CHECKING:
     from pipeline.data.specs import DatasetSpec
@@ -38,8 +39,6 @@ class ResNetFamily(NetworkFamily):
         return NetworkSpec(arch, self.name, layout.units, layout.blocks, layout)
 
     def default_cuts(self, spec: NetworkSpec, modules: int) -> list[int]:
-        from pipeline.model.partition import default_cuts
-
         return default_cuts(spec.layout, modules)
 
 

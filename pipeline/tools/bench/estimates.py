@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from pipeline.config.cuts import written_cuts
+from pipeline.config.cuts import Cut, written_cuts
 from pipeline.config.loading import load_config
-from pipeline.config.schema import Config, Cut
+from pipeline.config.schema import Config
 from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.errors import BadInput
 from pipeline.model.context import ContextPlan
