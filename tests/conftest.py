@@ -25,7 +25,8 @@ from pipeline.config.loading import load_config  # noqa: E402
 from pipeline.config.schema import Config, DataConfig, ModelConfig, RunConfig  # noqa: E402
 from pipeline.config.validation import validate  # noqa: E402
 from pipeline.data.specs import dataset_spec  # noqa: E402
-from pipeline.model.network import build_module, make_layout, resolve_cuts  # noqa: E402
+from pipeline.model.network import build_module, make_layout  # noqa: E402
+from pipeline.performance.profile import resolve_cuts  # noqa: E402
 from pipeline.runtime.packet import Packet  # noqa: E402
 
 torch.set_num_threads(1)

@@ -6,7 +6,6 @@ import threading
 
 import torch
 
-from pipeline.config.cuts import cut_to_flat
 from pipeline.config.schema import Config
 from pipeline.data.specs import DatasetSpec
 from pipeline.model.context import ContextPlan
@@ -21,20 +20,6 @@ def make_net(config: Config, spec: DatasetSpec) -> BlockNet:
     """The network config.model.arch names, for ``spec``'s images and classes."""
     arch = config.arch
     return family_named(arch.family).net(arch, spec, config.model.deep_stem)
-
-
-def resolve_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> list[int]:
-    """Flat cut indices for config.local.partition (profiling on ``device`` when balanced)."""
-    local, arch = config.local, config.arch
-    if isinstance(local.partition, list):
-        return [cut_to_flat(cut, arch.blocks) for cut in local.partition]
-    if local.partition == "equal" or local.modules == 1:
-        return family_named(arch.family).default_cuts(arch, local.modules)
-    from pipeline.performance.profile import (
-        balanced_cuts,  # profiling pulls in timing machinery
-    )
-
-    return balanced_cuts(config, spec, device)
 
 
 def make_layout(config: Config, spec: DatasetSpec, cuts: list[int]) -> Layout:

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from pipeline.config.cuts import describe_cuts
+from pipeline.config.cuts import cut_to_flat, describe_cuts
 from pipeline.config.schema import Config
 from pipeline.data.specs import DatasetSpec
 from pipeline.errors import BadInput
@@ -272,6 +272,16 @@ def _cpu_share(device: torch.device, processes: int) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def resolve_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> list[int]:
+    """Flat cut indices for config.local.partition (profiling on ``device`` when balanced)."""
+    local, arch = config.local, config.arch
+    if isinstance(local.partition, list):
+        return [cut_to_flat(cut, arch.blocks) for cut in local.partition]
+    if local.partition == "equal" or local.modules == 1:
+        return family_named(arch.family).default_cuts(arch, local.modules)
+    return balanced_cuts(config, spec, device)
 
 
 def balanced_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> list[int]:

@@ -29,7 +29,8 @@ from pipeline.data.loader import make_loaders
 from pipeline.data.specs import DatasetSpec
 from pipeline.errors import BadInput, Preempted, StageFailure, StuckPeer
 from pipeline.model.local_module import Layout
-from pipeline.model.network import make_layout, resolve_cuts
+from pipeline.model.network import make_layout
+from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime import checkpoint
 from pipeline.runtime.buffered_inbox import BufferedInbox
 from pipeline.runtime.codec import MessageCodec

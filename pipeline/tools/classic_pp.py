@@ -31,9 +31,10 @@ from pipeline.config.loading import load_config
 from pipeline.config.schema import Config
 from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.errors import BadInput, StageFailure, errors_logged
-from pipeline.model.network import build_module, make_layout, resolve_cuts
+from pipeline.model.network import build_module, make_layout
 from pipeline.model.partition import module_ranges
 from pipeline.performance.activations import microbatched_activation_bytes
+from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime.host import keep_freed_host_memory
 from pipeline.runtime.metrics import DeviceMemory, MetricsLog, save_summary, say
 from pipeline.runtime.optim import LearningRate, make_optimizer

@@ -303,7 +303,7 @@ def _aux_heads(config: Config) -> str:
     ViT, local.aux on a map): those at its cuts, or at every block a balanced partition may cut after."""
     import torch  # the rows and their configs are read without it
 
-    from pipeline.model.network import resolve_cuts  # torch, as above
+    from pipeline.performance.profile import resolve_cuts  # torch, as above
 
     local = config.local
 

@@ -135,7 +135,8 @@ def _initial_states(overrides: list[str], modules: int) -> list[Any]:
     """The modules' weights and buffers before training: built from the same config and seed."""
     from pipeline.config.loading import load_config
     from pipeline.data.specs import dataset_spec
-    from pipeline.model.network import build_module, make_layout, resolve_cuts
+    from pipeline.model.network import build_module, make_layout
+    from pipeline.performance.profile import resolve_cuts
 
     config = load_config(None, [*TINY, *overrides])
     spec, cpu = dataset_spec(config), torch.device("cpu")
@@ -332,7 +333,8 @@ def no_host_sync(root: Path) -> Check:
     """One training step (batch, forward, backward, SGD step) under set_sync_debug_mode("error")."""
     from pipeline.config.loading import load_config
     from pipeline.data.loader import make_loaders
-    from pipeline.model.network import make_layout, resolve_cuts
+    from pipeline.model.network import make_layout
+    from pipeline.performance.profile import resolve_cuts
     from pipeline.runtime.packet import Packet
     from pipeline.runtime.worker import make_worker
 

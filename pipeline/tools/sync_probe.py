@@ -21,7 +21,8 @@ import torch
 from pipeline.cli import ArgumentParser, add_set_argument, run_main
 from pipeline.config.loading import load_config
 from pipeline.data.loader import make_loaders
-from pipeline.model.network import make_layout, resolve_cuts
+from pipeline.model.network import make_layout
+from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime.data_parallel import DataParallel
 from pipeline.runtime.packet import Packet
 from pipeline.runtime.topology import from_env, process_groups

@@ -122,7 +122,8 @@ def test_every_shipped_config_describes_a_network_it_can_cut(path):
     import torch
 
     from pipeline.data.specs import dataset_spec
-    from pipeline.model.network import make_layout, make_net, resolve_cuts
+    from pipeline.model.network import make_layout, make_net
+    from pipeline.performance.profile import resolve_cuts
 
     config = load_config(path)
     spec = dataset_spec(config)
@@ -373,7 +374,8 @@ def test_aux_hidden_sets_the_head_width_and_aux_feature_dim_its_contrastive_outp
     from torch import nn
 
     from pipeline.data.specs import dataset_spec
-    from pipeline.model.network import build_module, make_layout, resolve_cuts
+    from pipeline.model.network import build_module, make_layout
+    from pipeline.performance.profile import resolve_cuts
 
     config = load_config(None, ["data.name=synthetic", "model.arch=resnet8", "local.modules=2",
                                 "local.loss=contrast", "local.aux_hidden=24", "local.aux_feature_dim=40"])

@@ -16,9 +16,10 @@ from pipeline.data.specs import dataset_spec
 from pipeline.model.arch import resolve_arch
 from pipeline.model.decoder import ImageNetDecoder
 from pipeline.model.imagenet_resnet import Bottleneck, ImageNetResNet, ImageNetStem
-from pipeline.model.network import build_module, make_layout, make_net, resolve_cuts
+from pipeline.model.network import build_module, make_layout, make_net
 from pipeline.model.networks.registry import family_named
 from pipeline.model.resnet import BasicBlock, Classifier
+from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime.assemble import run
 from pipeline.runtime.packet import Packet
 

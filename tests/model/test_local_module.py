@@ -15,10 +15,11 @@ from pipeline.model.context import ContextPlan, ImageEncoder, InputEncoder
 from pipeline.model.decoder import Decoder, ImageNetDecoder
 from pipeline.model.dilated_resnet import DeepStem
 from pipeline.model.local_module import LocalModule, loss_weights
-from pipeline.model.network import build_module, make_layout, resolve_cuts
+from pipeline.model.network import build_module, make_layout
 from pipeline.model.partition import equal_cuts, even_cuts, module_ranges
 from pipeline.model.resnet import Classifier
 from pipeline.model.segmentation_heads import ASPPHead, FCNHead
+from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime.packet import Packet
 
 CONTEXTS = ("R0", "E", "R1", "R1E", "R2", "R2E")

@@ -12,7 +12,6 @@ import torch
 from pipeline.config.cuts import cut_to_flat, describe_cuts, flat_to_cut, written_cuts
 from pipeline.data.specs import dataset_spec
 from pipeline.model.arch import resolve_arch
-from pipeline.model.network import resolve_cuts
 from pipeline.model.partition import (
     EQUAL_TABLES,
     NoPartitionBuilds,
@@ -23,6 +22,7 @@ from pipeline.model.partition import (
     min_max_partition,
     module_ranges,
 )
+from pipeline.performance.profile import resolve_cuts
 from tests.model.networks.user_networks import MAPS_THEN_VECTORS
 
 # Copied from docs/reference.md ("Equal-layer tables"), independently of the code's own table.

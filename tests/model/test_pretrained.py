@@ -19,8 +19,9 @@ from pipeline.data.specs import dataset_spec
 from pipeline.errors import BadInput
 from pipeline.model.arch import resolve_arch
 from pipeline.model.imagenet_resnet import ImageNetResNet
-from pipeline.model.network import make_layout, resolve_cuts
+from pipeline.model.network import make_layout
 from pipeline.model.pretrained import TORCHVISION, V1C, load_pretrained, read_backbone
+from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime import checkpoint
 from pipeline.runtime.run_order import Position
 from pipeline.runtime.worker import make_worker

@@ -11,7 +11,6 @@ from torch import nn
 from pipeline.data.specs import dataset_spec
 from pipeline.errors import BadInput
 from pipeline.model.context import ContextPlan
-from pipeline.model.network import resolve_cuts
 from pipeline.performance.activations import (
     checkpointed_activation_bytes,
     module_activation_bytes,
@@ -24,7 +23,7 @@ from pipeline.performance.cost import (
     predicted_stage_activation_bytes,
     recompute_seconds,
 )
-from pipeline.performance.profile import profile_network
+from pipeline.performance.profile import profile_network, resolve_cuts
 from tests.model.networks.user_networks import MAPS_THEN_VECTORS
 
 

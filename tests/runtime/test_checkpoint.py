@@ -16,7 +16,8 @@ import torch
 
 from pipeline.data.specs import dataset_spec
 from pipeline.errors import BadInput, StageFailure
-from pipeline.model.network import make_layout, resolve_cuts
+from pipeline.model.network import make_layout
+from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime import checkpoint
 from pipeline.runtime.assemble import run
 from pipeline.runtime.run_order import Position

@@ -18,7 +18,8 @@ from distributed_helpers import (
 )
 
 from pipeline.data.loader import make_loaders
-from pipeline.model.network import make_layout, resolve_cuts
+from pipeline.model.network import make_layout
+from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime import checkpoint
 from pipeline.runtime.data_parallel import DataParallel
 from pipeline.runtime.messages import Eval

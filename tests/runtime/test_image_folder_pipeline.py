@@ -17,7 +17,7 @@ from torch import nn
 
 from pipeline.data.loader import make_loaders
 from pipeline.data.throughput import write_folder
-from pipeline.model.network import resolve_cuts
+from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime.assemble import assemble, run
 from pipeline.runtime.links import MemoryLink
 from pipeline.runtime.topology import Topology

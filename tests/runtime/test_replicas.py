@@ -24,7 +24,8 @@ from distributed_helpers import (
 
 from pipeline.config.schema import Config
 from pipeline.data.loader import make_loaders
-from pipeline.model.network import make_layout, resolve_cuts
+from pipeline.model.network import make_layout
+from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime.packet import Packet
 from pipeline.runtime.worker import ModuleWorker, make_worker
 

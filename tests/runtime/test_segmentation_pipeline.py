@@ -13,7 +13,8 @@ from threaded import run_threaded
 
 from pipeline.data.loader import make_loaders
 from pipeline.data.specs import IGNORE_INDEX
-from pipeline.model.network import make_layout, resolve_cuts
+from pipeline.model.network import make_layout
+from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime.assemble import run
 from pipeline.runtime.scoring import MeanIoU
 from pipeline.runtime.worker import make_worker

@@ -9,7 +9,8 @@ import torch
 
 from pipeline.data.loader import make_loaders
 from pipeline.data.specs import dataset_spec
-from pipeline.model.network import make_layout, resolve_cuts
+from pipeline.model.network import make_layout
+from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime import checkpoint
 from pipeline.runtime.assemble import run
 from pipeline.runtime.packet import Packet

@@ -9,8 +9,9 @@ from torch import nn
 
 from pipeline.data.loader import make_loaders
 from pipeline.data.specs import DatasetSpec, dataset_spec
-from pipeline.model.network import make_layout, resolve_cuts
+from pipeline.model.network import make_layout
 from pipeline.model.resnet import CifarResNet, Classifier, init_weights
+from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime.optim import learning_rate
 from pipeline.runtime.packet import Packet
 from pipeline.runtime.worker import make_worker

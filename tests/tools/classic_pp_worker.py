@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from pipeline.config.loading import load_config
 from pipeline.data.specs import dataset_spec
-from pipeline.model.network import resolve_cuts
+from pipeline.performance.profile import resolve_cuts
 from pipeline.tools.classic_pp import build_stage, e2e_overrides, full_batches
 
 

@@ -19,7 +19,7 @@ from pipeline.data.loader import make_loaders
 from pipeline.data.specs import folder_spec
 from pipeline.errors import BadInput
 from pipeline.model.inference import build_inference_net
-from pipeline.model.network import resolve_cuts
+from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime import checkpoint
 from pipeline.tools.export import export, main, read_run, run_config, torchvision_state_dict
 from tests.model.networks.user_networks import MAPS_THEN_VECTORS

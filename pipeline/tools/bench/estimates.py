@@ -23,10 +23,10 @@ from pipeline.config.schema import Config
 from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.errors import BadInput
 from pipeline.model.context import ContextPlan
-from pipeline.model.network import build_module, make_layout, make_net, resolve_cuts
+from pipeline.model.network import build_module, make_layout, make_net
 from pipeline.performance.activations import checkpointed_activation_bytes, module_activation_bytes
 from pipeline.performance.cost import NetworkProfile, context_plan, partition_cuts, predicted_stage_seconds
-from pipeline.performance.profile import profile_as_a_stage
+from pipeline.performance.profile import profile_as_a_stage, resolve_cuts
 from pipeline.performance.traffic import (
     bubble_fraction,
     classic_pp_bytes,

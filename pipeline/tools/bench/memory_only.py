@@ -13,8 +13,8 @@ from pipeline.config.cuts import cut_notation, written_cuts
 from pipeline.config.loading import load_config
 from pipeline.data.specs import dataset_spec
 from pipeline.errors import BadInput
-from pipeline.model.network import resolve_cuts
 from pipeline.performance.activations import module_activation_bytes
+from pipeline.performance.profile import resolve_cuts
 from pipeline.tools.bench.report import write_report
 
 MIB = 1 << 20

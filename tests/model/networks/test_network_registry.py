@@ -15,10 +15,11 @@ from pipeline.config.loading import load_config
 from pipeline.config.schema import Config
 from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.errors import BadInput
-from pipeline.model.network import build_module, make_layout, resolve_cuts
+from pipeline.model.network import build_module, make_layout
 from pipeline.model.networks import registry
 from pipeline.model.networks.base import BlockNet
 from pipeline.model.networks.registry import DataShape, NetworkFamily, NetworkSpec, register_network
+from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime.packet import Packet
 
 REPO = Path(__file__).resolve().parents[3]
