@@ -294,7 +294,7 @@ def test_reading_a_config_table_needs_no_torch():
     takes a fraction of a second instead of seconds; every network family's config is read."""
     configs = ["configs/published/cityscapes/infopro_k2.toml", "configs/published/imagenet/resnet101_e2e.toml",
                "configs/published/cifar10_resnet32/infopro_contrast_k4.toml"]
-    probe = ("import sys; from pipeline.config import load_config\n"
+    probe = ("import sys; from pipeline.config.loading import load_config\n"
              f"for path in {configs!r}: load_config(path)\n"
              "print('torch loaded:', 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False, timeout=60,
