@@ -1,14 +1,17 @@
-"""Shared fixtures: tiny synthetic configs, layouts and module chains.
+"""Shared fixtures: tiny synthetic configs, layouts and module chains; the tiers' rule.
 
 Everything here is sized for a shared 2-core machine: resnet8/resnet14 by default, batches of
-8, a few steps, one intra-op thread.
+8, a few steps, one intra-op thread. The fast tier (`pytest -m "not slow"`) launches no torchrun
+job: a test that does, itself or through a fixture, fails until it is marked slow.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import signal
+import subprocess
 import sys
 import tomllib
 from collections.abc import Callable, Iterator
@@ -25,6 +28,7 @@ from pipeline.config.loading import load_config  # noqa: E402
 from pipeline.config.schema import Config, DataConfig, ModelConfig, RunConfig  # noqa: E402
 from pipeline.config.validation import validate  # noqa: E402
 from pipeline.data.specs import dataset_spec  # noqa: E402
+from pipeline.errors import BadInput  # noqa: E402
 from pipeline.model.network import build_module, make_layout  # noqa: E402
 from pipeline.performance.profile import resolve_cuts  # noqa: E402
 from pipeline.runtime.packet import Packet  # noqa: E402
@@ -32,6 +36,33 @@ from pipeline.runtime.packet import Packet  # noqa: E402
 torch.set_num_threads(1)
 
 CPU = torch.device("cpu")
+
+_fast_test: list[str] = []  # the node id of the test running now where it is in the fast tier
+_start_process = subprocess.Popen.__init__
+
+
+def _launches_torchrun(args: object) -> bool:
+    argv = [args] if isinstance(args, (str, os.PathLike)) else list(args)  # type: ignore[call-overload]
+    return any(str(arg) == "torch.distributed.run" or os.path.basename(str(arg)) == "torchrun" for arg in argv)
+
+
+def _start_unless_a_fast_torchrun(self: subprocess.Popen[str], args: object, *rest: object, **options: object) -> None:
+    if _fast_test and _launches_torchrun(args):
+        raise AssertionError(f"{_fast_test[0]} launches torchrun: mark it (or the tests of its fixture) slow")
+    _start_process(self, args, *rest, **options)  # type: ignore[arg-type]
+
+
+subprocess.Popen.__init__ = _start_unless_a_fast_torchrun  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    """Set up, run and tear down ``item`` knowing its tier (a wider fixture starts in its first test's setup)."""
+    _fast_test[:] = [] if item.get_closest_marker("slow") else [item.nodeid]
+    try:
+        return (yield)
+    finally:
+        _fast_test.clear()
 
 # The smallest run that exercises the whole core: synthetic data, resnet8, batch 8, 3 steps.
 TINY = (
@@ -69,6 +100,37 @@ def segmentation_config(*overrides: str) -> Config:
         setattr(getattr(config, section), name, value)
     validate(config)
     return config
+
+
+@pytest.fixture(scope="session")
+def shipped_configs() -> dict[str, Config]:
+    """Every TOML file under configs/ (a base file too: each loads as a config of its own), by its path from
+    the repository, loaded and validated once per session. The checks of what the files hold loop over these
+    (one test per fact, not one per file); they read the configs and must not change them."""
+    return {str(path.relative_to(REPO)): load_config(path) for path in sorted((REPO / "configs").rglob("*.toml"))}
+
+
+ConfigCheck = Callable[[str, Config], None]  # (path from the repository, its config) -> None, or it raises
+
+
+@pytest.fixture(scope="session")
+def check_shipped(shipped_configs: dict[str, Config]) -> Callable[[ConfigCheck, Callable[[str], bool]], int]:
+    """(check, which paths) -> how many shipped configs it checked: runs ``check`` on each and fails once,
+    naming every config it fails for and why, so one test per fact still reports every file that breaks it."""
+
+    def check_each(check: ConfigCheck, which: Callable[[str], bool]) -> int:
+        failed, checked = [], 0
+        for path, config in shipped_configs.items():
+            if which(path):
+                checked += 1
+                try:
+                    check(path, config)
+                except (AssertionError, BadInput) as err:  # named with its file
+                    failed.append(f"{path}: {type(err).__name__}: {err}")
+        assert not failed, "\n".join(failed)
+        return checked
+
+    return check_each
 
 
 @pytest.fixture(scope="session")

@@ -332,7 +332,7 @@ def test_a_v1c_resnet50_file_fills_deeplabv3s_deep_stem_and_dilated_blocks(saved
         stem[f"{norm}.num_batches_tracked"] = torch.tensor(7)
     path = save({**{f"stem.{key}": value for key, value in stem.items()}, **state}, "resnet50_v1c.pth")
     config = seg_config_builder("model.arch=deeplabv3_resnet50", "model.deep_stem=true", "local.modules=2",
-                                f"model.pretrained={str(path)!r}")
+                                f"model.pretrained={str(path)!r}", "data.crop=[32, 64]")  # weights fit any crop
     _, _, layout, modules = build_modules(config)
     assert_blocks_equal(modules, layout.ranges, [stem, *blocks[1:]])
     assert modules[0].body[0][3].dilation == (1, 1) and modules[1].body[-1].conv2.dilation == (4, 4)

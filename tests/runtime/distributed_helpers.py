@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -50,6 +51,32 @@ def equivalence_overrides(modules: int, extra: list[str]) -> list[str]:
     return [f"local.modules={modules}", f"train.max_steps={EQUIVALENCE_STEPS}", "train.epochs=2", *extra]
 
 
+# The job torchrun SIGKILLs in test_restarts.py: a set every 4 steps, 80 steps across an epoch end (64 batches).
+RESTARTED_JOB = ["run.mode=pipeline", "local.modules=2", "train.epochs=2", "train.max_steps=80",
+                 "run.checkpoint_every=4", "run.log_every=1", "pipeline.timeout_s=30"]
+REPLICA_STEPS, DDP_STEPS = 5, 6
+
+# (processes, overrides) of every torchrun job that tests read through the session fixture pipeline_job
+# (runtime/conftest.py), by name. The jobs of one world size run in one launch, one after another, at the
+# first request for any of them: torchrun's start-up (an agent and a torch import per process) is paid
+# once per world size, not once per job.
+SHARED_JOBS: dict[str, tuple[int, list[str]]] = {
+    **{f"equivalence {name}": (modules, equivalence_overrides(modules, extra))
+       for name, (modules, extra) in zip(EQUIVALENCE_IDS, EQUIVALENCE_CASES)},
+    "K2xR2-E-decoder": (4, ["local.modules=2", f"train.max_steps={REPLICA_STEPS}", "pipeline.placement=chain",
+                            "local.context=E", "local.reconstruct=true"]),
+    "K2xR2-stage-placement-R1-contrast": (4, ["local.modules=2", f"train.max_steps={REPLICA_STEPS}",
+                                              "pipeline.placement=stage", "local.context=R1", "local.loss=contrast"]),
+    "K2xR2 straight, as the killed one": (4, [*RESTARTED_JOB, "train.max_steps=40"]),
+    "factory K2xR2": (4, [f"model.arch={FACTORY}", "local.modules=2", "local.context=E", "train.max_steps=4",
+                          "train.epochs=1"]),
+    "bf16 wire": (2, ["local.modules=2", "local.context=R1E", "train.max_steps=6", "pipeline.wire_dtype=bf16"]),
+    "vgg11_bn ddp": (2, ["model.arch=vgg11_bn", "local.modules=1", "train.max_steps=3", "train.epochs=1",
+                         "run.mode=ddp"]),
+    "ddp": (2, ["run.mode=ddp", f"train.max_steps={DDP_STEPS}", "run.checkpoint_every=3"]),
+}
+
+
 def tiny_config(tmp: Path, name: str, *overrides: str) -> Config:
     return load_config(None, [*TINY, f"run.out_dir={tmp / name}", *overrides])
 
@@ -59,6 +86,17 @@ def torchrun(nproc: int, overrides: list[str], timeout: float = 120.0,
     """Run python -m pipeline.train under torchrun; returns the finished process."""
     command = torchrun_command(nproc, overrides)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env(), **popen)  # type: ignore[call-overload]
+
+
+def torchrun_jobs(nproc: int, jobs: list[list[str]], folder: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run each job's python -m pipeline.train, in order, in the processes of one torchrun launch (one_launch.py);
+    the launch's exit code is the first failing job's."""
+    listing = folder / "jobs.json"
+    listing.write_text(json.dumps([[item for override in [*TINY, *job] for item in ("--set", override)]
+                                   for job in jobs]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(Path(__file__).resolve().parent / "one_launch.py"), str(listing)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env())
 
 
 def torchrun_command(nproc: int, overrides: list[str]) -> list[str]:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from distributed_helpers import (
     FACTORY,
+    SHARED_JOBS,
     assert_same_checkpoints,
     load_module_state,
     max_state_difference,
@@ -65,8 +66,7 @@ def test_a_factory_network_under_torchrun_equals_sequential(
 @pytest.mark.slow
 def test_a_factory_network_with_replicas_equals_the_averaged_reference(
         tmp_path: Path, single_thread: None, pipeline_job: Callable[[int, list[str]], Path]) -> None:
-    sets = [f"model.arch={FACTORY}", "local.modules=2", "local.context=E", f"train.max_steps={STEPS}",
-            "train.epochs=1"]
+    sets = SHARED_JOBS["factory K2xR2"][1]
     out = pipeline_job(4, sets)  # K = 2 x R = 2
     reference = emulate_replicas(tiny_config(tmp_path, "reference", *sets), 2)
     for module in range(2):
@@ -79,12 +79,12 @@ def test_a_factory_network_with_replicas_equals_the_averaged_reference(
 def test_vgg_under_ddp_equals_the_averaged_reference(tmp_path: Path, single_thread: None,
                                                      pipeline_job: Callable[[int, list[str]], Path]) -> None:
     """run.mode = ddp (E2E on 2 processes) for vgg11_bn: one process averaging the two shards' gradients."""
-    sets = ["model.arch=vgg11_bn", "local.modules=1", "train.max_steps=3", "train.epochs=1"]
-    out = pipeline_job(2, [*sets, "run.mode=ddp"])
+    sets = SHARED_JOBS["vgg11_bn ddp"][1]
+    out = pipeline_job(2, sets)
     saved = load_module_state(out, 0)
     assert saved["position"]["step"] == 3
-    assert max_state_difference(emulate_replicas(tiny_config(tmp_path, "reference", *sets), 2)[0],
-                                saved["state"]) <= 1e-5
+    reference = tiny_config(tmp_path, "reference", *sets, "run.mode=sequential")
+    assert max_state_difference(emulate_replicas(reference, 2)[0], saved["state"]) <= 1e-5
 
 
 @pytest.mark.slow

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from distributed_helpers import (
+    DDP_STEPS,
+    SHARED_JOBS,
     assert_same_checkpoints,
     load_module_state,
     max_state_difference,
@@ -17,7 +21,9 @@ from distributed_helpers import (
     torchrun,
 )
 
+from pipeline.config.loading import load_config
 from pipeline.data.loader import make_loaders
+from pipeline.errors import BadInput
 from pipeline.model.network import make_layout
 from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime import checkpoint
@@ -28,8 +34,8 @@ from pipeline.runtime.stage_loop import ModuleStage
 from pipeline.runtime.topology import Solo, Topology
 from pipeline.runtime.worker import make_worker
 
-STEPS, WORLD = 6, 2
-DDP_JOB = ["run.mode=ddp", f"train.max_steps={STEPS}", "run.checkpoint_every=3"]
+WORLD, DDP_JOB = SHARED_JOBS["ddp"]
+STEPS = DDP_STEPS
 
 
 def emulate_ddp(tmp: Path) -> dict[str, object]:
@@ -58,12 +64,9 @@ def emulate_ddp(tmp: Path) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def ddp_run(pipeline_job: Callable[[int, list[str]], Path]) -> Path:
     """One DDP job of WORLD processes, STEPS steps (a set at step 3 too): the tests below read its outputs."""
-    out = tmp_path_factory.mktemp("ddp") / "ddp"
-    done = torchrun(WORLD, [f"run.out_dir={out}", *DDP_JOB])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return out
+    return pipeline_job(WORLD, DDP_JOB)
 
 
 @pytest.mark.slow
@@ -88,11 +91,11 @@ def test_a_ddp_job_started_again_resumes_by_itself_mid_epoch(ddp_run: Path, tmp_
     assert_same_checkpoints(ddp_run, killed, 1)
 
 
-@pytest.mark.slow
-def test_ddp_refuses_local_modules(tmp_path: Path) -> None:
-    done = torchrun(WORLD, [f"run.out_dir={tmp_path}", "run.mode=ddp", "local.modules=2"], timeout=60)
-    assert done.returncode != 0
-    assert "run.mode = 'ddp' trains end to end; set local.modules = 1" in done.stderr
+def test_ddp_refuses_local_modules() -> None:
+    """Refused where every process reads the config (how such a line ends a torchrun job: test_stage.py's
+    test_world_size_must_be_k_times_r)."""
+    with pytest.raises(BadInput, match=re.escape("run.mode = 'ddp' trains end to end; set local.modules = 1")):
+        load_config(None, ["run.mode=ddp", "local.modules=2"])
 
 
 class RecordingCollectives(Solo):
@@ -121,6 +124,7 @@ def test_replicas_evaluate_with_replica_0_buffers(tmp_path: Path) -> None:
     assert buffers and comm.broadcast == buffers
 
 
+@pytest.mark.slow  # reads the torchrun job of the slow tests above
 def test_ddp_accuracy_is_replica_0s_model_on_the_whole_test_set(ddp_run: Path, tmp_path: Path,
                                                                 single_thread: None) -> None:
     """Each replica evaluates its shard of the test set with replica 0's statistics: the summed count

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from distributed_helpers import (
-    EQUIVALENCE_CASES,
-    EQUIVALENCE_IDS,
-    equivalence_overrides,
+    REPLICA_STEPS,
+    SHARED_JOBS,
     load_module_state,
     max_state_difference,
     tiny_config,
@@ -29,7 +28,7 @@ from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime.packet import Packet
 from pipeline.runtime.worker import ModuleWorker, make_worker
 
-STEPS = 5
+STEPS = REPLICA_STEPS
 
 
 def emulate_replicas(config: Config, replicas: int) -> list[dict[str, object]]:
@@ -66,11 +65,9 @@ def emulate_replicas(config: Config, replicas: int) -> list[dict[str, object]]:
 # id -> (R, the job's overrides). The K4xR1 case is test_stage's K4-R2E-decoder job itself: with
 # R = 1 the averaged reference is the sequential run.
 CASES = {
-    "K2xR2-E-decoder": (2, ["local.modules=2", f"train.max_steps={STEPS}", "pipeline.placement=chain",
-                            "local.context=E", "local.reconstruct=true"]),
-    "K2xR2-stage-placement-R1-contrast": (2, ["local.modules=2", f"train.max_steps={STEPS}", "pipeline.placement=stage",
-                                              "local.context=R1", "local.loss=contrast"]),
-    "K4xR1-R2E-decoder": (1, equivalence_overrides(4, EQUIVALENCE_CASES[EQUIVALENCE_IDS.index("K4-R2E-decoder")][1])),
+    "K2xR2-E-decoder": (2, SHARED_JOBS["K2xR2-E-decoder"][1]),
+    "K2xR2-stage-placement-R1-contrast": (2, SHARED_JOBS["K2xR2-stage-placement-R1-contrast"][1]),
+    "K4xR1-R2E-decoder": (1, SHARED_JOBS["equivalence K4-R2E-decoder"][1]),
 }
 
 
@@ -102,6 +99,7 @@ def test_a_replica_that_fails_ends_the_job_with_stage_and_replica_named(tmp_path
     assert re.search(r"error: stage on rank \d \(module \d, replica \d\) failed: .*loss is nan", done.stderr)
 
 
+@pytest.mark.slow  # reads the torchrun job of the slow tests above
 def test_a_run_resumes_with_another_r(tmp_path: Path, single_thread: None,
                                       pipeline_job: Callable[[int, list[str]], Path]) -> None:
     """Checkpoints are per module, written by replica 0: R = 2 -> R = 1 (sequential) picks up where it stopped,

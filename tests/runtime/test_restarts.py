@@ -17,20 +17,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psutil
 import pytest
-from distributed_helpers import TINY, assert_same_checkpoints, tiny_config
+from distributed_helpers import RESTARTED_JOB, SHARED_JOBS, TINY, assert_same_checkpoints
 
 from pipeline.runtime import checkpoint
-from pipeline.runtime.assemble import run
 
-SLOW_SAVE = Path(__file__).resolve().parent / "slow_save"  # its sitecustomize widens each save to 0.3 s
+SLOW_SAVE = Path(__file__).resolve().parent / "slow_save"  # its sitecustomize widens saves to 0.3 s on request
 REPO = Path(__file__).resolve().parents[2]
-# 64 batches of 16 per epoch: 80 steps cross an epoch end; a set every 4 steps.
-JOB = ["run.mode=pipeline", "local.modules=2", "train.epochs=2", "train.max_steps=80", "run.checkpoint_every=4",
-       "run.log_every=1", "pipeline.timeout_s=30"]
+JOB = RESTARTED_JOB  # 64 batches of 16 per epoch: 80 steps cross an epoch end; a set every 4 steps
+SEQUENTIAL = [*JOB, "run.mode=sequential"]  # JOB in one process: the reference of the K = 2 pipelines
 RESUMED = re.compile(r"\[stage 0( replica 0)?\] resumed from .* \(step (\d+)\)")
 TRAINING = re.compile(r"\[stage 0( replica 0)?\] epoch \d+ step (\d+)/")
 T = TypeVar("T")
@@ -108,7 +106,8 @@ def killed_job(out: Path, processes: int, overrides: list[str], kills: int = 3,
     sets = [item for override in [*TINY, *overrides, f"run.out_dir={out}"] for item in ("--set", override)]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                f"--max-restarts={kills}", "-m", "pipeline.train", *sets]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
+    slow_saves = out.parent / f"{out.name}.slow_saves"  # while it exists, each save takes 0.3 s (slow_save/)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLOW_SAVE_WHILE": str(slow_saves),
            "PYTHONPATH": os.pathsep.join([str(SLOW_SAVE), str(REPO), os.environ.get("PYTHONPATH", "")])}
     job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     console = Console()
@@ -121,6 +120,7 @@ def killed_job(out: Path, processes: int, overrides: list[str], kills: int = 3,
             wait_for(functools.partial(newer_set, out, resumed_at), "a set newer than the one the attempt resumed from")
             mid_save = kill == 1
             if mid_save:
+                slow_saves.touch()
                 writing = wait_for(functools.partial(temporary_file, out), "a checkpoint being written")
                 victim = psutil.Process(int(str(writing).rsplit(".tmp", 1)[1]))
             else:
@@ -128,6 +128,7 @@ def killed_job(out: Path, processes: int, overrides: list[str], kills: int = 3,
                 victim = rng.choice(workers(agent))
             killed_at = console.last_step()
             victim.kill()
+            slow_saves.unlink(missing_ok=True)
             since = time.monotonic()
             resumed = wait_for(functools.partial(console.after, since, RESUMED), "the restarted job to resume")
             training = wait_for(functools.partial(console.after, resumed[0], TRAINING), "the restarted job to train")
@@ -152,33 +153,27 @@ def check_restarts(done: subprocess.CompletedProcess[str], restarts: list[Restar
 
 
 @pytest.mark.slow
-def test_a_pipeline_killed_three_times_ends_equal_to_the_straight_run(tmp_path: Path, single_thread: None) -> None:
+def test_a_pipeline_killed_three_times_ends_equal_to_the_straight_run(
+        tmp_path: Path, single_thread: None, sequential_reference: Callable[[list[str]], tuple[Path, Any]]) -> None:
     done, restarts = killed_job(tmp_path / "killed", 2, JOB)
     check_restarts(done, restarts)
-    reference = tiny_config(tmp_path, "reference", *JOB, "run.mode=sequential")
-    run(reference)  # pipeline == sequential bit for bit
-    assert_same_checkpoints(tmp_path / "killed", Path(reference.run.out_dir), 2)
+    reference, _ = sequential_reference(SEQUENTIAL)  # pipeline == sequential bit for bit
+    assert_same_checkpoints(tmp_path / "killed", reference, 2)
     assert [step for step, _ in checkpoint.complete_sets(tmp_path / "killed")][-1] == 80
 
 
 @pytest.mark.slow
-def test_a_k_by_r_job_killed_three_times_ends_equal_to_the_straight_job(tmp_path: Path) -> None:
-    overrides = [*JOB, "train.max_steps=40"]
-    done, restarts = killed_job(tmp_path / "killed", 4, overrides, seed=1)
+def test_a_k_by_r_job_killed_three_times_ends_equal_to_the_straight_job(
+        tmp_path: Path, pipeline_job: Callable[[int, list[str]], Path]) -> None:
+    processes, overrides = SHARED_JOBS["K2xR2 straight, as the killed one"]  # JOB for 40 steps
+    done, restarts = killed_job(tmp_path / "killed", processes, overrides, seed=1)
     check_restarts(done, restarts)
-    sets = [item for override in [*TINY, *overrides, f"run.out_dir={tmp_path / 'straight'}"]
-            for item in ("--set", override)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    straight = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-                               "-m", "pipeline.train", *sets], env=env, capture_output=True, text=True, timeout=300)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    assert_same_checkpoints(tmp_path / "killed", tmp_path / "straight", 2)
-
+    assert_same_checkpoints(tmp_path / "killed", pipeline_job(processes, overrides), 2)
 
 
 @pytest.mark.slow
-def test_a_sigterm_to_every_rank_ends_them_at_one_set_and_the_same_command_goes_on(tmp_path: Path,
-                                                                                  single_thread: None) -> None:
+def test_a_sigterm_to_every_rank_ends_them_at_one_set_and_the_same_command_goes_on(
+        tmp_path: Path, single_thread: None, sequential_reference: Callable[[list[str]], tuple[Path, Any]]) -> None:
     """A preemption: SIGTERM to every worker (torchrun's agent, signalled itself, passes it on the same way;
     its own report then names no exit codes, so the workers are signalled here to see theirs)."""
     out = tmp_path / "preempted"
@@ -207,9 +202,9 @@ def test_a_sigterm_to_every_rank_ends_them_at_one_set_and_the_same_command_goes_
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / f'step_{stopped[0]}'}" in again.stdout
-    reference = tiny_config(tmp_path, "reference", *JOB, "run.mode=sequential")
-    run(reference)
-    assert_same_checkpoints(out, Path(reference.run.out_dir), 2)
+    reference, _ = sequential_reference(SEQUENTIAL)  # the killed pipeline's reference too
+    assert_same_checkpoints(out, reference, 2)
+
 
 if __name__ == "__main__":  # the closing note's figures: python tests/runtime/test_restarts.py OUT PROCESSES KILLS
     target, processes, kills = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])

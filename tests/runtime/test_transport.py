@@ -89,9 +89,11 @@ def main(rank, world, scenario, out, timeout_s):
     cpu, codec, result = torch.device("cpu"), Codec(), {}
     inbox = Receiver(rank, rank - 1, groups[rank - 1], codec, cpu, 2, timeout_s) if rank > 0 else None
     outbox = Sender(rank, rank + 1, groups[rank], codec, cpu, 2, timeout_s) if rank < world - 1 else None
-    if scenario == "silent":  # rank 0 stays alive and never sends
+    if scenario == "silent":  # rank 0 stays alive and never sends, until rank 1 has written what it saw
         if rank == 0:
-            time.sleep(timeout_s + 4)
+            deadline = time.monotonic() + timeout_s + 4
+            while not os.path.exists(f"{out}/rank_1.done") and time.monotonic() < deadline:
+                time.sleep(0.05)
             os._exit(0)
         started = time.monotonic()
         Courier(inbox, None).start()
@@ -117,6 +119,7 @@ def main(rank, world, scenario, out, timeout_s):
         result = {"seen": seen}
     with open(f"{out}/rank_{rank}.json", "w") as handle:
         json.dump(result, handle)
+    open(f"{out}/rank_{rank}.done", "w").close()
     os._exit(0)
 
 if __name__ == "__main__":

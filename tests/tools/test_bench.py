@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import StageFailure
+from pipeline.tools.bench.cli import main
 from pipeline.tools.bench.launch import busy_warning, classic_command, command_for, run_rounds
 from pipeline.tools.bench.memory_only import memory_report
 from pipeline.tools.bench.picture import plot
@@ -246,7 +247,6 @@ def test_plot_has_a_title_and_labelled_bars(bench_report: tuple[dict[str, object
     assert "300\n(120-310)" in labels and "200\n(90-220)" in labels and "5" in labels, labels
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--nproc", "1"], "--nproc = 1"),
     (["--nproc", "2", "--steps", "5"], "--steps = 5 must be at least two windows"),
@@ -261,11 +261,19 @@ def test_plot_has_a_title_and_labelled_bars(bench_report: tuple[dict[str, object
     (["--memory-only"], "--memory-only compares local modules with E2E, but local.modules = 1"),
     (["--memory-only", "--batch", "0", "--set", "local.modules=2"], "--batch = 0 must be >= 1"),
 ])
-def test_bad_arguments_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "pipeline.bench", *args, "--out", str(tmp_path)],
+def test_bad_arguments_exit_2(args: list[str], message: str, tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*args, "--out", str(tmp_path)]) == 2  # what python -m pipeline.bench exits with
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_command_exits_2_with_the_line_and_no_traceback(tmp_path: Path) -> None:
+    """The cases above as the whole process (the shim, the module run as __main__): one is enough."""
+    done = subprocess.run([sys.executable, "-m", "pipeline.bench", "--nproc", "1", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
     assert done.returncode == 2
-    assert message in done.stderr and "Traceback" not in done.stderr
+    assert "--nproc = 1" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_every_k_by_r_layout_of_n_processes_is_planned_and_reported() -> None:

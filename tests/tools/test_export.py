@@ -274,7 +274,7 @@ def test_a_network_with_context_encoders_has_no_torchvision_form(contsup: Traine
 def test_deeplab_v3_has_no_torchvision_form(seg_config_builder) -> None:
     from pipeline.data.specs import segmentation_spec
 
-    config = seg_config_builder("local.modules=1", "local.context=R0")
+    config = seg_config_builder("local.modules=1", "local.context=R0", "data.crop=[32, 64]")  # any crop is refused
     spec = segmentation_spec(config)
     with pytest.raises(BadInput, match="torchvision's deeplabv3 has a 256-channel head"):
         torchvision_state_dict(build_inference_net(config, spec, []), config, [])
