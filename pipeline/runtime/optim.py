@@ -137,6 +137,11 @@ class LearningRate:
         self.value = learning_rate(train, 1)
         set_learning_rate(optimizer, self.value)
 
+    def restore(self) -> None:
+        """After an optimizer state is loaded (a resume): it brought the rate it was saved at; the parameter
+        groups go back to the one this object holds, so a step whose rate equals it trains at it."""
+        set_learning_rate(self.optimizer, self.value)
+
     def at_step(self, epoch: int, step: int, total_steps: int) -> None:
         """Set the rate of 1-based ``step`` in 1-based ``epoch`` of a run of ``total_steps``."""
         rate = learning_rate(self.train, epoch, step, total_steps)

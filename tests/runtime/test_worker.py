@@ -131,6 +131,17 @@ def test_a_new_worker_runs_at_the_rate_it_reports(make_config):
         assert worker.optimizer.param_groups[0]["lr"] == pytest.approx(worker.lr)
 
 
+def test_a_resumed_worker_trains_at_its_own_config_rate_not_the_checkpoints(make_config):
+    """A checkpoint's optimizer state holds the rate it was saved at; a resume with another constant train.lr
+    must train (and report) the new one."""
+    (saved,) = workers_for(make_config("local.modules=1", "train.schedule=constant", "train.lr=0.1"))
+    (resumed,) = workers_for(make_config("local.modules=1", "train.schedule=constant", "train.lr=0.05"))
+    resumed.load_state_dict(saved.state_dict())
+    resumed.at_step(1, 7)
+    assert resumed.lr == 0.05
+    assert {group["lr"] for group in resumed.optimizer.param_groups} == {0.05}
+
+
 def test_state_dict_round_trip(make_config, image_batch):
     config = make_config("local.modules=2", "local.context=E")
     first, second = workers_for(config), workers_for(config)
