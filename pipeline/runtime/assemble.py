@@ -130,13 +130,17 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
             f"written; to train further, add --set run.resume={resume_dir} with a larger train.epochs or "
             f"train.max_steps (the same command alone refuses another length)"
         )
+    pipe = config.pipeline
+    if config.run.mode == "sequential" and pipe.schedule == "buffered" and pipe.replay and position.step > 0:
+        # before anything is cleared: a refused run leaves the out_dir as it found it
+        raise BadInput(f"pipeline.replay replays a record from its first step, but this run resumes at step "
+                       f"{position.step} ({resume_dir}); replay into a fresh run.out_dir")
     label = loop_label(config.run.mode, topology)
     if topology.rank == 0:
         _clear_for_start(config, position, batches, label)
     report = RunReport(label, config.run, topology, workers, position, length, parallel.total, started)
     handlers = _handlers(config, topology, workers, report, parallel, identity, position)
     inbox, outbox = links(layout)
-    pipe = config.pipeline
     if pipe.schedule == "buffered" and inbox is not None:
         inbox = BufferedInbox(inbox, topology.stage, pipe.buffer_batches, pipe.max_reuse, pipe.timeout_s,
                               topology.device)
@@ -157,9 +161,6 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
             say(f"[{label}] resumed from {checkpoint.find_set(resume_dir, config.run.resume_step)} at epoch "
                 f"{position.epoch}, batch {position.batch} (step {position.step})")
     if config.run.mode == "sequential":  # one handler deals every module its steps from the schedule
-        if pipe.schedule == "buffered" and pipe.replay and position.step > 0:
-            raise BadInput(f"pipeline.replay replays a record from its first step, but this run resumes at step "
-                           f"{position.step} ({resume_dir}); replay into a fresh run.out_dir")
         handlers = [Replay(handlers, one_process_schedule(pipe, position, length, len(workers), config.run.seed))]
     return StageLoop(inbox, handlers, outbox, report, _commit(config, topology, identity)), report, cuts
 

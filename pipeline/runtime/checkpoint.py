@@ -268,7 +268,7 @@ def _check_structure(path: Path, payload: dict[Any, Any], worker: ModuleWorker) 
     """The run position, once the payload has exactly the structure ``save`` writes.
 
     weights_only guarantees only plain containers and tensors: a hand-edited or foreign file can
-    still hold any shape of them, and must fail here with its name rather than deep in a runner.
+    still hold any shape of them, and must fail here with its name rather than deep in a run.
     """
     def bad(problem: str) -> BadInput:
         return BadInput(f"run.resume: {path} is damaged ({problem}); point run.resume at the out_dir of a "

@@ -1,6 +1,6 @@
 """When the first stage asks for a checkpoint set of its own: a stop signal, or run.checkpoint_minutes.
 
-Sets every run.checkpoint_every steps are in the run's order itself (loop.py ``events``), agreed by
+Sets every run.checkpoint_every steps are in the run's order itself (run_order.py ``events``), agreed by
 construction. A signal or a clock is not: it reaches each process at its own moment. So only the
 first stage asks (``SaveRequests.poll``, before each training step) and its save point travels
 down the chain like an epoch end; the replicas of the first stage agree first with one small

@@ -1,6 +1,6 @@
 """The order of a run: train steps, epoch ends (evaluate + checkpoint), mid-epoch save points, where to stop.
 
-Every runner walks the same ``events`` so they agree on when the learning rate changes, when
+Every mode walks the same ``events`` so they agree on when the learning rate changes, when
 the test set is evaluated and where a resumed run picks up.
 """
 

@@ -5,7 +5,8 @@ The loop knows no communication: its inbox and outbox are whatever the bootstrap
 loop is the sequential reference (one process, every module, no outbox: its one handler deals
 each module its steps from a schedule, replay.py), a pipeline stage (one module) and a DDP rank
 (one module with replicas): that sharing is what makes them equal. It alone books what a run
-reports and commits at each epoch end, save point and stop, whatever the schedule.
+reports (at each epoch end, save point and stop) and commits each epoch end and save point, whatever the
+schedule.
 """
 
 from __future__ import annotations

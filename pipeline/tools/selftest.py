@@ -43,7 +43,7 @@ import torch
 from pipeline.errors import BadInput
 from pipeline.tools.torchrun import module_command, set_arguments, torchrun_command
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["data.name=synthetic", "model.arch=resnet8", "data.batch_size=16", "run.log_every=4",
         "train.schedule=constant", "train.lr=0.05", "train.max_steps=6", "pipeline.threads_per_stage=1",
         "pipeline.timeout_s=60", "local.context=R1"]

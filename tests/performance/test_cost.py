@@ -1,4 +1,4 @@
-"""pipeline.model.cost: what a profile predicts for a module, and the balanced cuts, on synthetic profiles."""
+"""pipeline.performance.cost: what a profile predicts for a module, and the balanced cuts, on synthetic profiles."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""pipeline.model.profile: exact activation bytes (weights left out), and profiles that predict them."""
+"""pipeline.performance.profile: exact activation bytes (weights left out), and profiles that predict them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""pipeline.checkpoint: per-module files, exact resume, and one-line errors for bad resumes."""
+"""pipeline.runtime.checkpoint: per-module files, exact resume, and one-line errors for bad resumes."""
 
 from __future__ import annotations
 

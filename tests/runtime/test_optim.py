@@ -1,4 +1,4 @@
-"""pipeline.optim: SGD as published and the per-epoch learning-rate schedule of docs/reference.md."""
+"""pipeline.runtime.optim: SGD as published and the per-epoch learning-rate schedule of docs/reference.md."""
 
 from __future__ import annotations
 

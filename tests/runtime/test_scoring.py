@@ -1,4 +1,4 @@
-"""pipeline.scoring: accuracy counts and the segmentation confusion matrix, against hand counts."""
+"""pipeline.runtime.scoring: accuracy counts and the segmentation confusion matrix, against hand counts."""
 
 from __future__ import annotations
 

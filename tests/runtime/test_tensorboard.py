@@ -1,4 +1,4 @@
-"""pipeline.tensorboard: metrics.jsonl events become TensorBoard scalars, read back from the event files."""
+"""pipeline.runtime.tensorboard: metrics.jsonl events become TensorBoard scalars, read back from the event files."""
 
 from __future__ import annotations
 
