@@ -24,7 +24,6 @@ exactly, against the CPU reference only float reordering remains. Not yet measur
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -40,6 +39,7 @@ from typing import Any
 import psutil
 import torch
 
+from pipeline.cli import ArgumentParser, run_main
 from pipeline.errors import BadInput
 from pipeline.tools.torchrun import module_command, set_arguments, torchrun_command
 
@@ -493,7 +493,7 @@ def table(checks: list[Check]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.selftest", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m pipeline.selftest", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/selftest", help="where selftest.json and selftest.md go")
     parser.add_argument("--soak", type=int, default=0, metavar="STEPS",
                         help="run only a long K x R pipeline job of STEPS steps (hang hunting; docs/gpu.md)")
@@ -529,8 +529,5 @@ if __name__ == "__main__":
         from pipeline.train import exit_process
 
         exit_process(exact_train(sys.argv[2:]))
-    try:
-        sys.exit(main())
-    except BadInput as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    returned: list[int] = []  # main's count of failed checks as an exit code; run_main's for what it raised
+    sys.exit(run_main(lambda: returned.append(main())) or (returned[0] if returned else 0))
