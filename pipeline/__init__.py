@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # importing the package imports no torch: a config is read wi
 
     from pipeline.config.schema import Config
     from pipeline.model.methods.registry import LocalMethod
-    from pipeline.model.networks.registry import NetworkFamily
+    from pipeline.model.networks.family import NetworkFamily
 
 __version__ = "0.1.0"
 
@@ -40,12 +40,12 @@ def run(config: Config | str | Path | None, overrides: Sequence[str] = ()) -> di
 
 
 def register_network(family: NetworkFamily | str, factory: Callable[..., object] | None = None) -> None:
-    """Make a network nameable by model.arch: a ``NetworkFamily`` (pipeline/model/networks/registry.py), or a
+    """Make a network nameable by model.arch: a ``NetworkFamily`` (pipeline/model/networks/family.py), or a
     name and a factory called as ``factory(in_channels=C, classes=N, image_size=(H, W))`` that returns the
     network's blocks, the last ending in the logits (pipeline/model/networks/factory.py). Register it in every
     process that trains it (or name the factory as model.arch = "package.module:factory" instead)."""
     from pipeline.model.networks.factory import NamedFactory
-    from pipeline.model.networks.registry import register_network as register
+    from pipeline.model.networks.family import register_network as register
 
     if isinstance(family, str):
         if factory is None:

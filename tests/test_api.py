@@ -14,7 +14,7 @@ from pipeline.config.loading import load_config
 from pipeline.errors import BadInput
 from pipeline.model.methods import registry as methods
 from pipeline.model.methods.softmax import Softmax
-from pipeline.model.networks import registry as networks
+from pipeline.model.networks import family as networks
 
 TINY = ["data.name=synthetic", "data.batch_size=8", "train.max_steps=2", "train.epochs=1", "train.schedule=constant",
         "run.log_every=1"]
@@ -39,7 +39,7 @@ def test_a_registered_network_and_method_train_through_pipeline_run(tmp_path: Pa
                                                                     request: pytest.FixtureRequest) -> None:
     pipeline.register_network("two_blocks", two_blocks)
     pipeline.register_method(Halved())
-    request.addfinalizer(lambda: (networks._FAMILIES.pop("two_blocks"), methods._METHODS.pop("halved")))
+    request.addfinalizer(lambda: (networks.FAMILIES.pop("two_blocks"), methods._METHODS.pop("halved")))
     out = tmp_path / "out"
     summary = pipeline.run(None, [*TINY, "model.arch=two_blocks", "local.modules=2", "local.loss=halved",
                                   f"run.out_dir={out}"])

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from pipeline.errors import require
 
 if TYPE_CHECKING:  # the schema and the registry read cuts from here
-    from pipeline.model.networks.registry import NetworkSpec
+    from pipeline.model.networks.family import NetworkSpec
 
 # One cut as local.partition writes it: [stage, block] or a flat block index.
 Cut = int | list[int]

@@ -14,7 +14,8 @@ from typing import Any, Literal, get_args
 from pipeline.config.cuts import Cut
 from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.errors import BadInput, clip
-from pipeline.model.networks.registry import NetworkSpec, resolve_network
+from pipeline.model.networks.family import NetworkSpec
+from pipeline.model.networks.registry import resolve_network
 
 Mode = Literal["sequential", "pipeline", "ddp"]
 Device = Literal["auto", "cpu", "cuda"]

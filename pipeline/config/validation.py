@@ -10,7 +10,8 @@ from pipeline.config.schema import MAX_CONTEXT_DEPTH, MAX_TIMEOUT_S, MIN_IMAGE_S
 from pipeline.errors import BadInput, clip, require
 from pipeline.model.arch import SEGMENTATION_ARCHS, SEGMENTATION_DATASETS, aux_block
 from pipeline.model.methods.registry import method_named, method_names
-from pipeline.model.networks.registry import NetworkSpec, family_named
+from pipeline.model.networks.family import NetworkSpec
+from pipeline.model.networks.registry import family_named
 from pipeline.model.partition import default_cuts
 from pipeline.runtime.optim import check_schedule
 

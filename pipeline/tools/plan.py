@@ -23,7 +23,7 @@ from pipeline.config.cuts import cut_notation, written_cuts
 from pipeline.config.loading import load_config
 from pipeline.errors import BadInput
 from pipeline.model.context import ContextPlan
-from pipeline.model.networks.registry import NetworkSpec
+from pipeline.model.networks.family import NetworkSpec
 from pipeline.model.partition import NoPartitionBuilds, NoPartitionFits, min_max_partition, module_ranges
 from pipeline.performance.cost import (
     END_TO_END,

@@ -31,7 +31,8 @@ from pipeline.config.schema import Config
 from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.errors import BadInput
 from pipeline.model.methods.registry import method_named
-from pipeline.model.networks.registry import NetworkSpec, family_named
+from pipeline.model.networks.family import NetworkSpec
+from pipeline.model.networks.registry import family_named
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from pipeline.model.context import ContextPlan
-from pipeline.model.networks.registry import NetworkSpec
+from pipeline.model.networks.family import NetworkSpec
 from pipeline.performance.device import OPTIMIZER_COPIES, allreduce_bytes, device_memory_bytes
 from pipeline.performance.traffic import LABEL_BYTES
 from pipeline.tools.plan import (

@@ -22,7 +22,7 @@ from torch import nn
 
 from pipeline.errors import BadInput, clip
 from pipeline.model.networks.base import BlockNet, Shape, describe_shape, output_shape
-from pipeline.model.networks.registry import (
+from pipeline.model.networks.family import (
     FACTORY_FAMILY,
     DataShape,
     NetworkFamily,

@@ -22,7 +22,7 @@ from pipeline.model.arch import (
     is_cifar_depth,
     resolve_arch,
 )
-from pipeline.model.networks.registry import DataShape, NetworkFamily, NetworkSpec, register_network
+from pipeline.model.networks.family import DataShape, NetworkFamily, NetworkSpec, register_network
 from pipeline.model.partition import default_cuts
 
 if TYPE_CHECKING:

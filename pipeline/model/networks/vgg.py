@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.data.specs import DatasetSpec
 from pipeline.errors import BadInput, clip
 from pipeline.model.networks.base import BlockNet, Shape
-from pipeline.model.networks.registry import DataShape, NetworkFamily, NetworkSpec, register_network
+from pipeline.model.networks.family import DataShape, NetworkFamily, NetworkSpec, register_network
 from pipeline.model.resnet import Classifier, init_weights
 
 POOL = "M"

@@ -17,9 +17,9 @@ from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.errors import BadInput
 from pipeline.model import network
 from pipeline.model.network import build_module, make_layout
-from pipeline.model.networks import registry
+from pipeline.model.networks import family
 from pipeline.model.networks.base import BlockNet
-from pipeline.model.networks.registry import DataShape, NetworkFamily, NetworkSpec, register_network
+from pipeline.model.networks.family import DataShape, NetworkFamily, NetworkSpec, register_network
 from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime.packet import Packet
 
@@ -136,7 +136,7 @@ class Mlps(NetworkFamily):
 
 def test_a_family_registered_in_one_file_trains(build_modules, request: pytest.FixtureRequest) -> None:
     register_network(Mlps())
-    request.addfinalizer(lambda: registry._FAMILIES.pop("mlp"))  # the registration ends with the test
+    request.addfinalizer(lambda: family.FAMILIES.pop("mlp"))  # the registration ends with the test
     config = tiny_config("model.arch=mlp3", "local.modules=3")
     assert config.arch.family == "mlp"
     _, cuts, layout, modules = build_modules(config)
