@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 # torch is imported by train() only: --help and --check answer without it, in a fraction of a second.
-from pipeline.cli import ArgumentParser, add_set_argument, run_main
+from pipeline.cli import ArgumentParser, add_set_argument, exit_process, run_main
 from pipeline.config.loading import load_config
 from pipeline.config.schema import Config, differing_keys, result_config
 from pipeline.config.validation import ineffective_keys
@@ -249,20 +249,6 @@ def main(argv: list[str] | None = None) -> int:
             train(config)
 
     return run_main(body)
-
-
-def exit_process(code: int) -> None:
-    """Leave without C++ static teardown when torch.distributed threads may still exist.
-
-    After a finished run, gloo's teardown at interpreter exit can abort the process
-    ("terminate called without an active exception", seen here on 1 run in 3 under DDP),
-    turning a successful run into a failed torchrun job.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if "RANK" in os.environ:
-        os._exit(code)
-    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.cli import ArgumentParser, add_set_argument, run_main
+from pipeline.cli import ArgumentParser, add_set_argument, exit_process, run_main
 from pipeline.config.cuts import describe_cuts, written_cuts
 from pipeline.config.loading import load_config
 from pipeline.config.schema import Config
@@ -297,6 +297,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.train import exit_process
-
     exit_process(main())

@@ -39,9 +39,20 @@ from typing import Any
 import psutil
 import torch
 
-from pipeline.cli import ArgumentParser, run_main
+from pipeline.cli import ArgumentParser, exit_process, run_main
+from pipeline.config.loading import load_config
+from pipeline.data.loader import make_loaders
+from pipeline.data.specs import dataset_spec
+from pipeline.data.throughput import write_folder
 from pipeline.errors import BadInput
+from pipeline.model.network import build_module, make_layout
+from pipeline.performance.profile import resolve_cuts
+from pipeline.runtime.checkpoint import newest_module_file
+from pipeline.runtime.packet import Packet
+from pipeline.runtime.worker import make_worker
+from pipeline.tools.sync_probe import from_sync_batchnorm
 from pipeline.tools.torchrun import module_command, set_arguments, torchrun_command
+from pipeline.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["data.name=synthetic", "model.arch=resnet8", "data.batch_size=16", "run.log_every=4",
@@ -90,8 +101,6 @@ def _sequential(out: Path, overrides: list[str]) -> subprocess.CompletedProcess[
 def exact_train(argv: list[str]) -> int:
     """pipeline.train with TF32 off and cuDNN deterministic (no benchmarking), so two runs on one GPU
     model can be compared exactly and a GPU run against the CPU reference closely."""
-    from pipeline.train import main as train_main
-
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.deterministic = True
@@ -125,19 +134,12 @@ def _difference(a: Any, b: Any, integers: bool = True) -> float:
 
 
 def _module_states(run: Path, modules: int) -> list[Any]:
-    from pipeline.runtime.checkpoint import newest_module_file
-
     return [torch.load(newest_module_file(run, k), weights_only=True, map_location="cpu")["state"]["module"]
             for k in range(modules)]
 
 
 def _initial_states(overrides: list[str], modules: int) -> list[Any]:
     """The modules' weights and buffers before training: built from the same config and seed."""
-    from pipeline.config.loading import load_config
-    from pipeline.data.specs import dataset_spec
-    from pipeline.model.network import build_module, make_layout
-    from pipeline.performance.profile import resolve_cuts
-
     config = load_config(None, [*TINY, *overrides])
     spec, cpu = dataset_spec(config), torch.device("cpu")
     layout = make_layout(config, spec, resolve_cuts(config, spec, cpu))
@@ -331,13 +333,6 @@ def stopped_stage(root: Path, device: str, timeout_s: float = STOP_TIMEOUT_S, de
 
 def no_host_sync(root: Path) -> Check:
     """One training step (batch, forward, backward, SGD step) under set_sync_debug_mode("error")."""
-    from pipeline.config.loading import load_config
-    from pipeline.data.loader import make_loaders
-    from pipeline.model.network import make_layout
-    from pipeline.performance.profile import resolve_cuts
-    from pipeline.runtime.packet import Packet
-    from pipeline.runtime.worker import make_worker
-
     name = "no host sync in a training step"
     config = load_config(None, [*TINY, "local.modules=1", "run.device=cuda", f"run.out_dir={root / 'sync'}"])
     device = torch.device("cuda", 0)
@@ -363,10 +358,6 @@ def streaming_loader_matches(root: Path, device: str) -> Check:
     """The streaming loader on ``device`` (2 worker processes; on a GPU pinned memory, an
     asynchronous copy and normalisation on the device) yields the batches the CPU loader with no
     workers does: an image folder of 48 small JPEG and PNG files, written here."""
-    from pipeline.config.loading import load_config
-    from pipeline.data.loader import make_loaders
-    from pipeline.data.throughput import write_folder
-
     name = "streaming loader (image folder, 2 workers)" + (" on GPU == CPU" if device == "cuda" else " == 0 workers")
     folder = root / "images"
     write_folder(folder, 48, 3, size=(40, 32), png_every=3)
@@ -413,8 +404,6 @@ def soak(root: Path, steps: int, one_connection: bool) -> Check:
 def sync_verdict(name: str, records: list[dict[str, Any]]) -> Check:
     """The K x R step passes when every host sync it made came from torch's SyncBatchNorm, whose
     count mask syncs in each layer's forward (docs/gpu.md): those are counted, not failed."""
-    from pipeline.tools.sync_probe import from_sync_batchnorm
-
     sites = [site for record in records for site in record["syncs"]]
     other = [site for site in sites if not from_sync_batchnorm(site)]
     layers = sum(record["sync_batchnorm_layers"] for record in records)
@@ -526,8 +515,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == [EXACT]:  # a run one of the checks launched
-        from pipeline.train import exit_process
-
         exit_process(exact_train(sys.argv[2:]))
     returned: list[int] = []  # main's count of failed checks as an exit code; run_main's for what it raised
     sys.exit(run_main(lambda: returned.append(main())) or (returned[0] if returned else 0))

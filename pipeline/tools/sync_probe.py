@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cli import ArgumentParser, add_set_argument, run_main
+from pipeline.cli import ArgumentParser, add_set_argument, exit_process, run_main
 from pipeline.config.loading import load_config
 from pipeline.data.loader import make_loaders
 from pipeline.model.network import make_layout
@@ -92,6 +92,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.train import exit_process
-
     exit_process(main())

@@ -16,7 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.train import exit_process, main
+from pipeline.cli import exit_process
+from pipeline.train import main
 
 
 def run_jobs(jobs: list[list[str]]) -> int:
