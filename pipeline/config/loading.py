@@ -25,6 +25,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config_from_dict(_read_toml(Path(path)) if path is not None else {}, overrides, training)
 
 
+def e2e_overrides(sets: list[str]) -> list[str]:
+    """The end-to-end network of a config: one module, the real classifier, no local context."""
+    return [*sets, "local.modules=1", "local.partition=equal", "local.context=R0", "local.reconstruct=false"]
+
+
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
                      training: bool = True) -> Config:
     """A config from its tables (a TOML file's, or the ``to_dict`` a run or an export recorded), with

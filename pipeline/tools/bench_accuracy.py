@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cli import ArgumentParser, add_set_argument, run_main
-from pipeline.config.loading import load_config
+from pipeline.config.loading import e2e_overrides, load_config
 from pipeline.errors import BadInput, StageFailure
 from pipeline.tools.bench.report import write_report
 from pipeline.tools.plot import optional_pyplot
@@ -48,8 +48,6 @@ class AccuracyRun:
 def accuracy_runs(config_path: str | None, sets: list[str], nproc: int | None,
                   second: list[str]) -> list[AccuracyRun]:
     """DDP end to end, the config's pipeline, and the second method's pipeline where given."""
-    from pipeline.tools.classic_pp import e2e_overrides
-
     config = load_config(config_path, sets)
     modules = config.local.modules
     if modules < 2:
@@ -100,7 +98,7 @@ def timed_launch(command: list[str], log_path: Path, seconds: float) -> tuple[fl
 def scored_sets(run_dir: Path, started: float, config_path: str | None, sets: list[str]) -> list[dict[str, Any]]:
     """Every complete checkpoint set of a run: its step, the wall seconds after the launch it was complete at,
     and its test scores (a stopped run writes no summary.json: its config is the one it was launched with)."""
-    from pipeline.runtime import checkpoint
+    from pipeline.runtime import checkpoint  # torch: the launcher holds none while its runs train
     from pipeline.tools.evaluate import evaluate, load_for_evaluation
 
     points = []

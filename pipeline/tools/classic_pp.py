@@ -27,8 +27,9 @@ from torch import nn
 
 from pipeline.cli import ArgumentParser, add_set_argument, exit_process, run_main
 from pipeline.config.cuts import describe_cuts, written_cuts
-from pipeline.config.loading import load_config
+from pipeline.config.loading import e2e_overrides, load_config
 from pipeline.config.schema import Config
+from pipeline.data.loader import make_loaders
 from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.errors import BadInput, StageFailure, errors_logged
 from pipeline.model.network import build_module, make_layout
@@ -43,11 +44,6 @@ from pipeline.runtime.topology import from_env, joined
 Schedule = Literal["gpipe", "1f1b"]
 SCHEDULES: tuple[Schedule, ...] = ("gpipe", "1f1b")
 LABELS_TAG = 7  # the labels' send from rank 0 to the last rank, apart from the schedule's own traffic
-
-
-def e2e_overrides(sets: list[str]) -> list[str]:
-    """The end-to-end network of a config: one module, the real classifier, no local context."""
-    return [*sets, "local.modules=1", "local.partition=equal", "local.context=R0", "local.reconstruct=false"]
 
 
 def stage_modules(e2e: Config, spec: DatasetSpec, cuts: list[int]) -> list[nn.Sequential]:
@@ -181,8 +177,6 @@ def full_batches(config: Config, device: torch.device, batch: int) -> Iterator[t
     """(epoch, images, labels) of every full batch, epoch after epoch (a short last batch cannot be
     split into equal microbatches, so it is left out). The data is read at once, so a bad path
     ends the run before any process group exists."""
-    from pipeline.data.loader import make_loaders
-
     train, _ = make_loaders(config, device)
 
     def walk() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.config.loading import load_config
+from pipeline.config.loading import e2e_overrides, load_config
 from pipeline.data.specs import dataset_spec
 from pipeline.performance.profile import resolve_cuts
-from pipeline.tools.classic_pp import build_stage, e2e_overrides, full_batches
+from pipeline.tools.classic_pp import build_stage, full_batches
 
 
 def main() -> None:

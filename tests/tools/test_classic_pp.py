@@ -13,14 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config.loading import load_config
+from pipeline.config.loading import e2e_overrides, load_config
 from pipeline.data.specs import dataset_spec
 from pipeline.model.network import build_module, make_layout
 from pipeline.performance.activations import module_activation_bytes
 from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime.optim import learning_rate, make_optimizer, set_learning_rate
 from pipeline.tools.classic_pp import (
-    e2e_overrides,
     full_batches,
     in_flight,
     main,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from pipeline.config.cuts import Cut, written_cuts
-from pipeline.config.loading import load_config
+from pipeline.config.loading import e2e_overrides, load_config
 from pipeline.config.schema import Config
 from pipeline.data.specs import DatasetSpec, dataset_spec
 from pipeline.errors import BadInput
@@ -35,7 +35,7 @@ from pipeline.performance.traffic import (
     measured_idle_fraction,
 )
 from pipeline.tools.bench.runs import BenchRun, Request, bracketing_segments, plan_runs
-from pipeline.tools.classic_pp import e2e_overrides, stage_activation_bytes
+from pipeline.tools.classic_pp import stage_activation_bytes
 
 CPU = torch.device("cpu")
 
@@ -135,7 +135,7 @@ def estimate(request: Request, classic_microbatches: Sequence[int],
     """Check the config against the run plan, profile it once and choose every K's cuts; count the activation
     memory the checkpointed rows are chosen by."""
     config_path, sets, nproc = request.config_path, request.sets, request.nproc
-    base = load_config(config_path, [*sets, "local.modules=1", "local.partition=equal", "local.context=R0"])
+    base = load_config(config_path, e2e_overrides(sets))
     chosen = load_config(config_path, sets).local.partition
     if isinstance(chosen, list) and len(chosen) + 1 != nproc:
         raise BadInput(f"--nproc = {nproc} but the config's local.partition cuts the network into "

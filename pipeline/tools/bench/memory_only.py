@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from pipeline.config.cuts import cut_notation, written_cuts
-from pipeline.config.loading import load_config
+from pipeline.config.loading import e2e_overrides, load_config
 from pipeline.data.specs import dataset_spec
 from pipeline.errors import BadInput
 from pipeline.performance.activations import module_activation_bytes
@@ -26,7 +26,7 @@ def memory_report(config_path: str | None, sets: list[str], batch: int | None, o
     if local.local.modules < 2:
         raise BadInput(f"--memory-only compares local modules with E2E, but local.modules = {local.local.modules}; "
                        "use a config with local.modules >= 2")
-    base = load_config(config_path, [*sets, "local.modules=1", "local.partition=equal", "local.context=R0"])
+    base = load_config(config_path, e2e_overrides(sets))
     batch = local.data.batch_size if batch is None else batch
     if batch < 1:
         raise BadInput(f"--batch = {batch} must be >= 1")
