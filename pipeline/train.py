@@ -232,7 +232,7 @@ def check(config: Config, data: bool = True) -> None:
     from pipeline.data.specs import require_data_root
 
     if data:
-        require_data_root(config)
+        require_data_root(config.data, config.model)
     if Path(config.run.out_dir).is_dir():
         claim_verdict(config, Path(config.run.out_dir))
     warn_ineffective(config)

@@ -160,7 +160,7 @@ def build_modules():
     """config -> (spec, cuts, layout, [LocalModule k built from seed run.seed + k])."""
 
     def build(config: Config):
-        spec = dataset_spec(config)
+        spec = dataset_spec(config.data, config.model)
         cuts = resolve_cuts(config, spec, CPU)
         layout = make_layout(config, spec, cuts)
         modules = [build_module(config, layout, index, CPU) for index in range(config.local.modules)]

@@ -99,7 +99,8 @@ def trained_run(factory: pytest.TempPathFactory, name: str) -> TrainedRun:
     with pytest.MonkeyPatch.context() as patch, sized:
         patch.setattr(scoring.Accuracy, "count", record)
         summary = run(load_config(None, overrides))
-        _, test = make_loaders(load_config(None, overrides), torch.device("cpu"))
+        config = load_config(None, overrides)
+        _, test = make_loaders(config.data, config.model, config.run.seed, torch.device("cpu"))
     assert summary is not None
     batches = len(test)
     assert len(recorded) >= batches or name == "deeplab"

@@ -46,7 +46,7 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
         section[name] = value
     config = _build(raw)
     validate(config, training)
-    check_model_fits(config)
+    check_model_fits(config.data, config.model)
     return config
 
 

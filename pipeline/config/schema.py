@@ -184,7 +184,7 @@ class Config:
         return resolve_network(self.model.arch, self.model.family, self.data.name, self._data_shape)
 
     def _data_shape(self) -> DatasetSpec:
-        return dataset_spec(self)
+        return dataset_spec(self.data, self.model)
 
 
 # Keys that leave a run's result alone: where it writes, how often it reports or saves, how long it

@@ -21,7 +21,7 @@ from pipeline.errors import BadInput
 from pipeline.runtime.metrics import say
 
 if TYPE_CHECKING:
-    from pipeline.config.schema import Config
+    from pipeline.config.schema import DataConfig
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def channel_constants(values: tuple[float, ...], device: torch.device) -> torch.
     return torch.tensor(values, device=device).view(1, len(values), 1, 1)
 
 
-def training_batch(config: Config, name: str, samples: int, processes: int) -> tuple[int, int]:
+def training_batch(data: DataConfig, name: str, samples: int, processes: int) -> tuple[int, int]:
     """(the training batch, the smallest final batch kept) for ``samples`` shared by ``processes``."""
     smallest = 2 * processes  # batch norm needs two samples on every process
     if samples < smallest:
@@ -112,7 +112,7 @@ def training_batch(config: Config, name: str, samples: int, processes: int) -> t
             f"(2 per process, as batch norm needs, for {processes} process(es)); use a larger data set or fewer "
             "processes"
         )
-    batch = config.data.batch_size
+    batch = data.batch_size
     if batch > samples:
         say(f"note: data.batch_size = {batch} is more than the {samples} training samples of {name}; "
             f"training on batches of {samples}")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.config.schema import Config
+from pipeline.config.schema import DataConfig
 from pipeline.data.contract import channel_constants, normalise
 from pipeline.data.readers import FASHION_MNIST_SIDE
 from pipeline.data.specs import DatasetSpec
@@ -68,9 +68,9 @@ class Preprocess:
         return normalise(pixels[None], mean, std)[0]
 
 
-def evaluation_preprocess(config: Config, spec: DatasetSpec) -> Preprocess:
-    """How ``config``'s evaluation prepares an image; segmentation has no per-image class to predict."""
-    if config.data.name == "image_folder":
-        return Preprocess(CENTRE_CROP, spec.image_size, config.data.eval_resize, 0, spec.channels, spec.mean, spec.std)
+def evaluation_preprocess(data: DataConfig, spec: DatasetSpec) -> Preprocess:
+    """How a run's evaluation of ``data`` prepares an image; segmentation has no per-image class to predict."""
+    if data.name == "image_folder":
+        return Preprocess(CENTRE_CROP, spec.image_size, data.eval_resize, 0, spec.channels, spec.mean, spec.std)
     side = FASHION_MNIST_SIDE if spec.name == "fashion_mnist" else spec.image_size
     return Preprocess(RESIZE, side, side, (spec.image_size - side) // 2, spec.channels, spec.mean, spec.std)

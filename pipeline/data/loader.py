@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.config.schema import Config
+from pipeline.config.schema import DataConfig, ModelConfig
 from pipeline.data.contract import (
     WHOLE,
     Loader,
@@ -38,13 +38,14 @@ from pipeline.errors import BadInput
 from pipeline.model.arch import SEGMENTATION_DATASETS
 
 
-def load_raw(config: Config) -> tuple[DatasetSpec, RawDataset]:
-    """Read (or, with data.download, fetch then read) the dataset named in the config."""
-    spec = dataset_spec(config)
+def load_raw(data: DataConfig, model: ModelConfig, seed: int) -> tuple[DatasetSpec, RawDataset]:
+    """Read (or, with data.download, fetch then read) the dataset data.name names (``seed``, run.seed,
+    draws the synthetic one)."""
+    spec = dataset_spec(data, model)
     if spec.name == "synthetic":
-        return spec, make_synthetic(spec, config.run.seed)
-    root = dataset_root(config, spec.default_root)
-    if config.data.download:
+        return spec, make_synthetic(spec, seed)
+    root = dataset_root(data, spec.default_root)
+    if data.download:
         _download(spec, root)
     try:
         raw = READERS[spec.name](root, spec)
@@ -157,21 +158,21 @@ class BatchLoader:
         ]
 
 
-def make_loaders(config: Config, device: torch.device, processes: int = 1) -> tuple[Loader, Loader]:
-    """Train and test loaders; ``processes`` share each training batch (replicas, DDP).
+def make_loaders(data: DataConfig, model: ModelConfig, seed: int, device: torch.device,
+                 processes: int = 1) -> tuple[Loader, Loader]:
+    """Train and test loaders, ordered and augmented from ``seed`` (run.seed); ``processes`` share each
+    training batch (replicas, DDP).
 
     A data.batch_size larger than a split is clamped to the split, so each loader's
     ``batch_size`` is the batch it really yields (what samples/s must be computed from).
     """
-    require_data_root(config)
-    if config.data.name == "image_folder":
-        return make_folder_loaders(config, device, processes)
-    if config.data.name in SEGMENTATION_DATASETS:
-        return make_segmentation_loaders(config, device, processes)
-    spec, raw = load_raw(config)
-    data = config.data
-    batch, smallest = training_batch(config, spec.name, len(raw.train.labels), processes)
-    train = BatchLoader(raw.train, spec, batch, device, config.run.seed, True, data.augment, smallest_batch=smallest)
-    test = BatchLoader(raw.test, spec, min(data.batch_size, len(raw.test.labels)), device, config.run.seed,
-                       False, False)
+    require_data_root(data, model)
+    if data.name == "image_folder":
+        return make_folder_loaders(data, model, seed, device, processes)
+    if data.name in SEGMENTATION_DATASETS:
+        return make_segmentation_loaders(data, model, seed, device, processes)
+    spec, raw = load_raw(data, model, seed)
+    batch, smallest = training_batch(data, spec.name, len(raw.train.labels), processes)
+    train = BatchLoader(raw.train, spec, batch, device, seed, True, data.augment, smallest_batch=smallest)
+    test = BatchLoader(raw.test, spec, min(data.batch_size, len(raw.test.labels)), device, seed, False, False)
     return train, test

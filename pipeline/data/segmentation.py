@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pipeline.config.schema import Config
+from pipeline.config.schema import DataConfig, ModelConfig
 from pipeline.data.contract import training_batch
 from pipeline.data.joint_transforms import JointTransform, SegmentEvalTransform, SegmentTrainTransform
 from pipeline.data.segmentation_folder import MAKE_TRAIN_IDS, PairSplit, scan_pairs
@@ -131,13 +131,12 @@ def collate_pairs(items: list[Pair | str], crop: tuple[int, int], pad_to_crop: b
     return Decoded(images, labels, None, sizes if padded else None)
 
 
-def make_segmentation_loaders(config: Config, device: torch.device,
+def make_segmentation_loaders(data: DataConfig, model: ModelConfig, seed: int, device: torch.device,
                               processes: int = 1) -> tuple[FolderLoader, FolderLoader]:
     """The train and val loaders of cityscapes or a segmentation folder (scanned here, once per process)."""
-    data = config.data
-    spec = segmentation_spec(config)
-    folder = scan_pairs(data.name, dataset_root(config, spec.default_root))
-    batch, smallest = training_batch(config, f"{data.name} at {folder.root}", len(folder.train.images), processes)
+    spec = segmentation_spec(data, model)
+    folder = scan_pairs(data.name, dataset_root(data, spec.default_root))
+    batch, smallest = training_batch(data, f"{data.name} at {folder.root}", len(folder.train.images), processes)
     crop = (spec.image_size, spec.image_width)
     if data.name == "cityscapes":
         value_fix = (f"cityscapes trainIds run 0..{spec.classes - 1} (a labelIds map holds up to 33); make the "
@@ -149,10 +148,10 @@ def make_segmentation_loaders(config: Config, device: torch.device,
     augment: JointTransform = SegmentTrainTransform(crop) if data.augment else evaluate
     train_files = PairFiles(folder.train, augment, spec.classes, value_fix)
     train = FolderLoader(train_files, functools.partial(collate_pairs, crop=crop, pad_to_crop=data.augment), spec,
-                         batch, device, config.run.seed, True, data.workers, smallest,
+                         batch, device, seed, True, data.workers, smallest,
                          canvas=None if data.augment else train_files.canvas)
     val_files = PairFiles(folder.val, evaluate, spec.classes, value_fix)
     val = FolderLoader(val_files, functools.partial(collate_pairs, crop=crop, pad_to_crop=False), spec,
-                       min(data.batch_size, len(folder.val.images)), device, config.run.seed, False, data.workers,
+                       min(data.batch_size, len(folder.val.images)), device, seed, False, data.workers,
                        canvas=val_files.canvas)
     return train, val

@@ -11,7 +11,7 @@ from pipeline.errors import BadInput
 from pipeline.model.arch import SEGMENTATION_DATASETS
 
 if TYPE_CHECKING:  # the schema reads a dataset's spec from here
-    from pipeline.config.schema import Config
+    from pipeline.config.schema import DataConfig, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -87,88 +87,86 @@ SPECS = {
 }
 
 
-def dataset_spec(config: Config) -> DatasetSpec:
-    """The spec of config.data.name, with the synthetic set shaped by config.model.
+def dataset_spec(data: DataConfig, model: ModelConfig) -> DatasetSpec:
+    """The spec of data.name, with the synthetic set shaped by model.
 
     An image folder's classes are model.classes where set (the scan of a run checks the folder
     against it), else its class folders, listed from data.root. In a run, the first stage takes
     the spec from its full scan and hands it to the others.
     """
-    spec = SPECS.get(config.data.name)
-    model = config.model
-    if config.data.name in SEGMENTATION_DATASETS:
-        return segmentation_spec(config)
+    spec = SPECS.get(data.name)
+    if data.name in SEGMENTATION_DATASETS:
+        return segmentation_spec(data, model)
     if spec is None:  # image_folder
-        return folder_spec(config, model.classes or len(class_names(folder_root(config))))
+        return folder_spec(data, model, model.classes or len(class_names(folder_root(data))))
     if spec.name == "synthetic":
         channels = model.in_channels or spec.channels
         return DatasetSpec(
             spec.name, channels, model.classes or spec.classes, spec.image_size,
             spec.mean[:1] * channels, spec.std[:1] * channels, spec.crop_pad, spec.pad_mode, spec.flip, "", "",
         )
-    return _fitted(spec, config)
+    return _fitted(spec, model)
 
 
-def folder_spec(config: Config, classes: int) -> DatasetSpec:
+def folder_spec(data: DataConfig, model: ModelConfig, classes: int) -> DatasetSpec:
     """An image folder of ``classes`` classes, seen at data.image_size, ImageNet-normalised."""
-    spec = DatasetSpec("image_folder", 3, classes, config.data.image_size, IMAGENET_MEAN, IMAGENET_STD, 0,
+    spec = DatasetSpec("image_folder", 3, classes, data.image_size, IMAGENET_MEAN, IMAGENET_STD, 0,
                        "constant", True, FOLDER_DEFAULT_ROOT, f"data.root must hold {FOLDER_LAYOUT}")
-    return _fitted(spec, config)
+    return _fitted(spec, model)
 
 
-def segmentation_spec(config: Config) -> DatasetSpec:
+def segmentation_spec(data: DataConfig, model: ModelConfig) -> DatasetSpec:
     """cityscapes or a segmentation folder: 3-channel images, class-id label maps, the training
     crop data.crop. Normalised with the ImageNet statistics, as MMSegmentation's Cityscapes
     configs (mean 123.675, 116.28, 103.53 and std 58.395, 57.12, 57.375 on 0..255 are these / 255)."""
-    name = config.data.name
+    name = data.name
     if name == "cityscapes":
         classes, layout = CITYSCAPES_CLASSES, CITYSCAPES_LAYOUT
     else:
-        classes, layout = config.model.classes, SEGMENTATION_LAYOUT
+        classes, layout = model.classes, SEGMENTATION_LAYOUT
         if classes == 0:
             raise BadInput("data.name = 'segmentation_folder' needs model.classes: its label maps do not say how many "
                            "classes there are; set model.classes = N (label pixels 0..N-1, 255 = ignore)")
-    height, width = config.data.crop
+    height, width = data.crop
     spec = DatasetSpec(name, 3, classes, height, IMAGENET_MEAN, IMAGENET_STD, 0, "constant", True,
                        SEGMENTATION_DEFAULT_ROOTS[name], f"data.root must hold {layout}", dense=True, image_width=width)
-    return _fitted(spec, config)
+    return _fitted(spec, model)
 
 
-def dataset_root(config: Config, default_root: str) -> Path:
+def dataset_root(data: DataConfig, default_root: str) -> Path:
     """Where a dataset's files are: data.root, or the dataset's default (data/<name> and the like)."""
-    return Path(config.data.root or default_root).expanduser()
+    return Path(data.root or default_root).expanduser()
 
 
-def folder_root(config: Config) -> Path:
+def folder_root(data: DataConfig) -> Path:
     """The image folder: data.root, or data/imagenet (read before its spec exists: the spec's classes
     come from its folders)."""
-    return dataset_root(config, FOLDER_DEFAULT_ROOT)
+    return dataset_root(data, FOLDER_DEFAULT_ROOT)
 
 
-def require_data_root(config: Config) -> None:
+def require_data_root(data: DataConfig, model: ModelConfig) -> None:
     """The dataset's folder exists: what can be said of the data without reading it (--check, and a
     run before it reads). data.download fetches a missing one; synthetic data has none."""
-    name = config.data.name
-    if name == "synthetic" or (config.data.download and name in SPECS):
+    name = data.name
+    if name == "synthetic" or (data.download and name in SPECS):
         return
-    spec = folder_spec(config, config.model.classes) if name == "image_folder" else dataset_spec(config)
-    root = dataset_root(config, spec.default_root)
+    spec = folder_spec(data, model, model.classes) if name == "image_folder" else dataset_spec(data, model)
+    root = dataset_root(data, spec.default_root)
     if not root.is_dir():
-        raise BadInput(f"{name}: the folder {str(root)!r} does not exist (data.root = {config.data.root!r}); "
+        raise BadInput(f"{name}: the folder {str(root)!r} does not exist (data.root = {data.root!r}); "
                        f"{spec.how_to_get}")
 
 
-def check_model_fits(config: Config) -> None:
+def check_model_fits(data: DataConfig, model: ModelConfig) -> None:
     """What a config load checks of model against data, on every process and without reading an
     image folder (a process that does not read it may not see it; its scan checks the classes)."""
-    if config.data.name == "image_folder":
-        folder_spec(config, config.model.classes)  # its classes are unknown here: the channels are checked
+    if data.name == "image_folder":
+        folder_spec(data, model, model.classes)  # its classes are unknown here: the channels are checked
     else:
-        dataset_spec(config)
+        dataset_spec(data, model)
 
 
-def _fitted(spec: DatasetSpec, config: Config) -> DatasetSpec:
-    model = config.model
+def _fitted(spec: DatasetSpec, model: ModelConfig) -> DatasetSpec:
     if model.in_channels not in (0, spec.channels):
         raise BadInput(
             f"model.in_channels = {model.in_channels} but {spec.name} images have {spec.channels} "

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.config.schema import Config
+from pipeline.config.schema import DataConfig, ModelConfig
 from pipeline.data.contract import (
     WHOLE,
     Part,
@@ -198,19 +198,19 @@ class _Plan:
         return max(0, len(self.loader) - self.start)
 
 
-def make_folder_loaders(config: Config, device: torch.device, processes: int = 1) -> tuple[FolderLoader, FolderLoader]:
+def make_folder_loaders(data: DataConfig, model: ModelConfig, seed: int, device: torch.device,
+                        processes: int = 1) -> tuple[FolderLoader, FolderLoader]:
     """The train and val loaders of the image folder at data.root (scanned here, once per process)."""
-    data = config.data
-    folder = scan(folder_root(config))
-    spec = folder_spec(config, len(folder.classes))
-    batch, smallest = training_batch(config, f"image folder {folder.root}", len(folder.train.labels), processes)
+    folder = scan(folder_root(data))
+    spec = folder_spec(data, model, len(folder.classes))
+    batch, smallest = training_batch(data, f"image folder {folder.root}", len(folder.train.labels), processes)
     evaluate = EvalTransform(data.image_size, data.eval_resize)
     augment: Transform = TrainTransform(data.image_size) if data.augment else evaluate
     stack = functools.partial(collate, size=spec.image_size)
-    train = FolderLoader(FolderFiles(folder.train, augment), stack, spec, batch, device, config.run.seed, True,
+    train = FolderLoader(FolderFiles(folder.train, augment), stack, spec, batch, device, seed, True,
                          data.workers, smallest)
     val = FolderLoader(FolderFiles(folder.val, evaluate), stack, spec, min(data.batch_size, len(folder.val.labels)),
-                       device, config.run.seed, False, data.workers)
+                       device, seed, False, data.workers)
     return train, val
 
 

@@ -49,7 +49,7 @@ def measure(root: Path, workers: int, batch: int, image_size: int, batches: int)
     config = load_config(None, ["data.name=image_folder", f"data.root={str(root)!r}", f"data.batch_size={batch}",
                                 f"data.image_size={image_size}", f"data.workers={workers}", "run.device=cpu",
                                 "model.arch=resnet50"])
-    train, _ = make_folder_loaders(config, torch.device("cpu"))
+    train, _ = make_folder_loaders(config.data, config.model, config.run.seed, torch.device("cpu"))
     stream = train.batches(1)
     next(stream)
     started, images = time.perf_counter(), 0

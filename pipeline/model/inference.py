@@ -14,10 +14,9 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from pipeline.config.schema import Config
-from pipeline.data.specs import DatasetSpec
-from pipeline.model.local_module import LocalModule
-from pipeline.model.network import make_layout
+from pipeline.config.schema import LocalConfig, ModelConfig
+from pipeline.model.local_module import Layout, LocalModule
+from pipeline.model.networks.family import NetworkSpec
 from pipeline.model.networks.registry import family_named
 from pipeline.runtime.packet import Packet
 
@@ -56,12 +55,14 @@ class InferenceNet(nn.Module):
         return last.logits(output, packet.labels)
 
 
-def build_inference_net(config: Config, spec: DatasetSpec, cuts: list[int]) -> InferenceNet:
-    """The network of ``config`` cut at ``cuts``, its tensors on the meta device (no storage, no draws):
-    load_state_dict(..., assign=True) gives it the trained ones."""
-    layout = make_layout(config, spec, cuts)
+def build_inference_net(layout: Layout, local: LocalConfig) -> InferenceNet:
+    """The modules of ``layout`` (make_layout's of a run's config and cuts), their tensors on the meta device (no
+    storage, no draws): load_state_dict(..., assign=True) gives it the trained ones."""
     with torch.device("meta"):
-        modules = [LocalModule(config, layout, index) for index in range(len(cuts) + 1)]
+        # Neither training setting shapes a tensor or the forward: a meta tensor holds no value to zero, and
+        # evaluation recomputes nothing.
+        modules = [LocalModule(layout, index, local, zero_init_residual=False, checkpoint_segments=0)
+                   for index in range(len(layout.ranges))]
     return InferenceNet(modules)
 
 
@@ -70,16 +71,18 @@ def stage_key(module: int, name: str) -> str:
     return f"{STAGES}.{module}.{name}"
 
 
-def network_identity(config: Config, cuts: list[int]) -> dict[str, Any]:
-    """What of a config decides the inference network's tensors and what its inputs are: a config used with an
-    export (to evaluate it) must agree on all of it; the test split's classes are checked against the network
-    where it is read. Training-only settings (heads, decoder, losses, batch) may differ."""
+def network_identity(arch: NetworkSpec, dataset: str, local: LocalConfig, model: ModelConfig,
+                     cuts: list[int]) -> dict[str, Any]:
+    """What of a config decides the inference network's tensors and what its inputs are (``arch``: model.arch
+    resolved, ``dataset``: data.name): a config used with an export (to evaluate it) must agree on all of it; the
+    test split's classes are checked against the network where it is read. Training-only settings (heads,
+    decoder, losses, batch) may differ."""
     return {
-        **family_named(config.arch.family).identity(config.arch),  # the network as its family records it
-        "dataset": config.data.name,
-        "modules": config.local.modules,
+        **family_named(arch.family).identity(arch),  # the network as its family records it
+        "dataset": dataset,
+        "modules": local.modules,
         "cuts": list(cuts),
-        "context": config.local.context,
-        "aux_widen": config.local.aux_widen,  # the width of the E encoders
-        "deep_stem": config.model.deep_stem,
+        "context": local.context,
+        "aux_widen": local.aux_widen,  # the width of the E encoders
+        "deep_stem": model.deep_stem,
     }

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.config.schema import Config
+from pipeline.config.schema import LocalConfig
 from pipeline.data.contract import mix_seed
 from pipeline.data.specs import DatasetSpec
 from pipeline.model.arch import aux_block
@@ -23,6 +23,7 @@ from pipeline.model.losses import cross_entropy, dense_cross_entropy, upsample_t
 from pipeline.model.methods.infopro import loss_weights, with_reconstruction
 from pipeline.model.methods.registry import method_named
 from pipeline.model.networks.base import BlockNet, Shape
+from pipeline.model.networks.family import NetworkSpec
 from pipeline.model.recompute import checkpointed_body
 from pipeline.model.resnet import ResidualBlock, init_weights
 from pipeline.model.segmentation_heads import AUX_WEIGHT, ASPPHead, FCNHead, SeededDropout2d, reset_classifier
@@ -33,6 +34,7 @@ from pipeline.runtime.packet import Packet
 class Layout:
     """Everything a module needs to know about the whole network to build itself."""
 
+    arch: NetworkSpec  # model.arch resolved: its family and the family's own facts
     net: BlockNet
     ranges: list[tuple[int, int]]
     plan: ContextPlan
@@ -47,14 +49,16 @@ class Layout:
 
 
 class LocalModule(nn.Module):
-    def __init__(self, config: Config, layout: Layout, index: int) -> None:
+    def __init__(self, layout: Layout, index: int, local: LocalConfig, *, zero_init_residual: bool,
+                 checkpoint_segments: int) -> None:
+        """Module ``index`` of ``layout``; zero_init_residual and checkpoint_segments are model.zero_init_residual
+        and precision.checkpoint_segments."""
         super().__init__()
-        local = config.local
         self.index = index
         self.last = index == len(layout.ranges) - 1
         self.plan = layout.plan
         self.method = method_named(local.loss)
-        self.ixx, self.ixy = loss_weights(config, index)
+        self.ixx, self.ixy = loss_weights(local, index)
         start, end = layout.ranges[index]
         target, parts = layout.input_shape(index), layout.parts
 
@@ -66,16 +70,16 @@ class LocalModule(nn.Module):
             parts.input_encoder(layout.input_shape(source), target) for source in self.plan.register_sources(index)
         )
         self.body = nn.Sequential(*layout.net.build_range(start, end))
-        self.checkpoint_segments = config.precision.checkpoint_segments  # 0: no recomputation
+        self.checkpoint_segments = checkpoint_segments  # 0: no recomputation
         out = layout.output_shape(index)
         classes = layout.spec.classes
-        self.dense = config.arch.family == "segmentation"
+        self.dense = layout.arch.family == "segmentation"
         # The body's position of the block the FCN auxiliary head reads (the last module only).
         self.aux_tap: int | None = None
         self.aux_head: FCNHead | None = None
         self.head: nn.Module
         if self.last and self.dense:
-            tap = aux_block(config.arch.layout)
+            tap = aux_block(layout.arch.layout)
             assert start <= tap < end, "config validation keeps layer3's last block in the last module"
             self.aux_tap = tap - start
             self.head = ASPPHead(out[0], classes)
@@ -104,7 +108,7 @@ class LocalModule(nn.Module):
             for layer in [*self.head.modules(), *(self.decoder.modules() if self.decoder is not None else [])]:
                 if isinstance(layer, nn.Conv2d):
                     layer.reset_parameters()
-        if config.model.zero_init_residual:
+        if zero_init_residual:
             for block in self.body.modules():
                 if isinstance(block, ResidualBlock):
                     block.zero_init_residual()

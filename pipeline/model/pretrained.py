@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from pipeline.config.cuts import cut_to_flat, stage_and_block
-from pipeline.config.schema import Config
+from pipeline.config.schema import ModelConfig
 from pipeline.errors import BadInput, clip
 from pipeline.model.arch import IMAGENET_ARCHS, ArchSpec, Family, resolve_arch
+from pipeline.model.networks.family import NetworkSpec
 from pipeline.model.partition import module_ranges
 from pipeline.runtime import checkpoint
 
@@ -264,19 +265,19 @@ def _stem_hint(backbone: Backbone, stem: nn.Module) -> str:
     return ""
 
 
-def load_pretrained(body: nn.Sequential, config: Config, start: int, end: int) -> None:
-    """Copy a module's backbone blocks from model.pretrained: body[i] is flat block start + i, up to end - 1.
+def load_pretrained(body: nn.Sequential, model: ModelConfig, arch: NetworkSpec, start: int, end: int) -> None:
+    """Copy a module's backbone blocks from model.pretrained into ``arch`` (model.arch resolved): body[i] is
+    flat block start + i, up to end - 1.
 
     Blocks past the backbone (decode heads) keep their seeded initialisation, as do the module's
     heads and decoder; num_batches_tracked is copied where the file has it.
     """
-    backbone = read_backbone(config.model.pretrained)
-    arch = config.arch
+    backbone = read_backbone(model.pretrained)
     wanted = structure_of(arch.layout)
     if backbone.structure != wanted:
         have, need = backbone.structure.describe(), wanted.describe()
-        suggestion = config.model.arch.replace(need, have) if need in config.model.arch else have
-        raise _bad(backbone.path, f"holds a {have} ({backbone.layout}) but model.arch = {config.model.arch!r} is a "
+        suggestion = model.arch.replace(need, have) if need in model.arch else have
+        raise _bad(backbone.path, f"holds a {have} ({backbone.layout}) but model.arch = {model.arch!r} is a "
                                   f"{need}", f"set model.arch = {suggestion!r}, or pass a {need} checkpoint")
     missing, unexpected, shapes = [], [], []
     for block in range(start, min(end, arch.units)):
@@ -294,7 +295,7 @@ def load_pretrained(body: nn.Sequential, config: Config, start: int, end: int) -
                     f"has {_listed(unexpected)} that the model has no place for" if unexpected else "",
                     f"{_listed(shapes)}" if shapes else ""]
         hint = _stem_hint(backbone, body[0]) if start == 0 and arch.units > 0 else ""
-        raise _bad(backbone.path, f"does not fit model.arch = {config.model.arch!r}: "
+        raise _bad(backbone.path, f"does not fit model.arch = {model.arch!r}: "
                                   + "; ".join(problem for problem in problems if problem),
                    hint or f"pass a complete {wanted.describe()} checkpoint of 3-channel images "
                            f"({backbone.layout})")

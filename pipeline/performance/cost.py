@@ -21,7 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipeline.config.schema import Config, parse_size
+from pipeline.config.schema import Config, LocalConfig, parse_size
 from pipeline.errors import BadInput
 from pipeline.model.context import ContextPlan
 from pipeline.model.partition import (
@@ -213,10 +213,6 @@ def recompute_seconds(profile: NetworkProfile, segments: int, batch: int) -> flo
     return sum(piece.forward_seconds(batch / profile.batch) for piece in profile.blocks[:recomputed])
 
 
-def context_plan(config: Config) -> ContextPlan:
-    return ContextPlan.of(config.local)
-
-
 def predicted_stage_seconds(profile: NetworkProfile, plan: ContextPlan, cuts: list[int],
                             batch: int | None = None) -> list[float]:
     """Each module's predicted step seconds for these cuts at ``batch`` (the profile's by default)."""
@@ -233,9 +229,9 @@ def predicted_stage_activation_bytes(profile: NetworkProfile, plan: ContextPlan,
             for index, (start, end) in enumerate(ranges)]
 
 
-def memory_cap_bytes(config: Config, profile: NetworkProfile) -> float:
+def memory_cap_bytes(local: LocalConfig, profile: NetworkProfile) -> float:
     """local.memory_cap in bytes: a fraction of E2E activation memory, or a size; 0 is no cap."""
-    cap = config.local.memory_cap
+    cap = local.memory_cap
     if isinstance(cap, str):
         return float(parse_size(cap))
     return float("inf") if cap == 0 else cap * end_to_end_activation_bytes(profile, profile.batch)
@@ -243,7 +239,7 @@ def memory_cap_bytes(config: Config, profile: NetworkProfile) -> float:
 
 def partition_cuts(config: Config, profile: NetworkProfile) -> list[int]:
     """The cuts local.partition asks for (balanced-time, balanced-memory or balanced), from a profile."""
-    plan, kind = context_plan(config), config.local.partition
+    plan, kind = ContextPlan.of(config.local), config.local.partition
     blocks, modules = len(profile), config.local.modules
 
     def step(index: int, start: int, end: int) -> float:
@@ -258,7 +254,7 @@ def partition_cuts(config: Config, profile: NetworkProfile) -> list[int]:
             return min_max_partition(blocks, modules, memory)
         if kind == "balanced-time":
             return min_max_partition(blocks, modules, seconds)
-        return min_max_partition(blocks, modules, seconds, memory, memory_cap_bytes(config, profile))
+        return min_max_partition(blocks, modules, seconds, memory, memory_cap_bytes(config.local, profile))
     except NoPartitionBuilds:
         local = config.local
         raise BadInput(
@@ -267,7 +263,7 @@ def partition_cuts(config: Config, profile: NetworkProfile) -> list[int]:
             f"{str(local.reconstruct).lower()}) do not fit the features it reads or writes; use fewer modules, "
             "local.context = 'R0' or local.reconstruct = false") from None
     except NoPartitionFits as err:
-        limit = memory_cap_bytes(config, profile)
+        limit = memory_cap_bytes(config.local, profile)
         e2e = end_to_end_activation_bytes(profile, profile.batch)
         raise BadInput(
             f"local.memory_cap = {config.local.memory_cap!r} ({limit / MIB:.0f} MiB): no cut of {config.model.arch} "

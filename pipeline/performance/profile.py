@@ -28,6 +28,7 @@ from pipeline.config.cuts import cut_to_flat, describe_cuts
 from pipeline.config.schema import Config
 from pipeline.data.specs import DatasetSpec
 from pipeline.errors import BadInput
+from pipeline.model.context import ContextPlan
 from pipeline.model.decoder import reconstruction_loss
 from pipeline.model.losses import cross_entropy
 from pipeline.model.methods.registry import method_named
@@ -40,7 +41,6 @@ from pipeline.performance.cost import (
     UNFIT,
     NetworkProfile,
     Piece,
-    context_plan,
     end_to_end_activation_bytes,
     partition_cuts,
     predicted_stage_activation_bytes,
@@ -102,7 +102,7 @@ class _Profiler:
     def __init__(self, config: Config, spec: DatasetSpec, device: torch.device) -> None:
         self.config, self.spec, self.device = config, spec, device
         self.batch = config.data.batch_size
-        self.net = make_net(config, spec)
+        self.net = make_net(config.arch, spec, config.model.deep_stem)
         self.parts = family_named(config.arch.family).parts()
         self.memory_format = torch.channels_last if config.precision.channels_last else torch.contiguous_format
         self.amp = config.precision.amp == "bf16"  # time is measured under the precision training uses
@@ -287,7 +287,7 @@ def resolve_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> lis
 def balanced_cuts(config: Config, spec: DatasetSpec, device: torch.device) -> list[int]:
     profile = profile_network(config, spec, device)
     cuts = partition_cuts(config, profile)
-    plan = context_plan(config)
+    plan = ContextPlan.of(config.local)
     seconds = predicted_stage_seconds(profile, plan, cuts)
     memory = predicted_stage_activation_bytes(profile, plan, cuts)
     e2e = end_to_end_activation_bytes(profile, profile.batch)

@@ -75,7 +75,8 @@ def run(config: Config) -> dict[str, Any] | None:
             f"local.modules, or use the lockstep schedule"
         )
     # The first stage reads the data before joining the job, so a bad data path exits 2 at once.
-    loaders = make_loaders(config, topology.device, processes=topology.replicas) if topology.first else None
+    loaders = (make_loaders(config.data, config.model, config.run.seed, topology.device, processes=topology.replicas)
+               if topology.first else None)
     if loaders is not None:  # the epoch's length is known now: refuse a schedule that would train at rate 0
         check_schedule(config.train, len(loaders[0]))
     with (stop_signal(config.run.stop_signal) as stop, process_groups(topology, config.pipeline.timeout_s),

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from pipeline.config.cuts import written_cuts
-from pipeline.config.schema import Config
+from pipeline.config.schema import Config, LocalConfig
 from pipeline.errors import StageFailure, writing
 from pipeline.model.methods.registry import method_named
 from pipeline.runtime.metrics_files import metrics_file, metrics_files
@@ -189,8 +189,7 @@ class StageStats:
         }
 
 
-def method_name(config: Config) -> str:
-    local = config.local
+def method_name(local: LocalConfig) -> str:
     if local.modules == 1:
         return "e2e"
     if local.context != "R0":
@@ -210,7 +209,7 @@ def write_summary(run_dir: str | Path, config: Config, world_size: int, cuts: li
         "mode": config.run.mode,
         "world_size": world_size,
         "modules": config.local.modules,
-        "method": method_name(config),
+        "method": method_name(config.local),
         "context": config.local.context,
         "loss": method_named(config.local.loss).summary_name,
         "aux": config.local.aux,

@@ -177,7 +177,7 @@ def full_batches(config: Config, device: torch.device, batch: int) -> Iterator[t
     """(epoch, images, labels) of every full batch, epoch after epoch (a short last batch cannot be
     split into equal microbatches, so it is left out). The data is read at once, so a bad path
     ends the run before any process group exists."""
-    train, _ = make_loaders(config, device)
+    train, _ = make_loaders(config.data, config.model, config.run.seed, device)
 
     def walk() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         epoch = 1
@@ -209,7 +209,7 @@ def refuse_launch(config: Config, spec: DatasetSpec, microbatches: int, size: in
 
 def train(config_path: str | None, sets: list[str], schedule: Schedule, microbatches: int) -> None:
     config, e2e = load_config(config_path, sets), load_config(config_path, e2e_overrides(sets))
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     refuse_launch(config, spec, microbatches, int(os.environ.get("WORLD_SIZE", "1")))
     topology = from_env("pipeline", config.run, config.pipeline, config.local.modules, config.precision.amp)
     device, first = topology.device, topology.rank == 0

@@ -45,8 +45,9 @@ def load_for_evaluation(path: str | Path, step: int = 0, config_path: str | None
         config = load_config(config_path, overrides, training=False)
     else:
         config = recipe.build_config(overrides)
-    recorded = network_identity(recipe.build_config(), recipe.cuts)
-    given = network_identity(config, recipe.cuts)
+    trained = recipe.build_config()
+    recorded = network_identity(trained.arch, trained.data.name, trained.local, trained.model, recipe.cuts)
+    given = network_identity(config.arch, config.data.name, config.local, config.model, recipe.cuts)
     given["cuts"] = recorded["cuts"]  # a config's own partition may be profiled: the model's cuts are the ones
     for key, value in recorded.items():
         if given[key] != value:
@@ -58,7 +59,7 @@ def load_for_evaluation(path: str | Path, step: int = 0, config_path: str | None
 def evaluate(net: InferenceNet, config: Config, expected: DatasetSpec) -> dict[str, Any]:
     """summary.json's test scores of ``net``, built for the dataset ``expected``, on config's test split."""
     device = resolve_device(config.run.device, amp=config.precision.amp)
-    _, test = make_loaders(config, device)
+    _, test = make_loaders(config.data, config.model, config.run.seed, device)
     scoring = scoring_for(test.spec)
     if (test.spec.classes, test.spec.channels) != (expected.classes, expected.channels):
         raise BadInput(f"{config.data.name}'s test split has {test.spec.classes} classes of "

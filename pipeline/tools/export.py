@@ -24,13 +24,14 @@ from torch import nn
 
 from pipeline.cli import ArgumentParser, add_set_argument, run_main
 from pipeline.config.loading import config_from_dict, load_config
-from pipeline.config.schema import Config
+from pipeline.config.schema import Config, DataConfig, ModelConfig
 from pipeline.data.image_file import evaluation_preprocess
 from pipeline.data.image_folder import class_names
 from pipeline.data.specs import DatasetSpec, dataset_spec, folder_root, folder_spec
 from pipeline.errors import BadInput, clip
 from pipeline.model.inference import InferenceNet, build_inference_net, network_identity, stage_key
 from pipeline.model.local_module import LocalModule
+from pipeline.model.network import make_layout
 from pipeline.model.partition import module_ranges
 from pipeline.model.pretrained import resnet_key
 from pipeline.model.resnet import Classifier
@@ -105,21 +106,21 @@ def trained_config(raw: dict[str, Any]) -> dict[str, Any]:
     return tables
 
 
-def data_spec(config: Config) -> tuple[DatasetSpec, list[str] | None]:
+def data_spec(data: DataConfig, model: ModelConfig) -> tuple[DatasetSpec, list[str] | None]:
     """The dataset spec the network was built for, and its class names where the dataset has them (an image
     folder's class folders; without the folder, model.classes alone)."""
-    if config.data.name != "image_folder":
-        return dataset_spec(config), None
-    root = folder_root(config)
-    if config.model.classes and not root.is_dir():
-        return folder_spec(config, config.model.classes), None
+    if data.name != "image_folder":
+        return dataset_spec(data, model), None
+    root = folder_root(data)
+    if model.classes and not root.is_dir():
+        return folder_spec(data, model, model.classes), None
     names = list(class_names(root))
-    return folder_spec(config, len(names)), names
+    return folder_spec(data, model, len(names)), names
 
 
 def check_identity(folder: Path, identity: dict[str, Any], config: Config, cuts: list[int]) -> None:
     """The config must build the network the set was trained as (what of it the marker records)."""
-    ours = network_identity(config, cuts)
+    ours = network_identity(config.arch, config.data.name, config.local, config.model, cuts)
     for key, value in ours.items():
         if key in identity and identity[key] != value:
             raise BadInput(f"the config gives {key} = {value!r} but {folder} was trained with "
@@ -138,8 +139,8 @@ def read_run(path: str | Path, step: int = 0, config_path: str | None = None,
     cuts = [int(cut) for cut in identity["cuts"]]
     config = run_config(run_dir, config_path, list(overrides))
     check_identity(folder, identity, config, cuts)
-    spec, names = data_spec(config)
-    net = build_inference_net(config, spec, cuts)
+    spec, names = data_spec(config.data, config.model)
+    net = build_inference_net(make_layout(config, spec, cuts), config.local)
     state: dict[str, torch.Tensor] = {}
     for index, module in enumerate(net.stages):
         weights = checkpoint.module_weights(folder, index)
@@ -154,7 +155,7 @@ def read_run(path: str | Path, step: int = 0, config_path: str | None = None,
         raise BadInput(f"{folder} does not fit the config's network ({clip(' '.join(str(err).split()), 200)}); "
                        f"pass the config the run was trained with (--config, --set)") from err
     recipe = Recipe(trained_config(config.to_dict()), spec, cuts, int(marker.get("step", 0)), names,
-                    evaluation_preprocess(config, spec))
+                    evaluation_preprocess(config.data, spec))
     return net.eval(), recipe, config
 
 

@@ -22,6 +22,7 @@ from pipeline.data.image_file import Preprocess
 from pipeline.data.specs import DatasetSpec
 from pipeline.errors import BadInput, clip, os_error_behind, os_reason
 from pipeline.model.inference import InferenceNet, build_inference_net
+from pipeline.model.network import make_layout
 from pipeline.runtime.checkpoint import load_error_line, save_tensors
 
 FORMAT = "localpipe-model/1"
@@ -109,7 +110,8 @@ def read_model(path: str | Path) -> tuple[InferenceNet, Recipe]:
         state = payload["state"]
     except (KeyError, TypeError, ValueError) as err:
         raise _not_a_model(where, f"is damaged ({type(err).__name__}: {clip(str(err), 120)})") from err
-    net = build_inference_net(recipe.build_config(), spec, recipe.cuts)
+    config = recipe.build_config()
+    net = build_inference_net(make_layout(config, spec, recipe.cuts), config.local)
     try:
         net.load_state_dict(state, assign=True)
     except (RuntimeError, KeyError, ValueError, TypeError) as err:

@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.data.specs import dataset_spec  # torch: after the arguments are checked
         from pipeline.performance.profile import profile_as_a_stage
 
-        profile, device, threads = profile_as_a_stage(config, dataset_spec(config), args.devices)
+        profile, device, threads = profile_as_a_stage(config, dataset_spec(config.data, config.model), args.devices)
         cluster = Cluster(
             devices=args.devices,
             memory_bytes=math.inf if args.memory_gib is None else args.memory_gib * GIB,

@@ -310,7 +310,7 @@ def _aux_heads(config: Config) -> str:
 
     def shapes() -> Iterator[Shape]:
         # read only by parts that name their heads by the feature: an image folder's spec may read the folder
-        spec = dataset_spec(config)
+        spec = dataset_spec(config.data, config.model)
         net = _network(config.arch, spec, config.model.deep_stem)
         ends = (resolve_cuts(config, spec, torch.device("cpu")) if isinstance(local.partition, list)
                 or local.partition == "equal" else range(len(net) - 1))

@@ -141,7 +141,7 @@ def _module_states(run: Path, modules: int) -> list[Any]:
 def _initial_states(overrides: list[str], modules: int) -> list[Any]:
     """The modules' weights and buffers before training: built from the same config and seed."""
     config = load_config(None, [*TINY, *overrides])
-    spec, cpu = dataset_spec(config), torch.device("cpu")
+    spec, cpu = dataset_spec(config.data, config.model), torch.device("cpu")
     layout = make_layout(config, spec, resolve_cuts(config, spec, cpu))
     return [build_module(config, layout, k, cpu).state_dict() for k in range(modules)]
 
@@ -336,7 +336,7 @@ def no_host_sync(root: Path) -> Check:
     name = "no host sync in a training step"
     config = load_config(None, [*TINY, "local.modules=1", "run.device=cuda", f"run.out_dir={root / 'sync'}"])
     device = torch.device("cuda", 0)
-    train, _ = make_loaders(config, device)
+    train, _ = make_loaders(config.data, config.model, config.run.seed, device)
     layout = make_layout(config, train.spec, resolve_cuts(config, train.spec, device))
     worker = make_worker(config, layout, 0, device)
     batches = train.batches(1)
@@ -366,7 +366,7 @@ def streaming_loader_matches(root: Path, device: str) -> Check:
         config = load_config(None, ["data.name=image_folder", f"data.root='{folder}'", "data.image_size=16",
                                     "data.eval_resize=20", "data.batch_size=8", f"data.workers={workers}",
                                     f"run.device={on}", "model.arch=resnet18"])
-        train, _ = make_loaders(config, torch.device(on))
+        train, _ = make_loaders(config.data, config.model, config.run.seed, torch.device(on))
         return [(images.cpu(), labels.cpu()) for images, labels in train.batches(1)]
 
     streamed, reference = epoch(device, 2), epoch("cpu", 0)

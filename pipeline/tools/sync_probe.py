@@ -36,7 +36,7 @@ def probe(out: Path, sets: list[str]) -> None:
     config = load_config(None, sets)
     topology = from_env("pipeline", config.run, config.pipeline, config.local.modules, config.precision.amp)
     device = topology.device
-    train, _ = make_loaders(config, device, processes=topology.replicas)
+    train, _ = make_loaders(config.data, config.model, config.run.seed, device, processes=topology.replicas)
     layout = make_layout(config, train.spec, resolve_cuts(config, train.spec, device))
     with process_groups(topology, config.pipeline.timeout_s):
         parallel = DataParallel(topology, config.pipeline.sync_batchnorm)

@@ -126,10 +126,10 @@ def check_cuts(path: str, config: Config) -> None:
     from pipeline.model.network import make_layout, make_net
     from pipeline.performance.profile import resolve_cuts
 
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     ranges = make_layout(config, spec, resolve_cuts(config, spec, torch.device("cpu"))).ranges
     assert len(ranges) == config.local.modules
-    assert ranges[0][0] == 0 and ranges[-1][1] == len(make_net(config, spec))
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(make_net(config.arch, spec, config.model.deep_stem))
     assert all(start < end for start, end in ranges)
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
 
@@ -293,7 +293,7 @@ def test_in_channels_mismatch_is_caught_by_the_dataset_spec():
             assert key in str(err)
             continue
         with pytest.raises(BadInput, match=key):
-            dataset_spec(config)
+            dataset_spec(config.data, config.model)
 
 
 def test_one_class_is_rejected():
@@ -377,7 +377,7 @@ def test_aux_hidden_sets_the_head_width_and_aux_feature_dim_its_contrastive_outp
 
     config = load_config(None, ["data.name=synthetic", "model.arch=resnet8", "local.modules=2",
                                 "local.loss=contrast", "local.aux_hidden=24", "local.aux_feature_dim=40"])
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     layout = make_layout(config, spec, resolve_cuts(config, spec, torch.device("cpu")))
     head = build_module(config, layout, 0, torch.device("cpu")).head
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]

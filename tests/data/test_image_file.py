@@ -27,8 +27,8 @@ def test_a_folder_image_is_the_test_loaders_image(tmp_path: Path) -> None:
     write_folder(root, 12, 3, size=(50, 38), png_every=3)
     config = load_config(None, ["data.name=image_folder", f"data.root='{root}'", "data.image_size=32",
                                 "data.eval_resize=40", "data.batch_size=4", "data.workers=0", "model.family=cifar"])
-    _, test = make_loaders(config, CPU)
-    prepare = evaluation_preprocess(config, test.spec)
+    _, test = make_loaders(config.data, config.model, config.run.seed, CPU)
+    prepare = evaluation_preprocess(config.data, test.spec)
     loaded = torch.cat([images for images, _ in test.batches(0)])
     files = [path.decode() for path in scan(root).val.files]
     assert len(files) == len(loaded) == 3
@@ -38,8 +38,8 @@ def test_a_folder_image_is_the_test_loaders_image(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["fashion_mnist", "cifar10"])
 def test_a_resident_datasets_image_is_its_loaders_image(name: str, tmp_path: Path) -> None:
     config = load_config(None, [f"data.name={name}"])
-    spec = dataset_spec(config)
-    prepare = evaluation_preprocess(config, spec)
+    spec = dataset_spec(config.data, config.model)
+    prepare = evaluation_preprocess(config.data, spec)
     draws = np.random.default_rng(0)
     if name == "fashion_mnist":  # 28 x 28 grey files, padded to 32 by the reader
         pixels = draws.integers(0, 256, (28, 28), dtype=np.uint8)
@@ -57,7 +57,7 @@ def test_a_resident_datasets_image_is_its_loaders_image(name: str, tmp_path: Pat
 
 def test_a_file_that_does_not_decode_is_bad_input(tmp_path: Path) -> None:
     config = load_config(None, ["data.name=cifar10"])
-    prepare = evaluation_preprocess(config, dataset_spec(config))
+    prepare = evaluation_preprocess(config.data, dataset_spec(config.data, config.model))
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg at all")
     with pytest.raises(BadInput, match="broken.jpg' is not an image this can read"):
         prepare(tmp_path / "broken.jpg")

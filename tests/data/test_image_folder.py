@@ -48,7 +48,8 @@ def folder_config(root: Path, *overrides: str):
 
 
 def loaders(root: Path, *overrides: str) -> tuple[FolderLoader, FolderLoader]:
-    return make_folder_loaders(folder_config(root, *overrides), CPU)
+    config = folder_config(root, *overrides)
+    return make_folder_loaders(config.data, config.model, config.run.seed, CPU)
 
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -78,7 +79,8 @@ def test_scan_finds_sorted_classes_and_every_image(folder: Path) -> None:
     # labels follow the class folder each file sits in
     for file, label in zip(found.train.files, found.train.labels):
         assert Path(file.decode()).parent.name == found.classes[label]
-    spec = dataset_spec(folder_config(folder))
+    config = folder_config(folder)
+    spec = dataset_spec(config.data, config.model)
     assert (spec.classes, spec.channels, spec.image_size, spec.mean, spec.std) == (3, 3, 16, IMAGENET_MEAN,
                                                                                      IMAGENET_STD)
 
@@ -115,7 +117,8 @@ def test_a_missing_split_is_named(folder: Path) -> None:
 
 def test_model_classes_stand_for_the_folder_until_its_scan_checks_them(folder: Path, tmp_path: Path) -> None:
     elsewhere = folder_config(tmp_path / "not-here", "model.classes=5")
-    assert dataset_spec(elsewhere).classes == 5  # nothing read: a config of the published rows checks offline
+    # nothing read: a config of the published rows checks offline
+    assert dataset_spec(elsewhere.data, elsewhere.model).classes == 5
     with pytest.raises(BadInput, match=r"^model.classes = 5 but image_folder has 3 classes; set model.classes = 3"):
         loaders(folder, "model.classes=5")
     assert loaders(folder, "model.classes=3")[0].spec.classes == 3
@@ -125,7 +128,7 @@ def test_the_default_root_and_sizes_that_do_not_fit(tmp_path: Path, monkeypatch:
     monkeypatch.chdir(tmp_path)
     config = load_config(None, ["data.name=image_folder", "model.arch=resnet50"])  # loads without the folder
     with pytest.raises(BadInput, match=r"^data.root = 'data/imagenet' is not a folder; set data.root to a folder"):
-        dataset_spec(config)
+        dataset_spec(config.data, config.model)
     with pytest.raises(BadInput, match="data.eval_resize = 100 must be >= data.image_size"):
         load_config(None, ["data.name=image_folder", "data.root=x", "data.eval_resize=100"])
     with pytest.raises(BadInput, match="model.in_channels = 1"):
@@ -199,7 +202,8 @@ def test_batches_are_normalised_crops_of_the_image_size(folder: Path) -> None:
 
 
 def test_make_loaders_streams_image_folders_and_clamps_the_batch(folder: Path) -> None:
-    train, val = make_loaders(folder_config(folder, "data.batch_size=64"), CPU)
+    config = folder_config(folder, "data.batch_size=64")
+    train, val = make_loaders(config.data, config.model, config.run.seed, CPU)
     assert isinstance(train, FolderLoader) and train.batch_size == 20 and val.batch_size == CLASSES
     assert train.spec.classes == CLASSES and len(train) == 1
 
@@ -208,7 +212,8 @@ def test_make_loaders_streams_image_folders_and_clamps_the_batch(folder: Path) -
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 def test_gpu_batches_come_through_pinned_memory_and_equal_cpu_batches(folder: Path) -> None:
     on_cpu = epoch(loaders(folder)[0], 1)
-    gpu = make_folder_loaders(folder_config(folder, "data.workers=2", "run.device=cuda"), torch.device("cuda"))[0]
+    config = folder_config(folder, "data.workers=2", "run.device=cuda")
+    gpu = make_folder_loaders(config.data, config.model, config.run.seed, torch.device("cuda"))[0]
     on_gpu = epoch(gpu, 1)
     assert len(on_gpu) == len(on_cpu)
     for (images, labels), (gpu_images, gpu_labels) in zip(on_cpu, on_gpu):

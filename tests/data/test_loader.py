@@ -206,22 +206,26 @@ def test_published_normalisation_and_augmentation():
 
 def test_make_loaders_synthetic(make_config):
     config = make_config("data.batch_size=16")
-    train, test = make_loaders(config, CPU)
+    train, test = make_loaders(config.data, config.model, config.run.seed, CPU)
     assert train.samples == 1024 and test.samples == 256
     assert len(train) == 64 and len(test) == 16
     assert train.augment and not test.augment
     images, labels = next(train.batches(1))
     assert images.shape == (16, 3, 32, 32) and labels.shape == (16,)
-    train_again, _ = make_loaders(config, CPU)
+    train_again, _ = make_loaders(config.data, config.model, config.run.seed, CPU)
     assert same(epoch(train, 1)[:3], list(train_again.batches(1))[:3])
 
 
 def test_dataset_spec_rejects_a_model_that_does_not_fit():
+    def cifar100_spec(model: str) -> DatasetSpec:
+        config = load_config(None, ["data.name=cifar100", model])
+        return dataset_spec(config.data, config.model)
+
     with pytest.raises(BadInput, match="model.in_channels"):
-        dataset_spec(load_config(None, ["data.name=cifar100", "model.in_channels=1"]))
+        cifar100_spec("model.in_channels=1")
     with pytest.raises(BadInput, match="model.classes"):
-        dataset_spec(load_config(None, ["data.name=cifar100", "model.classes=10"]))
-    assert dataset_spec(load_config(None, ["data.name=cifar100", "model.classes=100"])).classes == 100
+        cifar100_spec("model.classes=10")
+    assert cifar100_spec("model.classes=100").classes == 100
 
 
 # ---- a data set smaller than a batch ------------------------------------------------------------------
@@ -245,22 +249,25 @@ def cifar_config(root: Path, batch: int):
 
 def test_fewer_samples_than_one_batch_per_process_is_bad_input(tmp_path):
     config = cifar_config(tiny_cifar10(tmp_path, train=5, test=2), batch=8)
-    make_loaders(config, CPU, processes=2)  # 5 samples: one batch of 2 + 3, enough for 2 processes
+    # 5 samples: one batch of 2 + 3, enough for 2 processes
+    make_loaders(config.data, config.model, config.run.seed, CPU, processes=2)
     with pytest.raises(BadInput) as info:
-        make_loaders(config, CPU, processes=3)  # 3 processes need 6 samples for one batch
+        # 3 processes need 6 samples for one batch
+        make_loaders(config.data, config.model, config.run.seed, CPU, processes=3)
     message = str(info.value)
     assert "\n" not in message and "5 sample(s)" in message and "one batch of 6" in message
 
 
 def test_a_batch_larger_than_the_data_set_is_clamped_and_said(tmp_path, capsys):
     config = cifar_config(tiny_cifar10(tmp_path, train=5, test=3), batch=128)
-    train, test = make_loaders(config, CPU)
+    train, test = make_loaders(config.data, config.model, config.run.seed, CPU)
     notice = capsys.readouterr().out.strip().splitlines()
     assert len(notice) == 1 and "data.batch_size = 128" in notice[0] and "batches of 5" in notice[0]
     assert (train.batch_size, test.batch_size) == (5, 3)
     assert [len(labels) for _, labels in train.batches(1)] == [5]
     assert [len(labels) for _, labels in test.batches(0)] == [3]
-    make_loaders(cifar_config(tmp_path, batch=4), CPU)
+    fitting = cifar_config(tmp_path, batch=4)
+    make_loaders(fitting.data, fitting.model, fitting.run.seed, CPU)
     assert capsys.readouterr().out == ""  # a batch that fits is not mentioned
 
 

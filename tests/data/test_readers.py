@@ -34,7 +34,7 @@ def write_idx(path: Path, array: np.ndarray, magic_type: int = 0x08) -> None:
 
 def raw_for(name: str, root: Path):
     config = load_config(None, [f"data.name={name}", f"data.root='{root}'"])
-    return load_raw(config)
+    return load_raw(config.data, config.model, config.run.seed)
 
 
 def rng(seed: int = 0) -> np.random.Generator:
@@ -92,7 +92,8 @@ def test_fashion_mnist_reader_mixes_gzip_and_plain(tmp_path):
 
 @pytest.mark.skipif(not FASHION_ROOT.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_the_installed_fashion_mnist():
-    _, raw = load_raw(load_config(None))  # the default data set and root
+    config = load_config(None)  # the default data set and root
+    _, raw = load_raw(config.data, config.model, config.run.seed)
     assert tuple(raw.train.images.shape) == (60000, 1, 32, 32)
     assert tuple(raw.test.images.shape) == (10000, 1, 32, 32)
     assert torch.bincount(raw.train.labels).tolist() == [6000] * 10
@@ -472,7 +473,7 @@ def test_missing_files_name_the_folder_and_the_fix(tmp_path, name):
 
 def test_synthetic_is_seeded_and_shaped_by_the_model():
     config = load_config(None, ["data.name=synthetic", "model.in_channels=1", "model.classes=4"])
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     assert (spec.channels, spec.classes) == (1, 4)
     a, b, c = make_synthetic(spec, 0), make_synthetic(spec, 0), make_synthetic(spec, 1)
     assert tuple(a.train.images.shape) == (1024, 1, 32, 32) and tuple(a.test.images.shape) == (256, 1, 32, 32)

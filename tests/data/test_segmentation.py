@@ -37,7 +37,8 @@ def seg_config(root: Path, *overrides: str, name: str = "segmentation_folder") -
 
 
 def loaders(root: Path, *overrides: str, name: str = "segmentation_folder") -> tuple[FolderLoader, FolderLoader]:
-    train, val = make_loaders(seg_config(root, *overrides, name=name), CPU)
+    config = seg_config(root, *overrides, name=name)
+    train, val = make_loaders(config.data, config.model, config.run.seed, CPU)
     assert isinstance(train, FolderLoader) and isinstance(val, FolderLoader)
     return train, val
 
@@ -69,18 +70,21 @@ def folder(tmp_path: Path) -> Path:
 
 
 def test_the_spec_is_dense_at_the_crop_with_imagenet_statistics(folder: Path, tmp_path: Path) -> None:
-    spec = dataset_spec(seg_config(folder))
+    config = seg_config(folder)
+    spec = dataset_spec(config.data, config.model)
     assert (spec.name, spec.dense, spec.classes, spec.channels) == ("segmentation_folder", True, CLASSES, 3)
     assert (spec.image_size, spec.image_width) == (16, 32)
     # MMSegmentation's mean and std on 0..255
     assert np.allclose(np.array(spec.mean) * 255, (123.675, 116.28, 103.53))
     assert np.allclose(np.array(spec.std) * 255, (58.395, 57.12, 57.375))
     assert (spec.mean, spec.std) == (IMAGENET_MEAN, IMAGENET_STD)
-    city = dataset_spec(seg_config(tmp_path / "not-read", name="cityscapes"))  # nothing read to know it
+    city_config = seg_config(tmp_path / "not-read", name="cityscapes")
+    city = dataset_spec(city_config.data, city_config.model)  # nothing read to know it
     assert (city.classes, city.dense, city.default_root) == (19, True, "data/cityscapes")
     city_default = load_config(None, ["data.name=cityscapes", "model.arch=deeplabv3_resnet50"])
-    assert dataset_spec(city_default).image_size == 512  # the default crop: 512 x 1024
-    assert not dataset_spec(load_config(None, ["data.name=synthetic", "model.arch=resnet8"])).dense
+    assert dataset_spec(city_default.data, city_default.model).image_size == 512  # the default crop: 512 x 1024
+    synthetic = load_config(None, ["data.name=synthetic", "model.arch=resnet8"])
+    assert not dataset_spec(synthetic.data, synthetic.model).dense
 
 
 def test_classes_and_crop_are_checked_at_load(folder: Path) -> None:
@@ -216,7 +220,7 @@ def test_gpu_batches_padding_included_equal_cpu_batches(folder: Path) -> None:
     for overrides in (("data.crop=[64, 96]",), ("data.batch_size=3",)):  # padded crops; whole images of two sizes
         cpu_train, cpu_val = loaders(folder, *overrides)
         config = seg_config(folder, "data.workers=2", "run.device=cuda", *overrides)
-        gpu_train, gpu_val = make_loaders(config, torch.device("cuda"))
+        gpu_train, gpu_val = make_loaders(config.data, config.model, config.run.seed, torch.device("cuda"))
         for on_cpu, on_gpu in ((epoch(cpu_train, 1), list(gpu_train.batches(1))),
                                (epoch(cpu_val, 0), list(gpu_val.batches(0)))):
             assert len(on_cpu) == len(on_gpu)

@@ -111,7 +111,7 @@ def test_basic_networks_use_basic_blocks():
 def test_infopro_cuts_end_module_0_at_the_28x28_feature(arch, cut, flat):
     """The authors' decoder asserts a 28x28 input: their cut is inside layer2 at 224."""
     config = load_config(PUBLISHED / f"{arch}_infopro_k2.toml")
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     assert config.local.partition == [cut]
     cuts = resolve_cuts(config, spec, CPU)
     assert cuts == [flat]
@@ -139,7 +139,8 @@ def test_imagenet_head_is_infopros():
 
 
 def test_imagenet_decoder_is_infopros():
-    spec = dataset_spec(load_config(None, ["data.name=image_folder", "model.arch=resnet50", "model.classes=1000"]))
+    config = load_config(None, ["data.name=image_folder", "model.arch=resnet50", "model.classes=1000"])
+    spec = dataset_spec(config.data, config.model)
     decoder = family_named("imagenet").parts().decoder((512, 8, 8), spec, 1)
     assert isinstance(decoder, ImageNetDecoder)
     convs = [m for m in decoder.modules() if isinstance(m, nn.Conv2d)]
@@ -158,7 +159,7 @@ def test_imagenet_decoder_is_infopros():
 
 def test_infopro_module_loss_is_bce_times_ixx_plus_ce_times_ixy():
     config = load_config(PUBLISHED / "resnet101_infopro_k2.toml")
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     layout = make_layout(config, spec, resolve_cuts(config, spec, CPU))
     module = build_module(config, layout, 0, CPU).train()
     assert (module.ixx, module.ixy) == (5.0, 0.75)
@@ -201,9 +202,11 @@ def test_zero_init_residual(family, arch, kind, last, make_config, build_modules
 
 
 def test_make_net_follows_the_family(make_config):
-    spec = dataset_spec(make_config())
-    assert isinstance(make_net(make_config("model.arch=resnet50", "model.family=imagenet"), spec), ImageNetResNet)
-    assert len(make_net(make_config("model.arch=resnet50"), spec)) == 1 + 3 * 8
+    config = make_config()
+    spec = dataset_spec(config.data, config.model)
+    assert isinstance(make_net(make_config("model.arch=resnet50", "model.family=imagenet").arch, spec, False),
+                      ImageNetResNet)
+    assert len(make_net(make_config("model.arch=resnet50").arch, spec, False)) == 1 + 3 * 8
 
 
 @pytest.mark.slow

@@ -221,7 +221,7 @@ def weights(make_config, modules, values, reconstruct=True):
     config = make_config("model.arch=resnet32", f"local.modules={modules}",
                          f"local.reconstruct={str(reconstruct).lower()}",
                          f"local.ixx_1={ixx_1}", f"local.ixy_1={ixy_1}", f"local.ixx_2={ixx_2}", f"local.ixy_2={ixy_2}")
-    return [loss_weights(config, k) for k in range(modules - 1)]
+    return [loss_weights(config.local, k) for k in range(modules - 1)]
 
 
 def test_interpolation_K2_uses_the_first_pair(make_config):
@@ -407,7 +407,8 @@ def test_segmentation_end_to_end_is_one_module_with_both_heads(seg_config_builde
     config = seg_config_builder("model.arch=deeplabv3_resnet50", "model.deep_stem=true")
     layout = make_layout(config, SEG_SPEC, resolve_cuts(config, SEG_SPEC, torch.device("cpu")))
     assert layout.ranges == [(0, 17)]
-    module = LocalModule(config, layout, 0)
+    module = LocalModule(layout, 0, config.local, zero_init_residual=config.model.zero_init_residual,
+                         checkpoint_segments=config.precision.checkpoint_segments)
     assert isinstance(module.head, ASPPHead) and isinstance(module.aux_head, FCNHead)
     assert module.aux_tap == 13 and module.decoder is None
     assert isinstance(module.body[0], DeepStem)

@@ -194,20 +194,21 @@ def test_a_module_that_cannot_be_built_is_never_picked():
 ])
 def test_cuts_are_written_as_the_network_takes_them(make_config, arch, modules, written):
     config = make_config(f"model.arch={arch}", f"local.modules={modules}")
-    cuts = resolve_cuts(config, dataset_spec(config), torch.device("cpu"))
+    cuts = resolve_cuts(config, dataset_spec(config.data, config.model), torch.device("cpu"))
     assert describe_cuts(cuts, config.arch) == written
     again = make_config(f"model.arch={arch}", f"local.modules={modules}",
                         f"local.partition={written_cuts(cuts, config.arch)}")
-    assert resolve_cuts(again, dataset_spec(again), torch.device("cpu")) == cuts  # what is printed is taken back
+    # what is printed is taken back
+    assert resolve_cuts(again, dataset_spec(again.data, again.model), torch.device("cpu")) == cuts
 
 
 def test_resolve_cuts_explicit_and_equal(make_config):
     config = make_config("model.arch=resnet32", "local.modules=3", "local.partition=[[1, 0], [2, 3]]")
-    assert resolve_cuts(config, dataset_spec(config), torch.device("cpu")) == [1, 9]
+    assert resolve_cuts(config, dataset_spec(config.data, config.model), torch.device("cpu")) == [1, 9]
     config = make_config("model.arch=resnet32", "local.modules=4")
-    assert resolve_cuts(config, dataset_spec(config), torch.device("cpu")) == [3, 7, 11]
+    assert resolve_cuts(config, dataset_spec(config.data, config.model), torch.device("cpu")) == [3, 7, 11]
     config = make_config("model.arch=resnet14", "local.modules=3")
-    assert resolve_cuts(config, dataset_spec(config), torch.device("cpu")) == even_cuts(7, 3)
+    assert resolve_cuts(config, dataset_spec(config.data, config.model), torch.device("cpu")) == even_cuts(7, 3)
 
 
 def test_segmentation_default_cuts_are_infopros_and_leave_classification_alone():

@@ -177,7 +177,7 @@ def checkpoint_run(tmp_path_factory, config_builder):
     trainer's own checkpoint code at step 5, its batch-norm statistics moved off their initial values."""
     out = tmp_path_factory.mktemp("pretrained") / "run"
     config = config_builder(*IMAGENET, "local.modules=2", "local.partition=[[2, 0]]", out_dir=out)
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     cuts = resolve_cuts(config, spec, CPU)
     layout = make_layout(config, spec, cuts)
     identity = checkpoint.identity_of(config, cuts)
@@ -234,7 +234,7 @@ def test_a_resnet50_file_into_a_resnet101_names_both_and_the_setting(saved, make
     # the network's structure is compared before any block: no resnet101 need be built
     with pytest.raises(BadInput, match=r"holds a resnet50 \(torchvision's ResNet layout\) but model.arch = "
                                        r"'resnet101' is a resnet101; set model.arch = 'resnet50'"):
-        load_pretrained(nn.Sequential(), config, 0, 0)
+        load_pretrained(nn.Sequential(), config.model, config.arch, 0, 0)
 
 
 def test_a_wrong_arch_ends_the_run_with_exit_2_and_one_line(saved, tmp_path, capsys):

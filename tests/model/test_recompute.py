@@ -62,7 +62,7 @@ def _ddp_states(segments: int) -> tuple[list[dict[str, torch.Tensor]], list[int]
     """WORLD replicas of the tiny E2E network under real DDP (gloo, one thread each), STEPS steps: their
     states, and how often each ran its first block."""
     config = tiny_config("run.mode=ddp", f"precision.checkpoint_segments={segments}")
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     layout = make_layout(config, spec, [])
     generator = torch.Generator().manual_seed(1)
     batches = [random_batch(spec, config.data.batch_size, generator) for _ in range(STEPS)]
@@ -111,7 +111,7 @@ def test_the_optimizer_sees_the_same_parameters():
     """Recomputation wraps nothing: the module's parameters and state keys are the plain module's."""
     plain = tiny_config()
     recomputed = tiny_config("precision.checkpoint_segments=2")
-    spec = dataset_spec(plain)
+    spec = dataset_spec(plain.data, plain.model)
     a = build_module(plain, make_layout(plain, spec, []), 0, torch.device("cpu"))
     b = build_module(recomputed, make_layout(recomputed, spec, []), 0, torch.device("cpu"))
     assert list(a.state_dict()) == list(b.state_dict())

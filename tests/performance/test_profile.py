@@ -52,7 +52,7 @@ def test_batch_norm_buffers_are_not_activations():
 def test_imagenet_modules_are_profiled(make_config):
     config = make_config("model.family=imagenet", "model.arch=resnet18", "local.modules=2", "local.reconstruct=true")
     e2e = make_config("model.family=imagenet", "model.arch=resnet18")
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     local = module_activation_bytes(config, spec, [3], batch=2)
     whole = module_activation_bytes(e2e, spec, [], batch=2)
     assert len(local) == 2 and len(whole) == 1
@@ -70,7 +70,7 @@ IMAGENET18 = ("model.family=imagenet", "model.arch=resnet18")
 def test_profiled_bytes_predict_the_exact_count(make_config, net, method):
     """The profile's per-piece bytes add up to what a real module's step keeps (counted exactly)."""
     config = make_config(*net, "local.modules=3", "data.batch_size=8", *method)
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     profile = profile_network(config, spec, torch.device("cpu"))
     plan = ContextPlan(3, config.local.context_depth, config.local.context_image, config.local.reconstruct)
     cuts = [1, 4]
@@ -87,7 +87,7 @@ def test_other_networks_are_profiled_from_their_own_shapes(make_config, arch):
     of those modules' steps (ContSup R1E: image and input encoders into every module after the first)."""
     config = make_config(f"model.arch={arch}", "local.modules=3", "local.context=R1E", "data.batch_size=2",
                          "local.partition=balanced-time")
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     profile = profile_network(config, spec, torch.device("cpu"))
     assert len(profile) == config.arch.units
     cuts = partition_cuts(config, profile)
@@ -102,7 +102,7 @@ def test_balanced_cuts_never_start_a_module_where_its_context_cannot_reach(make_
     five blocks into three modules that builds starts none after them; four modules cannot be built at all."""
     config = make_config(f"model.arch={MAPS_THEN_VECTORS}", "local.modules=3", "local.context=R1E",
                          "data.batch_size=2", "local.partition=balanced-time")
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     assert resolve_cuts(config, spec, torch.device("cpu")) == [0, 1]
     assert "cut points [0, 1] (block index after which a module ends)" in capsys.readouterr().out
     config.local.modules = 4
@@ -115,7 +115,7 @@ def test_balanced_cuts_never_start_a_module_where_its_context_cannot_reach(make_
 def test_balanced_cuts_keep_every_module_under_the_cap(make_config):
     """Whatever the timings, the chosen cuts hold every module under the cap (counted exactly)."""
     e2e_config = make_config("model.arch=resnet14", "data.batch_size=8")
-    spec = dataset_spec(e2e_config)
+    spec = dataset_spec(e2e_config.data, e2e_config.model)
     e2e = module_activation_bytes(e2e_config, spec, [], 8)[0]
     config = make_config("model.arch=resnet14", "local.modules=3", "data.batch_size=8", "local.partition=balanced",
                          "local.memory_cap=0.465")
@@ -130,7 +130,7 @@ def test_segmentation_is_not_profiled(make_config):
     import dataclasses
 
     config = make_config("local.modules=2")
-    dense = dataclasses.replace(dataset_spec(config), dense=True)
+    dense = dataclasses.replace(dataset_spec(config.data, config.model), dense=True)
     with pytest.raises(BadInput, match="profiling .* covers classification networks.*local.partition = 'equal'"):
         profile_network(config, dense, torch.device("cpu"))
 
@@ -139,7 +139,7 @@ def test_segmentation_is_not_profiled(make_config):
 def test_recomputed_segments_keep_less_and_the_profile_predicts_it(make_config, segments):
     """Checkpointed E2E keeps less than plain E2E, and the profile's pieces predict the exact count."""
     e2e = make_config("model.arch=resnet14", "data.batch_size=8")
-    spec = dataset_spec(e2e)
+    spec = dataset_spec(e2e.data, e2e.model)
     plain = module_activation_bytes(e2e, spec, [], 8)[0]
     exact = checkpointed_activation_bytes(e2e, spec, 8, segments)
     assert exact < plain

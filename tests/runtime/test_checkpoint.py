@@ -138,7 +138,7 @@ def test_save_then_load_restores_a_worker(make_config, tmp_path, image_batch):
     from pipeline.runtime.packet import Packet
 
     config = make_config("local.modules=2", "local.context=E", "local.reconstruct=true")
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     cuts = resolve_cuts(config, spec, CPU)
     layout = make_layout(config, spec, cuts)
     workers = [make_worker(config, layout, index, CPU) for index in range(2)]
@@ -168,7 +168,7 @@ def test_save_then_load_restores_a_worker(make_config, tmp_path, image_batch):
 def saved(make_config, tmp_path):
     """(worker of module 0, identity, path of the checkpoint save wrote for it)."""
     config = make_config("local.modules=2")
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     cuts = resolve_cuts(config, spec, CPU)
     worker = make_worker(config, make_layout(config, spec, cuts), 0, CPU)
     identity = checkpoint.identity_of(config, cuts)
@@ -389,7 +389,7 @@ def test_commit_looks_again_for_a_module_file_another_node_wrote(make_config, tm
     import time
 
     config = make_config("local.modules=2")
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     cuts = resolve_cuts(config, spec, CPU)
     layout = make_layout(config, spec, cuts)
     identity = checkpoint.identity_of(config, cuts)

@@ -42,7 +42,7 @@ def emulate_ddp(tmp: Path) -> dict[str, object]:
     """Per-shard batch norm, mean of the shard gradients, running statistics from shard 0."""
     config = tiny_config(tmp, "reference")
     device = torch.device("cpu")
-    train, _ = make_loaders(config, device)
+    train, _ = make_loaders(config.data, config.model, config.run.seed, device)
     layout = make_layout(config, train.spec, resolve_cuts(config, train.spec, device))
     worker = make_worker(config, layout, 0, device)
     module, optimizer = worker.module, worker.optimizer
@@ -110,7 +110,7 @@ def test_replicas_evaluate_with_replica_0_buffers(tmp_path: Path) -> None:
     """At the switch from training to evaluation every buffer is broadcast from replica 0, once."""
     config = tiny_config(tmp_path, "unit")
     device = torch.device("cpu")
-    test = make_loaders(config, device)[1]
+    test = make_loaders(config.data, config.model, config.run.seed, device)[1]
     layout = make_layout(config, test.spec, resolve_cuts(config, test.spec, device))
     worker = make_worker(config, layout, 0, device)
     comm = RecordingCollectives()
@@ -133,7 +133,7 @@ def test_ddp_accuracy_is_replica_0s_model_on_the_whole_test_set(ddp_run: Path, t
     out = ddp_run
     config = tiny_config(tmp_path, "check")
     device = torch.device("cpu")
-    test = make_loaders(config, device)[1]
+    test = make_loaders(config.data, config.model, config.run.seed, device)[1]
     layout = make_layout(config, test.spec, resolve_cuts(config, test.spec, device))
     worker = make_worker(config, layout, 0, device)
     worker.load_state_dict(load_module_state(out, 0)["state"])  # type: ignore[arg-type]

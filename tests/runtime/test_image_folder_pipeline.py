@@ -95,7 +95,7 @@ def test_a_later_stage_builds_its_module_from_rank_0s_spec_without_the_folder(tm
     root = tmp_path / "images"
     write_folder(root, 12, 3, size=(40, 32))
     config = tiny_config(tmp_path, "stage1", *folder_overrides(root), "run.mode=pipeline")
-    train, _ = make_loaders(config, CPU)
+    train, _ = make_loaders(config.data, config.model, config.run.seed, CPU)
     facts = (train.spec, resolve_cuts(config, train.spec, CPU), len(train))
     shutil.rmtree(root)
     topology = Topology(1, 2, CPU, 2, 1, (1,), comm=SaidByRank0(facts, config.run.resume))

@@ -36,7 +36,7 @@ def emulate_replicas(config: Config, replicas: int) -> list[dict[str, object]]:
     of shard 0 (DDP broadcasts replica 0's buffers), each shard's output feeding the same shard."""
     modules, steps = config.local.modules, config.train.max_steps
     device = torch.device("cpu")
-    train, _ = make_loaders(config, device, processes=replicas)
+    train, _ = make_loaders(config.data, config.model, config.run.seed, device, processes=replicas)
     layout = make_layout(config, train.spec, resolve_cuts(config, train.spec, device))
     workers: list[ModuleWorker] = [make_worker(config, layout, k, device) for k in range(modules)]
     for step, (images, labels) in enumerate(itertools.islice(train.batches(1), steps), start=1):

@@ -66,7 +66,7 @@ def test_requests_follow_the_clock_the_flag_and_the_other_replicas() -> None:
 
 def test_a_stop_request_ends_the_run_after_a_save_point(tmp_path: Path) -> None:
     config = tiny_config(tmp_path, "source", "data.batch_size=128")
-    train, test = make_loaders(config, torch.device("cpu"))
+    train, test = make_loaders(config.data, config.model, config.run.seed, torch.device("cpu"))
     flag = StopFlag()
     requests = SaveRequests(flag, 0.0, None, torch.device("cpu"))
     source = BatchSource(train, test, Position(), RunLength(2, len(train), 0), WHOLE, every=0, requests=requests)

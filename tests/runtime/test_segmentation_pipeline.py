@@ -52,7 +52,7 @@ def test_threaded_segmentation_pipeline_equals_sequential(tmp_path: Path, single
 
     # the run's scores are the trained modules' own predictions on the val images, counted by hand
     config = tiny_config(tmp_path, "check", *overrides, "data.workers=0")
-    _, test = make_loaders(config, CPU)
+    _, test = make_loaders(config.data, config.model, config.run.seed, CPU)
     layout = make_layout(config, test.spec, resolve_cuts(config, test.spec, CPU))
     workers = [make_worker(config, layout, index, CPU) for index in range(2)]
     for index, worker in enumerate(workers):

@@ -76,10 +76,10 @@ def test_run_equals_stepping_the_workers_by_hand(make_config, tmp_path):
     summary = run(config)
     assert summary["steps"] == 3
 
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     layout = make_layout(config, spec, resolve_cuts(config, spec, CPU))
     workers = [make_worker(config, layout, index, CPU) for index in range(2)]
-    train, test = make_loaders(config, CPU)
+    train, test = make_loaders(config.data, config.model, config.run.seed, CPU)
     for worker in workers:
         worker.at_step(1, 1)
     for _, (images, labels) in zip(range(3), train.batches(1)):

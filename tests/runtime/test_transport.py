@@ -432,7 +432,7 @@ def test_a_bf16_wire_stays_bf16_for_a_module_under_bf16_autocast(monkeypatch: py
                                 "pipeline.wire_dtype=bf16", f"precision.amp={amp}"])
     from pipeline.data.specs import dataset_spec
 
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     layout = make_layout(config, spec, [2])
     topology = Topology(1, 2, torch.device("cpu"), 2, 1, (1,), links={0: "01"})  # type: ignore[dict-item]
     inbox, outbox = assemble.wire(config.pipeline, topology, layout, amp=config.precision.amp)

@@ -20,14 +20,14 @@ CPU = torch.device("cpu")
 
 
 def workers_for(config):
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     layout = make_layout(config, spec, resolve_cuts(config, spec, CPU))
     return [make_worker(config, layout, index, CPU) for index in range(config.local.modules)]
 
 
 def reference_resnet(config) -> nn.Sequential:
     """The whole network by hand from resnet's blocks, seeded as module 0 (run.seed + 0)."""
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     net = CifarResNet(config.arch.blocks[0], spec.channels, spec.image_shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.run.seed + 0)
@@ -47,7 +47,7 @@ def test_K1_equals_a_plain_end_to_end_step(arch, seed, make_config):
     assert len(mine) == len(theirs) == len(list(worker.module.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(mine, theirs)), "same seed, same initial weights"
 
-    train, _ = make_loaders(config, CPU)
+    train, _ = make_loaders(config.data, config.model, config.run.seed, CPU)
     rate = learning_rate(config.train, 2)
     optimizer = torch.optim.SGD(reference.parameters(), lr=rate, momentum=0.9, nesterov=True, weight_decay=1e-4)
     worker.at_step(2, 1)
@@ -70,7 +70,7 @@ def test_K1_equals_a_plain_end_to_end_step(arch, seed, make_config):
 def test_K1_eval_counts_correct_predictions(make_config, image_batch):
     config = make_config("local.modules=1")
     (worker,) = workers_for(config)
-    images, labels = image_batch(dataset_spec(config), batch=8)
+    images, labels = image_batch(dataset_spec(config.data, config.model), batch=8)
     correct = worker.eval_step(Packet.from_batch(images, labels))
     worker.module.eval()
     with torch.no_grad():
@@ -96,7 +96,7 @@ def test_a_step_leaves_every_other_module_untouched(context, extra, make_config,
     workers = workers_for(config)
     for worker in workers:
         worker.at_step(1, 1)
-    images, labels = image_batch(dataset_spec(config), batch=8)
+    images, labels = image_batch(dataset_spec(config.data, config.model), batch=8)
     packet = Packet.from_batch(images, labels)
     for index, worker in enumerate(workers):
         before = [{n: p.detach().clone() for n, p in w.module.named_parameters()} for w in workers]
@@ -145,7 +145,7 @@ def test_a_resumed_worker_trains_at_its_own_config_rate_not_the_checkpoints(make
 def test_state_dict_round_trip(make_config, image_batch):
     config = make_config("local.modules=2", "local.context=E")
     first, second = workers_for(config), workers_for(config)
-    images, labels = image_batch(dataset_spec(config), batch=8)
+    images, labels = image_batch(dataset_spec(config.data, config.model), batch=8)
     packet = Packet.from_batch(images, labels)
     for worker in first:
         worker.at_step(1, 1)
@@ -192,7 +192,7 @@ def test_channels_last_leaves_token_features_as_they_are(make_config, image_batc
     for layout in ("false", "true"):
         config = make_config("model.arch=vit_tiny", "local.modules=3", "local.context=R1E", "data.batch_size=2",
                              f"precision.channels_last={layout}")
-        images, labels = image_batch(dataset_spec(config), 2)
+        images, labels = image_batch(dataset_spec(config.data, config.model), 2)
         packet: Packet | None = Packet.from_batch(images, labels)
         losses[layout] = []
         for worker in workers_for(config):

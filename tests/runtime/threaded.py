@@ -57,7 +57,7 @@ def run_threaded(config: Config,
     stages = config.local.modules
     exchange = Exchange(stages, timeout_s)
     links = [MemoryLink(k, k + 1, config.pipeline.queue_depth, config.pipeline.timeout_s) for k in range(stages - 1)]
-    loaders = make_loaders(config, torch.device("cpu"))
+    loaders = make_loaders(config.data, config.model, config.run.seed, torch.device("cpu"))
     summaries: list[dict[str, Any] | None] = [None] * stages
     errors: list[BaseException | None] = [None] * stages
 

@@ -28,7 +28,7 @@ def main() -> None:
     cpu = torch.device("cpu")
     config = load_config(None, sets)
     e2e = load_config(None, e2e_overrides(sets))
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     cuts = resolve_cuts(config, spec, cpu)
     stage = build_stage(config, e2e, spec, cuts, rank, size, schedule, microbatches, cpu)  # type: ignore[arg-type]
     batches = full_batches(config, cpu, config.data.batch_size) if rank == 0 else None

@@ -336,7 +336,7 @@ def test_memory_only_counts_e2e_and_every_module_without_running(tmp_path: Path)
     sets = [*TINY_BENCH, "local.modules=2", "local.partition=[[2, 0]]"]
     report = memory_report(None, sets, 3, tmp_path)
     config = load_config(None, sets)
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     e2e = module_activation_bytes(load_config(None, [*TINY_BENCH, "local.modules=1"]), spec, [], 3)[0]
     modules = module_activation_bytes(config, spec, [2], 3)  # [2, 0]: after the stem and stage 1's one block
     assert report["e2e_activation_mem_bytes"] == e2e and report["module_activation_mem_bytes"] == modules
@@ -430,19 +430,20 @@ def test_plan_and_bench_agree_under_a_bf16_wire(tmp_path: Path, monkeypatch: pyt
 
     from pipeline.config.loading import load_config
     from pipeline.data.specs import dataset_spec
+    from pipeline.model.context import ContextPlan
     from pipeline.performance import profile as profiling
-    from pipeline.performance.cost import context_plan, sent_bytes
+    from pipeline.performance.cost import sent_bytes
     from pipeline.performance.traffic import LABEL_BYTES, header_bytes
     from pipeline.tools.plan import Cluster, plan_layouts
 
     sets = [*TINY_BENCH, "local.modules=2", "local.context=R1E", "pipeline.wire_dtype=bf16"]
     config = load_config(None, sets)
-    measured = profiling.profile_network(config, dataset_spec(config), torch.device("cpu"))
+    measured = profiling.profile_network(config, dataset_spec(config.data, config.model), torch.device("cpu"))
     assert measured.wire_element_bytes == 2
     monkeypatch.setattr(profiling, "profile_network", lambda *_: measured)  # the bench profiles no second time
     report = run_bench(None, sets, 2, 20, WINDOW, tmp_path, rounds=1, launcher=fake_launcher([], batch=8),  # type: ignore[arg-type]
                        classic_microbatches=(), checkpoint_segments=[2])
-    local, plan = config.local, context_plan(config)
+    local, plan = config.local, ContextPlan.of(config.local)
     cluster = Cluster(devices=2, memory_bytes=math.inf, link_bytes_per_s=measured.copy_bytes_per_s,
                       queue_depth=config.pipeline.queue_depth)
     (pipe,) = [layout for layout in plan_layouts(measured, local.context_depth, local.context_image, local.reconstruct,

@@ -36,12 +36,12 @@ SETS = ["data.name=synthetic", "model.arch=resnet8", "data.batch_size=8", "run.d
 
 def e2e_network(sets: list[str]) -> torch.nn.Module:
     config = load_config(None, e2e_overrides(sets))
-    return build_module(config, make_layout(config, dataset_spec(config), []), 0, CPU)
+    return build_module(config, make_layout(config, dataset_spec(config.data, config.model), []), 0, CPU)
 
 
 def test_the_stages_are_the_end_to_end_network_cut_at_the_local_cuts() -> None:
     config, e2e = load_config(None, SETS), load_config(None, e2e_overrides(SETS))
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     stages = stage_modules(e2e, spec, resolve_cuts(config, spec, CPU))
     whole = e2e_network(SETS)
     assert [len(stage) for stage in stages] == [2, 3]  # stem + block 1 | blocks 2, 3 + classifier
@@ -55,7 +55,7 @@ def test_the_stages_are_the_end_to_end_network_cut_at_the_local_cuts() -> None:
 def test_any_network_is_cut_into_stages_at_its_block_index_cuts(arch: str) -> None:
     sets = ["data.name=synthetic", f"model.arch={arch}", "data.batch_size=2", "run.device=cpu", "local.modules=2"]
     config, e2e = load_config(None, sets), load_config(None, e2e_overrides(sets))
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     cuts = resolve_cuts(config, spec, CPU)
     stages = stage_modules(e2e, spec, cuts)
     whole = e2e_network(sets)
@@ -75,7 +75,7 @@ def test_microbatches_in_flight() -> None:
 
 def test_activation_memory_counts_the_microbatches_in_flight() -> None:
     config, e2e = load_config(None, SETS), load_config(None, e2e_overrides(SETS))
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     cuts = resolve_cuts(config, spec, CPU)
     gpipe = stage_activation_bytes(e2e, spec, cuts, 8, "gpipe", 4)
     one_f = stage_activation_bytes(e2e, spec, cuts, 8, "1f1b", 4)
@@ -235,7 +235,7 @@ def test_a_classic_stage_sends_dense_tensors() -> None:
 
     sets = ["data.name=synthetic", "model.arch=vit_tiny", "data.batch_size=2", "run.device=cpu", "local.modules=2"]
     config, e2e = load_config(None, sets), load_config(None, e2e_overrides(sets))
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     first = stage_modules(e2e, spec, resolve_cuts(config, spec, CPU))[0]
     inputs = torch.randn(2, spec.channels, *spec.image_shape)
     with torch.no_grad():

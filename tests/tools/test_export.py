@@ -19,6 +19,7 @@ from pipeline.data.loader import make_loaders
 from pipeline.data.specs import folder_spec
 from pipeline.errors import BadInput
 from pipeline.model.inference import build_inference_net
+from pipeline.model.network import make_layout
 from pipeline.performance.profile import resolve_cuts
 from pipeline.runtime import checkpoint
 from pipeline.tools.export import export, main, read_run, run_config, torchvision_state_dict
@@ -39,7 +40,8 @@ def infopro(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
 
 
 def evaluation_batches(trained: TrainedRun) -> list[torch.Tensor]:
-    _, test = make_loaders(load_config(None, list(trained.overrides)), CPU)
+    config = load_config(None, list(trained.overrides))
+    _, test = make_loaders(config.data, config.model, config.run.seed, CPU)
     return [images for images, _ in test.batches(0)]
 
 
@@ -242,9 +244,9 @@ def test_the_written_layouts_are_torchvisions() -> None:
 def test_the_torchvision_format_has_torchvisions_names_and_shapes(arch: str) -> None:
     config = load_config(None, ["data.name=image_folder", "model.family=imagenet", f"model.arch={arch}",
                                 "model.classes=1000", "local.modules=2"])
-    spec = folder_spec(config, 1000)
+    spec = folder_spec(config.data, config.model, 1000)
     cuts = resolve_cuts(config, spec, CPU)
-    state = torchvision_state_dict(build_inference_net(config, spec, cuts), config, cuts)
+    state = torchvision_state_dict(build_inference_net(make_layout(config, spec, cuts), config.local), config, cuts)
     assert [(key, tuple(tensor.shape)) for key, tensor in state.items()] == list(torchvision_layout(arch, 1000).items())
 
 
@@ -265,19 +267,19 @@ def test_a_network_with_context_encoders_has_no_torchvision_form(contsup: Traine
         export(contsup.out_dir, tmp_path / "tv.pth", "torchvision")
     config = load_config(None, ["data.name=image_folder", "model.family=imagenet", "model.arch=resnet18",
                                 "model.classes=10", "local.modules=2", "local.context=R1E"])
-    spec = folder_spec(config, 10)
+    spec = folder_spec(config.data, config.model, 10)
     cuts = resolve_cuts(config, spec, CPU)
     with pytest.raises(BadInput, match="context encoders that feed later modules at inference"):
-        torchvision_state_dict(build_inference_net(config, spec, cuts), config, cuts)
+        torchvision_state_dict(build_inference_net(make_layout(config, spec, cuts), config.local), config, cuts)
 
 
 def test_deeplab_v3_has_no_torchvision_form(seg_config_builder) -> None:
     from pipeline.data.specs import segmentation_spec
 
     config = seg_config_builder("local.modules=1", "local.context=R0", "data.crop=[32, 64]")  # any crop is refused
-    spec = segmentation_spec(config)
+    spec = segmentation_spec(config.data, config.model)
     with pytest.raises(BadInput, match="torchvision's deeplabv3 has a 256-channel head"):
-        torchvision_state_dict(build_inference_net(config, spec, []), config, [])
+        torchvision_state_dict(build_inference_net(make_layout(config, spec, []), config.local), config, [])
 
 
 # ---- bad input -----------------------------------------------------------------------------------------

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from pipeline.config.schema import Config
+from pipeline.config.schema import LocalConfig
 from pipeline.model.decoder import ImageDecoder, reconstruction_loss
 
 
-def loss_weights(config: Config, index: int) -> tuple[float, float]:
+def loss_weights(local: LocalConfig, index: int) -> tuple[float, float]:
     """(ixx, ixy) of local module ``index``: linear from (ixx_1, ixy_1) to (ixx_2, ixy_2)."""
-    local = config.local
     if not local.reconstruct:
         return 0.0, 1.0
     ratio = index / (local.modules - 2) if local.modules > 2 else 0.0

@@ -25,7 +25,7 @@ from pipeline.errors import BadInput
 from pipeline.model.context import ContextPlan
 from pipeline.model.network import build_module, make_layout, make_net
 from pipeline.performance.activations import checkpointed_activation_bytes, module_activation_bytes
-from pipeline.performance.cost import NetworkProfile, context_plan, partition_cuts, predicted_stage_seconds
+from pipeline.performance.cost import NetworkProfile, partition_cuts, predicted_stage_seconds
 from pipeline.performance.profile import profile_as_a_stage, resolve_cuts
 from pipeline.performance.traffic import (
     bubble_fraction,
@@ -110,7 +110,8 @@ class Estimates:
         element = self.profile.wire_element_bytes
         e2e = self.config(*e2e_overrides([]))
         if run.mode == "classic_pp":
-            return classic_pp_bytes(make_net(e2e, self.spec), self.cuts[run.modules], self.batch, element)
+            net = make_net(e2e.arch, self.spec, e2e.model.deep_stem)
+            return classic_pp_bytes(net, self.cuts[run.modules], self.batch, element)
         if run.processes == 1:
             return 0
         if run.modules == 1:
@@ -141,7 +142,7 @@ def estimate(request: Request, classic_microbatches: Sequence[int],
         raise BadInput(f"--nproc = {nproc} but the config's local.partition cuts the network into "
                        f"{len(chosen) + 1} modules; use --nproc {len(chosen) + 1}")
     local = load_config(config_path, [*sets, f"local.modules={nproc}", *_partition(chosen)])
-    spec = dataset_spec(local)
+    spec = dataset_spec(local.data, local.model)
     spec.refuse_segmentation("the timed benchmark compares", "count its activation memory with --memory-only")
     for count in classic_microbatches:
         if count < 1 or base.data.batch_size % count:
@@ -153,11 +154,11 @@ def estimate(request: Request, classic_microbatches: Sequence[int],
             raise BadInput(f"--checkpoint-segments: {count} segments of {base.model.arch}'s {units} blocks; give "
                            f"counts between 2 and {units}")
     profile, device, _ = profile_as_a_stage(local, spec, nproc)
-    cuts, plans = {nproc: _cuts(local, spec, profile)}, {nproc: context_plan(local)}
+    cuts, plans = {nproc: _cuts(local, spec, profile)}, {nproc: ContextPlan.of(local.local)}
     for run in plan_runs(nproc):  # every other K of the K x R layouts, at balanced-time cuts
         if run.modules not in cuts and run.modules > 1:
             fewer = load_config(config_path, [*sets, f"local.modules={run.modules}", "local.partition=balanced-time"])
-            cuts[run.modules], plans[run.modules] = _cuts(fewer, spec, profile), context_plan(fewer)
+            cuts[run.modules], plans[run.modules] = _cuts(fewer, spec, profile), ContextPlan.of(fewer.local)
     batch = base.data.batch_size
     share = -(-batch // nproc)
     local_activation = module_activation_bytes(local, spec, cuts[nproc], batch)

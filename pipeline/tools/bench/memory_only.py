@@ -30,7 +30,7 @@ def memory_report(config_path: str | None, sets: list[str], batch: int | None, o
     batch = local.data.batch_size if batch is None else batch
     if batch < 1:
         raise BadInput(f"--batch = {batch} must be >= 1")
-    spec = dataset_spec(local)
+    spec = dataset_spec(local.data, local.model)
     cuts = resolve_cuts(local, spec, torch.device("cpu"))
     e2e = module_activation_bytes(base, spec, [], batch)[0]
     modules = module_activation_bytes(local, spec, cuts, batch)

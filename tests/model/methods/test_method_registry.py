@@ -72,7 +72,7 @@ def test_a_registered_method_is_a_config_choice_with_its_own_keys(shifted):
     assert "shifted_ce" in method_names()
     config = load_config(None, ["local.modules=2", "local.loss=shifted_ce", "local.aux_hidden=64",
                                 "local.aux_feature_dim=40"])
-    assert method_name(config) == "shifted"
+    assert method_name(config.local) == "shifted"
     assert ineffective_keys(config) == ["local.aux_feature_dim has no effect with local.loss = 'shifted_ce' (read only "
                                         "by contrast)"]
     notes = ineffective_keys(load_config(None, ["local.modules=2", "local.aux_hidden=64"]))

@@ -57,7 +57,8 @@ def test_its_blocks_keep_the_factorys_initialisation(build_modules) -> None:
 def test_a_list_of_blocks_and_the_shapes_of_a_real_forward() -> None:
     config = tiny_config("model.arch=user_networks:as_a_list", "local.modules=2")
     assert config.arch.units == 2
-    net = FactoryNet("user_networks:maps_then_vectors", user_networks.maps_then_vectors, dataset_spec(config))
+    net = FactoryNet("user_networks:maps_then_vectors", user_networks.maps_then_vectors,
+                     dataset_spec(config.data, config.model))
     x = torch.randn(2, 3, 32, 32)
     for index in range(len(net)):
         x = net.build(index).eval()(x)
@@ -108,6 +109,6 @@ def test_the_command_refuses_a_bad_factory_with_exit_2_and_writes_nothing(tmp_pa
 def test_a_context_that_cannot_fit_a_vector_says_so() -> None:
     """Module 2's input is a vector: module 1's input map cannot be added to it."""
     config = tiny_config(NET, "local.modules=3", "local.partition=[1, 2]", "local.context=R1")
-    layout = make_layout(config, dataset_spec(config), [1, 2])
+    layout = make_layout(config, dataset_spec(config.data, config.model), [1, 2])
     with pytest.raises(BadInput, match=r"ContSup cannot add maps of shape \[16, 16, 16\] to vectors of shape \[64\]"):
         build_module(config, layout, 2, CPU)

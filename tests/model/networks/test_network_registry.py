@@ -37,7 +37,7 @@ def representatives() -> list[str]:
 
 
 def parameter_digest(config: Config) -> str:
-    spec = dataset_spec(config)
+    spec = dataset_spec(config.data, config.model)
     layout = make_layout(config, spec, resolve_cuts(config, spec, CPU))
     digest = hashlib.sha256()
     for index in range(config.local.modules):
@@ -68,12 +68,12 @@ def check_digests(paths: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     nets: dict[tuple[object, ...], BlockNet] = {}
     make_net = network.make_net
 
-    def shared_net(config: Config, spec: DatasetSpec) -> BlockNet:
+    def shared_net(arch: NetworkSpec, spec: DatasetSpec, deep_stem: bool) -> BlockNet:
         """make_net's network, one per (arch, dataset, stem): configs of one network probe its block shapes (a
         forward at the dataset's image size) once, not once each; every module is still built from its seeds."""
-        key = (config.arch, spec, config.model.deep_stem)
+        key = (arch, spec, deep_stem)
         if key not in nets:
-            nets[key] = make_net(config, spec)
+            nets[key] = make_net(arch, spec, deep_stem)
         return nets[key]
 
     monkeypatch.setattr(network, "make_net", shared_net)
