@@ -55,6 +55,14 @@ def _start_unless_a_fast_torchrun(self: subprocess.Popen[str], args: object, *re
 subprocess.Popen.__init__ = _start_unless_a_fast_torchrun  # type: ignore[method-assign]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``-n 2`` (the suite's command, two pytest-xdist workers): the tests of the session's shared torchrun
+    launches (tests/runtime/conftest.py, pipeline_job) go to one worker, so each launch still runs once."""
+    for item in items:
+        if "pipeline_job" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("shared_torchrun_launches"))
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
     """Set up, run and tear down ``item`` knowing its tier (a wider fixture starts in its first test's setup)."""

@@ -377,13 +377,18 @@ def streaming_loader_matches(root: Path, device: str) -> Check:
     return Check(name, status, f"{len(streamed)} batches, max image diff {difference:.1e} (tolerance 1e-06)")
 
 
+def visible_gpus() -> int:
+    """The CUDA GPUs this process sees (0 without a usable CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def soak(root: Path, steps: int, one_connection: bool) -> Check:
     """A long pipeline job for hang hunting: K = 4, R = 2 where 8 GPUs allow (K = min(GPUs, 4), R = 2
     where there are 2K, else 1; 2 x 1 over gloo on CPU), ``steps`` steps with an evaluation and a
     checkpoint at every epoch end. It must finish; a hang ends at pipeline.timeout_s naming the rank.
     ``one_connection``: CUDA_DEVICE_MAX_CONNECTIONS=1, one hardware queue for every stream, where
     a missing dependency between the compute and link streams is likelier to deadlock."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = visible_gpus()
     stages = min(4, gpus) if gpus >= 2 else 2
     replicas = 2 if gpus >= 2 * stages else 1
     device = "cuda" if gpus >= 2 else "cpu"
@@ -430,7 +435,7 @@ def no_host_sync_k_by_r(root: Path, gpus: int) -> Check:
 
 
 def run_checks(root: Path) -> list[Check]:
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = visible_gpus()
     checks: list[Check] = []
 
     def skip(name: str, why: str) -> None:
@@ -504,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(checks)
     print(text, flush=True)
     header = (f"# localpipe self-test\n\ntorch {torch.__version__}, {device}, "
-              f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} GPU(s), "
+              f"{visible_gpus()} GPU(s), "
               f"{time.perf_counter() - started:.0f} s; {failed} failed\n\n")
     (out / "selftest.md").write_text(header + text + "\n")
     record = {"torch": torch.__version__, "device": device, "failed": failed, "checks": [asdict(c) for c in checks]}
