@@ -56,8 +56,10 @@ subprocess.Popen.__init__ = _start_unless_a_fast_torchrun  # type: ignore[method
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``-n 2`` (the suite's command, two pytest-xdist workers): the tests of the session's shared torchrun
-    launches (tests/runtime/conftest.py, pipeline_job) go to one worker, so each launch still runs once."""
+    """Under ``-n 2`` (the suite's command, two pytest-xdist workers): the slow tests first, so that the last to be
+    handed out are short ones and neither worker finishes long before the other; the tests of the session's shared
+    torchrun launches (tests/runtime/conftest.py, pipeline_job) on one worker, so each launch still runs once."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: each tier keeps its order
     for item in items:
         if "pipeline_job" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("shared_torchrun_launches"))

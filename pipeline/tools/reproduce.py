@@ -323,7 +323,9 @@ def _aux_heads(config: Config) -> str:
 @functools.lru_cache(maxsize=16)
 def _network(arch: NetworkSpec, spec: DatasetSpec, deep_stem: bool) -> BlockNet:
     """The row's network, one per table (its rows share it, and the shapes it probed)."""
-    return family_named(arch.family).net(arch, spec, deep_stem)
+    from pipeline.model.network import make_net  # torch, as above
+
+    return make_net(arch, spec, deep_stem)
 
 
 def _method_recipe(rows: list[Row]) -> str:
