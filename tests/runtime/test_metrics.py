@@ -24,6 +24,7 @@ def test_without_proc_the_peak_is_getrusage(tmp_path: Path):
     assert peak_resident_bytes(tmp_path / "missing") > 0
 
 
+@pytest.mark.slow  # launches a process (which imports torch)
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux: /proc holds VmHWM")
 def test_a_run_launched_by_a_large_process_reports_its_own_peak():
     # ru_maxrss survives execve: a child of this 1 GiB process would report at least 1 GiB (the benchmark's
