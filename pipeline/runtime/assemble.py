@@ -132,10 +132,14 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
             f"train.max_steps (the same command alone refuses another length)"
         )
     pipe = config.pipeline
-    if config.run.mode == "sequential" and pipe.schedule == "buffered" and pipe.replay and position.step > 0:
-        # before anything is cleared: a refused run leaves the out_dir as it found it
-        raise BadInput(f"pipeline.replay replays a record from its first step, but this run resumes at step "
-                       f"{position.step} ({resume_dir}); replay into a fresh run.out_dir")
+    # Sequential mode's schedule, before anything is cleared: a refused replay leaves the out_dir as it found it
+    # (and a record kept in run.out_dir is read before its metrics are cut).
+    schedule = None
+    if config.run.mode == "sequential":
+        if pipe.replay and position.step > 0:  # validation: pipeline.replay is set with a buffered schedule only
+            raise BadInput(f"pipeline.replay replays a record from its first step, but this run resumes at step "
+                           f"{position.step} ({resume_dir}); replay into a fresh run.out_dir")
+        schedule = one_process_schedule(pipe, position, length, len(workers), config.run.seed)
     label = loop_label(config.run.mode, topology)
     if topology.rank == 0:
         _clear_for_start(config, position, batches, label)
@@ -161,8 +165,8 @@ def assemble(config: Config, topology: Topology, loaders: Loaders | None, starte
         if resume_dir:
             say(f"[{label}] resumed from {checkpoint.find_set(resume_dir, config.run.resume_step)} at epoch "
                 f"{position.epoch}, batch {position.batch} (step {position.step})")
-    if config.run.mode == "sequential":  # one handler deals every module its steps from the schedule
-        handlers = [Replay(handlers, one_process_schedule(pipe, position, length, len(workers), config.run.seed))]
+    if schedule is not None:  # sequential: one handler deals every module its steps from the schedule
+        handlers = [Replay(handlers, schedule)]
     return StageLoop(inbox, handlers, outbox, report, _commit(config, topology, identity)), report, cuts
 
 

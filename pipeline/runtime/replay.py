@@ -80,7 +80,7 @@ class Replay:
                 batch = kept[step.entry]
                 if not wanted[step.entry]:  # its last use: nothing about it needs keeping
                     del kept[step.entry], wanted[step.entry], uses[step.entry]
-                self._train(module, dataclasses.replace(batch, use=step.use))
+                self._train(module, batch if batch.use == step.use else dataclasses.replace(batch, use=step.use))
 
     def _train(self, module: int, message: Train) -> None:
         passed = self.stages[module].handle(message)

@@ -158,6 +158,17 @@ def test_a_record_of_another_config_is_refused(tmp_path: Path) -> None:
         read_schedule(record, 2)
 
 
+def test_an_unreadable_record_is_refused_before_the_out_dir_is_touched(tmp_path: Path) -> None:
+    """The record is read before a start clears what an earlier attempt left in run.out_dir."""
+    config = tiny_config(tmp_path, "kept", "local.modules=2", *BUFFERED, f"pipeline.replay={tmp_path / 'missing'}")
+    left = Path(config.run.out_dir) / "metrics.jsonl"
+    left.parent.mkdir(parents=True, exist_ok=True)
+    left.write_text(json.dumps({"event": "train", "step": 1}) + "\n")
+    with pytest.raises(BadInput, match="cannot be read"):
+        run(config)
+    assert left.read_text() == json.dumps({"event": "train", "step": 1}) + "\n"
+
+
 def test_a_record_over_two_hosts_is_read_from_both_files(tmp_path: Path) -> None:
     """Module 1 ran on the second host: naming the run's metrics.jsonl replays both modules."""
     def record(module: int) -> str:
