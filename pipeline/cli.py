@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import BadInput, Preempted, StageFailure, first_line
@@ -107,3 +108,15 @@ def exit_process(code: int) -> None:
     if "RANK" in os.environ:
         os._exit(code)
     sys.exit(code)
+
+
+def writable_folder(path: str, option: str = "--out") -> Path:
+    """``path``, created where missing (parents too): a tool's output folder, refused in one line naming ``option``
+    where it cannot be (a file in the way, no permission) before anything runs."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BadInput(f"{option} {str(folder)!r} cannot be created ({err.strerror}); choose a writable folder"
+                       ) from None
+    return folder

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import ArgumentParser, add_set_argument, run_main
+from pipeline.cli import ArgumentParser, add_set_argument, run_main, writable_folder
 from pipeline.config.loading import e2e_overrides, load_config
 from pipeline.errors import BadInput, StageFailure
 from pipeline.tools.bench.report import write_report
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--out", default="runs/accuracy", help="output folder")
         add_set_argument(parser)
         args = parser.parse_args(argv)
-        run_accuracy(args.config, args.set, args.minutes, args.eval_every, Path(args.out), args.nproc,
+        run_accuracy(args.config, args.set, args.minutes, args.eval_every, writable_folder(args.out), args.nproc,
                      overrides_list(args.second) if args.second is not None else None)
 
     return run_main(body)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import ArgumentParser, add_set_argument, run_main
+from pipeline.cli import ArgumentParser, add_set_argument, run_main, writable_folder
 from pipeline.config.loading import load_config
 from pipeline.errors import BadInput, StageFailure
 from pipeline.runtime.metrics import percent
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--out", default="runs/bench_schedules", help="output folder")
         add_set_argument(parser)
         args = parser.parse_args(argv)
-        run_schedules(args.config, args.set, args.slow, args.factor, args.steps, Path(args.out))
+        run_schedules(args.config, args.set, args.slow, args.factor, args.steps, writable_folder(args.out))
 
     return run_main(body)
 

@@ -39,7 +39,7 @@ from typing import Any
 import psutil
 import torch
 
-from pipeline.cli import ArgumentParser, exit_process, run_main
+from pipeline.cli import ArgumentParser, exit_process, run_main, writable_folder
 from pipeline.config.loading import load_config
 from pipeline.data.loader import make_loaders
 from pipeline.data.specs import dataset_spec
@@ -496,11 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.soak < 0 or (args.one_connection and not args.soak):
         raise BadInput("--soak takes a number of steps > 0, and --one-connection goes with --soak")
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise BadInput(f"--out {str(out)!r} cannot be created ({err.strerror}); choose a writable folder") from None
+    out = writable_folder(args.out)
     started = time.perf_counter()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
     with tempfile.TemporaryDirectory(prefix="selftest_", dir=out) as scratch:

@@ -26,9 +26,7 @@ network too large to time on this machine (DeepLab-V3 at 512 x 1024) is compared
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from pipeline.cli import ArgumentParser, add_set_argument, run_main
+from pipeline.cli import ArgumentParser, add_set_argument, run_main, writable_folder
 from pipeline.errors import BadInput
 from pipeline.tools.bench.runs import CLASSIC_MICROBATCHES
 
@@ -66,13 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.tools.bench.timed import run_bench
 
         if args.memory_only:
-            memory_report(args.config, args.set, args.batch, Path(args.out))
+            memory_report(args.config, args.set, args.batch, writable_folder(args.out))
             return
         if args.nproc is None:
             raise BadInput("--nproc is required: the processes for DDP and the pipeline (or --memory-only)")
         if args.window < 1:
             raise BadInput(f"--window = {args.window} must be >= 1")
-        run_bench(args.config, args.set, args.nproc, args.steps, args.window, Path(args.out), args.rounds,
+        run_bench(args.config, args.set, args.nproc, args.steps, args.window, writable_folder(args.out), args.rounds,
                   classic_microbatches=whole_numbers("--classic-microbatches", args.classic_microbatches),
                   checkpoint_segments=(None if args.checkpoint_segments is None
                                        else whole_numbers("--checkpoint-segments", args.checkpoint_segments)))
