@@ -1,4 +1,4 @@
-"""From a config to the K local modules: cut points, layout, seeded construction.
+"""From a config to the K local modules: the layout at given cuts, seeded construction.
 
 make_layout and build_module are where a whole Config becomes modules (they read its model, local, precision,
 run and data sections); everything they call takes the sections it reads.

@@ -3,8 +3,8 @@ training step runs forward, the module's own parameters and buffers left out.
 
 What a profile's pieces keep (pipeline/performance/profile.py), each module of a layout, E2E with its
 segments recomputed (pipeline/model/recompute.py) and the stages of a pipeline of microbatches are counted
-here, on the CPU: the figures the benchmark reports beside its timings, and what the profile's predictions
-(pipeline/performance/cost.py) are tested against.
+here (on the CPU, a profile's pieces on its device): the figures the benchmark reports beside its timings,
+and what the profile's predictions (pipeline/performance/cost.py) are tested against.
 """
 
 from __future__ import annotations

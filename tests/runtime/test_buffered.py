@@ -1,7 +1,7 @@
 """The buffered schedule: a pipeline run, replayed in one process from its record, ends equal.
 
 Stage loops on threads (the same ``assemble`` as under torchrun, in-memory links) and one small
-torchrun job record which buffered batch each module trained on; the sequential simulator
+torchrun job record which buffered batch each module trained on; sequential mode (replay.py)
 replays the record and must end with the same parameters and test accuracy. A straggler makes
 the record interesting: modules downstream of a slow one reuse batches, the slow one skips some.
 """

@@ -96,7 +96,7 @@ class Estimates:
                       else self.e2e_activation if run.processes == 1 else self.ddp_activation)
             return {"activation_mem_bytes": single}
         if run.mode == "classic_pp":
-            per_module = stage_activation_bytes(self.config(*e2e_overrides([])), self.spec, self.cuts[run.modules],
+            per_module = stage_activation_bytes(self.base, self.spec, self.cuts[run.modules],
                                                 self.batch, run.schedule, run.microbatches)  # type: ignore[arg-type]
         elif run.modules == self.request.nproc:
             per_module = self.local_activation
@@ -108,7 +108,7 @@ class Estimates:
     def wire_bytes(self, run: BenchRun) -> int:
         """Bytes the run's processes send per step (pipeline/performance/traffic.py's model of each mode)."""
         element = self.profile.wire_element_bytes
-        e2e = self.config(*e2e_overrides([]))
+        e2e = self.base
         if run.mode == "classic_pp":
             net = make_net(e2e.arch, self.spec, e2e.model.deep_stem)
             return classic_pp_bytes(net, self.cuts[run.modules], self.batch, element)

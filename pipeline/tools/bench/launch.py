@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.config.loading import e2e_overrides
 from pipeline.errors import StageFailure
 from pipeline.tools.bench.results import combine, figures
 from pipeline.tools.bench.runs import BenchRun, Request
@@ -38,7 +39,7 @@ def run_command(run: BenchRun, request: Request, out: Path, cores: int, written_
         f"run.log_every={request.window}", "run.resume=\"\"", f"local.modules={run.modules}", "train.epochs=1000000",
         "run.overwrite=true",  # the bench owns its round folders: a second bench replaces them
     ]
-    run_sets += (["local.context=R0", "local.partition=equal"] if run.modules == 1
+    run_sets += (e2e_overrides([]) if run.modules == 1
                  else [f"local.partition={written_cuts[run.modules]}"])
     if run.processes > 1:
         run_sets.append(f"pipeline.threads_per_stage={max(1, cores // run.processes)}")
