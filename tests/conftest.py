@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forked_torchrun import FORKED_TORCHRUN
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -43,7 +44,8 @@ _start_process = subprocess.Popen.__init__
 
 def _launches_torchrun(args: object) -> bool:
     argv = [args] if isinstance(args, (str, os.PathLike)) else list(args)  # type: ignore[call-overload]
-    return any(str(arg) == "torch.distributed.run" or os.path.basename(str(arg)) == "torchrun" for arg in argv)
+    return any(str(arg) in ("torch.distributed.run", FORKED_TORCHRUN[1]) or os.path.basename(str(arg)) == "torchrun"
+               for arg in argv)
 
 
 def _start_unless_a_fast_torchrun(self: subprocess.Popen[str], args: object, *rest: object, **options: object) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from forked_torchrun import FORKED_TORCHRUN
 from torch import nn
 
 from pipeline.config.loading import load_config
@@ -94,22 +94,23 @@ def torchrun_jobs(nproc: int, jobs: list[list[str]], folder: Path, timeout: floa
     listing = folder / "jobs.json"
     listing.write_text(json.dumps([[item for override in [*TINY, *job] for item in ("--set", override)]
                                    for job in jobs]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    command = [*FORKED_TORCHRUN, "--standalone", f"--nproc-per-node={nproc}",
                str(Path(__file__).resolve().parent / "one_launch.py"), str(listing)]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env())
 
 
-def torchrun_command(nproc: int, overrides: list[str]) -> list[str]:
+def torchrun_command(nproc: int, overrides: list[str], launcher: list[str] = FORKED_TORCHRUN) -> list[str]:
+    """python -m pipeline.train under ``launcher`` (tests/forked_torchrun.py: torchrun, its workers forked)."""
     sets = [item for override in [*TINY, *overrides] for item in ("--set", override)]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "pipeline.train", *sets]
+    return [*launcher, "--standalone", f"--nproc-per-node={nproc}", "-m", "pipeline.train", *sets]
 
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     # the repository, and this folder: configs name small_convnet below as distributed_helpers:small_convnet
+    # (which imports tests/forked_torchrun.py: its folder too)
     here = Path(__file__).resolve().parent
-    env["PYTHONPATH"] = os.pathsep.join([str(here.parents[1]), str(here), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(here.parents[1]), str(here), str(here.parent), env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 

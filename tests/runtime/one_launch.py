@@ -1,6 +1,6 @@
 """Several pipeline.train jobs, one after another, in the processes of one torchrun launch (test-only):
 
-    python -m torch.distributed.run --standalone --nproc-per-node=N one_launch.py JOBS.json
+    python tests/forked_torchrun.py --standalone --nproc-per-node=N one_launch.py JOBS.json
 
 JOBS.json lists each job's arguments of python -m pipeline.train. Every process runs them in order, each to its
 end (its process group joined and left), so a launch pays torchrun's start-up once for all of them. Each job's

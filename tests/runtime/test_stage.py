@@ -29,6 +29,7 @@ from distributed_helpers import (
     torchrun,
     torchrun_command,
 )
+from forked_torchrun import TORCHRUN
 
 from pipeline.runtime.assemble import run
 
@@ -127,7 +128,8 @@ def test_a_killed_peer_is_named_by_the_survivor(tmp_path: Path) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = torchrun_command(1, [f"run.out_dir={tmp_path}", "run.mode=pipeline", "local.modules=2",
-                                   "train.max_steps=100000", "train.epochs=1000", "run.log_every=2"])
+                                   "train.max_steps=100000", "train.epochs=1000", "run.log_every=2"],
+                               TORCHRUN)  # workers of their own, RANK in their environment as /proc shows it
     launcher = command.index("--standalone")
     agents = []
     for node in range(2):

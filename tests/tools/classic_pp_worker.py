@@ -1,6 +1,6 @@
 """torchrun target of tests/tools/test_classic_pp.py: STEPS classic-pipeline steps, then each stage's weights.
 
-python -m torch.distributed.run --nproc-per-node K tests/tools/classic_pp_worker.py OUT SCHEDULE M STEPS --set ...
+python tests/forked_torchrun.py --nproc-per-node K tests/tools/classic_pp_worker.py OUT SCHEDULE M STEPS --set ...
 Rank k writes OUT/stage_<k>.pt (its blocks' state dict) after the steps.
 """
 

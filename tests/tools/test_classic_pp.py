@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from forked_torchrun import FORKED_TORCHRUN
 
 from pipeline.config.loading import e2e_overrides, load_config
 from pipeline.data.specs import dataset_spec
@@ -108,7 +109,7 @@ def test_gpipe_steps_equal_end_to_end_with_accumulated_microbatches(tmp_path: Pa
     sets = [item for override in SETS for item in ("--set", override)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        [*FORKED_TORCHRUN, "--standalone", "--nproc-per-node=2",
          str(REPO / "tests" / "tools" / "classic_pp_worker.py"), str(tmp_path), schedule, str(microbatches),
          str(steps), *sets],
         capture_output=True, text=True, timeout=180, env=env, check=False)
@@ -132,7 +133,7 @@ def test_a_classic_run_writes_the_summary_and_lines_the_bench_reads(tmp_path: Pa
     sets = [item for override in [*SETS, f"run.out_dir={tmp_path}", "train.max_steps=6", "run.log_every=2"]
             for item in ("--set", override)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    done = subprocess.run([*FORKED_TORCHRUN, "--standalone", "--nproc-per-node=2",
                            "-m", "pipeline.classic_pp", "--schedule", "1f1b", "--microbatches", "2", *sets],
                           capture_output=True, text=True, timeout=180, env=env, check=False)
     assert done.returncode == 0, done.stderr[-3000:]

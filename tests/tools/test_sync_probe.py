@@ -6,10 +6,10 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from forked_torchrun import FORKED_TORCHRUN
 
 from pipeline.tools.sync_probe import from_sync_batchnorm
 
@@ -22,7 +22,7 @@ SETS = ["data.name=synthetic", "model.arch=resnet8", "data.batch_size=16", "loca
 def test_every_rank_of_a_2_x_2_job_trains_its_module_under_ddp(tmp_path: Path) -> None:
     sets = [item for override in [*SETS, f"run.out_dir={tmp_path}"] for item in ("--set", override)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+    done = subprocess.run([*FORKED_TORCHRUN, "--standalone", "--nproc-per-node=4",
                            "-m", "pipeline.sync_probe", "--out", str(tmp_path), *sets],
                           capture_output=True, text=True, timeout=240, env=env, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
