@@ -193,7 +193,7 @@ def _segment_bytes(profile: NetworkProfile, start: int, end: int, batch: int) ->
     return batch * outputs + round(own * batch / profile.batch)
 
 
-def checkpointed_activation_bytes(profile: NetworkProfile, segments: int, batch: int) -> int:
+def predicted_checkpointed_activation_bytes(profile: NetworkProfile, segments: int, batch: int) -> int:
     """E2E's activation memory at ``batch`` with its blocks in ``segments`` segments, the first S - 1 recomputed
     in backward (pipeline/model/recompute.py): the larger of what autograd keeps after the forward (each
     recomputed segment's input, the last segment and the classifier as without recomputation) and what is alive

@@ -18,7 +18,7 @@ from pipeline.performance.cost import (
     END_TO_END,
     NetworkProfile,
     Starts,
-    checkpointed_activation_bytes,
+    predicted_checkpointed_activation_bytes,
     received_bytes,
     recompute_seconds,
     sent_bytes,
@@ -63,7 +63,7 @@ def checkpointed_memory_bytes(profile: NetworkProfile, segments: int, batch: int
     """A DDP device whose E2E network recomputes the first S - 1 of ``segments`` in backward: its state and
     the activations recomputation leaves."""
     parameters = stage_parameter_bytes(profile, END_TO_END, 0, 0, len(profile))
-    return state_bytes(parameters, replicas) + checkpointed_activation_bytes(profile, segments, batch)
+    return state_bytes(parameters, replicas) + predicted_checkpointed_activation_bytes(profile, segments, batch)
 
 
 def checkpointed_seconds(profile: NetworkProfile, segments: int, batch: int, replicas: int,

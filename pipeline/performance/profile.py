@@ -14,7 +14,6 @@ pipeline/performance/cost.py's.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -47,7 +46,7 @@ from pipeline.performance.cost import (
     predicted_stage_seconds,
 )
 from pipeline.performance.traffic import wire_element_bytes
-from pipeline.runtime.host import profiling_device
+from pipeline.runtime.host import cpu_share, profiling_device
 from pipeline.runtime.metrics import say
 from pipeline.runtime.optim import make_optimizer
 
@@ -102,8 +101,9 @@ class _Profiler:
     def __init__(self, config: Config, spec: DatasetSpec, device: torch.device) -> None:
         self.config, self.spec, self.device = config, spec, device
         self.batch = config.data.batch_size
-        self.net = make_net(config.arch, spec, config.model.deep_stem)
-        self.parts = family_named(config.arch.family).parts()
+        arch = config.arch  # a property: it resolves model.arch on each read
+        self.net = make_net(arch, spec, config.model.deep_stem)
+        self.parts = family_named(arch.family).parts()
         self.memory_format = torch.channels_last if config.precision.channels_last else torch.contiguous_format
         self.amp = config.precision.amp == "bf16"  # time is measured under the precision training uses
         self.measured: dict[tuple[object, ...], Piece] = {}
@@ -259,15 +259,16 @@ def profile_as_a_stage(config: Config, spec: DatasetSpec, processes: int) -> Pro
     """The profile as a stage of ``processes`` processes runs: on the device the config trains on (its GPU
     unless run.device = 'cpu'), on a CPU with the stage's share of the cores (torch's threads restored after)."""
     device = profiling_device(config.run.device)
-    with _cpu_share(device, processes) as threads:
+    with _stage_threads(device, processes, config.pipeline.threads_per_stage) as threads:
         return Profiled(profile_network(config, spec, device), device, threads)
 
 
 @contextmanager
-def _cpu_share(device: torch.device, processes: int) -> Iterator[int]:
+def _stage_threads(device: torch.device, processes: int, threads_per_stage: int) -> Iterator[int]:
+    """torch's CPU threads as a training process of ``processes`` on this node sets them (host.cpu_share)."""
     before = torch.get_num_threads()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
+        torch.set_num_threads(cpu_share(processes, threads_per_stage))
     try:
         yield torch.get_num_threads()
     finally:

@@ -64,10 +64,16 @@ def profiling_device(wanted: str) -> torch.device:
     return torch.device("cuda" if wanted != "cpu" and torch.cuda.is_available() else "cpu")
 
 
+def cpu_share(local_size: int, threads: int) -> int:
+    """The CPU threads of one of ``local_size`` processes on this node: ``threads`` (pipeline.threads_per_stage)
+    where set, else its share of the cores this process may run on."""
+    return threads or max(1, len(_available_cores()) // max(local_size, 1))
+
+
 def limit_cpu_threads(local_rank: int, local_size: int, threads: int) -> int:
-    """Hold this process to its share of the cores, pinned to them where the OS allows."""
+    """Hold this process to its share of the cores (``cpu_share``), pinned to them where the OS allows."""
     cores = _available_cores()
-    share = threads or max(1, len(cores) // max(local_size, 1))
+    share = cpu_share(local_size, threads)
     torch.set_num_threads(share)
     try:
         import psutil

@@ -16,14 +16,15 @@ from pipeline.performance.activations import (
     module_activation_bytes,
     saved_activation_bytes,
 )
-from pipeline.performance.cost import checkpointed_activation_bytes as checkpointed_activation_bytes_predicted
 from pipeline.performance.cost import (
     end_to_end_activation_bytes,
     partition_cuts,
+    predicted_checkpointed_activation_bytes,
     predicted_stage_activation_bytes,
     recompute_seconds,
 )
-from pipeline.performance.profile import profile_network, resolve_cuts
+from pipeline.performance.profile import profile_as_a_stage, profile_network, resolve_cuts
+from pipeline.runtime import host
 from tests.model.networks.user_networks import MAPS_THEN_VECTORS
 
 
@@ -144,5 +145,18 @@ def test_recomputed_segments_keep_less_and_the_profile_predicts_it(make_config, 
     exact = checkpointed_activation_bytes(e2e, spec, 8, segments)
     assert exact < plain
     profile = profile_network(e2e, spec, torch.device("cpu"))
-    assert checkpointed_activation_bytes_predicted(profile, segments, 8) == pytest.approx(exact, rel=0.01)
+    assert predicted_checkpointed_activation_bytes(profile, segments, 8) == pytest.approx(exact, rel=0.01)
     assert recompute_seconds(profile, segments, 8) > 0
+
+
+def test_the_profile_is_measured_with_the_threads_a_stage_trains_with(
+        monkeypatch: pytest.MonkeyPatch, make_config) -> None:
+    """The bench and the planner profile a stage with the CPU threads its training process will set
+    (limit_cpu_threads): the same rule, then torch's own count back."""
+    monkeypatch.setattr(host, "_available_cores", lambda: [0, 1, 2, 3])
+    before = torch.get_num_threads()
+    config = make_config()
+    spec = dataset_spec(config.data, config.model)
+    assert profile_as_a_stage(config, spec, 2).threads == 2
+    assert profile_as_a_stage(make_config("pipeline.threads_per_stage=3"), spec, 2).threads == 3
+    assert torch.get_num_threads() == before

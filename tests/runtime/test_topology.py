@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from pipeline.config.loading import load_config
 from pipeline.errors import BadInput
-from pipeline.runtime.host import profiling_device, resolve_device
+from pipeline.runtime import host
+from pipeline.runtime.host import cpu_share, profiling_device, resolve_device
 from pipeline.runtime.topology import Topology, from_env, layout_replicas, place, process_groups, single_process
 
 
@@ -112,6 +113,14 @@ def test_a_tool_profiles_on_a_gpu_where_there_is_one_and_refuses_nothing(monkeyp
     assert [profiling_device(wanted).type for wanted in ("auto", "cuda", "cpu")] == ["cpu", "cpu", "cpu"]
     _gpus(monkeypatch, 2)
     assert [profiling_device(wanted).type for wanted in ("auto", "cuda", "cpu")] == ["cuda", "cuda", "cpu"]
+
+
+def test_a_process_takes_its_share_of_the_cores_it_may_run_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cores of the process's affinity mask, not the machine's: a job pinned to 4 of 64 cores gives each of
+    its 2 processes 2 threads; pipeline.threads_per_stage, where set, wins; never fewer than one."""
+    monkeypatch.setattr(host, "_available_cores", lambda: [8, 9, 10, 11])
+    assert [cpu_share(processes, 0) for processes in (1, 2, 3, 4, 8)] == [4, 2, 1, 1, 1]
+    assert cpu_share(2, 3) == 3
 
 
 @pytest.mark.slow
