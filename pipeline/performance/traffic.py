@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline.model.context import ContextPlan
 from pipeline.model.networks.base import BlockNet, Shape
-from pipeline.runtime.codec import MessageCodec
+from pipeline.runtime.codec import MessageCodec, carried_inputs
 from pipeline.runtime.transport import header_length
 
 LABEL_BYTES = 8  # int64: one label, and one value of a frame's header
@@ -34,12 +34,6 @@ def wire_element_bytes(wire_dtype: str) -> int:
     """Bytes of one activation element on a wire of ``pipeline.wire_dtype`` (fp32 or bf16); the
     classic pipeline sends in it too (pipeline/tools/classic_pp.py)."""
     return 2 if wire_dtype == "bf16" else FP32_BYTES
-
-
-def carried_inputs(plan: ContextPlan, receiver: int) -> list[int]:
-    """The modules whose input a packet into ``receiver`` carries after the labels, in wire order: the
-    receiver's own (its features), module 0's (the image) where the plan sends it, then the register's."""
-    return [receiver, *([0] if plan.carries_image(receiver) else []), *plan.register_sources(receiver)]
 
 
 def header_bytes(plan: ContextPlan, receiver: int) -> int:

@@ -20,13 +20,20 @@ from pipeline.runtime.transport import Frame
 TRAIN, EVAL, END_EPOCH, STOP, SAVE = 1, 2, 3, 4, 5
 
 
+def carried_inputs(plan: ContextPlan, receiver: int) -> list[int]:
+    """The modules whose input a packet into ``receiver`` carries after its labels, in wire order: the
+    receiver's own (its features: the sender's output), module 0's (the image) where the plan sends it, then
+    the register's. The performance model sizes a packet from this list (pipeline/performance/traffic.py)."""
+    return [receiver, *([0] if plan.carries_image(receiver) else []), *plan.register_sources(receiver)]
+
+
 class MessageCodec:
     """Encodes what module ``receiver - 1`` sends and decodes what module ``receiver`` gets."""
 
     def __init__(self, plan: ContextPlan, receiver: int, input_shape: Shape, dense: bool = False) -> None:
         self.receiver = receiver
         self.has_image = plan.carries_image(receiver)
-        self.tensors = 2 + int(self.has_image) + len(plan.register_sources(receiver))
+        self.tensors = 1 + len(carried_inputs(plan, receiver))  # the labels, then those inputs
         self.rank = 1 + len(input_shape)
         # Segmentation evaluates whole images of any size: only the channels are fixed there.
         self.feature_shape: Shape = input_shape[:1] if dense else input_shape

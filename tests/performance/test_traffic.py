@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 from pipeline.model.context import ContextPlan
 from pipeline.model.resnet import CifarResNet
 from pipeline.performance.traffic import (
+    LABEL_BYTES,
     all_reduce_bytes,
     bubble_fraction,
     classic_pp_bytes,
@@ -16,6 +18,8 @@ from pipeline.performance.traffic import (
     measured_idle_fraction,
     packet_bytes,
 )
+from pipeline.runtime.codec import MessageCodec
+from pipeline.runtime.messages import Train
 from pipeline.runtime.transport import header_length
 
 IMAGE, H1, H2 = (3, 32, 32), (16, 32, 32), (32, 16, 16)
@@ -66,3 +70,23 @@ def test_idle_fractions() -> None:
     assert bubble_fraction(1, 4) == 0
     assert measured_idle_fraction([0.9, 0.8]) == pytest.approx(0.15)
     assert measured_idle_fraction([]) == 0.0
+
+
+@pytest.mark.parametrize("context, wire", [("R0", torch.float32), ("R1E", torch.float32), ("R2E", torch.bfloat16)])
+def test_the_predicted_packet_is_the_frame_the_codec_sends(context, wire, make_config, build_modules, image_batch,
+                                                           run_chain) -> None:
+    """packet_bytes against a real packet: the modules' own output, encoded by the link's codec, its floats in
+    the wire's dtype, its header as long as the transport makes it for that codec."""
+    config = make_config("local.modules=3", f"local.context={context}")
+    spec, _, _, modules = build_modules(config)
+    images, labels = image_batch(spec, batch=4)
+    records = run_chain(modules, images, labels)
+    inputs = [tuple(record["packet"].features.shape[1:]) for record in records]  # module k's input, k = 0 the image
+    plan = ContextPlan.of(config.local)
+    for receiver in (1, 2):
+        codec = MessageCodec(plan, receiver, inputs[receiver])
+        frame = codec.encode(Train(0, 0, 4, records[receiver]["packet"], 0))
+        sent = sum(t.numel() * (t.to(wire) if t.is_floating_point() else t).element_size() for t in frame.tensors)
+        header = LABEL_BYTES * header_length(codec.max_tensors)
+        element = torch.empty((), dtype=wire).element_size()
+        assert packet_bytes(plan, inputs, receiver, 4, element) == header + sent
