@@ -99,10 +99,12 @@ def torchrun_jobs(nproc: int, jobs: list[list[str]], folder: Path, timeout: floa
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env())
 
 
-def torchrun_command(nproc: int, overrides: list[str], launcher: list[str] = FORKED_TORCHRUN) -> list[str]:
-    """python -m pipeline.train under ``launcher`` (tests/forked_torchrun.py: torchrun, its workers forked)."""
+def torchrun_command(nproc: int, overrides: list[str], launcher: list[str] = FORKED_TORCHRUN,
+                     options: tuple[str, ...] = ()) -> list[str]:
+    """python -m pipeline.train on TINY and ``overrides`` under ``launcher`` (tests/forked_torchrun.py: torchrun,
+    its workers forked) with its ``options`` besides --standalone and --nproc-per-node."""
     sets = [item for override in [*TINY, *overrides] for item in ("--set", override)]
-    return [*launcher, "--standalone", f"--nproc-per-node={nproc}", "-m", "pipeline.train", *sets]
+    return [*launcher, "--standalone", f"--nproc-per-node={nproc}", *options, "-m", "pipeline.train", *sets]
 
 
 def _env() -> dict[str, str]:

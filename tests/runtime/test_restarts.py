@@ -21,8 +21,7 @@ from typing import Any, TypeVar
 
 import psutil
 import pytest
-from distributed_helpers import RESTARTED_JOB, SHARED_JOBS, TINY, assert_same_checkpoints
-from forked_torchrun import FORKED_TORCHRUN
+from distributed_helpers import RESTARTED_JOB, SHARED_JOBS, assert_same_checkpoints, torchrun_command
 
 from pipeline.runtime import checkpoint
 
@@ -104,9 +103,7 @@ def killed_job(out: Path, processes: int, overrides: list[str], kills: int = 3,
     """The job under torchrun --max-restarts ``kills``, a random worker SIGKILLed ``kills`` times (the second
     one while a module file is being written); each kill waits for the previous restart to train."""
     rng = random.Random(seed)
-    sets = [item for override in [*TINY, *overrides, f"run.out_dir={out}"] for item in ("--set", override)]
-    command = [*FORKED_TORCHRUN, "--standalone", f"--nproc-per-node={processes}", f"--max-restarts={kills}", "-m",
-               "pipeline.train", *sets]
+    command = torchrun_command(processes, [*overrides, f"run.out_dir={out}"], options=(f"--max-restarts={kills}",))
     slow_saves = out.parent / f"{out.name}.slow_saves"  # while it exists, each save takes 0.3 s (slow_save/)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SLOW_SAVE_WHILE": str(slow_saves),
            "PYTHONPATH": os.pathsep.join([str(SLOW_SAVE), str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -178,8 +175,7 @@ def test_a_sigterm_to_every_rank_ends_them_at_one_set_and_the_same_command_goes_
     """A preemption: SIGTERM to every worker (torchrun's agent, signalled itself, passes it on the same way;
     its own report then names no exit codes, so the workers are signalled here to see theirs)."""
     out = tmp_path / "preempted"
-    sets = [item for override in [*TINY, *JOB, f"run.out_dir={out}"] for item in ("--set", override)]
-    command = [*FORKED_TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "pipeline.train", *sets]
+    command = torchrun_command(2, [*JOB, f"run.out_dir={out}"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     console = Console()
