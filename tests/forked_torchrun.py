@@ -33,7 +33,6 @@ def run_worker(*command: str) -> None:
         words.pop(0)
         for stream in (sys.stdout, sys.stderr):
             stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    leave = os._exit
     os._exit = _return_instead  # type: ignore[assignment]
     try:
         # sys.path[0]: this file's folder in the agent; python puts the working folder there for -m, else the script's
@@ -47,14 +46,15 @@ def run_worker(*command: str) -> None:
         if stop.code not in (0, None):
             raise  # the worker's exit code, as torch's wrapper passes it on
     finally:
-        os._exit = leave
+        os._exit = _EXIT
 
 
 def _return_instead(code: int) -> None:
     """os._exit in a forked worker's main thread. A worker that ends with os._exit (pipeline.cli.exit_process
     does, under torchrun) would leave without handing torch's wrapper a result, and the agent waits for one; so it
     raises SystemExit, which run_worker ends in: the wrapper then leaves with os._exit itself, as the worker meant.
-    Another thread's os._exit ends the process there and then."""
+    Unlike os._exit, it unwinds the main thread's finally blocks first (a second stop signal's exit too: no test
+    here sends one to a torchrun worker). Another thread's os._exit ends the process there and then."""
     if threading.current_thread() is not threading.main_thread():
         _EXIT(code)
     raise SystemExit(code)
