@@ -20,6 +20,7 @@ it is not skipped).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -165,7 +166,9 @@ class FolderLoader:
                                              num_workers=self.workers, collate_fn=self.collate, pin_memory=gpu,
                                              prefetch_factor=PREFETCH_BATCHES if self.workers else None,
                                              worker_init_fn=ignore_stop_signals if self.workers else None)
-        for images, labels, failure, sizes in stream:
+        with stop_signals_blocked():
+            batches = iter(stream)  # its workers start here
+        for images, labels, failure, sizes in batches:
             if failure is not None:
                 raise BadInput(failure)
             images = normalise(images.to(self.device, non_blocking=gpu).float(), self.mean, self.std)
@@ -222,7 +225,21 @@ def ignore_stop_signals(worker: int) -> None:
 
     torchrun's agent signals a worker's whole process group, and Slurm every process of the step:
     a worker the signal ended would fail the step (or the checkpoint set) that the stop lets the
-    training process finish. The workers still end with their parent.
+    training process finish. The workers still end with their parent. A worker starts with the stop
+    signals blocked (``stop_signals_blocked``), so one that comes before this runs waits and is then
+    dropped, instead of ending a worker that is still starting (at each epoch's start).
     """
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """This thread blocks the stop signals while it starts decoding workers, which inherit the mask. The training
+    process loses none: another of its threads takes a signal meanwhile, or it waits until the block ends."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)

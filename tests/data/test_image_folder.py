@@ -5,6 +5,10 @@ Every folder is written on the fly: real JPEG and PNG files of 40 x 32 pixels in
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import multiprocessing.synchronize
+import os
 import signal
 import subprocess
 import sys
@@ -22,7 +26,7 @@ from pipeline.data.contract import WHOLE, Part
 from pipeline.data.image_folder import scan
 from pipeline.data.loader import make_loaders
 from pipeline.data.specs import IMAGENET_MEAN, IMAGENET_STD, dataset_spec
-from pipeline.data.streaming import FolderLoader, make_folder_loaders
+from pipeline.data.streaming import FolderLoader, ignore_stop_signals, make_folder_loaders, stop_signals_blocked
 from pipeline.data.throughput import main as throughput_main
 from pipeline.data.throughput import write_folder
 from pipeline.data.transforms import EvalTransform, TrainTransform, random_crop
@@ -147,6 +151,27 @@ def test_decoding_workers_outlive_a_stop_signal(folder: Path) -> None:
     time.sleep(0.5)
     assert all(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
     assert len(list(batches)) == len(train) - 1  # the rest of the epoch decodes as if nothing happened
+
+
+def _starting_worker(started: multiprocessing.synchronize.Event) -> None:
+    started.set()
+    time.sleep(0.5)  # a worker still starting: its init function has not run yet
+    ignore_stop_signals(0)
+
+
+@pytest.mark.parametrize("blocked", [True, False])
+def test_a_stop_signal_to_a_worker_still_starting_waits_for_its_init(blocked: bool) -> None:
+    """Workers start with the stop signals blocked (as the loader starts them), so a signal that comes before
+    ignore_stop_signals runs is dropped then; without the block it ends the worker (the race at an epoch's start)."""
+    context = multiprocessing.get_context("fork")  # how the DataLoader starts its workers here
+    started = context.Event()
+    with stop_signals_blocked() if blocked else contextlib.nullcontext():
+        worker = context.Process(target=_starting_worker, args=(started,))
+        worker.start()
+    assert started.wait(30)
+    os.kill(worker.pid, signal.SIGTERM)  # type: ignore[arg-type]
+    worker.join(30)
+    assert worker.exitcode == (0 if blocked else -signal.SIGTERM)
 
 
 # ---- order, parts, resume -------------------------------------------------------------------------
