@@ -154,6 +154,7 @@ def test_decoding_workers_outlive_a_stop_signal(folder: Path) -> None:
 
 
 def _starting_worker(started: multiprocessing.synchronize.Event) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a handler this test process may have: SIGTERM ends it
     started.set()
     time.sleep(0.5)  # a worker still starting: its init function has not run yet
     ignore_stop_signals(0)

@@ -14,6 +14,7 @@ from torch import nn
 from pipeline.config.loading import load_config
 from pipeline.config.schema import Config
 from pipeline.runtime import checkpoint
+from pipeline.tools.torchrun import set_arguments
 
 # Small enough for 2 cores: resnet8 has 4 blocks, so K can be 1..4.
 TINY = [
@@ -92,8 +93,7 @@ def torchrun_jobs(nproc: int, jobs: list[list[str]], folder: Path, timeout: floa
     """Run each job's python -m pipeline.train, in order, in the processes of one torchrun launch (one_launch.py);
     the launch's exit code is the first failing job's."""
     listing = folder / "jobs.json"
-    listing.write_text(json.dumps([[item for override in [*TINY, *job] for item in ("--set", override)]
-                                   for job in jobs]))
+    listing.write_text(json.dumps([set_arguments([*TINY, *job]) for job in jobs]))
     command = [*FORKED_TORCHRUN, "--standalone", f"--nproc-per-node={nproc}",
                str(Path(__file__).resolve().parent / "one_launch.py"), str(listing)]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env())
@@ -103,8 +103,8 @@ def torchrun_command(nproc: int, overrides: list[str], launcher: list[str] = FOR
                      options: tuple[str, ...] = ()) -> list[str]:
     """python -m pipeline.train on TINY and ``overrides`` under ``launcher`` (tests/forked_torchrun.py: torchrun,
     its workers forked) with its ``options`` besides --standalone and --nproc-per-node."""
-    sets = [item for override in [*TINY, *overrides] for item in ("--set", override)]
-    return [*launcher, "--standalone", f"--nproc-per-node={nproc}", *options, "-m", "pipeline.train", *sets]
+    return [*launcher, "--standalone", f"--nproc-per-node={nproc}", *options, "-m", "pipeline.train",
+            *set_arguments([*TINY, *overrides])]
 
 
 def _env() -> dict[str, str]:

@@ -27,6 +27,7 @@ from pipeline.tools.classic_pp import (
     stage_activation_bytes,
     stage_modules,
 )
+from pipeline.tools.torchrun import set_arguments
 from tests.model.networks.user_networks import MAPS_THEN_VECTORS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,7 +107,7 @@ def reference_steps(sets: list[str], microbatches: int, steps: int) -> list[torc
 @pytest.mark.slow
 def test_gpipe_steps_equal_end_to_end_with_accumulated_microbatches(tmp_path: Path) -> None:
     schedule, microbatches, steps = "gpipe", 2, 2
-    sets = [item for override in SETS for item in ("--set", override)]
+    sets = set_arguments(SETS)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(
         [*FORKED_TORCHRUN, "--standalone", "--nproc-per-node=2",
@@ -130,8 +131,7 @@ def test_gpipe_steps_equal_end_to_end_with_accumulated_microbatches(tmp_path: Pa
 def test_a_classic_run_writes_the_summary_and_lines_the_bench_reads(tmp_path: Path) -> None:
     """Under torchrun: summary.json with its keys and one figure per process, rank 0's rate the run's; a train
     line from the last stage every run.log_every steps (the bench times its windows from them)."""
-    sets = [item for override in [*SETS, f"run.out_dir={tmp_path}", "train.max_steps=6", "run.log_every=2"]
-            for item in ("--set", override)]
+    sets = set_arguments([*SETS, f"run.out_dir={tmp_path}", "train.max_steps=6", "run.log_every=2"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run([*FORKED_TORCHRUN, "--standalone", "--nproc-per-node=2",
                            "-m", "pipeline.classic_pp", "--schedule", "1f1b", "--microbatches", "2", *sets],
@@ -153,8 +153,7 @@ def test_a_classic_run_writes_the_summary_and_lines_the_bench_reads(tmp_path: Pa
 
 
 def classic_pp_cli(tmp_path: Path, world: int, *args: str) -> subprocess.CompletedProcess[str]:
-    sets = [item for override in [*SETS, f"run.out_dir={tmp_path}", "train.max_steps=2"]
-            for item in ("--set", override)]
+    sets = set_arguments([*SETS, f"run.out_dir={tmp_path}", "train.max_steps=2"])
     env = {**os.environ, "PYTHONPATH": str(REPO), "WORLD_SIZE": str(world)}
     return subprocess.run([sys.executable, "-m", "pipeline.classic_pp", *args, *sets], capture_output=True,
                           text=True, timeout=60, env=env, check=False)
@@ -167,8 +166,7 @@ def test_bad_launches_exit_2_with_one_line(tmp_path: Path, monkeypatch: pytest.M
     assert alone.returncode == 2 and "launch it with torchrun --nproc-per-node K" in alone.stderr
     assert "Traceback" not in alone.stderr
     # the other checks come before any process group too: main() in this process says the same
-    sets = [item for override in [*SETS, f"run.out_dir={tmp_path}", "train.max_steps=2"]
-            for item in ("--set", override)]
+    sets = set_arguments([*SETS, f"run.out_dir={tmp_path}", "train.max_steps=2"])
     segmentation = ["--set", "data.name=cityscapes", "--set", "model.arch=deeplabv3_resnet50"]
     for world, args, needle in ((2, ["--microbatches", "3"], "--microbatches = 3 must divide data.batch_size = 8"),
                                 (4, [], "set local.modules=4"),

@@ -12,6 +12,7 @@ import pytest
 from forked_torchrun import FORKED_TORCHRUN
 
 from pipeline.tools.sync_probe import from_sync_batchnorm
+from pipeline.tools.torchrun import set_arguments
 
 REPO = Path(__file__).resolve().parents[2]
 SETS = ["data.name=synthetic", "model.arch=resnet8", "data.batch_size=16", "local.modules=2", "run.device=cpu",
@@ -20,7 +21,7 @@ SETS = ["data.name=synthetic", "model.arch=resnet8", "data.batch_size=16", "loca
 
 @pytest.mark.slow
 def test_every_rank_of_a_2_x_2_job_trains_its_module_under_ddp(tmp_path: Path) -> None:
-    sets = [item for override in [*SETS, f"run.out_dir={tmp_path}"] for item in ("--set", override)]
+    sets = set_arguments([*SETS, f"run.out_dir={tmp_path}"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run([*FORKED_TORCHRUN, "--standalone", "--nproc-per-node=4",
                            "-m", "pipeline.sync_probe", "--out", str(tmp_path), *sets],
